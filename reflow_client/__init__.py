@@ -1,0 +1,1 @@
+"""Protocol, manifest types and client library for reflow."""

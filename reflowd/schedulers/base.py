@@ -1,0 +1,194 @@
+"""The scheduler seam: what every batch-system adapter offers the engine.
+
+An adapter is pure functions (render a submission, parse a query) plus a thin
+async layer that runs them through a :class:`~reflowd.transports.base.Transport`.
+The engine speaks only the types here: a :class:`SubmitRequest` goes in, a job
+id comes out; a set of job ids goes in, one :class:`Observation` per job (or
+array element) comes out. An observation is *present* (with a state), *absent*
+(the scheduler positively does not know the job) or *unknown* (the query
+failed; nothing may be concluded from it).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Phase(str, enum.Enum):
+    """Where a job is in its life, as far as the engine cares."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class Outcome(str, enum.Enum):
+    """How a finished job ended (scheduler's view)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    NODE_FAIL = "node_fail"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+    BOOT_FAIL = "boot_fail"
+    DEADLINE = "deadline"
+
+
+class Presence(str, enum.Enum):
+    PRESENT = "present"
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One job (or array element) as one scheduler query saw it."""
+
+    presence: Presence
+    phase: Phase | None = None
+    outcome: Outcome | None = None
+    native_state: str | None = None
+    reason: str | None = None
+    exit_code: str | None = None
+    detail: str | None = None
+
+    @classmethod
+    def absent(cls) -> Observation:
+        return cls(Presence.ABSENT)
+
+    @classmethod
+    def unknown(cls, detail: str) -> Observation:
+        return cls(Presence.UNKNOWN, detail=detail)
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """One submission: a singleton job, or one array job covering *indices*.
+
+    ``indices`` are element indices of the task; the scheduler sees
+    ``index - index_offset`` as its array task id so that chunks of a large
+    fan-out stay below the site's ``MaxArraySize``.
+    """
+
+    tag: str
+    run_id: str
+    task: str
+    job_dir: str
+    log_dir: str
+    workdir: str
+    worker_argv: Sequence[str]
+    indices: Sequence[int] | None = None
+    index_offset: int = 0
+    array_parallelism: int | None = None
+    cpus: int = 1
+    time: str = "00:30:00"
+    mem: str = "4G"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_array(self) -> bool:
+        return self.indices is not None
+
+    @property
+    def job_name(self) -> str:
+        """The name the scheduler shows; carries the tag so a restart can find the job."""
+        return self.tag
+
+    def element_key(self, job_id: str, index: int | None) -> str:
+        """The key under which a query reports one element of this submission."""
+        if index is None or not self.is_array:
+            return job_id
+        return f"{job_id}_{index - self.index_offset}"
+
+
+class SubmitError(Exception):
+    """The scheduler refused a submission.
+
+    ``permanent`` means retrying the same request cannot help (bad partition,
+    invalid option); otherwise (timeout, controller busy) the outcome is
+    unknown and the submission tag must be checked before trying again.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class OptionError(ValueError):
+    """A submit option the scheduler does not know or cannot take."""
+
+
+@dataclass(frozen=True)
+class TaggedJob:
+    """A job found by its submission tag."""
+
+    job_id: str
+    tag: str
+    active: bool
+
+
+class Scheduler(abc.ABC):
+    """A batch system reached through a transport."""
+
+    #: "local", "slurm", ...
+    kind: str = "scheduler"
+    #: Largest array task id + 1 the scheduler accepts (Slurm's MaxArraySize).
+    max_array_size: int = 1001
+    #: Index expression the job script passes to the worker for arrays.
+    array_index_env: str = ""
+
+    async def probe(self) -> dict[str, Any]:
+        """Learn site facts (array size limit, accounting) once at start."""
+        return {}
+
+    def validate_options(self, options: Mapping[str, Any]) -> None:
+        """Raise OptionError naming an option this scheduler cannot take."""
+
+    @abc.abstractmethod
+    async def submit(self, request: SubmitRequest) -> str:
+        """Submit; return the job id (the array's master id for arrays). Raises SubmitError."""
+
+    @abc.abstractmethod
+    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+        """One status query for many jobs; keys are job ids or ``<id>_<k>`` array elements.
+
+        Every element of every array job asked about must be answered for:
+        a key that is missing from the result means *absent* only when the
+        query succeeded; a failed query answers UNKNOWN for every key.
+        """
+
+    @abc.abstractmethod
+    async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
+        """Jobs carrying each submission tag (empty list: none). Raises TransportError if unknown."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_keys: Collection[str]) -> None:
+        """Cancel whole jobs or single array elements (``<id>_<k>``)."""
+
+    def keys_for(self, job_id: str, request_indices: Sequence[int] | None, offset: int) -> list[str]:
+        """All observation keys one submission produces."""
+        if request_indices is None:
+            return [job_id]
+        return [f"{job_id}_{i - offset}" for i in request_indices]
+
+    async def aclose(self) -> None:
+        """Stop background work; idempotent."""
+
+
+def log_path(log_dir: str, task: str, tag: str, array_task_id: int | str | None, stream: str) -> str:
+    """Where a job's stdout/stderr goes; ``array_task_id`` may be a scheduler pattern like ``%a``."""
+    if array_task_id is None:
+        return f"{log_dir}/{task}.{tag}.{stream}"
+    return f"{log_dir}/{task}.{tag}.{array_task_id}.{stream}"
+
+
+def element_file_key(index: int | None) -> str:
+    """File name stem of one element's inputs/result/started files inside a job directory."""
+    return "single" if index is None else str(index)

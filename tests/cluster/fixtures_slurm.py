@@ -1,0 +1,1 @@
+"""Slurm test-cluster fixtures (filled in by the Slurm work)."""

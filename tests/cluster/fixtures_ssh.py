@@ -1,0 +1,1 @@
+"""sshd test fixtures (filled in by the SSH work)."""

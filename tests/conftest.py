@@ -1,0 +1,49 @@
+"""Shared test configuration.
+
+Cluster-backed tests (marked ``slurm``/``ssh``) skip where the cluster cannot
+be started, but under CI (``CI`` or ``REFLOW_CI`` set) a skipped cluster test
+fails the session: the suite must not go green without the real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = [
+    "tests.cluster.fixtures_slurm",
+    "tests.cluster.fixtures_ssh",
+]
+
+CLUSTER_MARKS = ("slurm", "slurm_accounting", "ssh")
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("REFLOW_CI"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+_skipped_cluster_tests: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and any(m in report.keywords for m in CLUSTER_MARKS):
+        _skipped_cluster_tests.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if in_ci() and _skipped_cluster_tests:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"CI: {len(_skipped_cluster_tests)} cluster test(s) were skipped; under CI that is a failure:",
+                red=True,
+            )
+            for nodeid in _skipped_cluster_tests[:20]:
+                reporter.write_line(f"  {nodeid}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
