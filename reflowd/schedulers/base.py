@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +143,11 @@ class Scheduler(abc.ABC):
     max_array_size: int = 1001
     #: Index expression the job script passes to the worker for arrays.
     array_index_env: str = ""
+    #: True when an element with no trace (no process, no started marker, no result)
+    #: provably never started and never will, so it may be queued again (local only).
+    can_requeue_unstarted: bool = False
+    #: Called by schedulers that learn about changes by themselves (local process exits).
+    on_change: Callable[[], None] | None = None
 
     async def probe(self) -> dict[str, Any]:
         """Learn site facts (array size limit, accounting) once at start."""
@@ -171,6 +176,15 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, job_keys: Collection[str]) -> None:
         """Cancel whole jobs or single array elements (``<id>_<k>``)."""
+
+    async def reattach(self, request: SubmitRequest, job_id: str) -> None:
+        """After a daemon restart, pick up a job submitted by an earlier daemon (default: nothing to do)."""
+
+    def forget(self, job_id: str) -> None:
+        """The engine has concluded every element of *job_id*; drop any bookkeeping."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def keys_for(self, job_id: str, request_indices: Sequence[int] | None, offset: int) -> list[str]:
         """All observation keys one submission produces."""

@@ -1,0 +1,67 @@
+"""Loading a user's workflow file by path, without running its ``__main__`` block."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from reflow_client import codec
+
+if TYPE_CHECKING:
+    from .workflow import Workflow
+
+
+class WorkflowLoadError(RuntimeError):
+    """The workflow file could not be loaded or does not define the workflow."""
+
+
+def load_module(path: str | Path) -> ModuleType:
+    """Import *path* as a module named after its location; sibling imports keep working."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise WorkflowLoadError(f"workflow file {file} does not exist")
+    name = "reflow_workflow_" + hashlib.sha1(str(file).encode()).hexdigest()[:10]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise WorkflowLoadError(f"cannot load {file} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))
+    codec.set_workflow_module(name)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def find_workflow(module: ModuleType, name: str | None = None) -> Workflow:
+    """The module-level Workflow called *name* (or the only one)."""
+    from .workflow import Workflow
+
+    found = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    if name is not None:
+        found = [w for w in found if w.name == name]
+    unique = list({id(w): w for w in found}.values())
+    where = getattr(module, "__file__", module.__name__)
+    if not unique:
+        what = f"a Workflow named {name!r}" if name else "a Workflow"
+        raise WorkflowLoadError(f"{where} defines no module-level {what}")
+    if len(unique) > 1:
+        names = ", ".join(sorted(w.name for w in unique))
+        raise WorkflowLoadError(f"{where} defines several workflows ({names}); name the one to use")
+    return unique[0]
+
+
+def load_workflow(path: str | Path, name: str | None = None) -> Workflow:
+    wf = find_workflow(load_module(path), name)
+    wf.entrypoint = Path(path).resolve()
+    return wf

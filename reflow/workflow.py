@@ -1,0 +1,362 @@
+"""``Workflow``: a Flow that can be validated, described, run and submitted."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+
+from reflow_client import codec
+from reflow_client.config import Config, load_config
+from reflow_client.manifest import (
+    ELEMENT_MODES,
+    CliParamManifest,
+    InputSource,
+    Manifest,
+    TaskManifest,
+)
+
+from .flow import Flow, RunParam, TaskSpec, check_param_names
+from .typeinfo import list_element, type_repr
+from .wiring import Edge, check_param_modes, infer_mode
+
+if TYPE_CHECKING:
+    from .run import Run
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _choices(tp: Any) -> list[Any] | None:
+    inner = list_element(tp) or tp
+    if get_origin(inner) is Literal:
+        return list(get_args(inner))
+    if isinstance(inner, type) and issubclass(inner, enum.Enum):
+        return [m.value for m in inner]
+    return None
+
+
+class Workflow(Flow):
+    """A runnable workflow: validation, manifest, CLI, local runs and daemon submission."""
+
+    def __init__(self, name: str, config: Config | None = None) -> None:
+        super().__init__(name)
+        if not isinstance(name, str) or not name or any(c.isspace() or c in "/\\" for c in name):
+            raise ValueError(f"invalid workflow name {name!r}: use a short name without spaces or slashes")
+        self._config = config
+        caller = sys._getframe(1).f_globals
+        entry = caller.get("__file__") or (sys.argv[0] if sys.argv and sys.argv[0] else None)
+        #: The file workers load to find this workflow; override for unusual layouts.
+        self.entrypoint: Path | None = Path(entry).resolve() if entry else None
+        self._module_name: str | None = caller.get("__name__")
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config()
+        return self._config
+
+    @config.setter
+    def config(self, value: Config) -> None:
+        self._config = value
+
+    # ------------------------------------------------------------------ composition
+
+    def include(self, flow: Flow, prefix: str | None = None) -> None:
+        """Add all tasks of *flow*, optionally renamed ``<prefix>_<task>``."""
+        new_tasks, new_order = flow._prefixed_tasks(prefix)
+        for task_name in new_order:
+            if task_name in self.tasks:
+                hint = "" if prefix else " (pass prefix=... to include it under other names)"
+                raise ValueError(f"cannot include flow {flow.name!r}: task {task_name!r} already exists{hint}")
+        existing = list(self.tasks.values())
+        for task_name in new_order:
+            check_param_names(new_tasks[task_name], existing)
+            existing.append(new_tasks[task_name])
+        for task_name in new_order:
+            self.tasks[task_name] = new_tasks[task_name]
+        self._registration_order.extend(new_order)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        """Raise ValueError (unknown steps, cycles, arrays without fan-out) or TypeError (wiring)."""
+        if not self.tasks:
+            raise ValueError(f"workflow {self.name!r} has no tasks; register some with @wf.job()")
+        known = list(self.tasks)
+        for spec in self.tasks.values():
+            for pname, result in spec.result_deps.items():
+                for step in result.steps:
+                    if step not in self.tasks:
+                        raise ValueError(
+                            f"task {spec.name!r} parameter {pname!r} references unknown task {step!r}"
+                            + _did_you_mean(step, known)
+                        )
+            for dep in spec.config.after:
+                if dep not in self.tasks:
+                    raise ValueError(
+                        f"task {spec.name!r} after=[{dep!r}] references unknown task {dep!r}" + _did_you_mean(dep, known)
+                    )
+                if dep == spec.name:
+                    raise ValueError(f"task {spec.name!r} lists itself in after=[...]")
+        self._topological_order()
+        self._wiring_modes()
+        specs = list(self.tasks.values())
+        for i, spec in enumerate(specs):
+            check_param_names(spec, specs[:i])
+
+    def _topological_order(self) -> list[str]:
+        """Tasks ordered so every task follows its dependencies; ties keep registration order."""
+        order: list[str] = []
+        done: set[str] = set()
+        remaining = [n for n in self._registration_order if n in self.tasks]
+        while remaining:
+            progressed = False
+            for name in list(remaining):
+                deps = [d for d in self.tasks[name].dependencies if d in self.tasks]
+                if all(d in done for d in deps):
+                    order.append(name)
+                    done.add(name)
+                    remaining.remove(name)
+                    progressed = True
+            if not progressed:
+                raise ValueError(f"dependency cycle: {' -> '.join(self._find_cycle(remaining))}")
+        return order
+
+    def _find_cycle(self, candidates: list[str]) -> list[str]:
+        graph = {n: [d for d in self.tasks[n].dependencies if d in candidates] for n in candidates}
+        for start in candidates:
+            path: list[str] = []
+            seen: set[str] = set()
+            node = start
+            while node not in seen:
+                seen.add(node)
+                path.append(node)
+                if not graph[node]:
+                    break
+                node = graph[node][0]
+            if node in path:
+                cycle = path[path.index(node):]
+                cycle.reverse()  # show data-flow direction: upstream -> downstream
+                return [*cycle, cycle[0]]
+        return candidates
+
+    def _wiring_modes(self) -> dict[str, dict[str, list[InputSource]]]:
+        """``{task: {param: [InputSource(step, mode), ...]}}``, or TypeError."""
+        modes: dict[str, dict[str, list[InputSource]]] = {}
+        for spec in self.tasks.values():
+            per_task: dict[str, list[InputSource]] = {}
+            for pname, result in spec.result_deps.items():
+                sources = []
+                for step in result.steps:
+                    upstream = self.tasks[step]
+                    edge = Edge(
+                        upstream=step,
+                        upstream_type=upstream.return_type,
+                        upstream_array=upstream.config.array,
+                        downstream=spec.name,
+                        param=pname,
+                        param_type=spec.param_types.get(pname, Any),
+                        downstream_array=spec.config.array,
+                        broadcast=result.broadcast,
+                        n_steps=len(result.steps),
+                    )
+                    sources.append(InputSource(step=step, mode=infer_mode(edge)))
+                check_param_modes(spec.name, pname, [s.mode for s in sources], spec.config.array)
+                per_task[pname] = sources
+            if spec.config.array and not any(
+                s.mode in ELEMENT_MODES for srcs in per_task.values() for s in srcs
+            ):
+                raise ValueError(
+                    f"array task {spec.name!r} has no input to fan out over: wire a list-returning task into one "
+                    "of its parameters with Annotated[T, Result(step=...)], or make it a plain job"
+                )
+            modes[spec.name] = per_task
+        return modes
+
+    # ------------------------------------------------------------------ parameters
+
+    def _merged_params(self) -> dict[str, list[RunParam]]:
+        merged: dict[str, list[RunParam]] = {}
+        for name in self._registration_order:
+            for rp in self.tasks[name].run_params.values():
+                merged.setdefault(rp.key, []).append(rp)
+        return merged
+
+    def cli_params(self) -> list[CliParamManifest]:
+        out = []
+        for key, group in self._merged_params().items():
+            first = group[0]
+            default_rp = next((rp for rp in group if rp.has_default), None)
+            default = codec.encode(default_rp.default) if default_rp is not None else None
+            out.append(
+                CliParamManifest(
+                    key=key,
+                    name=first.name,
+                    flag=first.flag,
+                    type_repr=type_repr(first.annotation),
+                    required=default_rp is None,
+                    default=default,
+                    namespace=first.marker.namespace,
+                    help=next((rp.marker.help for rp in group if rp.marker.help), ""),
+                    choices=_choices(first.base_type),
+                    short=next((rp.marker.short for rp in group if rp.marker.short), None),
+                    tasks=[rp.task for rp in group],
+                )
+            )
+        return out
+
+    def resolve_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Encoded run parameters: defaults filled in, unknown and missing ones refused (TypeError)."""
+        merged = self._merged_params()
+        unknown = [k for k in given if k not in merged]
+        if unknown:
+            names = ", ".join(repr(k) for k in unknown)
+            raise TypeError(
+                f"unknown parameter(s) {names} for workflow {self.name!r}" + _did_you_mean(unknown[0], list(merged))
+            )
+        resolved: dict[str, Any] = {}
+        missing = []
+        for key, group in merged.items():
+            if key in given:
+                value = given[key]
+            else:
+                default_rp = next((rp for rp in group if rp.has_default), None)
+                if default_rp is None:
+                    missing.append(group[0].flag)
+                    continue
+                value = default_rp.default
+            try:
+                resolved[key] = codec.encode(value)
+            except codec.CodecError as exc:
+                raise TypeError(f"parameter {key!r}: {exc}") from None
+        if missing:
+            raise TypeError(f"missing required parameter(s) for workflow {self.name!r}: {', '.join(missing)}")
+        return resolved
+
+    # ------------------------------------------------------------------ manifest
+
+    def describe_typed(self) -> Manifest:
+        """The manifest the daemon runs from (typed)."""
+        self.validate()
+        modes = self._wiring_modes()
+        tasks = []
+        for name in self._topological_order():
+            spec: TaskSpec = self.tasks[name]
+            tasks.append(
+                TaskManifest(
+                    name=name,
+                    is_array=spec.config.array,
+                    config=spec.config.to_dict(),
+                    dependencies=spec.dependencies,
+                    inputs=modes[name],
+                    params={p: rp.key for p, rp in spec.run_params.items()},
+                    run_dir_params=list(spec.run_dir_params),
+                    return_type=type_repr(spec.return_type),
+                    source_hash=spec.source_hash(),
+                    has_verify=spec.verify is not None,
+                )
+            )
+        return Manifest(
+            workflow=self.name,
+            tasks=tasks,
+            cli_params=self.cli_params(),
+            entrypoint=str(self.entrypoint) if self.entrypoint else "",
+            python=sys.executable,
+            working_dir=os.getcwd(),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest as a JSON-safe dict."""
+        return self.describe_typed().to_manifest_dict()
+
+    def check_loadable(self) -> None:
+        """Refuse to run when workers could not find this workflow in its entry file."""
+        if self.entrypoint is None or not self.entrypoint.is_file():
+            raise RuntimeError(
+                f"workflow {self.name!r}: cannot tell which file defines it (entrypoint={self.entrypoint}); "
+                "set wf.entrypoint = Path(__file__)"
+            )
+        module = sys.modules.get(self._module_name or "")
+        if module is not None and not any(v is self for v in vars(module).values()):
+            raise RuntimeError(
+                f"workflow {self.name!r} must be a module-level variable in {self.entrypoint} so that "
+                "workers can find it; do not create it inside a function"
+            )
+
+    # ------------------------------------------------------------------ CLI and execution
+
+    def cli(self, argv: Sequence[str] | None = None) -> int:
+        """Run the CLI generated from the task signatures; returns the exit code."""
+        from .cli import main
+
+        return main(self, list(argv) if argv is not None else None)
+
+    def run_local(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        max_workers: int | None = None,
+        on_error: str = "stop",
+        force: bool = False,
+        force_tasks: list[str] | None = None,
+        verify: bool = False,
+        store_path: str | os.PathLike[str] | None = None,
+        **parameters: Any,
+    ) -> Any:
+        """Run the whole workflow on this machine, in this process, with the daemon's engine."""
+        from .local_run import run_local
+
+        return run_local(
+            self,
+            run_dir,
+            max_workers=max_workers,
+            on_error=on_error,
+            force=force,
+            force_tasks=force_tasks,
+            verify=verify,
+            store_path=store_path,
+            parameters=parameters,
+        )
+
+    def submit(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        store: Any = None,
+        executor: str | None = None,
+        force: bool = False,
+        force_tasks: list[str] | None = None,
+        verify: bool = False,
+        **parameters: Any,
+    ) -> Run:
+        """Submit a run to the daemon (starting one if none answers) and return its handle.
+
+        ``store`` picks the daemon: a socket path or a ``reflow_client.Client``
+        (runs are kept by ``reflowd``); ``executor`` names a cluster from the
+        configuration (``"local"`` is this machine).
+        """
+        from .session import submit
+
+        return submit(
+            self,
+            run_dir,
+            store=store,
+            cluster=executor,
+            force=force,
+            force_tasks=force_tasks,
+            verify=verify,
+            parameters=parameters,
+        )
+
+    def submit_run(self, run_dir: str | os.PathLike[str], parameters: dict[str, Any], store: Any = None,
+                   executor: str | None = None) -> str:
+        """Lower-level submission; returns the run id."""
+        return self.submit(run_dir, store=store, executor=executor, **parameters).run_id
+

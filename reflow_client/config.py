@@ -1,0 +1,264 @@
+"""User configuration (``~/.config/reflow/config.toml``) and the XDG paths.
+
+Precedence, highest first: ``REFLOW_*`` environment variables, the cluster's
+own ``[clusters.NAME]`` table, the ``[defaults]`` table, built-in defaults.
+The local machine is always available as cluster ``local``.
+
+Example::
+
+    [defaults]
+    cluster = "hpc"            # where submit sends runs without --cluster
+    account = "proj42"
+
+    [clusters.hpc]
+    scheduler = "slurm"
+    host = "login.hpc.example.org"   # omit to run Slurm commands on this machine
+    user = "alice"
+    python = "/opt/conda/envs/sci/bin/python"
+    workdir = "/scratch/alice/reflow"
+    submit_options = { partition = "compute", qos = "normal" }
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+SCHEDULER_KINDS = ("local", "slurm", "pbs", "lsf", "sge", "flux")
+
+#: Keys a ``[clusters.NAME]`` table may hold.
+CLUSTER_KEYS = frozenset(
+    {
+        "scheduler",
+        "host",
+        "port",
+        "user",
+        "identity_file",
+        "known_hosts",
+        "proxy_jump",
+        "python",
+        "workdir",
+        "submit_options",
+        "partition",
+        "account",
+        "qos",
+        "max_workers",
+        "poll_interval",
+        "min_poll_interval",
+        "max_poll_interval",
+        "max_calls_per_minute",
+        "command_timeout",
+        "max_channels",
+        "keepalive_interval",
+        "lost_grace",
+        "env",
+    }
+)
+
+#: Environment variables that override every cluster's setting of the same name.
+ENV_OVERRIDES = {
+    "REFLOW_PARTITION": "partition",
+    "REFLOW_ACCOUNT": "account",
+    "REFLOW_QOS": "qos",
+    "REFLOW_PYTHON": "python",
+}
+
+
+class ConfigError(ValueError):
+    """The configuration file is malformed; the message names file and key."""
+
+
+def _home() -> Path:
+    return Path(os.path.expanduser("~"))
+
+
+def config_path() -> Path:
+    env = os.environ.get("REFLOW_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(_home() / ".config")
+    return Path(base) / "reflow" / "config.toml"
+
+
+def state_dir() -> Path:
+    env = os.environ.get("REFLOW_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(_home() / ".local" / "state")
+    return Path(base) / "reflow"
+
+
+def socket_path() -> Path:
+    env = os.environ.get("REFLOW_SOCKET")
+    if env:
+        return Path(env).expanduser()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "reflow" / "reflowd.sock"
+    return Path(f"/tmp/reflow-{os.getuid()}") / "reflowd.sock"
+
+
+@dataclass
+class ClusterConfig:
+    """One place jobs can run."""
+
+    name: str
+    scheduler: str = "local"
+    host: str | None = None
+    port: int = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    proxy_jump: str | None = None
+    python: str | None = None
+    workdir: str | None = None
+    submit_options: dict[str, Any] = field(default_factory=dict)
+    max_workers: int | None = None
+    poll_interval: float = 10.0
+    min_poll_interval: float = 1.0
+    max_poll_interval: float = 60.0
+    max_calls_per_minute: float = 12.0
+    command_timeout: float = 30.0
+    max_channels: int = 8
+    keepalive_interval: float = 15.0
+    lost_grace: float = 60.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.host)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Config:
+    """The parsed configuration file plus environment overrides."""
+
+    path: Path | None = None
+    default_cluster: str = "local"
+    clusters: dict[str, ClusterConfig] = field(default_factory=dict)
+    socket: Path = field(default_factory=socket_path)
+    state_dir: Path = field(default_factory=state_dir)
+
+    def cluster(self, name: str | None) -> ClusterConfig:
+        name = name or self.default_cluster
+        if name not in self.clusters:
+            known = ", ".join(sorted(self.clusters)) or "none"
+            raise ConfigError(
+                f"unknown cluster {name!r} (configured: {known}); add [clusters.{name}] to {self.path or config_path()}"
+            )
+        return self.clusters[name]
+
+
+_NUM_KEYS = {
+    "port": int,
+    "max_workers": int,
+    "max_channels": int,
+    "poll_interval": float,
+    "min_poll_interval": float,
+    "max_poll_interval": float,
+    "max_calls_per_minute": float,
+    "command_timeout": float,
+    "keepalive_interval": float,
+    "lost_grace": float,
+}
+
+
+def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], where: str) -> ClusterConfig:
+    merged: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for source in (defaults, table):
+        for key, value in source.items():
+            if key == "cluster":
+                continue
+            if key not in CLUSTER_KEYS:
+                close = difflib.get_close_matches(key, sorted(CLUSTER_KEYS), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(CLUSTER_KEYS))}"
+                raise ConfigError(f"{where}: unknown key {key!r} ({hint})")
+            if key == "submit_options":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}.submit_options: expected a table like {{ partition = \"debug\" }}")
+                options.update(value)
+            else:
+                merged[key] = value
+    for env_name, key in ENV_OVERRIDES.items():
+        if os.environ.get(env_name):
+            merged[key] = os.environ[env_name]
+    # partition/account/qos are shorthands for submit options.
+    for key in ("partition", "account", "qos"):
+        value = merged.pop(key, None)
+        if value:
+            options[key] = value
+    scheduler = merged.get("scheduler", "local" if name == "local" else None)
+    if scheduler not in SCHEDULER_KINDS:
+        raise ConfigError(
+            f"{where}.scheduler: {scheduler!r} is not one of {', '.join(SCHEDULER_KINDS)}"
+            if scheduler
+            else f"{where}: missing 'scheduler' (one of {', '.join(SCHEDULER_KINDS)})"
+        )
+    merged["scheduler"] = scheduler
+    for key, kind in _NUM_KEYS.items():
+        if key in merged and merged[key] is not None:
+            try:
+                merged[key] = kind(merged[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{key}: expected a number, got {merged[key]!r}") from None
+    env = merged.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where}.env: expected a table of strings")
+    return ClusterConfig(name=name, submit_options=options, **merged)
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    """Build a Config from parsed TOML (pure apart from reading REFLOW_* variables)."""
+    where = str(path) if path else "config"
+    unknown = set(data) - {"defaults", "clusters", "daemon"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))} (known: defaults, clusters, daemon)")
+    defaults = dict(data.get("defaults", {}))
+    clusters_table = data.get("clusters", {})
+    if not isinstance(clusters_table, dict):
+        raise ConfigError(f"{where}: [clusters] must be a table of [clusters.NAME] tables")
+    clusters: dict[str, ClusterConfig] = {}
+    for name, table in clusters_table.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: clusters.{name} must be a table")
+        clusters[name] = _cluster_from(name, table, defaults, f"{where}: clusters.{name}")
+    if "local" not in clusters:
+        local_defaults = {k: v for k, v in defaults.items() if k in ("python", "max_workers", "env")}
+        clusters["local"] = _cluster_from("local", {"scheduler": "local"}, local_defaults, f"{where}: clusters.local")
+    default_cluster = os.environ.get("REFLOW_CLUSTER") or defaults.get("cluster") or "local"
+    if default_cluster not in clusters:
+        raise ConfigError(f"{where}: default cluster {default_cluster!r} is not defined under [clusters]")
+    daemon = data.get("daemon", {})
+    socket = Path(os.environ["REFLOW_SOCKET"]) if os.environ.get("REFLOW_SOCKET") else (
+        Path(daemon["socket"]).expanduser() if daemon.get("socket") else socket_path()
+    )
+    state = Path(os.environ["REFLOW_STATE_DIR"]) if os.environ.get("REFLOW_STATE_DIR") else (
+        Path(daemon["state_dir"]).expanduser() if daemon.get("state_dir") else state_dir()
+    )
+    return Config(path=path, default_cluster=default_cluster, clusters=clusters, socket=socket, state_dir=state)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read the configuration file (absent file: built-in defaults, local cluster only)."""
+    file = Path(path) if path else config_path()
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_config(data, file if file.exists() else None)

@@ -1,0 +1,99 @@
+"""Layout of the files the daemon and the compute-node worker exchange.
+
+One directory per submission (its tag), under the run directory::
+
+    <run_dir>/.reflow/<run_id>/jobs/<tag>/
+        job.json              what every element shares: workflow file, task, shared arguments
+        job.sh                the batch script (schedulers that need one)
+        inputs/<key>.json     one element's own arguments and identity
+        started/<key>.json    written by the worker when it begins (host, pid, time)
+        results/<key>.json    written atomically by the worker when it ends
+
+``<key>`` is the element index, or ``single`` for a singleton task. Both
+sides import this module so they cannot disagree about paths or fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+JOB_FILE = "job.json"
+SCRIPT_FILE = "job.sh"
+RESULT_FORMAT = 1
+
+#: Result states the worker can write.
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+
+def element_key(index: int | None) -> str:
+    return "single" if index is None else str(index)
+
+
+def reflow_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, ".reflow")
+
+
+def run_files_dir(run_dir: str, run_id: str) -> str:
+    return os.path.join(run_dir, ".reflow", run_id)
+
+
+def job_dir(run_dir: str, run_id: str, tag: str) -> str:
+    return os.path.join(run_dir, ".reflow", run_id, "jobs", tag)
+
+
+def inputs_path(job_dir_: str, index: int | None) -> str:
+    return os.path.join(job_dir_, "inputs", f"{element_key(index)}.json")
+
+
+def started_path(job_dir_: str, index: int | None) -> str:
+    return os.path.join(job_dir_, "started", f"{element_key(index)}.json")
+
+
+def result_path(job_dir_: str, index: int | None) -> str:
+    return os.path.join(job_dir_, "results", f"{element_key(index)}.json")
+
+
+def log_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "logs")
+
+
+def dumps(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON so that readers see the old file, no file, or the whole new file."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="~")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(dumps(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def parse_result(raw: bytes | str, where: str = "result") -> dict[str, Any]:
+    """Validate a worker result file; a malformed one raises ValueError naming the problem."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    if data.get("state") not in (SUCCEEDED, FAILED):
+        raise ValueError(f"{where} has no valid state (got {data.get('state')!r})")
+    if data["state"] == SUCCEEDED and "output_hash" not in data:
+        raise ValueError(f"{where} claims success but has no output_hash")
+    return data

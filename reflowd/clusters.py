@@ -1,0 +1,181 @@
+"""Clusters: a scheduler adapter on a transport, with a rate limit and a poll clock.
+
+Built from ``[clusters.NAME]`` in the configuration. Each cluster owns a
+token bucket: status queries wait for a token, while submissions and
+cancellations are never delayed but spend tokens (possibly into debt), so the
+long-run rate of scheduler calls stays capped without slowing a pipeline's
+progress. The poll interval adapts: short after a submission or a change,
+growing while nothing happens, long when the scheduler answers slowly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from reflow_client.config import ClusterConfig, ConfigError
+
+from .engine.decide import Timing
+from .schedulers.base import Scheduler
+from .transports.base import Transport
+from .transports.local import LocalTransport
+
+log = structlog.get_logger("reflowd.clusters")
+
+
+class RateLimiter:
+    """Token bucket: ``rate_per_minute`` tokens a minute, at most ``burst`` saved up."""
+
+    def __init__(self, rate_per_minute: float, burst: float | None = None) -> None:
+        self.rate = max(rate_per_minute, 0.1) / 60.0
+        self.burst = burst if burst is not None else max(2.0, rate_per_minute / 4)
+        self.tokens = self.burst
+        self._stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def wait_time(self) -> float:
+        self._refill()
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def spend(self) -> None:
+        """Take a token now, going into debt if needed (submissions, cancellations)."""
+        self._refill()
+        self.tokens -= 1
+
+    async def acquire(self) -> None:
+        """Wait for a token (status queries)."""
+        while (delay := self.wait_time()) > 0:
+            await anyio.sleep(delay)
+        self.tokens -= 1
+
+
+class PollPolicy:
+    """When to ask the scheduler next."""
+
+    def __init__(self, minimum: float, base: float, maximum: float) -> None:
+        self.minimum = minimum
+        self.base = max(base, minimum)
+        self.maximum = max(maximum, self.base)
+        self.interval = self.minimum
+        self.last_duration = 0.0
+
+    def after_query(self, duration: float, changed: bool) -> None:
+        self.last_duration = duration
+        if duration > 2.0:  # a slow controller: back off in proportion
+            self.interval = min(self.maximum, max(self.interval, duration * 10))
+        elif changed:
+            self.interval = self.minimum
+        else:
+            self.interval = min(self.base, self.interval * 1.5)
+
+    def after_submit(self) -> None:
+        self.interval = self.minimum
+
+
+@dataclass
+class ClusterRuntime:
+    """One configured cluster as the engine uses it."""
+
+    name: str
+    config: ClusterConfig
+    transport: Transport
+    scheduler: Scheduler
+    limiter: RateLimiter
+    policy: PollPolicy
+    result_interval: float
+    timing: Timing
+    calls: Counter[str] = field(default_factory=Counter)
+    call_seconds: float = 0.0
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return self.config.remote
+
+    def python_for(self, manifest_python: str) -> str:
+        """The interpreter workers use on this cluster."""
+        if self.config.python:
+            return self.config.python
+        return manifest_python if not self.remote else "python3"
+
+    def count(self, kind: str, seconds: float) -> None:
+        self.calls[kind] += 1
+        self.call_seconds += seconds
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scheduler": self.scheduler.kind,
+            "host": self.config.host,
+            "health": self.transport.health.to_dict(),
+            "poll_interval": round(self.policy.interval, 2),
+            "calls": dict(self.calls),
+            "scheduler_stats": self.scheduler.stats(),
+        }
+
+
+def build_cluster(config: ClusterConfig, *, embedded: bool = False, max_workers: int | None = None) -> ClusterRuntime:
+    """Transport and scheduler for one ``[clusters.NAME]`` table."""
+    transport: Transport
+    if config.remote:
+        from .transports.ssh import SSHSettings, SSHTransport
+
+        transport = SSHTransport(
+            SSHSettings(
+                host=config.host or "",
+                port=config.port,
+                user=config.user,
+                identity_file=config.identity_file,
+                known_hosts=config.known_hosts,
+                proxy_jump=config.proxy_jump,
+                max_channels=config.max_channels,
+                keepalive_interval=config.keepalive_interval,
+            )
+        )
+    else:
+        transport = LocalTransport()
+    scheduler: Scheduler
+    if config.scheduler == "local":
+        if config.remote:
+            raise ConfigError(f"cluster {config.name!r}: scheduler 'local' cannot run on a remote host")
+        from .schedulers.local import LocalScheduler
+
+        scheduler = LocalScheduler(max_workers or config.max_workers, kill_on_close=embedded)
+        result_interval = 1.0
+        timing = Timing(result_grace=0.0, lost_after=3, lost_grace=5.0)
+    elif config.scheduler == "slurm":
+        from .schedulers.slurm import SlurmScheduler
+
+        scheduler = SlurmScheduler(transport, command_timeout=config.command_timeout)
+        result_interval = 2.0 if config.remote else 0.5
+        timing = Timing(result_grace=10.0, lost_after=3, lost_grace=config.lost_grace)
+    else:
+        raise ConfigError(
+            f"cluster {config.name!r}: scheduler {config.scheduler!r} is not supported by this reflowd yet "
+            "(supported: local, slurm)"
+        )
+    return ClusterRuntime(
+        name=config.name,
+        config=config,
+        transport=transport,
+        scheduler=scheduler,
+        limiter=RateLimiter(config.max_calls_per_minute),
+        policy=PollPolicy(config.min_poll_interval, config.poll_interval, config.max_poll_interval),
+        result_interval=result_interval,
+        timing=timing,
+    )
+
+
+def default_python() -> str:
+    return os.environ.get("REFLOW_PYTHON") or sys.executable

@@ -1,0 +1,75 @@
+"""Embedded mode: the daemon's engine in the user's process, local scheduler only.
+
+``wf.run_local()`` and ``wf.cli() run`` use it: same state machine, same
+cache, same worker, no daemon and no socket. The state lives in a SQLite
+file in the run directory, so running again in the same directory reuses
+cached results. Ctrl-C cancels the run and stops its processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from reflow_client.config import ClusterConfig
+from reflow_client.manifest import Manifest
+
+from .clusters import build_cluster
+from .engine.engine import Engine, EngineSettings
+from .engine.states import RunState
+from .store import Store
+
+
+async def run_embedded(
+    manifest: Manifest,
+    params: dict[str, Any],
+    run_dir: str,
+    *,
+    options: dict[str, Any],
+    store_path: str | os.PathLike[str],
+    max_workers: int | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    settings: EngineSettings | None = None,
+) -> dict[str, Any]:
+    """Run one workflow to its end; return its final status and every instance's encoded output."""
+    store = Store(store_path)
+    await store.open()
+    cluster = build_cluster(ClusterConfig(name="local", scheduler="local", max_workers=max_workers), embedded=True,
+                            max_workers=max_workers)
+    engine = Engine(store, {"local": cluster}, settings or EngineSettings(retry_backoff=1.0))
+    result: dict[str, Any] = {}
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run_writer)
+            await _abandon_interrupted(engine)
+            await tg.start(engine.run)
+            run = await engine.submit_run(manifest, params, run_dir, "local", options)
+            subscription = engine.subscribe(run.id)
+            async with subscription.receive:
+                async for event in subscription.receive:
+                    if on_event is not None:
+                        on_event(event)
+            if run.state is RunState.RUNNING:  # the event stream ended early (overflow): wait for the end
+                while run.state is RunState.RUNNING:
+                    await anyio.sleep(0.2)
+            result = engine.status(run)
+            result["outputs"] = {
+                name: [{"index": i.index, "state": i.state.value, "output": i.output} for i in tr.ordered()]
+                for name, tr in run.tasks.items()
+            }
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await engine.close()
+            await store.close()
+    return result
+
+
+async def _abandon_interrupted(engine: Engine) -> None:
+    """Runs left RUNNING by an interrupted earlier run_local cannot continue: mark them cancelled."""
+    for run in await engine.store.load_active_runs():
+        engine.set_run_state(run, RunState.CANCELLED, {"source": "embedded", "note": "interrupted earlier"})
+    await engine.store.flush()

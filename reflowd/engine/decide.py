@@ -1,0 +1,152 @@
+"""What one observation means for one in-flight instance (pure).
+
+Two sources of evidence: the worker's result file (positive evidence of how
+the task ended) and a scheduler observation (present with a state / absent /
+unknown). Rules:
+
+* A result file decides, except that a scheduler's TIMEOUT, OUT_OF_MEMORY,
+  NODE_FAIL, CANCELLED or PREEMPTED explains a *failed* result better (the
+  worker only saw a signal).
+* UNKNOWN never changes anything.
+* A finished job without a result file is given ``result_grace`` seconds for
+  the file to appear (shared file systems lag) before it is concluded.
+* ABSENT without a result file becomes FAILED (``lost``) only after
+  ``lost_after`` consecutive successful queries *and* ``lost_grace`` seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from reflowd.schedulers.base import Observation, Outcome, Phase, Presence
+
+from .model import Instance
+from .states import State
+
+_OUTCOME_STATE = {
+    Outcome.COMPLETED: State.FAILED,  # completed but no result: the worker never wrote one
+    Outcome.FAILED: State.FAILED,
+    Outcome.TIMEOUT: State.TIMEOUT,
+    Outcome.DEADLINE: State.TIMEOUT,
+    Outcome.OUT_OF_MEMORY: State.OUT_OF_MEMORY,
+    Outcome.NODE_FAIL: State.NODE_FAIL,
+    Outcome.BOOT_FAIL: State.NODE_FAIL,
+    Outcome.CANCELLED: State.CANCELLED,
+    Outcome.PREEMPTED: State.FAILED,
+}
+
+#: Scheduler outcomes that explain a failed result better than the worker's own message.
+_EXPLAINING = {
+    Outcome.TIMEOUT,
+    Outcome.DEADLINE,
+    Outcome.OUT_OF_MEMORY,
+    Outcome.NODE_FAIL,
+    Outcome.BOOT_FAIL,
+    Outcome.CANCELLED,
+    Outcome.PREEMPTED,
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    result_grace: float = 10.0
+    lost_after: int = 3
+    lost_grace: float = 60.0
+
+
+@dataclass
+class Decision:
+    """A state change (``state``) and/or field updates, with the evidence for it."""
+
+    state: State | None
+    evidence: dict[str, Any]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def from_result(inst: Instance, result: dict[str, Any], obs: Observation | None) -> Decision:
+    """The instance ended and wrote *result*."""
+    fields: dict[str, Any] = {
+        "ended_at": result.get("ended_at"),
+        "host": result.get("host"),
+        "started_at": inst.started_at or result.get("started_at"),
+    }
+    evidence: dict[str, Any] = {"source": "result_file", "state": result.get("state")}
+    if result.get("state") == "succeeded":
+        fields.update(output=result.get("output"), output_hash=result.get("output_hash"), error=None, traceback=None)
+        return Decision(State.SUCCEEDED, evidence, fields)
+    fields.update(error=result.get("error"), traceback=result.get("traceback"))
+    state = State.FAILED
+    if obs is not None and obs.presence is Presence.PRESENT and obs.outcome in _EXPLAINING:
+        state = _OUTCOME_STATE[obs.outcome]
+        evidence.update(scheduler_state=obs.native_state, scheduler_reason=obs.reason)
+        fields["reason"] = _describe(obs)
+    elif result.get("signal"):
+        fields["reason"] = f"worker received {result['signal']}"
+    return Decision(state, evidence, fields)
+
+
+def _describe(obs: Observation) -> str:
+    parts = [obs.native_state or (obs.outcome.value if obs.outcome else "")]
+    if obs.reason and obs.reason not in ("None", "(null)"):
+        parts.append(f"reason {obs.reason}")
+    if obs.exit_code and obs.exit_code not in ("0", "0:0"):
+        parts.append(f"exit code {obs.exit_code}")
+    return ", ".join(p for p in parts if p)
+
+
+def from_observation(inst: Instance, obs: Observation, now: float, timing: Timing) -> Decision | None:
+    """The scheduler's view, when no result file has been seen for *inst*."""
+    if obs.presence is Presence.UNKNOWN:
+        return None
+    if obs.presence is Presence.ABSENT:
+        if inst.state is State.SUBMITTING:
+            return None
+        since = inst.absent_since if inst.absent_since is not None else now
+        count = inst.absent_count + 1
+        if count >= timing.lost_after and now - since >= timing.lost_grace:
+            return Decision(
+                State.FAILED,
+                {"source": "scheduler", "presence": "absent", "queries": count, "since": since},
+                {
+                    "error": f"lost: the scheduler no longer knows job {inst.job_key} and it left no result file",
+                    "reason": "lost",
+                    "ended_at": now,
+                    "absent_since": None,
+                    "absent_count": 0,
+                },
+            )
+        return Decision(None, {}, {"absent_since": since, "absent_count": count})
+    # Present.
+    reset: dict[str, Any] = {"absent_since": None, "absent_count": 0}
+    evidence = {"source": "scheduler", "scheduler_state": obs.native_state, "scheduler_reason": obs.reason}
+    if obs.phase is Phase.QUEUED:
+        if inst.state is State.RUNNING:
+            return Decision(State.QUEUED, {**evidence, "note": "requeued"}, {**reset, "reason": obs.reason})
+        if inst.reason != obs.reason or inst.absent_count:
+            return Decision(None, evidence, {**reset, "reason": obs.reason})
+        return None
+    if obs.phase is Phase.RUNNING:
+        if inst.state in (State.QUEUED, State.SUBMITTING):
+            return Decision(State.RUNNING, evidence, {**reset, "reason": None, "started_at": inst.started_at or now})
+        if inst.absent_count:
+            return Decision(None, evidence, reset)
+        return None
+    # Done, and no result file (yet).
+    outcome = obs.outcome or Outcome.FAILED
+    seen = inst.done_seen_at if inst.done_seen_at is not None else now
+    if outcome is Outcome.COMPLETED or outcome is Outcome.FAILED:
+        if now - seen < timing.result_grace:
+            return Decision(None, {}, {**reset, "done_seen_at": seen})
+    state = _OUTCOME_STATE[outcome]
+    if outcome is Outcome.COMPLETED:
+        error = f"job {inst.job_key} completed but left no result file (was the worker's output lost?)"
+    elif outcome is Outcome.FAILED:
+        error = f"job {inst.job_key} failed ({_describe(obs)}) before the worker could write a result"
+    else:
+        error = f"job {inst.job_key} ended: {_describe(obs)}"
+    return Decision(
+        state,
+        {**evidence, "outcome": outcome.value, "exit_code": obs.exit_code},
+        {**reset, "error": error, "reason": _describe(obs), "ended_at": now, "done_seen_at": None},
+    )
