@@ -196,19 +196,20 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser(wf: Workflow, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
+        allow_abbrev=False,
         description=f"Workflow {wf.name!r}: {len(wf.tasks)} task(s).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the whole workflow on this machine, in this process")
+    run = sub.add_parser("run", allow_abbrev=False, help="run the whole workflow on this machine, in this process")
     _add_run_flags(run)
     run.add_argument("--max-workers", type=int, default=None, help="parallel task processes (default: CPU count)")
     run.add_argument("--on-error", choices=["stop", "continue"], default="stop",
                      help="after a failure: stop starting new tasks, or continue independent ones (default: stop)")
     add_param_flags(run, wf)
 
-    submit = sub.add_parser("submit", help="submit a run to reflowd (started in the background if needed)")
+    submit = sub.add_parser("submit", allow_abbrev=False, help="submit a run to reflowd (started in the background if needed)")
     _add_run_flags(submit)
     submit.add_argument("--cluster", help="cluster name from ~/.config/reflow/config.toml (default: local)")
     submit.add_argument("--no-daemon", action="store_true", help="fail instead of starting reflowd when none answers")
@@ -217,35 +218,35 @@ def build_parser(wf: Workflow, prog: str | None = None) -> argparse.ArgumentPars
     _add_daemon_flags(submit)
     add_param_flags(submit, wf)
 
-    status = sub.add_parser("status", help="show a run's progress")
+    status = sub.add_parser("status", allow_abbrev=False, help="show a run's progress")
     status.add_argument("run_id", metavar="RUN_ID")
     status.add_argument("--task", help="show this task's instances")
     status.add_argument("--json", action="store_true")
     _add_daemon_flags(status)
 
-    cancel = sub.add_parser("cancel", help="cancel a run or one of its tasks")
+    cancel = sub.add_parser("cancel", allow_abbrev=False, help="cancel a run or one of its tasks")
     cancel.add_argument("run_id", metavar="RUN_ID")
     cancel.add_argument("--task", help="cancel only this task")
     cancel.add_argument("--json", action="store_true")
     _add_daemon_flags(cancel)
 
-    retry = sub.add_parser("retry", help="retry failed or cancelled instances")
+    retry = sub.add_parser("retry", allow_abbrev=False, help="retry failed or cancelled instances")
     retry.add_argument("run_id", metavar="RUN_ID")
     retry.add_argument("--task", help="retry only this task")
     retry.add_argument("--no-verify", dest="verify", action="store_false", help="trust cached upstream outputs")
     retry.add_argument("--json", action="store_true")
     _add_daemon_flags(retry)
 
-    runs = sub.add_parser("runs", help="list this workflow's runs")
+    runs = sub.add_parser("runs", allow_abbrev=False, help="list this workflow's runs")
     runs.add_argument("--state", help="only runs in this state (running, succeeded, failed, cancelled)")
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--json", action="store_true")
     _add_daemon_flags(runs)
 
-    dag = sub.add_parser("dag", help="print the task graph")
+    dag = sub.add_parser("dag", allow_abbrev=False, help="print the task graph")
     dag.add_argument("--format", choices=["text", "mermaid", "dot"], default="text")
 
-    sub.add_parser("describe", help="print the manifest (JSON) the daemon runs from")
+    sub.add_parser("describe", allow_abbrev=False, help="print the manifest (JSON) the daemon runs from")
     return parser
 
 

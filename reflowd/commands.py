@@ -1,0 +1,292 @@
+"""The daemon's command registry: validate a request's parameters, then execute.
+
+Each command declares its parameters (name, type, required, default); the
+server checks a request against that declaration before the handler runs,
+so handlers see well-typed values and a client sending nonsense gets
+``invalid params`` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from reflow_client.manifest import Manifest, ManifestError
+from reflow_client.protocol import (
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    PROTOCOL_VERSION,
+    UNKNOWN_RUN,
+    VERSION_MISMATCH,
+    RpcError,
+)
+
+from .engine.engine import EngineError, InvalidRequest, UnknownRun
+from .engine.states import RunState
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+Handler = Callable[["Daemon", dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type | tuple[type, ...]
+    required: bool = False
+    default: Any = None
+    check: Callable[[Any], str | None] | None = None  # returns a problem, or None
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    handler: Handler
+    params: dict[str, Field] = field(default_factory=dict)
+    streaming: bool = False
+    help: str = ""
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise RpcError(
+                INVALID_PARAMS,
+                f"{self.name}: unknown parameter(s) {', '.join(unknown)} (accepted: {', '.join(self.params) or 'none'})",
+            )
+        out: dict[str, Any] = {}
+        for name, spec in self.params.items():
+            if name not in params or params[name] is None:
+                if spec.required:
+                    raise RpcError(INVALID_PARAMS, f"{self.name}: missing parameter {name!r}")
+                out[name] = spec.default
+                continue
+            value = params[name]
+            kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+            if isinstance(value, bool) and bool not in kinds:
+                ok = False
+            elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            else:
+                ok = isinstance(value, kinds)
+            if not ok:
+                names = "/".join(k.__name__ for k in kinds)
+                raise RpcError(INVALID_PARAMS, f"{self.name}: parameter {name!r} must be {names}, "
+                                               f"got {type(value).__name__}")
+            if spec.check is not None:
+                problem = spec.check(value)
+                if problem:
+                    raise RpcError(INVALID_PARAMS, f"{self.name}: parameter {name!r} {problem}")
+            out[name] = value
+        return out
+
+
+REGISTRY: dict[str, Command] = {}
+
+
+def command(name: str, *, streaming: bool = False, help: str = "", **params: Field) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        REGISTRY[name] = Command(name, handler, dict(params), streaming, help)
+        return handler
+
+    return register
+
+
+def lookup(name: str) -> Command:
+    cmd = REGISTRY.get(name)
+    if cmd is None:
+        raise RpcError(METHOD_NOT_FOUND, f"unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    return cmd
+
+
+def _positive(value: int) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _absolute(value: str) -> str | None:
+    return None if os.path.isabs(value) else "must be an absolute path"
+
+
+def _time_value(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return _dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise RpcError(INVALID_PARAMS, f"{value!r} is neither epoch seconds nor an ISO date/time") from None
+
+
+def _engine_call(exc: EngineError) -> RpcError:
+    code = UNKNOWN_RUN if isinstance(exc, UnknownRun) else (INVALID_PARAMS if isinstance(exc, InvalidRequest)
+                                                            else exc.code)
+    return RpcError(code, str(exc), exc.data)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@command("hello", help="exchange protocol versions", protocol=Field(int), client=Field(str))
+async def hello(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    if p["protocol"] is not None and p["protocol"] != PROTOCOL_VERSION:
+        raise RpcError(VERSION_MISMATCH, f"client speaks protocol {p['protocol']}, this reflowd speaks "
+                                         f"{PROTOCOL_VERSION}; use matching versions of reflow and reflowd")
+    return {"protocol": PROTOCOL_VERSION, "version": daemon.version, "pid": os.getpid(), "uid": os.getuid(),
+            "socket": str(daemon.socket_path), "state_dir": str(daemon.state_dir)}
+
+
+@command("ping", help="is the daemon alive")
+async def ping(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    return {"pong": True, "time": time.time(), "pid": os.getpid()}
+
+
+_RUN_OPTIONS = {"force", "force_tasks", "verify", "on_error"}
+
+
+def _check_options(value: dict[str, Any]) -> str | None:
+    unknown = set(value) - _RUN_OPTIONS
+    if unknown:
+        return f"has unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_RUN_OPTIONS))})"
+    if "force_tasks" in value and not (
+        isinstance(value["force_tasks"], list) and all(isinstance(t, str) for t in value["force_tasks"])
+    ):
+        return "force_tasks must be a list of task names"
+    if value.get("on_error", "continue") not in ("stop", "continue"):
+        return "on_error must be 'stop' or 'continue'"
+    for key in ("force", "verify"):
+        if key in value and not isinstance(value[key], bool):
+            return f"{key} must be true or false"
+    return None
+
+
+@command(
+    "submit",
+    help="start a run from a manifest",
+    manifest=Field(dict, required=True),
+    params=Field(dict, default={}),
+    run_dir=Field(str, required=True, check=_nonempty),
+    cluster=Field(str),
+    options=Field(dict, default={}, check=_check_options),
+)
+async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        manifest = Manifest.from_dict(p["manifest"])
+    except ManifestError as exc:
+        raise RpcError(INVALID_PARAMS, f"invalid manifest: {exc}") from None
+    cluster = p["cluster"] or daemon.default_cluster
+    run_dir = p["run_dir"]
+    if cluster in daemon.engine.clusters and not daemon.engine.clusters[cluster].remote and not os.path.isabs(run_dir):
+        raise RpcError(INVALID_PARAMS, f"submit: run_dir {run_dir!r} must be an absolute path")
+    if cluster in daemon.engine.clusters and daemon.engine.clusters[cluster].remote and not os.path.isabs(run_dir):
+        base = daemon.engine.clusters[cluster].config.workdir
+        if not base:
+            raise RpcError(INVALID_PARAMS, f"submit: run_dir {run_dir!r} is relative but cluster {cluster!r} "
+                                           "has no 'workdir' to put it under; give an absolute path")
+        run_dir = os.path.join(base, run_dir)
+    options = {"on_error": "continue", **p["options"]}
+    try:
+        run = await daemon.engine.submit_run(manifest, p["params"], run_dir, cluster, options)
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+    return {"run_id": run.id, "run_dir": run.run_dir, "cluster": run.cluster, "workflow": run.workflow}
+
+
+@command("status", help="a run's progress", run_id=Field(str, required=True), task=Field(str),
+         limit=Field(int, default=200, check=_positive))
+async def status(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        run = await daemon.engine.get_run(p["run_id"])
+        return daemon.engine.status(run, p["task"], p["limit"])
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+
+
+def _check_state(value: Any) -> str | None:
+    states = [value] if isinstance(value, str) else value
+    if not isinstance(states, list) or not all(isinstance(s, str) for s in states):
+        return "must be a state name or a list of them"
+    bad = [s for s in states if s not in {r.value for r in RunState}]
+    return f"has unknown state(s) {', '.join(bad)} (known: {', '.join(r.value for r in RunState)})" if bad else None
+
+
+@command("runs", help="list runs", workflow=Field(str), state=Field((str, list), check=_check_state),
+         since=Field((float, str)), until=Field((float, str)), limit=Field(int, default=50, check=_positive))
+async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    states = [p["state"]] if isinstance(p["state"], str) else p["state"]
+    rows = await daemon.engine.store.list_runs(
+        workflow=p["workflow"],
+        states=states,
+        since=None if p["since"] is None else _time_value(p["since"]),
+        until=None if p["until"] is None else _time_value(p["until"]),
+        limit=min(p["limit"], 10_000),
+    )
+    for row in rows:
+        live = daemon.engine.runs.get(row["id"])
+        if live is not None:
+            row["state"] = live.state.value
+            row["summary"] = live.summary()
+    return {"runs": rows}
+
+
+@command("cancel", help="cancel a run or one task", run_id=Field(str, required=True), task=Field(str))
+async def cancel(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"cancelled": await daemon.engine.cancel(p["run_id"], p["task"])}
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+
+
+@command("retry", help="retry failed or cancelled instances", run_id=Field(str, required=True), task=Field(str),
+         verify=Field(bool, default=True))
+async def retry(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"retried": await daemon.engine.retry(p["run_id"], p["task"], p["verify"])}
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+
+
+@command("logs", help="an instance's stdout and stderr", run_id=Field(str, required=True),
+         task=Field(str, required=True), index=Field(int), max_bytes=Field(int, default=65536, check=_positive))
+async def logs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return await daemon.engine.logs(p["run_id"], p["task"], p["index"], min(p["max_bytes"], 4 * 1024 * 1024))
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+
+
+@command("describe", help="the manifest a run was submitted with", run_id=Field(str, required=True))
+async def describe(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        run = await daemon.engine.get_run(p["run_id"])
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+    return run.manifest.to_manifest_dict()
+
+
+@command("stats", help="daemon counters")
+async def stats(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    return {**daemon.engine.stats(), "server": daemon.server.stats() if daemon.server else {}}
+
+
+@command("shutdown", help="stop the daemon (jobs keep running)")
+async def shutdown(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    daemon.request_shutdown("client request")
+    return {"stopping": True}
+
+
+@command("watch", streaming=True, help="stream transition events", run_id=Field(str))
+async def watch(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    """Handled by the server (it owns the connection); this validates and snapshots."""
+    if p["run_id"] is None:
+        return {"watching": None}
+    try:
+        run = await daemon.engine.get_run(p["run_id"])
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+    return {"watching": run.id, "status": daemon.engine.status(run)}
