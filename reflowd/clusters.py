@@ -1,11 +1,12 @@
 """Clusters: a scheduler adapter on a transport, with a rate limit and a poll clock.
 
 Built from ``[clusters.NAME]`` in the configuration. Each cluster owns a
-token bucket: status queries wait for a token, while submissions and
-cancellations are never delayed but spend tokens (possibly into debt), so the
-long-run rate of scheduler calls stays capped without slowing a pipeline's
-progress. The poll interval adapts: short after a submission or a change,
-growing while nothing happens, long when the scheduler answers slowly.
+token bucket that caps the *optional* scheduler calls -- status queries wait
+for a token; cancellations and tag look-ups are never delayed but spend a
+token (the debt is bounded) -- while submissions, which are the pipeline's
+progress, are never held back. The poll interval adapts: short after a
+submission or a change, growing while nothing happens, long when the
+scheduler answers slowly.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class RateLimiter:
         return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
     def spend(self) -> None:
-        """Take a token now, going into debt if needed (submissions, cancellations)."""
+        """Take a token now, going into (bounded) debt if needed: cancellations, tag look-ups."""
         self._refill()
-        self.tokens -= 1
+        self.tokens = max(self.tokens - 1, -self.burst)
 
     async def acquire(self) -> None:
         """Wait for a token (status queries)."""
@@ -170,7 +171,8 @@ def build_cluster(config: ClusterConfig, *, embedded: bool = False, max_workers:
         config=config,
         transport=transport,
         scheduler=scheduler,
-        limiter=RateLimiter(config.max_calls_per_minute),
+        # The local scheduler answers from memory: nothing to protect, so no real cap.
+        limiter=RateLimiter(config.max_calls_per_minute if config.scheduler != "local" else 6000.0),
         policy=PollPolicy(config.min_poll_interval, config.poll_interval, config.max_poll_interval),
         result_interval=result_interval,
         timing=timing,

@@ -136,19 +136,28 @@ class Server:
             if uid is not None and uid != os.getuid():
                 self.refused += 1
                 log.warning("refused a connection from another user", peer_uid=uid)
-                await self._send(stream, error_response(None, RpcError(SERVER_ERROR, "this reflowd serves only its "
-                                                                                      "own user")))
+                await self._refuse(stream, "this reflowd serves only its own user")
                 return
             if self.connections >= self.max_connections:
                 self.refused += 1
-                await self._send(stream, error_response(None, RpcError(SERVER_ERROR, "too many connections; "
-                                                                                      "try again later")))
+                await self._refuse(stream, "too many connections; try again later")
                 return
             self.connections += 1
             try:
                 await self._serve_connection(stream)
             finally:
                 self.connections -= 1
+
+    async def _refuse(self, stream: SocketStream, message: str) -> None:
+        """Say why, then let the peer finish sending so closing does not reset the connection."""
+        await self._send(stream, error_response(None, RpcError(SERVER_ERROR, message)))
+        try:
+            await stream.send_eof()
+            with anyio.move_on_after(2.0):
+                while len(await stream.receive(65536)):
+                    pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
 
     async def _send(self, stream: SocketStream, message: dict[str, Any]) -> bool:
         try:

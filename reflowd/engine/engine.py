@@ -84,6 +84,8 @@ class JobTrack:
     run: Run
     instances: dict[int | None, Instance]
     last_obs: dict[int | None, Observation] = field(default_factory=dict)
+    #: Results of workers killed by a signal, held until the scheduler says why (timeout? cancel?).
+    held: dict[int | None, tuple[dict[str, Any], float]] = field(default_factory=dict)
     resolve_attempts: int = 0
     resolve_after: float = 0.0
 
@@ -312,13 +314,16 @@ class Engine:
             self._stop_run(run, f"on_error=stop after {inst.label} ended {inst.state.value}")
 
     def _stop_run(self, run: Run, why: str) -> None:
-        """Cancel what has not started; let what runs finish."""
+        """Cancel what has not started (including jobs still queued); let what runs finish."""
         for tr in run.tasks.values():
             if not tr.expanded and not tr.blocked:
                 self._block(run, tr, State.CANCELLED, why)
             for inst in tr.instances.values():
-                if inst.state in (State.PENDING, State.READY):
-                    self.transition(run, inst, State.CANCELLED, {"source": "on_error", "why": why})
+                queued_key = inst.job_key if inst.state is State.QUEUED else None
+                if inst.state in (State.PENDING, State.READY, State.QUEUED):
+                    if self.transition(run, inst, State.CANCELLED, {"source": "on_error", "why": why}) and queued_key:
+                        self.pending_cancels[run.cluster].add(queued_key)
+        self.observer_wake[run.cluster].set()
 
     def _block(self, run: Run, tr: TaskRun, state: State, reason: str) -> None:
         tr.blocked = state

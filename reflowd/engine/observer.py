@@ -24,7 +24,7 @@ import structlog
 
 from reflow_client import jobfiles
 
-from ..schedulers.base import Observation, Presence
+from ..schedulers.base import Observation, Phase, Presence
 from ..transports.base import TransportError
 from . import decide
 from .engine import Engine, JobTrack
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("reflowd.observer")
 
 IDLE_WAIT = 5.0
+#: Longest a signalled worker's result waits for the scheduler to explain it.
+HOLD_MAX = 30.0
 
 
 def apply(engine: Engine, track: JobTrack, inst: Instance, decision: decide.Decision) -> bool:
@@ -59,7 +61,7 @@ async def observe_loop(engine: Engine, cluster: ClusterRuntime) -> None:
             if tracks:
                 await check_files(engine, cluster, tracks)
                 now = time.monotonic()
-                due = next_query <= now or _deadline_due(tracks)
+                due = next_query <= now or _deadline_due(tracks) or any(t.held for t in tracks)
                 if due and cluster.limiter.wait_time() == 0:
                     await query(engine, cluster, [t for t in tracks if t.live()])
                     next_query = time.monotonic() + cluster.policy.interval
@@ -133,8 +135,18 @@ async def _read_results(engine: Engine, cluster: ClusterRuntime, track: JobTrack
             result = jobfiles.parse_result(raw, f"result file of {inst.label}")
         except ValueError as exc:
             result = {"state": "failed", "error": f"unreadable result: {exc}"}
-        if inst.in_flight and inst.tag == track.tag:
-            apply(engine, track, inst, decide.from_result(inst, result, track.last_obs.get(inst.index)))
+        if not (inst.in_flight and inst.tag == track.tag):
+            continue
+        obs = track.last_obs.get(inst.index)
+        decision = decide.from_result(inst, result, obs)
+        explained = obs is not None and obs.phase is Phase.DONE
+        if decision.state is State.FAILED and result.get("signal") and not explained:
+            # Killed by a signal: the scheduler knows why (time limit, cancel, preemption). Ask it first.
+            since = track.held.setdefault(inst.index, (result, time.time()))[1]
+            if time.time() - since < HOLD_MAX:
+                continue
+        track.held.pop(inst.index, None)
+        apply(engine, track, inst, decision)
     return missing
 
 
@@ -156,7 +168,18 @@ async def query(engine: Engine, cluster: ClusterRuntime, tracks: list[JobTrack])
     changed = False
     concluding: dict[str, list[tuple[Instance, decide.Decision]]] = {}
     for track in tracks:
+        for index, (result, since) in list(track.held.items()):
+            inst = track.instances[index]
+            obs = observations.get(inst.job_key or "") if observations is not None else None
+            if obs is not None:
+                track.last_obs[index] = obs
+            if (obs is not None and obs.phase is not Phase.RUNNING) or now - since >= HOLD_MAX:
+                del track.held[index]
+                if inst.in_flight:
+                    changed |= apply(engine, track, inst, decide.from_result(inst, result, obs))
         for inst in track.live():
+            if inst.index in track.held:
+                continue
             if observations is None:
                 obs = Observation.unknown("query failed")
             else:

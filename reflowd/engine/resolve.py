@@ -100,7 +100,8 @@ def resolve(
                         return res
                     items = _elements(view.outputs[0], what)
                     values.extend(items)
-                    hashes.extend(codec.value_hash(v) for v in items)
+                    # The upstream's whole output hash, not the element's: a path can name new content.
+                    hashes.extend([view.hashes[0] or ""] * len(items))
                     oks.extend([True] * len(items))
                 elif src.mode == "chain_flatten":
                     if not view.all_ok:
@@ -108,7 +109,7 @@ def resolve(
                         return res
                     items = _safe(lambda v=view, w=what: _gathered(v, True, w))
                     values.extend(items)
-                    hashes.extend(codec.value_hash(v) for v in items)
+                    hashes.extend([view.combined_hash] * len(items))
                     oks.extend([True] * len(items))
                 else:  # chain
                     values.extend(view.outputs)

@@ -236,7 +236,6 @@ async def submit_batch(
         track = JobTrack(record, request, run, {i.index: i for i in insts})
         await engine.store.flush()
         fault(engine, "before_submit")
-        cluster.limiter.spend()
         started = time.monotonic()
         try:
             job_id = await cluster.scheduler.submit(request)

@@ -1,0 +1,113 @@
+"""Helpers for tests that drive a real reflowd process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from reflow_client.client import Client, DaemonNotRunning
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
+    """Poll *condition* until it returns something truthy; fail with *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value: {last!r})")
+
+
+class DaemonProcess:
+    """A reflowd subprocess on a private socket and state directory."""
+
+    def __init__(self, base: Path, *, config: str = "", env: dict[str, str] | None = None,
+                 socket: Path | None = None) -> None:
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.socket = socket or base / "run" / "reflowd.sock"
+        self.state_dir = base / "state"
+        self.config_path = base / "config.toml"
+        self.config_path.write_text(config)
+        self.log_path = base / "reflowd.log"
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            REFLOW_SOCKET=str(self.socket),
+            REFLOW_STATE_DIR=str(self.state_dir),
+            REFLOW_CONFIG=str(self.config_path),
+            REFLOW_LOG_LEVEL="debug",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, *, extra_env: dict[str, str] | None = None, wait: bool = True) -> DaemonProcess:
+        env = self.env
+        env.update(extra_env or {})
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reflowd", "--log-format", "json", "--retry-backoff", "0.5"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        if wait:
+            wait_for(self.answers, timeout=30, what=f"reflowd to answer on {self.socket} (log: {self.log_path})")
+        return self
+
+    def answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"reflowd exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            with Client(self.socket, timeout=5) as client:
+                client.ping()
+            return True
+        except (DaemonNotRunning, OSError):
+            return False
+
+    def client(self, timeout: float = 30.0) -> Client:
+        client = Client(self.socket, timeout=timeout)
+        client.connect()
+        return client
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "reflow_client.cli", *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"reflow-client {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n"
+                                 f"{result.stderr}")
+        return result
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
