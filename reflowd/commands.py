@@ -219,6 +219,7 @@ def _check_state(value: Any) -> str | None:
          since=Field((float, str)), until=Field((float, str)), limit=Field(int, default=50, check=_positive))
 async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     states = [p["state"]] if isinstance(p["state"], str) else p["state"]
+    await daemon.engine.store.flush()  # the filter runs in SQL: make it see the latest states
     rows = await daemon.engine.store.list_runs(
         workflow=p["workflow"],
         states=states,

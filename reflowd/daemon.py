@@ -139,10 +139,14 @@ class Daemon:
         return clusters
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
-        prepare_dir(self.state_dir, "state directory")
-        prepare_dir(self.socket_path.parent, "socket directory")
-        lock = StateLock(self.state_dir, self.socket_path)
-        lock.acquire()
+        def claim() -> StateLock:
+            prepare_dir(self.state_dir, "state directory")
+            prepare_dir(self.socket_path.parent, "socket directory")
+            lock = StateLock(self.state_dir, self.socket_path)
+            lock.acquire()
+            return lock
+
+        lock = await anyio.to_thread.run_sync(claim)
         store = Store(self.state_dir / "reflowd.sqlite")
         listener = None
         try:
@@ -185,7 +189,7 @@ class Daemon:
         activated = systemd.activation_socket()
         if activated is not None:
             return SocketListener.from_socket(activated)
-        _remove_stale_socket(self.socket_path)
+        await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
         old = os.umask(0o077)
         try:
             listener = await anyio.create_unix_listener(self.socket_path, mode=0o600)
