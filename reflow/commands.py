@@ -84,22 +84,12 @@ def dispatch(wf: Workflow, args: argparse.Namespace, params: dict[str, Any]) -> 
             if args.wait:
                 return 0 if watch_progress(run.client, run.run_id).ok else 1
             return 0
+        from reflow_client.cli import dispatch as client_dispatch
+
+        if args.command == "runs":  # this workflow's runs
+            args.workflow, args.since, args.until = wf.name, None, None
         with _client(wf, args) as client:
-            if args.command == "status":
-                status = client.status(args.run_id, args.task)
-                print(json.dumps(status.raw, indent=2, default=str)) if args.json else \
-                    sys.stdout.write(render.format_status(status))
-            elif args.command == "cancel":
-                n = client.cancel(args.run_id, args.task)
-                print(json.dumps({"cancelled": n})) if args.json else print(f"cancelled {n} task instance(s)")
-            elif args.command == "retry":
-                n = client.retry(args.run_id, args.task, args.verify)
-                print(json.dumps({"retried": n})) if args.json else print(f"retrying {n} task instance(s)")
-            elif args.command == "runs":
-                runs = client.runs(workflow=wf.name, state=args.state, limit=args.limit)
-                print(json.dumps([r.__dict__ for r in runs], indent=2, default=str)) if args.json else \
-                    sys.stdout.write(render.format_runs(runs))
-            return 0
+            return client_dispatch(client, args)
     except (DaemonNotRunning, DaemonStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

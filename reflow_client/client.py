@@ -331,7 +331,7 @@ class Client:
         while b"\n" not in self._buffer:
             try:
                 chunk = self._sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"reflowd did not answer within {timeout} s") from None
             if not chunk:
                 raise DaemonNotRunning(self.path, "connection closed")

@@ -65,16 +65,18 @@ def dumps(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON so that readers see the old file, no file, or the whole new file."""
-    directory = os.path.dirname(path)
+def write_bytes_atomic(path: str, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Write so that readers see the old file, no file, or the whole new file."""
+    directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="~")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(dumps(data))
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -82,6 +84,10 @@ def write_json_atomic(path: str, data: Any) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    write_bytes_atomic(path, dumps(data))
 
 
 def parse_result(raw: bytes | str, where: str = "result") -> dict[str, Any]:

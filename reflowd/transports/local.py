@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import anyio
 
+from reflow_client.jobfiles import write_bytes_atomic
+
 from .base import CommandResult, CommandTimeout, Transport, TransportError
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="~")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _read_many(paths: Sequence[str]) -> dict[str, bytes | None]:
@@ -90,7 +74,7 @@ class LocalTransport(Transport):
 
         def write_all() -> None:
             for path, data in items:
-                _write_atomic(path, data, mode)
+                write_bytes_atomic(path, data, mode, durable=False)
 
         with anyio.fail_after(timeout):
             await anyio.to_thread.run_sync(write_all)
