@@ -137,18 +137,19 @@ def add_param_flags(parser: argparse.ArgumentParser, wf: Workflow) -> list[str]:
         help_text = _help_text(rp, tp_text, required, default)
         try:
             if strip_optional(base)[0] is bool:
-                group.add_argument(
+                # One of the pair is required, so --no-flag alone satisfies a required bool.
+                pair = group.add_mutually_exclusive_group(required=required)
+                pair.add_argument(
                     *names,
                     dest=key,
                     nargs="?",
                     const=True,
                     type=_named(parse_bool, "bool"),
-                    required=required,
                     default=default,
                     metavar="yes|no",
                     help=help_text,
                 )
-                group.add_argument(
+                pair.add_argument(
                     "--no-" + rp.flag[2:], dest=key, action="store_false", help=f"same as {rp.flag} no"
                 )
             elif elem is not None:
@@ -177,6 +178,8 @@ def add_param_flags(parser: argparse.ArgumentParser, wf: Workflow) -> list[str]:
         except argparse.ArgumentError as exc:
             raise ValueError(f"parameter {key!r}: {exc}") from None
         except TypeError as exc:
+            if not required:  # not settable from the command line; its default applies
+                continue
             raise TypeError(f"task {rp.task!r} parameter {rp.name!r}: {exc}") from None
         keys.append(key)
     return keys

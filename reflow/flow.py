@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import marshal
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class JobConfig:
         retries: int = 0,
         **scheduler_options: Any,
     ) -> None:
+        if isinstance(after, str):  # list("prepare") would silently become ['p', 'r', ...]
+            raise TypeError(f"after takes a list of task names, not the string {after!r}; write after=[{after!r}]")
         merged = dict(submit_options or {})
         if extra:
             merged.update(extra)
@@ -183,6 +186,11 @@ class RunParam:
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
 
+    @property
+    def keys(self) -> list[str]:
+        """Every dest-like name its flags take: a bool also gets ``--no-<flag>``."""
+        return [self.key, "no_" + self.key] if strip_optional(self.base_type)[0] is bool else [self.key]
+
 
 @dataclass
 class TaskSpec:
@@ -214,9 +222,11 @@ class TaskSpec:
     def source_hash(self) -> str:
         try:
             source = inspect.getsource(self.func)
-        except (OSError, TypeError):
+        except (OSError, TypeError):  # no source file (exec, some REPLs): hash the whole code object
             code = getattr(self.func, "__code__", None)
-            source = repr(code.co_code) if code is not None else repr(self.func)
+            if code is None:
+                return hashlib.sha256(repr(self.func).encode("utf-8")).hexdigest()
+            return hashlib.sha256(marshal.dumps(code)).hexdigest()  # co_code alone ignores constants
         return hashlib.sha256(source.encode("utf-8")).hexdigest()
 
     def renamed(self, new_name: str, mapping: dict[str, str]) -> TaskSpec:
@@ -285,11 +295,12 @@ def check_param_names(spec: TaskSpec, others: list[TaskSpec]) -> None:
     """Refuse run parameters whose flags would clash or be silently dropped."""
     for rp in spec.run_params.values():
         where = f"task {spec.name!r} parameter {rp.name!r}"
-        if rp.key in RESERVED_PARAM_KEYS:
-            raise ValueError(
-                f"{where}: its flag {rp.flag} collides with the built-in CLI flag of the same name; "
-                "rename the parameter or give it Param(namespace='local')"
-            )
+        for key in rp.keys:
+            if key in RESERVED_PARAM_KEYS:
+                raise ValueError(
+                    f"{where}: its flag --{key.replace('_', '-')} collides with the built-in CLI flag of the same "
+                    "name; rename the parameter or give it Param(namespace='local')"
+                )
         if rp.marker.short and rp.marker.short in RESERVED_SHORT_FLAGS:
             raise ValueError(f"{where}: short flag -{rp.marker.short} is reserved for --help; pick another letter")
         for other in [*others, spec]:
@@ -297,12 +308,19 @@ def check_param_names(spec: TaskSpec, others: list[TaskSpec]) -> None:
                 if orp is rp:
                     continue
                 same_flag = orp.key == rp.key
+                clash = [] if same_flag else sorted(set(rp.keys) & set(orp.keys))
+                if clash:
+                    raise ValueError(
+                        f"{where}: its flag --{clash[0].replace('_', '-')} collides with parameter {orp.name!r} of "
+                        f"task {other.name!r}; rename one of them"
+                    )
                 if same_flag and not (rp.marker.namespace == orp.marker.namespace == "global"):
                     raise ValueError(
                         f"{where}: its flag {rp.flag} collides with parameter {orp.name!r} of task {other.name!r}; "
                         "rename one of them"
                     )
-                if same_flag and type_repr(rp.annotation) != type_repr(orp.annotation):
+                same_type = rp.annotation == orp.annotation or type_repr(rp.annotation) == type_repr(orp.annotation)
+                if same_flag and not same_type:  # Optional[int] == int | None though their reprs differ
                     raise TypeError(
                         f"{where}: global parameter {rp.name!r} is {type_repr(rp.annotation)} here but "
                         f"{type_repr(orp.annotation)} in task {other.name!r}; use one type or Param(namespace='local')"
@@ -396,13 +414,13 @@ class Flow:
 
         def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
             self._register(
-                name or func.__name__,
+                func.__name__ if name is None else name,
                 func,
                 JobConfig(
                     cpus=cpus,
                     time=time,
                     mem=mem,
-                    after=list(after or []),
+                    after=after,
                     array=array,
                     array_parallelism=array_parallelism,
                     submit_options=submit_options,

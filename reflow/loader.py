@@ -37,6 +37,12 @@ def load_module(path: str | Path) -> ModuleType:
     codec.set_workflow_module(name)
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(name, None)
+        raise WorkflowLoadError(
+            f"{file} exited (sys.exit({exc.code!r})) while being imported; call wf.cli() only under "
+            "'if __name__ == \"__main__\":'"
+        ) from None
     except BaseException:
         sys.modules.pop(name, None)
         raise

@@ -82,9 +82,12 @@ def run_local(
 
     status = anyio.run(main)
     outputs: dict[str, Any] = {}
-    for name, items in status["outputs"].items():
-        decoded = [codec.decode(item["output"]) if item["state"] in ("succeeded", "cached") else None for item in items]
-        outputs[name] = decoded if wf.tasks[name].config.array else (decoded[0] if decoded else None)
+    with codec.workflow_module(wf._module_name):  # another workflow file may have been loaded since
+        for name, items in status["outputs"].items():
+            decoded = [
+                codec.decode(item["output"]) if item["state"] in ("succeeded", "cached") else None for item in items
+            ]
+            outputs[name] = decoded if wf.tasks[name].config.array else (decoded[0] if decoded else None)
     return LocalRunResult(
         run_id=status["run"]["id"],
         state=status["run"]["state"],

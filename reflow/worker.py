@@ -108,8 +108,9 @@ def run_instance(job_dir: str, index: int | None) -> int:
     try:
         try:
             job = _read_json(os.path.join(job_dir, jobfiles.JOB_FILE), "job")
+            base.update(task=job.get("task"), run_id=job.get("run_id"))  # named even if the inputs are broken
             element = _read_json(jobfiles.inputs_path(job_dir, index), "inputs")
-            base.update(task=job.get("task"), run_id=job.get("run_id"), identity=element.get("identity"))
+            base.update(identity=element.get("identity"))
             for key in ("entrypoint", "task", "run_dir"):
                 if not isinstance(job.get(key), str):
                     raise ValueError(f"job file in {job_dir} is corrupt: field {key!r} missing")
@@ -139,6 +140,8 @@ def run_instance(job_dir: str, index: int | None) -> int:
                 code = 128 + exc.signum
             except Exception as exc:  # the task's own failure: report it, do not crash
                 result = _failure(base, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            except SystemExit as exc:  # sys.exit() in the task: still leave a result saying so
+                result = _failure(base, f"SystemExit: the task called sys.exit({exc.code!r})", traceback.format_exc())
     except WorkerInterrupted as exc:  # a signal outside the task call (loading, writing started file)
         result = _failure(base, f"interrupted by {exc.signame}", traceback.format_exc(), exc.signame)
         code = 128 + exc.signum

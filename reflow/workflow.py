@@ -233,7 +233,8 @@ class Workflow(Flow):
                     continue
                 value = default_rp.default
             try:
-                resolved[key] = codec.encode(value)
+                with codec.workflow_module(self._module_name):  # classes of this file travel as __workflow__
+                    resolved[key] = codec.encode(value)
             except codec.CodecError as exc:
                 raise TypeError(f"parameter {key!r}: {exc}") from None
         if missing:

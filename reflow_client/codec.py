@@ -16,6 +16,7 @@ module in the worker.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -26,7 +27,7 @@ import math
 import sys
 from decimal import Decimal
 from pathlib import Path, PurePath, PureWindowsPath
-from typing import Any
+from typing import Any, Iterator
 
 TAG = "__reflow__"
 WORKFLOW_ALIAS = "__workflow__"
@@ -43,6 +44,19 @@ def set_workflow_module(name: str) -> None:
     """Declare which loaded module is the user's workflow file (worker side)."""
     global _workflow_module_name
     _workflow_module_name = name
+
+
+@contextlib.contextmanager
+def workflow_module(name: str | None) -> Iterator[None]:
+    """Temporarily treat module *name* as the workflow file (a process that loaded several workflows)."""
+    global _workflow_module_name
+    previous = _workflow_module_name
+    if name:
+        _workflow_module_name = name
+    try:
+        yield
+    finally:
+        _workflow_module_name = previous
 
 
 def _class_ref(cls: type) -> str:
@@ -79,10 +93,10 @@ def _resolve_class(ref: str) -> type:
 
 def encode(value: Any, _path: str = "value") -> Any:
     """Return a JSON-safe form of *value*; raise CodecError naming what failed."""
+    if isinstance(value, enum.Enum):  # before str/int: ``class Mode(str, Enum)`` must stay a Mode
+        return {TAG: "enum", "cls": _class_ref(type(value)), "value": encode(value.value, _path)}
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, enum.Enum):
-        return {TAG: "enum", "cls": _class_ref(type(value)), "value": encode(value.value, _path)}
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
@@ -115,8 +129,8 @@ def encode(value: Any, _path: str = "value") -> Any:
         return {TAG: "date", "value": value.isoformat()}
     if isinstance(value, _dt.time):
         return {TAG: "time", "value": value.isoformat()}
-    if isinstance(value, _dt.timedelta):
-        return {TAG: "timedelta", "value": value.total_seconds()}
+    if isinstance(value, _dt.timedelta):  # exact: total_seconds() is a float and loses microseconds
+        return {TAG: "timedelta", "days": value.days, "seconds": value.seconds, "microseconds": value.microseconds}
     if isinstance(value, (set, frozenset)):
         items = [encode(v, f"{_path} item") for v in value]
         items.sort(key=canonical_json)
@@ -170,7 +184,9 @@ def decode(data: Any) -> Any:
         if kind == "time":
             return _dt.time.fromisoformat(data["value"])
         if kind == "timedelta":
-            return _dt.timedelta(seconds=data["value"])
+            if "value" in data:
+                return _dt.timedelta(seconds=data["value"])
+            return _dt.timedelta(days=data["days"], seconds=data["seconds"], microseconds=data["microseconds"])
         if kind == "float":
             return float(data["value"])
         if kind == "set":
@@ -190,14 +206,26 @@ def decode(data: Any) -> Any:
             return _resolve_class(data["cls"]).model_validate(decode(data["fields"]))
     except CodecError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"malformed encoded {kind!r} value: {exc}") from exc
     raise CodecError(f"unknown encoded kind {kind!r}")
 
 
+def _canonical(data: Any) -> Any:
+    """*data* with the items of non-str-key dicts sorted (JSON objects are sorted by ``sort_keys``)."""
+    if isinstance(data, list):
+        return [_canonical(v) for v in data]
+    if isinstance(data, dict):
+        out = {k: _canonical(v) for k, v in data.items()}
+        if out.get(TAG) == "dict" and isinstance(out.get("items"), list):
+            out["items"] = sorted(out["items"], key=canonical_json)
+        return out
+    return data
+
+
 def canonical_json(data: Any) -> str:
-    """Deterministic JSON text of an encoded value (for hashing and sorting)."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Deterministic JSON text of an encoded value (for hashing and sorting); dict order does not matter."""
+    return json.dumps(_canonical(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def value_hash(encoded: Any) -> str:
@@ -239,4 +267,5 @@ __all__ = [
     "encoded_paths",
     "set_workflow_module",
     "value_hash",
+    "workflow_module",
 ]
