@@ -117,15 +117,14 @@ class Workflow(Flow):
         done: set[str] = set()
         remaining = [n for n in self._registration_order if n in self.tasks]
         while remaining:
-            progressed = False
-            for name in list(remaining):
-                deps = [d for d in self.tasks[name].dependencies if d in self.tasks]
-                if all(d in done for d in deps):
+            # The first task, in registration order, whose dependencies are all placed.
+            for name in remaining:
+                if all(d in done for d in self.tasks[name].dependencies if d in self.tasks):
                     order.append(name)
                     done.add(name)
                     remaining.remove(name)
-                    progressed = True
-            if not progressed:
+                    break
+            else:
                 raise ValueError(f"dependency cycle: {' -> '.join(self._find_cycle(remaining))}")
         return order
 
