@@ -1,0 +1,110 @@
+"""Slurm through a transport (this machine, or a login node over SSH).
+
+One status query per call for every job asked about: ``sacct`` when the site
+runs accounting (probed at start; it knows finished jobs for ever), else
+``squeue -t all`` (finished jobs stay listed for ``MinJobAge``). A query that
+fails or times out answers UNKNOWN for every job -- never absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import structlog
+
+from ..transports.base import CommandResult, Transport, TransportError
+from . import slurm_commands as sc
+from .base import Observation, Scheduler, SubmitError, SubmitRequest, TaggedJob
+
+log = structlog.get_logger("reflowd.slurm")
+
+
+class SlurmScheduler(Scheduler):
+    kind = "slurm"
+
+    def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
+        self.transport = transport
+        self.command_timeout = command_timeout
+        self.accounting = False
+        self.config: dict[str, str] = {}
+        self.queries = 0
+
+    async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
+        return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
+
+    async def probe(self) -> dict[str, Any]:
+        result = await self._run(["scontrol", "show", "config"])
+        if not result.ok:
+            raise TransportError(f"scontrol show config failed: {result.stderr.strip()}")
+        self.config = sc.parse_scontrol_show_config(result.stdout)
+        self.max_array_size = sc.max_array_size(self.config)
+        storage = self.config.get("AccountingStorageType", "accounting_storage/none")
+        self.accounting = False
+        if storage != "accounting_storage/none":
+            check = await self._run(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
+            self.accounting = check.ok
+        return {"max_array_size": self.max_array_size, "accounting": self.accounting,
+                "min_job_age": self.config.get("MinJobAge")}
+
+    def validate_options(self, options: Mapping[str, Any]) -> None:
+        sc.validate_options(options)
+
+    async def submit(self, request: SubmitRequest) -> str:
+        self.validate_options(request.options)
+        script_path = os.path.join(request.job_dir, "job.sh")
+        await self.transport.write_files({script_path: sc.render_script(request).encode()},
+                                         timeout=self.command_timeout, mode=0o755)
+        result = await self._run(sc.render_sbatch(request, script_path), idempotent=False,
+                                 timeout=self.command_timeout * 2)
+        return sc.parse_sbatch(result.stdout, result.stderr, result.returncode)
+
+    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+        ids = sorted(set(job_ids))
+        if not ids:
+            return {}
+        self.queries += 1
+        if self.accounting:
+            result = await self._run(sc.render_sacct(ids))
+            if result.ok:
+                return sc.parse_sacct(result.stdout)
+            log.warning("sacct failed; using squeue this time", error=result.stderr.strip()[:300])
+        result = await self._run(sc.render_squeue(ids))
+        if result.ok:
+            return sc.parse_squeue(result.stdout)
+        if sc.squeue_all_absent(result.stderr, result.returncode):
+            return {}
+        raise TransportError(f"squeue failed ({result.returncode}): {result.stderr.strip()[:300]}")
+
+    async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
+        wanted = sorted(set(tags))
+        if not wanted:
+            return {}
+        result = await self._run(sc.render_squeue_names(wanted))
+        if not result.ok and not sc.squeue_all_absent(result.stderr, result.returncode):
+            raise TransportError(f"squeue --name failed: {result.stderr.strip()[:300]}")
+        found = sc.tagged_jobs(result.stdout if result.ok else "", "squeue", wanted)
+        if self.accounting:
+            acct = await self._run(sc.render_sacct_names(wanted))
+            if not acct.ok:
+                raise TransportError(f"sacct --name failed: {acct.stderr.strip()[:300]}")
+            for tag, jobs in sc.tagged_jobs(acct.stdout, "sacct", wanted).items():
+                known = {j.job_id for j in found[tag]}
+                found[tag].extend(j for j in jobs if j.job_id not in known)
+        return found
+
+    async def cancel(self, job_keys: Collection[str]) -> None:
+        keys = sorted(set(job_keys))
+        if not keys:
+            return
+        result = await self._run(sc.render_scancel(keys))
+        if not result.ok:
+            # Already finished or unknown jobs make scancel complain; that is not a failure to cancel.
+            log.info("scancel reported", code=result.returncode, message=result.stderr.strip()[:300])
+
+    def stats(self) -> dict[str, Any]:
+        return {"accounting": self.accounting, "max_array_size": self.max_array_size, "queries": self.queries}
+
+
+__all__ = ["SlurmScheduler", "SubmitError"]

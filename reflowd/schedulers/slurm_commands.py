@@ -1,0 +1,411 @@
+"""Slurm: pure command builders and output parsers (no I/O).
+
+Everything here is a function of its arguments so it can be tested against
+recorded outputs of real ``sbatch``/``squeue``/``sacct``/``scontrol`` runs
+(``tests/data/slurm/``). The async layer (``slurm.py``) only runs these argv
+lists through a transport.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .base import Observation, OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
+
+# ---------------------------------------------------------------------- options
+
+#: sbatch long options (Slurm 22.05, ``sbatch --help`` and the man page) a task may set.
+SBATCH_OPTIONS = frozenset(
+    """
+    account acctg-freq batch bb bbf begin cluster-constraint clusters comment constraint container contiguous
+    core-spec cores-per-socket cpu-freq cpus-per-gpu deadline delay-boot dependency distribution exclude
+    exclusive export export-file extra-node-info get-user-env gpu-bind gpu-freq gpus gpus-per-node
+    gpus-per-socket gpus-per-task gres gres-flags hint hold ignore-pbs kill-on-invalid-dep licenses mail-type
+    mail-user mcs-label mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-kill no-requeue nodefile
+    nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-socket open-mode
+    overcommit oversubscribe partition power priority profile propagate qos reboot requeue reservation signal
+    sockets-per-node spread-job switches thread-spec threads-per-core time-min tmp use-min-nodes wckey
+    """.split()
+)
+
+#: Options reflow sets itself, with what to do instead.
+RESERVED_OPTIONS = {
+    "job-name": "reflow names jobs after their submission tag",
+    "output": "reflow writes logs to <run_dir>/logs/",
+    "error": "reflow writes logs to <run_dir>/logs/",
+    "array": "array tasks become job arrays by themselves (use array_parallelism= for the %limit)",
+    "parsable": "reflow sets it",
+    "chdir": "jobs run in the run directory",
+    "wrap": "reflow writes the job script",
+    "cpus-per-task": "use job(cpus=...)",
+    "cpus": "use job(cpus=...)",
+    "time": "use job(time=...)",
+    "mem": "use job(mem=...)",
+    "input": "jobs read no standard input",
+    "wait": "the daemon follows jobs without blocking sbatch",
+    "test-only": "not a submission",
+    "uid": "jobs run as you",
+    "gid": "jobs run as you",
+    "quiet": "reflow needs sbatch's output",
+    "verbose": "reflow needs sbatch's output",
+    "usage": "not a submission",
+    "help": "not a submission",
+    "version": "not a submission",
+}
+
+
+def option_flag(key: str) -> str:
+    return key.strip().lstrip("-").replace("_", "-").lower()
+
+
+def validate_options(options: Mapping[str, Any]) -> None:
+    """Raise OptionError for an option sbatch does not know or reflow sets itself."""
+    for key, value in options.items():
+        flag = option_flag(key)
+        if flag in RESERVED_OPTIONS:
+            raise OptionError(f"sbatch option {key!r} cannot be set here: {RESERVED_OPTIONS[flag]}")
+        if flag not in SBATCH_OPTIONS:
+            close = difflib.get_close_matches(flag, sorted(SBATCH_OPTIONS), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0].replace('-', '_')!r}?" if close else ""
+            raise OptionError(f"sbatch has no option --{flag} (from {key!r}){hint}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if not isinstance(item, (str, int, float, bool)) and item is not None:
+                raise OptionError(f"sbatch option {key!r}: value {item!r} must be a string, number or bool")
+            if isinstance(item, str) and ("\n" in item or "\r" in item or "\0" in item):
+                raise OptionError(f"sbatch option {key!r}: value must be a single line")
+
+
+def render_options(options: Mapping[str, Any]) -> list[str]:
+    """``{"partition": "gpu", "exclusive": True, "gres": ["gpu:1", "tmp:10G"]}`` -> sbatch arguments."""
+    args = []
+    for key in sorted(options):
+        value = options[key]
+        flag = option_flag(key)
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(f"--{flag}")
+        elif isinstance(value, (list, tuple)):
+            args.append(f"--{flag}={','.join(str(v) for v in value)}")
+        else:
+            args.append(f"--{flag}={value}")
+    return args
+
+
+# ---------------------------------------------------------------------- submission
+
+
+def compress_indices(indices: Iterable[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8`` (Slurm's --array syntax)."""
+    ordered = sorted(set(indices))
+    if not ordered:
+        raise ValueError("an array needs at least one index")
+    parts = []
+    start = prev = ordered[0]
+    for i in ordered[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
+def array_spec(request: SubmitRequest) -> str:
+    assert request.indices is not None
+    spec = compress_indices(i - request.index_offset for i in request.indices)
+    if request.array_parallelism:
+        spec += f"%{request.array_parallelism}"
+    return spec
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def render_script(request: SubmitRequest) -> str:
+    """The batch script: environment, then exec the worker (every word shell-quoted)."""
+    lines = ["#!/bin/bash", f"# reflow job {request.tag}: run {request.run_id}, task {request.task}"]
+    for name, value in sorted(request.env.items()):
+        if not _ENV_NAME.match(name):
+            raise OptionError(f"environment variable name {name!r} is not valid")
+        lines.append(f"export {name}={shlex.quote(str(value))}")
+    command = " ".join(shlex.quote(str(a)) for a in request.worker_argv)
+    if request.indices is not None:
+        command += f' --index "$((SLURM_ARRAY_TASK_ID + {int(request.index_offset)}))"'
+    lines.append(f"exec {command}")
+    return "\n".join(lines) + "\n"
+
+
+def render_sbatch(request: SubmitRequest, script_path: str) -> list[str]:
+    array_id = "%a" if request.indices is not None else None
+    argv = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={request.job_name}",
+        f"--chdir={request.workdir}",
+        f"--output={log_path(request.log_dir, request.task, request.tag, array_id, 'out')}",
+        f"--error={log_path(request.log_dir, request.task, request.tag, array_id, 'err')}",
+        f"--cpus-per-task={int(request.cpus)}",
+        f"--time={request.time}",
+        f"--mem={request.mem}",
+    ]
+    if request.indices is not None:
+        argv.append(f"--array={array_spec(request)}")
+    argv.extend(render_options(request.options))
+    argv.append(script_path)
+    return argv
+
+
+#: Messages meaning the controller did not answer: the job may or may not exist (resolve by tag).
+_TRANSIENT = (
+    "socket timed out",
+    "unable to contact slurm controller",
+    "connection refused",
+    "temporarily unavailable",
+    "try again",
+    "slurmctld is busy",
+    "submit limit",
+    "communication connection failure",
+    "zero bytes were transmitted",
+)
+
+
+def parse_sbatch(stdout: str, stderr: str, returncode: int) -> str:
+    """The job id from ``sbatch --parsable`` (``123`` or ``123;cluster``), or SubmitError."""
+    first = stdout.strip().splitlines()[0].strip() if stdout.strip() else ""
+    if returncode == 0 and first:
+        job_id = first.split(";", 1)[0]
+        if job_id.isdigit():
+            return job_id
+        raise SubmitError(f"sbatch printed {first!r} instead of a job id", permanent=False)
+    message = " ".join(line.strip() for line in (stderr.strip() or stdout.strip()).splitlines() if line.strip())
+    if not message:
+        raise SubmitError(f"sbatch exited {returncode} without a message", permanent=False)
+    if any(p in message.lower() for p in _TRANSIENT):
+        raise SubmitError(message, permanent=False)
+    # Everything else ("Invalid account", "invalid partition", a bad option, ...) is a refusal:
+    # the same request would be refused again, and a retry loop helps nobody.
+    raise SubmitError(message, permanent=True)
+
+
+# ---------------------------------------------------------------------- states
+
+_QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "PD", "CF", "RQ",
+           "RH", "RF", "RD"}
+_RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING", "R", "CG", "S",
+            "ST", "SI", "SO", "RS"}
+_DONE = {
+    "COMPLETED": Outcome.COMPLETED,
+    "CD": Outcome.COMPLETED,
+    "FAILED": Outcome.FAILED,
+    "F": Outcome.FAILED,
+    "SPECIAL_EXIT": Outcome.FAILED,
+    "SE": Outcome.FAILED,
+    "TIMEOUT": Outcome.TIMEOUT,
+    "TO": Outcome.TIMEOUT,
+    "DEADLINE": Outcome.DEADLINE,
+    "DL": Outcome.DEADLINE,
+    "OUT_OF_MEMORY": Outcome.OUT_OF_MEMORY,
+    "OOM": Outcome.OUT_OF_MEMORY,
+    "NODE_FAIL": Outcome.NODE_FAIL,
+    "NF": Outcome.NODE_FAIL,
+    "PREEMPTED": Outcome.PREEMPTED,
+    "PR": Outcome.PREEMPTED,
+    "BOOT_FAIL": Outcome.BOOT_FAIL,
+    "BF": Outcome.BOOT_FAIL,
+    "CANCELLED": Outcome.CANCELLED,
+    "CA": Outcome.CANCELLED,
+    "REVOKED": Outcome.CANCELLED,
+    "RV": Outcome.CANCELLED,
+}
+
+
+def observe(state: str, reason: str | None = None, exit_code: str | None = None) -> Observation:
+    """A present job's observation from Slurm's state text (``CANCELLED by 1000`` included)."""
+    native = state.strip()
+    base = native.split()[0].rstrip("+").upper() if native else ""
+    reason = None if reason in (None, "", "None", "(null)") else reason
+    if base in _QUEUED:
+        return Observation(Presence.PRESENT, Phase.QUEUED, None, native, reason, exit_code)
+    if base in _RUNNING:
+        return Observation(Presence.PRESENT, Phase.RUNNING, None, native, reason or (
+            "suspended" if base in ("SUSPENDED", "S", "STOPPED", "ST") else None), exit_code)
+    if base in _DONE:
+        if base in ("CANCELLED", "CA") and " by " in native and not reason:
+            reason = native
+        return Observation(Presence.PRESENT, Phase.DONE, _DONE[base], native, reason, exit_code)
+    return Observation(Presence.UNKNOWN, native_state=native, detail=f"unknown Slurm state {native!r}")
+
+
+def expand_job_key(raw: str) -> list[str]:
+    """``123``, ``123_4``, ``123_[1-3,7%2]`` -> observation keys (``123_1``, ...)."""
+    raw = raw.strip()
+    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", raw)
+    if not match:
+        return [raw]
+    master, spec = match.groups()
+    keys = []
+    for part in spec.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            keys.extend(f"{master}_{i}" for i in range(int(lo), int(hi) + 1))
+        elif part:
+            keys.append(f"{master}_{part}")
+    return keys
+
+
+def master_id(key: str) -> str:
+    return key.split("_", 1)[0].split(".", 1)[0]
+
+
+# ---------------------------------------------------------------------- squeue
+
+SQUEUE_FORMAT = "%i|%T|%r|%j"
+
+
+def render_squeue(job_ids: Sequence[str]) -> list[str]:
+    return ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT]
+
+
+def parse_squeue(stdout: str) -> dict[str, Observation]:
+    out: dict[str, Observation] = {}
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|", 3)
+        if len(parts) < 3:
+            continue
+        key, state, reason = parts[0], parts[1], parts[2]
+        for k in expand_job_key(key):
+            out[k] = observe(state, reason)
+    return out
+
+
+def squeue_all_absent(stderr: str, returncode: int) -> bool:
+    """squeue exits 1 with 'Invalid job id specified' when none of the ids is known: all absent."""
+    return returncode != 0 and "invalid job id specified" in stderr.lower()
+
+
+# ---------------------------------------------------------------------- sacct
+
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Reason"
+
+
+def render_sacct(job_ids: Sequence[str]) -> list[str]:
+    return ["sacct", "-X", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)]
+
+
+def parse_sacct(stdout: str) -> dict[str, Observation]:
+    out: dict[str, Observation] = {}
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        key, _name, state, exit_code = parts[:4]
+        reason = parts[4] if len(parts) > 4 else None
+        if "." in key:  # a step (batch, extern): -X should have left them out
+            continue
+        for k in expand_job_key(key):
+            out[k] = observe(state, reason, exit_code)
+    return out
+
+
+# ---------------------------------------------------------------------- tags
+
+
+def render_squeue_names(tags: Sequence[str]) -> list[str]:
+    return ["squeue", "-h", "-r", "-t", "all", f"--name={','.join(tags)}", "-o", SQUEUE_FORMAT]
+
+
+def render_sacct_names(tags: Sequence[str], since: str = "now-7days") -> list[str]:
+    return ["sacct", "-X", "-n", "-P", "-o", SACCT_FIELDS, "-S", since, f"--name={','.join(tags)}"]
+
+
+def tagged_jobs(observations_text: str, fields_by: str, tags: Iterable[str]) -> dict[str, list[TaggedJob]]:
+    """Group squeue/sacct lines by job name (= tag); one TaggedJob per master job id."""
+    wanted = set(tags)
+    found: dict[str, dict[str, bool]] = {t: {} for t in wanted}
+    for line in observations_text.splitlines():
+        parts = line.split("|")
+        if fields_by == "squeue" and len(parts) >= 4:
+            key, state, name = parts[0], parts[1], parts[3]
+        elif fields_by == "sacct" and len(parts) >= 3:
+            key, name, state = parts[0], parts[1], parts[2]
+        else:
+            continue
+        if name not in wanted:
+            continue
+        obs = observe(state)
+        active = obs.phase is not Phase.DONE
+        master = master_id(key)
+        found[name][master] = found[name].get(master, False) or active
+    return {tag: [TaggedJob(job_id=j, tag=tag, active=a) for j, a in sorted(jobs.items())]
+            for tag, jobs in found.items()}
+
+
+# ---------------------------------------------------------------------- scontrol
+
+
+def parse_scontrol_pairs(text: str) -> list[dict[str, str]]:
+    """``scontrol show job`` output: one dict per job record (``Key=Value`` pairs)."""
+    records: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                records.append(current)
+                current = {}
+            continue
+        for token in re.findall(r"(\w[\w:/]*)=(\S*(?: \S+(?==|$))*)", line.strip()):
+            key, value = token
+            if key == "JobId" and current:
+                records.append(current)
+                current = {}
+            current[key] = value.strip()
+    if current:
+        records.append(current)
+    return records
+
+
+def parse_scontrol_show_job(text: str) -> dict[str, Observation]:
+    out: dict[str, Observation] = {}
+    for rec in parse_scontrol_pairs(text):
+        job_id = rec.get("JobId")
+        if not job_id:
+            continue
+        array_job, task = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
+        keys = expand_job_key(f"{array_job}_[{task}]") if array_job and task and not task.isdigit() else (
+            [f"{array_job}_{task}"] if array_job and task else [job_id])
+        for key in keys:
+            out[key] = observe(rec.get("JobState", ""), rec.get("Reason"), rec.get("ExitCode"))
+    return out
+
+
+def parse_scontrol_show_config(text: str) -> dict[str, str]:
+    config: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        if key.strip() and " " not in key.strip():
+            config[key.strip()] = value.strip()
+    return config
+
+
+def max_array_size(config: Mapping[str, str], default: int = 1001) -> int:
+    try:
+        return int(config.get("MaxArraySize", default))
+    except ValueError:
+        return default
+
+
+def render_scancel(keys: Sequence[str]) -> list[str]:
+    return ["scancel", *keys]
