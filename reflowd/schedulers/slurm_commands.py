@@ -355,21 +355,28 @@ def tagged_jobs(observations_text: str, fields_by: str, tags: Iterable[str]) -> 
 
 
 def parse_scontrol_pairs(text: str) -> list[dict[str, str]]:
-    """``scontrol show job`` output: one dict per job record (``Key=Value`` pairs)."""
+    """``scontrol show job`` output: one dict per job record (``Key=Value`` tokens; a token
+    without ``=`` continues the previous value, as in ``Reason=... some words``)."""
     records: list[dict[str, str]] = []
     current: dict[str, str] = {}
+    last: str | None = None
     for line in text.splitlines():
         if not line.strip():
             if current:
                 records.append(current)
-                current = {}
+            current, last = {}, None
             continue
-        for token in re.findall(r"(\w[\w:/]*)=(\S*(?: \S+(?==|$))*)", line.strip()):
-            key, value = token
+        for token in line.split():
+            key, eq, value = token.partition("=")
+            if not eq:
+                if last is not None:
+                    current[last] += " " + token
+                continue
             if key == "JobId" and current:
                 records.append(current)
                 current = {}
-            current[key] = value.strip()
+            current[key] = value
+            last = key
     if current:
         records.append(current)
     return records

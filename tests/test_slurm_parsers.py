@@ -1,0 +1,217 @@
+"""Slurm builders and parsers against outputs recorded from the real test cluster (tests/data/slurm/)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from reflowd.schedulers import slurm_commands as sc
+from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
+
+DATA = Path(__file__).parent / "data" / "slurm"
+
+
+def read(name: str) -> str:
+    return "\n".join(line for line in (DATA / name).read_text().splitlines() if not line.startswith("#"))
+
+
+# ---------------------------------------------------------------------- sbatch
+
+
+def test_sbatch_success_and_cluster_suffix() -> None:
+    assert sc.parse_sbatch(read("sbatch_ok.txt"), "", 0) == "661"
+    assert sc.parse_sbatch("12345;reflowtest\n", "", 0) == "12345"
+
+
+@pytest.mark.parametrize(
+    "name,permanent,fragment",
+    [
+        ("sbatch_invalid_account.stderr", True, "Invalid account"),
+        ("sbatch_invalid_partition.stderr", True, "invalid partition"),
+        ("sbatch_unrecognized_option.stderr", True, "unrecognized option"),
+        ("sbatch_controller_down.stderr", False, "Unable to contact slurm controller"),
+        ("sbatch_socket_timeout.stderr", False, "Socket timed out on send/recv operation"),
+    ],
+)
+def test_sbatch_errors(name: str, permanent: bool, fragment: str) -> None:
+    with pytest.raises(SubmitError) as info:
+        sc.parse_sbatch("", read(name), 1)
+    assert info.value.permanent is permanent
+    assert fragment in str(info.value)
+
+
+def test_sbatch_empty_output_is_an_unknown_outcome() -> None:
+    with pytest.raises(SubmitError) as info:
+        sc.parse_sbatch("", "", 1)
+    assert info.value.permanent is False
+    with pytest.raises(SubmitError) as info:
+        sc.parse_sbatch("garbage\n", "", 0)
+    assert info.value.permanent is False
+
+
+# ---------------------------------------------------------------------- squeue
+
+
+def test_squeue_elements_states_and_reasons() -> None:
+    obs = sc.parse_squeue(read("squeue_mixed.txt"))
+    assert obs["657"].outcome is Outcome.CANCELLED and obs["657"].phase is Phase.DONE
+    assert obs["656"].outcome is Outcome.FAILED and obs["656"].reason == "NonZeroExitCode"
+    assert obs["655_0"].phase is Phase.RUNNING and obs["655_0"].reason is None
+    assert obs["655_5"].phase is Phase.QUEUED and obs["655_5"].reason == "JobArrayTaskLimit"
+    assert obs["658"].phase is Phase.QUEUED and obs["658"].reason == "PartitionDown"
+    assert set(obs) == {"657", "656", "658"} | {f"655_{i}" for i in range(6)}
+
+
+def test_squeue_compressed_pending_range_is_expanded() -> None:
+    obs = sc.parse_squeue(read("squeue_array_compressed.txt"))
+    assert {f"655_{i}" for i in range(2, 6)} <= set(obs)
+    assert obs["655_4"].reason == "JobArrayTaskLimit"
+
+
+def test_squeue_timeout_and_invalid_ids() -> None:
+    obs = sc.parse_squeue(read("squeue_timeout.txt"))
+    assert obs["651"].outcome is Outcome.TIMEOUT and obs["651"].reason == "TimeLimit"
+    assert sc.squeue_all_absent(read("squeue_invalid_job_id.stderr"), 1)
+    assert not sc.squeue_all_absent(read("squeue_controller_down.stderr"), 1)
+    assert sc.parse_squeue("") == {}
+
+
+def test_squeue_argv_is_one_query_for_all_jobs() -> None:
+    argv = sc.render_squeue(["5", "7", "9"])
+    assert argv.count("-j") == 1 and "5,7,9" in argv and "-r" in argv and "all" in argv
+
+
+# ---------------------------------------------------------------------- sacct
+
+
+def test_sacct_mixed_with_pending_array_range() -> None:
+    obs = sc.parse_sacct(read("sacct_mixed.txt"))
+    assert obs["656"].outcome is Outcome.FAILED and obs["656"].exit_code == "3:0"
+    assert obs["657"].outcome is Outcome.CANCELLED and obs["657"].reason == "CANCELLED by 0"
+    assert obs["658"].phase is Phase.QUEUED and obs["658"].reason == "PartitionDown"
+    assert [obs[f"655_{i}"].phase for i in range(6)] == [Phase.RUNNING] * 2 + [Phase.QUEUED] * 4
+
+
+def test_sacct_timeouts_and_cancellations() -> None:
+    obs = sc.parse_sacct(read("sacct_timeout_cancel_fail.txt"))
+    assert obs["651"].outcome is Outcome.TIMEOUT
+    assert obs["220"].outcome is Outcome.CANCELLED
+    assert obs["223"].outcome is Outcome.FAILED and obs["223"].exit_code == "0:9"
+
+
+def test_every_documented_state_maps() -> None:
+    obs = sc.parse_sacct(read("sacct_documented_states.txt"))
+    assert obs["901"].outcome is Outcome.OUT_OF_MEMORY
+    assert obs["902"].outcome is Outcome.NODE_FAIL
+    assert obs["903"].outcome is Outcome.PREEMPTED
+    assert obs["904"].outcome is Outcome.BOOT_FAIL
+    assert obs["905"].outcome is Outcome.DEADLINE
+    assert obs["906"].phase is Phase.QUEUED
+    assert obs["907"].phase is Phase.RUNNING and obs["907"].reason == "suspended"
+    assert obs["908"].outcome is Outcome.CANCELLED and obs["908"].reason == "CANCELLED by 1000"
+    assert obs["909_3"].phase is Phase.RUNNING
+    assert obs["910"].phase is Phase.QUEUED
+    assert obs["911"].outcome is Outcome.CANCELLED
+    assert obs["912"].outcome is Outcome.FAILED
+    assert sc.observe("WEIRD_NEW_STATE").presence is Presence.UNKNOWN
+    assert sc.parse_sacct("") == {}
+
+
+def test_find_by_name() -> None:
+    squeue = sc.tagged_jobs(read("squeue_by_name.txt"), "squeue", ["rfdemoarray", "rfdemofail", "nosuchtag"])
+    assert [j.job_id for j in squeue["rfdemoarray"]] == ["655"] and squeue["rfdemoarray"][0].active
+    assert [j.job_id for j in squeue["rfdemofail"]] == ["656"] and not squeue["rfdemofail"][0].active
+    assert squeue["nosuchtag"] == []
+    sacct = sc.tagged_jobs(read("sacct_by_name.txt"), "sacct", ["rfdemoarray", "rfdemofail"])
+    assert [j.job_id for j in sacct["rfdemoarray"]] == ["655"]
+
+
+# ---------------------------------------------------------------------- scontrol
+
+
+def test_scontrol_show_job_array_and_failure() -> None:
+    obs = sc.parse_scontrol_show_job(read("scontrol_show_job_array.txt"))
+    assert obs["655_1"].phase is Phase.RUNNING
+    assert {f"655_{i}" for i in range(2, 6)} <= set(obs)
+    assert obs["655_3"].reason == "JobArrayTaskLimit"
+    failed = sc.parse_scontrol_show_job(read("scontrol_show_job_failed.txt"))
+    assert failed["656"].outcome is Outcome.FAILED and failed["656"].exit_code == "3:0"
+
+
+def test_scontrol_show_config() -> None:
+    config = sc.parse_scontrol_show_config(read("scontrol_show_config.txt"))
+    assert sc.max_array_size(config) == 1001
+    assert config["AccountingStorageType"] == "accounting_storage/slurmdbd"
+    assert config["MinJobAge"].startswith("300")
+    assert sc.max_array_size({}) == 1001 and sc.max_array_size({"MaxArraySize": "5000"}) == 5000
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def _request(**kw: object) -> SubmitRequest:
+    base = dict(tag="rfabc", run_id="r1", task="t", job_dir="/run/.reflow/r1/jobs/rfabc", log_dir="/run/logs",
+                workdir="/run", worker_argv=["/usr/bin/python3", "-m", "reflow.worker", "/run/.reflow/r1/jobs/rfabc"])
+    base.update(kw)
+    return SubmitRequest(**base)  # type: ignore[arg-type]
+
+
+def test_compress_indices() -> None:
+    assert sc.compress_indices(range(100)) == "0-99"
+    assert sc.compress_indices([3, 17, 20, 21, 22, 25]) == "3,17,20-22,25"
+    assert sc.compress_indices([5]) == "5"
+    with pytest.raises(ValueError):
+        sc.compress_indices([])
+
+
+def test_sbatch_argv_for_an_array_with_offset_and_parallelism() -> None:
+    req = _request(indices=list(range(1000, 1500)), index_offset=1000, array_parallelism=50, cpus=4, time="01:00:00",
+                   mem="2G", options={"partition": "gpu", "exclusive": True, "gres": ["gpu:1", "tmp:10G"],
+                                      "no_requeue": False})
+    argv = sc.render_sbatch(req, "/run/job.sh")
+    assert argv[0] == "sbatch" and "--parsable" in argv and argv[-1] == "/run/job.sh"
+    assert "--job-name=rfabc" in argv and "--array=0-499%50" in argv
+    assert "--cpus-per-task=4" in argv and "--time=01:00:00" in argv and "--mem=2G" in argv
+    assert "--output=/run/logs/t.rfabc.%a.out" in argv and "--error=/run/logs/t.rfabc.%a.err" in argv
+    assert "--partition=gpu" in argv and "--exclusive" in argv and "--gres=gpu:1,tmp:10G" in argv
+    assert not any(a.startswith("--no-requeue") for a in argv)
+    script = sc.render_script(req)
+    assert 'exec /usr/bin/python3 -m reflow.worker /run/.reflow/r1/jobs/rfabc --index "$((SLURM_ARRAY_TASK_ID + 1000))"' \
+        in script
+
+
+def test_script_quotes_hostile_values(tmp_path: Path) -> None:
+    evil = "a'b; rm -rf / $(touch pwned) `x`"
+    req = _request(worker_argv=["printf", "%s\\n", evil], env={"REFLOW_X": evil})
+    script = sc.render_script(req)
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    out = subprocess.run(["bash", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert out.stdout == evil + "\n"
+    assert not (tmp_path / "pwned").exists()
+    assert f"export REFLOW_X={shlex.quote(evil)}" in script
+    with pytest.raises(OptionError):
+        sc.render_script(_request(env={"BAD NAME": "x"}))
+
+
+def test_option_validation() -> None:
+    sc.validate_options({"partition": "debug", "account": "a", "qos": "q", "constraint": "x", "gres": "gpu:1",
+                         "reservation": "r", "nodes": 1, "ntasks": 4, "mail_type": "END", "mail-user": "a@b",
+                         "signal": "B:USR1@60", "exclusive": True, "ntasks_per_node": 2})
+    with pytest.raises(OptionError, match="did you mean 'partition'"):
+        sc.validate_options({"partiton": "debug"})
+    with pytest.raises(OptionError, match="no option --frobnicate"):
+        sc.validate_options({"frobnicate": 1})
+    with pytest.raises(OptionError, match="job\\(time=...\\)"):
+        sc.validate_options({"time": "10"})
+    with pytest.raises(OptionError, match="submission tag"):
+        sc.validate_options({"job_name": "x"})
+    with pytest.raises(OptionError, match="single line"):
+        sc.validate_options({"comment": "a\nb"})
+
+
+def test_scancel_takes_elements_and_jobs() -> None:
+    assert sc.render_scancel(["12", "13_4"]) == ["scancel", "12", "13_4"]
