@@ -45,6 +45,10 @@ class InvalidParamsError(ReflowError):
     pass
 
 
+class ClusterUnavailableError(ReflowError):
+    """The chosen cluster cannot be used now (unreachable, host key, credentials); nothing was submitted."""
+
+
 class DaemonNotRunning(ConnectionError):
     """Nothing answers on the socket."""
 
@@ -58,7 +62,11 @@ class DaemonNotRunning(ConnectionError):
 
 def _error(err: dict[str, Any]) -> ReflowError:
     code = err.get("code", protocol.SERVER_ERROR)
-    cls = {protocol.UNKNOWN_RUN: UnknownRunError, protocol.INVALID_PARAMS: InvalidParamsError}.get(code, ReflowError)
+    cls = {
+        protocol.UNKNOWN_RUN: UnknownRunError,
+        protocol.INVALID_PARAMS: InvalidParamsError,
+        protocol.CLUSTER_UNAVAILABLE: ClusterUnavailableError,
+    }.get(code, ReflowError)
     return cls(code, str(err.get("message", "unknown error")), err.get("data"))
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from reflow_client.manifest import Manifest, ManifestError
 from reflow_client.protocol import (
+    CLUSTER_UNAVAILABLE,
     INVALID_PARAMS,
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION,
@@ -27,6 +28,7 @@ from reflow_client.protocol import (
 
 from .engine.engine import EngineError, InvalidRequest, UnknownRun
 from .engine.states import RunState
+from .transports.base import TransportError
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -165,6 +167,15 @@ def _check_options(value: dict[str, Any]) -> str | None:
     return None
 
 
+async def _check_cluster(runtime: Any) -> None:
+    """Refuse a submission the cluster cannot take now (host key, credentials, outage): nothing is recorded."""
+    try:
+        await runtime.transport.check(timeout=runtime.config.command_timeout)
+    except (TransportError, TimeoutError) as exc:
+        raise RpcError(CLUSTER_UNAVAILABLE, f"cluster {runtime.name!r} cannot be used, nothing was submitted: "
+                                            f"{exc or 'timed out'}") from None
+
+
 @command(
     "submit",
     help="start a run from a manifest",
@@ -190,6 +201,9 @@ async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
                                            "has no 'workdir' to put it under; give an absolute path")
         run_dir = os.path.join(base, run_dir)
     options = {"on_error": "continue", **p["options"]}
+    runtime = daemon.engine.clusters.get(cluster)
+    if runtime is not None and runtime.remote:
+        await _check_cluster(runtime)
     try:
         run = await daemon.engine.submit_run(manifest, p["params"], run_dir, cluster, options)
     except EngineError as exc:

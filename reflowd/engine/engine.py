@@ -184,12 +184,20 @@ class Engine:
         return wake
 
     async def _probe(self, cluster: ClusterRuntime) -> None:
-        try:
-            with anyio.fail_after(cluster.config.command_timeout * 2):
-                cluster.probe = await cluster.scheduler.probe()
-            log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
-        except Exception as exc:  # probing is advisory; observation will show the cluster's health
-            log.warning("cluster probe failed", cluster=cluster.name, error=str(exc))
+        """Learn the scheduler's limits and features; a cluster unreachable at start is probed again later."""
+        attempt = 0
+        while True:
+            try:
+                with anyio.fail_after(cluster.config.command_timeout * 2):
+                    cluster.probe = await cluster.scheduler.probe()
+                log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
+                return
+            except Exception as exc:  # probing is advisory; observation shows the cluster's health meanwhile
+                attempt += 1
+                delay = min(120.0, 5.0 * 2 ** min(attempt - 1, 5))
+                log.warning("cluster probe failed; will try again", cluster=cluster.name, error=str(exc),
+                            retry_in=delay)
+                await anyio.sleep(delay)
 
     async def close(self) -> None:
         for cluster in self.clusters.values():

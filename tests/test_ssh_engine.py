@@ -1,0 +1,222 @@
+"""reflowd driving the real Slurm test cluster through a real sshd on 127.0.0.1 (a "remote" cluster).
+
+The daemon reaches Slurm only over SSH: every sbatch/squeue/scancel is an exec
+channel, every job file and result goes through SFTP, and run directories live
+under the cluster's ``workdir`` (the "remote" side; on this one machine it is
+a directory the test can also read, to count executions).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from reflow.loader import load_workflow
+
+from .cluster.fixtures_ssh import SSHServer
+from .support import ROOT, DaemonProcess, wait_for
+
+pytestmark = [
+    pytest.mark.ssh,
+    pytest.mark.slurm,
+    # SSH is the subject here: one Slurm mode is enough (the Slurm tests cover both).
+    pytest.mark.parametrize("slurm_cluster", ["plain"], indirect=True),
+]
+
+EXAMPLE = ROOT / "examples" / "etl.py"
+COUNTING = ROOT / "tests" / "engine_workflows" / "counting.py"
+
+
+def remote_config(sshd: SSHServer, workdir: Path, *, extra: str = "") -> str:
+    return (
+        '[defaults]\ncluster = "local"\n\n'
+        + sshd.config_table(
+            "remote",
+            python=sys.executable,
+            workdir=str(workdir),
+            min_poll_interval=1,
+            poll_interval=2,
+            max_poll_interval=10,
+            lost_grace=20,
+            submit_options={"partition": "debug"},
+        )
+        + extra
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    path = tmp_path / "remote-scratch"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def daemon(slurm_cluster, sshd: SSHServer, tmp_path: Path, workdir: Path):
+    d = DaemonProcess(tmp_path / "d", config=remote_config(sshd, workdir))
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(timeout=30)
+
+
+def submit(d: DaemonProcess, workflow: Path, run_dir: str, *args: str) -> str:
+    out = d.cli("submit", str(workflow), "--cluster", "remote", "--run-dir", run_dir, "--no-daemon", "--json", *args,
+                check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+
+
+def status(d: DaemonProcess, run_id: str, task: str | None = None):
+    with d.client() as c:
+        return c.status(run_id, task)
+
+
+def wait_state(d: DaemonProcess, run_id: str, timeout: float = 300) -> str:
+    return wait_for(lambda: (s := status(d, run_id).state) in ("succeeded", "failed", "cancelled") and s,
+                    timeout=timeout, interval=0.5, what=f"run {run_id} to finish")
+
+
+def executions(run_dir: Path) -> Counter[str]:
+    lines = (run_dir / "executions.txt").read_text().splitlines()
+    return Counter(line.split(" pid=")[0] for line in lines)
+
+
+def assert_each_ran_once(run_dir: Path, n: int) -> None:
+    counts = executions(run_dir)
+    expected = Counter({"prepare": 1, "total": 1, **{f"work {i}": 1 for i in range(n)}})
+    assert counts == expected, f"ran more or less than once: {counts - expected} / {expected - counts}"
+
+
+def slurm_tags() -> Counter[str]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j"], capture_output=True, text=True, timeout=60)
+    masters: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        job_id, _, name = line.partition("|")
+        masters.setdefault(job_id.split("_")[0], name)
+    return Counter(masters.values())
+
+
+def test_readme_pipeline_runs_through_ssh(daemon: DaemonProcess, workdir: Path) -> None:
+    run_id = submit(daemon, EXAMPLE, "etl", "--chunks", "100", "--rows", "200")
+    st = status(daemon, run_id)
+    assert st.run.run_dir == str(workdir / "etl"), "a relative run dir goes under the cluster's workdir"
+    assert wait_state(daemon, run_id) == "succeeded", status(daemon, run_id).raw
+    st = status(daemon, run_id, "summarise")
+    assert {t.name: t.counts for t in st.tasks}["summarise"] == {"succeeded": 100}
+    assert len({i.job_id.split("_")[0] for i in st.instances or [] if i.job_id}) == 1, "one array job"
+    report = json.loads((workdir / "etl" / "report.json").read_text())
+    assert report["summary"]["chunks"] == 100
+    with daemon.client() as c:
+        remote = c.stats()["clusters"]["remote"]
+    assert remote["transport"].startswith("ssh:") and remote["health"]["reachable"]
+    assert remote["calls"]["submit"] == 3, remote["calls"]
+    stats = remote["transport_stats"]
+    assert stats["connects"] == 1, "one pooled connection for the whole run"
+    assert stats["sftp_ops"] > 100, "job files and results went through SFTP"
+    # Commands: 3 sbatch, the probe, and one status query per poll cycle -- not one per element.
+    assert stats["commands"] < 3 + 3 + remote["calls"]["query"] + 5, stats
+    logs = daemon.cli("logs", run_id, "summarise", "--index", "7")
+    assert logs.returncode == 0 and logs.stdout.strip(), "logs are read back from the cluster"
+    assert all(count == 1 for name, count in slurm_tags().items() if name.startswith("rf"))
+
+
+def test_python_api_submits_to_a_named_cluster(daemon: DaemonProcess, workdir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFLOW_CONFIG", str(daemon.config_path))
+    wf = load_workflow(COUNTING)
+    run = wf.submit("api", store=daemon.socket, executor="remote", n=5)
+    assert run.wait(timeout=300).state == "succeeded"
+    assert run.run_dir == workdir / "api"
+    assert_each_ran_once(workdir / "api", 5)
+
+
+def test_killed_ssh_session_mid_run(daemon: DaemonProcess, sshd: SSHServer, workdir: Path) -> None:
+    run_dir = workdir / "killed"
+    run_id = submit(daemon, COUNTING, "killed", "--n", "24", "--delay", "4")
+    wait_for(lambda: (run_dir / "executions.txt").exists() and "work" in (run_dir / "executions.txt").read_text(),
+             timeout=180, what="elements to start")
+    killed = sshd.kill_connections()
+    assert killed, "the daemon's connection was served by sshd processes"
+    assert wait_state(daemon, run_id) == "succeeded", status(daemon, run_id).raw
+    assert_each_ran_once(run_dir, 24)
+    st = status(daemon, run_id)
+    assert st.cluster["health"]["reconnects"] >= 1
+    assert all(count == 1 for name, count in slurm_tags().items() if name.startswith("rf"))
+
+
+def test_sshd_down_for_30_seconds(daemon: DaemonProcess, sshd: SSHServer, workdir: Path) -> None:
+    run_dir = workdir / "outage"
+    run_id = submit(daemon, COUNTING, "outage", "--n", "24", "--delay", "6")
+    wait_for(lambda: (run_dir / "executions.txt").exists() and "work" in (run_dir / "executions.txt").read_text(),
+             timeout=180, what="elements to start")
+    sshd.stop(drop_connections=True)
+    down_at = time.monotonic()
+    seen_unreachable = None
+    text_status = ""
+    try:
+        while time.monotonic() - down_at < 30:
+            st = status(daemon, run_id)
+            assert not st.failures, f"the outage failed tasks: {st.failures}"
+            assert st.state == "running"
+            health = st.cluster["health"]
+            if not health["reachable"] and seen_unreachable is None:
+                seen_unreachable = health
+                text_status = daemon.cli("status", run_id).stdout
+            time.sleep(1)
+    finally:
+        sshd.start()
+    assert seen_unreachable is not None, "status never showed the cluster unreachable during a 30 s outage"
+    assert seen_unreachable["down_since"] and seen_unreachable["last_error"]
+    assert "UNREACHABLE since" in text_status, text_status
+    assert wait_state(daemon, run_id) == "succeeded", status(daemon, run_id).raw
+    assert status(daemon, run_id).cluster["health"]["reachable"]
+    assert_each_ran_once(run_dir, 24)
+    assert all(count == 1 for name, count in slurm_tags().items() if name.startswith("rf"))
+
+
+def test_bad_host_key_and_bad_user_key_refused_at_submit(slurm_cluster, sshd: SSHServer, tmp_path: Path,
+                                                         workdir: Path) -> None:
+    empty_known_hosts = tmp_path / "empty_known_hosts"
+    empty_known_hosts.write_text("")
+    wrong_key = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong_key)], check=True)
+    extra = "\n" + "\n".join(
+        line if not line.startswith("known_hosts") else f'known_hosts = "{empty_known_hosts}"'
+        for line in sshd.config_table("badhost", python=sys.executable, workdir=str(workdir)).splitlines()
+    ) + "\n\n" + "\n".join(
+        line if not line.startswith("identity_file") else f'identity_file = "{wrong_key}"'
+        for line in sshd.config_table("badkey", python=sys.executable, workdir=str(workdir)).splitlines()
+    ) + "\n"
+    d = DaemonProcess(tmp_path / "d", config=remote_config(sshd, workdir, extra=extra))
+    d.start()
+    try:
+        before = slurm_tags()
+        out = d.cli("submit", str(COUNTING), "--cluster", "badhost", "--run-dir", "h", "--no-daemon", "--n", "2")
+        assert out.returncode != 0
+        assert "not trusted" in out.stderr and "ssh-keyscan -p" in out.stderr and "nothing was submitted" in out.stderr, \
+            out.stderr
+        out = d.cli("submit", str(COUNTING), "--cluster", "badkey", "--run-dir", "k", "--no-daemon", "--n", "2")
+        assert out.returncode != 0
+        assert str(wrong_key) in out.stderr and "authorized_keys" in out.stderr, out.stderr
+        with d.client() as c:
+            assert c.runs() == [], "nothing was recorded"
+            clusters = c.stats()["clusters"]
+        assert not clusters["badhost"]["health"]["reachable"]
+        assert not (workdir / "h").exists() and not (workdir / "k").exists()
+        assert slurm_tags() == before, "nothing reached Slurm"
+        assert empty_known_hosts.read_text() == "", "the host key was not accepted silently"
+        # The good cluster next to them still works.
+        run_id = submit(d, COUNTING, "good", "--n", "2")
+        assert wait_state(d, run_id) == "succeeded"
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait(timeout=30)
