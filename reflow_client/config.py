@@ -217,7 +217,33 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
     env = merged.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}.env: expected a table of strings")
+    _check_remote(merged, where)
     return ClusterConfig(name=name, submit_options=options, **merged)
+
+
+_SSH_ONLY = ("port", "user", "identity_file", "known_hosts", "proxy_jump")
+
+
+def _check_remote(merged: dict[str, Any], where: str) -> None:
+    """SSH settings make sense only with a host, and must be well-formed before the daemon uses them."""
+    for key in ("host", *_SSH_ONLY[1:], "workdir", "python"):
+        if key in merged and merged[key] is not None and not isinstance(merged[key], str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {merged[key]!r}")
+    if not merged.get("host"):
+        stray = [k for k in _SSH_ONLY if merged.get(k) is not None]
+        if stray:
+            raise ConfigError(f"{where}: {', '.join(stray)} only apply to a cluster reached over SSH; "
+                              "set 'host' (the login node) or remove them")
+        return
+    port = merged.get("port", 22)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where}.port: {port} is not a TCP port (1-65535)")
+    if merged.get("max_channels") is not None and merged["max_channels"] < 2:
+        raise ConfigError(f"{where}.max_channels: at least 2 (one SFTP session and one command); "
+                          "keep it below the server's MaxSessions (OpenSSH's default is 10)")
+    if merged.get("scheduler") == "local":
+        raise ConfigError(f"{where}: scheduler 'local' runs on this machine; a cluster with a 'host' needs a batch "
+                          "scheduler such as 'slurm'")
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:

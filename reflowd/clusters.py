@@ -134,20 +134,28 @@ def build_cluster(config: ClusterConfig, *, embedded: bool = False, max_workers:
     if config.remote:
         from .transports.ssh import SSHSettings, SSHTransport
 
-        transport = SSHTransport(
-            SSHSettings(
-                host=config.host or "",
-                port=config.port,
-                user=config.user,
-                identity_file=config.identity_file,
-                known_hosts=config.known_hosts,
-                proxy_jump=config.proxy_jump,
-                max_channels=config.max_channels,
-                keepalive_interval=config.keepalive_interval,
-            )
+        settings = SSHSettings(
+            host=config.host or "",
+            port=config.port,
+            user=config.user,
+            identity_file=config.identity_file,
+            known_hosts=config.known_hosts,
+            proxy_jump=config.proxy_jump,
+            max_channels=config.max_channels,
+            keepalive_interval=config.keepalive_interval,
+            connect_timeout=config.command_timeout,
         )
+        try:
+            transport = SSHTransport(settings)
+        except ValueError as exc:  # proxy_jump or max_channels the transport cannot use
+            raise ConfigError(f"cluster {config.name!r}: {exc}") from None
     else:
         transport = LocalTransport()
+    return _with_scheduler(config, transport, embedded=embedded, max_workers=max_workers)
+
+
+def _with_scheduler(config: ClusterConfig, transport: Transport, *, embedded: bool,
+                    max_workers: int | None) -> ClusterRuntime:
     scheduler: Scheduler
     if config.scheduler == "local":
         if config.remote:

@@ -411,10 +411,9 @@ class SSHTransport(Transport):
         """Run an SFTP operation with a timeout; file work is idempotent, so a drop is retried once."""
 
         async def once(conn: asyncssh.SSHClientConnection) -> T:
-            sftp = await self._sftp_client(conn)
             try:
                 with anyio.fail_after(timeout):
-                    return await op(sftp)
+                    return await op(await self._sftp_client(conn))
             except TimeoutError:
                 raise CommandTimeout(f"{what} on {self.settings.host} did not finish within {timeout:.0f} s") from None
             except (asyncssh.SFTPConnectionLost, asyncssh.ConnectionLost, asyncssh.DisconnectError,
