@@ -220,3 +220,24 @@ def test_bad_host_key_and_bad_user_key_refused_at_submit(slurm_cluster, sshd: SS
         if d.proc is not None and d.proc.poll() is None:
             d.proc.send_signal(signal.SIGKILL)
             d.proc.wait(timeout=30)
+
+
+def test_cancel_over_ssh_stops_the_jobs(daemon: DaemonProcess, workdir: Path) -> None:
+    run_dir = workdir / "cancel"
+    run_id = submit(daemon, COUNTING, "cancel", "--n", "4", "--delay", "300")
+    wait_for(lambda: (run_dir / "executions.txt").exists() and "work" in (run_dir / "executions.txt").read_text(),
+             timeout=180, what="elements to start")
+    out = daemon.cli("cancel", run_id)
+    assert out.returncode == 0, out.stderr
+    assert wait_state(daemon, run_id, timeout=120) == "cancelled"
+    st = status(daemon, run_id, "work")
+    job_ids = {i.job_id.split("_")[0] for i in st.instances or [] if i.job_id}
+    assert job_ids
+
+    def gone() -> bool:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(sorted(job_ids))], capture_output=True,
+                             text=True, timeout=60)
+        return not out.stdout.strip()
+
+    wait_for(gone, timeout=120, what="scancel (sent over SSH) to end the array job")
+    assert "total" not in executions(run_dir)
