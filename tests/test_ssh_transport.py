@@ -311,3 +311,19 @@ async def test_proxy_jump_through_a_bastion(sshd: SSHServer) -> None:
         assert len(t._tunnels) == 1
     finally:
         await t.aclose()
+
+
+@pytest.mark.ssh
+@pytest.mark.anyio
+async def test_unknown_host_key_behind_a_jump_host(sshd: SSHServer, tmp_path: Path) -> None:
+    """The jump host is trusted, the target is not: the error names the target and still shows its key."""
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts.read_text().replace("[127.0.0.1]", "[localhost]"))
+    t = SSHTransport(settings_for(sshd, known_hosts=str(known), host="127.0.0.1",
+                                  proxy_jump=f"{sshd.user}@localhost:{sshd.port}"))
+    try:
+        with pytest.raises(HostKeyError) as info:
+            await t.check(timeout=20)
+    finally:
+        await t.aclose()
+    assert f"[127.0.0.1]:{sshd.port}" in str(info.value) and "SHA256:" in str(info.value)

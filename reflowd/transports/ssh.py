@@ -218,10 +218,12 @@ class SSHTransport(Transport):
                 opts["tunnel"] = tunnel
             conn = await asyncssh.connect(**opts)
         except BaseException as exc:
+            offered = None
+            if isinstance(exc, asyncssh.HostKeyNotVerifiable):  # ask for the key through the same tunnel
+                offered = await self._offered_key(hop_host, hop_port, tunnels[-1] if tunnels else None)
             for t in reversed(tunnels):
                 t.close()
             if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-                offered = await self._offered_key(hop_host, hop_port, tunnels[-1] if tunnels else None)
                 raise HostKeyError(host_key_message(self.settings, hop_host, hop_port, str(exc), offered)) from None
             if isinstance(exc, (asyncssh.PermissionDenied, asyncssh.KeyImportError)):
                 raise AuthenticationError(auth_message(self.settings, hop_host, str(exc))) from None
@@ -268,6 +270,7 @@ class SSHTransport(Transport):
             self._failures = 0
             self._last_exc = None
             self.stats["connects"] += 1
+            self.health.extra.pop("next_attempt_in", None)
             if self._generation > 1:
                 self.health.reconnects += 1
                 log.info("reconnected", transport=self.name, generation=self._generation)
