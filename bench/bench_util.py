@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from typing import Any
 
 from reflow_client.client import Client, DaemonNotRunning
 
@@ -59,3 +62,28 @@ def describe(values: list[float]) -> str:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
     return f"median {statistics.median(ordered):.3f} s, p95 {p95:.3f} s, max {ordered[-1]:.3f} s (n={len(ordered)})"
+
+
+def fanout_run(base: Path, config: str, cluster: str, elements: int) -> dict[str, Any]:
+    """bench/fanout_workflow.py through a private reflowd: timings, CPU, instances and the cluster's counters."""
+    from reflow.loader import load_workflow
+
+    daemon = Daemon(base / "daemon", config)
+    try:
+        wf = load_workflow(ROOT / "bench" / "fanout_workflow.py")
+        params = wf.resolve_parameters({"n": elements, "salt": secrets.token_hex(4)})
+        with daemon.client() as client:
+            cpu0 = cpu_seconds(daemon.proc.pid)
+            t0 = time.time()
+            run = client.submit(wf.describe(), params, str(base / "run"), cluster=cluster)
+            final = client.wait(run.run_id, timeout=3600)
+            wall = time.time() - t0
+            cpu = cpu_seconds(daemon.proc.pid) - cpu0
+            if not final.ok:
+                raise SystemExit(f"the benchmark run ended {final.state}: {final.failures[:1]}")
+            views = {t: client.call("status", run_id=run.run_id, task=t, limit=100000)["instances"]
+                     for t in ("items", "work", "total")}
+            cluster_status = client.stats()["clusters"][cluster]
+    finally:
+        daemon.stop()
+    return {"wall": wall, "cpu": cpu, "instances": views, "cluster": cluster_status}

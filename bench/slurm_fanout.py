@@ -13,7 +13,6 @@ Uses the cluster settings a user gets by default (poll interval 10 s, at most
 from __future__ import annotations
 
 import argparse
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_util import ROOT, Daemon, cpu_seconds, describe  # noqa: E402
+from bench_util import ROOT, describe, fanout_run  # noqa: E402
 
-from reflow.loader import load_workflow  # noqa: E402
 
 
 def start_cluster(accounting: bool) -> None:
@@ -35,24 +33,9 @@ def start_cluster(accounting: bool) -> None:
 
 def reflow_run(base: Path, elements: int) -> dict[str, float]:
     config = f'[clusters.slurm]\nscheduler = "slurm"\npython = "{sys.executable}"\nsubmit_options = {{ partition = "debug" }}\n'
-    daemon = Daemon(base / "daemon", config)
-    try:
-        wf = load_workflow(ROOT / "bench" / "fanout_workflow.py")
-        params = wf.resolve_parameters({"n": elements, "salt": secrets.token_hex(4)})
-        with daemon.client() as client:
-            cpu0 = cpu_seconds(daemon.proc.pid)
-            t0 = time.time()
-            run = client.submit(wf.describe(), params, str(base / "run"), cluster="slurm")
-            final = client.wait(run.run_id, timeout=3600)
-            wall = time.time() - t0
-            cpu = cpu_seconds(daemon.proc.pid) - cpu0
-            if not final.ok:
-                raise SystemExit(f"the benchmark run ended {final.state}: {final.failures[:1]}")
-            views = {t: client.call("status", run_id=run.run_id, task=t, limit=100000)["instances"]
-                     for t in ("items", "work", "total")}
-            calls = Counter(client.stats()["clusters"]["slurm"]["calls"])
-    finally:
-        daemon.stop()
+    result = fanout_run(base, config, "slurm", elements)
+    wall, cpu, views = result["wall"], result["cpu"], result["instances"]
+    calls = Counter(result["cluster"]["calls"])
     items, work, total = views["items"][0], views["work"], views["total"][0]
     return {
         "wall": wall,

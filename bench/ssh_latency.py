@@ -32,9 +32,8 @@ import asyncssh
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_util import ROOT, Daemon, cpu_seconds  # noqa: E402
+from bench_util import ROOT, fanout_run  # noqa: E402
 
-from reflow.loader import load_workflow  # noqa: E402
 from reflowd.transports.local import LocalTransport  # noqa: E402
 from reflowd.transports.ssh import SSHSettings, SSHTransport  # noqa: E402
 from tests.cluster.fixtures_ssh import SSHServer, free_port  # noqa: E402
@@ -118,22 +117,8 @@ async def micro(server: SSHServer, repeat: int, files_dir: Path) -> None:
 
 
 def fanout(base: Path, config: str, cluster: str, elements: int) -> dict[str, float]:
-    daemon = Daemon(base, config)
-    try:
-        wf = load_workflow(ROOT / "bench" / "fanout_workflow.py")
-        params = wf.resolve_parameters({"n": elements, "salt": secrets.token_hex(4)})
-        with daemon.client() as client:
-            cpu0 = cpu_seconds(daemon.proc.pid)
-            t0 = time.time()
-            run = client.submit(wf.describe(), params, str(base / "run"), cluster=cluster)
-            final = client.wait(run.run_id, timeout=3600)
-            wall = time.time() - t0
-            cpu = cpu_seconds(daemon.proc.pid) - cpu0
-            if not final.ok:
-                raise SystemExit(f"the benchmark run ended {final.state}: {final.failures[:1]}")
-            status = client.stats()["clusters"][cluster]
-    finally:
-        daemon.stop()
+    result = fanout_run(base, config, cluster, elements)
+    wall, cpu, status = result["wall"], result["cpu"], result["cluster"]
     calls = status["calls"]
     stats = status.get("transport_stats") or {}
     return {

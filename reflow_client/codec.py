@@ -25,9 +25,10 @@ import importlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path, PurePath, PureWindowsPath
-from typing import Any, Iterator
+from typing import Any
 
 TAG = "__reflow__"
 WORKFLOW_ALIAS = "__workflow__"
