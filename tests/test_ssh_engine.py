@@ -132,10 +132,17 @@ def test_python_api_submits_to_a_named_cluster(daemon: DaemonProcess, workdir: P
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REFLOW_CONFIG", str(daemon.config_path))
     wf = load_workflow(COUNTING)
+    monkeypatch.setattr(wf, "_config", None)  # the module may be cached from another test: read this config
     run = wf.submit("api", store=daemon.socket, executor="remote", n=5)
     assert run.wait(timeout=300).state == "succeeded"
     assert run.run_dir == workdir / "api"
     assert_each_ran_once(workdir / "api", 5)
+    # The workflow's own CLI picks the cluster the same way.
+    out = subprocess.run([sys.executable, str(COUNTING), "submit", "--cluster", "remote", "--run-dir", "cli",
+                          "--no-daemon", "--wait", "--n", "3"], env=daemon.env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert_each_ran_once(workdir / "cli", 3)
 
 
 def test_killed_ssh_session_mid_run(daemon: DaemonProcess, sshd: SSHServer, workdir: Path) -> None:
