@@ -133,14 +133,22 @@ async def test_without_the_cap_the_server_refuses_channels(sshd: SSHServer) -> N
 
 @pytest.mark.ssh
 @pytest.mark.anyio
-async def test_timeout_closes_the_channel(transport: SSHTransport) -> None:
-    with pytest.raises(CommandTimeout, match="did not finish within"):
-        await transport.run(["sleep", "30"], timeout=0.5)
-    # Channels of timed-out commands are released: 9 more at once still fit (MaxSessions 10, SFTP not open).
-    async with anyio.create_task_group() as tg:
-        for _ in range(7):
-            tg.start_soon(lambda: transport.run(["true"], timeout=30))
-    assert (await transport.run(["echo", "ok"])).stdout == "ok\n"
+async def test_timeout_closes_the_channel(sshd: SSHServer) -> None:
+    """Timed-out commands give their channels back: a leak would make the server refuse the next ten."""
+    t = SSHTransport(settings_for(sshd, max_channels=11))  # 10 command channels = the server's MaxSessions
+    try:
+        for _ in range(5):
+            with pytest.raises(CommandTimeout, match="did not finish within"):
+                await t.run(["sleep", "30"], timeout=0.3)
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(lambda: t.run(["sleep", "0.5"], timeout=30))
+        assert (await t.run(["echo", "ok"])).stdout == "ok\n"
+        # The server refuses to signal the abandoned commands, so each stranded session was shed with
+        # its connection before the next command: one connection plus one recycle per timeout.
+        assert t.stats["connects"] == 6
+    finally:
+        await t.aclose()
 
 
 @pytest.mark.ssh

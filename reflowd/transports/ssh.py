@@ -149,6 +149,26 @@ def auth_message(settings: SSHSettings, host: str, detail: str) -> str:
     )
 
 
+async def _abandon(process: asyncssh.SSHClientProcess[bytes]) -> bool:
+    """Stop a command we no longer wait for (timeout, cancellation); True when its channel is gone.
+
+    OpenSSH keeps a session -- and its slot under MaxSessions -- until the command
+    exits, even after the client closed the channel, and many servers refuse the
+    "signal" request that would kill it (Debian 12's sshd does). So a False here
+    means a server slot may stay taken: the transport then recycles the connection.
+    """
+    with anyio.CancelScope(shield=True):
+        try:
+            process.send_signal("KILL")
+        except Exception:  # the channel or connection is already gone
+            pass
+        process.close()
+        with anyio.move_on_after(1):
+            await process.wait_closed()
+            return True
+    return False
+
+
 class _Dropped(Exception):
     """The connection went away under a call; retry on a new one if the work is idempotent."""
 
@@ -171,6 +191,9 @@ class SSHTransport(Transport):
         self._sftp_lock = anyio.Lock()
         # SFTP keeps one channel open for good: commands get the rest.
         self._channels = anyio.Semaphore(settings.max_channels - 1)
+        self._epoch = 0  # bumped whenever the connection is dropped: counters below belong to one epoch
+        self._inflight = 0  # commands running on the current connection
+        self._stranded = 0  # abandoned commands that may still hold a server session on it
         self._failures = 0
         self._next_attempt = 0.0
         self._last_exc: TransportError | None = None
@@ -244,13 +267,16 @@ class SSHTransport(Transport):
 
     async def _connection(self, *, force: bool = False) -> asyncssh.SSHClientConnection:
         """The live connection, opening one if due; fails fast during backoff."""
-        if self._alive():
+        if self._alive() and not self._recycle_due():
             assert self._conn is not None
             return self._conn
         async with self._connect_lock:
-            if self._alive():
+            if self._alive() and not self._recycle_due():
                 assert self._conn is not None
                 return self._conn
+            if self._alive():
+                log.info("recycling the connection: abandoned commands may still hold server sessions",
+                         transport=self.name, stranded=self._stranded)
             if self._closed:
                 raise TransportError(f"{self.name}: transport closed")
             now = time.monotonic()
@@ -277,6 +303,10 @@ class SSHTransport(Transport):
             self.health.mark_ok()
             return conn
 
+    def _recycle_due(self) -> bool:
+        """Abandoned sessions only go away with their connection: renew it once nothing else runs on it."""
+        return self._stranded > 0 and self._inflight == 0
+
     def _failed(self, exc: TransportError) -> TransportError:
         self._failures += 1
         slow = isinstance(exc, (HostKeyError, AuthenticationError))
@@ -296,6 +326,9 @@ class SSHTransport(Transport):
         self._conn = None
         self._tunnels = []
         self._sftp = None
+        self._epoch += 1
+        self._inflight = 0
+        self._stranded = 0
         self._dirs.clear()
 
     def _lost(self, generation: int, error: str) -> None:
@@ -355,19 +388,12 @@ class SSHTransport(Transport):
             async with self._channels:
                 started = time.monotonic()
                 try:
-                    with anyio.fail_after(timeout):
-                        process = await conn.create_process(
-                            command, encoding=None,
-                            **({"input": stdin} if stdin is not None else {"stdin": asyncssh.DEVNULL}))
-                        # Leaving the block closes the channel, also on timeout or cancellation:
-                        # a leaked channel would count against the server's MaxSessions.
-                        async with process:
-                            completed = await process.wait(check=False)
+                    completed = await self._exec(conn, command, stdin, timeout)
                 except TimeoutError:
                     raise CommandTimeout(f"{argv[0]} on {self.settings.host} did not finish within {timeout:.0f} s") \
                         from None
                 except asyncssh.ChannelOpenError as exc:
-                    if conn.is_closed():
+                    if conn.is_closed() or self._stranded:  # our abandoned sessions fill the server's slots
                         raise _Dropped() from exc
                     raise TransportError(f"{self.name}: the server refused a channel for {argv[0]}: {exc.reason}. "
                                          "Lower the cluster's max_channels below the server's MaxSessions") from None
@@ -392,6 +418,23 @@ class SSHTransport(Transport):
             )
 
         return await self._with_retry(once, idempotent=idempotent, what=argv[0])
+
+    async def _exec(self, conn: asyncssh.SSHClientConnection, command: str, stdin: bytes | None,
+                    timeout: float) -> asyncssh.SSHCompletedProcess:
+        process: asyncssh.SSHClientProcess[bytes] | None = None
+        epoch = self._epoch
+        self._inflight += 1
+        try:
+            with anyio.fail_after(timeout):
+                process = await conn.create_process(
+                    command, encoding=None, **({"input": stdin} if stdin is not None else {"stdin": asyncssh.DEVNULL}))
+                return await process.wait(check=False)
+        finally:
+            if process is not None and process.exit_status is None and process.exit_signal is None:
+                if not await _abandon(process) and epoch == self._epoch:
+                    self._stranded += 1
+            if epoch == self._epoch:
+                self._inflight -= 1
 
     # ------------------------------------------------------------------ files
 
