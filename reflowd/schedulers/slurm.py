@@ -9,6 +9,7 @@ fails or times out answers UNKNOWN for every job -- never absent.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -16,7 +17,10 @@ import structlog
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import slurm_commands as sc
-from .base import Observation, Scheduler, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, Phase, Scheduler, SubmitError, SubmitRequest, TaggedJob
+
+#: Seconds between asking slurmctld (squeue) for the live reasons of pending jobs when sacct has none.
+REASON_REFRESH = 60.0
 
 log = structlog.get_logger("reflowd.slurm")
 
@@ -30,6 +34,7 @@ class SlurmScheduler(Scheduler):
         self.accounting = False
         self.config: dict[str, str] = {}
         self.queries = 0
+        self._reasons_asked = float("-inf")
 
     async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
         return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
@@ -68,7 +73,9 @@ class SlurmScheduler(Scheduler):
         if self.accounting:
             result = await self._run(sc.render_sacct(ids))
             if result.ok:
-                return sc.parse_sacct(result.stdout)
+                observations = sc.parse_sacct(result.stdout)
+                await self._live_reasons(observations)
+                return observations
             log.warning("sacct failed; using squeue this time", error=result.stderr.strip()[:300])
         result = await self._run(sc.render_squeue(ids))
         if result.ok:
@@ -76,6 +83,31 @@ class SlurmScheduler(Scheduler):
         if sc.squeue_all_absent(result.stderr, result.returncode):
             return {}
         raise TransportError(f"squeue failed ({result.returncode}): {result.stderr.strip()[:300]}")
+
+    async def _live_reasons(self, observations: dict[str, Observation]) -> None:
+        """Fill in why jobs pend: slurmdbd often keeps the reason a job had at submission ("None").
+
+        Asked of slurmctld at most every REASON_REFRESH seconds, so accounting sites
+        keep their one sacct call per cycle almost always; failure changes nothing.
+        """
+        pending = [k for k, o in observations.items()
+                   if o.phase is Phase.QUEUED and (o.reason or "None") in ("None", "(null)")]
+        now = time.monotonic()
+        if not pending or now - self._reasons_asked < REASON_REFRESH:
+            return
+        self._reasons_asked = now
+        self.queries += 1
+        try:
+            result = await self._run(sc.render_squeue(sorted({k.split("_")[0] for k in pending})))
+        except TransportError:
+            return
+        if not result.ok:
+            return
+        live = sc.parse_squeue(result.stdout)
+        for key in pending:
+            obs = live.get(key)
+            if obs is not None and obs.phase is Phase.QUEUED:
+                observations[key] = obs
 
     async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
         wanted = sorted(set(tags))
