@@ -335,3 +335,17 @@ async def test_unknown_host_key_behind_a_jump_host(sshd: SSHServer, tmp_path: Pa
     finally:
         await t.aclose()
     assert f"[127.0.0.1]:{sshd.port}" in str(info.value) and "SHA256:" in str(info.value)
+
+
+@pytest.mark.ssh
+@pytest.mark.anyio
+async def test_directory_removed_behind_our_back_is_made_again(transport: SSHTransport, tmp_path: Path) -> None:
+    import shutil
+
+    target = tmp_path / "run" / "jobs" / "a.json"
+    await transport.write_file(str(target), b"1")
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(TransportError):
+        await transport.write_file(str(target), b"2")  # the directory cache still said it existed
+    await transport.write_file(str(target), b"3")
+    assert target.read_bytes() == b"3"

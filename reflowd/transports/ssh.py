@@ -476,15 +476,23 @@ class SSHTransport(Transport):
     async def _gather(items: Sequence[Any], fn: Callable[[Any], Awaitable[T]]) -> list[T]:
         """Many SFTP requests in flight on the one channel (bounded)."""
         out: list[Any] = [None] * len(items)
+        errors: list[Exception] = []
         limiter = anyio.CapacityLimiter(SFTP_PARALLEL)
 
         async def one(i: int, item: Any) -> None:
             async with limiter:
-                out[i] = await fn(item)
+                if errors:  # one failure fails the batch: start nothing new
+                    return
+                try:
+                    out[i] = await fn(item)
+                except Exception as exc:  # re-raised bare below, so callers can map SFTP errors
+                    errors.append(exc)
 
         async with anyio.create_task_group() as tg:
             for i, item in enumerate(items):
                 tg.start_soon(one, i, item)
+        if errors:
+            raise errors[0]
         return out
 
     async def read_files(self, paths: Sequence[str], *, timeout: float = 30.0) -> dict[str, bytes | None]:
@@ -518,7 +526,9 @@ class SSHTransport(Transport):
                         await fh.write(data)
                     await sftp.chmod(tmp, mode)  # the server's umask may have narrowed it
                     await sftp.posix_rename(tmp, path)
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath)):
+                        self._dirs.clear()  # a directory we made was removed: make it again next time
                     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                         try:
                             await sftp.remove(tmp)
