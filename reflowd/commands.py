@@ -31,6 +31,7 @@ from .engine.states import RunState
 from .transports.base import TransportError
 
 if TYPE_CHECKING:
+    from .clusters import ClusterRuntime
     from .daemon import Daemon
 
 Handler = Callable[["Daemon", dict[str, Any]], Awaitable[Any]]
@@ -167,7 +168,7 @@ def _check_options(value: dict[str, Any]) -> str | None:
     return None
 
 
-async def _check_cluster(runtime: Any) -> None:
+async def _check_cluster(runtime: ClusterRuntime) -> None:
     """Refuse a submission the cluster cannot take now (host key, credentials, outage): nothing is recorded."""
     try:
         await runtime.transport.check(timeout=runtime.config.command_timeout)
