@@ -121,7 +121,7 @@ class ClusterRuntime:
             "host": self.config.host,
             "transport": self.transport.name,
             "health": self.transport.health.to_dict(),
-            "transport_stats": dict(getattr(self.transport, "stats", {})),
+            "transport_stats": dict(self.transport.stats),
             "poll_interval": round(self.policy.interval, 2),
             "calls": dict(self.calls),
             "scheduler_stats": self.scheduler.stats(),

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,3 +112,26 @@ class DaemonProcess:
 
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def slurm_job_names(accounting: bool) -> Counter[str]:
+    """Every job name Slurm still knows (squeue keeps finished jobs for MinJobAge; sacct for ever)."""
+    names: Counter[str] = Counter()
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j"], capture_output=True, text=True, timeout=60)
+    seen_ids = set()
+    for line in out.stdout.splitlines():
+        job_id, _, name = line.partition("|")
+        master = job_id.split("_")[0]
+        if master not in seen_ids:
+            seen_ids.add(master)
+            names[name] += 1
+    if accounting:
+        names = Counter()
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName", "-S", "now-1days"],
+                             capture_output=True, text=True, timeout=60)
+        masters: dict[str, str] = {}
+        for line in out.stdout.splitlines():
+            job_id, _, name = line.partition("|")
+            masters.setdefault(job_id.split("_")[0], name)
+        names.update(masters.values())
+    return names

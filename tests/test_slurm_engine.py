@@ -14,7 +14,7 @@ import pytest
 
 from reflow_client.client import InvalidParamsError
 
-from .support import ROOT, DaemonProcess, wait_for
+from .support import ROOT, DaemonProcess, slurm_job_names, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -58,29 +58,6 @@ def wait_state(d: DaemonProcess, run_id: str, states: tuple[str, ...] = ("succee
                timeout: float = 240) -> str:
     return wait_for(lambda: (s := status(d, run_id).state) in states and s, timeout=timeout, interval=0.5,
                     what=f"run {run_id} to reach {states}")
-
-
-def slurm_job_names(accounting: bool) -> Counter[str]:
-    """Every job name Slurm still knows (squeue keeps finished jobs for MinJobAge; sacct for ever)."""
-    names: Counter[str] = Counter()
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j"], capture_output=True, text=True, timeout=60)
-    seen_ids = set()
-    for line in out.stdout.splitlines():
-        job_id, _, name = line.partition("|")
-        master = job_id.split("_")[0]
-        if master not in seen_ids:
-            seen_ids.add(master)
-            names[name] += 1
-    if accounting:
-        names = Counter()
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName", "-S", "now-1days"],
-                             capture_output=True, text=True, timeout=60)
-        masters: dict[str, str] = {}
-        for line in out.stdout.splitlines():
-            job_id, _, name = line.partition("|")
-            masters.setdefault(job_id.split("_")[0], name)
-        names.update(masters.values())
-    return names
 
 
 def test_pipeline_fans_out_as_one_array_job(daemon: DaemonProcess, slurm_cluster, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from reflow.loader import load_workflow
 
 from .cluster.fixtures_ssh import SSHServer
-from .support import ROOT, DaemonProcess, wait_for
+from .support import ROOT, DaemonProcess, slurm_job_names, wait_for
 
 pytestmark = [
     pytest.mark.ssh,
@@ -95,15 +95,6 @@ def assert_each_ran_once(run_dir: Path, n: int) -> None:
     assert counts == expected, f"ran more or less than once: {counts - expected} / {expected - counts}"
 
 
-def slurm_tags() -> Counter[str]:
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j"], capture_output=True, text=True, timeout=60)
-    masters: dict[str, str] = {}
-    for line in out.stdout.splitlines():
-        job_id, _, name = line.partition("|")
-        masters.setdefault(job_id.split("_")[0], name)
-    return Counter(masters.values())
-
-
 def test_readme_pipeline_runs_through_ssh(daemon: DaemonProcess, workdir: Path) -> None:
     run_id = submit(daemon, EXAMPLE, "etl", "--chunks", "100", "--rows", "200")
     st = status(daemon, run_id)
@@ -125,7 +116,7 @@ def test_readme_pipeline_runs_through_ssh(daemon: DaemonProcess, workdir: Path) 
     assert stats["commands"] < 3 + 3 + remote["calls"]["query"] + 5, stats
     logs = daemon.cli("logs", run_id, "summarise", "--index", "7")
     assert logs.returncode == 0 and logs.stdout.strip(), "logs are read back from the cluster"
-    assert all(count == 1 for name, count in slurm_tags().items() if name.startswith("rf"))
+    assert all(count == 1 for name, count in slurm_job_names(accounting=False).items() if name.startswith("rf"))
 
 
 def test_python_api_submits_to_a_named_cluster(daemon: DaemonProcess, workdir: Path,
@@ -156,7 +147,7 @@ def test_killed_ssh_session_mid_run(daemon: DaemonProcess, sshd: SSHServer, work
     assert_each_ran_once(run_dir, 24)
     st = status(daemon, run_id)
     assert st.cluster["health"]["reconnects"] >= 1
-    assert all(count == 1 for name, count in slurm_tags().items() if name.startswith("rf"))
+    assert all(count == 1 for name, count in slurm_job_names(accounting=False).items() if name.startswith("rf"))
 
 
 def test_sshd_down_for_30_seconds(daemon: DaemonProcess, sshd: SSHServer, workdir: Path) -> None:
@@ -186,7 +177,7 @@ def test_sshd_down_for_30_seconds(daemon: DaemonProcess, sshd: SSHServer, workdi
     assert wait_state(daemon, run_id) == "succeeded", status(daemon, run_id).raw
     assert status(daemon, run_id).cluster["health"]["reachable"]
     assert_each_ran_once(run_dir, 24)
-    assert all(count == 1 for name, count in slurm_tags().items() if name.startswith("rf"))
+    assert all(count == 1 for name, count in slurm_job_names(accounting=False).items() if name.startswith("rf"))
 
 
 def test_bad_host_key_and_bad_user_key_refused_at_submit(slurm_cluster, sshd: SSHServer, tmp_path: Path,
@@ -205,7 +196,7 @@ def test_bad_host_key_and_bad_user_key_refused_at_submit(slurm_cluster, sshd: SS
     d = DaemonProcess(tmp_path / "d", config=remote_config(sshd, workdir, extra=extra))
     d.start()
     try:
-        before = slurm_tags()
+        before = slurm_job_names(accounting=False)
         out = d.cli("submit", str(COUNTING), "--cluster", "badhost", "--run-dir", "h", "--no-daemon", "--n", "2")
         assert out.returncode != 0
         assert "not trusted" in out.stderr and "ssh-keyscan -p" in out.stderr and "nothing was submitted" in out.stderr, \
@@ -218,7 +209,7 @@ def test_bad_host_key_and_bad_user_key_refused_at_submit(slurm_cluster, sshd: SS
             clusters = c.stats()["clusters"]
         assert not clusters["badhost"]["health"]["reachable"]
         assert not (workdir / "h").exists() and not (workdir / "k").exists()
-        assert slurm_tags() == before, "nothing reached Slurm"
+        assert slurm_job_names(accounting=False) == before, "nothing reached Slurm"
         assert empty_known_hosts.read_text() == "", "the host key was not accepted silently"
         # The good cluster next to them still works.
         run_id = submit(d, COUNTING, "good", "--n", "2")

@@ -90,8 +90,7 @@ class SlurmScheduler(Scheduler):
         Asked of slurmctld at most every REASON_REFRESH seconds, so accounting sites
         keep their one sacct call per cycle almost always; failure changes nothing.
         """
-        pending = [k for k, o in observations.items()
-                   if o.phase is Phase.QUEUED and (o.reason or "None") in ("None", "(null)")]
+        pending = [k for k, o in observations.items() if o.phase is Phase.QUEUED and not o.reason]
         now = time.monotonic()
         if not pending or now - self._reasons_asked < REASON_REFRESH:
             return

@@ -84,6 +84,8 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self.health = TransportHealth()
+        #: Counters for ``status``/``stats`` (commands, SFTP operations, connections, ...).
+        self.stats: dict[str, float] = {}
 
     @abc.abstractmethod
     async def run(

@@ -47,6 +47,9 @@ T = TypeVar("T")
 #: SFTP requests kept in flight at once on the one SFTP channel.
 SFTP_PARALLEL = 32
 
+#: What a call sees when the connection under it goes away.
+_CONNECTION_ERRORS = (asyncssh.ConnectionLost, asyncssh.DisconnectError, ConnectionError)
+
 
 @dataclass(frozen=True)
 class SSHSettings:
@@ -199,7 +202,7 @@ class SSHTransport(Transport):
         self._last_exc: TransportError | None = None
         self._closed = False
         self._dirs: set[str] = set()  # directories known to exist on this connection
-        self.stats: dict[str, float] = {"commands": 0, "command_seconds": 0.0, "sftp_ops": 0, "connects": 0}
+        self.stats.update(commands=0, command_seconds=0.0, sftp_ops=0, connects=0)
 
     # ------------------------------------------------------------------ connection
 
@@ -319,10 +322,11 @@ class SSHTransport(Transport):
         log.warning("cluster unreachable", transport=self.name, error=str(exc), retry_in=round(delay, 1))
         return exc
 
-    def _drop_locked(self) -> None:
-        for conn in [self._conn, *reversed(self._tunnels)]:
-            if conn is not None:
-                conn.close()
+    def _drop_locked(self) -> list[asyncssh.SSHClientConnection]:
+        """Close the connection and its tunnels; returns them so a caller may wait for them to close."""
+        conns = [c for c in [self._conn, *reversed(self._tunnels)] if c is not None]
+        for conn in conns:
+            conn.close()
         self._conn = None
         self._tunnels = []
         self._sftp = None
@@ -330,6 +334,7 @@ class SSHTransport(Transport):
         self._inflight = 0
         self._stranded = 0
         self._dirs.clear()
+        return conns
 
     def _lost(self, generation: int, error: str) -> None:
         """A call saw the connection die: forget it (once per generation) and mark the outage."""
@@ -365,8 +370,7 @@ class SSHTransport(Transport):
     async def aclose(self) -> None:
         async with self._connect_lock:
             self._closed = True
-            conns = [c for c in [self._conn, *reversed(self._tunnels)] if c is not None]
-            self._drop_locked()
+            conns = self._drop_locked()
         with anyio.move_on_after(5), anyio.CancelScope(shield=True):
             for conn in conns:
                 await conn.wait_closed()
@@ -397,24 +401,17 @@ class SSHTransport(Transport):
                         raise _Dropped() from exc
                     raise TransportError(f"{self.name}: the server refused a channel for {argv[0]}: {exc.reason}. "
                                          "Lower the cluster's max_channels below the server's MaxSessions") from None
-                except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError,
-                        ConnectionError) as exc:
+                except _CONNECTION_ERRORS as exc:
                     raise _Dropped() from exc
                 self.stats["commands"] += 1
                 self.stats["command_seconds"] += time.monotonic() - started
             if completed.exit_status is None and completed.exit_signal is None:
                 # The channel closed without an exit status: the session died (connection lost or killed).
                 raise _Dropped() from TransportError(f"{argv[0]}: no exit status")
-            if completed.exit_status is None:
-                code = -1
-            else:
-                code = completed.exit_status
-            stdout = completed.stdout or b""
-            stderr = completed.stderr or b""
             return CommandResult(
-                code,
-                stdout.decode("utf-8", "replace") if isinstance(stdout, bytes) else stdout,
-                stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr,
+                -1 if completed.exit_status is None else completed.exit_status,  # killed by a signal
+                (completed.stdout or b"").decode("utf-8", "replace"),
+                (completed.stderr or b"").decode("utf-8", "replace"),
             )
 
         return await self._with_retry(once, idempotent=idempotent, what=argv[0])
@@ -449,7 +446,7 @@ class SSHTransport(Transport):
                     if conn.is_closed():
                         raise _Dropped() from exc
                     raise TransportError(f"{self.name}: cannot open an SFTP session: {exc.reason}") from None
-                except (asyncssh.ConnectionLost, asyncssh.DisconnectError, ConnectionError) as exc:
+                except _CONNECTION_ERRORS as exc:
                     raise _Dropped() from exc
             return self._sftp
 
@@ -462,8 +459,7 @@ class SSHTransport(Transport):
                     return await op(await self._sftp_client(conn))
             except TimeoutError:
                 raise CommandTimeout(f"{what} on {self.settings.host} did not finish within {timeout:.0f} s") from None
-            except (asyncssh.SFTPConnectionLost, asyncssh.ConnectionLost, asyncssh.DisconnectError,
-                    BrokenPipeError, ConnectionError) as exc:
+            except (asyncssh.SFTPConnectionLost, *_CONNECTION_ERRORS) as exc:
                 raise _Dropped() from exc
             except asyncssh.SFTPError as exc:
                 if conn.is_closed():
