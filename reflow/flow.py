@@ -13,7 +13,7 @@ import inspect
 import marshal
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, get_type_hints
 
 from reflow_client.resources import format_mem, parse_mem, parse_time
@@ -52,12 +52,26 @@ RESERVED_SHORT_FLAGS = frozenset({"h"})
 _OPTION_VALUE_TYPES = (str, int, float, bool, type(None))
 
 
+@dataclass(init=False)
 class JobConfig:
-    """Resource and dependency configuration of one task.
+    """Resource and dependency configuration of one task (a dataclass: ``dataclasses.asdict`` works).
 
     ``submit_options``, then ``extra``, then ``**scheduler_options`` are merged
     (later wins) into ``submit_options``: scheduler-native options stored verbatim.
+    ``extra`` is kept only as a read alias of that merged mapping, so it is not a field.
     """
+
+    cpus: int = 1
+    time: str = "00:30:00"
+    mem: str = "4G"
+    array: bool = False
+    after: list[str] = field(default_factory=list)
+    array_parallelism: int | None = None
+    submit_options: dict[str, Any] = field(default_factory=dict)
+    version: str = "1"
+    cache: bool = True
+    backend: str | None = None
+    retries: int = 0
 
     def __init__(
         self,
@@ -95,30 +109,12 @@ class JobConfig:
 
     @property
     def extra(self) -> dict[str, Any]:
-        """Backward-compatible alias for ``submit_options``."""
+        """Backward-compatible alias for ``submit_options`` (the same mapping, not a copy)."""
         return self.submit_options
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, JobConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
-        return f"JobConfig({fields})"
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cpus": self.cpus,
-            "time": self.time,
-            "mem": self.mem,
-            "array": self.array,
-            "after": list(self.after),
-            "array_parallelism": self.array_parallelism,
-            "submit_options": dict(self.submit_options),
-            "version": self.version,
-            "cache": self.cache,
-            "backend": self.backend,
-            "retries": self.retries,
-        }
+        """``dataclasses.asdict(self)``: what the manifest carries as the task's ``config``."""
+        return asdict(self)
 
     def check(self, task: str) -> None:
         """Raise ValueError for values no scheduler could take."""
