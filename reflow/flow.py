@@ -22,6 +22,8 @@ from .params import Param, Result, RunDir
 from .typeinfo import split_annotated, strip_optional, type_repr
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+#: A parameter of this name receives the run directory, with or without the RunDir marker.
+RUN_DIR_PARAM = "run_dir"
 
 #: Flags the generated CLI defines itself; a run parameter may not take these names.
 RESERVED_PARAM_KEYS = frozenset(
@@ -268,7 +270,7 @@ def analyse_function(task: str, func: Callable[..., Any]) -> tuple[dict[str, Res
             if task in marker.steps:
                 raise ValueError(f"{where}: a task cannot take its own result")
             results[pname] = marker
-        elif isinstance(marker, RunDir):
+        elif isinstance(marker, RunDir) or pname == RUN_DIR_PARAM:  # by name too, as the reference injects it
             run_dir_params.append(pname)
         else:
             inner, optional = strip_optional(base)

@@ -514,7 +514,8 @@ def test_array_task_with_only_a_broadcast_input_has_nothing_to_fan_out_over() ->
     def each(x: Annotated[int, Result(step="prepare")]) -> int:
         return x
 
-    with pytest.raises(ValueError, match=r"array task 'each' has no input to fan out over"):
+    with pytest.raises(TypeError, match=r"array task 'each' has no input to fan out over: 'prepare' -> x passes a "
+                                        r"single value to every element"):
         wf.validate()
 
 
@@ -633,7 +634,7 @@ def test_several_markers_on_one_parameter_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["run_dir", "force", "force_tasks", "cluster", "verify", "help", "max_workers", "on_error", "json",
+    "name", ["force", "force_tasks", "cluster", "verify", "help", "max_workers", "on_error", "json",
              "socket", "no_daemon", "wait", "format", "command", "task", "run_id"]
 )
 def test_parameter_named_like_a_builtin_flag_is_refused(name: str) -> None:
@@ -938,5 +939,12 @@ def test_resolve_parameters_fills_defaults_and_refuses_unknown_and_missing() -> 
 
     with pytest.raises(TypeError, match=r"missing required parameter\(s\) for workflow 'required': --start"):
         required.resolve_parameters({})
-    with pytest.raises(TypeError, match=r"parameter 'start': cannot encode"):
+    with pytest.raises(TypeError, match=r"parameter 'start' expects str, got <object object .*> \(object\)"):
         required.resolve_parameters({"start": object()})
+
+    @required.job()
+    def b(anything=None) -> int:  # unannotated: any encodable value, checked by the codec
+        return 1
+
+    with pytest.raises(TypeError, match=r"parameter 'anything': cannot encode"):
+        required.resolve_parameters({"start": "s", "anything": object()})
