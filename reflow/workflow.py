@@ -22,6 +22,7 @@ from reflow_client.manifest import (
 )
 
 from .flow import Flow, RunParam, TaskSpec, check_param_names
+from .loader import assigned_at_import
 from .typeinfo import list_element, type_repr
 from .values import check_value
 from .wiring import Edge, check_param_modes, infer_mode
@@ -56,7 +57,10 @@ class Workflow(Flow):
         if not isinstance(name, str) or not name or any(c.isspace() or c in "/\\" for c in name):
             raise ValueError(f"invalid workflow name {name!r}: use a short name without spaces or slashes")
         self._config = config
-        caller = sys._getframe(1).f_globals
+        frame = sys._getframe(1)
+        caller = frame.f_globals
+        #: The function that created this workflow, when not the module's top level (for check_loadable).
+        self._created_in: str | None = None if frame.f_code.co_name == "<module>" else frame.f_code.co_name
         entry = caller.get("__file__") or (sys.argv[0] if sys.argv and sys.argv[0] else None)
         #: The file workers load to find this workflow; override for unusual layouts.
         self.entrypoint: Path | None = Path(entry).resolve() if entry else None
@@ -297,17 +301,33 @@ class Workflow(Flow):
         return self.describe_typed().to_manifest_dict()
 
     def check_loadable(self) -> None:
-        """Refuse to run when workers could not find this workflow in its entry file."""
+        """Refuse to run when workers could not find this workflow by importing its entry file.
+
+        Workers import the file (without running its ``__main__`` block) and take
+        the module-level Workflow. ``validate()``, ``describe()`` and ``dag`` need no
+        worker and work wherever the workflow was created.
+        """
         if self.entrypoint is None or not self.entrypoint.is_file():
             raise RuntimeError(
                 f"workflow {self.name!r}: cannot tell which file defines it (entrypoint={self.entrypoint}); "
                 "set wf.entrypoint = Path(__file__)"
             )
         module = sys.modules.get(self._module_name or "")
-        if module is not None and not any(v is self for v in vars(module).values()):
+        if module is None:
+            return
+        holders = {k for k, v in vars(module).items() if v is self}
+        fix = (f"create it at the top level of {self.entrypoint} (wf = Workflow({self.name!r}) and its @wf.job() "
+               "tasks outside any function), and call wf.cli() or wf.submit(...) under 'if __name__ == \"__main__\":'")
+        if not holders:
+            where = f"inside function {self._created_in}()" if self._created_in else "somewhere workers cannot see"
             raise RuntimeError(
-                f"workflow {self.name!r} must be a module-level variable in {self.entrypoint} so that "
-                "workers can find it; do not create it inside a function"
+                f"workflow {self.name!r} is created {where}, not as a module-level variable, so the workers that "
+                f"import its file cannot find it; {fix}"
+            )
+        if module.__name__ == "__main__" and assigned_at_import(self.entrypoint, holders) is False:
+            raise RuntimeError(
+                f"workflow {self.name!r} is bound to {sorted(holders)[0]!r} only under 'if __name__ == \"__main__\":', "
+                f"which workers do not run when they import the file; {fix}"
             )
 
     # ------------------------------------------------------------------ CLI and execution
