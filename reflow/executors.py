@@ -37,7 +37,7 @@ class Executor:
                             f"not {type(cluster).__name__}")
         self.cluster = cluster
         merged = dict(submit_options or {})
-        merged.update(options)
+        merged.update({k: v for k, v in options.items() if v is not None})  # an unset named option keeps the dict's
         self.submit_options: dict[str, Any] = {k: v for k, v in merged.items() if v is not None}
 
     def __repr__(self) -> str:

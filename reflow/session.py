@@ -64,11 +64,11 @@ def submit(
     options = run_options(force=force, force_tasks=force_tasks, verify=verify, on_error=on_error)
     cluster_cfg, submit_options = resolve_executor(cluster, wf.config)
     wf.validate()
+    params = wf.resolve_parameters(parameters)  # the reference's TypeError for missing parameters comes first
     wf.check_loadable()
     unknown = [t for t in options["force_tasks"] if t not in wf.tasks]
     if unknown:
         raise ValueError(f"force_tasks names unknown task(s): {', '.join(unknown)}")
-    params = wf.resolve_parameters(parameters)
     if cluster_cfg.remote:
         rd = str(run_dir)  # a path on the cluster; relative paths go under its workdir
     else:

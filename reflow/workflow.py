@@ -416,7 +416,7 @@ class Workflow(Flow):
         return self.submit(run_dir, store=store, executor=executor, **parameters).run_id
 
     def run_status(
-        self, run_id: str, store: Any = None, task_name: str | None = None, *, instances: bool = True
+        self, run_id: str, store: Any, task_name: str | None = None, *, instances: bool = True
     ) -> dict[str, Any]:
         """The reference's status dict of a run (see ``reflow.run``); ``instances=False`` leaves them out."""
         from .run import status_dict
@@ -432,7 +432,7 @@ class Workflow(Flow):
         return status_dict(raw, rows)
 
     def cancel_run(
-        self, run_id: str, store: Any = None, task_name: str | None = None, executor: Executor | str | None = None
+        self, run_id: str, store: Any, task_name: str | None = None, executor: Executor | str | None = None
     ) -> int:
         """Cancel a run's active instances (only ``task_name``'s if given); returns how many."""
         from .session import check_run_executor, client_for
