@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import enum
 from pathlib import PurePath
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ForwardRef, Literal, Union, get_args, get_origin
 
 from .typeinfo import is_union, is_unknown, list_element, strip_optional, type_repr
 
@@ -35,7 +35,7 @@ def check_value(name: str, tp: Any, value: Any) -> Any:
 
 
 def _coerce(tp: Any, value: Any) -> Any:
-    if is_unknown(tp):
+    if is_unknown(tp) or isinstance(tp, (str, ForwardRef)):  # unknown, or an annotation Python could not resolve
         return value
     inner, optional = strip_optional(tp)
     if value is None:

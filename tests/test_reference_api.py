@@ -11,12 +11,14 @@ behaviour runs through the public API: real runs through a reflowd process
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import enum
 import inspect
 import json
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Optional
 
 import pytest
 
@@ -36,6 +38,7 @@ from reflow import (
 )
 from reflow.executors import EXECUTORS, PBSExecutor, resolve_executor
 from reflow.loader import load_workflow
+from reflow.values import check_value
 from reflow_client.client import Client
 from reflow_client.config import SCHEDULER_KINDS, ConfigError, parse_config
 
@@ -543,6 +546,43 @@ def test_parameters_are_checked_like_the_cli_and_strings_convert_by_one_rule(
     assert {t.name: t.counts for t in final.tasks} == {"prepare": {"cached": 1}, "square": {"cached": 3},
                                                        "total": {"cached": 1}, "linger": {"cached": 1}}, \
         '"3" is the int 3 and "0" the float 0.0: the same run, all cached'
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@pytest.mark.parametrize(
+    ("tp", "given", "expected"),
+    [
+        (int, 3, 3), (int, "3", 3), (float, 2, 2.0), (float, "2.5", 2.5), (bool, "yes", True), (bool, False, False),
+        (str, "3", "3"), (Path, "a/b", Path("a/b")), (dt.date, "2025-01-31", dt.date(2025, 1, 31)),
+        (Colour, "red", Colour.RED), (Colour, "BLUE", Colour.BLUE), (Colour, Colour.RED, Colour.RED),
+        (Literal["a", 1], "1", 1), (Optional[int], None, None), (Optional[int], "4", 4),
+        (list[int], ["1", 2], [1, 2]), (list[Path], ("x",), [Path("x")]), (dict[str, int], {"a": 1}, {"a": 1}),
+        (int | str, "x", "x"), (int | str, 4, 4), ("Unresolvable", object, object), (Any, 2.5, 2.5),
+    ],
+)
+def test_the_one_rule_for_parameter_values(tp: Any, given: Any, expected: Any) -> None:
+    value = check_value("p", tp, given)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("tp", "given", "message"),
+    [
+        (int, "five", r"expects int, got 'five' \(str\)"), (int, 2.5, "expects int"), (int, True, "expects int"),
+        (float, "x", "expects float"), (bool, 1, "expects bool"), (bool, "maybe", "expected yes/no"),
+        (str, 3, "expects str"), (Path, 3, "expects Path"), (Colour, "green", "expected one of red, blue"),
+        (Literal["a", "b"], "c", "expected one of a, b"), (int, None, "only accepted for Optional"),
+        (list[int], "1 2", "give a list"), (list[int], [1, "x"], "expects list\\[int\\]"),
+        (dict[str, int], [1], "expects dict"),
+    ],
+)
+def test_values_the_cli_would_refuse_are_refused_naming_the_parameter(tp: Any, given: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=rf"parameter 'p' .*{message}"):
+        check_value("p", tp, given)
 
 
 def test_missing_required_parameters_raise_type_error(daemon: DaemonProcess, tmp_path: Path) -> None:
