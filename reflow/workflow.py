@@ -413,7 +413,11 @@ class Workflow(Flow):
         """Lower-level submission (used by CLIs): the same checks as ``submit``; returns the run id."""
         if not isinstance(parameters, dict):
             raise TypeError(f"parameters must be a dict of run parameters, not {type(parameters).__name__}")
-        return self.submit(run_dir, store=store, executor=executor, **parameters).run_id
+        params = dict(parameters)
+        given_dir = params.pop("run_dir", None)  # the reference puts the run directory there itself
+        if given_dir is not None and Path(given_dir).expanduser().resolve() != Path(run_dir).expanduser().resolve():
+            raise ValueError(f"parameters['run_dir'] ({given_dir}) differs from run_dir ({run_dir}); give one of them")
+        return self.submit(run_dir, store=store, executor=executor, **params).run_id
 
     def run_status(
         self, run_id: str, store: Any, task_name: str | None = None, *, instances: bool = True

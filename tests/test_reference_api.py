@@ -509,7 +509,8 @@ def test_cancel_raises_task_interrupted_in_the_running_task(
 
 
 def test_submit_run_executors_and_their_submit_options(wf: Workflow, daemon: DaemonProcess, tmp_path: Path) -> None:
-    run_id = wf.submit_run(tmp_path / "low", {"n": 2}, store=daemon.socket, executor=LocalExecutor(comment="run"))
+    run_id = wf.submit_run(tmp_path / "low", {"n": 2, "run_dir": str(tmp_path / "low")}, store=daemon.socket,
+                           executor=LocalExecutor(comment="run"))
     assert isinstance(run_id, str) and run_id.startswith("reference_api-")
     with daemon.client() as c:
         assert c.wait(run_id, timeout=120).state == "succeeded"
@@ -517,6 +518,8 @@ def test_submit_run_executors_and_their_submit_options(wf: Workflow, daemon: Dae
     options = {t["name"]: t["config"]["submit_options"] for t in manifest["tasks"]}
     assert options["prepare"] == {"comment": "run"}, "run-wide submit options reach every task"
     before = runs_of(daemon)
+    with pytest.raises(ValueError, match=r"parameters\['run_dir'\] \(elsewhere\) differs from run_dir"):
+        wf.submit_run(tmp_path / "low", {"run_dir": "elsewhere"}, store=daemon.socket)
     with pytest.raises(ConfigError, match="no cluster with scheduler 'pbs' is configured"):
         wf.submit(tmp_path / "pbs", store=daemon.socket, executor=PBSExecutor())
     with pytest.raises(TypeError, match="executor must be"):
