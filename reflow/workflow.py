@@ -315,6 +315,12 @@ class Workflow(Flow):
         module = sys.modules.get(self._module_name or "")
         if module is None:
             return
+        if module.__name__ == "__main__" and not getattr(module, "__file__", None):
+            raise RuntimeError(
+                f"workflow {self.name!r} is defined interactively, but workers import the workflow from its file; "
+                "put it at the top level of a .py file and import it from there (validate(), describe() and dag "
+                "work here as they are)"
+            )
         holders = {k for k, v in vars(module).items() if v is self}
         fix = (f"create it at the top level of {self.entrypoint} (wf = Workflow({self.name!r}) and its @wf.job() "
                "tasks outside any function), and call wf.cli() or wf.submit(...) under 'if __name__ == \"__main__\":'")
