@@ -24,7 +24,7 @@ from reflow_client.manifest import (
 from .flow import Flow, RunParam, TaskSpec, check_param_names
 from .loader import assigned_at_import
 from .typeinfo import list_element, type_repr
-from .values import check_value
+from .param_values import check_value
 from .wiring import Edge, check_param_modes, infer_mode
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class Workflow(Flow):
     def resolve_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
         """Encoded run parameters: defaults filled in; unknown, missing and ill-typed ones refused (TypeError).
 
-        Given values follow ``reflow.values``' one rule: a value of the parameter's
+        Given values follow ``reflow.param_values``' one rule: a value of the parameter's
         type as it is, a string as the command line would parse it.
         """
         merged = self._merged_params()
@@ -393,7 +393,7 @@ class Workflow(Flow):
         ``force`` skips the cache for every task, ``force_tasks`` for some;
         ``verify`` checks cached outputs before reusing them.
         ``**parameters`` are the run parameters, checked as the command line
-        checks them (``reflow.values``). Missing or ill-typed parameters raise
+        checks them (``reflow.param_values``). Missing or ill-typed parameters raise
         TypeError before anything is submitted.
         """
         from .session import submit

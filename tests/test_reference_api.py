@@ -38,7 +38,7 @@ from reflow import (
 )
 from reflow.executors import EXECUTORS, PBSExecutor, resolve_executor
 from reflow.loader import load_workflow
-from reflow.values import check_value
+from reflow.param_values import check_value
 from reflow_client.client import Client
 from reflow_client.config import SCHEDULER_KINDS, ConfigError, parse_config
 
