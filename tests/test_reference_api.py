@@ -630,3 +630,43 @@ def test_run_local_runs_the_reference_workflow_with_the_same_parameter_rules(wf:
     assert (tmp_path / "local" / "prepare-ran").read_text().startswith("PosixPath ")
     with pytest.raises(TypeError, match=r"parameter 'n' expects int, got 'four' \(str\)"):
         wf.run_local(tmp_path / "local", n="four")
+
+
+# ============================================================================ a real workload manager
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("slurm_cluster", ["plain"], indirect=True)
+def test_slurm_executor_options_reach_sbatch_and_scancel_raises_task_interrupted(slurm_cluster: Any,
+                                                                                tmp_path: Path) -> None:
+    """The cluster's own partition is down; SlurmExecutor(partition=...) moves the run to a working one."""
+    import subprocess
+    import sys
+
+    config = (f'[clusters.slurm]\nscheduler = "slurm"\npython = "{sys.executable}"\n'
+              "min_poll_interval = 1\npoll_interval = 2\nmax_poll_interval = 10\n"
+              f'submit_options = {{ partition = "{slurm_cluster.bad_partition}" }}\n')
+    d = DaemonProcess(tmp_path / "d", config=config).start()
+    workflow = load_workflow(ENTRY)
+    original = workflow.config
+    workflow.config = parse_config({"clusters": {"slurm": {"scheduler": "slurm"}}})
+    try:
+        run_dir = tmp_path / "slurm"
+        run = workflow.submit(run_dir, store=d.socket, executor=SlurmExecutor(partition=slurm_cluster.partition),
+                              n=2, linger=300)
+        wait_for(lambda: (run_dir / "linger-started").exists(), timeout=240, what="linger to start on Slurm")
+        info = run.status(task="linger", as_dict=True)
+        assert info is not None
+        job_id = next(i["job_id"] for i in info["instances"] if i["task_name"] == "linger")
+        shown = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%P"], capture_output=True, text=True,
+                               timeout=60)
+        assert shown.stdout.strip() == slurm_cluster.partition, (shown.stdout, shown.stderr)
+        assert run.cancel(task="linger", executor=SlurmExecutor()) == 1
+        wait_for(lambda: (run_dir / "checkpoint").exists(), timeout=120, what="TaskInterrupted in the Slurm job")
+        assert (run_dir / "checkpoint").read_text() == "SIGTERM"
+        final = run.wait(timeout=240)
+        assert {t.name: t.counts for t in final.tasks} == {"prepare": {"succeeded": 1}, "square": {"succeeded": 2},
+                                                           "total": {"succeeded": 1}, "linger": {"cancelled": 1}}
+    finally:
+        workflow.config = original
+        d.stop()
