@@ -1,0 +1,311 @@
+"""reflowd under systemd's own tools, without systemd as PID 1.
+
+* socket activation through ``systemd-socket-activate`` (what reflowd.socket does);
+* ``Type=notify``: READY=1 only after recovery, WATCHDOG=1 from the event loop,
+  STOPPING=1 on shutdown, read from a real ``NOTIFY_SOCKET`` datagram socket;
+* logs through a real journald (a private journal namespace) with priorities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from reflow_client.client import Client
+from reflow_client.config import parse_config
+from reflowd import systemd
+from reflowd.daemon import Daemon, DaemonOptions
+from reflowd.logging import render_journal_line
+
+from .support import ROOT, DaemonProcess, wait_for
+
+COUNTING = ROOT / "tests" / "engine_workflows" / "counting.py"
+LOCAL_CONFIG = '[clusters.local]\nscheduler = "local"\nmax_workers = 2\n'
+needs_socket_activate = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                                           reason="systemd-socket-activate is missing (Debian package systemd)")
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET as systemd makes one: a Unix datagram socket the service writes sd_notify messages to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        """Every message already queued (sendto has returned for each), without waiting."""
+        got = []
+        self.sock.setblocking(False)
+        while True:
+            try:
+                got.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+        self.messages += got
+        return got
+
+    def wait_for(self, message: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.sock.setblocking(True)
+        while message not in self.messages:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {message!r} within {timeout} s (got {self.messages[-10:]!r})")
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    ns = NotifySocket(tmp_path / "notify.sock")
+    yield ns
+    ns.close()
+
+
+def _submit_slow_run(d: DaemonProcess, run_dir: Path) -> str:
+    result = d.cli("submit", str(COUNTING), "--run-dir", str(run_dir), "--no-daemon", "--json",
+                   "--n", "2", "--delay", "120", check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
+
+
+@needs_socket_activate
+def test_socket_activation_readiness_watchdog_and_stopping(tmp_path: Path, notify_socket: NotifySocket) -> None:
+    # A run left unfinished by a killed daemon, so the activated one has something to recover.
+    first = DaemonProcess(tmp_path / "d", config=LOCAL_CONFIG)
+    first.start()
+    run_dir = tmp_path / "run"
+    try:
+        run_id = _submit_slow_run(first, run_dir)
+        wait_for(lambda: len((run_dir / "executions.txt").read_text().splitlines()) >= 3
+                 if (run_dir / "executions.txt").exists() else False, timeout=120, what="both slow elements to start")
+    finally:
+        first.kill9()
+
+    log_path = tmp_path / "activated.log"
+    env = {**first.env, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    passed = ["REFLOW_STATE_DIR", "REFLOW_CONFIG", "HOME", "PATH"]
+    cmd = ["systemd-socket-activate", "-l", str(first.socket)]
+    for name in passed:
+        cmd += ["-E", f"{name}={env[name]}"]
+    cmd += ["-E", f"NOTIFY_SOCKET={notify_socket.path}", "-E", "WATCHDOG_USEC=400000", "-E", "PYTHONUNBUFFERED=1",
+            sys.executable, "-m", "reflowd", "--socket", str(first.socket), "--log-format", "json"]
+    first.socket.unlink()  # the killed daemon's leftover; systemd, too, replaces a stale socket file when it binds
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: "Listening on" in log_path.read_text(), timeout=30, what="systemd-socket-activate to listen")
+        inode = first.socket.stat().st_ino
+        # Nothing runs until a client connects: the process is still systemd-socket-activate.
+        assert "systemd-socket-activate" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert notify_socket.drain() == []
+
+        with Client(first.socket, timeout=120) as client:  # the first connection starts reflowd, which serves it
+            hello = client.hello()
+        assert hello["pid"] == proc.pid, "socket-activate execs reflowd in place"
+        # READY=1 went out before the first request was served, and only after recovery.
+        assert "READY=1" in notify_socket.drain()
+        log_text = log_path.read_text()
+        assert log_text.index('"recovered runs"') < log_text.index('"reflowd ready"')
+        assert json.loads(next(line for line in log_text.splitlines() if '"recovered runs"' in line))["runs"] == 1
+        with Client(first.socket, timeout=30) as client:
+            assert client.status(run_id).state == "running"
+
+        # WATCHDOG=1 every WATCHDOG_USEC/2 (0.2 s) from the running daemon.
+        notify_socket.messages.clear()
+        wait_for(lambda: notify_socket.drain() and notify_socket.messages.count("WATCHDOG=1") >= 3,
+                 timeout=60, what="three watchdog pings")
+
+        # A second daemon cannot steal the socket: neither with another state directory ...
+        other = subprocess.run([sys.executable, "-m", "reflowd", "--socket", str(first.socket),
+                                "--state-dir", str(tmp_path / "other-state"), "--log-format", "json"],
+                               env=first.env, capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and "already listens" in other.stderr
+        # ... nor with the same one (the state lock names the holder).
+        same = subprocess.run([sys.executable, "-m", "reflowd", "--socket", str(tmp_path / "elsewhere.sock"),
+                               "--log-format", "json"], env=first.env, capture_output=True, text=True, timeout=60)
+        assert same.returncode != 0 and f"pid {proc.pid}" in same.stderr
+        assert first.socket.stat().st_ino == inode
+        with Client(first.socket, timeout=30) as client:
+            assert client.ping()["pid"] == proc.pid
+
+        with Client(first.socket, timeout=30) as client:
+            client.cancel(run_id)  # ends the slow local workers
+            client.shutdown()
+        assert proc.wait(timeout=60) == 0
+        notify_socket.drain()
+        assert "STOPPING=1" in notify_socket.messages
+        assert first.socket.exists() and first.socket.stat().st_ino == inode, \
+            "the activated socket belongs to systemd: reflowd must not remove it"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_activation_refuses_a_tcp_socket(tmp_path: Path) -> None:
+    """A socket reflowd cannot check peers on (TCP) is refused with a clear message, before anything starts."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    script = ("import os,sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID']=str(os.getpid()); "
+              "os.environ['LISTEN_FDS']='1'; from reflowd.__main__ import main; sys.exit(main(sys.argv[2:]))")
+    env = {**os.environ, "REFLOW_STATE_DIR": str(tmp_path / "state"), "REFLOW_CONFIG": str(tmp_path / "none.toml")}
+    result = subprocess.run([sys.executable, "-c", script, str(listener.fileno()), "--socket", str(tmp_path / "s.sock")],
+                            pass_fds=(listener.fileno(),), env=env, capture_output=True, text=True, timeout=60)
+    listener.close()
+    assert result.returncode == 2
+    assert "not a Unix stream socket" in result.stderr
+    assert not (tmp_path / "state").exists(), "nothing starts"
+
+
+@pytest.mark.anyio
+async def test_watchdog_pings_come_from_the_event_loop(tmp_path: Path, notify_socket: NotifySocket,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocked event loop sends no WATCHDOG=1 (so systemd restarts a hung daemon); pings resume with the loop."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    options = DaemonOptions(socket_path=tmp_path / "run" / "reflowd.sock", state_dir=tmp_path / "state",
+                            config=parse_config({}))
+    daemon = Daemon(options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        with anyio.fail_after(60):
+            while notify_socket.drain().count("WATCHDOG=1") < 2 and notify_socket.messages.count("WATCHDOG=1") < 2:
+                await anyio.sleep(0.05)
+        assert "READY=1" in notify_socket.messages
+        notify_socket.drain()
+        time.sleep(0.6)  # block the event loop for 12 watchdog intervals
+        assert notify_socket.drain() == [], "nothing may ping while the event loop is blocked"
+        with anyio.fail_after(60):
+            while "WATCHDOG=1" not in notify_socket.drain():
+                await anyio.sleep(0.05)
+        daemon.request_shutdown("test")
+    assert "STOPPING=1" in notify_socket.drain() + notify_socket.messages
+
+
+def test_watchdog_interval_follows_systemds_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert systemd.watchdog_interval() == 30.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert systemd.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert systemd.watchdog_interval() == 30.0
+    monkeypatch.setenv("WATCHDOG_USEC", "garbage")
+    assert systemd.watchdog_interval() is None
+
+
+# ---------------------------------------------------------------- journald
+
+def test_journal_lines_carry_priority_and_stay_one_line() -> None:
+    line = render_journal_line({"event": "submit failed", "level": "error", "timestamp": "x", "run_id": "r1",
+                                "task": "fit", "error": "sbatch: error: invalid partition\nsecond line",
+                                "exception": "Traceback (most recent call last):\n  File ...\nValueError: boom"})
+    assert line.startswith("<3>submit failed run_id=r1 task=fit ")
+    assert "\n" not in line and "timestamp" not in line
+    assert 'error="sbatch: error: invalid partition\\nsecond line"' in line
+    assert render_journal_line({"event": "ready", "level": "info", "clusters": ["local", "hpc"]}) == \
+        '<6>ready clusters="[\\"local\\",\\"hpc\\"]"'
+    assert render_journal_line({"event": "x", "level": "warning"}).startswith("<4>")
+    assert render_journal_line({"event": "x", "level": "debug"}).startswith("<7>")
+
+
+JOURNALD = Path("/lib/systemd/systemd-journald")
+
+
+@pytest.fixture
+def journal_namespace() -> Iterator[str]:
+    """A private journald (a journal namespace: its own sockets and files) started for this test."""
+    if os.geteuid() != 0 or not JOURNALD.exists() or shutil.which("journalctl") is None:
+        pytest.skip("needs root and systemd-journald/journalctl (Debian package systemd) for a private journal namespace")
+    namespace = f"reflowtest{os.getpid()}"
+    proc = subprocess.Popen([str(JOURNALD), namespace], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    runtime = Path(f"/run/systemd/journal.{namespace}")
+    try:
+        wait_for(lambda: (runtime / "stdout").exists(), timeout=30, what="journald to listen")
+        yield namespace
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        machine = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else ""
+        for leftover in (runtime, Path(f"/var/log/journal/{machine}.{namespace}"), Path(f"/run/log/journal/{machine}.{namespace}")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _journal_stream(namespace: str, identifier: str) -> socket.socket:
+    """Connect to journald's stdout stream the way systemd connects a service's stderr (sd_journal_stream_fd)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(f"/run/systemd/journal.{namespace}/stdout")
+    sock.shutdown(socket.SHUT_RD)
+    # identifier, unit id, default priority, level prefix on, no forwarding to syslog/kmsg/console
+    sock.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
+    return sock
+
+
+def test_daemon_logs_reach_journald_with_priorities(tmp_path: Path, journal_namespace: str) -> None:
+    stream = _journal_stream(journal_namespace, "reflowd")
+    info = os.fstat(stream.fileno())
+    d = DaemonProcess(tmp_path / "d", config=LOCAL_CONFIG)
+    env = {**d.env, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    proc = subprocess.Popen([sys.executable, "-m", "reflowd"], env=env, stdout=stream.fileno(), stderr=stream.fileno(),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    stream.close()
+    try:
+        wait_for(d.answers, timeout=60, what="reflowd to answer")
+        result = d.cli("submit", str(COUNTING), "--run-dir", str(tmp_path / "run"), "--no-daemon", "--json",
+                       "--n", "1", "--fail-on", "0", check=True)
+        run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
+
+        def finished() -> bool:
+            with Client(d.socket, timeout=30) as client:
+                return client.status(run_id).finished
+
+        wait_for(finished, timeout=120, what="the failing run to end")
+        with Client(d.socket, timeout=30) as client:
+            client.shutdown()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+    def entries() -> list[dict]:
+        out = subprocess.run(["journalctl", f"--namespace={journal_namespace}", "-o", "json", "--no-pager",
+                              "SYSLOG_IDENTIFIER=reflowd"], capture_output=True, text=True, timeout=60)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    found = wait_for(lambda: (e := entries()) and any("reflowd stopped" in x["MESSAGE"] for x in e) and e,
+                     timeout=60, what="the daemon's lines in the journal")
+    ready = next(e for e in found if e["MESSAGE"].startswith("reflowd ready "))
+    assert ready["PRIORITY"] == "6" and f"pid={proc.pid}" in ready["MESSAGE"]
+    failed = next(e for e in found if "new=failed" in e["MESSAGE"] and "task=work" in e["MESSAGE"])
+    assert failed["PRIORITY"] == "4", "a failed task is a warning"
+    assert not any(e["MESSAGE"][:1].isspace() or e["MESSAGE"].startswith("Traceback") for e in found), \
+        "one event, one journal entry: nothing multi-line reaches the stream"
+    assert "7" in {e["PRIORITY"] for e in found}, "REFLOW_LOG_LEVEL=debug: debug lines at priority 7"
+    assert not any(e["MESSAGE"].startswith("<") for e in found), "the <N> prefix is read by journald, not shown"
+    assert not any(e["MESSAGE"].startswith("{") for e in found), "no JSON in the journal"
