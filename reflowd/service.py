@@ -239,7 +239,7 @@ def spec_from_environment(socket: Path | None = None, state_dir: Path | None = N
     except ConfigError as exc:
         raise ServiceError(f"{exc}; fix the configuration before installing the service") from None
     python = os.path.abspath(sys.executable)  # not resolve(): a venv's python is a symlink to the system one
-    if socket is None and cfg.socket == socket_path():
+    if socket is None and not env.get("REFLOW_SOCKET") and cfg.socket == socket_path():
         unit_socket = DEFAULT_SOCKET  # the default, even from a shell without XDG_RUNTIME_DIR (su, some ssh setups)
     else:
         unit_socket = socket_for_unit((socket or cfg.socket).expanduser().absolute(), env.get("XDG_RUNTIME_DIR"))
