@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,8 @@ class NotifySocket:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.messages: list[str] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     def drain(self) -> list[str]:
         """Every message already queued (sendto has returned for each), without waiting."""
@@ -72,7 +75,28 @@ class NotifySocket:
             except TimeoutError:
                 pass
 
+    def collect(self) -> None:
+        """Receive in a thread from now on, as systemd does: the kernel queues only ~10 datagrams
+        (net.unix.max_dgram_qlen), and a sender's non-blocking sd_notify drops what does not fit."""
+        self.sock.settimeout(0.2)
+
+        def loop() -> None:
+            while not self._closed:
+                try:
+                    self.messages.append(self.sock.recv(4096).decode())
+                except (TimeoutError, OSError):
+                    continue
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def seen(self, message: str) -> bool:
+        return message in self.messages
+
     def close(self) -> None:
+        self._closed = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         self.sock.close()
 
 
@@ -120,11 +144,12 @@ def test_socket_activation_readiness_watchdog_and_stopping(tmp_path: Path, notif
         assert "systemd-socket-activate" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
         assert notify_socket.drain() == []
 
+        notify_socket.collect()
         with Client(first.socket, timeout=120) as client:  # the first connection starts reflowd, which serves it
             hello = client.hello()
         assert hello["pid"] == proc.pid, "socket-activate execs reflowd in place"
-        # READY=1 went out before the first request was served, and only after recovery.
-        assert "READY=1" in notify_socket.drain()
+        # READY=1 went out, and only after recovery (the log line right after it follows "recovered runs").
+        wait_for(lambda: notify_socket.seen("READY=1"), timeout=30, what="READY=1")
         log_text = log_path.read_text()
         assert log_text.index('"recovered runs"') < log_text.index('"reflowd ready"')
         assert json.loads(next(line for line in log_text.splitlines() if '"recovered runs"' in line))["runs"] == 1
@@ -132,9 +157,8 @@ def test_socket_activation_readiness_watchdog_and_stopping(tmp_path: Path, notif
             assert client.status(run_id).state == "running"
 
         # WATCHDOG=1 every WATCHDOG_USEC/2 (0.2 s) from the running daemon.
-        notify_socket.messages.clear()
-        wait_for(lambda: notify_socket.drain() and notify_socket.messages.count("WATCHDOG=1") >= 3,
-                 timeout=60, what="three watchdog pings")
+        before = notify_socket.messages.count("WATCHDOG=1")
+        wait_for(lambda: notify_socket.messages.count("WATCHDOG=1") >= before + 3, timeout=60, what="three watchdog pings")
 
         # A second daemon cannot steal the socket: neither with another state directory ...
         other = subprocess.run([sys.executable, "-m", "reflowd", "--socket", str(first.socket),
@@ -153,8 +177,8 @@ def test_socket_activation_readiness_watchdog_and_stopping(tmp_path: Path, notif
             client.cancel(run_id)  # ends the slow local workers
             client.shutdown()
         assert proc.wait(timeout=60) == 0
-        notify_socket.drain()
-        assert "STOPPING=1" in notify_socket.messages
+        wait_for(lambda: notify_socket.seen("STOPPING=1"), timeout=30, what="STOPPING=1")
+        assert notify_socket.messages.index("READY=1") < notify_socket.messages.index("STOPPING=1")
         assert first.socket.exists() and first.socket.stat().st_ino == inode, \
             "the activated socket belongs to systemd: reflowd must not remove it"
     finally:
@@ -200,8 +224,9 @@ async def test_watchdog_pings_come_from_the_event_loop(tmp_path: Path, notify_so
         with anyio.fail_after(60):
             while "WATCHDOG=1" not in notify_socket.drain():
                 await anyio.sleep(0.05)
+        notify_socket.collect()
         daemon.request_shutdown("test")
-    assert "STOPPING=1" in notify_socket.drain() + notify_socket.messages
+    wait_for(lambda: notify_socket.seen("STOPPING=1"), timeout=30, what="STOPPING=1")
 
 
 def test_watchdog_interval_follows_systemds_variables(monkeypatch: pytest.MonkeyPatch) -> None:
