@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ from reflow_client.config import parse_config
 from reflowd import systemd
 from reflowd.daemon import Daemon, DaemonOptions
 from reflowd.logging import render_journal_line
+from reflowd.service import ServiceSpec, render_units
 
 from .support import ROOT, DaemonProcess, wait_for
 
@@ -107,6 +109,10 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     ns.close()
 
 
+def unit_value(text: str, key: str) -> str:
+    return next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "="))
+
+
 def _submit_slow_run(d: DaemonProcess, run_dir: Path) -> str:
     result = d.cli("submit", str(COUNTING), "--run-dir", str(run_dir), "--no-daemon", "--json",
                    "--n", "2", "--delay", "120", check=True)
@@ -126,14 +132,20 @@ def test_socket_activation_readiness_watchdog_and_stopping(tmp_path: Path, notif
     finally:
         first.kill9()
 
+    # Run exactly what `reflowd service install` writes: the units' ListenStream=, ExecStart= and Environment=.
+    units = render_units(ServiceSpec(python=os.path.abspath(sys.executable), socket=str(first.socket),
+                                     state_dir=str(first.state_dir), config=str(first.config_path),
+                                     path=os.environ.get("PATH", "/usr/bin:/bin")))
+    listen = unit_value(units["reflowd.socket"], "ListenStream")
+    exec_start = shlex.split(unit_value(units["reflowd.service"], "ExecStart"))
+    environment = [shlex.split(line)[0] for line in units["reflowd.service"].splitlines() if line.startswith("Environment=")]
+    assert listen == str(first.socket) and exec_start[0] == os.path.abspath(sys.executable)
+    cmd = ["systemd-socket-activate", "-l", listen, "-E", f"HOME={tmp_path}"]
+    for assignment in [*(e.split("=", 1)[1] for e in environment), f"NOTIFY_SOCKET={notify_socket.path}",
+                       "WATCHDOG_USEC=400000"]:
+        cmd += ["-E", assignment]
+    cmd += exec_start
     log_path = tmp_path / "activated.log"
-    env = {**first.env, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
-    passed = ["REFLOW_STATE_DIR", "REFLOW_CONFIG", "HOME", "PATH"]
-    cmd = ["systemd-socket-activate", "-l", str(first.socket)]
-    for name in passed:
-        cmd += ["-E", f"{name}={env[name]}"]
-    cmd += ["-E", f"NOTIFY_SOCKET={notify_socket.path}", "-E", "WATCHDOG_USEC=400000", "-E", "PYTHONUNBUFFERED=1",
-            sys.executable, "-m", "reflowd", "--socket", str(first.socket), "--log-format", "json"]
     first.socket.unlink()  # the killed daemon's leftover; systemd, too, replaces a stale socket file when it binds
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
