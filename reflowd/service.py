@@ -14,6 +14,7 @@ import os
 import pwd
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -175,7 +176,7 @@ def linger_advice(user: str, linger: bool | None) -> str:
     return (
         f"{head}: systemd stops your user manager, and reflowd with it, when your last session ends. Runs then pause "
         "(jobs already on the cluster keep running and are picked up later) until you log in again. To keep reflowd "
-        f"running: 'loginctl enable-linger {user}'. Where that is refused, only an administrator can enable it: ask "
+        f"running:\n    loginctl enable-linger {user}\nWhere that is refused, only an administrator can enable it: ask "
         "your cluster's support. If your site does not allow daemons on login nodes, run reflowd on a workstation "
         "that reaches the cluster over SSH instead (see 'Running the service' in the documentation)."
     )
@@ -293,6 +294,13 @@ def _stop_unmanaged_daemon(socket: Path, out: Callable[[str], None]) -> None:
         "service picks them up")
 
 
+def _wrap(text: str) -> str:
+    """Wrap prose for a terminal; indented lines (commands) stay whole."""
+    return "\n".join(line if line.startswith(" ") else
+                     textwrap.fill(line, width=100, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+                     for line in text.splitlines())
+
+
 def _socket_path(spec: ServiceSpec, env: Mapping[str, str]) -> Path:
     if spec.socket.startswith("%t/"):
         runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"  # what the user manager's %t is
@@ -324,7 +332,7 @@ def install(spec: ServiceSpec, *, out: Callable[[str], None] = print, run: Runne
                 raise ServiceError(f"'{' '.join(argv)}' failed: {(result.stderr or result.stdout).strip()}; "
                                    f"see '{LOGS_HINT}'")
         out("enabled reflowd.service and started reflowd.socket: the first client connection starts reflowd")
-    out(linger_advice(current_user(), check_linger(current_user(), run)))
+    out(_wrap("linger: " + linger_advice(current_user(), check_linger(current_user(), run))))
     out(f"logs: {LOGS_HINT}")
     return 0
 
@@ -382,7 +390,7 @@ def status(spec: ServiceSpec, *, out: Callable[[str], None] = print, run: Runner
         out("daemon: not running (with the socket enabled, the first client connection starts it)")
     else:
         out(f"daemon: reflowd {info.get('version')} (pid {info.get('pid')}) answers on {info.get('socket')}")
-    out(linger_advice(current_user(), check_linger(current_user(), run)))
+    out(_wrap("linger: " + linger_advice(current_user(), check_linger(current_user(), run))))
     out(f"logs: {LOGS_HINT}")
     return 0 if installed else 3
 
