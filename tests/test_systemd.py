@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -28,7 +29,7 @@ from reflow_client.client import Client
 from reflow_client.config import parse_config
 from reflowd import systemd
 from reflowd.daemon import Daemon, DaemonOptions
-from reflowd.logging import render_journal_line
+from reflowd.logging import encode_journal, field_name, journal_fields, render_journal_line
 from reflowd.service import ServiceSpec, render_units
 
 from .support import ROOT, DaemonProcess, wait_for
@@ -305,11 +306,14 @@ def _journal_stream(namespace: str, identifier: str) -> socket.socket:
     return sock
 
 
-def test_daemon_logs_reach_journald_with_priorities(tmp_path: Path, journal_namespace: str) -> None:
+@pytest.mark.parametrize("mode", ["native", "stream"])
+def test_daemon_logs_reach_journald_with_priorities(tmp_path: Path, journal_namespace: str, mode: str) -> None:
+    """native: entries with fields through journald's socket; stream: <N> lines on stderr when that socket is absent."""
     stream = _journal_stream(journal_namespace, "reflowd")
     info = os.fstat(stream.fileno())
     d = DaemonProcess(tmp_path / "d", config=LOCAL_CONFIG)
-    env = {**d.env, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    native = f"/run/systemd/journal.{journal_namespace}/socket" if mode == "native" else str(tmp_path / "no-journal")
+    env = {**d.env, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}", "REFLOW_JOURNAL_SOCKET": native}
     proc = subprocess.Popen([sys.executable, "-m", "reflowd"], env=env, stdout=stream.fileno(), stderr=stream.fileno(),
                             stdin=subprocess.DEVNULL, start_new_session=True)
     stream.close()
@@ -332,9 +336,9 @@ def test_daemon_logs_reach_journald_with_priorities(tmp_path: Path, journal_name
             proc.kill()
             proc.wait(timeout=30)
 
-    def entries() -> list[dict]:
+    def entries(*match: str) -> list[dict]:
         out = subprocess.run(["journalctl", f"--namespace={journal_namespace}", "-o", "json", "--no-pager",
-                              "SYSLOG_IDENTIFIER=reflowd"], capture_output=True, text=True, timeout=60)
+                              "SYSLOG_IDENTIFIER=reflowd", *match], capture_output=True, text=True, timeout=60)
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
     found = wait_for(lambda: (e := entries()) and any("reflowd stopped" in x["MESSAGE"] for x in e) and e,
@@ -344,7 +348,28 @@ def test_daemon_logs_reach_journald_with_priorities(tmp_path: Path, journal_name
     failed = next(e for e in found if "new=failed" in e["MESSAGE"] and "task=work" in e["MESSAGE"])
     assert failed["PRIORITY"] == "4", "a failed task is a warning"
     assert not any(e["MESSAGE"][:1].isspace() or e["MESSAGE"].startswith("Traceback") for e in found), \
-        "one event, one journal entry: nothing multi-line reaches the stream"
+        "one event, one journal entry"
     assert "7" in {e["PRIORITY"] for e in found}, "REFLOW_LOG_LEVEL=debug: debug lines at priority 7"
     assert not any(e["MESSAGE"].startswith("<") for e in found), "the <N> prefix is read by journald, not shown"
     assert not any(e["MESSAGE"].startswith("{") for e in found), "no JSON in the journal"
+    if mode == "native":
+        of_run = entries(f"RUN_ID={run_id}", "TASK=work")  # journalctl filters on reflow's fields
+        assert of_run and all(e["RUN_ID"] == run_id and e["TASK"] == "work" for e in of_run)
+        assert {e.get("NEW") for e in of_run} >= {"failed"} and failed["CLUSTER"] == "local"
+        assert int(failed["_PID"]) == proc.pid, "journald attributes native entries to the sender"
+    else:
+        assert "RUN_ID" not in failed, "the stream carries the text only"
+
+
+def test_native_journal_entries_encode_fields_and_tracebacks() -> None:
+    entry = journal_fields({"event": "evaluation failed", "level": "error", "run_id": "r1", "message": "clash",
+                            "exception": "Traceback (most recent call last):\n  File x\nValueError: boom\n"})
+    fields = dict(entry)
+    assert fields["PRIORITY"] == "3" and fields["RUN_ID"] == "r1" and fields["SYSLOG_IDENTIFIER"] == "reflowd"
+    assert fields["REFLOW_MESSAGE"] == "clash", "reserved journal names are prefixed, not overwritten"
+    assert fields["MESSAGE"].startswith("evaluation failed run_id=r1 ") and fields["MESSAGE"].endswith("ValueError: boom")
+    data = encode_journal(entry)
+    assert data.startswith(b"MESSAGE\n") and b"PRIORITY=3\n" in data and b"RUN_ID=r1\n" in data
+    size = struct.unpack("<Q", data[8:16])[0]
+    assert data[16:16 + size].decode() == fields["MESSAGE"] and data[16 + size:17 + size] == b"\n"
+    assert field_name("job-id") == "JOB_ID" and field_name("_x") == "X" and field_name("1st") == "REFLOW_1ST"
