@@ -290,6 +290,9 @@ def _stop_unmanaged_daemon(socket: Path, out: Callable[[str], None]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and socket.exists() and _daemon_info(socket) is not None:
         time.sleep(0.2)
+    if socket.exists() and _daemon_info(socket) is not None:
+        raise ServiceError(f"the reflowd (pid {info.get('pid')}) running outside systemd did not stop within 60 s; "
+                           "stop it ('reflow-client shutdown', or kill it: jobs keep running) and install again")
     out(f"stopped the reflowd (pid {info.get('pid')}) that ran outside systemd; jobs keep running and the "
         "service picks them up")
 
