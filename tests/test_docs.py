@@ -4,7 +4,9 @@ The convention (also on the site's home page, docs/index.md):
 
 * ``sh``/``bash`` blocks run with bash, in order, one scratch directory per page
   holding the repository's ``examples/`` and the files of ``docs/examples/``,
-  with the test's virtual environment as ``.venv`` and on ``PATH``, a private
+  with the test's virtual environment as ``.venv`` (active, that is on ``PATH``,
+  for the pages under docs/, which say so; not for the README, which starts
+  from a plain shell and must activate it or name ``.venv/bin/...``), a private
   HOME and runtime directory (so a private reflowd socket, state and config).
   ``RUN_ID`` stands for the newest run's id. The README's set-up prefix
   (``python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' &&``) is
@@ -104,7 +106,7 @@ def shell_script(block: Block) -> str:
     return f"set -eo pipefail\n{NEWEST_RUN}\n{text}"
 
 
-def workspace(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def workspace(tmp_path: Path, *, venv_active: bool) -> tuple[Path, dict[str, str]]:
     ws = tmp_path / "ws"
     shutil.copytree(ROOT / "examples", ws / "examples", ignore=shutil.ignore_patterns("__pycache__"))
     for sample in EXAMPLES.glob("*.py"):
@@ -114,8 +116,10 @@ def workspace(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     runtime.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("REFLOW_", "XDG_", "VIRTUAL_ENV", "NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_"))}
+    venv_bin = str(Path(sys.executable).parent)
+    path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != venv_bin]
     env.update(HOME=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
+               PATH=os.pathsep.join([venv_bin, *path] if venv_active else path))
     (tmp_path / "home").mkdir()
     return ws, env
 
@@ -148,7 +152,9 @@ PAGES_WITH_SAMPLES = [p for p in PAGES if runnable(p)]
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES_WITH_SAMPLES, ids=[str(p.relative_to(ROOT)) for p in PAGES_WITH_SAMPLES])
 def test_page_samples_run(page: Path, tmp_path: Path) -> None:
-    ws, env = workspace(tmp_path)
+    # The README starts from a plain shell, so its commands must activate the venv themselves (or name .venv/bin/...);
+    # the pages under docs/ say up front that the venv is active.
+    ws, env = workspace(tmp_path, venv_active=page.name != "README.md")
     try:
         for block in runnable(page):
             if block.lang in TOML:
