@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -78,7 +78,7 @@ class NotifySocket:
             except TimeoutError:
                 pass
 
-    def collect(self) -> None:
+    def collect(self, on_message: Callable[[str], None] | None = None) -> None:
         """Receive in a thread from now on, as systemd does: the kernel queues only ~10 datagrams
         (net.unix.max_dgram_qlen), and a sender's non-blocking sd_notify drops what does not fit."""
         self.sock.settimeout(0.2)
@@ -86,9 +86,12 @@ class NotifySocket:
         def loop() -> None:
             while not self._closed:
                 try:
-                    self.messages.append(self.sock.recv(4096).decode())
+                    message = self.sock.recv(4096).decode()
                 except (TimeoutError, OSError):
                     continue
+                if on_message is not None:
+                    on_message(message)
+                self.messages.append(message)
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
@@ -157,12 +160,14 @@ def test_socket_activation_readiness_watchdog_and_stopping(tmp_path: Path, notif
         assert "systemd-socket-activate" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
         assert notify_socket.drain() == []
 
-        notify_socket.collect()
+        log_at_ready: list[str] = []
+        notify_socket.collect(lambda m: m == "READY=1" and log_at_ready.append(log_path.read_text()))
         with Client(first.socket, timeout=120) as client:  # the first connection starts reflowd, which serves it
             hello = client.hello()
         assert hello["pid"] == proc.pid, "socket-activate execs reflowd in place"
         # READY=1 went out, and only after recovery (the log line right after it follows "recovered runs").
         wait_for(lambda: notify_socket.seen("READY=1"), timeout=30, what="READY=1")
+        assert '"recovered runs"' in log_at_ready[0], "READY=1 came before recovery had finished"
         log_text = log_path.read_text()
         assert log_text.index('"recovered runs"') < log_text.index('"reflowd ready"')
         assert json.loads(next(line for line in log_text.splitlines() if '"recovered runs"' in line))["runs"] == 1
