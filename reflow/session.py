@@ -45,6 +45,28 @@ def with_submit_options(manifest: dict[str, Any], options: dict[str, Any]) -> di
     return {**manifest, "tasks": tasks}
 
 
+def run_cluster(client: Client, run_id: str) -> str:
+    return client.status(run_id).run.cluster
+
+
+def check_run_executor(wf: Workflow, client: Client, run_id: str, executor: Executor | str | None) -> None:
+    """An executor given for an existing run must name the cluster it runs on, with nothing to change."""
+    if executor is None:
+        return
+    chosen, submit_options = resolve_executor(executor, wf.config)
+    current = run_cluster(client, run_id)
+    if chosen.name != current:
+        raise ValueError(
+            f"run {run_id} runs on cluster {current!r}; an executor for {chosen.name!r} cannot act on it "
+            "(a run stays where it was submitted: submit a new run to use another cluster)"
+        )
+    if submit_options:
+        raise ValueError(
+            f"run {run_id}: submit options ({', '.join(sorted(submit_options))}) are fixed when a run is submitted; "
+            "pass the executor without options, or submit a new run"
+        )
+
+
 def submit(
     wf: Workflow,
     run_dir: str | os.PathLike[str],
@@ -79,28 +101,6 @@ def submit(
     manifest = with_submit_options(wf.describe(), submit_options)
     result = client.submit(manifest, params, rd, cluster=cluster_cfg.name, options=options)
     return Run(wf, result.run_id, Path(result.run_dir), client)
-
-
-def run_cluster(client: Client, run_id: str) -> str:
-    return client.status(run_id).run.cluster
-
-
-def check_run_executor(wf: Workflow, client: Client, run_id: str, executor: Executor | str | None) -> None:
-    """An executor given for an existing run must name the cluster it runs on, with nothing to change."""
-    if executor is None:
-        return
-    chosen, submit_options = resolve_executor(executor, wf.config)
-    current = run_cluster(client, run_id)
-    if chosen.name != current:
-        raise ValueError(
-            f"run {run_id} runs on cluster {current!r}; an executor for {chosen.name!r} cannot act on it "
-            "(a run stays where it was submitted: submit a new run to use another cluster)"
-        )
-    if submit_options:
-        raise ValueError(
-            f"run {run_id}: submit options ({', '.join(sorted(submit_options))}) are fixed when a run is submitted; "
-            "pass the executor without options, or submit a new run"
-        )
 
 
 def params_parser(wf: Workflow, prog: str) -> argparse.ArgumentParser:
