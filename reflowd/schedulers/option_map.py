@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,7 @@ def render(spec: OptionSpec, options: Mapping[str, Any]) -> tuple[list[list[str]
     return groups, native
 
 
-def mail_types(system: str, value: str, letters: Mapping[str, str], joiner: str = "") -> str:
+def mail_types(system: str, value: str, letters: Mapping[str, Sequence[str]], joiner: str = "") -> str:
     """Map Slurm-style ``mail_type`` (``END,FAIL``) onto a system's own letters or words."""
     out: list[str] = []
     for part in value.replace(" ", "").split(","):
