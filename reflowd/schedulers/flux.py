@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -20,9 +21,21 @@ import structlog
 from ..transports.base import CommandResult, Transport, TransportError
 from . import flux_commands as fc
 from .base import Observation, Scheduler, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, split_key
+from .job_script import ArrayLayout, Book, split_key
 
 log = structlog.get_logger("reflowd.flux")
+
+
+@dataclass
+class Submission:
+    """One ``flux submit``: a singleton job, or a bulk submission known by its lowest id."""
+
+    layout: ArrayLayout
+    tag: str
+    #: position (None for a singleton) -> job id value
+    members: dict[int | None, int] = field(default_factory=dict)
+    #: values flux submit printed whose position is not known yet (learnt from their names)
+    unplaced: set[int] = field(default_factory=set)
 
 
 class FluxScheduler(Scheduler):
@@ -37,12 +50,7 @@ class FluxScheduler(Scheduler):
         self.version: str | None = None
         self.queries = 0
         self.listings = 0
-        self._layouts: dict[str, ArrayLayout] = {}
-        self._tags: dict[str, str] = {}
-        #: master id -> {position (None for a singleton): job id value}
-        self._members: dict[str, dict[int | None, int]] = {}
-        #: master id -> values flux submit printed whose position is not known yet
-        self._unplaced: dict[str, set[int]] = {}
+        self._subs: Book[Submission] = Book()
         self._probed = False
         self._probe_lock = anyio.Lock()
 
@@ -81,71 +89,68 @@ class FluxScheduler(Scheduler):
         ids = fc.parse_submit(result.stdout, result.stderr, result.returncode, expected)
         values = {i: fc.id_value(i) for i in ids}
         master = min(ids, key=lambda i: values[i] or 0)
-        self._remember(request, master)
+        sub = self._remember(request, master)
         if request.indices is None:
-            self._members[master] = {None: values[master] or 0}
+            sub.members = {None: values[master] or 0}
         else:
-            self._unplaced[master] = {v for v in values.values() if v is not None}
+            sub.unplaced = {v for v in values.values() if v is not None}
         return master
 
-    def _remember(self, request: SubmitRequest, master: str) -> None:
-        self._layouts[master] = ArrayLayout.of(request, master)
-        self._tags[master] = request.tag
-        self._members.setdefault(master, {})
+    def _remember(self, request: SubmitRequest, master: str) -> Submission:
+        sub = Submission(ArrayLayout.of(request, master), request.tag)
+        self._subs[master] = sub
+        return sub
 
     async def reattach(self, request: SubmitRequest, job_id: str) -> None:
-        self._remember(request, job_id)
-        if request.indices is None:
-            value = fc.id_value(job_id)
-            if value is not None:
-                self._members[job_id] = {None: value}
+        sub = self._remember(request, job_id)
+        if request.indices is None and (value := fc.id_value(job_id)) is not None:
+            sub.members = {None: value}
 
     def forget(self, job_id: str) -> None:
-        for table in (self._layouts, self._tags, self._members, self._unplaced):
-            table.pop(job_id, None)  # type: ignore[attr-defined]
+        self._subs.retire(job_id)
 
-    def _needs_listing(self, masters: list[str]) -> bool:
-        """An array re-attached after a restart: its members are found by name in one listing."""
-        for master in masters:
-            layout = self._layouts.get(master)
-            if layout and layout.is_array and not self._members.get(master) and not self._unplaced.get(master):
-                return True
-        return False
+    def _sub(self, master: str) -> Submission:
+        """The submission *master* names; one not tracked is taken for a singleton with this id."""
+        sub = self._subs.get(master)
+        if sub is None:
+            value = fc.id_value(master)
+            sub = Submission(ArrayLayout(master, None), "", {None: value} if value is not None else {})
+            self._subs[master] = sub
+        return sub
 
-    def _place(self, jobs: list[fc.FluxJob], masters: list[str]) -> None:
-        by_tag = {self._tags[m]: m for m in masters if m in self._tags}
+    @staticmethod
+    def _place(jobs: list[fc.FluxJob], subs: list[Submission]) -> None:
+        by_tag = {sub.tag: sub for sub in subs if sub.tag}
         for job in jobs:
             tag, position = fc.tag_of(job.name)
-            master = by_tag.get(tag)
-            if master is None:
+            sub = by_tag.get(tag)
+            if sub is None:
                 continue
-            layout = self._layouts[master]
-            if layout.is_array and position is not None:
-                self._members[master][position] = job.value
-                self._unplaced.get(master, set()).discard(job.value)
-            elif not layout.is_array and position is None:
-                self._members[master][None] = job.value
+            if sub.layout.is_array and position is not None:
+                sub.members[position] = job.value
+                sub.unplaced.discard(job.value)
+            elif not sub.layout.is_array and position is None:
+                sub.members[None] = job.value
+
+    async def _list_all(self) -> CommandResult:
+        self.listings += 1
+        result = await self._run(fc.render_jobs_all(), timeout=self.command_timeout * 2)
+        _unknown, errors = fc.jobs_errors(result.stderr)
+        if not result.ok or errors:
+            raise TransportError(f"flux jobs failed ({result.returncode}): {' '.join(errors)[:300]}")
+        return result
 
     async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
         masters = sorted(set(job_ids))
         if not masters:
             return {}
-        for master in masters:
-            if master not in self._layouts:  # not tracked: treat it as a singleton with this id
-                value = fc.id_value(master)
-                self._layouts[master] = ArrayLayout(master, None)
-                self._members[master] = {None: value} if value is not None else {}
+        subs = [self._sub(m) for m in masters]
         self.queries += 1
-        unknown: set[int] = set()
-        if self._needs_listing(masters):
-            self.listings += 1
-            result = await self._run(fc.render_jobs_all(), timeout=self.command_timeout * 2)
-            _unknown, errors = fc.jobs_errors(result.stderr)
-            if not result.ok or errors:
-                raise TransportError(f"flux jobs failed ({result.returncode}): {' '.join(errors)[:300]}")
+        if any(s.layout.is_array and not s.members and not s.unplaced for s in subs):
+            # An array re-attached after a restart: its members are found by name in one listing.
+            result = await self._list_all()
         else:
-            values = sorted({v for m in masters for v in self._members.get(m, {}).values()}
-                            | {v for m in masters for v in self._unplaced.get(m, set())})
+            values = sorted({v for s in subs for v in s.members.values()} | {v for s in subs for v in s.unplaced})
             if not values:
                 return {}
             result = await self._run(fc.render_jobs([str(v) for v in values]))
@@ -154,19 +159,17 @@ class FluxScheduler(Scheduler):
                 raise TransportError(f"flux jobs failed ({result.returncode}): "
                                      f"{(' '.join(errors) or result.stderr.strip())[:300]}")
         jobs = fc.parse_jobs(result.stdout)
-        self._place(jobs, masters)
+        self._place(jobs, subs)
         by_value = {job.value: job for job in jobs}
         out: dict[str, Observation] = {}
-        for master in masters:
-            layout = self._layouts[master]
-            members = self._members.get(master, {})
-            if not layout.is_array:
-                value = members.get(None)
+        for sub in subs:
+            if not sub.layout.is_array:
+                value = sub.members.get(None)
                 if value in by_value:
-                    out[master] = fc.observe(by_value[value])
+                    out[sub.layout.job_id] = fc.observe(by_value[value])
                 continue
-            for position, key in enumerate(layout.keys()):
-                value = members.get(position)
+            for position, key in enumerate(sub.layout.keys()):
+                value = sub.members.get(position)
                 if value is not None and value in by_value:
                     out[key] = fc.observe(by_value[value])
         return out
@@ -175,30 +178,28 @@ class FluxScheduler(Scheduler):
         wanted = sorted(set(tags))
         if not wanted:
             return {}
-        self.listings += 1
-        result = await self._run(fc.render_jobs_all(), timeout=self.command_timeout * 2)
-        _unknown, errors = fc.jobs_errors(result.stderr)
-        if not result.ok or errors:
-            raise TransportError(f"flux jobs failed ({result.returncode}): {' '.join(errors)[:300]}")
+        result = await self._list_all()
         return fc.tagged_jobs(fc.parse_jobs(result.stdout), wanted)
 
     async def cancel(self, job_keys: Collection[str]) -> None:
         targets: set[int] = set()
+        unplaced = [s for s in (self._subs.get(split_key(k)[0]) for k in job_keys) if s is not None and s.unplaced]
+        if unplaced:  # learn which member holds which position (by name) before cancelling one of them
+            values = sorted({v for s in unplaced for v in s.unplaced})
+            result = await self._run(fc.render_jobs([str(v) for v in values]))
+            self._place(fc.parse_jobs(result.stdout), unplaced)
         for key in set(job_keys):
             master, element = split_key(key)
-            if master not in self._layouts:
-                master, element = key, None
-            members = self._members.get(master, {})
-            layout = self._layouts.get(master)
-            if element is None or layout is None or not layout.is_array:
-                targets.update(members.values())
-                targets.update(self._unplaced.get(master, set()))
-                if not members and (value := fc.id_value(master)) is not None:
-                    targets.add(value)
+            sub = self._subs.get(master)
+            if sub is None:
+                sub, element = self._sub(key), None
+            if element is None or not sub.layout.is_array:
+                targets.update(sub.members.values())
+                targets.update(sub.unplaced)
                 continue
-            position = layout.position_of(key)
-            if position is not None and position in members:
-                targets.add(members[position])
+            position = sub.layout.position_of(key)
+            if position is not None and position in sub.members:
+                targets.add(sub.members[position])
         if not targets:
             return
         result = await self._run(fc.render_cancel([str(v) for v in sorted(targets)]))

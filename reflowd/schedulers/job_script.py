@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from .base import OptionError, SubmitRequest, log_path
+
+T = TypeVar("T")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -115,3 +119,35 @@ def render_script(request: SubmitRequest, directives: Sequence[str], position_ex
     lines.append(f'exec >>{shlex.quote(base)}"$id".out 2>>{shlex.quote(base)}"$id".err')
     lines.append(f'exec {command} --index "$index"')
     return "\n".join(lines) + "\n"
+
+
+class Book(Generic[T]):
+    """Per-job bookkeeping that outlives :meth:`Scheduler.forget` for a while.
+
+    The engine forgets a job once it has concluded every element, but a
+    cancel for one of those elements may still be on its way (a client
+    cancel races the observer's pruning), so forgotten entries are retired
+    to a bounded store instead of dropped.
+    """
+
+    def __init__(self, keep: int = 2000) -> None:
+        self.live: dict[str, T] = {}
+        self.retired: OrderedDict[str, T] = OrderedDict()
+        self.keep = keep
+
+    def get(self, key: str) -> T | None:
+        return self.live.get(key, self.retired.get(key))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.live or key in self.retired
+
+    def __setitem__(self, key: str, value: T) -> None:
+        self.retired.pop(key, None)
+        self.live[key] = value
+
+    def retire(self, key: str) -> None:
+        value = self.live.pop(key, None)
+        if value is not None:
+            self.retired[key] = value
+            while len(self.retired) > self.keep:
+                self.retired.popitem(last=False)

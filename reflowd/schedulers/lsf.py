@@ -19,7 +19,7 @@ import structlog
 from ..transports.base import CommandResult, Transport, TransportError
 from . import lsf_commands as lc
 from .base import Observation, Scheduler, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, split_key
+from .job_script import ArrayLayout, Book, split_key
 
 log = structlog.get_logger("reflowd.lsf")
 
@@ -39,7 +39,7 @@ class LSFScheduler(Scheduler):
         self.clean_period: int | None = None
         self.queries = 0
         self.history_queries = 0
-        self._layouts: dict[str, ArrayLayout] = {}
+        self._layouts: Book[ArrayLayout] = Book()
         self._probed = False
         self._probe_lock = anyio.Lock()
 
@@ -99,7 +99,7 @@ class LSFScheduler(Scheduler):
         self._layouts[job_id] = ArrayLayout.of(request, job_id)
 
     def forget(self, job_id: str) -> None:
-        self._layouts.pop(job_id, None)
+        self._layouts.retire(job_id)
 
     def _parse(self, result: CommandResult) -> tuple[list[dict[str, str]], set[str]]:
         try:

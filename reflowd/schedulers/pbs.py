@@ -21,7 +21,7 @@ import structlog
 from ..transports.base import CommandResult, Transport, TransportError
 from . import pbs_commands as pc
 from .base import Observation, Scheduler, SubmitError, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, split_key
+from .job_script import ArrayLayout, Book, split_key
 
 log = structlog.get_logger("reflowd.pbs")
 
@@ -41,7 +41,7 @@ class PBSScheduler(Scheduler):
         self.array_limit = False
         self.refusal: str | None = None
         self.queries = 0
-        self._layouts: dict[str, ArrayLayout] = {}
+        self._layouts: Book[ArrayLayout] = Book()
         self._probed = False
         self._probe_lock = anyio.Lock()
 
@@ -108,7 +108,7 @@ class PBSScheduler(Scheduler):
         self._layouts[job_id] = ArrayLayout.of(request, job_id)
 
     def forget(self, job_id: str) -> None:
-        self._layouts.pop(job_id, None)
+        self._layouts.retire(job_id)
 
     def keys_for(self, job_id: str, request_indices: Any, offset: int) -> list[str]:
         layout = self._layouts.get(job_id)
