@@ -85,82 +85,67 @@ def test_pipeline_fans_out_100_as_one_array_and_gathers(daemon: DaemonProcess, e
     assert (run_dir / "logs").is_dir() and any((run_dir / "logs").glob("summarise.*.99.out"))
 
 
-def test_failing_element_is_failed_with_its_traceback(daemon: DaemonProcess, tmp_path: Path) -> None:
-    run_dir = tmp_path / "fail"
-    run_id = submit(daemon, COUNTING, run_dir, "--n", "3", "--fail-on", "1")
-    assert wait_state(daemon, run_id) == "failed"
-    work = status(daemon, run_id, "work")
-    states = {i.index: i.state for i in work.instances or []}
-    assert states == {0: "succeeded", 1: "failed", 2: "succeeded"}, states
-    failure = next(f for f in status(daemon, run_id).failures if f.task == "work")
-    assert "ValueError: bad input 1" in (failure.error or "") + (failure.traceback or "")
+def test_failures_cancels_kills_and_daemon_crashes_in_one_life(emulated: EmulatedScheduler, tmp_path: Path) -> None:
+    """Several runs at once through two daemon crashes (kept in one daemon's life so the set stays quick).
 
-
-def test_cancel_from_outside_is_reported_cancelled(daemon: DaemonProcess, emulated: EmulatedScheduler,
-                                                   tmp_path: Path) -> None:
-    run_dir = tmp_path / "outside"
-    run_id = submit(daemon, SLURMY, run_dir, "--mode", "sleep", "--n", "1")
-    wait_for(lambda: (run_dir / "victim.pid").exists(), timeout=120, what="victim to start")
-    job = wait_for(lambda: next((i.job_id for i in status(daemon, run_id, "victim").instances or []
-                                 if i.job_id), None), timeout=60, what="victim's job id")
-    result = emulated.cancel_outside(job)
-    assert result.returncode == 0, result.stderr
-    assert wait_state(daemon, run_id) in ("failed", "cancelled")
-    victim = status(daemon, run_id, "victim").instances[0]  # type: ignore[index]
-    assert victim.state == "cancelled", victim
-
-
-def test_cancel_from_the_client_reaches_the_scheduler(daemon: DaemonProcess, emulated: EmulatedScheduler,
-                                                      tmp_path: Path) -> None:
-    run_dir = tmp_path / "cancel"
-    run_id = submit(daemon, COUNTING, run_dir, "--n", "6", "--delay", "60")
-    wait_for(lambda: (run_dir / "executions.txt").exists()
-             and any(k.startswith("work") for k in executions(run_dir)), timeout=120, what="work to start")
-    with daemon.client() as c:
-        assert c.cancel(run_id) >= 1
-    assert wait_state(daemon, run_id) == "cancelled"
-    wait_for(emulated.all_elements_done, timeout=60, what="the scheduler to end every element")
-
-
-def test_killed_job_is_failed(daemon: DaemonProcess, tmp_path: Path) -> None:
-    run_dir = tmp_path / "kill"
-    run_id = submit(daemon, SLURMY, run_dir, "--mode", "sleep", "--n", "1")
-    pid = int(wait_for(lambda: (run_dir / "victim.pid").exists() and (run_dir / "victim.pid").read_text(),
-                       timeout=120, what="victim to start"))
-    os.kill(pid, signal.SIGKILL)
-    assert wait_state(daemon, run_id) == "failed"
-    victim = status(daemon, run_id, "victim").instances[0]  # type: ignore[index]
-    assert victim.state == "failed" and victim.error, victim
-
-
-def test_kill9_of_the_daemon_mid_run_runs_every_task_once(daemon: DaemonProcess, emulated: EmulatedScheduler,
-                                                          tmp_path: Path) -> None:
-    run_dir = tmp_path / "crash"
-    run_id = submit(daemon, COUNTING, run_dir, "--n", "12", "--delay", "1")
-    wait_for(lambda: (run_dir / "executions.txt").exists()
-             and sum(1 for k in executions(run_dir).elements() if k.startswith("work")) >= 2,
-             timeout=120, what="array elements to run")
-    daemon.kill9()
-    daemon.start()
-    assert wait_state(daemon, run_id) == "succeeded"
-    labels = executions(run_dir)
-    assert labels["prepare"] == 1 and labels["total"] == 1
-    assert [labels[f"work {i}"] for i in range(12)] == [1] * 12
-    names = emulated.submissions_by_name()
-    assert all(count == 1 for count in names.values()), names
-
-
-def test_crash_right_after_submission_adopts_the_job_by_its_tag(emulated: EmulatedScheduler, tmp_path: Path) -> None:
+    1. reflowd dies right after its first submission (before recording the job id): the next daemon
+       adopts the job by its tag;
+    2. meanwhile: an element raises; a job is cancelled from outside (qdel/bkill/flux cancel); a
+       worker is killed with SIGKILL; a run is cancelled from the client;
+    3. reflowd is killed with SIGKILL while an array runs: every task still runs exactly once.
+    """
+    emulated.slots = 10  # sleeping victims must not starve the array
     d = DaemonProcess(tmp_path / "d", config=emulated.config(sys.executable), env=emulated.env())
-    d.start(extra_env={"REFLOW_FAULT_POINTS": "after_submit"})
-    run_dir = tmp_path / "fault"
     try:
-        run_id = submit(d, COUNTING, run_dir, "--n", "3")
+        d.start(extra_env={"REFLOW_FAULT_POINTS": "after_submit"})
+        adopt_dir = tmp_path / "adopt"
+        adopt = submit(d, COUNTING, adopt_dir, "--n", "3")
         assert d.proc is not None and d.proc.wait(timeout=60) == 137
         d.start()
-        assert wait_state(d, run_id) == "succeeded"
-        assert executions(run_dir) == Counter({"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "total": 1})
+        runs = {
+            "fail": submit(d, COUNTING, tmp_path / "fail", "--n", "3", "--fail-on", "1"),
+            "outside": submit(d, SLURMY, tmp_path / "outside", "--mode", "sleep", "--n", "1"),
+            "kill": submit(d, SLURMY, tmp_path / "kill", "--mode", "sleep", "--n", "1"),
+            "cancel": submit(d, COUNTING, tmp_path / "cancel", "--n", "2", "--delay", "120"),
+            "crash": submit(d, COUNTING, tmp_path / "crash", "--n", "10", "--delay", "1"),
+        }
+        for name in ("outside", "kill"):
+            wait_for(lambda n=name: (tmp_path / n / "victim.pid").exists(), timeout=120, what=f"{name} victim")
+        wait_for(lambda: (tmp_path / "crash" / "executions.txt").exists()
+                 and sum(1 for k in executions(tmp_path / "crash").elements() if k.startswith("work")) >= 2,
+                 timeout=120, what="the array to run")
+        d.kill9()
+        d.start()
+        victim_job = wait_for(lambda: next((i.job_id for i in status(d, runs["outside"], "victim").instances or []
+                                            if i.job_id), None), timeout=60, what="victim's job id")
+        assert ID_SHAPE[emulated.kind] in victim_job, victim_job
+        result = emulated.cancel_outside(victim_job)
+        assert result.returncode == 0, result.stderr
+        os.kill(int((tmp_path / "kill" / "victim.pid").read_text()), signal.SIGKILL)
+        wait_for(lambda: (tmp_path / "cancel" / "executions.txt").exists(), timeout=120, what="work to start")
+        with d.client() as c:
+            assert c.cancel(runs["cancel"]) >= 1
+        final = {name: wait_state(d, run_id) for name, run_id in {**runs, "adopt": adopt}.items()}
+        assert final == {"fail": "failed", "outside": "failed", "kill": "failed", "cancel": "cancelled",
+                         "crash": "succeeded", "adopt": "succeeded"}, final
+
+        work = {i.index: i.state for i in status(d, runs["fail"], "work").instances or []}
+        assert work == {0: "succeeded", 1: "failed", 2: "succeeded"}, work
+        failure = next(f for f in status(d, runs["fail"]).failures if f.task == "work")
+        assert "ValueError: bad input 1" in (failure.error or "") + (failure.traceback or "")
+        assert status(d, runs["outside"], "victim").instances[0].state == "cancelled"  # type: ignore[index]
+        killed = status(d, runs["kill"], "victim").instances[0]  # type: ignore[index]
+        assert killed.state == "failed" and killed.error, killed
+        wait_for(emulated.all_elements_done, timeout=60, what="the scheduler to end every element")
+
         assert "adopted job found by tag" in d.log()
-        assert all(count == 1 for count in emulated.submissions_by_name().values())
+        assert executions(adopt_dir) == Counter({"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "total": 1})
+        labels = executions(tmp_path / "crash")
+        assert labels["prepare"] == 1 and labels["total"] == 1
+        assert [labels[f"work {i}"] for i in range(10)] == [1] * 10, labels
+        names = emulated.submissions_by_name()
+        assert all(count == 1 for count in names.values()), names
     finally:
-        d.stop()
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait(timeout=30)

@@ -77,17 +77,25 @@ def next_seq(root: Path, start: int = 100) -> int:
 
 def submit(root: Path, meta: dict[str, Any]) -> int:
     """Record a job and start its runner; returns the sequence number."""
-    seq = int(meta["seq"]) if "seq" in meta else next_seq(root)
-    meta["seq"] = seq
-    meta.setdefault("submit_time", time.time())
-    job = root / "jobs" / str(seq)
-    (job / "el").mkdir(parents=True, exist_ok=True)
-    write_json(job / "meta.json", meta)
-    with open(os.devnull, "rb") as devnull_in, open(job / "runner.log", "ab") as log:
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), "run", str(seq)], stdin=devnull_in,
+    return submit_many(root, [meta])[0]
+
+
+def submit_many(root: Path, metas: list[dict[str, Any]]) -> list[int]:
+    """Record several jobs (a Flux bulk submission) run by one runner process."""
+    seqs = []
+    for meta in metas:
+        seq = int(meta["seq"]) if "seq" in meta else next_seq(root)
+        meta["seq"] = seq
+        meta.setdefault("submit_time", time.time())
+        job = root / "jobs" / str(seq)
+        (job / "el").mkdir(parents=True, exist_ok=True)
+        write_json(job / "meta.json", meta)
+        seqs.append(seq)
+    with open(os.devnull, "rb") as devnull_in, open(root / "jobs" / str(seqs[0]) / "runner.log", "ab") as log:
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), "run", *map(str, seqs)], stdin=devnull_in,
                          stdout=log, stderr=log, start_new_session=True, close_fds=True,
                          env={**os.environ, "WLM_EMU_STATE": str(root)})
-    return seq
+    return seqs
 
 
 def jobs(root: Path) -> list[dict[str, Any]]:
@@ -151,29 +159,29 @@ def _killpg(pid: int, sig: int) -> None:
         pass
 
 
-def run(seq: int) -> None:
+def run(seqs: list[int]) -> None:
+    """Run the elements of jobs *seqs* as slots, each job's array limit and time limit allow."""
     root = state_dir()
-    jobdir = root / "jobs" / str(seq)
-    (jobdir / "runner.pid").write_text(str(os.getpid()))
-    meta = read_json(jobdir / "meta.json")
-    n = count(meta)
-    limit = int(meta.get("limit") or n)
+    metas = {seq: read_json(root / "jobs" / str(seq) / "meta.json") for seq in seqs}
+    for seq in seqs:
+        (root / "jobs" / str(seq) / "runner.pid").write_text(str(os.getpid()))
     slots = int(os.environ.get("WLM_EMU_SLOTS", "4"))
-    walltime = meta.get("walltime")
-    pending = list(range(n))
-    running: dict[int, dict[str, Any]] = {}
+    pending = [(seq, k) for seq in seqs for k in range(count(metas[seq]))]
+    running: dict[tuple[int, int], dict[str, Any]] = {}
     while pending or running:
         now = time.time()
-        cancel_all = (jobdir / "cancel").exists()
-        for k in list(pending):
-            if cancel_all or (jobdir / f"cancel.{k}").exists():
-                pending.remove(k)
+        for seq, k in list(pending):
+            jobdir = root / "jobs" / str(seq)
+            if (jobdir / "cancel").exists() or (jobdir / f"cancel.{k}").exists():
+                pending.remove((seq, k))
                 write_json(jobdir / "el" / f"{k}.json", {"state": "done", "exit": None, "end": now,
                                                          "reason": "cancelled", "started": False})
-        for k, slot in list(running.items()):
+        for (seq, k), slot in list(running.items()):
+            jobdir = root / "jobs" / str(seq)
             proc = slot["proc"]
+            walltime = metas[seq].get("walltime")
             if slot["reason"] is None:
-                if cancel_all or (jobdir / f"cancel.{k}").exists():
+                if (jobdir / "cancel").exists() or (jobdir / f"cancel.{k}").exists():
                     slot["reason"], slot["kill_at"] = "cancelled", now + 2.0
                     _killpg(proc.pid, signal.SIGTERM)
                 elif walltime and now - slot["start"] > float(walltime):
@@ -187,14 +195,20 @@ def run(seq: int) -> None:
                                                          "start": slot["start"], "pid": proc.pid,
                                                          "reason": slot["reason"], "started": True})
                 slot["fh"].close()
-                del running[k]
-        while pending and len(running) < limit:
+                del running[(seq, k)]
+        for seq, k in list(pending):
+            meta = metas[seq]
+            if meta.get("urgency") == 0:  # held
+                continue
+            limit = int(meta.get("limit") or count(meta))
+            if sum(1 for s, _ in running if s == seq) >= limit:
+                continue
             fh = _try_slot(root, slots)
             if fh is None:
                 break
-            k = pending.pop(0)
-            running[k] = _start(root, jobdir, meta, k, fh)
-        time.sleep(0.05)
+            pending.remove((seq, k))
+            running[(seq, k)] = _start(root, root / "jobs" / str(seq), meta, k, fh)
+        time.sleep(0.1)
 
 
 def _start(root: Path, jobdir: Path, meta: dict[str, Any], k: int, fh: Any) -> dict[str, Any]:
@@ -241,5 +255,5 @@ def parse_duration(text: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "run":
-        run(int(sys.argv[2]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "run":
+        run([int(a) for a in sys.argv[2:]])

@@ -171,6 +171,7 @@ def submit(args: list[str]) -> int:
     ccs: list[int | None] = list(_idset(cc[-1])) if cc else [None]
     base_env = dict(os.environ)
     ids: list[str] = []
+    metas: list[dict[str, Any]] = []
     for c in ccs:
         def sub(text: str, c: int | None = c) -> str:
             return text.replace("{cc}", "" if c is None else str(c))
@@ -183,7 +184,7 @@ def submit(args: list[str]) -> int:
         out = sub((opts.get("--output") or [os.devnull])[-1])
         err = sub((opts.get("--error") or [out])[-1])
         urgency = int((opts.get("--urgency") or ["16"])[-1].replace("hold", "0").replace("default", "16"))
-        core.submit(root, {
+        metas.append({
             "seq": seq, "system": "flux", "flux_id": value, "name": sub((opts.get("--job-name") or
                                                                          [os.path.basename(command[0])])[-1]),
             "n": 0, "walltime": limit, "queue": queue or "", "argv": [sub(a) for a in command], "env": env,
@@ -191,6 +192,7 @@ def submit(args: list[str]) -> int:
             "cwd": sub((opts.get("--cwd") or [os.getcwd()])[-1]), "urgency": urgency,
         })
         ids.append(f58(value))
+    core.submit_many(root, metas)
     if "--quiet" not in flags:
         print("\n".join(reversed(ids)))
     return 0
