@@ -59,7 +59,7 @@ def test_array_is_one_bulk_submission_with_cc_in_name_and_script() -> None:
 
 def test_options_and_refusals() -> None:
     argv = fc.render_submit(request(options={"account": "bank1", "signal": "USR1@120",
-                                             "native": ["--urgency=8", "-o", "cpu-affinity=off"]}), "/j.sh")
+                                             "native_args": ["--urgency=8", "-o", "cpu-affinity=off"]}), "/j.sh")
     assert "--setattr=system.bank=bank1" in argv and "--signal=USR1@120s" in argv
     assert argv[-5:-2] == ["--urgency=8", "-o", "cpu-affinity=off"]
     for key in ("qos", "mail_user", "mail_type"):

@@ -66,7 +66,7 @@ def test_options_map_to_lsf_flags_and_refusals_name_key_system_and_accepted_keys
     assert "qos" in str(info.value) and "LSF" in str(info.value) and "queue" in str(info.value)
     with pytest.raises(OptionError, match="signal"):
         lc.validate_options({"signal": "now please"})
-    assert lc.render_bsub(request(options={"native": "-x -app big"})) == ["bsub", "-x", "-app", "big"]
+    assert lc.render_bsub(request(options={"native_args": "-x -app big"})) == ["bsub", "-x", "-app", "big"]
 
 
 def test_bsub_output_and_refusals() -> None:

@@ -84,7 +84,7 @@ def test_options_map_to_pbs_flags_and_unknown_keys_are_refused() -> None:
     with pytest.raises(OptionError) as info:
         pc.validate_options({"qos": "high"})
     message = str(info.value)
-    assert "qos" in message and "PBS" in message and "account" in message and "native" in message
+    assert "qos" in message and "PBS" in message and "account" in message and "native_args" in message
     with pytest.raises(OptionError, match="job\\(time=...\\)"):
         pc.validate_options({"walltime": "01:00:00"})
     with pytest.raises(OptionError, match="mail_type"):
@@ -92,9 +92,9 @@ def test_options_map_to_pbs_flags_and_unknown_keys_are_refused() -> None:
 
 
 def test_native_flags_pass_through_on_the_command_line_unsplit_by_a_shell() -> None:
-    argv = pc.render_qsub(request(options={"native": ["-l", "place=scatter", "-W", "group_list=x y"]}), "/j/job.sh")
+    argv = pc.render_qsub(request(options={"native_args": ["-l", "place=scatter", "-W", "group_list=x y"]}), "/j/job.sh")
     assert argv == ["qsub", "-l", "place=scatter", "-W", "group_list=x y", "/j/job.sh"]
-    assert pc.render_qsub(request(options={"native": "-r n"}), "/j.sh") == ["qsub", "-r", "n", "/j.sh"]
+    assert pc.render_qsub(request(options={"native_args": "-r n"}), "/j.sh") == ["qsub", "-r", "n", "/j.sh"]
 
 
 def test_qsub_output_and_refusals() -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 from .base import OptionError
 
-#: The documented pass-through key: ``submit_options = { native = ["-l", "place=scatter"] }``.
-NATIVE_KEY = "native"
+#: The documented pass-through key: ``submit_options = { native_args = ["-l", "place=scatter"] }``.
+NATIVE_KEY = "native_args"
 
 #: Render one option's value as a list of native arguments (``["-q", "short"]``).
 Renderer = Callable[[str], list[str]]

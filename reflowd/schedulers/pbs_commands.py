@@ -67,7 +67,7 @@ OPTIONS = option_map.OptionSpec(
         "mem": "use job(mem=...)",
         "cpus": "use job(cpus=...)",
         "ncpus": "use job(cpus=...)",
-        "select": "reflow writes select=1:ncpus=..:mem=..; pass other chunks through 'native'",
+        "select": "reflow writes select=1:ncpus=..:mem=..; pass other chunks through 'native_args'",
     },
 )
 
