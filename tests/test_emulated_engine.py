@@ -79,10 +79,13 @@ def test_pipeline_fans_out_100_as_one_array_and_gathers(daemon: DaemonProcess, e
         stats = c.stats()["clusters"]["emu"]
     assert stats["calls"]["submit"] == 3, f"extract + one array submission + merge: {stats['calls']}"
     assert stats["scheduler_stats"]["max_array_size"] >= 100
+    shown = json.loads(daemon.cli("stats", check=True).stdout)["clusters"]["emu"]["scheduler_stats"]
+    assert shown["version"] and "max_array_size" in shown, shown  # the probe, as `reflow-client stats` shows it
     assert json.loads((run_dir / "report.json").read_text())["summary"]["chunks"] == 100
     names = emulated.submissions_by_name()
     assert names and all(count == 1 for count in names.values()), names
-    assert (run_dir / "logs").is_dir() and any((run_dir / "logs").glob("summarise.*.99.out"))
+    logs = daemon.cli("logs", run_id, "summarise", "--index", "7")
+    assert logs.returncode == 0 and "chunk-0007.txt" in logs.stdout, logs.stdout + logs.stderr
 
 
 def test_failures_cancels_kills_and_daemon_crashes_in_one_life(emulated: EmulatedScheduler, tmp_path: Path) -> None:

@@ -183,8 +183,12 @@ class FluxScheduler(Scheduler):
 
     async def cancel(self, job_keys: Collection[str]) -> None:
         targets: set[int] = set()
-        unplaced = [s for s in (self._subs.get(split_key(k)[0]) for k in job_keys) if s is not None and s.unplaced]
-        if unplaced:  # learn which member holds which position (by name) before cancelling one of them
+        subs = [s for s in (self._subs.get(split_key(k)[0]) for k in job_keys) if s is not None]
+        # Learn which member holds which position (by name) before cancelling one of them.
+        if any(s.layout.is_array and not s.members and not s.unplaced for s in subs):
+            self._place(fc.parse_jobs((await self._list_all()).stdout), subs)
+        unplaced = [s for s in subs if s.unplaced]
+        if unplaced:
             values = sorted({v for s in unplaced for v in s.unplaced})
             result = await self._run(fc.render_jobs([str(v) for v in values]))
             self._place(fc.parse_jobs(result.stdout), unplaced)
