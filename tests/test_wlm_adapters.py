@@ -108,11 +108,13 @@ async def test_refused_submission_and_refused_option(emulated: EmulatedScheduler
         scheduler.validate_options({"qos": "high"})
 
 
-async def test_cancel_one_element_of_a_running_array(emulated: EmulatedScheduler, tmp_path: Path) -> None:
+async def test_cancel_one_element_of_a_running_array_after_a_restart(emulated: EmulatedScheduler, tmp_path: Path) -> None:
     scheduler = ADAPTERS[emulated.kind](LocalTransport())
     request = make_request(tmp_path, "rf00000000000000e5", [0, 1])
     request = SubmitRequest(**{**request.__dict__, "worker_argv": ["/bin/sh", "-c", "sleep 30", "worker"]})
     job_id = await scheduler.submit(request)
+    scheduler = ADAPTERS[emulated.kind](LocalTransport())  # a restarted daemon cancels before it ever queried
+    await scheduler.reattach(request, job_id)
     await scheduler.cancel([f"{job_id}_1"])
     deadline = time.monotonic() + 30
     while True:
