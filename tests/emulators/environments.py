@@ -24,6 +24,14 @@ SCHEDULERS = ("pbs", "lsf", "flux")
 #: The command that cancels one job from outside reflow, as a user would type it.
 _CANCEL = {"pbs": ["qdel"], "lsf": ["bkill"], "flux": ["flux", "cancel"]}
 
+#: A fragment of the reason reflow shows for a job cancelled from outside, per system.
+CANCELLED_REASON = {"pbs": "qdel", "lsf": "TERM_OWNER", "flux": "cancel"}
+
+#: Submit options naming a queue the emulator does not have, and a fragment of the refusal.
+BAD_QUEUE = {"pbs": ({"queue": "no_such_queue"}, "Unknown queue"),
+             "lsf": ({"queue": "no_such_queue"}, "No such queue"),
+             "flux": ({"queue": "no_such_queue"}, "Invalid queue")}
+
 
 @dataclass
 class EmulatedScheduler:
@@ -73,6 +81,10 @@ class EmulatedScheduler:
             for meta in _core.jobs(self.state):
                 names[meta["name"]] += 1
         return names
+
+    def live(self, job_ids: object) -> bool:
+        """Whether any job at all is still queued or running (the emulators keep one user's jobs only)."""
+        return not self.all_elements_done()
 
     def all_elements_done(self) -> bool:
         if not (self.state / "jobs").exists():
