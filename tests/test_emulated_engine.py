@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .emulators.environments import SCHEDULERS, EmulatedScheduler
+from .emulators.environments import CANCELLED_REASON, SCHEDULERS, EmulatedScheduler
 from .support import ROOT, DaemonProcess, wait_for
 
 EXAMPLE = ROOT / "examples" / "etl.py"
@@ -136,7 +136,8 @@ def test_failures_cancels_kills_and_daemon_crashes_in_one_life(emulated: Emulate
         assert work == {0: "succeeded", 1: "failed", 2: "succeeded"}, work
         failure = next(f for f in status(d, runs["fail"]).failures if f.task == "work")
         assert "ValueError: bad input 1" in (failure.error or "") + (failure.traceback or "")
-        assert status(d, runs["outside"], "victim").instances[0].state == "cancelled"  # type: ignore[index]
+        outside = status(d, runs["outside"], "victim").instances[0]  # type: ignore[index]
+        assert outside.state == "cancelled" and CANCELLED_REASON[emulated.kind] in (outside.reason or ""), outside
         killed = status(d, runs["kill"], "victim").instances[0]  # type: ignore[index]
         assert killed.state == "failed" and killed.error, killed
         wait_for(emulated.all_elements_done, timeout=60, what="the scheduler to end every element")

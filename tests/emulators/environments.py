@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _core  # noqa: E402
+import flux_emu  # noqa: E402
 
 SCHEDULERS = ("pbs", "lsf", "flux")
 
@@ -25,7 +27,7 @@ SCHEDULERS = ("pbs", "lsf", "flux")
 _CANCEL = {"pbs": ["qdel"], "lsf": ["bkill"], "flux": ["flux", "cancel"]}
 
 #: A fragment of the reason reflow shows for a job cancelled from outside, per system.
-CANCELLED_REASON = {"pbs": "qdel", "lsf": "TERM_OWNER", "flux": "cancel"}
+CANCELLED_REASON = {"pbs": "terminated", "lsf": "TERM_OWNER", "flux": "cancel"}
 
 #: Submit options naming a queue the emulator does not have, and a fragment of the refusal.
 BAD_QUEUE = {"pbs": ({"queue": "no_such_queue"}, "Unknown queue"),
@@ -82,9 +84,28 @@ class EmulatedScheduler:
                 names[meta["name"]] += 1
         return names
 
-    def live(self, job_ids: object) -> bool:
-        """Whether any job at all is still queued or running (the emulators keep one user's jobs only)."""
-        return not self.all_elements_done()
+    def live(self, job_ids: Collection[str]) -> bool:
+        """Whether any of these jobs (ids as reflow shows them, elements ``<id>_<k>`` included) still runs."""
+        if not (self.state / "jobs").exists():
+            return False
+        wanted: set[int] = set()
+        for job_id in job_ids:
+            head = job_id.rpartition("_")[0] if job_id.rpartition("_")[2].isdigit() else job_id
+            if self.kind == "flux":
+                value = flux_emu.parse_id(head)
+                wanted.update(m["seq"] for m in _core.jobs(self.state) if value is not None
+                              and (m.get("flux_id") == value or m["name"].startswith(self._flux_tag(value))))
+            elif head.split("[")[0].split(".")[0].isdigit():
+                wanted.add(int(head.split("[")[0].split(".")[0]))
+        return any(e["state"] != "done" for m in _core.jobs(self.state) if m["seq"] in wanted
+                   for e in _core.elements(self.state, m))
+
+    def _flux_tag(self, value: int) -> str:
+        """The tag a Flux job (and so its whole bulk submission) carries in its name."""
+        for meta in _core.jobs(self.state):
+            if meta.get("flux_id") == value:
+                return meta["name"].rpartition(".")[0] + "." if "." in meta["name"] else meta["name"] + "\0"
+        return "\0"
 
     def all_elements_done(self) -> bool:
         if not (self.state / "jobs").exists():
