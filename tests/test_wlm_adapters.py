@@ -144,3 +144,51 @@ def test_torque_is_refused_with_what_is_missing(tmp_path: Path, monkeypatch: pyt
         anyio.run(scheduler.submit, request)
     assert info.value.permanent and "Torque" in str(info.value) and "6.1.3" in str(info.value)
     assert scheduler.stats()["refused"]
+
+
+async def _finish_one(scheduler: Scheduler, tmp_path: Path, tag: str) -> str:
+    job_id = await scheduler.submit(make_request(tmp_path, tag, None))
+    await until_done(scheduler, job_id, [job_id])
+    return job_id
+
+
+async def test_lsf_asks_bhist_only_for_jobs_bjobs_has_cleaned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    emulated = EmulatedScheduler("lsf", tmp_path / "wlm")
+    for key, value in emulated.env().items():
+        monkeypatch.setenv(key, value)
+    try:
+        scheduler = LSFScheduler(LocalTransport())
+        job_id = await _finish_one(scheduler, tmp_path, "rf00000000000000a7")
+        assert scheduler.stats()["history_queries"] == 0
+        monkeypatch.setenv("WLM_EMU_CLEAN_PERIOD", "0")  # mbatchd has cleaned the finished job
+        got = await scheduler.query([job_id])
+        assert got[job_id].outcome is Outcome.COMPLETED and scheduler.stats()["history_queries"] == 1
+        assert await scheduler.query(["99999"]) == {}  # in neither bjobs nor bhist: absent
+    finally:
+        emulated.close()
+
+
+async def test_pbs_without_job_history_says_so_and_finished_jobs_are_absent(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    emulated = EmulatedScheduler("pbs", tmp_path / "wlm")
+    for key, value in emulated.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WLM_EMU_HISTORY", "0")
+    try:
+        scheduler = PBSScheduler(LocalTransport())
+        caps = await scheduler.probe()
+        assert caps["finished_jobs_visible"] is False and caps["flavour"] == "pbspro"
+        job_id = await scheduler.submit(make_request(tmp_path, "rf00000000000000b8", None))
+        deadline = time.monotonic() + 60
+        while job_id in await scheduler.query([job_id]):  # queued/running, then gone: no history to show it
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.3)
+        assert "-x" not in pc_render_for(scheduler, job_id)
+    finally:
+        emulated.close()
+
+
+def pc_render_for(scheduler: PBSScheduler, job_id: str) -> list[str]:
+    from reflowd.schedulers import pbs_commands
+
+    return pbs_commands.render_qstat([job_id], json_output=scheduler.json_output, history=scheduler.history)
