@@ -216,3 +216,9 @@ def test_flavour_detection_and_capabilities() -> None:
     assert not pc.supports_array_limit("19.1.3")
     refusal = pc.TORQUE_REFUSAL.format(version="6.1.3")
     assert "Torque" in refusal and "-F json" in refusal and "PBS_ARRAYID" in refusal
+
+
+def test_invalid_json_from_older_pbs_is_an_error_the_adapter_can_fall_back_from() -> None:
+    """PBS Pro before 2020 printed values unescaped in -F json; the adapter then switches to text."""
+    with pytest.raises(ValueError):
+        pc.parse_qstat_json(data("qstat_f_json_invalid.json"))

@@ -122,18 +122,26 @@ class PBSScheduler(Scheduler):
             return {}
         await self._ensure_probed()
         self.queries += 1
+        records = await self._qstat(ids)
+        layouts = [self._layouts.get(i) or ArrayLayout(i, None) for i in ids]
+        return pc.observations(records, layouts)
+
+    async def _qstat(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """One ``qstat -f`` for *ids*; JSON some PBS versions print badly (unescaped values) falls back to text."""
         result = await self._run(pc.render_qstat(ids, json_output=self.json_output, history=self.history))
         unknown, errors = pc.qstat_errors(result.stderr)
         if errors and not result.stdout.strip():
             raise TransportError(f"qstat failed ({result.returncode}): {' '.join(errors)[:300]}")
         if not result.ok and not unknown:
             raise TransportError(f"qstat failed ({result.returncode}): {result.stderr.strip()[:300]}")
+        if not self.json_output:
+            return pc.parse_qstat_text(result.stdout)
         try:
-            records = pc.parse_qstat_json(result.stdout) if self.json_output else pc.parse_qstat_text(result.stdout)
+            return pc.parse_qstat_json(result.stdout)
         except ValueError as exc:
-            raise TransportError(f"qstat printed output reflow cannot read: {exc}") from None
-        layouts = [self._layouts.get(i) or ArrayLayout(i, None) for i in ids]
-        return pc.observations(records, layouts)
+            log.warning("qstat -F json printed invalid JSON; using the text format from now on", error=str(exc))
+            self.json_output = False
+            return await self._qstat(ids)
 
     async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
         wanted = sorted(set(tags))
@@ -148,16 +156,7 @@ class PBSScheduler(Scheduler):
             ids.extend(pc.parse_qselect(result.stdout))
         if not ids:
             return {t: [] for t in wanted}
-        result = await self._run(pc.render_qstat(sorted(set(ids)), json_output=self.json_output,
-                                                 history=self.history))
-        _unknown, errors = pc.qstat_errors(result.stderr)
-        if errors and not result.stdout.strip():
-            raise TransportError(f"qstat failed ({result.returncode}): {' '.join(errors)[:300]}")
-        try:
-            records = pc.parse_qstat_json(result.stdout) if self.json_output else pc.parse_qstat_text(result.stdout)
-        except ValueError as exc:
-            raise TransportError(f"qstat printed output reflow cannot read: {exc}") from None
-        return pc.tagged_jobs(records, wanted)
+        return pc.tagged_jobs(await self._qstat(sorted(set(ids))), wanted)
 
     # ------------------------------------------------------------------ cancel
 
