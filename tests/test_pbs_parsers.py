@@ -219,6 +219,6 @@ def test_flavour_detection_and_capabilities() -> None:
 
 
 def test_invalid_json_from_older_pbs_is_an_error_the_adapter_can_fall_back_from() -> None:
-    """PBS Pro before 2020 printed values unescaped in -F json; the adapter then switches to text."""
+    """Values printed unescaped in -F json (a quote inside a variable) make invalid JSON; the adapter then uses text."""
     with pytest.raises(ValueError):
         pc.parse_qstat_json(data("qstat_f_json_invalid.json"))
