@@ -776,7 +776,7 @@ def qdel_failed(stdout: str, stderr: str, returncode: int) -> str | None:
     text = f"{stdout}\n{stderr}".lower()
     if any(p in text for p in ("unable to contact qmaster", "unable to send message to qmaster", "commlib error",
                                 "timed out", "timeout")):
-        return " ".join((stderr.strip() or stdout.strip()).split())[:300]
+        return " ".join(f"{stderr.strip()} {stdout.strip()}".split())[:300]
     return None
 
 
