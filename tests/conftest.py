@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.cluster.fixtures_slurm",
     "tests.cluster.fixtures_ssh",
     "tests.cluster.fixtures_sge",
+    "tests.cluster.wlm",
 ]
 
 CLUSTER_MARKS = ("slurm", "slurm_accounting", "ssh", "sge")
