@@ -360,3 +360,29 @@ def test_probe_parsers() -> None:
     assert config["reporting_params"].startswith("accounting=true reporting=false flush_time=00:00:01")
     assert gc.max_array_size({"max_aj_tasks": "0"}) == 100_000
     assert gc.parse_version(read("qstat_help.stdout")) == "SGE 8.1.9"
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def test_cluster_settings_reach_the_adapter() -> None:
+    from reflow_client.config import ConfigError, parse_config
+    from reflowd.clusters import build_cluster
+    from reflowd.schedulers.sge import SGEScheduler
+
+    config = parse_config({"clusters": {"ge": {"scheduler": "sge", "parallel_environment": "threaded",
+                                                 "memory_resource": "mem_free", "partition": "all.q"}}})
+    runtime = build_cluster(config.cluster("ge"))
+    assert isinstance(runtime.scheduler, SGEScheduler)
+    assert runtime.scheduler.settings == gc.SGESettings("threaded", "mem_free")
+    assert runtime.config.submit_options == {"partition": "all.q"}
+    assert runtime.scheduler.stats()["parallel_environment"] == "threaded"
+    assert parse_config({"clusters": {"ge": {"scheduler": "sge"}}}).cluster("ge").memory_resource == "h_vmem"
+    with pytest.raises(ConfigError, match="only applies to scheduler 'sge'"):
+        parse_config({"clusters": {"s": {"scheduler": "slurm", "parallel_environment": "smp"}}})
+    with pytest.raises(ConfigError, match="expected a name"):
+        parse_config({"clusters": {"ge": {"scheduler": "sge", "memory_resource": "h vmem"}}})
+    # Under [defaults] they apply where they mean something and are dropped elsewhere.
+    both = parse_config({"defaults": {"parallel_environment": "smp"},
+                         "clusters": {"ge": {"scheduler": "sge"}, "s": {"scheduler": "slurm"}}})
+    assert both.cluster("ge").parallel_environment == "smp" and both.cluster("s").parallel_environment is None
