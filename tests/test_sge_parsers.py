@@ -315,6 +315,10 @@ def test_limits_explain_a_kill() -> None:
     per_slot = gc.record_observation(_record(failed="100 : assumedly after job", exit_status="137", slots="4",
                                              maxvmem="99.000MB"))
     assert per_slot.outcome is Outcome.CANCELLED, "h_vmem is per slot: 4 slots may use 400M"
+    usr1 = gc.record_observation(_record(failed="100 : assumedly after job", exit_status="138"))
+    assert usr1.outcome is Outcome.FAILED and "SIGUSR1" in (usr1.reason or ""), "an unhandled s_rt signal is no qdel"
+    term = gc.record_observation(_record(failed="100 : assumedly after job", exit_status="143"))
+    assert term.outcome is Outcome.CANCELLED and "SIGTERM" in (term.reason or "")
     assert gc.category_limits("-U x -l h_rt=86400,h_stack=256m,h_vmem=25G,tmpfree=200G -pe smp 2") == {
         "h_rt": "86400", "h_stack": "256m", "h_vmem": "25G", "tmpfree": "200G"}
 

@@ -48,6 +48,8 @@ class SGEScheduler(Scheduler):
         self.parallel_environments: list[str] | None = None
         self.queries = 0
         self.qacct_calls = 0
+        #: Every command this adapter ran (probe, qsub, qstat, qacct loops, qdel).
+        self.commands = 0
         #: Task ids of each job we submitted or re-attached to (1-based); lets a poll tell which
         #: tasks of a still-listed array have finished. Without it (unknown job) qacct is asked.
         self._tasks: dict[str, set[int] | None] = {}
@@ -56,6 +58,7 @@ class SGEScheduler(Scheduler):
         self._asked: dict[str, float] = {}
 
     async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
+        self.commands += 1
         return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
 
     # ------------------------------------------------------------------ probe
@@ -268,7 +271,8 @@ class SGEScheduler(Scheduler):
             log.info("qdel reported", code=result.returncode, message=(result.stdout + result.stderr).strip()[:300])
 
     def stats(self) -> dict[str, Any]:
-        return {**self.capabilities(), "queries": self.queries, "qacct_calls": self.qacct_calls}
+        return {**self.capabilities(), "queries": self.queries, "qacct_calls": self.qacct_calls,
+                "commands": self.commands}
 
 
 __all__ = ["SGEScheduler"]

@@ -654,8 +654,11 @@ def record_observation(record: Mapping[str, str]) -> Observation:
         # alike ("assumedly after job"); with no limit to explain it, it was cancelled.
         if exit_status is not None and exit_status > 128:
             name = _SIGNAL_NAMES.get(exit_status - 128, f"signal {exit_status - 128}")
-            return Observation(Presence.PRESENT, Phase.DONE, Outcome.CANCELLED, native,
-                               f"{reason}: killed by {name} (qdel, or a kill from outside)", exit_text)
+            if exit_status - 128 in (9, 15):  # what qdel sends (SIGKILL; SIGTERM on some sites)
+                return Observation(Presence.PRESENT, Phase.DONE, Outcome.CANCELLED, native,
+                                   f"{reason}: killed by {name} (qdel, or a kill from outside)", exit_text)
+            return Observation(Presence.PRESENT, Phase.DONE, Outcome.FAILED, native, f"{reason}: killed by {name}",
+                               exit_text)
         return Observation(Presence.PRESENT, Phase.DONE, Outcome.FAILED, native, reason, exit_text)
     if failed in _NEVER_STARTED_HOST:
         return Observation(Presence.PRESENT, Phase.DONE, Outcome.NODE_FAIL, native,
