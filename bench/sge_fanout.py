@@ -90,7 +90,7 @@ def main() -> None:
     print(f"  wall time            reflow {r['wall']:.1f} s, qsub -hold_jid chain {native:.1f} s "
           f"(reflow / native = {float(r['wall']) / native:.2f})")
     print(f"  scheduler calls      {r['calls']:.0f} ({r['submits']:.0f} qsub, {r['queries']:.0f} status queries, "
-          f"{r['qacct']:.0f} of them with a qacct look-up) = {float(r['calls']) / float(r['tasks']):.3f} per task "
+          f"{r['qacct']:.0f} qacct look-up(s) among them) = {float(r['calls']) / float(r['tasks']):.3f} per task "
           f"({r['tasks']:.0f} tasks); {r['commands']:.0f} commands in all, probe included")
     print(f"  daemon CPU           {r['cpu']:.2f} s = {1000 * float(r['cpu']) / float(r['tasks']):.2f} ms per task")
     print(f"  end -> downstream    fan-out submitted {r['fanout_reaction']:.2f} s after its upstream ended; "
