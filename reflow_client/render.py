@@ -77,6 +77,9 @@ def format_status(status: RunStatus, *, width: int | None = None) -> str:
     health = (status.cluster or {}).get("health") or {}
     if health and not health.get("reachable", True):
         lines.append(f"Cluster   UNREACHABLE since {when(health.get('down_since'))}: {health.get('last_error')}")
+    store = status.raw.get("store") or {}
+    if not store.get("writable", True):
+        lines.append(f"Store     UNWRITABLE since {when(store.get('since'))}: {store.get('error')}")
     lines.append("")
     for task in status.tasks:
         lines.append(task_line(task, width))
