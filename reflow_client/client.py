@@ -266,6 +266,15 @@ class AsyncClient:
     async def describe(self, run_id: str) -> dict[str, Any]:
         return await self.call("describe", run_id=run_id)
 
+    async def resolve(self, ref: str, workflow: str | None = None) -> str:
+        """The full run id for *ref*: a run id, an unambiguous prefix of one, or ``last``."""
+        return (await self.call("resolve", ref=ref, workflow=workflow))["run_id"]
+
+    async def results(self, run_id: str, task: str | None = None, index: int | None = None,
+                      limit: int = 1000) -> dict[str, Any]:
+        """Encoded outputs of the final tasks (or of *task*); decode with ``reflow_client.values``."""
+        return await self.call("results", run_id=run_id, task=task, index=index, limit=limit)
+
     async def stats(self) -> dict[str, Any]:
         return await self.call("stats")
 
@@ -394,6 +403,15 @@ class Client:
 
     def describe(self, run_id: str) -> dict[str, Any]:
         return self.call("describe", run_id=run_id)
+
+    def resolve(self, ref: str, workflow: str | None = None) -> str:
+        """The full run id for *ref*: a run id, an unambiguous prefix of one, or ``last``."""
+        return self.call("resolve", ref=ref, workflow=workflow)["run_id"]
+
+    def results(self, run_id: str, task: str | None = None, index: int | None = None,
+                limit: int = 1000) -> dict[str, Any]:
+        """Encoded outputs of the final tasks (or of *task*); decode with ``reflow_client.values``."""
+        return self.call("results", run_id=run_id, task=task, index=index, limit=limit)
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")
