@@ -22,6 +22,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from reflow_client import cli_errors
@@ -320,8 +321,11 @@ def main(wf: Workflow, argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------- reflow-client submit FILE
 
 
-def load_for_cli(path: str, name: str | None = None) -> Workflow:
-    """The workflow in *path*, or a CliError that says what is wrong with the file and how to fix it."""
+def load_for_cli(path: str, name: str | Callable[[], str | None] | None = None) -> Workflow:
+    """The workflow in *path*, or a CliError that says what is wrong with the file and how to fix it.
+
+    *name* picks one of several workflows; a callable is asked only when the file defines several.
+    """
     import os
 
     from .loader import WorkflowLoadError, load_module
@@ -352,6 +356,8 @@ def load_for_cli(path: str, name: str | None = None) -> Workflow:
     found = list({id(v): v for v in vars(module).values() if isinstance(v, Workflow)}.values())
     if not found:
         fail(f"{path} defines no Workflow at module level; create one there, for example wf = Workflow(\"name\")")
+    if callable(name):
+        name = name() if len(found) > 1 else None  # --workflow matters only where there is a choice
     if name is not None:
         named = [w for w in found if w.name == name]
         if not named:
@@ -365,14 +371,16 @@ def load_for_cli(path: str, name: str | None = None) -> Workflow:
     return wf
 
 
-def client_submit(path: str, argv: list[str], *, socket: Path | None, workflow: str | None) -> int:
+def client_submit(path: str, argv: list[str], *, socket: Path | None,
+                  workflow: Callable[[], str | None] | None) -> int:
     """``reflow-client submit FILE [options] [workflow parameters]``."""
     wf = load_for_cli(path, workflow)
     wf.validate()
     cp = submit_parser(wf, f"reflow-client submit {path}", client=True)
     args = cp.parse(argv)
-    if args.workflow is not None and args.workflow != wf.name:
-        fail(f"{path} defines workflow {wf.name!r}, not {args.workflow!r}")
+    chosen = getattr(args, "workflow", None)
+    if chosen is not None and chosen != wf.name:
+        fail(f"{path} defines workflow {wf.name!r}, not {chosen!r}")
     if args.socket is None:
         args.socket = socket
     args.command = "submit"

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from . import cli_errors
 from .cli_errors import CliError, fail
-from .cli_parser import OWN_PREFIX, Parser, add_own_options, subparser_for, submit_options
+from .cli_parser import OWN_PREFIX, Parser, add_own_options, subparser_for, submit_options, suggest
 from .client import Client, InstanceStatus, RunStatus
 
 PROG = "reflow-client"
@@ -218,6 +218,12 @@ def _run(argv: list[str]) -> int:
     parser = build_parser()
     _autocomplete(parser)
     idx = _command_index(argv)
+    known = {s for a in parser._actions for s in a.option_strings}
+    for token in argv[:idx]:
+        if token.startswith("-") and token.split("=", 1)[0] not in known:
+            hint = "" if suggest(token.split("=", 1)[0], known) else \
+                f" (options of a command go after it: {PROG} COMMAND {token} ...)"
+            parser.error(f"unrecognized arguments: {token}{hint}")  # the parser adds "did you mean"
     if idx is not None and argv[idx] == "submit":
         top = parser.parse_args([*argv[:idx], "ping"])  # the global options before 'submit'
         return _submit(top, argv[idx + 1:])
@@ -278,8 +284,8 @@ def _submit(top: argparse.Namespace, rest: list[str]) -> int:
     file = rest.pop(pos)
     from reflow.cli import client_submit  # the user API, only for this command
 
-    return client_submit(file, rest, socket=top.socket, workflow=_prescan(rest, (f"--{OWN_PREFIX}workflow",
-                                                                                  "--workflow")))
+    return client_submit(file, rest, socket=top.socket,
+                         workflow=lambda: _prescan(rest, (f"--{OWN_PREFIX}workflow", "--workflow")))
 
 
 # ---------------------------------------------------------------------- the run commands

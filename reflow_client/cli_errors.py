@@ -47,7 +47,7 @@ class CliError(Exception):
 def debug_enabled(argv: list[str] | None = None) -> bool:
     if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "no", "false", "off"):
         return True
-    return argv is not None and "--debug" in argv
+    return argv is not None and ("--debug" in argv or "--reflow-debug" in argv)
 
 
 def _one_line(text: str) -> str:

@@ -30,9 +30,31 @@ _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions and swaps of neighbours."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
 def suggest(word: str, candidates: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
-    return close[0] if close else None
+    """The closest candidate to a mistyped *word*, if any is close enough to be what was meant."""
+    best = None
+    for cand in sorted(set(candidates)):
+        dist = edit_distance(word.lower(), cand.lower())
+        if dist > max(1, len(cand) // 3) and difflib.SequenceMatcher(None, word, cand).ratio() < 0.75:
+            continue
+        key = (dist, abs(len(cand) - len(word)), -difflib.SequenceMatcher(None, word, cand).ratio())
+        if best is None or key < best[0]:
+            best = (key, cand)
+    return best[1] if best else None
 
 
 class Parser(argparse.ArgumentParser):

@@ -393,7 +393,6 @@ class ProgressDisplay:
     def __enter__(self) -> ProgressDisplay:
         if self.live_mode:
             from rich.console import Console
-            from rich.live import Live
 
             # COLUMNS/LINES left over in the environment would freeze the width: ask the terminal instead.
             environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
