@@ -47,14 +47,14 @@ def cmd_run(wf: Workflow, args: argparse.Namespace) -> int:
 
     from .local_run import run_local
 
-    progress = Progress.from_tasks("(starting)", [(n, wf.tasks[n].config.array) for n in wf._topological_order()])
+    progress = Progress.from_tasks("", [(n, wf.tasks[n].config.array) for n in wf._topological_order()])
     levels = {0: None, 1: "info"}
     log_level = levels.get(args.verbose or 0, "debug")
     if not args.json:
         print(f"running workflow {wf.name!r} here, in run dir {args.run_dir}", flush=True)
 
     def on_event(event: dict[str, Any]) -> None:
-        if progress.run_id == "(starting)" and event.get("run_id"):
+        if not progress.run_id and event.get("run_id"):
             progress.run_id = event["run_id"]
         if display is not None:
             display.update(event)

@@ -302,6 +302,8 @@ def fit_line(row: Row, width: int, *, unicode: bool, name_width: int, show_timin
 
 def header_text(progress: Progress, now: float) -> str:
     end = progress.ended_at if progress.ended_at and progress.state != "running" else now
+    if not progress.run_id:
+        return f"starting  {clock(end - progress.created_at)}"
     return f"run {progress.run_id}  {progress.state}  {clock(end - progress.created_at)}"
 
 
