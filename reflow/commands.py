@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reflow_client import cli_errors, render
-from reflow_client.cli import PROG, RESULTS_PER_TASK, follow_run, say, write_json
+from reflow_client.cli import PROG, RESULTS_PER_TASK, follow_run, output_width, say, write_json
 from reflow_client.client import Client, InstanceStatus
 
 if TYPE_CHECKING:
@@ -35,10 +33,6 @@ def local_results(wf: Workflow, result: LocalRunResult) -> dict[str, Any]:
             items.append(entry)
         tasks.append({"task": name, "is_array": wf.tasks[name].config.array, "total": len(items), "items": items})
     return {"run_id": result.run_id, "workflow": wf.name, "state": result.state, "tasks": tasks}
-
-
-def _result_width(out: Any) -> int:
-    return shutil.get_terminal_size((100, 24)).columns if out.isatty() else 1000
 
 
 def cmd_run(wf: Workflow, args: argparse.Namespace) -> int:
@@ -82,7 +76,7 @@ def cmd_run(wf: Workflow, args: argparse.Namespace) -> int:
                                   result.log_paths,
                                   more_hint=f"their logs are in {result.run_dir / 'logs'}")
     lines[0] += f" after {render.duration(time.time() - started)}"
-    shown = render.result_lines(results, _result_width(sys.stdout), per_task=RESULTS_PER_TASK)
+    shown = render.result_lines(results, output_width(), per_task=RESULTS_PER_TASK)
     if shown:
         lines += ["", "results:", *shown]
     print("\n".join(lines), flush=True)

@@ -49,6 +49,18 @@ def write_json(data: Any, out: TextIO | None = None, *, compact: bool = False) -
     out.flush()
 
 
+def output_width(out: TextIO | None = None) -> int:
+    """Columns to fit text into: the terminal's, or a generous fixed width for files and pipes."""
+    out = out or sys.stdout
+    try:
+        tty = out.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns if tty else 160
+
+
 def say(text: str) -> None:
     """A note for the person at the terminal (stderr, so stdout stays the command's output)."""
     print(text, file=sys.stderr, flush=True)
@@ -378,7 +390,7 @@ def show_status(client: Client, args: argparse.Namespace) -> int:
         write_json(raw)
         return 0
     shown = {i: values.show(v, limit=80) for i, v in outputs.items()}
-    sys.stdout.write(render.format_status(status, outputs=shown, task=args.task))
+    sys.stdout.write(render.format_status(status, outputs=shown, task=args.task, width=output_width()))
     return 0
 
 
@@ -391,7 +403,7 @@ def show_results(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         write_json(render.results_json(data))
         return 0
-    lines = render.result_lines(data)
+    lines = render.result_lines(data, output_width())
     if not lines:
         what = f"task {args.task!r}" if args.task else "its final tasks"
         print(f"run {data['run_id']} ({data['state']}) has no results for {what} yet")
@@ -561,7 +573,7 @@ def report_end(client: Client, final: RunStatus, *, out: TextIO, show_results: b
                                   _log_paths(client, final.run.id, shown),
                                   more_hint=f"{PROG} status {final.run.id}")
     lines[0] += f" after {render.duration((final.run.ended_at or time.time()) - final.run.created_at)}"
-    result = render.result_lines(results, per_task=RESULTS_PER_TASK,
+    result = render.result_lines(results, output_width(out), per_task=RESULTS_PER_TASK,
                                  more_hint=f"{PROG} results {final.run.id} --task {{task}}")
     if result:
         lines += ["", "results:", *result]

@@ -89,6 +89,8 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
         return USAGE, exc.message
     if isinstance(exc, ConfigError):
         return USAGE, f"{exc}"
+    if isinstance(exc, OSError) and exc.filename and not isinstance(exc, TimeoutError):
+        return USAGE, f"cannot use {exc.filename}: {exc.strerror or exc}; check that it exists and is yours to use"
     if isinstance(exc, TimeoutError):
         return NO_DAEMON, f"{exc or 'timed out'}; is reflowd overloaded? 'reflow-client ping' checks it"
     if isinstance(exc, (ValueError, TypeError)) and type(exc).__module__ in ("builtins",) and _raised_by_reflow(exc):
