@@ -49,6 +49,10 @@ class ClusterUnavailableError(ReflowError):
     """The chosen cluster cannot be used now (unreachable, host key, credentials); nothing was submitted."""
 
 
+class StoreUnavailableError(ReflowError):
+    """reflowd cannot write its state database (disk full, I/O error); nothing was changed, reads still work."""
+
+
 class DaemonNotRunning(ConnectionError):
     """Nothing answers on the socket."""
 
@@ -66,6 +70,7 @@ def _error(err: dict[str, Any]) -> ReflowError:
         protocol.UNKNOWN_RUN: UnknownRunError,
         protocol.INVALID_PARAMS: InvalidParamsError,
         protocol.CLUSTER_UNAVAILABLE: ClusterUnavailableError,
+        protocol.STORE_UNAVAILABLE: StoreUnavailableError,
     }.get(code, ReflowError)
     return cls(code, str(err.get("message", "unknown error")), err.get("data"))
 

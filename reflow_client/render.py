@@ -68,6 +68,9 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
     health = (status.cluster or {}).get("health") or {}
     if health and not health.get("reachable", True):
         lines.append(f"Cluster   UNREACHABLE since {when(health.get('down_since'))}: {health.get('last_error')}")
+    store = status.raw.get("store") or {}
+    if not store.get("writable", True):
+        lines.append(f"Store     UNWRITABLE since {when(store.get('since'))}: {store.get('error')}")
     lines.append("")
     name_width = max((len(t.name) + (2 if t.is_array else 0) for t in status.tasks), default=8)
     for t in status.tasks:

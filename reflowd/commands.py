@@ -22,6 +22,7 @@ from reflow_client.protocol import (
     INVALID_PARAMS,
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION,
+    STORE_UNAVAILABLE,
     UNKNOWN_RUN,
     VERSION_MISMATCH,
     RpcError,
@@ -127,6 +128,19 @@ def _time_value(value: Any) -> float:
         raise RpcError(INVALID_PARAMS, f"{value!r} is neither epoch seconds nor an ISO date/time") from None
 
 
+def _require_writable(daemon: Daemon, what: str) -> None:
+    """Refuse a change the state database could not record now; reads keep working."""
+    store = daemon.engine.store
+    if not store.writable:
+        raise RpcError(STORE_UNAVAILABLE, f"{what} refused, nothing was changed: {store.write_error}",
+                       {"store": _store_health(daemon)})
+
+
+def _store_health(daemon: Daemon) -> dict[str, Any]:
+    store = daemon.engine.store
+    return {"writable": store.writable, "error": store.write_error, "since": store.write_error_since}
+
+
 def _engine_call(exc: EngineError) -> RpcError:
     code = UNKNOWN_RUN if isinstance(exc, UnknownRun) else (INVALID_PARAMS if isinstance(exc, InvalidRequest)
                                                             else exc.code)
@@ -147,7 +161,7 @@ async def hello(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 
 @command("ping", help="is the daemon alive")
 async def ping(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
-    return {"pong": True, "time": time.time(), "pid": os.getpid()}
+    return {"pong": True, "time": time.time(), "pid": os.getpid(), "store": _store_health(daemon)}
 
 
 _RUN_OPTIONS = {"force", "force_tasks", "verify", "on_error"}
@@ -188,6 +202,7 @@ async def _check_cluster(runtime: ClusterRuntime) -> None:
     options=Field(dict, default={}, check=_check_options),
 )
 async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    _require_writable(daemon, "submit")
     try:
         manifest = Manifest.from_dict(p["manifest"])
     except ManifestError as exc:
@@ -218,9 +233,11 @@ async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 async def status(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     try:
         run = await daemon.engine.get_run(p["run_id"])
-        return daemon.engine.status(run, p["task"], p["limit"])
+        result = daemon.engine.status(run, p["task"], p["limit"])
     except EngineError as exc:
         raise _engine_call(exc) from None
+    result["store"] = _store_health(daemon)
+    return result
 
 
 def _check_state(value: Any) -> str | None:
@@ -235,7 +252,9 @@ def _check_state(value: Any) -> str | None:
          since=Field((float, str)), until=Field((float, str)), limit=Field(int, default=50, check=_positive))
 async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     states = [p["state"]] if isinstance(p["state"], str) else p["state"]
-    await daemon.engine.store.flush()  # the filter runs in SQL: make it see the latest states
+    if daemon.engine.store.writable:
+        await daemon.engine.store.flush()  # the filter runs in SQL: make it see the latest states
+    # (while the store cannot be written, the live state below still corrects the rows it returns)
     rows = await daemon.engine.store.list_runs(
         workflow=p["workflow"],
         states=states,
@@ -265,6 +284,7 @@ async def cancel(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 @command("retry", help="retry failed or cancelled instances", run_id=Field(str, required=True), task=Field(str),
          verify=Field(bool, default=True))
 async def retry(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    _require_writable(daemon, "retry")
     try:
         return {"retried": await daemon.engine.retry(p["run_id"], p["task"], p["verify"])}
     except EngineError as exc:
@@ -291,7 +311,9 @@ async def describe(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 
 @command("stats", help="daemon counters")
 async def stats(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
-    return {**daemon.engine.stats(), "server": daemon.server.stats() if daemon.server else {}}
+    data = {**daemon.engine.stats(), "server": daemon.server.stats() if daemon.server else {}}
+    data["store"] = {**data.get("store", {}), **daemon.engine.store.health()}
+    return data
 
 
 @command("shutdown", help="stop the daemon (jobs keep running)")
