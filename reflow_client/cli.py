@@ -462,9 +462,8 @@ def follow_logs(client: Client, args: argparse.Namespace, first: dict[str, Any],
                 "upstream_failed", "cancelled"}
     try:
         while True:
-            status = client.status(args.run_id, args.task)
-            inst = next((i for i in status.instances or [] if i.index == args.index), None)
-            done = inst is None or inst.state in terminal
+            items = client.results(args.run_id, args.task, args.index, limit=1)["tasks"][0]["items"]
+            done = not items or items[0]["state"] in terminal  # results names the state of any one element
             data = client.logs(args.run_id, args.task, args.index)
             for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
                 text = data.get(stream, "")

@@ -7,6 +7,7 @@ mean", shell completion, Ctrl-C, logs --follow, and #10's "no reserved names".
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -187,14 +188,19 @@ def test_help_version_and_suggestions(daemon: DaemonProcess) -> None:
     assert with_file.returncode == 0
     assert "workflow parameters:" in with_file.stdout and "--fail-on INT" in with_file.stdout
     assert "--cancel-on-interrupt" in with_file.stdout
-    for command in ("status", "watch", "results", "logs", "cancel", "retry", "runs", "ping", "stats",
-                    "shutdown", "completion"):
-        text = daemon.cli(command, "--help").stdout
-        options = re.findall(r"^  (-[^\n]*)$", text, re.M)
-        assert options, command
-        for line in options:  # every option says what it does (on its line, or the next one)
-            assert len(line.split("  ")) > 1 or text.split(line, 1)[1].split("\n", 2)[1].startswith(" " * 20), \
-                (command, line)
+    from reflow.cli import build_parser as workflow_parser
+    from reflow.loader import load_workflow
+    from reflow_client.cli import build_parser
+    from reflowd.__main__ import build_parser as reflowd_parser
+
+    parsers = [build_parser(), workflow_parser(load_workflow(COUNTING)), reflowd_parser()]
+    while parsers:  # every option and argument of every (sub)command says what it does
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.help is not argparse.SUPPRESS:
+                assert action.help, (parser.prog, action.option_strings or action.dest)
     version = daemon.cli("--version")
     assert version.returncode == 0 and re.match(r"reflow-client \d", version.stdout)
     reflowd = subprocess.run([sys.executable, "-m", "reflowd", "--version"], capture_output=True, text=True,
