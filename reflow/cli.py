@@ -355,7 +355,8 @@ def load_for_cli(path: str, name: str | Callable[[], str | None] | None = None) 
                        "traceback)") from exc
     found = list({id(v): v for v in vars(module).values() if isinstance(v, Workflow)}.values())
     if not found:
-        fail(f"{path} defines no Workflow at module level; create one there, for example wf = Workflow(\"name\")")
+        fail(f"{path} defines no Workflow when imported; create it at the top level of the file (not inside a "
+             "function or under 'if __name__ == \"__main__\":'), for example wf = Workflow(\"name\")")
     if callable(name):
         name = name() if len(found) > 1 else None  # --workflow matters only where there is a choice
     if name is not None:

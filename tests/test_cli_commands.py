@@ -69,7 +69,7 @@ def test_workflow_file_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         "nope.py": "workflow file nope.py does not exist",
         "syntax.py": "syntax.py:1: syntax error: '(' was never closed",
         "adir": "adir is a directory; give the Python file that defines the workflow",
-        "empty.py": "empty.py defines no Workflow at module level",
+        "empty.py": "empty.py defines no Workflow when imported; create it at the top level of the file",
         "raises.py": "raises.py raised RuntimeError while being imported: boom at import",
     }
     for name, message in cases.items():
