@@ -323,7 +323,9 @@ def dispatch(client: Client, args: argparse.Namespace, *, workflow: str | None =
         runs = client.runs(workflow=workflow or args.workflow, state=args.state, since=args.since,
                            until=args.until, limit=args.limit)
         if args.json:
-            write_json([r.__dict__ for r in runs])
+            from .values import plain
+
+            write_json([{**r.__dict__, "params": plain(r.params)} for r in runs])
         else:
             from . import render
 
@@ -387,6 +389,7 @@ def show_status(client: Client, args: argparse.Namespace) -> int:
         for failure in raw.get("failures") or []:
             failure.pop("output", None)
         raw["failures_total"] = max(render.listed_failures(status, args.task), len(status.failures))
+        raw["run"] = {**raw["run"], "params": values.plain(raw["run"].get("params") or {})}
         write_json(raw)
         return 0
     shown = {i: values.show(v, limit=80) for i, v in outputs.items()}
@@ -491,27 +494,70 @@ def watch_json(client: Client, run_id: str) -> int:
     return 0 if client.status(run_id).ok else cli_errors.RUN_FAILED
 
 
+#: How long a follower waits for reflowd to come back (a restart) before giving up.
+RECONNECT_FOR = 60.0
+
+
+def _status_when_back(client: Client, run_id: str) -> RunStatus:
+    """reflowd went away while we followed a run: wait for it (a restart) for a while."""
+    from .client import DaemonNotRunning
+
+    say(f"lost the connection to reflowd; trying again for {RECONNECT_FOR:.0f} s (the run is not affected)")
+    deadline = time.monotonic() + RECONNECT_FOR
+    while True:
+        try:
+            client.close()
+            return client.status(run_id)
+        except DaemonNotRunning:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def _follow_events(client: Client, run_id: str, out: TextIO) -> RunStatus:
-    from .display import Progress, follow
+    from .client import DaemonNotRunning
 
     while True:
-        stream = client.watch(run_id)
         try:
-            first = next(stream)
-            status = RunStatus.from_dict(first["status"])
-            if status.finished:
-                return client.status(run_id)
-            progress = Progress.from_status(status)
-            for t in status.tasks:  # attached mid-run: time the tasks under way from their instances
-                if any(t.counts.get(s) for s in ("succeeded", "cached", "running", "queued", "submitting")):
-                    progress.seed_times(t.name, client.status(run_id, t.name).instances or [])
-            follow(progress, stream, out)
-        finally:
-            stream.close()
-        final = client.status(run_id)
+            final = _follow_once(client, run_id, out)
+        except DaemonNotRunning:
+            final = _status_when_back(client, run_id)
         if final.finished:
             return final
         # the stream ended early (the watcher fell behind, or reflowd restarted): attach again
+
+
+def _wait_quietly(client: Client, run_id: str) -> RunStatus:
+    """``--json``: wait for the end without drawing, through reflowd restarts."""
+    from .client import DaemonNotRunning
+
+    while True:
+        try:
+            return client.wait(run_id)
+        except DaemonNotRunning:
+            final = _status_when_back(client, run_id)
+            if final.finished:
+                return final
+
+
+def _follow_once(client: Client, run_id: str, out: TextIO) -> RunStatus:
+    """One watch stream, drawn until it ends; the run's status after it."""
+    from .display import Progress, follow
+
+    stream = client.watch(run_id)
+    try:
+        first = next(stream)
+        status = RunStatus.from_dict(first["status"])
+        if status.finished:
+            return client.status(run_id)
+        progress = Progress.from_status(status)
+        for t in status.tasks:  # attached mid-run: time the tasks under way from their instances
+            if any(t.counts.get(s) for s in ("succeeded", "cached", "running", "queued", "submitting")):
+                progress.seed_times(t.name, client.status(run_id, t.name).instances or [])
+        follow(progress, stream, out)
+    finally:
+        stream.close()
+    return client.status(run_id)
 
 
 def follow_run(client: Client, run_id: str, *, out: TextIO | None = None, cancel_on_interrupt: bool = False,
@@ -520,7 +566,7 @@ def follow_run(client: Client, run_id: str, *, out: TextIO | None = None, cancel
     out = out or sys.stdout
     try:
         if as_json:
-            final = client.wait(run_id)
+            final = _wait_quietly(client, run_id)
         else:
             final = _follow_events(client, run_id, out)
     except KeyboardInterrupt:

@@ -355,6 +355,8 @@ class Client:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
                 raise TimeoutError(f"reflowd did not answer within {timeout} s") from None
+            except ConnectionError as exc:  # reset by a daemon that stopped: the same as a closed connection
+                raise DaemonNotRunning(self.path, f"connection lost: {exc.strerror or exc}") from None
             if not chunk:
                 raise DaemonNotRunning(self.path, "connection closed")
             self._buffer += chunk

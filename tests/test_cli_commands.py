@@ -338,16 +338,28 @@ def test_local_run_failure_report_matches_the_daemon_path(tmp_path: Path) -> Non
     assert verbose.returncode == 0 and verbose.stderr.strip(), "-v shows the engine's log lines"
 
 
-def test_runs_keep_their_progress_after_a_restart(tmp_path: Path) -> None:
+def test_a_restart_neither_stops_a_follower_nor_loses_progress(tmp_path: Path) -> None:
     d = DaemonProcess(tmp_path / "restart", config=CONFIG)
     d.start()
     try:
-        run_id = submitted(d.cli("submit", str(COUNTING), "--run-dir", str(tmp_path / "r"), "--n", "3", "--wait",
-                                 "--json"))
+        follower = subprocess.Popen([sys.executable, "-m", "reflow_client.cli", "submit", str(COUNTING), "--run-dir",
+                                     str(tmp_path / "r"), "--n", "3", "--delay", "4", "--wait", "--json"],
+                                    env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: (tmp_path / "r" / "executions.txt").exists() and "work" in
+                 (tmp_path / "r" / "executions.txt").read_text(), timeout=120, what="work to start")
+        assert d.stop() == 0
+        d.start()
+        out, err = follower.communicate(timeout=180)
+        assert follower.returncode == 0, (out, err)
+        assert "lost the connection to reflowd; trying again" in err
+        run_id = json.loads(out)["run_id"]
+        runs = d.cli("runs", check=True).stdout
+        assert re.search(rf"^{run_id}\s+succeeded\s+local\s+\S+ \S+\s+5/5$", runs, re.M), runs
         assert d.stop() == 0
         d.start()
         runs = d.cli("runs", check=True).stdout
-        assert re.search(rf"^{run_id}\s+succeeded\s+local\s+\S+ \S+\s+5/5$", runs, re.M), runs
+        assert re.search(rf"^{run_id}\s+succeeded\s+local\s+\S+ \S+\s+5/5$", runs, re.M), \
+            "a finished run keeps its progress column after a restart"
         stats = d.cli("stats", check=True).stdout
         assert stats.startswith("reflowd pid ") and "runs " in stats
         with pytest.raises(json.JSONDecodeError):
