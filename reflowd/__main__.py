@@ -36,7 +36,7 @@ def build_parser() -> Parser:
         description="The reflow daemon: holds your workflows' DAGs, submits ready tasks, polls the schedulers and "
         "serves reflow clients on a Unix socket. Runs in the foreground; jobs survive restarts.",
         epilog=f"In force here: socket {socket_path()}, state {state_dir()}, configuration {config_path()}. "
-        + EXIT_CODES,
+        "'reflowd service install [--print] | uninstall | status' runs it as a systemd user service. " + EXIT_CODES,
     )
     parser.add_argument("--socket", type=Path, metavar="PATH",
                         help=f"socket path (default here: {socket_path()}, from $REFLOW_SOCKET or "
@@ -49,8 +49,9 @@ def build_parser() -> Parser:
                              "$XDG_CONFIG_HOME/reflow/config.toml)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         default=os.environ.get("REFLOW_LOG_LEVEL", "info"), help="default: info ($REFLOW_LOG_LEVEL)")
-    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                        help="json lines, console text, or auto (json unless stderr is a terminal)")
+    parser.add_argument("--log-format", choices=["auto", "json", "console", "journal"], default="auto",
+                        help="json lines, console text, journal (<N>-prefixed lines for journald), or auto "
+                             "(journal under systemd, else json unless stderr is a terminal)")
     parser.add_argument("--retry-backoff", type=float, default=5.0, metavar="SECONDS",
                         help="seconds before the first automatic retry of a task with retries=N (doubles each time)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors (also REFLOW_DEBUG=1)")
@@ -127,11 +128,15 @@ def run(args: argparse.Namespace) -> int:
 
     from .engine.engine import EngineSettings
     from .logging import configure
-    from .systemd import activation_socket
+    from . import systemd
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        activated = systemd.activation_socket()  # refuse a wrongly passed socket before anything starts
+    except systemd.ActivationError as exc:
         raise CliError(str(exc)) from None
     options = DaemonOptions(
         socket_path=(args.socket or config.socket).expanduser().absolute(),
@@ -141,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
                                 fault_points=frozenset(p for p in os.environ.get("REFLOW_FAULT_POINTS", "").split(",")
                                                        if p)),
     )
-    if activation_socket() is None:
+    if activated is None:
         check_socket_path(options.socket_path)
         check_socket_free(options.socket_path)
-    configure(args.log_level, json=None if args.log_format == "auto" else args.log_format == "json")
+    configure(args.log_level, json=None if args.log_format in ("auto", "journal") else args.log_format == "json",
+              journal=True if args.log_format == "journal" else None)
     try:
         return anyio.run(Daemon(options).run)
     except KeyboardInterrupt:
@@ -162,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["service"]:  # reflowd service install|uninstall|status: reflowd/service.py
+        from .service import main as service_main
+
+        return service_main(argv[1:])
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:
         import argcomplete
