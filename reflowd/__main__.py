@@ -98,7 +98,7 @@ def check_socket_free(path: Path) -> None:
             pid = client.ping().get("pid", "?")
     except Exception:  # noqa: BLE001 - the pid is a courtesy
         pass
-    raise CliError(f"another reflowd (pid {pid}) already serves {path}; stop it first ('reflow-client shutdown') "
+    raise CliError(f"another reflowd (pid {pid}) already listens on {path}; stop it first ('reflow-client shutdown') "
                    "or start this one with another --socket", code=cli_errors.RUN_FAILED)
 
 

@@ -108,7 +108,7 @@ def test_reflowd_start_up_errors(tmp_path: Path, daemon: DaemonProcess) -> None:
     assert "pick another location with --socket" in one_error(reflowd("--socket", "/proc/nope/s.sock"), 2,
                                                               "reflowd")
     in_use = one_error(reflowd("--socket", str(daemon.socket)), 1, "reflowd")
-    assert f"another reflowd (pid {daemon.proc.pid}) already serves {daemon.socket}" in in_use
+    assert f"another reflowd (pid {daemon.proc.pid}) already listens on {daemon.socket}" in in_use
     assert daemon.answers(), "the running daemon is untouched"
     assert "--socket PATH" in reflowd("--help").stdout
 
