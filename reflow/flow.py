@@ -1,8 +1,10 @@
 """Task definition: ``Flow``, ``JobConfig`` and the per-task ``TaskSpec``.
 
 Everything a user can get wrong about one task (a bad name, a time limit
-typo, a parameter that would clash with a built-in CLI flag) is refused here,
-when the decorator runs, with a message naming the task and the fix.
+typo, two parameters whose flags would clash) is refused here, when the
+decorator runs, with a message naming the task and the fix. No parameter name
+is reserved: the generated CLIs move their own options aside instead
+(``reflow_client.cli_parser``).
 """
 
 from __future__ import annotations
@@ -24,32 +26,6 @@ from .typeinfo import split_annotated, strip_optional, type_repr
 TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 #: A parameter of this name receives the run directory, with or without the RunDir marker.
 RUN_DIR_PARAM = "run_dir"
-
-#: Flags the generated CLI defines itself; a run parameter may not take these names.
-RESERVED_PARAM_KEYS = frozenset(
-    {
-        "help",
-        "run_dir",
-        "force",
-        "force_tasks",
-        "verify",
-        "cluster",
-        "executor",
-        "json",
-        "socket",
-        "no_daemon",
-        "no_wait",
-        "wait",
-        "max_workers",
-        "on_error",
-        "command",
-        "format",
-        "task",
-        "run_id",
-        "index",
-    }
-)
-RESERVED_SHORT_FLAGS = frozenset({"h"})
 
 _OPTION_VALUE_TYPES = (str, int, float, bool, type(None))
 
@@ -293,14 +269,6 @@ def check_param_names(spec: TaskSpec, others: list[TaskSpec]) -> None:
     """Refuse run parameters whose flags would clash or be silently dropped."""
     for rp in spec.run_params.values():
         where = f"task {spec.name!r} parameter {rp.name!r}"
-        for key in rp.keys:
-            if key in RESERVED_PARAM_KEYS:
-                raise ValueError(
-                    f"{where}: its flag --{key.replace('_', '-')} collides with the built-in CLI flag of the same "
-                    "name; rename the parameter or give it Param(namespace='local')"
-                )
-        if rp.marker.short and rp.marker.short in RESERVED_SHORT_FLAGS:
-            raise ValueError(f"{where}: short flag -{rp.marker.short} is reserved for --help; pick another letter")
         for other in [*others, spec]:
             for orp in other.run_params.values():
                 if orp is rp:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,40 +99,3 @@ def submit(
     manifest = with_submit_options(wf.describe(), submit_options)
     result = client.submit(manifest, params, rd, cluster=cluster_cfg.name, options=options)
     return Run(wf, result.run_id, Path(result.run_dir), client)
-
-
-def params_parser(wf: Workflow, prog: str) -> argparse.ArgumentParser:
-    from .cli import add_param_flags
-
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    add_param_flags(parser, wf)
-    return parser
-
-
-def submit_from_args(wf: Workflow, args: argparse.Namespace, extra: list[str], sock: Path) -> int:
-    """``reflow-client submit FILE [options] [workflow flags]``."""
-    from reflow_client.cli import watch_progress
-
-    prog = f"reflow-client submit {args.workflow_file}"
-    parser = params_parser(wf, prog)
-    if args.help:
-        print(f"usage: {prog} [--run-dir DIR] [--cluster NAME] [--force] [--force-tasks T ...] [--verify] "
-              "[--on-error stop|continue] [--no-daemon] [--wait] [--json] [workflow flags]\n")
-        parser.print_help()
-        return 0
-    wf.validate()
-    ns = parser.parse_args(extra)
-    params = {k: v for k, v in vars(ns).items()}
-    run_dir = args.run_dir or Path.cwd() / "runs" / wf.name
-    run = submit(wf, run_dir, store=sock, cluster=args.cluster, force=args.force, force_tasks=args.force_tasks,
-                 verify=args.verify, on_error=args.on_error, autostart=not args.no_daemon, parameters=params)
-    if args.json:
-        import json
-
-        print(json.dumps({"run_id": run.run_id, "run_dir": str(run.run_dir)}))
-    else:
-        print(f"submitted run {run.run_id}\n  run dir {run.run_dir}\n  follow it with: reflow-client watch {run.run_id}")
-    if args.wait:
-        final = watch_progress(run.client, run.run_id, out=sys.stdout)
-        return 0 if final.ok else 1
-    return 0
