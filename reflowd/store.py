@@ -95,6 +95,7 @@ class Store:
         self._closed = False
         self.commits = 0
         self.rows_written = 0
+        self.transitions_written = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -254,6 +255,7 @@ class Store:
                 await db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", cache)
             await db.commit()
         self.commits += 1
+        self.transitions_written += len(transitions)
         self.rows_written += len(runs) + len(tasks) + len(instances) + len(transitions) + len(jobs) + len(cache) \
             + len(failures)
         self._committed = generation
