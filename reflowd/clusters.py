@@ -1,28 +1,23 @@
-"""Clusters: a scheduler adapter on a transport, with a rate limit and a poll clock.
+"""Clusters: a scheduler adapter on a metered transport, built from ``[clusters.NAME]``.
 
-Built from ``[clusters.NAME]`` in the configuration. Each cluster owns a
-token bucket that caps the *optional* scheduler calls -- status queries wait
-for a token; cancellations and tag look-ups are never delayed but spend a
-token (the debt is bounded) -- while submissions, which are the pipeline's
-progress, are never held back. The poll interval adapts: short after a
-submission or a change, growing while nothing happens, long when the
-scheduler answers slowly.
+Each cluster's transport is wrapped in a :class:`~reflowd.budget.MeteredTransport`
+before the scheduler adapter gets it, so every command the adapter runs is
+charged to the cluster's :class:`~reflowd.budget.Budget` (see ``budget.py``).
+The cluster's driver (``reflowd/driver``) owns the runtime and decides when
+to poll.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import structlog
 
 from reflow_client.config import ClusterConfig, ConfigError
 
+from .budget import Budget, MeteredTransport
 from .engine.decide import Timing
 from .schedulers.base import Scheduler
 from .transports.base import Transport
@@ -31,73 +26,20 @@ from .transports.local import LocalTransport
 log = structlog.get_logger("reflowd.clusters")
 
 
-class RateLimiter:
-    """Token bucket: ``rate_per_minute`` tokens a minute, at most ``burst`` saved up."""
-
-    def __init__(self, rate_per_minute: float, burst: float | None = None) -> None:
-        self.rate = max(rate_per_minute, 0.1) / 60.0
-        self.burst = burst if burst is not None else max(2.0, rate_per_minute / 4)
-        self.tokens = self.burst
-        self._stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def wait_time(self) -> float:
-        self._refill()
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def spend(self) -> None:
-        """Take a token now, going into (bounded) debt if needed: cancellations, tag look-ups."""
-        self._refill()
-        self.tokens = max(self.tokens - 1, -self.burst)
-
-    async def acquire(self) -> None:
-        """Wait for a token (status queries)."""
-        while (delay := self.wait_time()) > 0:
-            await anyio.sleep(delay)
-        self.tokens -= 1
-
-
-class PollPolicy:
-    """When to ask the scheduler next."""
-
-    def __init__(self, minimum: float, base: float, maximum: float) -> None:
-        self.minimum = minimum
-        self.base = max(base, minimum)
-        self.maximum = max(maximum, self.base)
-        self.interval = self.minimum
-        self.last_duration = 0.0
-
-    def after_query(self, duration: float, changed: bool) -> None:
-        self.last_duration = duration
-        if duration > 2.0:  # a slow controller: back off in proportion
-            self.interval = min(self.maximum, max(self.interval, duration * 10))
-        elif changed:
-            self.interval = self.minimum
-        else:
-            self.interval = min(self.base, self.interval * 1.5)
-
-    def after_submit(self) -> None:
-        self.interval = self.minimum
-
-
 @dataclass
 class ClusterRuntime:
     """One configured cluster as the engine uses it."""
 
     name: str
     config: ClusterConfig
-    transport: Transport
+    transport: Transport  # as configured (its name, health and counters are shown)
+    metered: Transport  # the same, charging every command to ``budget``: all I/O goes through this one
     scheduler: Scheduler
-    limiter: RateLimiter
-    policy: PollPolicy
+    budget: Budget
     result_interval: float
     timing: Timing
+    #: Scheduler operations by kind (submit, query, cancel, find_tags); one may run several commands.
     calls: Counter[str] = field(default_factory=Counter)
-    call_seconds: float = 0.0
     probe: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,9 +52,8 @@ class ClusterRuntime:
             return self.config.python
         return manifest_python if not self.remote else "python3"
 
-    def count(self, kind: str, seconds: float) -> None:
+    def count(self, kind: str) -> None:
         self.calls[kind] += 1
-        self.call_seconds += seconds
 
     def status(self) -> dict[str, Any]:
         return {
@@ -122,8 +63,8 @@ class ClusterRuntime:
             "transport": self.transport.name,
             "health": self.transport.health.to_dict(),
             "transport_stats": dict(self.transport.stats),
-            "poll_interval": round(self.policy.interval, 2),
             "calls": dict(self.calls),
+            "budget": self.budget.status(),
             "scheduler_stats": self.scheduler.stats(),
         }
 
@@ -154,8 +95,11 @@ def build_cluster(config: ClusterConfig, *, embedded: bool = False, max_workers:
     return _with_scheduler(config, transport, embedded=embedded, max_workers=max_workers)
 
 
-def _with_scheduler(config: ClusterConfig, transport: Transport, *, embedded: bool,
+def _with_scheduler(config: ClusterConfig, inner: Transport, *, embedded: bool,
                     max_workers: int | None) -> ClusterRuntime:
+    # The local scheduler answers from memory: nothing to protect, so no real cap.
+    budget = Budget(config.max_calls_per_minute if config.scheduler != "local" else 6000.0)
+    transport = MeteredTransport(inner, budget)  # what the scheduler adapter gets: every command charged
     scheduler: Scheduler
     if config.scheduler == "local":
         if config.remote:
@@ -197,15 +141,11 @@ def _with_scheduler(config: ClusterConfig, transport: Transport, *, embedded: bo
     return ClusterRuntime(
         name=config.name,
         config=config,
-        transport=transport,
+        transport=inner,
+        metered=transport,
         scheduler=scheduler,
-        # The local scheduler answers from memory: nothing to protect, so no real cap.
-        limiter=RateLimiter(config.max_calls_per_minute if config.scheduler != "local" else 6000.0),
-        policy=PollPolicy(config.min_poll_interval, config.poll_interval, config.max_poll_interval),
+        budget=budget,
         result_interval=result_interval,
         timing=timing,
     )
 
-
-def default_python() -> str:
-    return os.environ.get("REFLOW_PYTHON") or sys.executable

@@ -111,12 +111,12 @@ def _positive(value: int) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def _not_negative(value: int) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
 def _nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
-
-
-def _absolute(value: str) -> str | None:
-    return None if os.path.isabs(value) else "must be an absolute path"
 
 
 def _time_value(value: Any) -> float:
@@ -229,11 +229,11 @@ async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 
 
 @command("status", help="a run's progress", run_id=Field(str, required=True), task=Field(str),
-         limit=Field(int, default=200, check=_positive))
+         limit=Field(int, default=200, check=_positive), offset=Field(int, default=0, check=_not_negative))
 async def status(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     try:
         run = await daemon.engine.get_run(p["run_id"])
-        result = daemon.engine.status(run, p["task"], p["limit"])
+        result = daemon.engine.status(run, p["task"], min(p["limit"], 10_000), p["offset"])
     except EngineError as exc:
         raise _engine_call(exc) from None
     result["store"] = _store_health(daemon)

@@ -70,6 +70,9 @@ async def run_embedded(
 
 async def _abandon_interrupted(engine: Engine) -> None:
     """Runs left RUNNING by an interrupted earlier run_local cannot continue: mark them cancelled."""
-    for run in await engine.store.load_active_runs():
+    runs, broken = await engine.store.load_active_runs()
+    for run in runs:
         engine.set_run_state(run, RunState.CANCELLED, {"source": "embedded", "note": "interrupted earlier"})
+    for run_id, why in broken:
+        engine.store.fail_run_row(run_id, why)
     await engine.store.flush()

@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,126 +24,46 @@ import aiosqlite
 import anyio
 import structlog
 
-from reflow_client.manifest import Manifest
 
-from .engine.model import Instance, Run, TaskRun
-from .engine.states import RunState, State
+from .engine.model import Instance, JobRecord, Run, TaskRun
+from .engine.records import Table, dump_json
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY, workflow TEXT NOT NULL, state TEXT NOT NULL, cluster TEXT NOT NULL,
-    run_dir TEXT NOT NULL, manifest TEXT NOT NULL, params TEXT NOT NULL, options TEXT NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, ended_at REAL, error TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_state ON runs(state);
-CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
-CREATE TABLE IF NOT EXISTS tasks (
-    run_id TEXT NOT NULL, name TEXT NOT NULL, expanded INTEGER NOT NULL, size INTEGER,
-    blocked TEXT, blocked_reason TEXT, PRIMARY KEY (run_id, name)
-);
-CREATE TABLE IF NOT EXISTS instances (
-    run_id TEXT NOT NULL, task TEXT NOT NULL, idx INTEGER NOT NULL, state TEXT NOT NULL,
-    attempt INTEGER NOT NULL, identity TEXT, tag TEXT, job_id TEXT, job_key TEXT,
-    output TEXT, output_hash TEXT, error TEXT, traceback TEXT, reason TEXT, not_before REAL,
-    submitted_at REAL, started_at REAL, ended_at REAL, updated_at REAL NOT NULL, host TEXT,
-    cached_from TEXT, PRIMARY KEY (run_id, task, idx)
-);
-CREATE INDEX IF NOT EXISTS instances_tag ON instances(tag);
-CREATE TABLE IF NOT EXISTS transitions (
+RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
+TASKS = Table(TaskRun, "tasks")
+INSTANCES = Table(Instance, "instances", (("instances_tag", "tag"),))
+JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
+
+SCHEMA = "\n".join([
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);",
+    RUNS.create(),
+    TASKS.create(),
+    INSTANCES.create(),
+    JOBS.create(),
+    """CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
     from_state TEXT, to_state TEXT NOT NULL, evidence TEXT NOT NULL, at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transitions_run ON transitions(run_id, seq);
-CREATE TABLE IF NOT EXISTS jobs (
-    tag TEXT PRIMARY KEY, run_id TEXT NOT NULL, task TEXT NOT NULL, cluster TEXT NOT NULL,
-    job_id TEXT, request TEXT NOT NULL, state TEXT NOT NULL, submitted_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run_id);
 CREATE TABLE IF NOT EXISTS cache (
     identity TEXT PRIMARY KEY, output TEXT NOT NULL, output_hash TEXT NOT NULL, workflow TEXT NOT NULL,
     task TEXT NOT NULL, run_id TEXT NOT NULL, idx INTEGER NOT NULL, created_at REAL NOT NULL
-);
+);""",
+])
+
+#: Schema 1 -> 2: a task's state is one column (it was ``expanded`` + ``blocked``); runs remember a cancel.
+MIGRATE_1_TO_2 = """
+ALTER TABLE tasks RENAME TO tasks_v1;
+""" + TASKS.create() + """
+INSERT INTO tasks (run_id, name, state, size, reason)
+    SELECT run_id, name, CASE WHEN blocked IS NOT NULL THEN blocked WHEN expanded THEN 'expanded' ELSE 'pending' END,
+           size, blocked_reason FROM tasks_v1;
+DROP TABLE tasks_v1;
+ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
 """
-
-_INSTANCE_COLS = (
-    "run_id, task, idx, state, attempt, identity, tag, job_id, job_key, output, output_hash, error, traceback, "
-    "reason, not_before, submitted_at, started_at, ended_at, updated_at, host, cached_from"
-)
-
-
-@dataclass
-class JobRecord:
-    """One submission (tag) and the request that made it, so a restart can re-attach."""
-
-    tag: str
-    run_id: str
-    task: str
-    cluster: str
-    request: dict[str, Any]
-    job_id: str | None = None
-    state: str = "submitting"  # submitting, submitted, done, failed
-    submitted_at: float = 0.0
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _instance_row(inst: Instance) -> tuple[Any, ...]:
-    return (
-        inst.run_id,
-        inst.task,
-        -1 if inst.index is None else inst.index,
-        inst.state.value,
-        inst.attempt,
-        inst.identity,
-        inst.tag,
-        inst.job_id,
-        inst.job_key,
-        None if inst.output is None and inst.output_hash is None else _dump(inst.output),
-        inst.output_hash,
-        inst.error,
-        inst.traceback,
-        inst.reason,
-        inst.not_before,
-        inst.submitted_at,
-        inst.started_at,
-        inst.ended_at,
-        inst.updated_at,
-        inst.host,
-        inst.cached_from,
-    )
-
-
-def _instance_from(row: aiosqlite.Row) -> Instance:
-    return Instance(
-        run_id=row["run_id"],
-        task=row["task"],
-        index=None if row["idx"] < 0 else row["idx"],
-        state=State(row["state"]),
-        attempt=row["attempt"],
-        identity=row["identity"],
-        tag=row["tag"],
-        job_id=row["job_id"],
-        job_key=row["job_key"],
-        output=None if row["output"] is None else json.loads(row["output"]),
-        output_hash=row["output_hash"],
-        error=row["error"],
-        traceback=row["traceback"],
-        reason=row["reason"],
-        not_before=row["not_before"],
-        submitted_at=row["submitted_at"],
-        started_at=row["started_at"],
-        ended_at=row["ended_at"],
-        updated_at=row["updated_at"],
-        host=row["host"],
-        cached_from=row["cached_from"],
-    )
 
 
 class StoreError(RuntimeError):
@@ -195,6 +115,7 @@ class _Batch:
     instances: dict[tuple[str, str, int], tuple[Any, ...]]
     transitions: list[tuple[Any, ...]]
     jobs: dict[str, tuple[Any, ...]]
+    failures: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
     generation: int
@@ -202,17 +123,17 @@ class _Batch:
     @property
     def rows(self) -> int:
         return (len(self.runs) + len(self.tasks) + len(self.instances) + len(self.transitions) + len(self.jobs)
-                + len(self.cache))
+                + len(self.failures) + len(self.cache))
 
     def statements(self) -> list[tuple[str, list[tuple[Any, ...]]]]:
         return [
-            (f"INSERT OR REPLACE INTO runs VALUES ({','.join('?' * 12)})", list(self.runs.values())),
-            ("INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?)", list(self.tasks.values())),
-            (f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLS}) VALUES ({','.join('?' * 21)})",
-             list(self.instances.values())),
+            (RUNS.insert, list(self.runs.values())),
+            (TASKS.insert, list(self.tasks.values())),
+            (INSTANCES.insert, list(self.instances.values())),
             ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)",
              self.transitions),
-            ("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?)", list(self.jobs.values())),
+            (JOBS.insert, list(self.jobs.values())),
+            ("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", list(self.failures.values())),
             ("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
         ]
 
@@ -221,8 +142,10 @@ class Store:
     """The daemon's SQLite state: runs, tasks, instances, transitions, jobs, cache."""
 
     def __init__(self, path: str | os.PathLike[str], *, commit_interval: float = 0.05, max_batch: int = 1000,
-                 retry_initial: float = 0.1, retry_max: float = 5.0, close_timeout: float = 5.0) -> None:
+                 retry_initial: float = 0.1, retry_max: float = 5.0, close_timeout: float = 5.0,
+                 connect: Callable[..., Any] = aiosqlite.connect) -> None:
         self.path = Path(path)
+        self._connect = connect  # the simulation connects inline (no thread)
         self.commit_interval = commit_interval
         self.max_batch = max_batch
         self.retry_initial = retry_initial
@@ -244,6 +167,7 @@ class Store:
         self._transitions: list[tuple[Any, ...]] = []
         self._jobs: dict[str, tuple[Any, ...]] = {}
         self._cache: dict[str, tuple[Any, ...]] = {}
+        self._run_failures: dict[str, tuple[Any, ...]] = {}
         self._pending = 0
         self._enqueued = 0
         self._committed = 0
@@ -253,27 +177,32 @@ class Store:
         self._closed = False
         self.commits = 0
         self.rows_written = 0
+        self.transitions_written = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
+        if not self.path.parent.is_dir():
+            await anyio.to_thread.run_sync(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
         try:
-            self._db = await aiosqlite.connect(self.path)
+            self._db = await self._connect(self.path)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._db.execute("PRAGMA busy_timeout=10000")
-            await self._db.executescript(SCHEMA)
+            await self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             async with self._db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
                 row = await cur.fetchone()
-            if row is None:
-                await self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} was written by a newer reflowd (schema {row[0]} > {SCHEMA_VERSION}); upgrade reflowd"
                 )
+            if row is not None and int(row[0]) == 1:
+                await self._db.executescript(MIGRATE_1_TO_2)
+                log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
+            await self._db.executescript(SCHEMA)
+            await self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             await self._db.commit()
-            self._reader = await aiosqlite.connect(self.path)
+            self._reader = await self._connect(self.path)
             self._reader.row_factory = aiosqlite.Row
             await self._reader.execute("PRAGMA busy_timeout=10000")
         except aiosqlite.DatabaseError as exc:
@@ -383,63 +312,40 @@ class Store:
             self._urgent.set()
 
     def put_run(self, run: Run) -> None:
-        self._runs[run.id] = (
-            run.id,
-            run.workflow,
-            run.state.value,
-            run.cluster,
-            run.run_dir,
-            _dump(run.manifest.to_manifest_dict()),
-            _dump(run.params),
-            _dump(run.options),
-            run.created_at,
-            run.updated_at,
-            run.ended_at,
-            run.error,
-        )
+        self._runs[run.id] = RUNS.row(run)
         self._enqueued_one()
 
     def put_task(self, run_id: str, task: TaskRun) -> None:
-        self._tasks[(run_id, task.name)] = (
-            run_id,
-            task.name,
-            int(task.expanded),
-            task.size,
-            task.blocked.value if task.blocked else None,
-            task.blocked_reason,
-        )
+        self._tasks[(run_id, task.name)] = TASKS.row(task)
         self._enqueued_one()
 
     def put_instance(self, inst: Instance) -> None:
-        self._instances[inst.key] = _instance_row(inst)
+        self._instances[inst.key] = INSTANCES.row(inst)
         self._enqueued_one()
 
     def add_transition(
         self, run_id: str, task: str | None, index: int | None, old: str | None, new: str, evidence: dict[str, Any], at: float
     ) -> None:
         self._transitions.append(
-            (run_id, task, None if task is None else (-1 if index is None else index), old, new, _dump(evidence), at)
+            (run_id, task, None if task is None else (-1 if index is None else index), old, new, dump_json(evidence), at)
         )
         self._enqueued_one()
 
     def put_job(self, job: JobRecord) -> None:
-        self._jobs[job.tag] = (
-            job.tag,
-            job.run_id,
-            job.task,
-            job.cluster,
-            job.job_id,
-            _dump(job.request),
-            job.state,
-            job.submitted_at,
-        )
+        self._jobs[job.tag] = JOBS.row(job)
         self._enqueued_one()
+
+    def fail_run_row(self, run_id: str, error: str) -> None:
+        """Mark a run that cannot even be loaded as failed, with the reason (recovery)."""
+        now = time.time()
+        self._run_failures[run_id] = ("failed", error, now, now, run_id)
+        self.add_transition(run_id, None, None, "running", "failed", {"source": "recovery", "error": error[:500]}, now)
 
     def put_cache(self, identity: str, output: Any, output_hash: str, workflow: str, task: str, run_id: str,
                   index: int | None) -> None:
         self._cache[identity] = (
             identity,
-            _dump(output),
+            dump_json(output),
             output_hash,
             workflow,
             task,
@@ -467,10 +373,10 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def _take_batch(self) -> _Batch:
-        batch = _Batch(self._runs, self._tasks, self._instances, self._transitions, self._jobs, self._cache,
-                       self._pending, self._enqueued)
+        batch = _Batch(self._runs, self._tasks, self._instances, self._transitions, self._jobs, self._run_failures,
+                       self._cache, self._pending, self._enqueued)
         self._runs, self._tasks, self._instances = {}, {}, {}
-        self._transitions, self._jobs, self._cache = [], {}, {}
+        self._transitions, self._jobs, self._cache, self._run_failures = [], {}, {}, {}
         self._pending = 0
         self._wake = anyio.Event()
         self._urgent = anyio.Event()
@@ -483,6 +389,7 @@ class Store:
         self._instances = {**batch.instances, **self._instances}
         self._transitions = batch.transitions + self._transitions
         self._jobs = {**batch.jobs, **self._jobs}
+        self._run_failures = {**batch.failures, **self._run_failures}
         self._cache = {**batch.cache, **self._cache}
         self._pending += batch.count
         self._wake.set()
@@ -505,6 +412,7 @@ class Store:
         self._note_success()
         self.commits += 1
         self.rows_written += written
+        self.transitions_written += len(batch.transitions)
         self._committed = batch.generation
         done, self._committed_event = self._committed_event, anyio.Event()
         done.set()
@@ -574,42 +482,34 @@ class Store:
         return self._reader
 
     async def _run_from(self, row: aiosqlite.Row) -> Run:
-        manifest = Manifest.from_dict(json.loads(row["manifest"]))
-        run = Run(
-            id=row["id"],
-            manifest=manifest,
-            params=json.loads(row["params"]),
-            run_dir=row["run_dir"],
-            cluster=row["cluster"],
-            state=RunState(row["state"]),
-            options=json.loads(row["options"]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            ended_at=row["ended_at"],
-            error=row["error"],
-        )
-        for task in manifest.tasks:
-            run.tasks[task.name] = TaskRun(manifest=task, expanded=not task.is_array)
+        run = Run(**RUNS.values(row))
+        for task in run.manifest.tasks:
+            run.tasks[task.name] = TaskRun(manifest=task, run_id=run.id)
         async with self._r.execute("SELECT * FROM tasks WHERE run_id=?", (run.id,)) as cur:
             async for t in cur:
-                tr = run.tasks.get(t["name"])
+                values = TASKS.values(t)
+                tr = run.tasks.get(values["name"])
                 if tr is not None:
-                    tr.expanded = bool(t["expanded"])
-                    tr.size = t["size"]
-                    tr.blocked = State(t["blocked"]) if t["blocked"] else None
-                    tr.blocked_reason = t["blocked_reason"]
+                    tr.state, tr.size, tr.reason = values["state"], values["size"], values["reason"]
         async with self._r.execute("SELECT * FROM instances WHERE run_id=?", (run.id,)) as cur:
             async for r in cur:
-                inst = _instance_from(r)
+                inst = Instance(**INSTANCES.values(r))
                 tr = run.tasks.get(inst.task)
                 if tr is not None:
-                    tr.instances[inst.index] = inst
+                    tr.add(inst)
         return run
 
-    async def load_active_runs(self) -> list[Run]:
+    async def load_active_runs(self) -> tuple[list[Run], list[tuple[str, str]]]:
+        """Runs still running, and ``(run id, why)`` for those that cannot be loaded."""
         async with self._r.execute("SELECT * FROM runs WHERE state=? ORDER BY created_at", ("running",)) as cur:
             rows = await cur.fetchall()
-        return [await self._run_from(r) for r in rows]
+        runs, broken = [], []
+        for r in rows:
+            try:
+                runs.append(await self._run_from(r))
+            except Exception as exc:  # a damaged row must not stop every other run from recovering
+                broken.append((r["id"], f"cannot be recovered: {type(exc).__name__}: {exc}"))
+        return runs, broken
 
     async def load_run(self, run_id: str) -> Run | None:
         async with self._r.execute("SELECT * FROM runs WHERE id=?", (run_id,)) as cur:
@@ -706,18 +606,7 @@ class Store:
             sql = f"SELECT * FROM jobs WHERE run_id IN ({','.join('?' * len(chunk))})"
             async with self._r.execute(sql, chunk) as cur:
                 async for r in cur:
-                    out.append(
-                        JobRecord(
-                            tag=r["tag"],
-                            run_id=r["run_id"],
-                            task=r["task"],
-                            cluster=r["cluster"],
-                            request=json.loads(r["request"]),
-                            job_id=r["job_id"],
-                            state=r["state"],
-                            submitted_at=r["submitted_at"],
-                        )
-                    )
+                    out.append(JobRecord(**JOBS.values(r)))
         return out
 
     async def transitions(self, run_id: str, *, after_seq: int = 0, limit: int = 10000) -> list[dict[str, Any]]:

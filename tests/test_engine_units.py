@@ -9,7 +9,8 @@ import pytest
 
 from reflow_client import codec
 from reflow_client.manifest import InputSource, Manifest, TaskManifest
-from reflowd.clusters import PollPolicy, RateLimiter
+from reflowd.budget import RateLimiter
+from reflowd.driver.policy import PollPolicy
 from reflowd.engine import decide
 from reflowd.engine.engine import Engine
 from reflowd.engine.model import Instance, Run, TaskRun
@@ -25,7 +26,9 @@ from reflowd.engine.states import (
     is_legal,
 )
 from reflowd.schedulers.base import Observation, Outcome, Phase, Presence
-from reflowd.store import JobRecord, Store
+from reflowd.engine.model import JobRecord
+from reflowd.schedulers.base import SubmitRequest
+from reflowd.store import Store
 
 # ---------------------------------------------------------------------- states
 
@@ -59,7 +62,7 @@ def _tiny_run() -> tuple[Run, Instance]:
     manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
     run = Run(id="r1", manifest=manifest, params={}, run_dir="/tmp", cluster="local")
     inst = Instance(run_id="r1", task="a", index=None)
-    run.tasks["a"] = TaskRun(manifest=task, expanded=True, instances={None: inst})
+    run.tasks["a"] = TaskRun(manifest=task, run_id="r1", instances={None: inst})
     return run, inst
 
 
@@ -245,7 +248,9 @@ async def test_store_group_commit_and_reload(tmp_path: Path) -> None:
             inst.attempt = i + 1
             store.put_instance(inst)
             store.add_transition(run.id, "a", None, "pending", "ready", {"i": i}, time.time())
-        store.put_job(JobRecord("tag1", run.id, "a", "local", {"x": 1}))
+        request = SubmitRequest(tag="tag1", run_id=run.id, task="a", job_dir="/j", log_dir="/l", workdir="/w",
+                                worker_argv=["python"])
+        store.put_job(JobRecord("tag1", run.id, "a", "local", request))
         store.put_cache("id1", [1, 2], "h", "w", "a", run.id, None)
         await store.flush()
         assert store.commits <= 3

@@ -9,8 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from reflowd.budget import Budget, MeteredTransport
 from reflowd.schedulers.base import Outcome, Phase, SubmitError, SubmitRequest
-from reflowd.schedulers.slurm import SlurmScheduler
+from reflowd.schedulers.slurm import REASON_REFRESH, SlurmScheduler
 from reflowd.transports.local import LocalTransport
 
 pytestmark = [pytest.mark.slurm, pytest.mark.anyio]
@@ -39,8 +40,9 @@ async def until(condition, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}; last {last!r}")
 
 
-async def scheduler() -> SlurmScheduler:
-    s = SlurmScheduler(LocalTransport())
+async def scheduler(budget: Budget | None = None) -> SlurmScheduler:
+    """The adapter on a metered transport, as the daemon builds it: every command it runs is charged."""
+    s = SlurmScheduler(MeteredTransport(LocalTransport(), budget or Budget(6000)))
     await s.probe()
     return s
 
@@ -52,21 +54,33 @@ async def test_probe_reads_site_facts(slurm_cluster) -> None:
 
 
 async def test_array_runs_every_element_with_one_query_per_poll(slurm_cluster, tmp_path: Path) -> None:
-    s = await scheduler()
+    """One poll is one status command for all 20 elements. The adapter may add an extra command only
+    where it says so (a live pending-reason refresh, at most every REASON_REFRESH seconds; a fall-back
+    when sacct fails), and every command, extras included, is charged to the budget."""
+    budget = Budget(6000)
+    s = await scheduler(budget)
     out = tmp_path / "out"
     out.mkdir()
     req = request(tmp_path, f'echo "$@" > {out}/"$2"\n', slurm_cluster.partition, indices=list(range(20)),
                   array_parallelism=5)
     job = await s.submit(req)
-    keys = s.keys_for(job, req.indices, 0)
+    keys = [req.element_key(job, i) for i in req.indices or []]
+    started = time.monotonic()
+    polls = 0
 
     async def all_done():
-        before = s.queries
+        nonlocal polls
+        charged, queries, extras = budget.charged, s.queries, s.reason_refreshes + s.fallbacks
         obs = await s.query([job])
-        assert s.queries == before + 1
+        polls += 1
+        assert s.queries == queries + 1
+        assert budget.charged - charged == 1 + (s.reason_refreshes + s.fallbacks - extras), budget.commands
         return all(k in obs and obs[k].phase is Phase.DONE for k in keys) and obs
 
     obs = await until(all_done, what="20 elements to finish")
+    assert s.fallbacks == 0, "sacct worked: no poll needed a second status command"
+    assert s.reason_refreshes <= 1 + (time.monotonic() - started) / REASON_REFRESH
+    assert s.queries == polls
     assert {obs[k].outcome for k in keys} == {Outcome.COMPLETED}
     assert sorted(int(p.name) for p in out.iterdir()) == list(range(20))
     assert (out / "7").read_text().strip() == "--index 7"

@@ -1,21 +1,25 @@
-"""The engine: every run's DAG in memory, advanced through the state machine.
+"""The engine: every run's DAG in memory, advanced through the state machines.
 
-All state changes go through :meth:`Engine.transition` (checks the table,
-stamps the time, records the evidence, persists, publishes). Evaluation
-decides what can run next; the per-cluster submitter and observer
-(``submitter.py``, ``observer.py``) talk to schedulers. Everything runs on
-one event loop, so engine state needs no locks -- but any ``await`` may see
-the world change, so code re-checks state after awaiting.
+The engine owns runs, their evaluation (what can run next) and the meaning
+of state changes (retries, ``on_error``, cancellation). Every change goes
+through the :class:`~reflowd.engine.ledger.Ledger` (one table per state
+machine). Talking to a scheduler is a cluster driver's job
+(``reflowd/driver``): the engine hands each driver READY instances and
+cancellations, and the driver reports back through the :class:`Host`
+methods here (``transition``, ``update``, ``resolution``, ``internal_error``).
+
+Everything runs on one event loop, so engine state needs no locks -- but any
+``await`` may see the world change, so code re-checks state after awaiting.
+An error while handling one run fails that run, with the error in its
+status; it never stops the daemon or another run.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -24,11 +28,17 @@ import structlog
 from reflow_client import codec
 from reflow_client.manifest import Manifest
 
+from .. import world
 from ..clusters import ClusterRuntime
-from ..schedulers.base import Observation, OptionError, SubmitRequest
-from ..store import JobRecord, Store
+from ..driver import Driver, DriverSettings, log_paths_for
+from ..schedulers.base import OptionError
+from ..store import Store
+from . import views
 from .events import EventHub, Subscription
-from .model import Instance, Run, TaskRun
+from .ledger import Ledger
+from .model import ON_ERROR, Instance, Run, RunOptions, TaskRun
+from .records import column_fields, reset_values
+
 from .resolve import Resolution, ResolveError, UpstreamView, identity_for, resolve
 from .states import (
     ACTIVE,
@@ -41,10 +51,14 @@ from .states import (
     TERMINAL,
     RunState,
     State,
-    is_legal,
+    TaskState,
 )
+from .verify import verify_outputs
 
 log = structlog.get_logger("reflowd.engine")
+
+#: Instances handled between two yields to the event loop in long loops (expansion, whole-run scans).
+YIELD_EVERY = 2000
 
 
 class EngineError(Exception):
@@ -71,64 +85,28 @@ class EngineSettings:
     retry_backoff_max: float = 600.0
     submit_concurrency: int = 4
     keep_finished: float = 3600.0
-    #: Test-only crash points, e.g. {"after_sbatch"}: the daemon exits hard there.
+    #: Test-only crash points, e.g. {"after_submit"}: the daemon exits hard there.
     fault_points: frozenset[str] = frozenset()
 
 
-@dataclass(eq=False)
-class JobTrack:
-    """A submission the engine follows: its request and the instances it covers."""
-
-    record: JobRecord
-    request: SubmitRequest
-    run: Run
-    instances: dict[int | None, Instance]
-    last_obs: dict[int | None, Observation] = field(default_factory=dict)
-    #: Results of workers killed by a signal, held until the scheduler says why (timeout? cancel?).
-    held: dict[int | None, tuple[dict[str, Any], float]] = field(default_factory=dict)
-    resolve_attempts: int = 0
-    resolve_after: float = 0.0
-
-    @property
-    def tag(self) -> str:
-        return self.record.tag
-
-    def live(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.in_flight and i.tag == self.tag]
-
-
 def new_run_id(workflow: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime())
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(world.now()))
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in workflow)[:40]
-    return f"{safe}-{stamp}-{secrets.token_hex(3)}"
+    return f"{safe}-{stamp}-{world.token_hex(3)}"
 
 
-def new_tag() -> str:
-    return "rf" + secrets.token_hex(8)
+_CLEARED = reset_values(Instance)
+_PERSISTED = frozenset(column_fields(Instance))
 
 
-def request_from_dict(data: dict[str, Any]) -> SubmitRequest:
-    return SubmitRequest(**{**data, "indices": data.get("indices"), "worker_argv": list(data["worker_argv"])})
+def cleared() -> dict[str, Any]:
+    """The fields a fresh attempt starts without (derived from the record's definition)."""
+    return dict(_CLEARED)
 
 
-def request_to_dict(req: SubmitRequest) -> dict[str, Any]:
-    return {
-        "tag": req.tag,
-        "run_id": req.run_id,
-        "task": req.task,
-        "job_dir": req.job_dir,
-        "log_dir": req.log_dir,
-        "workdir": req.workdir,
-        "worker_argv": list(req.worker_argv),
-        "indices": None if req.indices is None else list(req.indices),
-        "index_offset": req.index_offset,
-        "array_parallelism": req.array_parallelism,
-        "cpus": req.cpus,
-        "time": req.time,
-        "mem": req.mem,
-        "options": dict(req.options),
-        "env": dict(req.env),
-    }
+async def _checkpoint(i: int) -> None:
+    if i and i % YIELD_EVERY == 0:
+        await anyio.sleep(0)
 
 
 class Engine:
@@ -141,63 +119,33 @@ class Engine:
         self.runs: dict[str, Run] = {}
         self.events = EventHub()
         self.counters: Counter[str] = Counter()
-        self.started_at = time.time()
-        self._dirty: set[str] = set()
+        self.ledger = Ledger(store, self.events, self.counters)
+        self.started_at = world.now()
+        driver_settings = DriverSettings(submit_concurrency=self.settings.submit_concurrency,
+                                         fault_points=self.settings.fault_points)
+        self.drivers: dict[str, Driver] = {n: Driver(c, store, self, driver_settings) for n, c in clusters.items()}
+        self._dirty: dict[str, None] = {}
         self._eval_wake = anyio.Event()
         self._evaluating: set[str] = set()
-        self.ready: dict[str, dict[tuple[str, str, int], tuple[Run, Instance]]] = {n: {} for n in clusters}
-        self.ready_wake: dict[str, anyio.Event] = {n: anyio.Event() for n in clusters}
-        self.tracks: dict[str, dict[str, JobTrack]] = {n: {} for n in clusters}
-        self.unresolved: dict[str, dict[str, JobTrack]] = {n: {} for n in clusters}
-        self.pending_cancels: dict[str, set[str]] = {n: set() for n in clusters}
-        self.observer_wake: dict[str, anyio.Event] = {n: anyio.Event() for n in clusters}
         self._resolutions: dict[tuple[str, str], Resolution] = {}
-        self._checked: set[tuple[str, str, int]] = set()  # READY instances past the cache check
-        self._ready_to_serve = anyio.Event()
+        #: READY instances that have not been through the cache check yet, per run.
+        self._to_check: dict[str, list[Instance]] = {}
+        self._handed: set[tuple[str, str, int]] = set()  # READY instances given to a driver
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        from .observer import observe_loop
-        from .submitter import submit_loop
-
         async with anyio.create_task_group() as tg:
             for cluster in self.clusters.values():
                 runner = getattr(cluster.scheduler, "run", None)
                 if runner is not None:
                     await tg.start(runner)
-                cluster.scheduler.on_change = self._waker(cluster.name)
             await self.recover()
-            for cluster in self.clusters.values():
-                tg.start_soon(self._probe, cluster)
-                tg.start_soon(submit_loop, self, cluster)
-                tg.start_soon(observe_loop, self, cluster)
+            for driver in self.drivers.values():
+                await tg.start(driver.run)
             tg.start_soon(self._evaluate_loop)
             tg.start_soon(self._janitor)
-            self._ready_to_serve.set()
             task_status.started()
-
-    def _waker(self, name: str) -> Any:
-        def wake() -> None:
-            self.observer_wake[name].set()
-
-        return wake
-
-    async def _probe(self, cluster: ClusterRuntime) -> None:
-        """Learn the scheduler's limits and features; a cluster unreachable at start is probed again later."""
-        attempt = 0
-        while True:
-            try:
-                with anyio.fail_after(cluster.config.command_timeout * 2):
-                    cluster.probe = await cluster.scheduler.probe()
-                log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
-                return
-            except Exception as exc:  # probing is advisory; observation shows the cluster's health meanwhile
-                attempt += 1
-                delay = min(120.0, 5.0 * 2 ** min(attempt - 1, 5))
-                log.warning("cluster probe failed; will try again", cluster=cluster.name, error=str(exc),
-                            retry_in=delay)
-                await anyio.sleep(delay)
 
     async def close(self) -> None:
         for cluster in self.clusters.values():
@@ -208,78 +156,61 @@ class Engine:
                     await cluster.transport.aclose()
 
     async def recover(self) -> None:
-        """Load every unfinished run and re-attach to its jobs."""
-        runs = await self.store.load_active_runs()
+        """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed."""
+        runs, broken = await self.store.load_active_runs()
+        for run_id, why in broken:
+            log.error("run cannot be recovered; marking it failed", run_id=run_id, error=why)
+            self.store.fail_run_row(run_id, why)
+            self.counters["unrecoverable_runs"] += 1
         for run in runs:
             self.runs[run.id] = run
+            if run.cluster not in self.drivers:
+                self._fail_run(run, f"cannot be recovered: cluster {run.cluster!r} is no longer configured")
         records = await self.store.jobs_for_runs([r.id for r in runs])
         adopted = 0
         for record in records:
             run = self.runs.get(record.run_id)
-            cluster = self.clusters.get(record.cluster)
-            if run is None or cluster is None or record.task not in run.tasks:
+            driver = self.drivers.get(record.cluster)
+            if run is None or driver is None or record.task not in run.tasks or run.state is not RunState.RUNNING:
                 continue
-            insts = {i.index: i for i in run.tasks[record.task].instances.values() if i.tag == record.tag and i.in_flight}
+            insts = {i.index: i for i in run.tasks[record.task].instances.values()
+                     if i.tag == record.tag and i.in_flight}
             if not insts:
                 continue
-            track = JobTrack(record, request_from_dict(record.request), run, insts)
-            if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
-                self.unresolved[cluster.name][record.tag] = track
-            else:
-                self.tracks[cluster.name][record.tag] = track
-                await cluster.scheduler.reattach(track.request, record.job_id)
+            try:
+                await driver.recover(record, run, insts)
+            except Exception as exc:
+                log.exception("cannot re-attach to a job", run_id=run.id, tag=record.tag)
+                error = f"cannot re-attach to job {record.job_id or record.tag}: {type(exc).__name__}: {exc}"
+                for inst in insts.values():
+                    self.transition(run, inst, State.FAILED, {"source": "recovery", "error": error}, error=error)
+                continue
             adopted += 1
         for run in runs:
+            self._to_check[run.id] = [i for i in run.instances() if i.state is State.READY]
             self.mark_dirty(run.id)
-        if runs:
-            log.info("recovered runs", runs=len(runs), jobs=adopted)
+        if runs or broken:
+            log.info("recovered runs", runs=len(runs), jobs=adopted, unrecoverable=len(broken))
 
-    # ------------------------------------------------------------------ transitions
+    # ------------------------------------------------------------------ state changes (also the driver's Host)
 
     def transition(self, run: Run, inst: Instance, new: State, evidence: dict[str, Any], **fields: Any) -> bool:
-        """The one way an instance changes state. Illegal changes are refused and logged."""
-        old = inst.state
-        if not is_legal(old, new):
-            self.counters["illegal_transitions"] += 1
-            log.error(
-                "illegal transition refused",
-                run_id=run.id, task=inst.task, index=inst.index, old=old.value, new=new.value, evidence=evidence,
-            )
+        """The one way an instance changes state, with what the change means for the run."""
+        old, old_tag = inst.state, inst.tag
+        if not self.ledger.instance(run, inst, new, evidence, fields):
             return False
-        now = time.time()
-        for name, value in fields.items():
-            setattr(inst, name, value)
-        inst.state = new
-        inst.updated_at = now
-        if new in TERMINAL and inst.ended_at is None:
-            inst.ended_at = now
-        run.updated_at = now
-        self.store.put_instance(inst)
-        self.store.add_transition(run.id, inst.task, inst.index, old.value, new.value, evidence, now)
-        self.counters["transitions"] += 1
-        self.events.publish(
-            {
-                "type": "transition",
-                "run_id": run.id,
-                "task": inst.task,
-                "index": inst.index,
-                "from": old.value,
-                "to": new.value,
-                "attempt": inst.attempt,
-                "at": now,
-                "reason": inst.reason,
-                "error": (inst.error or "")[:500] if new in FAILURE else None,
-            }
-        )
-        emit = log.warning if new in FAILURE and new is not State.UPSTREAM_FAILED else (
-            log.info if new in TERMINAL else log.debug)
-        emit("task state", run_id=run.id, task=inst.task, index=inst.index, job_id=inst.job_key or inst.job_id,
-             cluster=run.cluster, old=old.value, new=new.value, attempt=inst.attempt)
+        driver = self.drivers.get(run.cluster)
         if old is State.READY:
-            self._checked.discard(inst.key)
-            self.ready[run.cluster].pop(inst.key, None)
+            self._handed.discard(inst.key)
+            if driver is not None:
+                driver.withdraw(inst)
+        if old in IN_FLIGHT and (new not in IN_FLIGHT or inst.tag != old_tag) and driver is not None:
+            driver.instance_left(inst, old_tag)
         if new in TERMINAL:
-            self._on_terminal(run, inst)
+            try:
+                self._on_terminal(run, inst)
+            except Exception as exc:
+                self.internal_error(run, f"concluding {inst.label}", exc)
         if new in TERMINAL or new is State.PENDING:
             self.mark_dirty(run.id)
         return True
@@ -290,86 +221,87 @@ class Engine:
         for name, value in fields.items():
             if getattr(inst, name) != value:
                 setattr(inst, name, value)
-                persist = persist or name in ("reason", "started_at", "host", "job_id", "job_key")
+                persist = persist or name in _PERSISTED
         if persist:
-            inst.updated_at = time.time()
+            inst.updated_at = world.now()
             self.store.put_instance(inst)
+
+    def internal_error(self, run: Run, where: str, exc: BaseException) -> None:
+        """Something raised while handling *run*: fail the run with the error shown, keep the daemon going."""
+        message = f"internal error while {where}: {type(exc).__name__}: {exc}"
+        log.error("internal error; failing the run", run_id=run.id, where=where, error=message, exc_info=exc)
+        self.counters["internal_errors"] += 1
+        if run.error is None or not run.error.startswith("internal error"):
+            self._fail_run(run, message)
+
+    def _fail_run(self, run: Run, message: str) -> None:
+        """Nothing new starts (what runs finishes); the run ends FAILED with *message* as its error."""
+        run.error = message
+        self.store.put_run(run)
+        for tr in run.tasks.values():
+            if tr.open:
+                self.ledger.task(run, tr, TaskState.FAILED, {"source": "engine", "error": message[:500]},
+                                 reason=message)
+            for inst in list(tr.instances.values()):
+                if inst.state in (State.PENDING, State.READY):
+                    self.transition(run, inst, State.FAILED, {"source": "engine", "error": message[:500]},
+                                    error=message)
+        self.mark_dirty(run.id)
 
     def _on_terminal(self, run: Run, inst: Instance) -> None:
         task = run.tasks[inst.task].manifest
         if inst.state is State.SUCCEEDED and task.cache and inst.identity and inst.output_hash:
             self.store.put_cache(inst.identity, inst.output, inst.output_hash, run.workflow, inst.task, run.id, inst.index)
+        if run.error:
+            return  # the run is being failed for an internal error: no retries, no on_error
         if inst.state in AUTO_RETRIABLE and inst.attempt <= task.retries and not run.cancel_requested:
             delay = min(self.settings.retry_backoff * (2 ** (inst.attempt - 1)), self.settings.retry_backoff_max)
             previous = inst.state.value
-            self.transition(
+            if self.transition(
                 run,
                 inst,
                 State.READY,
                 {"source": "auto_retry", "attempt": inst.attempt + 1, "of": task.retries + 1, "after": previous,
                  "error": (inst.error or "")[:500], "delay": delay},
-                attempt=inst.attempt + 1,
-                not_before=time.time() + delay,
-                **_cleared(),
-            )
-            self._make_ready(run, inst)
+                **{**cleared(), "attempt": inst.attempt + 1, "not_before": world.now() + delay},
+            ):
+                self._hand_over(run, inst)
             return
         if (
             inst.state in FAILURE
             and inst.state not in (State.CANCELLED, State.UPSTREAM_FAILED)
-            and run.options.get("on_error") == "stop"
+            and run.options.on_error == "stop"
         ):
             self._stop_run(run, f"on_error=stop after {inst.label} ended {inst.state.value}")
 
     def _stop_run(self, run: Run, why: str) -> None:
         """Cancel what has not started (including jobs still queued); let what runs finish."""
+        kill: list[str] = []
         for tr in run.tasks.values():
-            if not tr.expanded and not tr.blocked:
-                self._block(run, tr, State.CANCELLED, why)
-            for inst in tr.instances.values():
+            if tr.open:
+                self.ledger.task(run, tr, TaskState.CANCELLED, {"source": "on_error", "why": why}, reason=why)
+            for inst in list(tr.instances.values()):
                 queued_key = inst.job_key if inst.state is State.QUEUED else None
                 if inst.state in (State.PENDING, State.READY, State.QUEUED):
                     if self.transition(run, inst, State.CANCELLED, {"source": "on_error", "why": why}) and queued_key:
-                        self.pending_cancels[run.cluster].add(queued_key)
-        self.observer_wake[run.cluster].set()
-
-    def _block(self, run: Run, tr: TaskRun, state: State, reason: str) -> None:
-        tr.blocked = state
-        tr.blocked_reason = reason
-        self.store.put_task(run.id, tr)
-        now = time.time()
-        self.store.add_transition(run.id, tr.name, None, "pending", state.value, {"task_level": True, "why": reason}, now)
-        self.events.publish(
-            {"type": "transition", "run_id": run.id, "task": tr.name, "index": None, "from": "pending",
-             "to": state.value, "at": now, "task_level": True, "reason": reason}
-        )
+                        kill.append(queued_key)
+        driver = self.drivers.get(run.cluster)
+        if driver is not None:
+            driver.cancel_jobs(kill)
         self.mark_dirty(run.id)
 
-    def _make_ready(self, run: Run, inst: Instance) -> None:
-        """Hand a READY instance (past the cache check) to its cluster's submitter."""
-        self._checked.add(inst.key)
-        self.ready[run.cluster][inst.key] = (run, inst)
-        self.ready_wake[run.cluster].set()
+    def _hand_over(self, run: Run, inst: Instance) -> None:
+        """Give a READY instance (past the cache check) to its cluster's driver."""
+        self._handed.add(inst.key)
+        self.drivers[run.cluster].submit(run, inst)
 
     def set_run_state(self, run: Run, new: RunState, evidence: dict[str, Any]) -> None:
-        old = run.state
-        if old is new:
-            return
-        now = time.time()
-        run.state = new
-        run.updated_at = now
-        run.ended_at = now if new in RUN_TERMINAL else None
-        self.store.put_run(run)
-        self.store.add_transition(run.id, None, None, old.value, new.value, evidence, now)
-        self.events.publish({"type": "run", "run_id": run.id, "from": old.value, "to": new.value, "at": now})
-        log.info("run state", run_id=run.id, workflow=run.workflow, old=old.value, new=new.value)
-        if new in RUN_TERMINAL:
-            self.events.end_run(run.id)
+        self.ledger.run(run, new, evidence)
 
     # ------------------------------------------------------------------ evaluation
 
     def mark_dirty(self, run_id: str) -> None:
-        self._dirty.add(run_id)
+        self._dirty[run_id] = None
         self._eval_wake.set()
 
     async def _evaluate_loop(self) -> None:
@@ -380,7 +312,7 @@ class Engine:
                 for run_id in list(self._dirty):
                     if run_id in self._evaluating:
                         continue
-                    self._dirty.discard(run_id)
+                    del self._dirty[run_id]
                     run = self.runs.get(run_id)
                     if run is not None:
                         self._evaluating.add(run_id)
@@ -389,9 +321,12 @@ class Engine:
     async def _evaluate_guarded(self, run: Run) -> None:
         try:
             await self.evaluate(run)
-        except Exception:
-            log.exception("evaluation failed", run_id=run.id)
-            self.counters["evaluation_errors"] += 1
+        except Exception as exc:
+            self.internal_error(run, "evaluating the run", exc)
+            try:
+                self._maybe_finish(run)
+            except Exception:
+                log.exception("cannot conclude a failed run", run_id=run.id)
         finally:
             self._evaluating.discard(run.id)
             if run.id in self._dirty:
@@ -404,6 +339,7 @@ class Engine:
             outputs=[i.output if i.ok else None for i in insts],
             hashes=[i.output_hash if i.ok else None for i in insts],
             ok=[i.ok for i in insts] if not tr.blocked else [False],
+            blocked=tr.blocked is not None,
         )
 
     def resolution(self, run: Run, tr: TaskRun) -> Resolution:
@@ -411,8 +347,8 @@ class Engine:
         key = (run.id, tr.name)
         res = self._resolutions.get(key)
         if res is None:
-            views = {d: self._view(run.tasks[d]) for d in tr.manifest.dependencies}
-            res = resolve(tr.manifest, views, run.params, run.run_dir)
+            views_ = {d: self._view(run.tasks[d]) for d in tr.manifest.dependencies}
+            res = resolve(tr.manifest, views_, run.params, run.run_dir)
             self._resolutions[key] = res
         return res
 
@@ -421,89 +357,104 @@ class Engine:
         if run.state is not RunState.RUNNING:
             return
         progressed = True
-        while progressed:
+        while progressed and not run.cancel_requested and not run.error:
             progressed = False
             for tr in run.tasks.values():  # manifest order is topological
-                if tr.blocked:
+                if tr.blocked or (tr.expanded and not tr.counts.get(State.PENDING)):
                     continue
                 deps = [run.tasks[d] for d in tr.manifest.dependencies]
                 if not all(d.settled for d in deps):
                     continue
-                pending = [i for i in tr.instances.values() if i.state is State.PENDING]
-                if tr.expanded and not pending:
-                    continue
-                if run.cancel_requested:
-                    continue
                 progressed = True
-                views = {d.name: self._view(d) for d in deps}
                 try:
-                    res = resolve(tr.manifest, views, run.params, run.run_dir)
-                except ResolveError as exc:
-                    if not tr.expanded:
-                        self._block(run, tr, State.FAILED, str(exc))
-                    for inst in pending:
-                        self.transition(run, inst, State.FAILED, {"source": "resolve"}, error=str(exc))
-                    continue
-                if res.blocked:
-                    if not tr.expanded:
-                        self._block(run, tr, State.UPSTREAM_FAILED, res.blocked)
-                    for inst in pending:
-                        self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"},
-                                        reason=res.blocked)
-                    continue
-                self._resolutions[(run.id, tr.name)] = res
-                if not tr.expanded:
-                    pending = self._expand(run, tr, res.size or 0)
-                for inst in pending:
-                    blocked = res.element_blocked[inst.index] if inst.index is not None else None
-                    if blocked:
-                        self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"}, reason=blocked)
-                        continue
-                    identity = identity_for(run.workflow, tr.manifest, res, inst.index)
-                    self.transition(run, inst, State.READY, {"source": "dependencies"}, identity=identity)
-        unchecked = [
-            i for tr in run.tasks.values() for i in tr.instances.values()
-            if i.state is State.READY and i.key not in self._checked
-        ]
+                    await self._advance_task(run, tr, deps)
+                except Exception as exc:
+                    self._task_failed(run, tr, exc)
+                if run.cancel_requested or run.error:
+                    break
+        unchecked = self._to_check.pop(run.id, [])
+        unchecked = [i for i in unchecked if i.state is State.READY and i.key not in self._handed]
         if unchecked:
             await self._cache_phase(run, unchecked)
         self._maybe_finish(run)
 
-    def _expand(self, run: Run, tr: TaskRun, size: int) -> list[Instance]:
-        tr.expanded = True
-        tr.size = size
-        self.store.put_task(run.id, tr)
-        now = time.time()
+    async def _advance_task(self, run: Run, tr: TaskRun, deps: list[TaskRun]) -> None:
+        views_ = {d.name: self._view(d) for d in deps}
+        pending = [i for i in tr.instances.values() if i.state is State.PENDING] if tr.expanded else []
+        try:
+            res = resolve(tr.manifest, views_, run.params, run.run_dir)
+        except ResolveError as exc:
+            if tr.open:
+                self.ledger.task(run, tr, TaskState.FAILED, {"source": "resolve", "error": str(exc)}, reason=str(exc))
+            for inst in pending:
+                self.transition(run, inst, State.FAILED, {"source": "resolve"}, error=str(exc))
+            return
+        if res.blocked:
+            if tr.open:
+                self.ledger.task(run, tr, TaskState.UPSTREAM_FAILED, {"source": "dependencies"}, reason=res.blocked)
+            for inst in pending:
+                self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"}, reason=res.blocked)
+            return
+        self._resolutions[(run.id, tr.name)] = res
+        if tr.open:
+            pending = await self._expand(run, tr, res.size or 0)
+        ready = self._to_check.setdefault(run.id, [])
+        for n, inst in enumerate(pending):
+            await _checkpoint(n)
+            if inst.state is not State.PENDING:
+                continue  # cancelled while we yielded
+            blocked = res.element_blocked[inst.index] if inst.index is not None else None
+            if blocked:
+                self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"}, reason=blocked)
+                continue
+            identity = identity_for(run.workflow, tr.manifest, res, inst.index)
+            if self.transition(run, inst, State.READY, {"source": "dependencies"}, identity=identity):
+                ready.append(inst)
+
+    def _task_failed(self, run: Run, tr: TaskRun, exc: Exception) -> None:
+        """Resolving one task raised something unexpected: that task fails, with the error shown."""
+        message = f"internal error while resolving {tr.name}: {type(exc).__name__}: {exc}"
+        log.error("task failed inside the engine", run_id=run.id, task=tr.name, error=message, exc_info=exc)
+        self.counters["internal_errors"] += 1
+        if tr.open:
+            self.ledger.task(run, tr, TaskState.FAILED, {"source": "engine", "error": message[:500]}, reason=message)
+        for inst in list(tr.instances.values()):
+            if inst.state in (State.PENDING, State.READY):
+                self.transition(run, inst, State.FAILED, {"source": "engine"}, error=message)
+
+    async def _expand(self, run: Run, tr: TaskRun, size: int) -> list[Instance]:
         created = []
+        now = world.now()
         for i in range(size):
-            inst = Instance(run_id=run.id, task=tr.name, index=i)
-            tr.instances[i] = inst
+            await _checkpoint(i)
+            inst = Instance(run_id=run.id, task=tr.name, index=i, updated_at=now)
+            tr.add(inst)
             self.store.put_instance(inst)
             created.append(inst)
-        self.store.add_transition(run.id, tr.name, None, "pending", "expanded", {"elements": size}, now)
-        self.events.publish({"type": "expanded", "run_id": run.id, "task": tr.name, "size": size, "at": now})
+        self.ledger.task(run, tr, TaskState.EXPANDED, {"elements": size}, size=size)
         return created
 
     async def _cache_phase(self, run: Run, instances: list[Instance]) -> None:
         options = run.options
-        force_tasks = set(options.get("force_tasks") or [])
+        force_tasks = set(options.force_tasks)
         lookup: list[Instance] = []
         for inst in instances:
             task = run.tasks[inst.task].manifest
-            if options.get("force") or inst.task in force_tasks or not task.cache or not inst.identity \
+            if options.force or inst.task in force_tasks or not task.cache or not inst.identity \
                     or inst.not_before is not None:
-                self._make_ready(run, inst)
+                self._hand_over(run, inst)
             else:
                 lookup.append(inst)
         if not lookup:
             return
         hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
         verified: dict[str, str | None] = {}
-        if options.get("verify") and hits:
+        if options.verify and hits:
             verified = await self._verify_outputs(run, [(i, hits[i.identity]["output"]) for i in lookup
                                                         if i.identity in hits])
-        for inst in lookup:
-            if inst.state is not State.READY:
+        for n, inst in enumerate(lookup):
+            await _checkpoint(n)
+            if inst.state is not State.READY or inst.key in self._handed:
                 continue  # cancelled while we looked
             hit = hits.get(inst.identity or "")
             problem = verified.get(inst.identity or "") if hit else None
@@ -511,21 +462,18 @@ class Engine:
                 self.transition(
                     run, inst, State.CACHED,
                     {"source": "cache", "identity": inst.identity, "from_run": hit["run_id"],
-                     "verified": bool(options.get("verify"))},
+                     "verified": options.verify},
                     output=hit["output"], output_hash=hit["output_hash"], cached_from=hit["run_id"],
                 )
             else:
                 if hit:
                     log.info("cached result failed verification", run_id=run.id, task=inst.task, index=inst.index,
                              problem=problem)
-                self._make_ready(run, inst)
+                self._hand_over(run, inst)
 
     async def _verify_outputs(self, run: Run, items: list[tuple[Instance, Any]]) -> dict[str, str | None]:
         """``{identity: None (ok) | problem}``: paths must exist; custom ``verify`` runs in a worker."""
-        from .verify import verify_outputs
-
-        cluster = self.clusters[run.cluster]
-        return await verify_outputs(cluster, run, items)
+        return await verify_outputs(self.clusters[run.cluster], run, items)
 
     def _maybe_finish(self, run: Run) -> None:
         if run.state is not RunState.RUNNING or run.active:
@@ -533,14 +481,17 @@ class Engine:
         if run.cancel_requested:
             self.set_run_state(run, RunState.CANCELLED, {"source": "client", "request": "cancel"})
             return
-        all_ok = all(i.ok for i in run.instances()) and not any(t.blocked for t in run.tasks.values())
-        failed = [i.label for i in run.instances() if i.state in FAILURE and i.state is not State.UPSTREAM_FAILED]
-        if all_ok:
+        all_ok = all(not n or s in SUCCESS for tr in run.tasks.values() for s, n in tr.counts.items()) \
+            and not any(t.blocked for t in run.tasks.values())
+        if all_ok and not run.error:
             self.set_run_state(run, RunState.SUCCEEDED, {"source": "engine"})
-        else:
-            blocked = [t.name for t in run.tasks.values() if t.blocked is State.FAILED]
+            return
+        failed = [i.label for i in views.failures(run, None, 100)]
+        blocked = [t.name for t in run.tasks.values() if t.blocked is TaskState.FAILED]
+        if not run.error:
             run.error = f"failed: {', '.join((failed + blocked)[:10])}" if failed or blocked else "failed"
-            self.set_run_state(run, RunState.FAILED, {"source": "engine", "failed": (failed + blocked)[:100]})
+        self.set_run_state(run, RunState.FAILED, {"source": "engine", "failed": (failed + blocked)[:100],
+                                                  "error": run.error[:500]})
 
     # ------------------------------------------------------------------ requests
 
@@ -550,7 +501,7 @@ class Engine:
         params: dict[str, Any],
         run_dir: str,
         cluster: str,
-        options: dict[str, Any],
+        options: dict[str, Any] | RunOptions,
     ) -> Run:
         if cluster not in self.clusters:
             known = ", ".join(sorted(self.clusters))
@@ -562,34 +513,35 @@ class Engine:
                 rt.scheduler.validate_options(merged)
             except OptionError as exc:
                 raise InvalidRequest(f"task {task.name!r}: {exc}") from None
+            backend = task.config.get("backend")
+            if backend and backend != rt.scheduler.kind:
+                raise InvalidRequest(
+                    f"task {task.name!r} asks for backend {backend!r}, but cluster {cluster!r} runs "
+                    f"{rt.scheduler.kind}; submit to a cluster running {backend} (--cluster) or drop backend="
+                )
         missing = [p.key for p in manifest.cli_params if p.required and p.key not in params]
         if missing:
             raise InvalidRequest(f"missing required parameter(s): {', '.join(missing)}")
-        force_tasks = options.get("force_tasks") or []
-        unknown = [t for t in force_tasks if t not in {t.name for t in manifest.tasks}]
+        opts = options if isinstance(options, RunOptions) else RunOptions.from_dict(options)
+        unknown = [t for t in opts.force_tasks if t not in {t.name for t in manifest.tasks}]
         if unknown:
             raise InvalidRequest(f"force_tasks names unknown task(s): {', '.join(unknown)}")
-        run = Run(
-            id=new_run_id(manifest.workflow),
-            manifest=manifest,
-            params=params,
-            run_dir=run_dir,
-            cluster=cluster,
-            options=options,
-        )
+        if opts.on_error not in ON_ERROR:
+            raise InvalidRequest(f"on_error must be one of {', '.join(ON_ERROR)}, not {opts.on_error!r}")
+        now = world.now()
+        run = Run(manifest=manifest, id=new_run_id(manifest.workflow), params=params, run_dir=run_dir,
+                  cluster=cluster, options=opts, created_at=now, updated_at=now)
         for task in manifest.tasks:
-            tr = TaskRun(manifest=task, expanded=not task.is_array)
+            tr = TaskRun(manifest=task, run_id=run.id)
             run.tasks[task.name] = tr
             self.store.put_task(run.id, tr)
             if not task.is_array:
-                inst = Instance(run_id=run.id, task=task.name, index=None)
-                tr.instances[None] = inst
+                inst = Instance(run_id=run.id, task=task.name, index=None, updated_at=now)
+                tr.add(inst)
                 self.store.put_instance(inst)
-        self.store.put_run(run)
-        self.store.add_transition(run.id, None, None, None, RunState.RUNNING.value,
-                                  {"source": "client", "request": "submit"}, run.created_at)
-        await self.store.flush()
+        self.ledger.born(run, {"source": "client", "request": "submit"})
         self.runs[run.id] = run
+        await self.store.flush()
         self.counters["runs_submitted"] += 1
         log.info("run submitted", run_id=run.id, workflow=run.workflow, cluster=cluster, tasks=len(manifest.tasks))
         self.mark_dirty(run.id)
@@ -615,26 +567,31 @@ class Engine:
             return 0
         self.runs.setdefault(run.id, run)
         count = 0
-        to_kill: dict[str, set[str]] = {}
+        kill: list[str] = []
+        if task is None:
+            run.cancel_requested = True
+            self.store.put_run(run)
         for tr in run.tasks.values():
             if task is not None and tr.name != task:
                 continue
-            if not tr.expanded and not tr.blocked:
-                self._block(run, tr, State.CANCELLED, "cancelled by request")
+            if tr.open:
+                self.ledger.task(run, tr, TaskState.CANCELLED, {"source": "client", "request": "cancel"},
+                                 reason="cancelled by request")
                 count += 1
-            for inst in tr.instances.values():
+            if not tr.active_count:
+                continue
+            for n, inst in enumerate(list(tr.instances.values())):
+                await _checkpoint(n)
                 if inst.state not in ACTIVE:
                     continue
                 key, had_job = inst.job_key, inst.state in (State.QUEUED, State.RUNNING)
                 if self.transition(run, inst, State.CANCELLED, {"source": "client", "request": "cancel"}):
                     count += 1
                     if had_job and key:
-                        to_kill.setdefault(run.cluster, set()).add(key)
-        if task is None:
-            run.cancel_requested = True
-        for cluster, keys in to_kill.items():
-            self.pending_cancels[cluster].update(keys)
-            self.observer_wake[cluster].set()
+                        kill.append(key)
+        driver = self.drivers.get(run.cluster)
+        if driver is not None:
+            driver.cancel_jobs(kill)
         self.mark_dirty(run.id)
         return count
 
@@ -646,25 +603,29 @@ class Engine:
         for tr in run.tasks.values():
             if task is not None and tr.name != task:
                 continue
-            if tr.blocked in (State.FAILED, State.CANCELLED):
-                self._unblock(run, tr)
+            if tr.blocked in (TaskState.FAILED, TaskState.CANCELLED):
+                self.ledger.task(run, tr, TaskState.PENDING, {"source": "client", "request": "retry"})
                 count += 1
-            for inst in tr.instances.values():
+            if not any(tr.counts.get(s) for s in MANUAL_RETRIABLE):
+                continue
+            for inst in list(tr.instances.values()):
                 if inst.state in MANUAL_RETRIABLE:
                     self.transition(
                         run, inst, State.PENDING,
                         {"source": "client", "request": "retry", "after": inst.state.value,
                          "error": (inst.error or "")[:500]},
-                        attempt=inst.attempt + 1, not_before=None, **_cleared(),
+                        **{**cleared(), "attempt": inst.attempt + 1, "not_before": None},
                     )
                     count += 1
         if count == 0:
             return 0
         # Whatever failed only because of what we retry gets another chance.
         for tr in run.tasks.values():
-            if tr.blocked is State.UPSTREAM_FAILED:
-                self._unblock(run, tr)
-            for inst in tr.instances.values():
+            if tr.blocked is TaskState.UPSTREAM_FAILED:
+                self.ledger.task(run, tr, TaskState.PENDING, {"source": "client", "request": "retry (downstream)"})
+            if not tr.counts.get(State.UPSTREAM_FAILED):
+                continue
+            for inst in list(tr.instances.values()):
                 if inst.state is State.UPSTREAM_FAILED:
                     self.transition(run, inst, State.PENDING, {"source": "client", "request": "retry (downstream)"},
                                     reason=None)
@@ -674,18 +635,11 @@ class Engine:
             await self._verify_succeeded(run)
         run.cancel_requested = False
         run.error = None
+        self.store.put_run(run)
         if run.state is not RunState.RUNNING:
             self.set_run_state(run, RunState.RUNNING, {"source": "client", "request": "retry"})
         self.mark_dirty(run.id)
         return count
-
-    def _unblock(self, run: Run, tr: TaskRun) -> None:
-        old = tr.blocked
-        tr.blocked = None
-        tr.blocked_reason = None
-        self.store.put_task(run.id, tr)
-        self.store.add_transition(run.id, tr.name, None, old.value if old else None, "pending",
-                                  {"task_level": True, "source": "client", "request": "retry"}, time.time())
 
     async def _verify_succeeded(self, run: Run) -> None:
         """Before a retry: succeeded outputs whose files are gone are produced again."""
@@ -696,63 +650,38 @@ class Engine:
         for inst, _ in items:
             problem = problems.get(inst.identity or "")
             if problem and inst.state in SUCCESS:
-                self.transition(run, inst, State.READY, {"source": "verify", "problem": problem},
-                                attempt=inst.attempt + 1, **_cleared())
-                self._make_ready(run, inst)
+                if self.transition(run, inst, State.READY, {"source": "verify", "problem": problem},
+                                   **{**cleared(), "attempt": inst.attempt + 1}):
+                    self._hand_over(run, inst)
 
     # ------------------------------------------------------------------ views
 
-    def status(self, run: Run, task: str | None = None, limit: int = 200) -> dict[str, Any]:
+    def status(self, run: Run, task: str | None = None, limit: int = 200, offset: int = 0) -> dict[str, Any]:
         self._check_task(run, task)
-        tasks = []
-        for tr in run.tasks.values():
-            counts: Counter[str] = Counter(i.state.value for i in tr.instances.values())
-            tasks.append(
-                {
-                    "name": tr.name,
-                    "is_array": tr.manifest.is_array,
-                    "expanded": tr.expanded,
-                    "size": tr.size if tr.manifest.is_array else 1,
-                    "blocked": tr.blocked.value if tr.blocked else None,
-                    "blocked_reason": tr.blocked_reason,
-                    "counts": dict(counts) if tr.expanded else {(tr.blocked or State.PENDING).value: 1},
-                }
-            )
-        failures = [
-            _instance_view(i, full=True)
-            for i in run.instances()
-            if i.state in FAILURE and i.state is not State.UPSTREAM_FAILED and (task is None or i.task == task)
-        ][:20]
-        out: dict[str, Any] = {
-            "run": _run_view(run),
-            "tasks": tasks,
-            "summary": run.summary(),
-            "failures": failures,
-        }
-        if task is not None:
-            insts = run.tasks[task].ordered()
-            out["instances"] = [_instance_view(i, full=False) for i in insts[:limit]]
-            out["instances_total"] = len(insts)
-        cluster = self.clusters.get(run.cluster)
-        if cluster is not None:
-            out["cluster"] = cluster.status()
+        out = views.status(run, task, limit, offset)
+        driver = self.drivers.get(run.cluster)
+        if driver is not None:
+            out["cluster"] = driver.status()
         return out
 
     def stats(self) -> dict[str, Any]:
         states: Counter[str] = Counter()
         for run in self.runs.values():
-            for inst in run.instances():
-                states[inst.state.value] += 1
+            for tr in run.tasks.values():
+                for state, n in tr.counts.items():
+                    if n:
+                        states[state.value] += n
         return {
-            "uptime": time.time() - self.started_at,
+            "uptime": world.now() - self.started_at,
             "runs_in_memory": len(self.runs),
             "runs_active": sum(1 for r in self.runs.values() if r.state is RunState.RUNNING),
             "instances": dict(states),
-            "tracked_jobs": {n: len(t) for n, t in self.tracks.items()},
-            "store": {"backlog": self.store.backlog, "commits": self.store.commits, "rows": self.store.rows_written},
+            "tracked_jobs": {n: d.tracked for n, d in self.drivers.items()},
+            "store": {"backlog": self.store.backlog, "commits": self.store.commits, "rows": self.store.rows_written,
+                      "transitions": self.store.transitions_written},
             "counters": dict(self.counters),
             "watchers": self.events.count,
-            "clusters": {n: c.status() for n, c in self.clusters.items()},
+            "clusters": {n: d.status() for n, d in self.drivers.items()},
             "pid": os.getpid(),
         }
 
@@ -760,8 +689,6 @@ class Engine:
         return self.events.subscribe(run_id)
 
     async def logs(self, run_id: str, task: str, index: int | None, max_bytes: int = 65536) -> dict[str, Any]:
-        from .submitter import log_paths_for
-
         run = await self.get_run(run_id)
         self._check_task(run, task)
         inst = run.instance(task, index)
@@ -773,14 +700,15 @@ class Engine:
         records = [r for r in await self.store.jobs_for_runs([run.id]) if r.tag == inst.tag]
         if not records:
             return {"stdout": "", "stderr": "", "note": "no job record for this instance"}
-        request = request_from_dict(records[0].request)
-        out_path, err_path = log_paths_for(request, index)
+        out_path, err_path = log_paths_for(records[0].request, index)
         cluster = self.clusters[run.cluster]
-        files = await cluster.transport.read_files([out_path, err_path], timeout=cluster.config.command_timeout)
+        files = await cluster.metered.read_files([out_path, err_path], timeout=cluster.config.command_timeout)
+
         def tail(data: bytes | None) -> str:
             if data is None:
                 return ""
             return data[-max_bytes:].decode("utf-8", "replace")
+
         return {"stdout": tail(files[out_path]), "stderr": tail(files[err_path]), "stdout_path": out_path,
                 "stderr_path": err_path}
 
@@ -788,63 +716,16 @@ class Engine:
         """Drop long-finished runs from memory (the store keeps them)."""
         while True:
             await anyio.sleep(60)
-            cutoff = time.time() - self.settings.keep_finished
+            cutoff = world.now() - self.settings.keep_finished
             for run_id, run in list(self.runs.items()):
                 if run.state in RUN_TERMINAL and (run.ended_at or 0) < cutoff and not run.active:
                     del self.runs[run_id]
+                    self._to_check.pop(run_id, None)
                     for key in [k for k in self._resolutions if k[0] == run_id]:
                         del self._resolutions[key]
-
-    def instances_where(self, states: Iterable[State]) -> list[tuple[Run, Instance]]:
-        wanted = set(states)
-        return [(r, i) for r in self.runs.values() for i in r.instances() if i.state in wanted]
-
-
-def _cleared() -> dict[str, Any]:
-    return {
-        "tag": None, "job_id": None, "job_key": None, "output": None, "output_hash": None, "reason": None,
-        "submitted_at": None, "started_at": None, "ended_at": None, "host": None, "error": None, "traceback": None,
-        "cached_from": None, "absent_since": None, "absent_count": 0, "done_seen_at": None,
-    }
+                    driver = self.drivers.get(run.cluster)
+                    if driver is not None:
+                        driver.forget_run(run_id)
 
 
-def _run_view(run: Run) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "workflow": run.workflow,
-        "state": run.state.value,
-        "cluster": run.cluster,
-        "run_dir": run.run_dir,
-        "created_at": run.created_at,
-        "updated_at": run.updated_at,
-        "ended_at": run.ended_at,
-        "error": run.error,
-        "params": run.params,
-        "options": run.options,
-    }
-
-
-def _instance_view(inst: Instance, full: bool) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "task": inst.task,
-        "index": inst.index,
-        "state": inst.state.value,
-        "attempt": inst.attempt,
-        "job_id": inst.job_key or inst.job_id,
-        "reason": inst.reason,
-        "error": inst.error,
-        "host": inst.host,
-        "submitted_at": inst.submitted_at,
-        "started_at": inst.started_at,
-        "ended_at": inst.ended_at,
-        "cached_from": inst.cached_from,
-    }
-    if full:
-        view["traceback"] = inst.traceback
-    if inst.ok:
-        text = codec.canonical_json(inst.output)
-        view["output"] = text if len(text) <= 200 else text[:197] + "..."
-    return view
-
-
-__all__ = ["Engine", "EngineError", "EngineSettings", "InvalidRequest", "JobTrack", "UnknownRun", "IN_FLIGHT"]
+__all__ = ["Engine", "EngineError", "EngineSettings", "InvalidRequest", "UnknownRun", "cleared"]

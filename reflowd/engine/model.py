@@ -1,49 +1,90 @@
 """In-memory model of runs: a run holds tasks, a task holds instances.
 
 These are plain mutable records owned by the engine (one event loop, so no
-locks); the store persists them as rows.
+locks). Each dataclass is the one definition of its record: persisted fields
+carry a :func:`~reflowd.engine.records.column`, from which the store derives
+its tables and row conversions (see ``records.py``).
+
+A task keeps a count of its instances per state (kept by the ledger on every
+transition), so "is this task settled", "is the run active" and a run's
+summary cost time per task, not per instance.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from reflow_client.manifest import Manifest, TaskManifest
 
-from .states import ACTIVE, IN_FLIGHT, SUCCESS, RunState, State
+from ..schedulers.base import SubmitRequest
+from .records import column, dump_json, enum_column, index_column, json_column, transient
+from .states import ACTIVE, IN_FLIGHT, SUCCESS, TASK_BLOCKED, RunState, State, TaskState
+
+ON_ERROR = ("continue", "stop")
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run treats the cache and failures (the ``options`` of ``submit``)."""
+
+    force: bool = False  # ignore the cache for every task
+    force_tasks: tuple[str, ...] = ()  # ignore the cache for these tasks
+    verify: bool = False  # check cached outputs (paths, verify=) before reusing them
+    on_error: str = "continue"  # "stop": cancel what has not started after the first failure
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunOptions:
+        data = data or {}
+        return cls(
+            force=bool(data.get("force", False)),
+            force_tasks=tuple(data.get("force_tasks") or ()),
+            verify=bool(data.get("verify", False)),
+            on_error=str(data.get("on_error") or "continue"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"force": self.force, "force_tasks": list(self.force_tasks), "verify": self.verify,
+                "on_error": self.on_error}
+
+
+def _options_column() -> Any:
+    return column("TEXT NOT NULL", default_factory=RunOptions, encode=lambda o: dump_json(o.to_dict()),
+                  decode=lambda v: RunOptions.from_dict(json.loads(v)))
+
+
+@dataclass(slots=True, eq=False)
 class Instance:
     """One execution unit: a singleton task, or one element of an array task."""
 
-    run_id: str
-    task: str
-    index: int | None
-    state: State = State.PENDING
-    attempt: int = 1
-    identity: str | None = None
-    tag: str | None = None  # submission tag of the current attempt
-    job_id: str | None = None
-    job_key: str | None = None  # key in scheduler observations ("123" or "123_4")
-    output: Any = None
-    output_hash: str | None = None
-    error: str | None = None
-    traceback: str | None = None
-    reason: str | None = None  # scheduler's reason (why pending, how it ended)
-    not_before: float | None = None  # earliest submission time (retry back-off)
-    submitted_at: float | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    updated_at: float = field(default_factory=time.time)
-    host: str | None = None
-    cached_from: str | None = None  # run id whose result stands in
+    run_id: str = column("TEXT NOT NULL", key=True)
+    task: str = column("TEXT NOT NULL", key=True)
+    index: int | None = index_column()
+    state: State = enum_column(State, default=State.PENDING)
+    attempt: int = column("INTEGER NOT NULL", default=1)
+    identity: str | None = column("TEXT", default=None)
+    tag: str | None = column("TEXT", default=None, reset=True)  # submission tag of the current attempt
+    job_id: str | None = column("TEXT", default=None, reset=True)
+    job_key: str | None = column("TEXT", default=None, reset=True)  # key in scheduler observations ("123_4")
+    output: Any = json_column(default=None, reset=True)
+    output_hash: str | None = column("TEXT", default=None, reset=True)
+    error: str | None = column("TEXT", default=None, reset=True)
+    traceback: str | None = column("TEXT", default=None, reset=True)
+    reason: str | None = column("TEXT", default=None, reset=True)  # scheduler's reason (why pending, how it ended)
+    not_before: float | None = column("REAL", default=None)  # earliest submission time (retry back-off)
+    submitted_at: float | None = column("REAL", default=None, reset=True)
+    started_at: float | None = column("REAL", default=None, reset=True)
+    ended_at: float | None = column("REAL", default=None, reset=True)
+    updated_at: float = column("REAL NOT NULL", default_factory=time.time)
+    host: str | None = column("TEXT", default=None, reset=True)
+    cached_from: str | None = column("TEXT", default=None, reset=True)  # run id whose result stands in
     # Observation bookkeeping (not persisted: restarts count afresh, which is conservative).
-    absent_since: float | None = None
-    absent_count: int = 0
-    done_seen_at: float | None = None
+    absent_since: float | None = transient(default=None, reset=True)
+    absent_count: int = transient(default=0, reset=True)
+    done_seen_at: float | None = transient(default=None, reset=True)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -66,21 +107,48 @@ class Instance:
         return self.state in SUCCESS
 
 
-@dataclass
+@dataclass(eq=False)
 class TaskRun:
-    """A task within one run: its manifest and its instances."""
+    """A task within one run: its manifest, its own state and its instances."""
 
     manifest: TaskManifest
-    expanded: bool = False  # arrays: elements created; singletons: always True
-    size: int | None = None
-    # Arrays that will never expand: UPSTREAM_FAILED (what they fan out over failed) or CANCELLED.
-    blocked: State | None = None
-    blocked_reason: str | None = None
+    run_id: str = column("TEXT NOT NULL", key=True, default="")
+    name: str = column("TEXT NOT NULL", key=True, default="")
+    #: Singletons are born EXPANDED; arrays wait in PENDING until their size is known.
+    state: TaskState = enum_column(TaskState, default=TaskState.PENDING)
+    size: int | None = column("INTEGER", default=None)
+    reason: str | None = column("TEXT", default=None)  # why the task is blocked
     instances: dict[int | None, Instance] = field(default_factory=dict)
+    counts: Counter[State] = field(default_factory=Counter, repr=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.manifest.name
+        if not self.manifest.is_array and self.state is TaskState.PENDING:
+            self.state = TaskState.EXPANDED
+        for inst in self.instances.values():
+            self.counts[inst.state] += 1
 
     @property
-    def name(self) -> str:
-        return self.manifest.name
+    def expanded(self) -> bool:
+        return self.state is TaskState.EXPANDED
+
+    @property
+    def blocked(self) -> TaskState | None:
+        """The reason an array will never expand (UPSTREAM_FAILED, CANCELLED, FAILED), else None."""
+        return self.state if self.state in TASK_BLOCKED else None
+
+    @property
+    def open(self) -> bool:
+        """Not expanded and not blocked: the task still waits for its inputs."""
+        return self.state is TaskState.PENDING
+
+    def add(self, inst: Instance) -> None:
+        self.instances[inst.index] = inst
+        self.counts[inst.state] += 1
+
+    @property
+    def active_count(self) -> int:
+        return sum(n for s, n in self.counts.items() if s in ACTIVE)
 
     @property
     def settled(self) -> bool:
@@ -89,35 +157,39 @@ class TaskRun:
             return True
         if not self.expanded:
             return False
-        return not any(i.active for i in self.instances.values())
+        return self.active_count == 0
 
     def ordered(self) -> list[Instance]:
         if not self.manifest.is_array:
             return [self.instances[None]] if None in self.instances else []
-        return [self.instances[i] for i in sorted(k for k in self.instances if k is not None)]
+        return [self.instances[i] for i in range(self.size or 0) if i in self.instances]
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
     """One submitted workflow run."""
 
-    id: str
-    manifest: Manifest
-    params: dict[str, Any]
-    run_dir: str
-    cluster: str
-    state: RunState = RunState.RUNNING
-    options: dict[str, Any] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    ended_at: float | None = None
-    error: str | None = None
-    cancel_requested: bool = False
+    manifest: Manifest = column("TEXT NOT NULL", encode=lambda m: dump_json(m.to_manifest_dict()),
+                                decode=lambda v: Manifest.from_dict(json.loads(v)))
+    id: str = column("TEXT NOT NULL", key=True, default="")
+    workflow: str = column("TEXT NOT NULL", default="")
+    state: RunState = enum_column(RunState, default=RunState.RUNNING)
+    cluster: str = column("TEXT NOT NULL", default="")
+    run_dir: str = column("TEXT NOT NULL", default="")
+    params: dict[str, Any] = json_column("TEXT NOT NULL", default_factory=dict)
+    options: RunOptions = _options_column()
+    created_at: float = column("REAL NOT NULL", default_factory=time.time)
+    updated_at: float = column("REAL NOT NULL", default_factory=time.time)
+    ended_at: float | None = column("REAL", default=None)
+    error: str | None = column("TEXT", default=None)
+    #: A whole-run cancel was asked for: nothing new starts, and the run ends CANCELLED.
+    cancel_requested: bool = column("INTEGER NOT NULL DEFAULT 0", default=False, encode=int, decode=bool)
     tasks: dict[str, TaskRun] = field(default_factory=dict)
 
-    @property
-    def workflow(self) -> str:
-        return self.manifest.workflow
+    def __post_init__(self) -> None:
+        self.workflow = self.workflow or self.manifest.workflow
+        if isinstance(self.options, dict):  # convenience for callers holding the wire form
+            self.options = RunOptions.from_dict(self.options)
 
     def instances(self) -> list[Instance]:
         return [inst for t in self.tasks.values() for inst in t.instances.values()]
@@ -128,21 +200,50 @@ class Run:
 
     @property
     def active(self) -> bool:
-        for t in self.tasks.values():
-            if not t.expanded and not t.blocked:
-                return True
-            if any(i.active for i in t.instances.values()):
-                return True
-        return False
+        return any(t.open or t.active_count for t in self.tasks.values())
 
     def summary(self) -> dict[str, dict[str, int]]:
         """``{task: {state: count}}``; unexpanded arrays show as pending/upstream_failed."""
         out: dict[str, dict[str, int]] = {}
         for name, tr in self.tasks.items():
-            counts: dict[str, int] = {}
-            for inst in tr.instances.values():
-                counts[inst.state.value] = counts.get(inst.state.value, 0) + 1
             if not tr.expanded:
-                counts = {(tr.blocked or State.PENDING).value: 1}
-            out[name] = counts
+                out[name] = {(tr.blocked or State.PENDING).value: 1}
+            else:
+                out[name] = {s.value: n for s, n in tr.counts.items() if n}
         return out
+
+
+def _request_to_dict(req: SubmitRequest) -> dict[str, Any]:
+    return {
+        "tag": req.tag, "run_id": req.run_id, "task": req.task, "job_dir": req.job_dir, "log_dir": req.log_dir,
+        "workdir": req.workdir, "worker_argv": list(req.worker_argv),
+        "indices": None if req.indices is None else list(req.indices), "index_offset": req.index_offset,
+        "array_parallelism": req.array_parallelism, "cpus": req.cpus, "time": req.time, "mem": req.mem,
+        "options": dict(req.options), "env": dict(req.env),
+    }
+
+
+def _request_from_dict(data: dict[str, Any]) -> SubmitRequest:
+    return SubmitRequest(**{**data, "indices": data.get("indices"), "worker_argv": list(data["worker_argv"])})
+
+
+JOB_STATES = ("submitting", "submitted", "done", "refused", "not_submitted", "vanished")
+
+
+def _encode_request(request: SubmitRequest | dict[str, Any]) -> str:
+    return dump_json(request if isinstance(request, dict) else _request_to_dict(request))
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """One submission (its tag) and the request that made it, so a restart can re-attach."""
+
+    tag: str = column("TEXT NOT NULL", key=True)
+    run_id: str = column("TEXT NOT NULL")
+    task: str = column("TEXT NOT NULL")
+    cluster: str = column("TEXT NOT NULL")
+    request: SubmitRequest = column("TEXT NOT NULL", encode=_encode_request,
+                                    decode=lambda v: _request_from_dict(json.loads(v)))
+    job_id: str | None = column("TEXT", default=None)
+    state: str = column("TEXT NOT NULL", default="submitting")  # one of JOB_STATES
+    submitted_at: float = column("REAL NOT NULL", default=0.0)

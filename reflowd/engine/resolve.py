@@ -29,6 +29,8 @@ class UpstreamView:
     outputs: Sequence[Any]
     hashes: Sequence[str | None]
     ok: Sequence[bool]
+    #: The task never got its elements (upstream failure, cancel): nothing of it exists to chain from.
+    blocked: bool = False
 
     @property
     def all_ok(self) -> bool:
@@ -69,6 +71,10 @@ def resolve(
 ) -> Resolution:
     """Resolve *task* against finished upstream tasks. Raises ResolveError for malformed values."""
     res = Resolution()
+    never_ran = [dep for dep in task.dependencies if upstream[dep].blocked]
+    if never_ran:
+        res.blocked = f"upstream task(s) {', '.join(never_ran)} never ran"
+        return res
     failed_shared = [
         dep for dep in task.dependencies if not _is_element_dep(task, dep) and not upstream[dep].all_ok
     ]

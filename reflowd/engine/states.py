@@ -1,7 +1,9 @@
-"""The task-instance state machine: one table of legal transitions.
+"""The three state machines: task instances, tasks and runs, one table each.
 
-Every state change in the daemon goes through ``check_transition``; a change
-not in the table is a bug, refused and logged loudly, never applied.
+Every state change in the daemon goes through :class:`~reflowd.engine.ledger.Ledger`,
+which checks it against the table here; a change not in the table is a bug,
+refused and logged loudly, never applied. The transition log therefore holds
+only states named in these tables.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import enum
 
 
 class State(str, enum.Enum):
+    """A task instance: a singleton task, or one element of an array task."""
+
     PENDING = "pending"  # waiting for upstream tasks
     READY = "ready"  # inputs resolved, waiting to be submitted (or for a retry back-off)
     CACHED = "cached"  # a verified earlier result stands in (success)
@@ -66,17 +70,34 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
-    """A state change the table does not allow: a bug in the caller."""
+class TaskState(str, enum.Enum):
+    """A task as a whole: has it got its elements, or will it never get them?
+
+    Singletons are born EXPANDED (their one instance exists from the start).
+    An array stays PENDING until its element count is known, then becomes
+    EXPANDED -- or is blocked for good (UPSTREAM_FAILED, CANCELLED, FAILED)
+    until a ``retry`` opens it again.
+    """
+
+    PENDING = "pending"
+    EXPANDED = "expanded"
+    UPSTREAM_FAILED = "upstream_failed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
-def is_legal(old: State, new: State) -> bool:
-    return new in TRANSITIONS[old]
+TASK_BLOCKED = frozenset({TaskState.UPSTREAM_FAILED, TaskState.CANCELLED, TaskState.FAILED})
 
-
-def check_transition(old: State, new: State, what: str) -> None:
-    if not is_legal(old, new):
-        raise IllegalTransition(f"illegal transition {old.value} -> {new.value} for {what}")
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.EXPANDED} | TASK_BLOCKED),
+    TaskState.EXPANDED: frozenset(),
+    TaskState.UPSTREAM_FAILED: frozenset({TaskState.PENDING}),
+    TaskState.CANCELLED: frozenset({TaskState.PENDING}),
+    TaskState.FAILED: frozenset({TaskState.PENDING}),
+}
 
 
 class RunState(str, enum.Enum):
@@ -90,3 +111,32 @@ class RunState(str, enum.Enum):
 
 
 RUN_TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
+
+RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.RUNNING: RUN_TERMINAL,
+    # A finished run runs again after a retry (or after verification finds outputs gone).
+    RunState.SUCCEEDED: frozenset({RunState.RUNNING}),
+    RunState.FAILED: frozenset({RunState.RUNNING}),
+    RunState.CANCELLED: frozenset({RunState.RUNNING}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the table does not allow: a bug in the caller."""
+
+
+def is_legal(old: State, new: State) -> bool:
+    return new in TRANSITIONS[old]
+
+
+def is_legal_task(old: TaskState, new: TaskState) -> bool:
+    return new in TASK_TRANSITIONS[old]
+
+
+def is_legal_run(old: RunState, new: RunState) -> bool:
+    return new in RUN_TRANSITIONS[old]
+
+
+def check_transition(old: State, new: State, what: str) -> None:
+    if not is_legal(old, new):
+        raise IllegalTransition(f"illegal transition {old.value} -> {new.value} for {what}")

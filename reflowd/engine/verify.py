@@ -33,7 +33,7 @@ async def verify_outputs(cluster: ClusterRuntime, run: Run, items: list[tuple[In
     exists: dict[str, bool] = {}
     if paths:
         try:
-            exists = await cluster.transport.exists(paths, timeout=timeout)
+            exists = await cluster.metered.exists(paths, timeout=timeout)
         except (TransportError, TimeoutError) as exc:
             return {inst.identity or "": f"cannot check output files: {exc}" for inst, _ in items}
     custom = []
@@ -66,14 +66,14 @@ async def _run_custom(cluster: ClusterRuntime, run: Run, items: list[tuple[Insta
     timeout = cluster.config.command_timeout * 4
     python = cluster.python_for(run.manifest.python)
     try:
-        await cluster.transport.write_files({request_path: jobfiles.dumps(request)}, timeout=timeout)
-        result = await cluster.transport.run(
+        await cluster.metered.write_files({request_path: jobfiles.dumps(request)}, timeout=timeout)
+        result = await cluster.metered.run(
             [python, "-m", "reflow.worker", "--verify", request_path, "--out", response_path],
             timeout=timeout,
         )
         if not result.ok:
             raise TransportError(f"verify worker exited {result.returncode}: {result.stderr.strip()[-500:]}")
-        raw = await cluster.transport.read_file(response_path, timeout=timeout)
+        raw = await cluster.metered.read_file(response_path, timeout=timeout)
         answers = json.loads(raw or b"{}").get("answers", [])
     except (TransportError, TimeoutError, ValueError) as exc:
         log.warning("custom verification could not run", run_id=run.id, error=str(exc))

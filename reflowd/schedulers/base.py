@@ -156,8 +156,6 @@ class Scheduler(abc.ABC):
     kind: str = "scheduler"
     #: Largest array task id + 1 the scheduler accepts (Slurm's MaxArraySize).
     max_array_size: int = 1001
-    #: Index expression the job script passes to the worker for arrays.
-    array_index_env: str = ""
     #: True when an element with no trace (no process, no started marker, no result)
     #: provably never started and never will, so it may be queued again (local only).
     can_requeue_unstarted: bool = False
@@ -201,12 +199,6 @@ class Scheduler(abc.ABC):
     def stats(self) -> dict[str, Any]:
         return {}
 
-    def keys_for(self, job_id: str, request_indices: Sequence[int] | None, offset: int) -> list[str]:
-        """All observation keys one submission produces."""
-        if request_indices is None:
-            return [job_id]
-        return [f"{job_id}_{i - offset}" for i in request_indices]
-
     async def aclose(self) -> None:
         """Stop background work; idempotent."""
 
@@ -217,7 +209,3 @@ def log_path(log_dir: str, task: str, tag: str, array_task_id: int | str | None,
         return f"{log_dir}/{task}.{tag}.{stream}"
     return f"{log_dir}/{task}.{tag}.{array_task_id}.{stream}"
 
-
-def element_file_key(index: int | None) -> str:
-    """File name stem of one element's inputs/result/started files inside a job directory."""
-    return "single" if index is None else str(index)

@@ -30,7 +30,7 @@ from anyio.abc import Process
 from reflow_client import jobfiles
 from reflow_client.resources import parse_time
 
-from .base import Observation, Outcome, Phase, Presence, Scheduler, SubmitRequest, TaggedJob, log_path
+from .base import Observation, Outcome, Phase, Presence, Scheduler, SubmitError, SubmitRequest, TaggedJob, log_path
 
 log = structlog.get_logger("reflowd.local")
 
@@ -101,7 +101,6 @@ class LocalScheduler(Scheduler):
         self._used = 0
         self._running_per_task: dict[tuple[str, str], int] = {}
         self._wake = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
         self.started_total = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -109,15 +108,11 @@ class LocalScheduler(Scheduler):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start queued elements as slots free up; runs until cancelled."""
         async with anyio.create_task_group() as tg:
-            self._tg = tg
             task_status.started()
-            try:
-                while True:
-                    self._start_what_fits(tg)
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-            finally:
-                self._tg = None
+            while True:
+                self._start_what_fits(tg)
+                await self._wake.wait()
+                self._wake = anyio.Event()
 
     def _notify(self) -> None:
         self._wake.set()
@@ -157,12 +152,13 @@ class LocalScheduler(Scheduler):
         array_id = None if element.index is None else element.index - req.index_offset
         out_path = log_path(req.log_dir, req.task, req.tag, array_id, "out")
         err_path = log_path(req.log_dir, req.task, req.tag, array_id, "err")
-        limit = parse_time(req.time) if req.time else None
-        env = dict(os.environ)
-        env.update(req.env)
-        env["PYTHONUNBUFFERED"] = "1"
         out_fh = err_fh = None
         try:
+            limit = parse_time(req.time) if req.time else None
+            env = dict(os.environ)
+            env.update(req.env)
+            env["PYTHONUNBUFFERED"] = "1"
+
             def open_logs() -> tuple[Any, Any]:
                 os.makedirs(req.log_dir, exist_ok=True)
                 return open(out_path, "ab"), open(err_path, "ab")
@@ -181,8 +177,8 @@ class LocalScheduler(Scheduler):
                 log.info("local job exceeded its time limit", job=element.key, limit=req.time)
                 await self._terminate(element)
             element.returncode = process.returncode
-        except OSError as exc:
-            log.error("cannot start local worker", job=element.key, error=str(exc))
+        except Exception as exc:  # one element must never take the scheduler (and the daemon) down
+            log.error("cannot start local worker", job=element.key, error=f"{type(exc).__name__}: {exc}")
             element.returncode = 127
         finally:
             with anyio.CancelScope(shield=True):
@@ -229,6 +225,11 @@ class LocalScheduler(Scheduler):
     # ------------------------------------------------------------------ scheduler API
 
     async def submit(self, request: SubmitRequest) -> str:
+        try:
+            if request.time:
+                parse_time(request.time)
+        except ValueError as exc:
+            raise SubmitError(f"invalid time limit {request.time!r}: {exc}", permanent=True) from None
         job_id = request.tag
         elements = self._elements_for(job_id, request)
         self._jobs[job_id] = elements

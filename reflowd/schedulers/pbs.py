@@ -110,10 +110,6 @@ class PBSScheduler(Scheduler):
     def forget(self, job_id: str) -> None:
         self._layouts.retire(job_id)
 
-    def keys_for(self, job_id: str, request_indices: Any, offset: int) -> list[str]:
-        layout = self._layouts.get(job_id)
-        return layout.keys() if layout else super().keys_for(job_id, request_indices, offset)
-
     # ------------------------------------------------------------------ query
 
     async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:

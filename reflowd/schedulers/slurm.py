@@ -15,6 +15,8 @@ from typing import Any
 
 import structlog
 
+from reflow_client.jobfiles import SCRIPT_FILE
+
 from ..transports.base import CommandResult, Transport, TransportError
 from . import slurm_commands as sc
 from .base import Observation, Phase, Scheduler, SubmitError, SubmitRequest, TaggedJob
@@ -33,7 +35,12 @@ class SlurmScheduler(Scheduler):
         self.command_timeout = command_timeout
         self.accounting = False
         self.config: dict[str, str] = {}
+        #: Polls answered (``query`` calls); each runs one status command, plus the rare extras below.
         self.queries = 0
+        #: Extra commands inside a poll: squeue for live pending reasons (at most every REASON_REFRESH s),
+        #: and squeue standing in for a failed sacct. Every command is charged to the cluster's budget.
+        self.reason_refreshes = 0
+        self.fallbacks = 0
         self._reasons_asked = float("-inf")
 
     async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
@@ -58,7 +65,7 @@ class SlurmScheduler(Scheduler):
 
     async def submit(self, request: SubmitRequest) -> str:
         self.validate_options(request.options)
-        script_path = os.path.join(request.job_dir, "job.sh")
+        script_path = os.path.join(request.job_dir, SCRIPT_FILE)
         await self.transport.write_files({script_path: sc.render_script(request).encode()},
                                          timeout=self.command_timeout, mode=0o755)
         result = await self._run(sc.render_sbatch(request, script_path), idempotent=False,
@@ -77,6 +84,7 @@ class SlurmScheduler(Scheduler):
                 await self._live_reasons(observations)
                 return observations
             log.warning("sacct failed; using squeue this time", error=result.stderr.strip()[:300])
+            self.fallbacks += 1
         result = await self._run(sc.render_squeue(ids))
         if result.ok:
             return sc.parse_squeue(result.stdout)
@@ -95,7 +103,7 @@ class SlurmScheduler(Scheduler):
         if not pending or now - self._reasons_asked < REASON_REFRESH:
             return
         self._reasons_asked = now
-        self.queries += 1
+        self.reason_refreshes += 1
         try:
             result = await self._run(sc.render_squeue(sorted({k.split("_")[0] for k in pending})))
         except TransportError:
@@ -135,7 +143,8 @@ class SlurmScheduler(Scheduler):
             log.info("scancel reported", code=result.returncode, message=result.stderr.strip()[:300])
 
     def stats(self) -> dict[str, Any]:
-        return {"accounting": self.accounting, "max_array_size": self.max_array_size, "queries": self.queries}
+        return {"accounting": self.accounting, "max_array_size": self.max_array_size, "queries": self.queries,
+                "reason_refreshes": self.reason_refreshes, "fallbacks": self.fallbacks}
 
 
 __all__ = ["SlurmScheduler", "SubmitError"]

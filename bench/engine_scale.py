@@ -1,0 +1,359 @@
+"""reflowd's engine at scale, against a scheduler that finishes jobs as fast as they are submitted.
+
+Usage::
+
+    python bench/engine_scale.py                     # 10^4 and 10^5 elements
+    python bench/engine_scale.py --sizes 10000,100000,1000000
+
+For each size N a private reflowd process (the real daemon: socket, store,
+engine, cluster driver) runs a fan-out ``make -> square[N] -> total``. Its
+one cluster has an *instant* scheduler: every element's result file exists
+the moment its array job is submitted, so what is measured is the daemon's
+own work. A thread pings the daemon every 20 ms throughout. Printed per size:
+
+* elements per second, from submission to the run's success;
+* persisted transitions per second (rows the store committed to its transition log);
+* the daemon's CPU seconds per element, and its peak RSS;
+* the slowest ``ping`` answered while the run went on;
+* then, with N instances *held* queued (the scheduler never starts them):
+  resident memory per held instance, and the daemon's CPU per minute while
+  nothing changes.
+
+Ratios are against the smallest size measured in the same invocation
+(linear scaling means per-element figures stay flat), and against the goals
+of issue #13 (1,000,000 instances held in <= 0.5 GB; <= 0.1 CPU-s/min idle;
+>= 50,000 persisted transitions/s; ping <= 100 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_util import cpu_seconds  # noqa: E402
+from reflow_client import codec, jobfiles  # noqa: E402
+from reflow_client.client import Client, DaemonNotRunning  # noqa: E402
+
+GOAL_BYTES_PER_HELD = 0.5e9 / 1e6
+GOAL_IDLE_CPU_PER_MIN = 0.1
+GOAL_TRANSITIONS_PER_S = 50_000
+GOAL_PING_S = 0.1
+
+
+# ---------------------------------------------------------------------- inside the daemon process
+
+
+def serve(socket: str, state_dir: str) -> None:
+    """Run reflowd with one cluster, ``bench``, whose scheduler finishes every job at once."""
+    import anyio
+
+    from reflow_client.config import ClusterConfig, Config
+    from reflowd.budget import Budget, MeteredTransport
+    from reflowd.clusters import ClusterRuntime
+    from reflowd.daemon import Daemon, DaemonOptions
+    from reflowd.engine.decide import Timing
+    from reflowd.logging import configure
+    from reflowd.schedulers.base import Observation, Outcome, Phase, Presence, Scheduler, SubmitRequest, TaggedJob
+    from reflowd.transports.base import CommandResult, Transport
+
+    class MemoryTransport(Transport):
+        """Files in a dict of directories (the instant scheduler writes results straight into it)."""
+
+        name = "memory"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.dirs: dict[str, dict[str, bytes]] = {}
+
+        def put(self, path: str, data: bytes) -> None:
+            head, _, name = path.rpartition("/")
+            self.dirs.setdefault(head, {})[name] = data
+
+        async def run(self, argv: Sequence[str], **kw: Any) -> CommandResult:
+            return CommandResult(0, "", "")
+
+        async def read_files(self, paths: Sequence[str], *, timeout: float = 30.0) -> dict[str, bytes | None]:
+            out = {}
+            for p in paths:
+                head, _, name = p.rpartition("/")
+                out[p] = self.dirs.get(head, {}).get(name)
+            return out
+
+        async def write_files(self, files: Mapping[str, bytes], *, timeout: float = 60.0, mode: int = 0o644) -> None:
+            for p, data in files.items():
+                self.put(p, data)
+
+        async def listdir(self, path: str, *, timeout: float = 30.0) -> list[str]:
+            return list(self.dirs.get(path.rstrip("/"), {}))
+
+        async def exists(self, paths: Sequence[str], *, timeout: float = 30.0) -> dict[str, bool]:
+            return {p: (await self.read_files([p]))[p] is not None for p in paths}
+
+        async def makedirs(self, paths: Sequence[str], *, timeout: float = 30.0) -> None:
+            return None
+
+    class InstantScheduler(Scheduler):
+        kind = "instant"
+        max_array_size = 1001
+
+        def __init__(self, files: MemoryTransport, transport: Transport) -> None:
+            self.files = files
+            self.transport = transport
+            self.jobs: dict[str, tuple[SubmitRequest, bool]] = {}
+            self.next = 1
+
+        async def submit(self, request: SubmitRequest) -> str:
+            await self.transport.run(["sbatch"], idempotent=False)
+            job_id = str(self.next)
+            self.next += 1
+            held = request.task == "hold"
+            self.jobs[job_id] = (request, held)
+            if not held:
+                shared = json.loads((await self.files.read_files([f"{request.job_dir}/job.json"]))
+                                    [f"{request.job_dir}/job.json"] or b"{}")["kwargs"]
+                indices = list(request.indices) if request.indices is not None else [None]
+                inputs = await self.files.read_files([jobfiles.inputs_path(request.job_dir, i) for i in indices])
+                for i in indices:
+                    kwargs = {**shared, **json.loads(inputs[jobfiles.inputs_path(request.job_dir, i)] or b"{}")["kwargs"]}
+                    output = _compute(request.task, kwargs)
+                    self.files.put(jobfiles.result_path(request.job_dir, i), jobfiles.dumps(
+                        {"state": "succeeded", "output": output, "output_hash": codec.value_hash(output)}))
+            return job_id
+
+        async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+            await self.transport.run(["squeue"])
+            out = {}
+            for job_id in job_ids:
+                request, held = self.jobs[job_id]
+                phase = Phase.QUEUED if held else Phase.DONE
+                obs = Observation(Presence.PRESENT, phase, None if held else Outcome.COMPLETED,
+                                  "PENDING" if held else "COMPLETED", "Priority" if held else None)
+                for i in (request.indices if request.indices is not None else [None]):
+                    out[request.element_key(job_id, i)] = obs
+            return out
+
+        async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
+            found: dict[str, list[TaggedJob]] = {t: [] for t in tags}
+            for job_id, (request, _) in self.jobs.items():
+                if request.tag in found:
+                    found[request.tag].append(TaggedJob(job_id, request.tag, True))
+            return found
+
+        async def cancel(self, job_keys: Collection[str]) -> None:
+            await self.transport.run(["scancel"])
+
+        def forget(self, job_id: str) -> None:
+            self.jobs.pop(job_id, None)
+
+    class BenchDaemon(Daemon):
+        def _build_clusters(self) -> dict[str, ClusterRuntime]:
+            config = ClusterConfig(name="bench", scheduler="instant", max_calls_per_minute=6000.0)
+            budget = Budget(config.max_calls_per_minute)
+            files = MemoryTransport()
+            metered = MeteredTransport(files, budget)
+            return {"bench": ClusterRuntime(
+                name="bench", config=config, transport=files, metered=metered,
+                scheduler=InstantScheduler(files, metered), budget=budget, result_interval=0.5,
+                timing=Timing(result_grace=10.0, lost_after=3, lost_grace=60.0))}
+
+    configure("warning", json=True)
+    config = Config(default_cluster="bench")
+    options = DaemonOptions(socket_path=Path(socket), state_dir=Path(state_dir), config=config)
+    profile = os.environ.get("REFLOW_BENCH_PROFILE")
+    if profile:
+        import cProfile
+
+        cProfile.runctx("anyio.run(BenchDaemon(options).run)", globals(), locals(), profile)
+    else:
+        anyio.run(BenchDaemon(options).run)
+
+
+def _compute(task: str, kwargs: dict[str, Any]) -> Any:
+    if task == "make":
+        return list(range(int(kwargs["n"])))
+    if task in ("square", "hold"):
+        return int(kwargs["x"]) ** 2
+    if task == "total":
+        return sum(kwargs["values"])
+    return None
+
+
+# ---------------------------------------------------------------------- the measuring side
+
+
+def manifest(held: bool) -> dict[str, Any]:
+    array = "hold" if held else "square"
+
+    def task(name: str, is_array: bool, deps: list[str], inputs: dict[str, list[dict[str, str]]],
+             params: dict[str, str] | None = None) -> dict[str, Any]:
+        return {"name": name, "is_array": is_array, "config": {"version": "1", "cache": False}, "dependencies": deps,
+                "inputs": inputs, "params": params or {}}
+
+    tasks = [task("make", False, [], {}, {"n": "n"}),
+             task(array, True, ["make"], {"x": [{"step": "make", "mode": "fanout"}]})]
+    if not held:
+        tasks.append(task("total", False, [array], {"values": [{"step": array, "mode": "gather"}]}))
+    return {"version": 1, "workflow": "bench", "tasks": tasks,
+            "cli_params": [{"key": "n", "name": "n", "flag": "--n", "type_repr": "int", "required": True}],
+            "entrypoint": str(ROOT / "bench" / "engine_scale.py"), "python": sys.executable, "working_dir": "/tmp"}
+
+
+class Pinger(threading.Thread):
+    def __init__(self, socket: Path) -> None:
+        super().__init__(daemon=True)
+        self.socket = socket
+        self.worst = 0.0
+        self.count = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with Client(self.socket, timeout=600) as client:
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                client.ping()
+                self.worst = max(self.worst, time.perf_counter() - started)
+                self.count += 1
+                time.sleep(0.02)
+
+    def reset(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+
+def rss(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def wait_state(client: Client, run_id: str, done: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status(run_id).raw
+        if done(status):
+            return status
+        time.sleep(0.25)
+    raise TimeoutError(f"run {run_id} did not get there within {timeout:.0f} s: {status['summary']}")
+
+
+def measure(n: int, idle_seconds: float) -> dict[str, float]:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        socket = base / "reflowd.sock"
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(socket), str(base / "state")],
+                                stdout=open(base / "log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with Client(socket, timeout=5) as c:
+                        c.ping()
+                    break
+                except (DaemonNotRunning, OSError):
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError((base / "log").read_text()[-2000:]) from None
+                    time.sleep(0.1)
+            pinger = Pinger(socket)
+            pinger.start()
+            with Client(socket, timeout=600) as client:
+                # 1. The whole fan-out, as fast as the daemon can.
+                stats0 = client.stats()
+                cpu0 = cpu_seconds(proc.pid)
+                pinger.reset()
+                started = time.monotonic()
+                run_id = client.submit(manifest(False), {"n": n}, str(base / "run"), cluster="bench").run_id
+                status = wait_state(client, run_id, lambda s: s["run"]["state"] != "running", timeout=3600)
+                elapsed = time.monotonic() - started
+                assert status["run"]["state"] == "succeeded", status["run"]
+                time.sleep(1.0)  # let the last commits land
+                stats1 = client.stats()
+                cpu_run = cpu_seconds(proc.pid) - cpu0
+                worst_ping = pinger.reset()
+                transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
+                peak = rss(proc.pid, "VmHWM")
+                # 2. N instances held queued: memory, then CPU while nothing changes.
+                before = rss(proc.pid)
+                held_id = client.submit(manifest(True), {"n": n}, str(base / "held"), cluster="bench").run_id
+                wait_state(client, held_id, lambda s: s["summary"].get("hold", {}).get("queued") == n, timeout=3600)
+                time.sleep(2.0)
+                held_bytes = (rss(proc.pid) - before) / n
+                worst_hold_ping = pinger.reset()
+                time.sleep(5.0)  # let the poll interval grow: "nothing changes" from here
+                idle0 = cpu_seconds(proc.pid)
+                time.sleep(idle_seconds)
+                idle_cpu = (cpu_seconds(proc.pid) - idle0) / idle_seconds * 60
+                pinger.stop.set()
+                client.cancel(held_id)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    return {
+        "n": n,
+        "seconds": elapsed,
+        "elements_per_s": n / elapsed,
+        "transitions": transitions,
+        "transitions_per_s": transitions / elapsed,
+        "cpu_per_element_ms": cpu_run / n * 1000,
+        "peak_rss_mb": peak / 1e6,
+        "worst_ping_ms": max(worst_ping, worst_hold_ping) * 1000,
+        "held_bytes_per_instance": held_bytes,
+        "idle_cpu_s_per_min": idle_cpu,
+    }
+
+
+def report(results: list[dict[str, float]]) -> None:
+    base = results[0]
+    print(f"\nreflowd engine benchmark (instant scheduler; ratios against n={base['n']:.0f} in this run)")
+    rows = [
+        ("elements/s", "elements_per_s", "{:,.0f}", None),
+        ("persisted transitions/s", "transitions_per_s", "{:,.0f}", f">= {GOAL_TRANSITIONS_PER_S:,}"),
+        ("daemon CPU per element", "cpu_per_element_ms", "{:.3f} ms", "flat (linear)"),
+        ("peak RSS", "peak_rss_mb", "{:,.0f} MB", None),
+        ("slowest ping meanwhile", "worst_ping_ms", "{:,.0f} ms", f"<= {GOAL_PING_S * 1000:.0f} ms"),
+        ("RSS per held instance", "held_bytes_per_instance", "{:,.0f} B", f"<= {GOAL_BYTES_PER_HELD:.0f} B"),
+        ("CPU while nothing changes", "idle_cpu_s_per_min", "{:.3f} s/min", f"<= {GOAL_IDLE_CPU_PER_MIN} s/min"),
+    ]
+    header = f"  {'':28}" + "".join(f"{'n=' + format(int(r['n']), ','):>22}" for r in results) + "   goal"
+    print(header)
+    for label, key, fmt, goal in rows:
+        cells = []
+        for r in results:
+            cell = fmt.format(r[key])
+            if r is not base and base[key]:
+                cell += f" ({r[key] / base[key]:.2f}x)"
+            cells.append(f"{cell:>22}")
+        print(f"  {label:28}" + "".join(cells) + (f"   {goal}" if goal else ""))
+    for r in results:
+        print(f"  n={int(r['n']):,}: {r['seconds']:.1f} s for the fan-out, {int(r['transitions']):,} transitions persisted")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds to measure CPU while nothing changes")
+    parser.add_argument("--serve", nargs=2, metavar=("SOCKET", "STATE_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(*args.serve)
+        return 0
+    results = [measure(int(n), args.idle) for n in args.sizes.split(",")]
+    report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""One driver per cluster: it owns everything between the engine and that cluster's scheduler.
+
+The engine hands a driver work (:meth:`Driver.submit` a READY instance,
+:meth:`Driver.cancel_jobs`, :meth:`Driver.recover` a submission after a
+restart) and tells it when an instance it follows leaves flight
+(:meth:`Driver.instance_left`). The driver reports back through the narrow
+:class:`Host` interface: state changes with their evidence, bookkeeping
+updates, and failures it cannot attribute to a single instance.
+
+Inside, the driver owns the cluster's ready queue, the submissions it tracks,
+those whose outcome is unknown, pending cancellations, its wake-ups, the
+budget and the poll policy, and runs two loops: the submit loop
+(``submit.py``) and the observe loop (``observe.py``). No other module
+touches these queues.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+from reflow_client.resources import parse_time
+
+from .. import world
+from ..clusters import ClusterRuntime
+from ..engine.model import Instance, JobRecord, Run, TaskRun
+from ..engine.resolve import Resolution
+from ..engine.states import State
+from ..store import Store
+from .observe import Observer
+from .policy import FileClock, PollPolicy
+from .submit import Submitter
+from .track import JobTrack
+
+log = structlog.get_logger("reflowd.driver")
+
+
+class Host(Protocol):
+    """What a driver may ask of the engine."""
+
+    def transition(self, run: Run, inst: Instance, new: State, evidence: dict[str, Any], **fields: Any) -> bool:
+        """Change an instance's state (checked against the table); False if refused."""
+        ...
+
+    def update(self, inst: Instance, **fields: Any) -> None:
+        """Change bookkeeping fields (a pending reason, a start time) without a state change."""
+        ...
+
+    def resolution(self, run: Run, tr: TaskRun) -> Resolution:
+        """A task's resolved inputs (what its job files carry)."""
+        ...
+
+    def internal_error(self, run: Run, where: str, exc: BaseException) -> None:
+        """Something raised while handling *run*: show it on the run (never stop the daemon)."""
+        ...
+
+
+@dataclass
+class DriverSettings:
+    submit_concurrency: int = 4
+    #: Test-only crash points, e.g. {"after_submit"}: the daemon exits hard there.
+    fault_points: frozenset[str] = frozenset()
+    #: Seconds before an unknown submission outcome is looked up by tag.
+    resolve_delay: float = 5.0
+    #: Longest a signalled worker's result waits for the scheduler to explain it.
+    hold_max: float = 30.0
+    #: Observer sleep while nothing is tracked.
+    idle_wait: float = 5.0
+
+
+class Driver:
+    """A cluster's submit and observe loops and the queues they share."""
+
+    def __init__(self, cluster: ClusterRuntime, store: Store, host: Host, settings: DriverSettings | None = None) -> None:
+        self.cluster = cluster
+        self.name = cluster.name
+        self.store = store
+        self.host = host
+        self.settings = settings or DriverSettings()
+        config = cluster.config
+        self.policy = PollPolicy(config.min_poll_interval, config.poll_interval, config.max_poll_interval)
+        # Owned queues: nothing outside the driver package touches these.
+        self.ready: dict[tuple[str, str, int], tuple[Run, Instance]] = {}
+        self.tracks: dict[str, JobTrack] = {}
+        self.unresolved: dict[str, JobTrack] = {}
+        self.cancels: dict[str, None] = {}  # job keys to cancel (ordered)
+        self.staged: set[str] = set()  # run ids whose workflow file is on the cluster
+        self.deadlines: list[tuple[float, str]] = []  # (when a running job passes its limit, tag)
+        self.emptied: dict[str, None] = {}  # tags whose last live instance left (pruned next cycle)
+        self.held_tags: dict[str, None] = {}
+        self.query_due = True
+        self.unrecognised: dict[str, int] = {}  # native scheduler states we could not map
+        self.last_query_error: str | None = None
+        self.ready_wake = anyio.Event()
+        self.observer_wake = anyio.Event()
+        self.counters: dict[str, int] = {}
+        cluster.scheduler.on_change = self.scheduler_changed
+
+    def scheduler_changed(self) -> None:
+        """The scheduler learnt of a change by itself (a local process ended): poll now."""
+        self.query_due = True
+        self.observer_wake.set()
+
+    # ------------------------------------------------------------------ engine -> driver
+
+    def submit(self, run: Run, inst: Instance) -> None:
+        """A READY instance (past the cache check) to submit as soon as its back-off allows."""
+        self.ready[inst.key] = (run, inst)
+        self.ready_wake.set()
+
+    def withdraw(self, inst: Instance) -> None:
+        """The instance is no longer READY (cancelled, cached, failed): drop it from the queue."""
+        self.ready.pop(inst.key, None)
+
+    def cancel_jobs(self, keys: list[str]) -> None:
+        """Ask the scheduler to cancel these jobs or array elements (retried until delivered)."""
+        for key in keys:
+            self.cancels[key] = None
+        if keys:
+            self.wake()
+
+    def instance_left(self, inst: Instance, tag: str | None) -> None:
+        """*inst*, in flight under *tag*, has just left flight (or that tag)."""
+        if tag is None:
+            return
+        track = self.tracks.get(tag) or self.unresolved.get(tag)
+        if track is None:
+            return
+        if track.live.get(inst.index) is inst:
+            del track.live[inst.index]
+            track.held.pop(inst.index, None)
+            track.last_obs.pop(inst.index, None)
+            if not track.live:
+                self.emptied[tag] = None
+
+    async def recover(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> None:
+        """Follow a submission an earlier daemon made (after a restart)."""
+        track = self.new_track(record, run, insts)
+        if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
+            self.unresolved[record.tag] = track
+        else:
+            self.tracks[record.tag] = track
+            await self.cluster.scheduler.reattach(record.request, record.job_id)
+        self.query_due = True
+
+    def forget_run(self, run_id: str) -> None:
+        self.staged.discard(run_id)
+
+    def wake(self) -> None:
+        self.observer_wake.set()
+
+    # ------------------------------------------------------------------ shared by the loops
+
+    def new_track(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> JobTrack:
+        return JobTrack(record, run, dict(insts), FileClock(self.cluster.result_interval, self.cluster.result_interval * 8))
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def add_deadline(self, track: JobTrack, inst: Instance) -> None:
+        try:
+            limit = parse_time(track.request.time) if track.request.time else None
+        except ValueError:
+            limit = None
+        if limit is not None and inst.started_at is not None:
+            heapq.heappush(self.deadlines, (inst.started_at + limit + 5.0, track.tag))
+
+    def deadline_due(self) -> bool:
+        """Poll promptly once a running job passes its time limit (to see TIMEOUT without waiting)."""
+        now = world.now()
+        due = False
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, tag = heapq.heappop(self.deadlines)
+            due = due or tag in self.tracks
+        return due
+
+    def fault(self, point: str) -> None:
+        """Test-only crash point: die like ``kill -9`` exactly here."""
+        if point in self.settings.fault_points:
+            log.warning("fault point reached, exiting hard", point=point)
+            os._exit(137)
+
+    # ------------------------------------------------------------------ loops
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._probe)
+            tg.start_soon(Submitter(self).loop)
+            tg.start_soon(Observer(self).loop)
+            task_status.started()
+
+    async def _probe(self) -> None:
+        """Learn the scheduler's limits and features; a cluster unreachable at start is probed again later."""
+        cluster = self.cluster
+        attempt = 0
+        while True:
+            try:
+                with anyio.fail_after(cluster.config.command_timeout * 2):
+                    cluster.probe = await cluster.scheduler.probe()
+                log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
+                return
+            except Exception as exc:  # probing is advisory; observation shows the cluster's health meanwhile
+                attempt += 1
+                delay = min(120.0, 5.0 * 2 ** min(attempt - 1, 5))
+                log.warning("cluster probe failed; will try again", cluster=cluster.name, error=str(exc),
+                            retry_in=delay)
+                await anyio.sleep(delay)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def tracked(self) -> int:
+        return len(self.tracks)
+
+    def status(self) -> dict[str, Any]:
+        out = self.cluster.status()
+        out["poll_interval"] = round(self.policy.interval, 2)
+        out["tracked_jobs"] = len(self.tracks)
+        out["unresolved_submissions"] = len(self.unresolved)
+        out["ready"] = len(self.ready)
+        out["pending_cancels"] = len(self.cancels)
+        if self.unrecognised:
+            out["unrecognised_states"] = dict(self.unrecognised)
+        if self.last_query_error:
+            out["last_query_error"] = self.last_query_error
+        if self.counters:
+            out["driver"] = dict(self.counters)
+        return out

@@ -1,0 +1,386 @@
+"""Watching a cluster's jobs: two clocks, one poll per cycle.
+
+* The **file clock** lists a tracked job directory's ``results/`` (and
+  ``started/`` while something there has not started): no scheduler call,
+  so jobs that end are noticed within a fraction of a second. Each job
+  directory has its own clock, which slows down while nothing changes there.
+* The **scheduler clock** (adaptive interval, paced by the budget) runs ONE
+  poll -- ``Scheduler.query`` for every tracked job of the cluster -- and
+  feeds each instance's observation to :mod:`~reflowd.engine.decide`. It
+  tells what files cannot: pending reasons, kills, timeouts, out-of-memory,
+  lost jobs. A job the scheduler reports finished has its result read at once.
+
+Each cycle also delivers cancellations and resolves submissions whose outcome
+is unknown, by their tag. Work per cycle follows what changed: instances
+leave a track the moment they leave flight, and file checks read only names
+not seen before.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+
+from reflow_client import jobfiles
+
+from .. import world
+from ..engine import decide
+from ..engine.model import Instance
+from ..engine.states import FAILURE, State
+from ..schedulers.base import Observation, Phase, Presence
+from ..transports.base import TransportError
+from .submit import adopt
+from .track import JobTrack, index_of
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+log = structlog.get_logger("reflowd.observer")
+
+#: Job directories checked at once by the file clock.
+FILE_CONCURRENCY = 16
+
+
+class Observer:
+    def __init__(self, driver: Driver) -> None:
+        self.d = driver
+        self.cluster = driver.cluster
+        self.host = driver.host
+
+    def apply(self, track: JobTrack, inst: Instance, decision: decide.Decision) -> bool:
+        if decision.state is None:
+            self.host.update(inst, **decision.fields)
+            return False
+        ok = self.host.transition(track.run, inst, decision.state, decision.evidence, **decision.fields)
+        if ok and decision.state is State.RUNNING:
+            self.d.add_deadline(track, inst)
+        return ok
+
+    async def loop(self) -> None:
+        d = self.d
+        next_query = 0.0
+        while True:
+            d.observer_wake = wake = anyio.Event()
+            try:
+                await self.deliver_cancels()
+                await self.resolve_unresolved()
+                if d.tracks:
+                    await self.check_files()
+                    now = world.monotonic()
+                    due = d.query_due or next_query <= now or d.deadline_due() or bool(d.held_tags)
+                    if due and self.cluster.budget.wait_time() == 0:
+                        d.query_due = False
+                        await self.query()
+                        next_query = world.monotonic() + d.policy.interval
+                self.prune()
+            except Exception:  # a cycle must survive anything a cluster throws at it
+                log.exception("observer cycle failed", cluster=d.name)
+                d.count("observer_errors")
+            busy = d.tracks or d.unresolved or d.cancels
+            with anyio.move_on_after(self.cluster.result_interval if busy else d.settings.idle_wait):
+                await wake.wait()
+
+    # ------------------------------------------------------------------ file clock
+
+    async def check_files(self) -> None:
+        now = world.monotonic()
+        due = [t for t in self.d.tracks.values() if t.files.due(now)]
+        if not due:
+            return
+        limiter = anyio.CapacityLimiter(FILE_CONCURRENCY)
+
+        async def one(track: JobTrack) -> None:
+            async with limiter:
+                try:
+                    changed = await self.check_track_files(track)
+                except (TransportError, TimeoutError) as exc:
+                    log.debug("result check failed", cluster=self.d.name, tag=track.tag, error=str(exc))
+                    changed = False
+                except Exception as exc:
+                    self.track_failed(track, "reading job files", exc)
+                    changed = True
+                track.files.after_check(world.monotonic(), changed)
+
+        async with anyio.create_task_group() as tg:
+            for track in due:
+                tg.start_soon(one, track)
+
+    async def check_track_files(self, track: JobTrack) -> bool:
+        if not track.live:
+            return False
+        timeout = self.cluster.config.command_timeout
+        transport = self.cluster.metered
+        names = await transport.listdir(os.path.join(track.request.job_dir, "results"), timeout=timeout)
+        done = []
+        for name in names:
+            if name in track.seen_results:
+                continue
+            index = index_of(name)
+            inst = track.live.get(index) if index is not False else None  # type: ignore[arg-type]
+            if inst is not None:
+                done.append(inst)
+            else:
+                track.seen_results.add(name)  # not ours to act on (any more): never look at it again
+        changed = False
+        if done:
+            await self.read_results(track, done)
+            changed = True
+        elements = 1 if track.request.indices is None else len(track.request.indices)
+        if track.live and len(track.seen_started) < elements:
+            started = await transport.listdir(os.path.join(track.request.job_dir, "started"), timeout=timeout)
+            for name in started:
+                if name in track.seen_started:
+                    continue
+                track.seen_started.add(name)
+                index = index_of(name)
+                inst = track.live.get(index) if index is not False else None  # type: ignore[arg-type]
+                if inst is not None and inst.state is State.QUEUED:
+                    changed = True
+                    self.apply(track, inst, decide.Decision(State.RUNNING, {"source": "started_file"},
+                                                            {"started_at": world.now(), "reason": None}))
+        return changed
+
+    async def read_results(self, track: JobTrack, insts: list[Instance]) -> list[Instance]:
+        """Read and apply result files; returns the instances that had none."""
+        paths = {inst.index: jobfiles.result_path(track.request.job_dir, inst.index) for inst in insts}
+        data = await self.cluster.metered.read_files(list(paths.values()), timeout=self.cluster.config.command_timeout)
+        missing = []
+        now = world.now()
+        for inst in insts:
+            raw = data.get(paths[inst.index])
+            if raw is None:
+                missing.append(inst)
+                continue
+            track.seen_results.add(os.path.basename(paths[inst.index]))
+            try:
+                result = jobfiles.parse_result(raw, f"result file of {inst.label}")
+            except Exception as exc:  # ValueError, and RecursionError for absurd nesting: the instance fails
+                result = {"state": "failed", "error": f"unreadable result: {exc}"}
+            if not (inst.in_flight and inst.tag == track.tag):
+                continue
+            obs = track.last_obs.get(inst.index)
+            decision = decide.from_result(inst, result, obs)
+            explained = obs is not None and obs.phase is Phase.DONE
+            if decision.state is State.FAILED and result.get("signal") and not explained:
+                # Killed by a signal: the scheduler knows why (time limit, cancel, preemption). Ask it first.
+                since = track.held.setdefault(inst.index, (result, now))[1]
+                self.d.held_tags[track.tag] = None
+                if now - since < self.d.settings.hold_max:
+                    continue
+            track.held.pop(inst.index, None)
+            self.apply(track, inst, decision)
+        return missing
+
+    # ------------------------------------------------------------------ scheduler clock
+
+    async def query(self) -> None:
+        d, cluster = self.d, self.cluster
+        tracks = [t for t in d.tracks.values() if t.live and t.record.job_id]
+        job_ids = sorted({t.record.job_id for t in tracks if t.record.job_id})
+        if not job_ids:
+            return
+        started = world.monotonic()
+        cluster.count("query")
+        observations: dict[str, Observation] | None
+        try:
+            observations = await cluster.scheduler.query(job_ids)
+            d.last_query_error = None
+        except (TransportError, TimeoutError) as exc:
+            log.info("status query failed; treating every job as unknown", cluster=d.name, error=str(exc))
+            d.last_query_error = str(exc) or type(exc).__name__
+            observations = None
+        duration = world.monotonic() - started
+        changed = False
+        for track in tracks:
+            try:
+                changed |= await self.apply_observations(track, observations)
+            except (TransportError, TimeoutError):
+                continue  # cannot look at the files: conclude nothing for this job this cycle
+            except Exception as exc:
+                self.track_failed(track, "applying the scheduler's answer", exc)
+                changed = True
+        d.held_tags = {t: None for t, tr in d.tracks.items() if tr.held}
+        d.policy.after_query(duration, changed)
+
+    async def apply_observations(self, track: JobTrack, observations: dict[str, Observation] | None) -> bool:
+        d = self.d
+        now = world.now()
+        changed = False
+        for index, (result, since) in list(track.held.items()):
+            inst = track.live.get(index)
+            if inst is None:
+                track.held.pop(index, None)
+                continue
+            obs = observations.get(inst.job_key or "") if observations is not None else None
+            if obs is not None:
+                track.last_obs[index] = obs
+            if (obs is not None and obs.phase is not Phase.RUNNING) or now - since >= d.settings.hold_max:
+                del track.held[index]
+                changed |= self.apply(track, inst, decide.from_result(inst, result, obs))
+        if observations is None:
+            return changed
+        finished: list[Instance] = []
+        concluding: list[tuple[Instance, decide.Decision]] = []
+        for inst in list(track.live.values()):
+            if inst.index in track.held:
+                continue
+            obs = observations.get(inst.job_key or "") or Observation.absent()
+            if obs.presence is Presence.UNKNOWN:
+                self.not_understood(inst, obs)
+                continue
+            track.last_obs[inst.index] = obs
+            if obs.phase is Phase.DONE and inst.done_seen_at is None:
+                finished.append(inst)  # read its result at once (the file clock may be asleep)
+            decision = decide.from_observation(inst, obs, now, self.cluster.timing)
+            if decision is None:
+                continue
+            if decision.state in FAILURE:
+                concluding.append((inst, decision))
+                continue
+            changed |= self.apply(track, inst, decision)
+        # Before concluding a failure from the scheduler alone, look once more for a result file.
+        look = {id(i): i for i in finished} | {id(i): i for i, _ in concluding}
+        if look:
+            missing = await self.read_results(track, [i for i in look.values() if i.in_flight])
+            changed |= len(missing) < len(look)
+            missing_ids = {id(i) for i in missing}
+            for inst, decision in concluding:
+                if id(inst) in missing_ids and inst.in_flight:
+                    changed |= self.apply(track, inst, decision)
+        return changed
+
+    def not_understood(self, inst: Instance, obs: Observation) -> None:
+        """An answer for this job that the adapter could not map: say so in the log and in ``status``."""
+        if obs.native_state is None:
+            return  # the whole query failed: nothing to show per instance
+        native = obs.native_state
+        if native not in self.d.unrecognised:
+            log.warning("scheduler state not understood; the job is left as it was", cluster=self.d.name,
+                        state=native, detail=obs.detail, job=inst.job_key)
+        self.d.unrecognised[native] = self.d.unrecognised.get(native, 0) + 1
+        reason = f"scheduler reports {native!r}, which reflow does not understand"
+        if obs.detail:
+            reason += f" ({obs.detail})"
+        if inst.reason != reason:
+            self.host.update(inst, reason=reason)
+
+    def track_failed(self, track: JobTrack, where: str, exc: Exception) -> None:
+        """Something raised while handling one job: fail its instances with the error, keep going."""
+        log.error("error while following a job", cluster=self.d.name, tag=track.tag, where=where,
+                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        self.d.count("observer_errors")
+        error = f"internal error while {where}: {type(exc).__name__}: {exc}"
+        for inst in list(track.live.values()):
+            self.host.transition(track.run, inst, State.FAILED, {"source": "observer", "error": error}, error=error)
+        self.host.internal_error(track.run, where, exc)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def prune(self) -> None:
+        d = self.d
+        for tag in list(d.emptied):
+            del d.emptied[tag]
+            track = d.tracks.get(tag)
+            if track is None or track.live:
+                continue
+            del d.tracks[tag]
+            d.held_tags.pop(tag, None)
+            track.record.state = "done"
+            d.store.put_job(track.record)
+            if track.record.job_id:
+                self.cluster.scheduler.forget(track.record.job_id)
+
+    async def deliver_cancels(self) -> None:
+        d, cluster = self.d, self.cluster
+        if not d.cancels:
+            return
+        batch = sorted(d.cancels)
+        cluster.count("cancel")
+        try:
+            await cluster.scheduler.cancel(batch)
+        except (TransportError, TimeoutError) as exc:
+            log.warning("cancel failed; will retry", cluster=d.name, jobs=len(batch), error=str(exc))
+            return
+        for key in batch:
+            d.cancels.pop(key, None)
+
+    async def resolve_unresolved(self) -> None:
+        """Decide submissions whose outcome is unknown by looking their tag up."""
+        d, cluster = self.d, self.cluster
+        now = world.now()
+        due = [t for t in d.unresolved.values() if t.resolve_after <= now]
+        if not due:
+            return
+        cluster.count("find_tags")
+        try:
+            found = await cluster.scheduler.find_tags([t.tag for t in due])
+        except (TransportError, TimeoutError) as exc:
+            for track in due:
+                track.resolve_attempts += 1
+                track.resolve_after = now + min(60.0, d.settings.resolve_delay * 2 ** min(track.resolve_attempts, 4))
+            log.info("cannot look submissions up yet", cluster=d.name, error=str(exc))
+            return
+        for track in due:
+            try:
+                await self.resolve_one(track, found.get(track.tag, []), now)
+            except (TransportError, TimeoutError):
+                track.resolve_after = now + d.settings.resolve_delay
+            except Exception as exc:
+                d.unresolved.pop(track.tag, None)
+                self.track_failed(track, "resolving a submission by its tag", exc)
+
+    async def resolve_one(self, track: JobTrack, jobs: list, now: float) -> None:
+        d, cluster = self.d, self.cluster
+        if jobs:
+            if len(jobs) > 1:
+                log.error("several jobs carry one tag; adopting the first, cancelling the rest",
+                          tag=track.tag, jobs=[j.job_id for j in jobs])
+                d.cancel_jobs([j.job_id for j in jobs[1:]])
+            d.unresolved.pop(track.tag, None)
+            adopt(d, track, jobs[0].job_id, {"source": "recovery", "found_by_tag": track.tag,
+                                             "job_id": jobs[0].job_id})
+            await cluster.scheduler.reattach(track.request, jobs[0].job_id)
+            log.info("adopted job found by tag", cluster=d.name, tag=track.tag, job_id=jobs[0].job_id)
+            return
+        track.resolve_attempts += 1
+        if track.resolve_attempts < 2:  # a job may show up late: ask once more before concluding
+            track.resolve_after = now + d.settings.resolve_delay
+            return
+        await self.conclude_unsubmitted(track)
+        d.unresolved.pop(track.tag, None)
+
+    async def conclude_unsubmitted(self, track: JobTrack) -> None:
+        """No job carries the tag: use the job directory's traces, else submit again."""
+        d, cluster = self.d, self.cluster
+        timeout = cluster.config.command_timeout
+        results = set(await cluster.metered.listdir(os.path.join(track.request.job_dir, "results"), timeout=timeout))
+        started = set(await cluster.metered.listdir(os.path.join(track.request.job_dir, "started"), timeout=timeout))
+        live = [i for i in track.live.values() if i.tag == track.tag and i.state is State.SUBMITTING]
+        traces = bool(results or started)
+        with_result = [i for i in live if f"{jobfiles.element_key(i.index)}.json" in results]
+        if with_result:
+            await self.read_results(track, with_result)
+        for inst in live:
+            if inst.state is not State.SUBMITTING:
+                continue
+            key = f"{jobfiles.element_key(inst.index)}.json"
+            if key in started:
+                self.host.transition(track.run, inst, State.FAILED,
+                                     {"source": "recovery", "tag": track.tag, "note": "started but its job vanished"},
+                                     error=f"lost: job {track.tag} started but the scheduler no longer knows it",
+                                     reason="lost")
+            elif not traces or cluster.scheduler.can_requeue_unstarted:
+                if self.host.transition(track.run, inst, State.READY, {"source": "recovery", "tag_not_found": track.tag},
+                                        tag=None, submitted_at=None):
+                    d.submit(track.run, inst)
+            else:
+                self.host.transition(track.run, inst, State.FAILED,
+                                     {"source": "recovery", "tag": track.tag, "note": "no trace of this element"},
+                                     error=f"lost: job {track.tag} vanished before this element left a trace",
+                                     reason="lost")
+        track.record.state = "not_submitted" if not traces else "vanished"
+        d.store.put_job(track.record)
+        log.info("submission resolved without a job", cluster=d.name, tag=track.tag, traces=traces)

@@ -1,0 +1,47 @@
+"""When a driver asks its scheduler next, and when it looks at a job's files next."""
+
+from __future__ import annotations
+
+
+class PollPolicy:
+    """The scheduler clock: short after a submission or a change, growing while nothing happens,
+    long when the scheduler answers slowly."""
+
+    def __init__(self, minimum: float, base: float, maximum: float) -> None:
+        self.minimum = minimum
+        self.base = max(base, minimum)
+        self.maximum = max(maximum, self.base)
+        self.interval = self.minimum
+
+    def after_query(self, duration: float, changed: bool) -> None:
+        if duration > 2.0:  # a slow controller: back off in proportion
+            self.interval = min(self.maximum, max(self.interval, duration * 10))
+        elif changed:
+            self.interval = self.minimum
+        else:
+            self.interval = min(self.base, self.interval * 1.5)
+
+    def after_submit(self) -> None:
+        self.interval = self.minimum
+
+
+class FileClock:
+    """One job directory's file clock: every ``minimum`` seconds while things happen, doubling
+    (up to ``maximum``) while nothing does, so idle jobs cost little."""
+
+    def __init__(self, minimum: float, maximum: float) -> None:
+        self.minimum = minimum
+        self.maximum = max(maximum, minimum)
+        self.interval = minimum
+        self.next_at = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def after_check(self, now: float, changed: bool) -> None:
+        self.interval = self.minimum if changed else min(self.maximum, self.interval * 2)
+        self.next_at = now + self.interval
+
+    def hurry(self) -> None:
+        self.interval = self.minimum
+        self.next_at = 0.0

@@ -1,0 +1,295 @@
+"""Submitting READY instances to a cluster, exactly once.
+
+The submit loop groups READY instances into batches (one array job per
+ready task, chunked to the scheduler's array size limit; one job per
+singleton) and submits each batch:
+
+1. write the job files (job.json, inputs) through the transport;
+2. record the instances as SUBMITTING with a fresh tag, and **flush** the store;
+3. call the scheduler (the tag is the job's name);
+4. record the job id (QUEUED).
+
+A crash between 2 and 4 leaves SUBMITTING records whose tag the observer
+resolves on restart: adopt the job if the scheduler knows the tag, submit
+again if it provably does not. A failed or timed-out scheduler call is
+treated the same way -- its outcome is unknown, so the tag decides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from reflow_client import jobfiles
+from reflow_client.resources import format_mem
+
+from .. import world
+from ..engine.model import Instance, JobRecord, Run, TaskRun
+from ..engine.resolve import ResolveError
+from ..engine.states import State
+from ..schedulers.base import SubmitError, SubmitRequest, log_path
+from ..transports.base import TransportError
+from .track import JobTrack
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+log = structlog.get_logger("reflowd.submitter")
+
+#: Seconds before job files that could not be written are tried again.
+WRITE_RETRY = 10.0
+
+
+def new_tag() -> str:
+    return "rf" + world.token_hex(8)
+
+
+def log_paths_for(request: SubmitRequest, index: int | None) -> tuple[str, str]:
+    array_id = None if request.indices is None or index is None else index - request.index_offset
+    return (
+        log_path(request.log_dir, request.task, request.tag, array_id, "out"),
+        log_path(request.log_dir, request.task, request.tag, array_id, "err"),
+    )
+
+
+def chunk_indices(indices: list[int], max_array_size: int) -> list[list[int]]:
+    """Split sorted element indices so each chunk's ``index - offset`` stays below the limit."""
+    chunks: list[list[int]] = []
+    for index in sorted(indices):
+        if chunks and index - chunks[-1][0] < max_array_size and len(chunks[-1]) < max_array_size:
+            chunks[-1].append(index)
+        else:
+            chunks.append([index])
+    return chunks
+
+
+def entrypoint(run: Run, remote: bool) -> str:
+    """The workflow file workers import: the user's own, or its copy on a remote cluster."""
+    if not remote:
+        return run.manifest.entrypoint
+    return os.path.join(jobfiles.run_files_dir(run.run_dir, run.id), "workflow", os.path.basename(run.manifest.entrypoint))
+
+
+class Submitter:
+    def __init__(self, driver: Driver) -> None:
+        self.d = driver
+        self.cluster = driver.cluster
+        self.host = driver.host
+
+    def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
+        """Batches to submit now (taken off the ready queue), and when the next back-off expires."""
+        groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
+        runs: dict[str, Run] = {}
+        next_due: float | None = None
+        ready = self.d.ready
+        for key, (run, inst) in list(ready.items()):
+            if inst.state is not State.READY:
+                del ready[key]
+                continue
+            if inst.not_before is not None and inst.not_before > now:
+                next_due = inst.not_before if next_due is None else min(next_due, inst.not_before)
+                continue
+            del ready[key]
+            groups[(run.id, inst.task)].append(inst)
+            runs[run.id] = run
+        batches = []
+        for (run_id, task), insts in groups.items():
+            run = runs[run_id]
+            tr = run.tasks[task]
+            if not tr.manifest.is_array:
+                batches.extend((run, tr, [inst]) for inst in insts)
+                continue
+            by_index = {i.index: i for i in insts if i.index is not None}
+            for chunk in chunk_indices(list(by_index), max(1, self.cluster.scheduler.max_array_size)):
+                batches.append((run, tr, [by_index[i] for i in chunk]))
+        return batches, next_due
+
+    async def loop(self) -> None:
+        limiter = anyio.CapacityLimiter(self.d.settings.submit_concurrency)
+        async with anyio.create_task_group() as tg:
+            while True:
+                wake = self.d.ready_wake = anyio.Event()
+                now = world.now()
+                batches, next_due = self.form_batches(now)
+                for run, tr, insts in batches:
+                    tg.start_soon(self.guarded_batch, run, tr, insts, limiter)
+                timeout = max(0.0, next_due - now) if next_due is not None else float("inf")
+                with anyio.move_on_after(timeout):
+                    await wake.wait()
+                await anyio.sleep(0)  # let a burst of hand-overs gather into one batch
+
+    async def guarded_batch(self, run: Run, tr: TaskRun, insts: list[Instance], limiter: anyio.CapacityLimiter) -> None:
+        """One batch; whatever it raises fails that batch's run, never the daemon."""
+        async with limiter:
+            try:
+                await self.submit_batch(run, tr, insts)
+            except Exception as exc:
+                log.exception("submission failed inside the daemon", run_id=run.id, task=tr.name, cluster=self.d.name)
+                self.d.count("submit_errors")
+                error = f"internal error while submitting {tr.name}: {type(exc).__name__}: {exc}"
+                for inst in insts:
+                    if inst.state is State.READY:
+                        self.host.transition(run, inst, State.FAILED, {"source": "submitter", "error": error},
+                                             error=error)
+                self.host.internal_error(run, f"submitting {tr.name}", exc)
+
+    def build_request(self, run: Run, tr: TaskRun, insts: list[Instance], tag: str) -> SubmitRequest:
+        cluster = self.cluster
+        task = tr.manifest
+        job_dir = jobfiles.job_dir(run.run_dir, run.id, tag)
+        indices = None if not task.is_array else [i.index for i in insts if i.index is not None]
+        offset = 0
+        if indices and max(indices) >= cluster.scheduler.max_array_size:
+            offset = min(indices)
+        options: dict[str, Any] = {**cluster.config.submit_options, **task.config.get("submit_options", {})}
+        env = {
+            **cluster.config.env,
+            "REFLOW_RUN_ID": run.id,
+            "REFLOW_TASK": task.name,
+            "PYTHONUNBUFFERED": "1",
+        }
+        return SubmitRequest(
+            tag=tag,
+            run_id=run.id,
+            task=task.name,
+            job_dir=job_dir,
+            log_dir=jobfiles.log_dir(run.run_dir),
+            workdir=run.run_dir,
+            worker_argv=[cluster.python_for(run.manifest.python), "-m", "reflow.worker", job_dir],
+            indices=indices,
+            index_offset=offset,
+            array_parallelism=task.array_parallelism,
+            cpus=int(task.config.get("cpus", 1)),
+            time=str(task.config.get("time", "00:30:00")),
+            mem=format_mem(str(task.config.get("mem", "4G"))),
+            options=options,
+            env=env,
+        )
+
+    def job_files(self, run: Run, tr: TaskRun, insts: list[Instance], request: SubmitRequest) -> dict[str, bytes]:
+        res = self.host.resolution(run, tr)
+        files = {
+            os.path.join(request.job_dir, jobfiles.JOB_FILE): jobfiles.dumps(
+                {
+                    "run_id": run.id,
+                    "workflow": run.workflow,
+                    "task": tr.name,
+                    "entrypoint": entrypoint(run, self.cluster.remote),
+                    "run_dir": run.run_dir,
+                    "tag": request.tag,
+                    "kwargs": res.shared,
+                }
+            )
+        }
+        for inst in insts:
+            element = res.elements[inst.index] if inst.index is not None else {}
+            files[jobfiles.inputs_path(request.job_dir, inst.index)] = jobfiles.dumps(
+                {"index": inst.index, "identity": inst.identity, "attempt": inst.attempt, "kwargs": element}
+            )
+        return files
+
+    async def stage_entrypoint(self, run: Run) -> None:
+        """Copy the workflow file to the cluster once per run (remote clusters only)."""
+        if not self.cluster.remote or run.id in self.d.staged:
+            return
+        source = run.manifest.entrypoint
+        data = await anyio.to_thread.run_sync(lambda: open(source, "rb").read())
+        await self.cluster.metered.write_files({entrypoint(run, True): data},
+                                                 timeout=self.cluster.config.command_timeout * 2)
+        self.d.staged.add(run.id)
+
+    async def submit_batch(self, run: Run, tr: TaskRun, insts: list[Instance]) -> None:
+        d, cluster, host = self.d, self.cluster, self.host
+        insts = [i for i in insts if i.state is State.READY]
+        if not insts:
+            return
+        tag = new_tag()
+        try:
+            request = self.build_request(run, tr, insts, tag)
+            files = self.job_files(run, tr, insts, request)
+        except ResolveError as exc:
+            for inst in insts:
+                host.transition(run, inst, State.FAILED, {"source": "resolve"}, error=str(exc))
+            return
+        timeout = cluster.config.command_timeout * 2
+        try:
+            await self.stage_entrypoint(run)
+            await cluster.metered.makedirs([request.log_dir, request.job_dir], timeout=timeout)
+            await cluster.metered.write_files(files, timeout=timeout)
+        except (TransportError, OSError, TimeoutError) as exc:
+            log.warning("cannot write job files; will try again", run_id=run.id, task=tr.name, cluster=d.name,
+                        error=str(exc))
+            retry_at = world.now() + WRITE_RETRY
+            for inst in insts:
+                if inst.state is State.READY:
+                    host.update(inst, not_before=retry_at)
+                    d.submit(run, inst)
+            return
+        insts = [i for i in insts if i.state is State.READY]  # cancellations while we wrote files
+        if not insts:
+            return
+        now = world.now()
+        record = JobRecord(tag, run.id, tr.name, cluster.name, request, state="submitting", submitted_at=now)
+        d.store.put_job(record)
+        for inst in insts:
+            host.transition(run, inst, State.SUBMITTING, {"source": "submitter", "tag": tag, "elements": len(insts)},
+                            tag=tag, submitted_at=now, not_before=None)
+        track = d.new_track(record, run, {i.index: i for i in insts if i.state is State.SUBMITTING and i.tag == tag})
+        d.unresolved[tag] = track  # until the scheduler answers: a crash or a cancel finds it here
+        track.resolve_after = float("inf")
+        await d.store.flush()
+        d.fault("before_submit")
+        cluster.count("submit")
+        try:
+            job_id = await cluster.scheduler.submit(request)
+        except SubmitError as exc:
+            if exc.permanent:
+                d.unresolved.pop(tag, None)
+                log.warning("submission refused", run_id=run.id, task=tr.name, cluster=d.name, error=str(exc))
+                for inst in list(track.live.values()):
+                    host.transition(run, inst, State.SUBMIT_FAILED, {"source": "scheduler", "error": str(exc)},
+                                    error=f"the scheduler refused the job: {exc}")
+                record.state = "refused"
+                d.store.put_job(record)
+                return
+            unresolved(d, track, str(exc))
+            return
+        except (TransportError, TimeoutError) as exc:
+            unresolved(d, track, str(exc) or type(exc).__name__)
+            return
+        d.fault("after_submit")
+        d.unresolved.pop(tag, None)
+        adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
+        d.policy.after_submit()
+
+
+def unresolved(d: Driver, track: JobTrack, error: str) -> None:
+    log.warning("submission outcome unknown; will resolve by tag", run_id=track.run.id, task=track.request.task,
+                tag=track.tag, cluster=d.name, error=error)
+    track.resolve_after = world.now() + d.settings.resolve_delay
+    d.unresolved[track.tag] = track
+    d.wake()
+
+
+def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any]) -> None:
+    """The scheduler has job *job_id* for this track: record it and start observing."""
+    track.record.job_id = job_id
+    track.record.state = "submitted"
+    d.store.put_job(track.record)
+    d.tracks[track.tag] = track
+    for inst in track.members():
+        if inst.tag != track.tag:
+            continue
+        key = track.request.element_key(job_id, inst.index)
+        if inst.state is State.SUBMITTING:
+            d.host.transition(track.run, inst, State.QUEUED, evidence, job_id=job_id, job_key=key)
+        elif inst.state is State.CANCELLED:
+            d.cancels[key] = None  # cancelled while the submission was under way
+    if not track.live:
+        d.emptied[track.tag] = None
+    d.query_due = True
+    d.wake()

@@ -1,0 +1,53 @@
+"""A submission the driver follows: its record, and the instances still in flight under its tag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.model import Instance, JobRecord, Run
+from ..schedulers.base import Observation, SubmitRequest
+from .policy import FileClock
+
+
+@dataclass(eq=False)
+class JobTrack:
+    record: JobRecord
+    run: Run
+    #: Instances in flight under this tag, by index; the driver removes one the moment it leaves.
+    live: dict[int | None, Instance]
+    files: FileClock
+    last_obs: dict[int | None, Observation] = field(default_factory=dict)
+    #: Results of workers killed by a signal, held until the scheduler says why (timeout? cancel?).
+    held: dict[int | None, tuple[dict[str, Any], float]] = field(default_factory=dict)
+    #: Result and started files already acted on (names in the job directory).
+    seen_results: set[str] = field(default_factory=set)
+    seen_started: set[str] = field(default_factory=set)
+    resolve_attempts: int = 0
+    resolve_after: float = 0.0
+
+    @property
+    def tag(self) -> str:
+        return self.record.tag
+
+    @property
+    def request(self) -> SubmitRequest:
+        return self.record.request
+
+    def members(self) -> list[Instance]:
+        """Every instance this submission covers (in flight or not)."""
+        tr = self.run.tasks[self.record.task]
+        indices = self.request.indices
+        if indices is None:
+            return [tr.instances[None]] if None in tr.instances else []
+        return [tr.instances[i] for i in indices if i in tr.instances]
+
+
+def index_of(name: str) -> int | None | bool:
+    """The element index a job-directory file name stands for (``False`` if it names none)."""
+    if not name.endswith(".json"):
+        return False
+    stem = name[:-5]
+    if stem == "single":
+        return None
+    return int(stem) if stem.isdigit() else False

@@ -1,0 +1,136 @@
+"""Records described once: a dataclass field says how it is stored.
+
+The model's dataclasses (``Run``, ``TaskRun``, ``Instance``, ``JobRecord``)
+are the one definition of each record. A persisted field carries a
+:class:`Column` in its metadata; from that the store derives its table
+definitions, its column lists and both row conversions, and the engine
+derives what a retry clears. Wire views are derived from the client's view
+dataclasses (``reflow_client.client.InstanceStatus``, ``RunInfo``), which
+name the fields a client sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Column:
+    """How one field is kept in SQLite."""
+
+    sql: str  # column type and constraints, e.g. "TEXT NOT NULL"
+    name: str | None = None  # column name when it differs from the field name
+    key: bool = False  # part of the primary key
+    reset: bool = False  # cleared when the record is tried again (instances)
+    encode: Callable[[Any], Any] | None = None  # Python value -> SQLite value
+    decode: Callable[[Any], Any] | None = None  # SQLite value -> Python value
+
+
+def column(sql: str, *, default: Any = _MISSING, default_factory: Any = _MISSING, name: str | None = None,
+           key: bool = False, reset: bool = False, encode: Callable[[Any], Any] | None = None,
+           decode: Callable[[Any], Any] | None = None) -> Any:
+    """A persisted dataclass field."""
+    meta = {"column": Column(sql, name, key, reset, encode, decode)}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def transient(*, default: Any = _MISSING, default_factory: Any = _MISSING, reset: bool = False) -> Any:
+    """A field kept in memory only (rebuilt after a restart)."""
+    meta = {"transient_reset": reset}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta, repr=False, compare=False)
+    return dataclasses.field(default=default, metadata=meta, repr=False, compare=False)
+
+
+def json_column(sql: str = "TEXT", **kw: Any) -> Any:
+    """A field stored as JSON text (None stays NULL)."""
+    return column(sql, encode=lambda v: None if v is None else dump_json(v),
+                  decode=lambda v: None if v is None else json.loads(v), **kw)
+
+
+def index_column() -> Any:
+    """An array element index; a singleton (None) is stored as -1 so it can be part of a key."""
+    return column("INTEGER NOT NULL", name="idx", key=True, encode=lambda v: -1 if v is None else v,
+                  decode=lambda v: None if v is None or v < 0 else v)
+
+
+def enum_column(kind: type, sql: str = "TEXT NOT NULL", **kw: Any) -> Any:
+    return column(sql, encode=lambda v: None if v is None else v.value,
+                  decode=lambda v: None if v is None else kind(v), **kw)
+
+
+def _columns(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Column]]:
+    for f in dataclasses.fields(cls):
+        col = f.metadata.get("column")
+        if col is not None:
+            yield f, col
+
+
+class Table:
+    """A record class's table: schema, column list and row conversions, derived once."""
+
+    def __init__(self, cls: type, name: str, indexes: tuple[tuple[str, str], ...] = ()) -> None:
+        self.cls = cls
+        self.name = name
+        self.fields = list(_columns(cls))
+        self.names = [col.name or f.name for f, col in self.fields]
+        self.keys = [col.name or f.name for f, col in self.fields if col.key]
+        self.indexes = indexes
+        self._encoders = [(f.name, col.encode) for f, col in self.fields]
+        self._decoders = [(f.name, col.name or f.name, col.decode) for f, col in self.fields]
+        self.insert = (f"INSERT OR REPLACE INTO {name} ({', '.join(self.names)}) "
+                       f"VALUES ({','.join('?' * len(self.names))})")
+
+    def create(self) -> str:
+        cols = [f"{n} {col.sql}" for n, (_, col) in zip(self.names, self.fields)]
+        if self.keys:
+            cols.append(f"PRIMARY KEY ({', '.join(self.keys)})")
+        out = [f"CREATE TABLE IF NOT EXISTS {self.name} ({', '.join(cols)});"]
+        for index, expr in self.indexes:
+            out.append(f"CREATE INDEX IF NOT EXISTS {index} ON {self.name}({expr});")
+        return "\n".join(out)
+
+    def row(self, obj: Any) -> tuple[Any, ...]:
+        return tuple(enc(getattr(obj, n)) if enc else getattr(obj, n) for n, enc in self._encoders)
+
+    def values(self, row: Any) -> dict[str, Any]:
+        """Field values from a row (an ``sqlite3.Row`` or a mapping)."""
+        return {attr: dec(row[col]) if dec else row[col] for attr, col, dec in self._decoders}
+
+    def key_of(self, obj: Any) -> tuple[Any, ...]:
+        return tuple(enc(getattr(obj, f.name)) if enc else getattr(obj, f.name)
+                     for (f, col), (_, enc) in zip(self.fields, self._encoders) if col.key)
+
+
+def reset_values(cls: type) -> dict[str, Any]:
+    """Field -> default for every field a fresh attempt clears."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        col = f.metadata.get("column")
+        if (col is not None and col.reset) or f.metadata.get("transient_reset"):
+            out[f.name] = f.default_factory() if f.default_factory is not _MISSING else f.default
+    return out
+
+
+def column_fields(cls: type) -> list[str]:
+    """Names of the fields a record keeps in the store."""
+    return [f.name for f, _ in _columns(cls)]
+
+
+def view_names(view_cls: type) -> list[str]:
+    """The fields a client's view dataclass declares: what the daemon puts on the wire."""
+    return [f.name for f in dataclasses.fields(view_cls)]
