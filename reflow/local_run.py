@@ -79,7 +79,7 @@ def run_local(
     rd.mkdir(parents=True, exist_ok=True)
     db = Path(store_path) if store_path else rd / ".reflow" / "local.sqlite"
 
-    from reflowd.embedded import run_embedded  # the engine, imported only when running locally
+    from reflowd.embedded import failure_log_paths, run_embedded  # the engine, only when running locally
     from reflowd.logging import configure
 
     configure(log_level or os.environ.get("REFLOW_LOG_LEVEL") or "error", stream=_Stderr())
@@ -88,7 +88,7 @@ def run_local(
         status = await run_embedded(
             manifest, params, str(rd), options=options, store_path=db, max_workers=max_workers, on_event=on_event
         )
-        status["log_paths"] = await _failure_logs(db, status["run"]["id"], status["failures"])
+        status["log_paths"] = await failure_log_paths(db, status["run"]["id"], status["failures"])
         return status
 
     status = anyio.run(main)
@@ -127,28 +127,3 @@ class _Stderr:
 
     def isatty(self) -> bool:
         return sys.stderr.isatty()
-
-
-async def _failure_logs(db: Path, run_id: str, failures: list[dict[str, Any]]) -> dict[str, str]:
-    """The stderr file of each failed instance, from the job records of the embedded store."""
-    if not failures:
-        return {}
-    from reflowd.engine.engine import request_from_dict
-    from reflowd.engine.submitter import log_paths_for
-    from reflowd.store import Store
-
-    store = Store(db)
-    await store.open()
-    try:
-        records = await store.jobs_for_runs([run_id])
-    finally:
-        await store.close()
-    paths: dict[str, str] = {}
-    for failure in failures:
-        task, index = failure["task"], failure["index"]
-        mine = [r for r in records if r.task == task and (index is None or index in (r.request.get("indices") or []))]
-        if mine:
-            latest = max(mine, key=lambda r: r.submitted_at)
-            label = task if index is None else f"{task}[{index}]"
-            paths[label] = log_paths_for(request_from_dict(latest.request), index)[1]
-    return paths

@@ -18,6 +18,7 @@ from reflow_client.config import ClusterConfig
 from reflow_client.manifest import Manifest
 
 from .clusters import build_cluster
+from .driver.submit import log_paths_for
 from .engine.engine import Engine, EngineSettings
 from .engine.states import RunState
 from .store import Store
@@ -76,3 +77,24 @@ async def _abandon_interrupted(engine: Engine) -> None:
     for run_id, why in broken:
         engine.store.fail_run_row(run_id, why)
     await engine.store.flush()
+
+
+async def failure_log_paths(db: str | os.PathLike[str], run_id: str, failures: list[dict[str, Any]]) -> dict[str, str]:
+    """The stderr file of each failed instance (``task`` or ``task[i]``), from the embedded store's job records."""
+    if not failures:
+        return {}
+    store = Store(db)
+    await store.open()
+    try:
+        records = await store.jobs_for_runs([run_id])
+    finally:
+        await store.close()
+    paths: dict[str, str] = {}
+    for failure in failures:
+        task, index = failure["task"], failure["index"]
+        mine = [r for r in records if r.task == task and (index is None or index in (r.request.indices or ()))]
+        if mine:
+            latest = max(mine, key=lambda r: r.submitted_at)
+            label = task if index is None else f"{task}[{index}]"
+            paths[label] = log_paths_for(latest.request, index)[1]
+    return paths
