@@ -415,12 +415,20 @@ def show_results(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _array_check(client: Client, args: argparse.Namespace) -> None:
-    """An array task needs --index; say which indices exist instead of 'no instance None'."""
+def _array_check(client: Client, args: argparse.Namespace, poll: float = 1.0) -> None:
+    """An array task needs --index; say which indices exist instead of 'no instance None'.
+
+    With ``--follow`` an array that has no elements yet is waited for (its
+    upstream is still running), as long as the run goes on.
+    """
     status = client.status(args.run_id)
     task = next((t for t in status.tasks if t.name == args.task), None)
     if task is None:
         fail(f"run {args.run_id} has no task {args.task!r} (tasks: {', '.join(t.name for t in status.tasks)})")
+    while getattr(args, "follow", False) and task.is_array and not task.expanded and status.state == "running":
+        time.sleep(poll)
+        status = client.status(args.run_id)
+        task = next(t for t in status.tasks if t.name == args.task)
     if task.is_array and args.index is None:
         if not task.expanded:
             fail(f"task {args.task!r} is an array task and has no elements yet; try again once it has started")
@@ -428,6 +436,9 @@ def _array_check(client: Client, args: argparse.Namespace) -> None:
              f"(0-{task.total - 1})")
     if not task.is_array and args.index is not None:
         fail(f"task {args.task!r} is not an array task: leave out --index")
+    if task.is_array and args.index is not None and not task.expanded:
+        fail(f"task {args.task!r} is an array task and has no elements yet; try again once it has started "
+             "(or add --follow to wait for it)")
     if task.is_array and args.index is not None and not 0 <= args.index < task.total:
         fail(f"task {args.task!r} has no element {args.index}: pass --index N (0-{task.total - 1})")
 

@@ -570,10 +570,10 @@ class Store:
             async with self._r.execute(sql, chunk) as cur:
                 async for r in cur:
                     out[r["run_id"]].setdefault(r["task"], {})[r["state"]] = r["n"]
-            sql = f"SELECT run_id, name, blocked FROM tasks WHERE run_id IN ({marks}) AND expanded=0"
+            sql = f"SELECT run_id, name, state FROM tasks WHERE run_id IN ({marks}) AND state != 'expanded'"
             async with self._r.execute(sql, chunk) as cur:
                 async for r in cur:
-                    out[r["run_id"]][r["name"]] = {r["blocked"] or "pending": 1}
+                    out[r["run_id"]][r["name"]] = {r["state"]: 1}
         return out
 
     async def cache_lookup(self, identities: Iterable[str]) -> dict[str, dict[str, Any]]:
