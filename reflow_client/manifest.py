@@ -31,6 +31,9 @@ WIRING_MODES = (
 
 #: Modes that decide how many elements an array task has.
 ELEMENT_MODES = ("fanout", "chain", "chain_flatten")
+#: What can feed each kind of task (``reflow.wiring.infer_mode`` never makes anything else).
+ARRAY_TASK_MODES = ("fanout", "chain", "chain_flatten", "broadcast")
+SINGLE_TASK_MODES = ("direct", "gather", "gather_flatten")
 
 
 class ManifestError(ValueError):
@@ -424,10 +427,12 @@ def _check_task(task: TaskManifest, kinds: dict[str, bool]) -> None:
         _identifier(pname, f"{where}.inputs")
         here = f"{where}.inputs[{pname!r}]"
         modes = [s.mode for s in sources]
+        allowed = ARRAY_TASK_MODES if task.is_array else SINGLE_TASK_MODES
+        wrong = [m for m in modes if m not in allowed]
+        if wrong:
+            kind = "an array task" if task.is_array else "a single (non-array) task"
+            raise ManifestError(f"{here}: mode {wrong[0]!r} cannot feed {kind} (use one of {', '.join(allowed)})")
         element = [m for m in modes if m in ELEMENT_MODES]
-        if element and not task.is_array:
-            raise ManifestError(f"{here}: mode {element[0]!r} feeds the elements of an array task, "
-                                f"but {task.name!r} is not an array")
         if element and len(element) != len(modes):
             raise ManifestError(f"{here}: mixes element-wise ({', '.join(element)}) and whole-value modes")
         if ("direct" in modes or "broadcast" in modes) and len(modes) > 1:

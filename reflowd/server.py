@@ -168,13 +168,16 @@ class _Spare:
 
 class Server:
     def __init__(self, daemon: Daemon, *, max_connections: int = 256, idle_timeout: float = 3600.0,
-                 max_message: int = MAX_MESSAGE_BYTES, send_timeout: float = 60.0, max_refusing: int = 32) -> None:
+                 max_message: int = MAX_MESSAGE_BYTES, send_timeout: float = 60.0, max_refusing: int = 32,
+                 idle_grace: float = 0.5) -> None:
         self.daemon = daemon
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_message = max_message
         self.send_timeout = send_timeout
         self.max_refusing = max_refusing
+        #: A connection quiet for less than this is not "idle" yet (its first request may be on the way).
+        self.idle_grace = idle_grace
         self.live: set[Connection] = set()
         self.requests = 0
         self.errors = 0
@@ -208,6 +211,7 @@ class Server:
         spare = _Spare()
         raw = listener.extra(SocketAttribute.raw_socket, None)
         delay = 0.0
+        starved = 0.0  # seconds the backlog has waited for a descriptor
         last_warning = 0.0
         try:
             async with listener, anyio.create_task_group() as tg:
@@ -223,10 +227,15 @@ class Server:
                         if code in _RESOURCE_ERRNOS:
                             # Out of descriptors: make room by closing the oldest idle connection;
                             # with none idle, take the waiting one off the backlog and close it.
-                            if not self._shed_idle("out of file descriptors"):
+                            if self._shed_idle("out of file descriptors"):
+                                delay = 0.01  # a descriptor is being freed: try again soon
+                            elif starved >= 1.0:  # nothing idle for a while: refuse the waiting one
                                 if spare.refuse_one(raw):
                                     self.refused += 1
-                            delay = min(max(delay * 2, 0.01), 1.0)
+                                starved = 0.0
+                            else:
+                                delay = min(max(delay * 2, 0.01), 1.0)
+                            starved += delay
                         else:
                             delay = min(max(delay * 2, 0.001), 0.1)
                         now = time.monotonic()
@@ -236,14 +245,15 @@ class Server:
                                         connections=self.connections, retry_in=delay)
                         await anyio.sleep(delay)
                         continue
-                    delay = 0.0
+                    delay = starved = 0.0
                     tg.start_soon(self.handle, stream)
         finally:
             spare.close()
 
     def _shed_idle(self, why: str) -> bool:
         """Close the connection idle the longest (none busy with a request or a watch); False if none."""
-        idle = [c for c in self.live if c.busy == 0]
+        quiet_since = time.monotonic() - self.idle_grace
+        idle = [c for c in self.live if c.busy == 0 and c.last_active <= quiet_since]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c.last_active)
