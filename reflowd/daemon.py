@@ -124,6 +124,11 @@ def raise_fd_limit(ceiling: int = 1 << 20) -> tuple[int, int]:
     return soft, soft
 
 
+def _socket_activated() -> bool:
+    """Did systemd pass us a listening socket? (Asked without wrapping the descriptor, which would close it.)"""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") not in ("", "0")
+
+
 class Daemon:
     """Everything one reflowd process owns."""
 
@@ -168,6 +173,8 @@ class Daemon:
         old_limit, fd_limit = raise_fd_limit()
         store = Store(self.state_dir / "reflowd.sqlite")
         try:
+            if not _socket_activated():  # say "socket in use" before any work, as a plain error
+                await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
             try:
                 await store.open()
             except StoreError as exc:

@@ -315,6 +315,7 @@ def test_a_refused_second_daemon_leaves_the_first_ones_socket_alone(tmp_path: Pa
         other = subprocess.run([sys.executable, "-m", "reflowd", "--state-dir", str(tmp_path / "other")],
                                env=d.env, capture_output=True, text=True, timeout=60)
         assert other.returncode == 1 and "already listens on" in other.stderr
+        assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1, other.stderr
         assert d.socket.exists() and d.answers()
     finally:
         d.stop()
