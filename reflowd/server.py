@@ -111,14 +111,14 @@ def peer_uid(stream: SocketStream) -> int | None:
 
 
 def connection_cap(limit: int = 256) -> int:
-    """Connections to allow under this process's descriptor limit, keeping a quarter (at least 32) for
-    the store, transports and job processes."""
+    """Connections to allow under this process's descriptor limit, keeping a quarter (at least 64) for
+    the store, transports, job processes and connections on their way in or out."""
     import resource
 
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return limit
-    return max(8, min(limit, soft - max(32, soft // 4)))
+    return max(8, min(limit, soft - max(64, soft // 4)))
 
 
 @dataclass(eq=False)
@@ -129,6 +129,8 @@ class Connection:
     opened: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     busy: int = 0  # requests under way; a watch stays busy while it streams
+    spoke: bool = False  # has it sent a request? (a flood of silent connections goes first)
+    seq: int = 0  # order of arrival
 
 
 class _Spare:
@@ -168,7 +170,7 @@ class _Spare:
 
 class Server:
     def __init__(self, daemon: Daemon, *, max_connections: int = 256, idle_timeout: float = 3600.0,
-                 max_message: int = MAX_MESSAGE_BYTES, send_timeout: float = 60.0, max_refusing: int = 32,
+                 max_message: int = MAX_MESSAGE_BYTES, send_timeout: float = 60.0, max_refusing: int = 16,
                  idle_grace: float = 0.5) -> None:
         self.daemon = daemon
         self.max_connections = max_connections
@@ -186,6 +188,8 @@ class Server:
         self.accept_errors = 0
         self.handler_errors = 0
         self.refusing = 0
+        self._arrivals = 0
+        self._shed_warned = 0.0
         self.accepting = True
         self.active_requests = 0
         self._idle = anyio.Event()
@@ -251,16 +255,34 @@ class Server:
             spare.close()
 
     def _shed_idle(self, why: str) -> bool:
-        """Close the connection idle the longest (none busy with a request or a watch); False if none."""
-        quiet_since = time.monotonic() - self.idle_grace
-        idle = [c for c in self.live if c.busy == 0 and c.last_active <= quiet_since]
+        """Close one idle connection (never one busy with a request or a watch); False if none is idle.
+
+        Connections that never sent a request go first, oldest first, but not the newest few (their first
+        request may still be unread) unless quiet for 0.1 s; then those quiet for at least
+        ``idle_grace``, quiet the longest first.
+        """
+        now = time.monotonic()
+        silent_grace = min(0.1, self.idle_grace)
+
+        def eligible(c: Connection) -> bool:
+            if c.busy:
+                return False
+            if c.spoke:
+                return now - c.last_active >= self.idle_grace
+            return self._arrivals - c.seq >= 8 or now - c.last_active >= silent_grace
+
+        idle = [c for c in self.live if eligible(c)]
         if not idle:
             return False
-        oldest = min(idle, key=lambda c: c.last_active)
+        oldest = min(idle, key=lambda c: (c.spoke, c.last_active))
         self.live.discard(oldest)
         oldest.scope.cancel()
         self.shed += 1
-        log.info("closed an idle connection", why=why, idle_for=round(time.monotonic() - oldest.last_active, 1))
+        log.debug("closed an idle connection", why=why, idle_for=round(now - oldest.last_active, 1))
+        if now - self._shed_warned > 10:
+            self._shed_warned = now
+            log.warning("closing idle connections to make room", why=why, connections=len(self.live),
+                        max_connections=self.max_connections, closed_so_far=self.shed)
         return True
 
     async def handle(self, stream: SocketStream) -> None:
@@ -279,7 +301,8 @@ class Server:
                     self.refused += 1
                     await self._refuse(stream, "too many connections, all busy; try again later")
                     return
-                conn = Connection(anyio.CancelScope())
+                self._arrivals += 1
+                conn = Connection(anyio.CancelScope(), seq=self._arrivals)
                 self.live.add(conn)
                 try:
                     with conn.scope:
@@ -342,6 +365,7 @@ class Server:
             if line is None:
                 return
             conn.last_active = time.monotonic()
+            conn.spoke = True
             if not line.strip():
                 continue
             self.requests += 1

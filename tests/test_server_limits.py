@@ -196,7 +196,9 @@ def test_connection_cap_follows_the_descriptor_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
-        assert connection_cap() == 96
+        assert connection_cap() == 64
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        assert connection_cap() == 8
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
         assert connection_cap() == 256
     finally:
@@ -233,7 +235,7 @@ def test_descriptor_flood_under_a_lowered_limit(tmp_path: Path) -> None:
         with Client(d.socket, timeout=60) as c:  # a real client still gets in
             assert c.ping()["pong"] is True
             server = c.stats()["server"]
-            assert server["max_connections"] == 96 and server["idle_closed"] > 1000
+            assert server["max_connections"] == 64 and server["idle_closed"] > 1000
         # Half of the flood sends a half frame and stays: still nothing stops the daemon.
         for s in flood[::2]:
             try:
