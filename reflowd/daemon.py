@@ -169,6 +169,10 @@ class Daemon:
             lock.acquire()
             return lock
 
+        try:  # a hangup while starting must not kill us either (the receiver below takes over)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except ValueError:
+            pass  # not the main thread (an embedding test): signals are not ours to handle
         lock = await anyio.to_thread.run_sync(claim)
         old_limit, fd_limit = raise_fd_limit()
         store = Store(self.state_dir / "reflowd.sqlite")
@@ -185,10 +189,10 @@ class Daemon:
                 log.debug("raised the descriptor limit", soft=fd_limit, was=old_limit)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.run_writer)
+                tg.start_soon(self._signals)  # before recovery: a SIGTERM then still stops cleanly
                 await tg.start(self.engine.run)
                 listener = await self._listen()
                 tg.start_soon(self.server.serve, listener)
-                tg.start_soon(self._signals)
                 tg.start_soon(self._watchdog)
                 systemd.notify("READY=1")
                 log.info("reflowd ready", socket=str(self.socket_path), state_dir=str(self.state_dir),
