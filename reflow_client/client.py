@@ -271,6 +271,15 @@ class AsyncClient:
     async def describe(self, run_id: str) -> dict[str, Any]:
         return await self.call("describe", run_id=run_id)
 
+    async def resolve(self, ref: str, workflow: str | None = None) -> str:
+        """The full run id for *ref*: a run id, an unambiguous prefix of one, or ``last``."""
+        return (await self.call("resolve", ref=ref, workflow=workflow))["run_id"]
+
+    async def results(self, run_id: str, task: str | None = None, index: int | None = None,
+                      limit: int = 1000) -> dict[str, Any]:
+        """Encoded outputs of the final tasks (or of *task*); decode with ``reflow_client.values``."""
+        return await self.call("results", run_id=run_id, task=task, index=index, limit=limit)
+
     async def stats(self) -> dict[str, Any]:
         return await self.call("stats")
 
@@ -346,6 +355,8 @@ class Client:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
                 raise TimeoutError(f"reflowd did not answer within {timeout} s") from None
+            except ConnectionError as exc:  # reset by a daemon that stopped: the same as a closed connection
+                raise DaemonNotRunning(self.path, f"connection lost: {exc.strerror or exc}") from None
             if not chunk:
                 raise DaemonNotRunning(self.path, "connection closed")
             self._buffer += chunk
@@ -399,6 +410,15 @@ class Client:
 
     def describe(self, run_id: str) -> dict[str, Any]:
         return self.call("describe", run_id=run_id)
+
+    def resolve(self, ref: str, workflow: str | None = None) -> str:
+        """The full run id for *ref*: a run id, an unambiguous prefix of one, or ``last``."""
+        return self.call("resolve", ref=ref, workflow=workflow)["run_id"]
+
+    def results(self, run_id: str, task: str | None = None, index: int | None = None,
+                limit: int = 1000) -> dict[str, Any]:
+        """Encoded outputs of the final tasks (or of *task*); decode with ``reflow_client.values``."""
+        return self.call("results", run_id=run_id, task=task, index=index, limit=limit)
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")

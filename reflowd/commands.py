@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from reflow_client import codec
 from reflow_client.manifest import MAX_PATH, Manifest, ManifestError, run_param_keys
 from reflow_client.protocol import (
     CLUSTER_UNAVAILABLE,
@@ -129,6 +130,10 @@ def _positive(value: int) -> str | None:
 
 def _absolute(value: str) -> str | None:
     return None if os.path.isabs(value) else "must be an absolute path"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
 
 
 def _path_text(value: str) -> str | None:
@@ -294,11 +299,14 @@ async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
         until=None if p["until"] is None else _time_value(p["until"]),
         limit=min(p["limit"], 10_000),
     )
+    stored = await daemon.engine.store.run_summaries([r["id"] for r in rows if r["id"] not in daemon.engine.runs])
     for row in rows:
         live = daemon.engine.runs.get(row["id"])
         if live is not None:
             row["state"] = live.state.value
             row["summary"] = live.summary()
+        else:  # finished runs dropped from memory (or a restarted daemon): counts from the store
+            row["summary"] = stored.get(row["id"]) or None
     return {"runs": rows}
 
 
@@ -361,3 +369,86 @@ async def watch(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     except EngineError as exc:
         raise _engine_call(exc) from None
     return {"watching": run.id, "status": daemon.engine.status(run)}
+
+
+# ---------------------------------------------------------------------- run references and results
+
+
+async def _resolve_ref(daemon: Daemon, ref: str, workflow: str | None) -> str:
+    """A full run id from a reference: the id, any unambiguous prefix of it, or ``last``."""
+    if daemon.engine.store.writable:  # (while it cannot be written, flush would wait: reads must not)
+        await daemon.engine.store.flush()  # a run submitted a moment ago must be found
+    if ref == "last":
+        rows = await daemon.engine.store.list_runs(workflow=workflow, limit=1)
+        if not rows:
+            where = f" of workflow {workflow!r}" if workflow else ""
+            raise RpcError(UNKNOWN_RUN, f"there is no run{where} yet, so 'last' names nothing; submit one first")
+        return str(rows[0]["id"])
+    if ref in daemon.engine.runs:
+        return ref
+    matches = await daemon.engine.store.run_ids_with_prefix(ref, workflow=workflow, limit=6)
+    if ref in matches:
+        return ref
+    if not matches:
+        raise RpcError(UNKNOWN_RUN, f"no run id starts with {ref!r}; list runs with 'reflow-client runs'")
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise RpcError(INVALID_PARAMS, f"run id prefix {ref!r} is ambiguous: it matches {shown}; "
+                                       "type more of the id")
+    return matches[0]
+
+
+@command("resolve", help="the full run id for a prefix or 'last'", ref=Field(str, required=True, check=_nonempty),
+         workflow=Field(str))
+async def resolve(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    return {"run_id": await _resolve_ref(daemon, p["ref"].strip(), p["workflow"])}
+
+
+#: Results replies stay well below the protocol's message limit; the rest is counted, not sent.
+_RESULTS_BUDGET = 4 * 1024 * 1024
+
+
+@command("results", help="task outputs (encoded values); the final tasks' unless a task is named",
+         run_id=Field(str, required=True), task=Field(str), index=Field(int), limit=Field(int, default=1000,
+                                                                                          check=_positive))
+async def results(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        run = await daemon.engine.get_run(p["run_id"])
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+    task, index = p["task"], p["index"]
+    if task is not None and task not in run.tasks:
+        raise RpcError(INVALID_PARAMS, f"run {run.id} has no task {task!r} (tasks: {', '.join(run.tasks)})")
+    if task is None and index is not None:
+        raise RpcError(INVALID_PARAMS, "results: --index needs --task")
+    needed = {d for tr in run.tasks.values() for d in tr.manifest.dependencies}
+    names = [task] if task is not None else [n for n in run.tasks if n not in needed]
+    budget = _RESULTS_BUDGET
+    out = []
+    for name in names:
+        tr = run.tasks[name]
+        instances = tr.ordered()
+        if index is not None:
+            if not tr.manifest.is_array:
+                raise RpcError(INVALID_PARAMS, f"task {name!r} is not an array task; leave out --index")
+            chosen = [i for i in instances if i.index == index]
+            if not chosen:
+                size = len(instances)
+                valid = f"0-{size - 1}" if size else "none yet: the task has not expanded"
+                raise RpcError(INVALID_PARAMS, f"task {name!r} has no element {index} (valid: {valid})")
+            instances = chosen
+        items = []
+        for inst in instances[: p["limit"]]:
+            item: dict[str, Any] = {"index": inst.index, "state": inst.state.value}
+            if inst.ok:
+                size = len(codec.canonical_json(inst.output))
+                if size > budget:
+                    item["omitted"] = f"{size} bytes; ask for this element alone with --task and --index"
+                else:
+                    budget -= size
+                    item["output"] = inst.output
+            items.append(item)
+        out.append({"task": name, "is_array": tr.manifest.is_array, "expanded": tr.expanded,
+                    "blocked": tr.blocked.value if tr.blocked else None, "total": len(tr.ordered()), "items": items})
+    return {"run_id": run.id, "workflow": run.workflow, "state": run.state.value, "final": task is None,
+            "index": index, "tasks": out}

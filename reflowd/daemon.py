@@ -124,11 +124,6 @@ def raise_fd_limit(ceiling: int = 1 << 20) -> tuple[int, int]:
     return soft, soft
 
 
-def _socket_activated() -> bool:
-    """Did systemd pass us a listening socket? (Asked without wrapping the descriptor, which would close it.)"""
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") not in ("", "0")
-
-
 class Daemon:
     """Everything one reflowd process owns."""
 
@@ -177,7 +172,7 @@ class Daemon:
         old_limit, fd_limit = raise_fd_limit()
         store = Store(self.state_dir / "reflowd.sqlite")
         try:
-            if not _socket_activated():  # say "socket in use" before any work, as a plain error
+            if systemd.activation_socket() is None:  # say "socket in use" before any work, as a plain error
                 await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
             try:
                 await store.open()
@@ -232,7 +227,7 @@ class Daemon:
     async def _listen(self) -> Any:
         activated = systemd.activation_socket()
         if activated is not None:
-            return SocketListener.from_socket(activated)
+            return await SocketListener.from_socket(activated)  # a coroutine in anyio 4
         await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
         old = os.umask(0o077)
         try:

@@ -767,6 +767,35 @@ class Store:
         async with self._r.execute(sql, args) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
+    async def run_ids_with_prefix(self, prefix: str, *, workflow: str | None = None, limit: int = 20) -> list[str]:
+        """Run ids starting with *prefix*, newest first (for prefix look-ups by clients)."""
+        sql = "SELECT id FROM runs WHERE id >= ? AND id < ?"
+        args: list[Any] = [prefix, prefix + "\U0010ffff"]
+        if workflow:
+            sql += " AND workflow=?"
+            args.append(workflow)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        async with self._r.execute(sql, args) as cur:
+            return [r["id"] for r in await cur.fetchall()]
+
+    async def run_summaries(self, run_ids: Iterable[str]) -> dict[str, dict[str, dict[str, int]]]:
+        """``{run_id: {task: {state: count}}}`` from the stored rows (as ``Run.summary`` for loaded runs)."""
+        ids = list(run_ids)
+        out: dict[str, dict[str, dict[str, int]]] = {i: {} for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT run_id, task, state, COUNT(*) AS n FROM instances WHERE run_id IN ({marks}) GROUP BY run_id, task, state"
+            async with self._r.execute(sql, chunk) as cur:
+                async for r in cur:
+                    out[r["run_id"]].setdefault(r["task"], {})[r["state"]] = r["n"]
+            sql = f"SELECT run_id, name, blocked FROM tasks WHERE run_id IN ({marks}) AND expanded=0"
+            async with self._r.execute(sql, chunk) as cur:
+                async for r in cur:
+                    out[r["run_id"]][r["name"]] = {r["blocked"] or "pending": 1}
+        return out
+
     async def cache_lookup(self, identities: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(dict.fromkeys(identities))
         found: dict[str, dict[str, Any]] = {}
