@@ -220,6 +220,8 @@ def test_daemon_on_a_full_tmpfs_refuses_submissions_keeps_reading_and_loses_noth
             assert "disk full" in info.value.message and "nothing was changed" in info.value.message
         shown = d.cli("status", run2)
         assert "UNWRITABLE" in shown.stdout and "disk full" in shown.stdout
+        assert "cannot write its state database: disk full" in d.cli("ping").stderr
+        assert "store      UNWRITABLE since" in d.cli("stats").stdout
         assert "cannot write the state database" in d.log()
         filler.unlink()  # space is back
         with d.client() as c:
