@@ -352,6 +352,8 @@ def dispatch(client: Client, args: argparse.Namespace, *, workflow: str | None =
     if cmd == "ping":
         data = client.ping()
         write_json(data) if args.json else print(f"reflowd is alive (pid {data['pid']})")
+        if not args.json and not (data.get("store") or {}).get("writable", True):
+            print(f"reflowd cannot write its state database: {data['store'].get('error')}", file=sys.stderr)
         return 0
     if cmd == "stats":
         data = client.stats()

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -223,8 +224,10 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
         if key in merged and merged[key] is not None:
             try:
                 merged[key] = kind(merged[key])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"{where}.{key}: expected a number, got {merged[key]!r}") from None
+            if not math.isfinite(merged[key]) or merged[key] <= 0:
+                raise ConfigError(f"{where}.{key}: expected a positive number, got {merged[key]!r}")
     env = merged.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}.env: expected a table of strings")
@@ -283,6 +286,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     unknown = set(data) - {"defaults", "clusters", "daemon"}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))} (known: defaults, clusters, daemon)")
+    for section in ("defaults", "daemon"):
+        if not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
     defaults = dict(data.get("defaults", {}))
     clusters_table = data.get("clusters", {})
     if not isinstance(clusters_table, dict):
@@ -299,6 +305,10 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     if default_cluster not in clusters:
         raise ConfigError(f"{where}: default cluster {default_cluster!r} is not defined under [clusters]")
     daemon = data.get("daemon", {})
+    for key in ("socket", "state_dir"):
+        value = daemon.get(key)
+        if value is not None and (not isinstance(value, str) or not value or "\0" in value):
+            raise ConfigError(f"{where}: daemon.{key}: expected a path, got {value!r}")
     socket = Path(os.environ["REFLOW_SOCKET"]) if os.environ.get("REFLOW_SOCKET") else (
         Path(daemon["socket"]).expanduser() if daemon.get("socket") else socket_path()
     )
@@ -311,11 +321,37 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read the configuration file (absent file: built-in defaults, local cluster only)."""
     file = Path(path) if path else config_path()
-    data: dict[str, Any] = {}
-    if file.exists():
-        try:
-            with open(file, "rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    return parse_config(data, file if file.exists() else None)
+    data = read_toml(file)
+    return parse_config(data or {}, file if data is not None else None)
+
+
+#: Largest configuration file read (a real one is a few kilobytes).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def read_toml(file: Path) -> dict[str, Any] | None:
+    """The parsed file, None if there is none; ConfigError (one line: file, problem, fix) for anything else."""
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory, not a configuration file; point REFLOW_CONFIG or --config "
+                          "at a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{file}: larger than {MAX_CONFIG_BYTES // 1024} KiB; is this really the configuration file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{file}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: nested too deeply to be a reflow configuration") from None

@@ -20,9 +20,13 @@ import os
 import tempfile
 from typing import Any
 
+from .protocol import MAX_DEPTH, check_value, loads
+
 JOB_FILE = "job.json"
 SCRIPT_FILE = "job.sh"
 RESULT_FORMAT = 1
+#: Largest result file the daemon accepts (outputs travel through the daemon and its database).
+MAX_RESULT_BYTES = 64 * 1024 * 1024
 
 #: Result states the worker can write.
 SUCCEEDED = "succeeded"
@@ -91,15 +95,34 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 def parse_result(raw: bytes | str, where: str = "result") -> dict[str, Any]:
-    """Validate a worker result file; a malformed one raises ValueError naming the problem."""
+    """Validate a worker result file; a malformed one raises ValueError naming the problem.
+
+    Bounded: at most ``MAX_RESULT_BYTES``, ``MAX_DEPTH`` levels of nesting and numbers a double can
+    hold; text must be valid Unicode. Whatever a job leaves behind fails that instance, never the daemon.
+    """
+    if len(raw) > MAX_RESULT_BYTES:
+        raise ValueError(f"{where} is {len(raw)} bytes, more than the {MAX_RESULT_BYTES // 2**20} MiB a result may have")
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where} is not a JSON object")
+    problem = check_value(data, "")
+    if problem:
+        raise ValueError(f"{where}: {problem}" + (f" (results may nest at most {MAX_DEPTH} levels)"
+                                                  if "nesting" in problem else ""))
     if data.get("state") not in (SUCCEEDED, FAILED):
-        raise ValueError(f"{where} has no valid state (got {data.get('state')!r})")
-    if data["state"] == SUCCEEDED and "output_hash" not in data:
+        raise ValueError(f"{where} has no valid state (got {str(data.get('state'))[:80]!r})")
+    if data["state"] == SUCCEEDED and not isinstance(data.get("output_hash"), str):
         raise ValueError(f"{where} claims success but has no output_hash")
+    for key in ("started_at", "ended_at"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}: {key} must be a time in seconds, not {type(value).__name__}")
+    for key in ("host", "error", "traceback", "output_hash"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ValueError(f"{where}: {key} must be text, not {type(data[key]).__name__}")
+    if data.get("signal") is not None and not isinstance(data["signal"], (str, int)):
+        raise ValueError(f"{where}: signal must be a name or a number, not {type(data['signal']).__name__}")
     return data

@@ -224,6 +224,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     if store:
         lines.append(f"store      {store.get('commits', 0)} commits, {store.get('rows', 0)} rows written, "
                      f"backlog {store.get('backlog', 0)}")
+        if not store.get("writable", True):
+            lines.append(f"store      UNWRITABLE since {when(store.get('since'))}: {store.get('error')}")
     server = stats.get("server") or {}
     if server:
         lines.append("server     " + ", ".join(f"{k} {v}" for k, v in server.items() if not isinstance(v, dict)))

@@ -4,7 +4,8 @@ Startup order: take the state-directory lock (refuse if another reflowd holds
 it, saying where it runs), open the store, recover unfinished runs, then
 listen. SIGTERM/SIGINT (or the ``shutdown`` command): stop accepting, let
 the engine stop, flush the store, exit 0. Jobs keep running; the next
-daemon re-attaches to them.
+daemon re-attaches to them. SIGHUP re-reads the configuration file and never
+stops the daemon. The socket is removed on every way out once it was made.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -23,13 +25,13 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from reflow_client.config import Config, ConfigError
+from reflow_client.config import Config, ConfigError, load_config
 
 from . import systemd
 from .clusters import ClusterRuntime, build_cluster
 from .engine.engine import Engine, EngineSettings
-from .server import Server
-from .store import Store
+from .server import Server, connection_cap
+from .store import Store, StoreError
 
 log = structlog.get_logger("reflowd")
 
@@ -108,6 +110,20 @@ def _remove_stale_socket(path: Path) -> None:
     raise DaemonError(f"something already listens on {path}; is another reflowd running with another state dir?")
 
 
+def raise_fd_limit(ceiling: int = 1 << 20) -> tuple[int, int]:
+    """Raise the soft descriptor limit toward the hard one (every connection and job costs descriptors);
+    the (old, new) soft limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass
+    return soft, soft
+
+
 class Daemon:
     """Everything one reflowd process owns."""
 
@@ -123,6 +139,8 @@ class Daemon:
         self.server: Server | None = None
         self._stop = anyio.Event()
         self.stop_reason = ""
+        self._owns_socket = False
+        self._socket_id: tuple[int, int] | None = None
 
     def request_shutdown(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -146,19 +164,30 @@ class Daemon:
             lock.acquire()
             return lock
 
+        try:  # a hangup while starting must not kill us either (the receiver below takes over)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except ValueError:
+            pass  # not the main thread (an embedding test): signals are not ours to handle
         lock = await anyio.to_thread.run_sync(claim)
+        old_limit, fd_limit = raise_fd_limit()
         store = Store(self.state_dir / "reflowd.sqlite")
-        listener = None
         try:
-            await store.open()
+            if systemd.activation_socket() is None:  # say "socket in use" before any work, as a plain error
+                await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
+            try:
+                await store.open()
+            except StoreError as exc:
+                raise DaemonError(str(exc)) from None
             self.engine = Engine(store, self._build_clusters(), self.options.settings)
-            self.server = Server(self)
+            self.server = Server(self, max_connections=connection_cap())
+            if fd_limit != old_limit:
+                log.debug("raised the descriptor limit", soft=fd_limit, was=old_limit)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.run_writer)
+                tg.start_soon(self._signals)  # before recovery: a SIGTERM then still stops cleanly
                 await tg.start(self.engine.run)
                 listener = await self._listen()
                 tg.start_soon(self.server.serve, listener)
-                tg.start_soon(self._signals)
                 tg.start_soon(self._watchdog)
                 systemd.notify("READY=1")
                 log.info("reflowd ready", socket=str(self.socket_path), state_dir=str(self.state_dir),
@@ -176,14 +205,24 @@ class Daemon:
                         await self.engine.close()
                 finally:
                     await store.close()
-                    if listener is not None and systemd.activation_socket() is None:
-                        try:
-                            self.socket_path.unlink()
-                        except FileNotFoundError:
-                            pass
+                    self._remove_socket()
                     lock.release()
         log.info("reflowd stopped")
         return 0
+
+    def _remove_socket(self) -> None:
+        """Remove the socket this daemon made (never systemd's, never one another process now owns)."""
+        if not getattr(self, "_owns_socket", False) or self._socket_id is None:
+            return
+        try:
+            info = self.socket_path.lstat()
+            if (info.st_dev, info.st_ino) == self._socket_id:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the socket", socket=str(self.socket_path), error=str(exc))
+        self._socket_id = None
 
     async def _listen(self) -> Any:
         activated = systemd.activation_socket()
@@ -195,13 +234,38 @@ class Daemon:
             listener = await anyio.create_unix_listener(self.socket_path, mode=0o600)
         finally:
             os.umask(old)
+        info = self.socket_path.lstat()
+        self._socket_id = (info.st_dev, info.st_ino)
+        self._owns_socket = True
         return listener
 
     async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGTERM/SIGINT stop the daemon; SIGHUP re-reads the configuration and never stops it."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload_config()
+                    continue
                 self.request_shutdown(signal.Signals(signum).name)
                 return
+
+    async def reload_config(self) -> None:
+        """Re-read the configuration file: the default cluster changes at once; changed clusters are
+        reported (their connections and jobs belong to the running engine, so they need a restart)."""
+        try:
+            config = await anyio.to_thread.run_sync(load_config, self.config.path)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded; keeping the running one", error=str(exc))
+            return
+        changed = sorted(n for n in set(config.clusters) | set(self.config.clusters)
+                         if config.clusters.get(n) != self.config.clusters.get(n))
+        usable = config.default_cluster in self.engine.clusters
+        if usable:
+            self.default_cluster = config.default_cluster
+        log.info("SIGHUP: configuration reloaded", path=str(config.path), default_cluster=self.default_cluster)
+        if changed or not usable:
+            log.warning("SIGHUP: changes to these clusters take effect after a restart of reflowd",
+                        clusters=changed or [config.default_cluster])
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()

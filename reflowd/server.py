@@ -1,17 +1,23 @@
 """The Unix-socket server: framing, limits, peer check, dispatch.
 
 Bad input never hurts the daemon: malformed JSON, unknown methods, wrong
-types and oversized lines each get a JSON-RPC error and the connection goes
-on; a client with another uid is refused (``SO_PEERCRED``). Each connection
-is one task; requests on a connection are answered in order.
+types, oversized lines, text that is not valid Unicode, deep nesting and huge
+numbers each get a JSON-RPC error and the connection goes on; a client with
+another uid is refused (``SO_PEERCRED``). Each connection is one task;
+requests on a connection are answered in order. Nothing one connection does
+can end the listener: an unexpected error closes that connection only, and
+running out of file descriptors makes the accept loop shed the oldest idle
+connection (or refuse the newest cheaply) and back off, never stop.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +45,10 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = structlog.get_logger("reflowd.server")
+
+#: accept() failures that mean "no descriptor or memory for a new connection now".
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_STREAM_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 class LineReader:
@@ -72,7 +82,7 @@ class LineReader:
                 return None
             try:
                 chunk = await self.stream.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except _STREAM_GONE:
                 self.eof = True
                 continue
             self.buffer.extend(chunk)
@@ -82,7 +92,7 @@ class LineReader:
         while True:
             try:
                 chunk = await self.stream.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except _STREAM_GONE:
                 self.eof = True
                 return
             pos = chunk.find(b"\n")
@@ -100,21 +110,94 @@ def peer_uid(stream: SocketStream) -> int | None:
     return uid
 
 
+def connection_cap(limit: int = 256) -> int:
+    """Connections to allow under this process's descriptor limit, keeping a quarter (at least 64) for
+    the store, transports, job processes and connections on their way in or out."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    return max(8, min(limit, soft - max(64, soft // 4)))
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client connection: what the server needs to pick the oldest idle one to close."""
+
+    scope: anyio.CancelScope
+    opened: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    busy: int = 0  # requests under way; a watch stays busy while it streams
+    spoke: bool = False  # has it sent a request? (a flood of silent connections goes first)
+    seq: int = 0  # order of arrival
+
+
+class _Spare:
+    """One descriptor held in reserve: at EMFILE it is freed to accept, and close, a waiting connection."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.take()
+
+    def take(self) -> None:
+        if self.fd is None:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.fd = None
+
+    def refuse_one(self, raw: socket.socket | None) -> bool:
+        """Accept and drop one waiting connection, so the backlog does not spin the loop."""
+        if raw is None or self.fd is None:
+            return False
+        os.close(self.fd)
+        self.fd = None
+        try:
+            conn, _ = raw.accept()
+            conn.close()
+            return True
+        except OSError:
+            return False
+        finally:
+            self.take()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Server:
     def __init__(self, daemon: Daemon, *, max_connections: int = 256, idle_timeout: float = 3600.0,
-                 max_message: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message: int = MAX_MESSAGE_BYTES, send_timeout: float = 60.0, max_refusing: int = 16,
+                 idle_grace: float = 0.5) -> None:
         self.daemon = daemon
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_message = max_message
-        self.connections = 0
+        self.send_timeout = send_timeout
+        self.max_refusing = max_refusing
+        #: A connection quiet for less than this is not "idle" yet (its first request may be on the way).
+        self.idle_grace = idle_grace
+        self.live: set[Connection] = set()
         self.requests = 0
         self.errors = 0
         self.refused = 0
+        self.shed = 0
+        self.accept_errors = 0
+        self.handler_errors = 0
+        self.refusing = 0
+        self._arrivals = 0
+        self._shed_warned = 0.0
         self.accepting = True
         self.active_requests = 0
         self._idle = anyio.Event()
         self._idle.set()
+
+    @property
+    def connections(self) -> int:
+        return len(self.live)
 
     async def drain(self, timeout: float) -> None:
         """Stop taking requests and give the ones under way (a shutdown's own reply) time to finish."""
@@ -123,50 +206,150 @@ class Server:
             await self._idle.wait()
 
     def stats(self) -> dict[str, Any]:
-        return {"connections": self.connections, "requests": self.requests, "errors": self.errors,
-                "refused": self.refused}
+        return {"connections": self.connections, "max_connections": self.max_connections, "requests": self.requests,
+                "errors": self.errors, "refused": self.refused, "idle_closed": self.shed,
+                "accept_errors": self.accept_errors, "handler_errors": self.handler_errors}
 
     async def serve(self, listener: anyio.abc.Listener[SocketStream]) -> None:
-        async with listener:
-            await listener.serve(self.handle)
+        """Accept until cancelled; no error from ``accept`` or from a connection ends this loop."""
+        spare = _Spare()
+        raw = listener.extra(SocketAttribute.raw_socket, None)
+        delay = 0.0
+        starved = 0.0  # seconds the backlog has waited for a descriptor
+        last_warning = 0.0
+        try:
+            async with listener, anyio.create_task_group() as tg:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except anyio.ClosedResourceError:
+                        return
+                    except Exception as exc:  # noqa: BLE001 -- nothing may end the listener
+                        self.accept_errors += 1
+                        cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
+                        code = getattr(cause, "errno", None)
+                        if code in _RESOURCE_ERRNOS:
+                            # Out of descriptors: make room by closing the oldest idle connection;
+                            # with none idle, take the waiting one off the backlog and close it.
+                            if self._shed_idle("out of file descriptors"):
+                                delay = 0.01  # a descriptor is being freed: try again soon
+                            elif starved >= 1.0:  # nothing idle for a while: refuse the waiting one
+                                if spare.refuse_one(raw):
+                                    self.refused += 1
+                                starved = 0.0
+                            else:
+                                delay = min(max(delay * 2, 0.01), 1.0)
+                            starved += delay
+                        else:
+                            delay = min(max(delay * 2, 0.001), 0.1)
+                        now = time.monotonic()
+                        if now - last_warning > 10:
+                            last_warning = now
+                            log.warning("accept failed; backing off", error=str(cause or exc),
+                                        connections=self.connections, retry_in=delay)
+                        await anyio.sleep(delay)
+                        continue
+                    delay = starved = 0.0
+                    tg.start_soon(self.handle, stream)
+        finally:
+            spare.close()
+
+    def _shed_idle(self, why: str) -> bool:
+        """Close one idle connection (never one busy with a request or a watch); False if none is idle.
+
+        Connections that never sent a request go first, oldest first, but not the newest few (their first
+        request may still be unread) unless quiet for 0.1 s; then those quiet for at least
+        ``idle_grace``, quiet the longest first.
+        """
+        now = time.monotonic()
+        silent_grace = min(0.1, self.idle_grace)
+
+        def eligible(c: Connection) -> bool:
+            if c.busy:
+                return False
+            if c.spoke:
+                return now - c.last_active >= self.idle_grace
+            return self._arrivals - c.seq >= 8 or now - c.last_active >= silent_grace
+
+        idle = [c for c in self.live if eligible(c)]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: (c.spoke, c.last_active))
+        self.live.discard(oldest)
+        oldest.scope.cancel()
+        self.shed += 1
+        log.debug("closed an idle connection", why=why, idle_for=round(now - oldest.last_active, 1))
+        if now - self._shed_warned > 10:
+            self._shed_warned = now
+            log.warning("closing idle connections to make room", why=why, connections=len(self.live),
+                        max_connections=self.max_connections, closed_so_far=self.shed)
+        return True
 
     async def handle(self, stream: SocketStream) -> None:
-        async with stream:
-            uid = peer_uid(stream)
-            if uid is not None and uid != os.getuid():
-                self.refused += 1
-                log.warning("refused a connection from another user", peer_uid=uid)
-                await self._refuse(stream, "this reflowd serves only its own user")
-                return
-            if self.connections >= self.max_connections:
-                self.refused += 1
-                await self._refuse(stream, "too many connections; try again later")
-                return
-            self.connections += 1
-            try:
-                await self._serve_connection(stream)
-            finally:
-                self.connections -= 1
+        try:
+            async with stream:
+                try:
+                    uid = peer_uid(stream)
+                except OSError:
+                    return  # the peer is already gone
+                if uid is not None and uid != os.getuid():
+                    self.refused += 1
+                    log.warning("refused a connection from another user", peer_uid=uid)
+                    await self._refuse(stream, "this reflowd serves only its own user")
+                    return
+                if len(self.live) >= self.max_connections and not self._shed_idle("connection limit reached"):
+                    self.refused += 1
+                    await self._refuse(stream, "too many connections, all busy; try again later")
+                    return
+                self._arrivals += 1
+                conn = Connection(anyio.CancelScope(), seq=self._arrivals)
+                self.live.add(conn)
+                try:
+                    with conn.scope:
+                        await self._serve_connection(stream, conn)
+                finally:
+                    self.live.discard(conn)
+        except Exception:  # a bug in one connection must not end the listener: log it, close that one
+            self.handler_errors += 1
+            log.exception("connection failed; closing it")
 
     async def _refuse(self, stream: SocketStream, message: str) -> None:
-        """Say why, then let the peer finish sending so closing does not reset the connection."""
-        await self._send(stream, error_response(None, RpcError(SERVER_ERROR, message)))
+        """Say why, then let the peer finish sending so closing does not reset the connection.
+
+        Cheap by design: a short wait, and under a flood (many refusals at once) just close.
+        """
+        if self.refusing >= self.max_refusing:
+            return
+        self.refusing += 1
         try:
-            await stream.send_eof()
-            with anyio.move_on_after(2.0):
+            with anyio.move_on_after(1.0):
+                await self._send(stream, error_response(None, RpcError(SERVER_ERROR, message)))
+                await stream.send_eof()
                 while len(await stream.receive(65536)):
                     pass
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except _STREAM_GONE:
             pass
+        finally:
+            self.refusing -= 1
 
     async def _send(self, stream: SocketStream, message: dict[str, Any]) -> bool:
+        """Send one message; False when the connection is done (gone, or not reading for send_timeout)."""
         try:
-            await stream.send(encode_message(message))
-            return True
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
+            data = encode_message(message)
+        except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+            self.errors += 1
+            log.error("a reply could not be encoded", error=str(exc))
+            data = encode_message(error_response(message.get("id"),
+                                                 RpcError(INTERNAL_ERROR, f"the reply could not be encoded: {exc}")))
+        with anyio.move_on_after(self.send_timeout):
+            try:
+                await stream.send(data)
+                return True
+            except _STREAM_GONE:
+                return False
+        return False  # the client stopped reading
 
-    async def _serve_connection(self, stream: SocketStream) -> None:
+    async def _serve_connection(self, stream: SocketStream, conn: Connection) -> None:
         reader = LineReader(stream, self.max_message)
         while True:
             try:
@@ -181,14 +364,19 @@ class Server:
                 continue
             if line is None:
                 return
+            conn.last_active = time.monotonic()
+            conn.spoke = True
             if not line.strip():
                 continue
             self.requests += 1
             self._begin()
+            conn.busy += 1
             try:
-                if not await self._answer(stream, reader, line):
+                if not await self._answer(stream, reader, line, conn):
                     return
             finally:
+                conn.busy -= 1
+                conn.last_active = time.monotonic()
                 self._end()
 
     def _begin(self) -> None:
@@ -201,7 +389,7 @@ class Server:
         if self.active_requests == 0:
             self._idle.set()
 
-    async def _answer(self, stream: SocketStream, reader: LineReader, line: bytes) -> bool:
+    async def _answer(self, stream: SocketStream, reader: LineReader, line: bytes, conn: Connection) -> bool:
         """Answer one request; False when the connection is done."""
         msg_id: Any = None
         try:

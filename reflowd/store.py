@@ -24,6 +24,7 @@ import aiosqlite
 import anyio
 import structlog
 
+from reflow_client.jobfiles import write_bytes_atomic
 
 from .engine.model import Instance, JobRecord, Run, TaskRun
 from .engine.records import Table, dump_json
@@ -138,6 +139,75 @@ class _Batch:
         ]
 
 
+# ---------------------------------------------------------------------- integrity at start
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def marker_path(db: Path) -> Path:
+    """A small file beside the database saying one existed here: an empty or missing database is then
+    damage to report, not a first start."""
+    return db.with_name(db.name + ".marker")
+
+
+def damaged(path: Path, problem: str) -> StoreError:
+    marker = marker_path(path)
+    return StoreError(
+        f"state database {path} {problem}. reflowd will not start over it (that would forget every run and orphan "
+        f"running jobs). Restore it from a backup, or salvage what is readable with "
+        f"'sqlite3 {path} .recover | sqlite3 {path}.recovered' and move that into place; to start afresh instead "
+        f"(every run forgotten), move {path}, {path}-wal and {marker} aside."
+    )
+
+
+def check_file(path: Path) -> None:
+    """What can be told before SQLite opens the file: missing, empty, not SQLite, cut short."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        size: int | None = path.stat().st_size
+    except FileNotFoundError:
+        size = None
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    if marker_path(path).exists():
+        if size is None:
+            raise damaged(path, f"is missing, but a database with runs was there before ({marker_path(path)})")
+        if size == 0 and wal_size == 0:
+            raise damaged(path, f"is empty (0 bytes), but a database with runs was there before ({marker_path(path)})")
+    if not size:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(100)
+    if not head.startswith(SQLITE_HEADER):
+        raise damaged(path, "is not an SQLite database (its header is wrong)")
+    if len(head) < 100:
+        raise damaged(path, f"is cut short ({size} bytes, not even a whole header)")
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        raise damaged(path, f"has a damaged header (page size {page_size})")
+    pages = int.from_bytes(head[28:32], "big")
+    header_valid = head[92:96] == head[24:28]
+    if wal_size == 0 and (size % page_size or (header_valid and pages * page_size > size)):
+        raise damaged(path, f"is cut short ({size} bytes, but its header says {pages} pages of {page_size} bytes)")
+
+
+def write_marker(path: Path, database_id: str) -> None:
+    marker = marker_path(path)
+    try:
+        current = json.loads(marker.read_text()) if marker.exists() else {}
+    except (OSError, ValueError):
+        current = {}
+    if isinstance(current, dict) and current.get("database_id") == database_id:
+        return
+    if current:
+        log.warning("state database id changed (restored from elsewhere?); updating the marker", marker=str(marker))
+    try:
+        write_bytes_atomic(str(marker), json.dumps({"database_id": database_id, "database": path.name}).encode(),
+                           0o600)
+    except OSError as exc:
+        log.warning("cannot write the database marker", marker=str(marker), error=str(exc))
+
+
 class Store:
     """The daemon's SQLite state: runs, tasks, instances, transitions, jobs, cache."""
 
@@ -182,13 +252,16 @@ class Store:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
+        """Open (or create) the database, refusing a damaged one: never start empty over lost runs."""
         if not self.path.parent.is_dir():
             await anyio.to_thread.run_sync(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
+        await anyio.to_thread.run_sync(check_file, self.path)
         try:
             self._db = await self._connect(self.path)
+            await self._db.execute("PRAGMA busy_timeout=10000")
+            await self._check_contents(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("PRAGMA busy_timeout=10000")
             await self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             async with self._db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
                 row = await cur.fetchone()
@@ -201,12 +274,59 @@ class Store:
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
             await self._db.executescript(SCHEMA)
             await self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            database_id = await self._database_id(self._db)
             await self._db.commit()
             self._reader = await self._connect(self.path)
             self._reader.row_factory = aiosqlite.Row
             await self._reader.execute("PRAGMA busy_timeout=10000")
-        except aiosqlite.DatabaseError as exc:
-            raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            await self._abandon()
+            if isinstance(exc, sqlite3.OperationalError) and not str(exc).startswith("database disk image"):
+                raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
+            raise damaged(self.path, f"cannot be read ({exc})") from exc
+        except BaseException:
+            await self._abandon()
+            raise
+        await anyio.to_thread.run_sync(write_marker, self.path, database_id)
+
+    async def _abandon(self) -> None:
+        for conn in (self._db, self._reader):
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await conn.close()
+                    except (sqlite3.Error, ValueError):
+                        pass
+        self._db = self._reader = None
+
+    async def _check_contents(self, db: aiosqlite.Connection) -> None:
+        """SQLite's quick_check, and reflow's own tables where a database existed before."""
+        async with db.execute("PRAGMA quick_check(5)") as cur:
+            problems = [str(r[0]) for r in await cur.fetchall()]
+        if problems != ["ok"]:
+            detail = "; ".join(" ".join(p.split()) for p in problems)
+            raise damaged(self.path, f"fails SQLite's integrity check ({detail[:300]})")
+        async with db.execute("SELECT name FROM sqlite_master WHERE type='table'") as cur:
+            tables = {str(r[0]) for r in await cur.fetchall()}
+        if tables and "meta" not in tables:
+            raise damaged(self.path, f"is an SQLite database but not reflow's (tables: {', '.join(sorted(tables))[:200]})")
+        if not tables and marker_path(self.path).exists():
+            raise damaged(self.path, f"is empty, but a database with runs was there before ({marker_path(self.path)})")
+        if "meta" in tables:
+            async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
+                row = await cur.fetchone()
+            if row is None or not str(row[0]).isdigit():
+                raise damaged(self.path, f"has no valid schema version (got {None if row is None else row[0]!r})")
+
+    @staticmethod
+    async def _database_id(db: aiosqlite.Connection) -> str:
+        async with db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+        database_id = os.urandom(8).hex()
+        await db.execute("INSERT INTO meta VALUES ('database_id', ?)", (database_id,))
+        return database_id
 
     async def close(self) -> None:
         if self._closed:

@@ -57,13 +57,15 @@ class DaemonProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, *, extra_env: dict[str, str] | None = None, wait: bool = True) -> DaemonProcess:
+    def start(self, *, extra_env: dict[str, str] | None = None, wait: bool = True,
+              preexec: Callable[[], Any] | None = None) -> DaemonProcess:
         env = self.env
         env.update(extra_env or {})
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reflowd", "--log-format", "json", "--retry-backoff", "0.5"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=preexec,
         )
         log.close()
         if wait:

@@ -93,3 +93,64 @@ def test_build_cluster_picks_the_transport() -> None:
     broken = parse_config({"clusters": {"hpc": {**HPC, "proxy_jump": "gw:http"}}})
     with pytest.raises(ConfigError, match="cluster 'hpc': proxy_jump 'gw:http': 'http' is not a port number"):
         build_cluster(broken.cluster("hpc"))
+
+
+# ---------------------------------------------------------------------- files that are not configuration (issue #8)
+
+
+def _config_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "config.toml"
+    if kind == "not utf-8":
+        path.write_bytes(b'[defaults]\ncluster = "caf\xe9"\n')  # Latin-1, as an old editor saves it
+    elif kind == "nested 5000 deep (arrays)":
+        path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    elif kind == "nested 5000 deep (tables)":
+        path.write_text("a = " + "{ b = " * 5000 + "1" + " }" * 5000 + "\n")
+    elif kind == "a directory":
+        path.mkdir()
+    elif kind == "huge":
+        path.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
+    elif kind == "section not a table":
+        path.write_text('defaults = "hpc"\n')
+    elif kind == "nan poll interval":
+        path.write_text('[clusters.local]\nscheduler = "local"\npoll_interval = nan\n')
+    elif kind == "NUL in socket path":
+        path.write_text('[daemon]\nsocket = "/tmp/a\\u0000b"\n')
+    return path
+
+
+CONFIG_CASES = {
+    "not utf-8": "not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8",
+    "nested 5000 deep (arrays)": "nested too deeply",
+    "nested 5000 deep (tables)": "nested too deeply",
+    "a directory": "is a directory, not a configuration file",
+    "huge": "larger than 1024 KiB",
+    "section not a table": "[defaults] must be a table",
+    "nan poll interval": "poll_interval: expected a positive number, got nan",
+    "NUL in socket path": "daemon.socket: expected a path",
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIG_CASES))
+def test_a_file_that_is_not_a_configuration_gives_one_clear_line(tmp_path: Path, kind: str) -> None:
+    path = _config_file(tmp_path, kind)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and CONFIG_CASES[kind] in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["not utf-8", "nested 5000 deep (arrays)", "a directory"])
+def test_reflowd_says_so_in_one_line(tmp_path: Path, kind: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = _config_file(tmp_path, kind)
+    env = {**os.environ, "REFLOW_CONFIG": str(path), "REFLOW_STATE_DIR": str(tmp_path / "state"),
+           "REFLOW_SOCKET": str(tmp_path / "run" / "s.sock")}
+    result = subprocess.run([sys.executable, "-m", "reflowd"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and CONFIG_CASES[kind] in lines[0], result.stderr

@@ -169,8 +169,9 @@ class TaskRun:
 class Run:
     """One submitted workflow run."""
 
+    #: Stored manifests get only the type checks (``strict=False``): the door checked them when they were submitted.
     manifest: Manifest = column("TEXT NOT NULL", encode=lambda m: dump_json(m.to_manifest_dict()),
-                                decode=lambda v: Manifest.from_dict(json.loads(v)))
+                                decode=lambda v: Manifest.from_dict(json.loads(v), strict=False))
     id: str = column("TEXT NOT NULL", key=True, default="")
     workflow: str = column("TEXT NOT NULL", default="")
     state: RunState = enum_column(RunState, default=RunState.RUNNING)
