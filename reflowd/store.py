@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,9 +213,11 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str], *, commit_interval: float = 0.05, max_batch: int = 1000,
                  retry_initial: float = 0.1, retry_max: float = 5.0, close_timeout: float = 5.0,
-                 connect: Callable[..., Any] = aiosqlite.connect) -> None:
+                 connect: Callable[..., Any] = aiosqlite.connect,
+                 offload: Callable[..., Awaitable[Any]] = anyio.to_thread.run_sync) -> None:
         self.path = Path(path)
         self._connect = connect  # the simulation connects inline (no thread)
+        self._offload = offload  # blocking file work at open: a worker thread (inline in the simulation)
         self.commit_interval = commit_interval
         self.max_batch = max_batch
         self.retry_initial = retry_initial
@@ -254,27 +256,31 @@ class Store:
     async def open(self) -> None:
         """Open (or create) the database, refusing a damaged one: never start empty over lost runs."""
         if not self.path.parent.is_dir():
-            await anyio.to_thread.run_sync(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
-        await anyio.to_thread.run_sync(check_file, self.path)
+            await self._offload(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
+        await self._offload(check_file, self.path)
         try:
             self._db = await self._connect(self.path)
             await self._db.execute("PRAGMA busy_timeout=10000")
-            await self._check_contents(self._db)
+            version = await self._check_contents(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            async with self._db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-                row = await cur.fetchone()
-            if row is not None and int(row[0]) > SCHEMA_VERSION:
+            if version is not None and version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} was written by a newer reflowd (schema {row[0]} > {SCHEMA_VERSION}); upgrade reflowd"
+                    f"{self.path} was written by a newer reflowd (schema {version} > {SCHEMA_VERSION}); upgrade reflowd"
                 )
-            if row is not None and int(row[0]) == 1:
-                await self._db.executescript(MIGRATE_1_TO_2)
+            # One transaction: a daemon killed during its first start must not leave a database that
+            # has reflow's tables but no schema version (the next start would call it damaged).
+            await self._db.executescript(
+                "BEGIN;\n"
+                + (MIGRATE_1_TO_2 if version == 1 else "")
+                + SCHEMA
+                + f"\nINSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
+                + f"\nINSERT OR IGNORE INTO meta VALUES ('database_id', '{os.urandom(8).hex()}');\nCOMMIT;"
+            )
+            if version == 1:
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
-            await self._db.executescript(SCHEMA)
-            await self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            database_id = await self._database_id(self._db)
+            async with self._db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
+                database_id = str((await cur.fetchone())[0])
             await self._db.commit()
             self._reader = await self._connect(self.path)
             self._reader.row_factory = aiosqlite.Row
@@ -287,7 +293,7 @@ class Store:
         except BaseException:
             await self._abandon()
             raise
-        await anyio.to_thread.run_sync(write_marker, self.path, database_id)
+        await self._offload(write_marker, self.path, database_id)
 
     async def _abandon(self) -> None:
         for conn in (self._db, self._reader):
@@ -299,8 +305,8 @@ class Store:
                         pass
         self._db = self._reader = None
 
-    async def _check_contents(self, db: aiosqlite.Connection) -> None:
-        """SQLite's quick_check, and reflow's own tables where a database existed before."""
+    async def _check_contents(self, db: aiosqlite.Connection) -> int | None:
+        """SQLite's quick_check, and reflow's own tables where a database existed before; the schema version."""
         async with db.execute("PRAGMA quick_check(5)") as cur:
             problems = [str(r[0]) for r in await cur.fetchall()]
         if problems != ["ok"]:
@@ -317,16 +323,9 @@ class Store:
                 row = await cur.fetchone()
             if row is None or not str(row[0]).isdigit():
                 raise damaged(self.path, f"has no valid schema version (got {None if row is None else row[0]!r})")
+            return int(row[0])
+        return None
 
-    @staticmethod
-    async def _database_id(db: aiosqlite.Connection) -> str:
-        async with db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
-            row = await cur.fetchone()
-        if row is not None:
-            return str(row[0])
-        database_id = os.urandom(8).hex()
-        await db.execute("INSERT INTO meta VALUES ('database_id', ?)", (database_id,))
-        return database_id
 
     async def close(self) -> None:
         if self._closed:

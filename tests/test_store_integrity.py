@@ -32,7 +32,7 @@ def _run(run_id: str) -> tuple[Run, Instance]:
     manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
     run = Run(id=run_id, manifest=manifest, params={"pad": "z" * 2000}, run_dir="/tmp", cluster="local")
     inst = Instance(run_id=run_id, task="a", index=None)
-    run.tasks["a"] = TaskRun(manifest=task, expanded=True, instances={None: inst})
+    run.tasks["a"] = TaskRun(manifest=task, instances={None: inst})
     return run, inst
 
 

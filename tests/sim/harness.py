@@ -54,7 +54,7 @@ from reflowd.store import INSTANCES, JOBS, RUNS, TASKS, Store
 
 from .cluster import Faults, SimCluster, SimScheduler, SimTransport
 from .loop import Crash, Stalled, VirtualLoop, abandon
-from .sqlite_inline import Connector
+from .sqlite_inline import Connector, inline
 
 START = 1_700_000_000.0
 TICK = 0.5
@@ -123,7 +123,7 @@ class SimStore(Store):
     """The real store, telling the harness what memory held when each batch was taken for commit."""
 
     def __init__(self, path: Path, harness: Harness, connect: Connector) -> None:
-        super().__init__(path, connect=connect)
+        super().__init__(path, connect=connect, offload=inline)
         self.harness = harness
 
     async def _commit_pending(self) -> None:
@@ -366,7 +366,7 @@ class Harness:
             abandon(loop)
 
     async def _final_async(self) -> None:
-        store = Store(self.db, connect=Connector())
+        store = Store(self.db, connect=Connector(), offload=inline)
         await store.open()
         try:
             rows = await store.list_runs(limit=1000)
@@ -513,7 +513,7 @@ def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir:
     path = db or Path(workdir or holder.name) / "sim.sqlite"
 
     async def main() -> Any:
-        store = Store(path, connect=Connector())
+        store = Store(path, connect=Connector(), offload=inline)
         await store.open()
         engine = Engine(store, {"sim": sim_runtime(cluster, lambda: loop.virtual)},
                         EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))

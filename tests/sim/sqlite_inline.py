@@ -9,7 +9,7 @@ transaction is then rolled back, as after ``kill -9``).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -153,3 +153,8 @@ class Connector:
         for conn in self.connections:
             conn.crash()
         self.connections.clear()
+
+
+async def inline(func: Callable[..., Any], *args: Any) -> Any:
+    """``Store(offload=...)`` for the simulation: blocking file work runs on the simulated loop, no thread."""
+    return func(*args)
