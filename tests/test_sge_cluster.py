@@ -71,7 +71,7 @@ async def test_array_maps_task_ids_to_indices_and_logs(sge_cluster, tmp_path: Pa
     body = f'echo "$@" > {out}/"$2"; echo "stdout of $2"; echo "stderr of $2" >&2\n'
     req = request(tmp_path, body, indices=list(range(12)), array_parallelism=4)
     job = await s.submit(req)
-    keys = s.keys_for(job, req.indices, 0)
+    keys = [req.element_key(job, i) for i in req.indices]
 
     async def all_done():
         before = s.queries
@@ -94,7 +94,7 @@ async def test_uneven_indices_and_offset_run_exactly_those_elements(sge_cluster,
     out.mkdir()
     req = request(tmp_path, f'echo "$@" > {out}/"$2"\n', indices=[1000, 1003, 1004, 1009], index_offset=1000)
     job = await s.submit(req)
-    keys = s.keys_for(job, req.indices, 1000)
+    keys = [req.element_key(job, i) for i in req.indices]
     assert keys == [f"{job}_0", f"{job}_3", f"{job}_4", f"{job}_9"]
 
     async def all_done():

@@ -48,6 +48,9 @@ class _Element:
     returncode: int | None = None
     started: float | None = None
     adopted: bool = False  # a process we did not start (after a restart): polled, not awaited
+    #: An adopted process's start time (``/proc/PID/stat``): pids are recycled, and a recycled one must never
+    #: be taken for our worker, still less signalled.
+    pid_start: str | None = None
     cancel_requested: bool = False
     timed_out: bool = False
     process: Process | None = field(default=None, repr=False)
@@ -204,6 +207,8 @@ class LocalScheduler(Scheduler):
         """SIGTERM the element's process group, SIGKILL after the grace period."""
         if element.pid is None:
             return
+        if element.adopted and not await anyio.to_thread.run_sync(_pid_alive, element.pid, element.pid_start):
+            return  # gone; its pid may belong to somebody else by now
         try:
             os.killpg(element.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
@@ -215,8 +220,11 @@ class LocalScheduler(Scheduler):
                 return
         else:
             deadline = time.monotonic() + self.kill_grace
-            while time.monotonic() < deadline and await anyio.to_thread.run_sync(_pid_alive, element.pid):
+            while time.monotonic() < deadline and await anyio.to_thread.run_sync(_pid_alive, element.pid,
+                                                                                 element.pid_start):
                 await anyio.sleep(0.1)
+            if not await anyio.to_thread.run_sync(_pid_alive, element.pid, element.pid_start):
+                return
         try:
             os.killpg(element.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -257,6 +265,7 @@ class LocalScheduler(Scheduler):
             pid = _find_worker(cmdlines, request.job_dir, element.index)
             if pid is not None:
                 element.phase, element.pid, element.adopted = Phase.RUNNING, pid, True
+                element.pid_start = _process_start(pid)
             elif await anyio.to_thread.run_sync(_exists, started):
                 element.phase, element.outcome = Phase.DONE, Outcome.FAILED  # started, no process, no result
             else:
@@ -268,7 +277,8 @@ class LocalScheduler(Scheduler):
         out: dict[str, Observation] = {}
         adopted = [e for j in job_ids for e in self._jobs.get(j, []) if e.adopted and e.phase is Phase.RUNNING]
         if adopted:
-            alive = await anyio.to_thread.run_sync(lambda: {e.pid: _pid_alive(e.pid) for e in adopted if e.pid})
+            alive = await anyio.to_thread.run_sync(
+                lambda: {e.pid: _pid_alive(e.pid, e.pid_start) for e in adopted if e.pid})
             for element in adopted:
                 if not alive.get(element.pid):
                     element.phase, element.outcome = Phase.DONE, Outcome.COMPLETED  # exit status unknown
@@ -342,7 +352,17 @@ class LocalScheduler(Scheduler):
         }
 
 
-def _pid_alive(pid: int | None) -> bool:
+def _process_start(pid: int) -> str | None:
+    """Field 22 of ``/proc/PID/stat``: when the process started, in clock ticks since boot."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int | None, start: str | None = None) -> bool:
+    """*pid* runs (not a zombie) and, when *start* is known, is still the process that started then."""
     if not pid:
         return False
     try:
@@ -350,9 +370,12 @@ def _pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return start is None
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return b") Z " not in fh.read()  # a zombie is dead
+            stat = fh.read()
     except OSError:
         return False
+    if b") Z " in stat:
+        return False  # a zombie is dead
+    return start is None or stat.rsplit(b")", 1)[1].split()[19].decode() == start

@@ -159,12 +159,25 @@ def _killpg(pid: int, sig: int) -> None:
         pass
 
 
+def process_start(pid: int) -> str | None:
+    """The start time of *pid* (``/proc/PID/stat`` field 22), so a recycled pid is never taken for ours."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _same_process(pid: int, start: str | None) -> bool:
+    return start is not None and process_start(pid) == start
+
+
 def run(seqs: list[int]) -> None:
     """Run the elements of jobs *seqs* as slots, each job's array limit and time limit allow."""
     root = state_dir()
     metas = {seq: read_json(root / "jobs" / str(seq) / "meta.json") for seq in seqs}
     for seq in seqs:
-        (root / "jobs" / str(seq) / "runner.pid").write_text(str(os.getpid()))
+        (root / "jobs" / str(seq) / "runner.pid").write_text(f"{os.getpid()} {process_start(os.getpid())}")
     slots = int(os.environ.get("WLM_EMU_SLOTS", "4"))
     pending = [(seq, k) for seq in seqs for k in range(count(metas[seq]))]
     running: dict[tuple[int, int], dict[str, Any]] = {}
@@ -226,7 +239,8 @@ def _start(root: Path, jobdir: Path, meta: dict[str, Any], k: int, fh: Any) -> d
     if err is not out:
         err.close()
     start = time.time()
-    write_json(jobdir / "el" / f"{k}.json", {"state": "running", "pid": proc.pid, "start": start})
+    write_json(jobdir / "el" / f"{k}.json", {"state": "running", "pid": proc.pid, "start": start,
+                                             "pid_start": process_start(proc.pid)})
     return {"proc": proc, "fh": fh, "start": start, "reason": None, "kill_at": 0.0}
 
 
@@ -235,12 +249,16 @@ def kill_everything(root: Path) -> None:
     for entry in (root / "jobs").iterdir() if (root / "jobs").exists() else []:
         for k_file in (entry / "el").glob("*.json") if (entry / "el").exists() else []:
             rec = read_json(k_file)
-            if rec and rec.get("state") == "running":
+            # Only a process that is still the one we started: pids are recycled (pid_max may be 32768),
+            # and a stale record must never kill somebody else's process group.
+            if rec and rec.get("state") == "running" and _same_process(int(rec["pid"]), rec.get("pid_start")):
                 _killpg(int(rec["pid"]), signal.SIGKILL)
         pid_file = entry / "runner.pid"
         if pid_file.exists():
+            pid_text, _, started = pid_file.read_text().partition(" ")
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                if _same_process(int(pid_text), started or None):
+                    os.kill(int(pid_text), signal.SIGKILL)
             except (ProcessLookupError, ValueError, PermissionError):
                 pass
 
