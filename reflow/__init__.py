@@ -1,10 +1,47 @@
 """reflow: describe an HPC pipeline once with decorated functions; reflowd runs it."""
 
 from reflow_client.config import Config, load_config
+from reflow_client.manifest import CliParamDescription, TaskDescription, WorkflowDescription
 
-from .flow import Flow, JobConfig
+from .executors import (
+    Executor,
+    FluxExecutor,
+    LocalExecutor,
+    LSFExecutor,
+    PBSExecutor,
+    SGEExecutor,
+    SlurmExecutor,
+)
+from .flow import Flow, JobConfig, TaskSpec
+from .interrupt import TaskInterrupted
 from .params import Param, Result, RunDir
+from .run import Run
+from .states import RunState, TaskState
 from .workflow import Workflow
 
-__all__ = ["Config", "Flow", "JobConfig", "Param", "Result", "RunDir", "Workflow", "load_config"]
+__all__ = [
+    "CliParamDescription",
+    "Config",
+    "Executor",
+    "Flow",
+    "FluxExecutor",
+    "JobConfig",
+    "LSFExecutor",
+    "LocalExecutor",
+    "PBSExecutor",
+    "Param",
+    "Result",
+    "Run",
+    "RunDir",
+    "RunState",
+    "SGEExecutor",
+    "SlurmExecutor",
+    "TaskDescription",
+    "TaskInterrupted",
+    "TaskSpec",
+    "TaskState",
+    "Workflow",
+    "WorkflowDescription",
+    "load_config",
+]
 __version__ = "0.1.0"

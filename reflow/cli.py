@@ -1,13 +1,16 @@
 """The command line generated from task signatures: ``wf.cli()``.
 
-    python pipeline.py run    --run-dir DIR [workflow flags]   run here, in this process
-    python pipeline.py submit --run-dir DIR [workflow flags]   hand the run to reflowd
-    python pipeline.py status RUN_ID | cancel RUN_ID | retry RUN_ID | runs
+    python pipeline.py run    --run-dir DIR [workflow parameters]   run here, in this process
+    python pipeline.py submit --run-dir DIR [workflow parameters]   hand the run to reflowd
+    python pipeline.py status RUN | watch RUN | results RUN | logs RUN TASK | cancel RUN | retry RUN | runs
     python pipeline.py dag [--format text|mermaid|dot] | describe
 
-Workflow flags come from the tasks' run parameters: their types, defaults
-and ``Param`` metadata. Building the parser is separate from running the
-command so the parsing can be tested on its own.
+Workflow parameters come from the tasks' run parameters: their types,
+defaults and ``Param`` metadata. They win their plain names: reflow's own
+options (``--run-dir``, ``--wait``, ...) step aside to ``--reflow-<name>``
+where a parameter takes the same flag (``reflow_client.cli_parser``). The
+same builder serves ``reflow-client submit FILE``. Building the parser is
+separate from running the command so the parsing can be tested on its own.
 """
 
 from __future__ import annotations
@@ -17,10 +20,25 @@ import datetime as _dt
 import enum
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
-from reflow_client import codec
+from reflow_client import cli_errors
+from reflow_client.cli_errors import CliError, fail
+from reflow_client.cli_parser import (
+    COMMAND_DEST,
+    OWN_OPTIONS_NOTE,
+    RUN_OPTIONS,
+    OwnOption,
+    Parser,
+    add_own_options,
+    check_required,
+    flags_taken,
+    split_namespace,
+    submit_options,
+)
 
 from .typeinfo import list_element, strip_optional, type_repr
 
@@ -123,7 +141,7 @@ def _help_text(rp: RunParam, tp_text: str, required: bool, default: Any) -> str:
 
 def add_param_flags(parser: argparse.ArgumentParser, wf: Workflow) -> list[str]:
     """Add one flag per merged run parameter; returns the dests (= parameter keys)."""
-    group = parser.add_argument_group("workflow parameters")
+    group = parser.add_argument_group("workflow parameters", f"the parameters of workflow {wf.name!r}")
     keys = []
     for key, rps in wf._merged_params().items():
         rp = rps[0]
@@ -185,82 +203,94 @@ def add_param_flags(parser: argparse.ArgumentParser, wf: Workflow) -> list[str]:
     return keys
 
 
-def _add_daemon_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", type=Path, help="reflowd socket (default: $REFLOW_SOCKET or the XDG runtime dir)")
+@dataclass
+class CommandParser:
+    """A run/submit parser with what is needed to finish parsing (own options, parameter keys)."""
+
+    parser: argparse.ArgumentParser
+    options: list[OwnOption]
+    keys: list[str]
+    shown: dict[str, str]
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        return self.finish(self.parser.parse_args(argv))
+
+    def finish(self, ns: argparse.Namespace) -> argparse.Namespace:
+        check_required(self.parser, ns, self.options, self.shown)
+        return split_namespace(ns, self.keys)
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", type=Path, required=True, help="shared working directory for this run")
-    parser.add_argument("--force", action="store_true", help="ignore cached results and run every task")
-    parser.add_argument("--force-tasks", nargs="+", metavar="TASK", default=None, help="run these tasks even if cached")
-    parser.add_argument("--verify", action="store_true", help="verify cached outputs (files exist, verify=...)")
+def _with_params(parser: argparse.ArgumentParser, wf: Workflow, options: list[OwnOption]) -> CommandParser:
+    keys = add_param_flags(parser, wf)
+    group = parser.add_argument_group("options", "reflow's own options")
+    shown = add_own_options(group, options, flags_taken(parser))
+    return CommandParser(parser, options, keys, shown)
 
 
-def build_parser(wf: Workflow, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _describe(wf: Workflow) -> str:
+    return f"Workflow {wf.name!r}: {len(wf.tasks)} task(s): {', '.join(wf.tasks)}."
+
+
+def submit_parser(wf: Workflow, prog: str, *, client: bool) -> CommandParser:
+    """The parser of ``reflow-client submit FILE`` (client=True) or of ``pipeline.py submit``."""
+    parser = Parser(prog=prog, add_help=False, description=f"{_describe(wf)} Submit a run to reflowd (started in "
+                    "the background if none answers).", epilog=f"{OWN_OPTIONS_NOTE} {cli_errors.EXIT_CODES_HELP}.")
+    return _with_params(parser, wf, submit_options(run_dir_required=not client, client=client))
+
+
+def build_parser(wf: Workflow, prog: str | None = None) -> Parser:
+    parser = Parser(
         prog=prog,
-        allow_abbrev=False,
-        description=f"Workflow {wf.name!r}: {len(wf.tasks)} task(s).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_describe(wf),
+        epilog=f"RUN is a run id, any unambiguous prefix of one, or 'last' (this workflow's newest run). "
+               f"{cli_errors.EXIT_CODES_HELP}.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from reflow_client.cli import add_run_commands, version
 
-    run = sub.add_parser("run", allow_abbrev=False, help="run the whole workflow on this machine, in this process")
-    _add_run_flags(run)
-    run.add_argument("--max-workers", type=int, default=None, help="parallel task processes (default: CPU count)")
-    run.add_argument("--on-error", choices=["stop", "continue"], default="stop",
-                     help="after a failure: stop starting new tasks, or continue independent ones (default: stop)")
-    add_param_flags(run, wf)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (reflow {version()})")
+    sub = parser.add_subparsers(dest=COMMAND_DEST, required=True, metavar="COMMAND", parser_class=Parser)
+    commands: dict[str, CommandParser] = {}
 
-    submit = sub.add_parser("submit", allow_abbrev=False, help="submit a run to reflowd (started in the background if needed)")
-    _add_run_flags(submit)
-    submit.add_argument("--cluster", help="cluster name from ~/.config/reflow/config.toml (default: local)")
-    submit.add_argument("--no-daemon", action="store_true", help="fail instead of starting reflowd when none answers")
-    submit.add_argument("--wait", action="store_true", help="follow progress until the run ends")
-    submit.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_daemon_flags(submit)
-    add_param_flags(submit, wf)
+    run = sub.add_parser("run", add_help=False, help="run the whole workflow on this machine, in this process",
+                         description=f"{_describe(wf)} Run it here, in this process, with reflow's engine (no "
+                                     "daemon); cached results from earlier runs in the same run directory are reused.",
+                         epilog=f"{OWN_OPTIONS_NOTE} {cli_errors.EXIT_CODES_HELP}.")
+    commands["run"] = _with_params(run, wf, RUN_OPTIONS)
+    submit = sub.add_parser("submit", add_help=False, help="submit a run to reflowd (started in the background if "
+                            "needed)", description=f"{_describe(wf)} Submit a run to reflowd (started in the "
+                            "background if none answers).", epilog=f"{OWN_OPTIONS_NOTE} {cli_errors.EXIT_CODES_HELP}.")
+    commands["submit"] = _with_params(submit, wf, submit_options(run_dir_required=True, client=False))
 
-    status = sub.add_parser("status", allow_abbrev=False, help="show a run's progress")
-    status.add_argument("run_id", metavar="RUN_ID")
-    status.add_argument("--task", help="show this task's instances")
-    status.add_argument("--json", action="store_true")
-    _add_daemon_flags(status)
+    add_run_commands(sub, workflow_scoped=True)
 
-    cancel = sub.add_parser("cancel", allow_abbrev=False, help="cancel a run or one of its tasks")
-    cancel.add_argument("run_id", metavar="RUN_ID")
-    cancel.add_argument("--task", help="cancel only this task")
-    cancel.add_argument("--json", action="store_true")
-    _add_daemon_flags(cancel)
-
-    retry = sub.add_parser("retry", allow_abbrev=False, help="retry failed or cancelled instances")
-    retry.add_argument("run_id", metavar="RUN_ID")
-    retry.add_argument("--task", help="retry only this task")
-    retry.add_argument("--no-verify", dest="verify", action="store_false", help="trust cached upstream outputs")
-    retry.add_argument("--json", action="store_true")
-    _add_daemon_flags(retry)
-
-    runs = sub.add_parser("runs", allow_abbrev=False, help="list this workflow's runs")
-    runs.add_argument("--state", help="only runs in this state (running, succeeded, failed, cancelled)")
-    runs.add_argument("--limit", type=int, default=20)
-    runs.add_argument("--json", action="store_true")
-    _add_daemon_flags(runs)
-
-    dag = sub.add_parser("dag", allow_abbrev=False, help="print the task graph")
-    dag.add_argument("--format", choices=["text", "mermaid", "dot"], default="text")
-
-    sub.add_parser("describe", allow_abbrev=False, help="print the manifest (JSON) the daemon runs from")
+    dag = sub.add_parser("dag", help="print the task graph", description="Print the task graph.")
+    dag.add_argument("--format", choices=["text", "mermaid", "dot"], default="text",
+                     help="text (default), a mermaid flowchart, or graphviz dot")
+    sub.add_parser("describe", help="print the manifest (JSON) reflowd runs from",
+                   description="Print the manifest (JSON) reflowd runs from.")
+    parser.set_defaults(**{"reflow:parsers": commands})
     return parser
 
 
 def parse_args(wf: Workflow, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a workflow CLI's arguments: ``.command``, reflow's options by name, the parameters in ``.params``."""
     wf.validate()
-    return build_parser(wf).parse_args(argv)
+    parser = build_parser(wf)
+    ns = parser.parse_args(argv)
+    commands: dict[str, CommandParser] = vars(ns).pop("reflow:parsers")
+    command = vars(ns).pop(COMMAND_DEST)
+    if command in commands:
+        args = commands[command].finish(ns)
+    else:
+        args = argparse.Namespace(**vars(ns))
+        args.params = {}
+    args.command = command
+    return args
 
 
 def workflow_parameters(wf: Workflow, args: argparse.Namespace) -> dict[str, Any]:
     """The run parameters given on the command line (keys as in ``Workflow.submit``)."""
-    return {key: getattr(args, key) for key in wf._merged_params() if hasattr(args, key)}
+    return dict(getattr(args, "params", {}))
 
 
 def run_command(wf: Workflow, args: argparse.Namespace) -> int:
@@ -274,20 +304,87 @@ def run_command(wf: Workflow, args: argparse.Namespace) -> int:
         return 0
     from . import commands
 
-    return commands.dispatch(wf, args, workflow_parameters(wf, args))
+    return commands.dispatch(wf, args)
 
 
 def main(wf: Workflow, argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(wf, argv)
-    except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_command(wf, args)
+    """``wf.cli()``: run the CLI; as a program (argv None) a failure also ends the process with its exit code."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "reflow"
+    given = list(sys.argv[1:] if argv is None else argv)
+    code = cli_errors.guarded(prog, lambda: run_command(wf, parse_args(wf, given)),
+                              debug=cli_errors.debug_enabled(given))
+    if argv is None and code != 0:
+        raise SystemExit(code)
+    return code
 
 
-def encode_for_display(value: Any) -> str:
+# ---------------------------------------------------------------------- reflow-client submit FILE
+
+
+def load_for_cli(path: str, name: str | Callable[[], str | None] | None = None) -> Workflow:
+    """The workflow in *path*, or a CliError that says what is wrong with the file and how to fix it.
+
+    *name* picks one of several workflows; a callable is asked only when the file defines several.
+    """
+    import os
+
+    from .loader import WorkflowLoadError, load_module
+    from .workflow import Workflow
+
+    file = Path(path).expanduser()
+    if not file.exists():
+        fail(f"workflow file {path} does not exist; give the path of the Python file that defines the workflow")
+    if file.is_dir():
+        scripts = sorted(p.name for p in file.glob("*.py"))[:5]
+        fail(f"{path} is a directory; give the Python file that defines the workflow"
+             + (f" (it has: {', '.join(scripts)})" if scripts else ""))
+    if not os.access(file, os.R_OK):
+        fail(f"cannot read workflow file {path}; check its permissions")
     try:
-        return json.dumps(codec.encode(value))
-    except codec.CodecError:
-        return repr(value)
+        module = load_module(file)
+    except SyntaxError as exc:
+        where = f"{exc.filename or path}:{exc.lineno}" if exc.lineno else str(exc.filename or path)
+        raise CliError(f"{where}: syntax error: {exc.msg}; fix the file and try again") from exc
+    except WorkflowLoadError as exc:
+        raise CliError(str(exc)) from exc
+    except ImportError as exc:
+        raise CliError(f"{path} could not be imported: {exc}; install what it imports (or put it on PYTHONPATH)") \
+            from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while being imported
+        raise CliError(f"{path} raised {type(exc).__name__} while being imported: {exc} (--debug shows the "
+                       "traceback)") from exc
+    found = list({id(v): v for v in vars(module).values() if isinstance(v, Workflow)}.values())
+    if not found:
+        fail(f"{path} defines no Workflow when imported; create it at the top level of the file (not inside a "
+             "function or under 'if __name__ == \"__main__\":'), for example wf = Workflow(\"name\")")
+    if callable(name):
+        name = name() if len(found) > 1 else None  # --workflow matters only where there is a choice
+    if name is not None:
+        named = [w for w in found if w.name == name]
+        if not named:
+            fail(f"{path} defines no workflow named {name!r} (it defines: {', '.join(sorted(w.name for w in found))})")
+        found = named
+    if len(found) > 1:
+        fail(f"{path} defines several workflows ({', '.join(sorted(w.name for w in found))}); pick one with "
+             "--workflow NAME")
+    wf = found[0]
+    wf.entrypoint = file.resolve()
+    return wf
+
+
+def client_submit(path: str, argv: list[str], *, socket: Path | None,
+                  workflow: Callable[[], str | None] | None) -> int:
+    """``reflow-client submit FILE [options] [workflow parameters]``."""
+    wf = load_for_cli(path, workflow)
+    wf.validate()
+    cp = submit_parser(wf, f"reflow-client submit {path}", client=True)
+    args = cp.parse(argv)
+    chosen = getattr(args, "workflow", None)
+    if chosen is not None and chosen != wf.name:
+        fail(f"{path} defines workflow {wf.name!r}, not {chosen!r}")
+    if args.socket is None:
+        args.socket = socket
+    args.command = "submit"
+    from . import commands
+
+    return commands.cmd_submit(wf, args, prog="reflow-client")

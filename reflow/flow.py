@@ -1,8 +1,10 @@
 """Task definition: ``Flow``, ``JobConfig`` and the per-task ``TaskSpec``.
 
 Everything a user can get wrong about one task (a bad name, a time limit
-typo, a parameter that would clash with a built-in CLI flag) is refused here,
-when the decorator runs, with a message naming the task and the fix.
+typo, two parameters whose flags would clash) is refused here, when the
+decorator runs, with a message naming the task and the fix. No parameter name
+is reserved: the generated CLIs move their own options aside instead
+(``reflow_client.cli_parser``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import inspect
 import marshal
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, get_type_hints
 
 from reflow_client.resources import format_mem, parse_mem, parse_time
@@ -22,42 +24,32 @@ from .params import Param, Result, RunDir
 from .typeinfo import split_annotated, strip_optional, type_repr
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-#: Flags the generated CLI defines itself; a run parameter may not take these names.
-RESERVED_PARAM_KEYS = frozenset(
-    {
-        "help",
-        "run_dir",
-        "force",
-        "force_tasks",
-        "verify",
-        "cluster",
-        "executor",
-        "json",
-        "socket",
-        "no_daemon",
-        "no_wait",
-        "wait",
-        "max_workers",
-        "on_error",
-        "command",
-        "format",
-        "task",
-        "run_id",
-        "index",
-    }
-)
-RESERVED_SHORT_FLAGS = frozenset({"h"})
+#: A parameter of this name receives the run directory, with or without the RunDir marker.
+RUN_DIR_PARAM = "run_dir"
 
 _OPTION_VALUE_TYPES = (str, int, float, bool, type(None))
 
 
+@dataclass(init=False)
 class JobConfig:
-    """Resource and dependency configuration of one task.
+    """Resource and dependency configuration of one task (a dataclass: ``dataclasses.asdict`` works).
 
     ``submit_options``, then ``extra``, then ``**scheduler_options`` are merged
     (later wins) into ``submit_options``: scheduler-native options stored verbatim.
+    ``extra`` is kept only as a read alias of that merged mapping, so it is not a field.
     """
+
+    cpus: int = 1
+    time: str = "00:30:00"
+    mem: str = "4G"
+    array: bool = False
+    after: list[str] = field(default_factory=list)
+    array_parallelism: int | None = None
+    submit_options: dict[str, Any] = field(default_factory=dict)
+    version: str = "1"
+    cache: bool = True
+    backend: str | None = None
+    retries: int = 0
 
     def __init__(
         self,
@@ -95,30 +87,12 @@ class JobConfig:
 
     @property
     def extra(self) -> dict[str, Any]:
-        """Backward-compatible alias for ``submit_options``."""
+        """Backward-compatible alias for ``submit_options`` (the same mapping, not a copy)."""
         return self.submit_options
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, JobConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
-        return f"JobConfig({fields})"
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cpus": self.cpus,
-            "time": self.time,
-            "mem": self.mem,
-            "array": self.array,
-            "after": list(self.after),
-            "array_parallelism": self.array_parallelism,
-            "submit_options": dict(self.submit_options),
-            "version": self.version,
-            "cache": self.cache,
-            "backend": self.backend,
-            "retries": self.retries,
-        }
+        """``dataclasses.asdict(self)``: what the manifest carries as the task's ``config``."""
+        return asdict(self)
 
     def check(self, task: str) -> None:
         """Raise ValueError for values no scheduler could take."""
@@ -272,7 +246,7 @@ def analyse_function(task: str, func: Callable[..., Any]) -> tuple[dict[str, Res
             if task in marker.steps:
                 raise ValueError(f"{where}: a task cannot take its own result")
             results[pname] = marker
-        elif isinstance(marker, RunDir):
+        elif isinstance(marker, RunDir) or pname == RUN_DIR_PARAM:  # by name too, as the reference injects it
             run_dir_params.append(pname)
         else:
             inner, optional = strip_optional(base)
@@ -295,14 +269,6 @@ def check_param_names(spec: TaskSpec, others: list[TaskSpec]) -> None:
     """Refuse run parameters whose flags would clash or be silently dropped."""
     for rp in spec.run_params.values():
         where = f"task {spec.name!r} parameter {rp.name!r}"
-        for key in rp.keys:
-            if key in RESERVED_PARAM_KEYS:
-                raise ValueError(
-                    f"{where}: its flag --{key.replace('_', '-')} collides with the built-in CLI flag of the same "
-                    "name; rename the parameter or give it Param(namespace='local')"
-                )
-        if rp.marker.short and rp.marker.short in RESERVED_SHORT_FLAGS:
-            raise ValueError(f"{where}: short flag -{rp.marker.short} is reserved for --help; pick another letter")
         for other in [*others, spec]:
             for orp in other.run_params.values():
                 if orp is rp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import sys
@@ -59,8 +60,11 @@ def find_workflow(module: ModuleType, name: str | None = None) -> Workflow:
     unique = list({id(w): w for w in found}.values())
     where = getattr(module, "__file__", module.__name__)
     if not unique:
-        what = f"a Workflow named {name!r}" if name else "a Workflow"
-        raise WorkflowLoadError(f"{where} defines no module-level {what}")
+        what = f"Workflow named {name!r}" if name else "Workflow"
+        raise WorkflowLoadError(
+            f"{where} defines no module-level {what} when imported (is it created inside a function or only under "
+            "'if __name__ == \"__main__\":'?); create it at the top level of the file"
+        )
     if len(unique) > 1:
         names = ", ".join(sorted(w.name for w in unique))
         raise WorkflowLoadError(f"{where} defines several workflows ({names}); name the one to use")
@@ -71,3 +75,52 @@ def load_workflow(path: str | Path, name: str | None = None) -> Workflow:
     wf = find_workflow(load_module(path), name)
     wf.entrypoint = Path(path).resolve()
     return wf
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either operand order)."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare) or len(node.test.comparators) != 1:
+        return False
+    sides = [node.test.left, node.test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    texts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return bool(names and texts)
+
+
+def _bound_names(node: ast.stmt) -> set[str]:
+    targets: list[ast.expr] = []
+    if isinstance(node, ast.Assign):
+        targets = list(node.targets)
+    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and node.value is not None:
+        targets = [node.target]
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    names: set[str] = set()
+    for target in targets:
+        names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def assigned_at_import(path: str | Path, names: set[str]) -> bool | None:
+    """Does importing *path* bind one of *names* at module level? None when the file cannot be read.
+
+    Statements under ``if __name__ == "__main__":`` do not run on import; other
+    compound statements at the top level (if, try, with, for) do.
+    """
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    pending: list[ast.stmt] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if _is_main_guard(node):
+            continue
+        if _bound_names(node) & names:
+            return True
+        if isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+            for block in ("body", "orelse", "finalbody"):
+                pending.extend(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                pending.extend(handler.body)
+    return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,12 @@ class LocalRunResult:
     summary: dict[str, dict[str, int]]
     outputs: dict[str, Any] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: every instance's encoded output per task (``{"index", "state", "output"}``), for display without decoding
+    encoded: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: stderr log file of each listed failure, by label (``task`` or ``task[i]``)
+    log_paths: dict[str, str] = field(default_factory=dict)
+    #: failed instances in all (``failures`` lists at most 20)
+    failures_total: int = 0
 
     @property
     def ok(self) -> bool:
@@ -55,7 +62,9 @@ def run_local(
     store_path: str | os.PathLike[str] | None = None,
     parameters: dict[str, Any],
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    log_level: str | None = None,
 ) -> LocalRunResult:
+    """Run *wf* to its end here; engine log lines only at *log_level* (default: $REFLOW_LOG_LEVEL, else errors)."""
     if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
         raise ValueError(f"max_workers must be a positive whole number, not {max_workers!r}")
     options = run_options(force=force, force_tasks=force_tasks, verify=verify, on_error=on_error)
@@ -73,12 +82,14 @@ def run_local(
     from reflowd.embedded import run_embedded  # the engine, imported only when running locally
     from reflowd.logging import configure
 
-    configure(os.environ.get("REFLOW_LOG_LEVEL", "warning"))
+    configure(log_level or os.environ.get("REFLOW_LOG_LEVEL") or "error", stream=_Stderr())
 
     async def main() -> dict[str, Any]:
-        return await run_embedded(
+        status = await run_embedded(
             manifest, params, str(rd), options=options, store_path=db, max_workers=max_workers, on_event=on_event
         )
+        status["log_paths"] = await _failure_logs(db, status["run"]["id"], status["failures"])
+        return status
 
     status = anyio.run(main)
     outputs: dict[str, Any] = {}
@@ -95,4 +106,48 @@ def run_local(
         summary=status["summary"],
         outputs=outputs,
         failures=status["failures"],
+        encoded=status["outputs"],
+        log_paths=status["log_paths"],
+        failures_total=sum(n for counts in status["summary"].values() for state, n in counts.items()
+                           if state in _LISTED_FAILURES),
     )
+
+
+_LISTED_FAILURES = {"failed", "timeout", "out_of_memory", "node_fail", "submit_failed", "cancelled"}
+
+
+class _Stderr:
+    """Log lines go to whatever ``sys.stderr`` is when they are written (the live display may redirect it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+async def _failure_logs(db: Path, run_id: str, failures: list[dict[str, Any]]) -> dict[str, str]:
+    """The stderr file of each failed instance, from the job records of the embedded store."""
+    if not failures:
+        return {}
+    from reflowd.driver import log_paths_for
+    from reflowd.store import Store
+
+    store = Store(db)
+    await store.open()
+    try:
+        records = await store.jobs_for_runs([run_id])
+    finally:
+        await store.close()
+    paths: dict[str, str] = {}
+    for failure in failures:
+        task, index = failure["task"], failure["index"]
+        mine = [r for r in records if r.task == task and (index is None or index in (r.request.indices or []))]
+        if mine:
+            latest = max(mine, key=lambda r: r.submitted_at)
+            label = task if index is None else f"{task}[{index}]"
+            paths[label] = log_paths_for(latest.request, index)[1]
+    return paths

@@ -37,7 +37,7 @@ def split_annotated(annotation: Any) -> tuple[Any, list[Any]]:
 
 def strip_optional(tp: Any) -> tuple[Any, bool]:
     """``Optional[T]`` -> (T, True); anything else -> (tp, False)."""
-    if _is_union(tp):
+    if is_union(tp):
         args = [a for a in get_args(tp) if a is not _NONE]
         if len(args) < len(get_args(tp)):
             if len(args) == 1:
@@ -46,7 +46,7 @@ def strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _is_union(tp: Any) -> bool:
+def is_union(tp: Any) -> bool:
     origin = get_origin(tp)
     return origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType))
 
@@ -80,10 +80,10 @@ def compatible(src: Any, dst: Any) -> bool:
     dst_inner, dst_optional = strip_optional(dst)
     if src is _NONE:
         return dst_optional
-    if _is_union(dst_inner):
+    if is_union(dst_inner):
         return any(compatible(src, d) for d in get_args(dst_inner))
     src_inner, _ = strip_optional(src)
-    if _is_union(src_inner):
+    if is_union(src_inner):
         return all(compatible(s, dst_inner) for s in get_args(src_inner) if s is not _NONE)
     if get_origin(dst_inner) is Literal:
         return get_origin(src_inner) is Literal and set(get_args(src_inner)) <= set(get_args(dst_inner))

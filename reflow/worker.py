@@ -20,27 +20,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from reflow_client import codec, jobfiles
 
+from .interrupt import Interrupts, TaskInterrupted, WorkerInterrupted
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-
-
-class WorkerInterrupted(BaseException):
-    """A signal asked the worker to stop (BaseException: user code's ``except Exception`` must not eat it)."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.signame = signal.Signals(signum).name
-        super().__init__(f"interrupted by {self.signame}")
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise WorkerInterrupted(signum)
 
 
 def _now() -> float:
@@ -92,10 +80,16 @@ def _call_task(job: dict[str, Any], element: dict[str, Any]) -> Any:
     task = job["task"]
     if task not in wf.tasks:
         raise LookupError(f"workflow {wf.name!r} in {job['entrypoint']} has no task {task!r} (was it renamed?)")
+    spec = wf.tasks[task]
     kwargs = {k: codec.decode(v) for k, v in {**job.get("kwargs", {}), **element.get("kwargs", {})}.items()}
-    for pname in wf.tasks[task].run_dir_params:
-        kwargs[pname] = Path(job["run_dir"])
-    return wf.tasks[task].func(**kwargs)
+    for pname in spec.run_dir_params:  # a str-annotated run_dir gets a str, as the reference passes it
+        kwargs[pname] = str(job["run_dir"]) if spec.param_types.get(pname) is str else Path(job["run_dir"])
+    return spec.func(**kwargs)
+
+
+def _interrupted(base: dict[str, Any], signum: int, tb: str | None, note: str = "") -> dict[str, Any]:
+    name = signal.Signals(signum).name
+    return _failure(base, f"interrupted by {name}{note}", tb, name)
 
 
 def run_instance(job_dir: str, index: int | None) -> int:
@@ -103,7 +97,8 @@ def run_instance(job_dir: str, index: int | None) -> int:
     started = _now()
     result_file = jobfiles.result_path(job_dir, index)
     base = _base_result(None, index, None, started)
-    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    interrupts = Interrupts()
+    interrupts.install()
     code = EXIT_FAILED
     try:
         try:
@@ -135,19 +130,24 @@ def run_instance(job_dir: str, index: int | None) -> int:
                     "ended_at": _now(),
                 }
                 code = EXIT_OK
-            except WorkerInterrupted as exc:
-                result = _failure(base, f"interrupted by {exc.signame}", traceback.format_exc(), exc.signame)
+            except (TaskInterrupted, WorkerInterrupted) as exc:
+                result = _interrupted(base, exc.signum, traceback.format_exc())
                 code = 128 + exc.signum
             except Exception as exc:  # the task's own failure: report it, do not crash
                 result = _failure(base, f"{type(exc).__name__}: {exc}", traceback.format_exc())
             except SystemExit as exc:  # sys.exit() in the task: still leave a result saying so
                 result = _failure(base, f"SystemExit: the task called sys.exit({exc.code!r})", traceback.format_exc())
-    except WorkerInterrupted as exc:  # a signal outside the task call (loading, writing started file)
-        result = _failure(base, f"interrupted by {exc.signame}", traceback.format_exc(), exc.signame)
+    except (TaskInterrupted, WorkerInterrupted) as exc:  # a signal outside the task call (loading, writing started file)
+        result = _interrupted(base, exc.signum, traceback.format_exc())
         code = 128 + exc.signum
     # From here on a signal must not stop us writing the result.
-    for s in previous:
-        signal.signal(s, signal.SIG_IGN)
+    interrupts.quiet()
+    if interrupts.stopped is not None and result.get("signal") is None:
+        # The task caught TaskInterrupted and returned or raised something else: the job was still stopped.
+        what = "returned" if result["state"] == jobfiles.SUCCEEDED else f"raised {result['error']}"
+        result = _interrupted(base, interrupts.stopped, result.get("traceback"),
+                              f" (the task caught TaskInterrupted and {what}; a stopped job's output is not kept)")
+        code = 128 + interrupts.stopped
     try:
         jobfiles.write_json_atomic(result_file, result)
     except (OSError, TypeError, ValueError) as exc:

@@ -18,14 +18,21 @@ from reflow_client.manifest import (
     InputSource,
     Manifest,
     TaskManifest,
+    WorkflowDescription,
 )
 
 from .flow import Flow, RunParam, TaskSpec, check_param_names
+from .loader import assigned_at_import
 from .typeinfo import list_element, type_repr
+from .param_values import check_value
 from .wiring import Edge, check_param_modes, infer_mode
 
 if TYPE_CHECKING:
+    from .executors import Executor
     from .run import Run
+
+#: ``limit`` for reflowd's status call when every instance of a task is wanted.
+_ALL_INSTANCES = 10_000_000
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
@@ -50,7 +57,10 @@ class Workflow(Flow):
         if not isinstance(name, str) or not name or any(c.isspace() or c in "/\\" for c in name):
             raise ValueError(f"invalid workflow name {name!r}: use a short name without spaces or slashes")
         self._config = config
-        caller = sys._getframe(1).f_globals
+        frame = sys._getframe(1)
+        caller = frame.f_globals
+        #: The function that created this workflow, when not the module's top level (for check_loadable).
+        self._created_in: str | None = None if frame.f_code.co_name == "<module>" else frame.f_code.co_name
         entry = caller.get("__file__") or (sys.argv[0] if sys.argv and sys.argv[0] else None)
         #: The file workers load to find this workflow; override for unusual layouts.
         self.entrypoint: Path | None = Path(entry).resolve() if entry else None
@@ -172,10 +182,15 @@ class Workflow(Flow):
             if spec.config.array and not any(
                 s.mode in ELEMENT_MODES for srcs in per_task.values() for s in srcs
             ):
-                raise ValueError(
-                    f"array task {spec.name!r} has no input to fan out over: wire a list-returning task into one "
-                    "of its parameters with Annotated[T, Result(step=...)], or make it a plain job"
-                )
+                hint = ("wire a list-returning task into one of its parameters with Annotated[T, Result(step=...)], "
+                        "or make it a plain job")
+                if per_task:  # something is wired, but only whole values: an incompatible wiring (TypeError)
+                    wired = ", ".join(f"{s.step!r} -> {p}" for p, srcs in per_task.items() for s in srcs)
+                    raise TypeError(
+                        f"array task {spec.name!r} has no input to fan out over: {wired} passes a single value to "
+                        f"every element; {hint}"
+                    )
+                raise ValueError(f"array task {spec.name!r} has no input to fan out over: {hint}")
             modes[spec.name] = per_task
         return modes
 
@@ -212,7 +227,11 @@ class Workflow(Flow):
         return out
 
     def resolve_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Encoded run parameters: defaults filled in, unknown and missing ones refused (TypeError)."""
+        """Encoded run parameters: defaults filled in; unknown, missing and ill-typed ones refused (TypeError).
+
+        Given values follow ``reflow.param_values``' one rule: a value of the parameter's
+        type as it is, a string as the command line would parse it.
+        """
         merged = self._merged_params()
         unknown = [k for k in given if k not in merged]
         if unknown:
@@ -224,7 +243,7 @@ class Workflow(Flow):
         missing = []
         for key, group in merged.items():
             if key in given:
-                value = given[key]
+                value = check_value(key, group[0].annotation, given[key])
             else:
                 default_rp = next((rp for rp in group if rp.has_default), None)
                 if default_rp is None:
@@ -242,8 +261,13 @@ class Workflow(Flow):
 
     # ------------------------------------------------------------------ manifest
 
-    def describe_typed(self) -> Manifest:
-        """The manifest the daemon runs from (typed)."""
+    def describe_typed(self) -> WorkflowDescription:
+        """The typed description (the manifest the daemon runs from).
+
+        It carries the reference's fields (``name``, ``entrypoint``, ``python``,
+        ``working_dir``, ``tasks`` with ``result_deps``, ``cli_params`` with ``task``)
+        and ours beside them (wiring modes, parameter keys, source hashes).
+        """
         self.validate()
         modes = self._wiring_modes()
         tasks = []
@@ -273,21 +297,43 @@ class Workflow(Flow):
         )
 
     def describe(self) -> dict[str, Any]:
-        """The manifest as a JSON-safe dict."""
+        """The description as a JSON-safe dict: the reference's keys plus the manifest's own."""
         return self.describe_typed().to_manifest_dict()
 
     def check_loadable(self) -> None:
-        """Refuse to run when workers could not find this workflow in its entry file."""
+        """Refuse to run when workers could not find this workflow by importing its entry file.
+
+        Workers import the file (without running its ``__main__`` block) and take
+        the module-level Workflow. ``validate()``, ``describe()`` and ``dag`` need no
+        worker and work wherever the workflow was created.
+        """
         if self.entrypoint is None or not self.entrypoint.is_file():
             raise RuntimeError(
                 f"workflow {self.name!r}: cannot tell which file defines it (entrypoint={self.entrypoint}); "
                 "set wf.entrypoint = Path(__file__)"
             )
         module = sys.modules.get(self._module_name or "")
-        if module is not None and not any(v is self for v in vars(module).values()):
+        if module is None:
+            return
+        if module.__name__ == "__main__" and not getattr(module, "__file__", None):
             raise RuntimeError(
-                f"workflow {self.name!r} must be a module-level variable in {self.entrypoint} so that "
-                "workers can find it; do not create it inside a function"
+                f"workflow {self.name!r} is defined interactively, but workers import the workflow from its file; "
+                "put it at the top level of a .py file and import it from there (validate(), describe() and dag "
+                "work here as they are)"
+            )
+        holders = {k for k, v in vars(module).items() if v is self}
+        fix = (f"create it at the top level of {self.entrypoint} (wf = Workflow({self.name!r}) and its @wf.job() "
+               "tasks outside any function), and call wf.cli() or wf.submit(...) under 'if __name__ == \"__main__\":'")
+        if not holders:
+            where = f"inside function {self._created_in}()" if self._created_in else "somewhere workers cannot see"
+            raise RuntimeError(
+                f"workflow {self.name!r} is created {where}, not as a module-level variable, so the workers that "
+                f"import its file cannot find it; {fix}"
+            )
+        if module.__name__ == "__main__" and assigned_at_import(self.entrypoint, holders) is False:
+            raise RuntimeError(
+                f"workflow {self.name!r} is bound to {sorted(holders)[0]!r} only under 'if __name__ == \"__main__\":', "
+                f"which workers do not run when they import the file; {fix}"
             )
 
     # ------------------------------------------------------------------ CLI and execution
@@ -330,17 +376,25 @@ class Workflow(Flow):
         run_dir: str | os.PathLike[str],
         *,
         store: Any = None,
-        executor: str | None = None,
+        executor: Executor | str | None = None,
         force: bool = False,
         force_tasks: list[str] | None = None,
         verify: bool = False,
         **parameters: Any,
     ) -> Run:
-        """Submit a run to the daemon (starting one if none answers) and return its handle.
+        """Create a run in reflowd (started in the background if none answers) and return its ``Run``.
 
-        ``store`` picks the daemon: a socket path or a ``reflow_client.Client``
-        (runs are kept by ``reflowd``); ``executor`` names a cluster from the
-        configuration (``"local"`` is this machine).
+        ``store``: where runs are kept. Here that is reflowd: None means the
+        daemon on the configured socket; a socket path or a connected
+        ``reflow_client.Client`` picks another daemon.
+        ``executor``: a ``reflow.LocalExecutor()``, ``reflow.SlurmExecutor(partition=...)``
+        (or another executor class), a cluster name from the configuration
+        (``"local"`` is this machine), or None for the configured default cluster.
+        ``force`` skips the cache for every task, ``force_tasks`` for some;
+        ``verify`` checks cached outputs before reusing them.
+        ``**parameters`` are the run parameters, checked as the command line
+        checks them (``reflow.param_values``). Missing or ill-typed parameters raise
+        TypeError before anything is submitted.
         """
         from .session import submit
 
@@ -355,8 +409,66 @@ class Workflow(Flow):
             parameters=parameters,
         )
 
-    def submit_run(self, run_dir: str | os.PathLike[str], parameters: dict[str, Any], store: Any = None,
-                   executor: str | None = None) -> str:
-        """Lower-level submission; returns the run id."""
-        return self.submit(run_dir, store=store, executor=executor, **parameters).run_id
+    def submit_run(
+        self,
+        run_dir: str | os.PathLike[str],
+        parameters: dict[str, Any],
+        store: Any = None,
+        executor: Executor | str | None = None,
+    ) -> str:
+        """Lower-level submission (used by CLIs): the same checks as ``submit``; returns the run id."""
+        if not isinstance(parameters, dict):
+            raise TypeError(f"parameters must be a dict of run parameters, not {type(parameters).__name__}")
+        params = dict(parameters)
+        given_dir = params.pop("run_dir", None)  # the reference puts the run directory there itself
+        if given_dir is not None and Path(given_dir).expanduser().resolve() != Path(run_dir).expanduser().resolve():
+            raise ValueError(f"parameters['run_dir'] ({given_dir}) differs from run_dir ({run_dir}); give one of them")
+        return self.submit(run_dir, store=store, executor=executor, **params).run_id
 
+    def run_status(
+        self, run_id: str, store: Any, task_name: str | None = None, *, instances: bool = True
+    ) -> dict[str, Any]:
+        """The reference's status dict of a run (see ``reflow.run``); ``instances=False`` leaves them out."""
+        from .run import status_dict
+        from .session import client_for
+
+        client = client_for(self, store, autostart=True)
+        raw = client.call("status", run_id=run_id, task=task_name)
+        rows: list[dict[str, Any]] = []
+        if instances:
+            names = [task_name] if task_name else [t["name"] for t in raw.get("tasks", [])]
+            for name in names:
+                rows.extend(client.call("status", run_id=run_id, task=name, limit=_ALL_INSTANCES)["instances"])
+        return status_dict(raw, rows)
+
+    def cancel_run(
+        self, run_id: str, store: Any, task_name: str | None = None, executor: Executor | str | None = None
+    ) -> int:
+        """Cancel a run's active instances (only ``task_name``'s if given); returns how many."""
+        from .session import check_run_executor, client_for
+
+        client = client_for(self, store, autostart=True)
+        check_run_executor(self, client, run_id, executor)
+        return client.cancel(run_id, task_name)
+
+    def retry_failed(
+        self,
+        run_id: str,
+        store: Any,
+        run_dir: str | os.PathLike[str],
+        task_name: str | None = None,
+        executor: Executor | str | None = None,
+        verify: bool = True,
+    ) -> int:
+        """Retry failed and cancelled instances (and what they block); returns how many were marked.
+
+        ``store`` reaches reflowd as in ``submit``; ``run_dir`` is accepted for the
+        reference's signature (reflowd knows each run's directory). With
+        ``verify`` (the default) cached upstream outputs are checked and
+        produced again where their files are gone or ``verify=`` fails.
+        """
+        from .session import check_run_executor, client_for
+
+        client = client_for(self, store, autostart=True)
+        check_run_executor(self, client, run_id, executor)
+        return client.retry(run_id, task_name, verify)

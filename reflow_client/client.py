@@ -49,6 +49,10 @@ class ClusterUnavailableError(ReflowError):
     """The chosen cluster cannot be used now (unreachable, host key, credentials); nothing was submitted."""
 
 
+class StoreUnavailableError(ReflowError):
+    """reflowd cannot write its state database (disk full, I/O error); nothing was changed, reads still work."""
+
+
 class DaemonNotRunning(ConnectionError):
     """Nothing answers on the socket."""
 
@@ -66,6 +70,7 @@ def _error(err: dict[str, Any]) -> ReflowError:
         protocol.UNKNOWN_RUN: UnknownRunError,
         protocol.INVALID_PARAMS: InvalidParamsError,
         protocol.CLUSTER_UNAVAILABLE: ClusterUnavailableError,
+        protocol.STORE_UNAVAILABLE: StoreUnavailableError,
     }.get(code, ReflowError)
     return cls(code, str(err.get("message", "unknown error")), err.get("data"))
 
@@ -266,6 +271,15 @@ class AsyncClient:
     async def describe(self, run_id: str) -> dict[str, Any]:
         return await self.call("describe", run_id=run_id)
 
+    async def resolve(self, ref: str, workflow: str | None = None) -> str:
+        """The full run id for *ref*: a run id, an unambiguous prefix of one, or ``last``."""
+        return (await self.call("resolve", ref=ref, workflow=workflow))["run_id"]
+
+    async def results(self, run_id: str, task: str | None = None, index: int | None = None,
+                      limit: int = 1000) -> dict[str, Any]:
+        """Encoded outputs of the final tasks (or of *task*); decode with ``reflow_client.values``."""
+        return await self.call("results", run_id=run_id, task=task, index=index, limit=limit)
+
     async def stats(self) -> dict[str, Any]:
         return await self.call("stats")
 
@@ -341,6 +355,8 @@ class Client:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
                 raise TimeoutError(f"reflowd did not answer within {timeout} s") from None
+            except ConnectionError as exc:  # reset by a daemon that stopped: the same as a closed connection
+                raise DaemonNotRunning(self.path, f"connection lost: {exc.strerror or exc}") from None
             if not chunk:
                 raise DaemonNotRunning(self.path, "connection closed")
             self._buffer += chunk
@@ -394,6 +410,15 @@ class Client:
 
     def describe(self, run_id: str) -> dict[str, Any]:
         return self.call("describe", run_id=run_id)
+
+    def resolve(self, ref: str, workflow: str | None = None) -> str:
+        """The full run id for *ref*: a run id, an unambiguous prefix of one, or ``last``."""
+        return self.call("resolve", ref=ref, workflow=workflow)["run_id"]
+
+    def results(self, run_id: str, task: str | None = None, index: int | None = None,
+                limit: int = 1000) -> dict[str, Any]:
+        """Encoded outputs of the final tasks (or of *task*); decode with ``reflow_client.values``."""
+        return self.call("results", run_id=run_id, task=task, index=index, limit=limit)
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")

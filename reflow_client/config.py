@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,16 @@ CLUSTER_KEYS = frozenset(
         "keepalive_interval",
         "lost_grace",
         "env",
+        "parallel_environment",
+        "memory_resource",
     }
 )
+
+#: Keys that only mean something to some schedulers (set elsewhere they are a mistake).
+SCHEDULER_ONLY_KEYS = {
+    "parallel_environment": ("sge",),  # Grid Engine's -pe name for cpus > 1 (qconf -spl)
+    "memory_resource": ("sge",),  # Grid Engine's complex for mem=: h_vmem, mem_free, a site's own, or none
+}
 
 #: Environment variables that override every cluster's setting of the same name.
 ENV_OVERRIDES = {
@@ -132,6 +141,8 @@ class ClusterConfig:
     keepalive_interval: float = 15.0
     lost_grace: float = 60.0
     env: dict[str, str] = field(default_factory=dict)
+    parallel_environment: str | None = None
+    memory_resource: str = "h_vmem"
 
     @property
     def remote(self) -> bool:
@@ -218,7 +229,27 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}.env: expected a table of strings")
     _check_remote(merged, where)
+    _check_scheduler_keys(merged, table, where)
     return ClusterConfig(name=name, submit_options=options, **merged)
+
+
+def _check_scheduler_keys(merged: dict[str, Any], table: dict[str, Any], where: str) -> None:
+    """Scheduler-specific keys: a name each, and (when the cluster's own table sets one) the right scheduler.
+
+    Set under [defaults] they apply to the clusters that use them and are dropped elsewhere.
+    """
+    for key, kinds in SCHEDULER_ONLY_KEYS.items():
+        if merged.get(key) is None:
+            continue
+        if merged["scheduler"] not in kinds:
+            if key in table:
+                raise ConfigError(f"{where}.{key}: only applies to scheduler {' or '.join(repr(k) for k in kinds)}, "
+                                  f"not {merged['scheduler']!r}; remove it")
+            del merged[key]
+            continue
+        value = merged[key]
+        if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ConfigError(f"{where}.{key}: expected a name like \"smp\" or \"h_vmem\", got {value!r}")
 
 
 _SSH_ONLY = ("port", "user", "identity_file", "known_hosts", "proxy_jump")

@@ -114,6 +114,7 @@ class TaskManifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["inputs"] = {p: [asdict(s) for s in srcs] for p, srcs in self.inputs.items()}
+        data["result_deps"] = self.result_deps  # the seed's key, beside the wire modes
         return data
 
     @classmethod
@@ -166,7 +167,11 @@ class CliParamManifest:
 
     @property
     def task(self) -> str | None:
+        """The seed's ``CliParamDescription.task``: the owning task of a local parameter (a global one has none)."""
         return self.tasks[0] if self.namespace == "local" and self.tasks else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "task": self.task}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> CliParamManifest:
@@ -213,9 +218,10 @@ class Manifest:
     def to_manifest_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "name": self.workflow,  # the seed's key
             "workflow": self.workflow,
             "tasks": [t.to_dict() for t in self.tasks],
-            "cli_params": [asdict(p) for p in self.cli_params],
+            "cli_params": [p.to_dict() for p in self.cli_params],
             "entrypoint": self.entrypoint,
             "python": self.python,
             "working_dir": self.working_dir,

@@ -27,6 +27,8 @@ MESSAGE_TOO_LARGE = -32003
 SHUTTING_DOWN = -32004
 VERSION_MISMATCH = -32005
 CLUSTER_UNAVAILABLE = -32006
+#: The state database cannot be written (disk full, I/O error): changes are refused, reads work.
+STORE_UNAVAILABLE = -32007
 
 METHODS = (
     "hello",

@@ -78,3 +78,53 @@ def format_mem(text: str) -> str:
     if not match:
         raise ValueError(f"invalid memory request {text!r}")
     return f"{int(match.group(1))}{match.group(2).upper()}"
+
+
+# ---------------------------------------------------------------------- conversions for schedulers
+# Each batch system wants limits in its own units; these keep the arithmetic in one tested place.
+
+_UNIT_KB = {"KB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3, "PB": 1024**4, "EB": 1024**5, "ZB": 1024**6}
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """A task's time limit in seconds (None: unlimited); the same rules as :func:`parse_time`."""
+    return parse_time(text)
+
+
+def format_hms(seconds: int) -> str:
+    """``HH:MM:SS`` with hours past 24 (PBS ``walltime``): 90061 s -> ``25:01:01``."""
+    hours, rem = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rem, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def minutes_ceil(seconds: int) -> int:
+    """Whole minutes, rounded up so a limit is never shortened (LSF ``-W``, Flux's default unit)."""
+    return max(1, -(-int(seconds) // 60))
+
+
+def mem_in_unit(text: str, unit: str) -> int:
+    """A memory request (``4G``) as a whole number of *unit* (KB, MB, GB, ...), rounded up.
+
+    LSF reads ``-M`` and ``rusage[mem=]`` numbers in the site's ``LSF_UNIT_FOR_LIMITS``.
+    """
+    key = unit.strip().upper()
+    if key in ("K", "M", "G", "T", "P", "E", "Z"):
+        key += "B"
+    if key not in _UNIT_KB:
+        raise ValueError(f"unknown memory unit {unit!r} (one of {', '.join(_UNIT_KB)})")
+    match = _MEM_RE.match(str(text))
+    if not match:
+        raise ValueError(f"invalid memory request {text!r}: use a whole number with K, M, G or T, like '4G'")
+    suffix = match.group(2).upper() or "M"  # a bare number means megabytes (Slurm's rule)
+    kilobytes = int(match.group(1)) * _UNIT_KB[suffix + "B"]
+    return max(1, -(-kilobytes // _UNIT_KB[key]))
+
+
+def format_pbs_size(text: str) -> str:
+    """A memory request in PBS size syntax (lower-case ``kb``/``mb``/``gb``/``tb``): ``4G`` -> ``4gb``."""
+    match = _MEM_RE.match(str(text))
+    if not match:
+        raise ValueError(f"invalid memory request {text!r}: use a whole number with K, M, G or T, like '4G'")
+    suffix = (match.group(2) or "M").lower()
+    return f"{int(match.group(1))}{suffix}b"

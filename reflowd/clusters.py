@@ -115,10 +115,28 @@ def _with_scheduler(config: ClusterConfig, inner: Transport, *, embedded: bool,
         scheduler = SlurmScheduler(transport, command_timeout=config.command_timeout)
         result_interval = 2.0 if config.remote else 0.5
         timing = Timing(result_grace=10.0, lost_after=3, lost_grace=config.lost_grace)
+    elif config.scheduler in ("pbs", "lsf", "flux"):
+        from .schedulers.flux import FluxScheduler
+        from .schedulers.lsf import LSFScheduler
+        from .schedulers.pbs import PBSScheduler
+
+        kinds: dict[str, type[PBSScheduler] | type[LSFScheduler] | type[FluxScheduler]] = {
+            "pbs": PBSScheduler, "lsf": LSFScheduler, "flux": FluxScheduler}
+        scheduler = kinds[config.scheduler](transport, command_timeout=config.command_timeout)
+        result_interval = 2.0 if config.remote else 0.5
+        timing = Timing(result_grace=10.0, lost_after=3, lost_grace=config.lost_grace)
+    elif config.scheduler == "sge":
+        from .schedulers.sge import SGEScheduler
+        from .schedulers.sge_commands import SGESettings
+
+        scheduler = SGEScheduler(transport, SGESettings(config.parallel_environment, config.memory_resource),
+                                 command_timeout=config.command_timeout)
+        result_interval = 2.0 if config.remote else 0.5
+        timing = Timing(result_grace=10.0, lost_after=3, lost_grace=config.lost_grace)
     else:
         raise ConfigError(
             f"cluster {config.name!r}: scheduler {config.scheduler!r} is not supported by this reflowd yet "
-            "(supported: local, slurm)"
+            "(supported: local, slurm, sge, pbs, lsf, flux)"
         )
     return ClusterRuntime(
         name=config.name,

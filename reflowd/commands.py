@@ -15,12 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from reflow_client import codec
 from reflow_client.manifest import Manifest, ManifestError
 from reflow_client.protocol import (
     CLUSTER_UNAVAILABLE,
     INVALID_PARAMS,
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION,
+    STORE_UNAVAILABLE,
     UNKNOWN_RUN,
     VERSION_MISMATCH,
     RpcError,
@@ -126,6 +128,19 @@ def _time_value(value: Any) -> float:
         raise RpcError(INVALID_PARAMS, f"{value!r} is neither epoch seconds nor an ISO date/time") from None
 
 
+def _require_writable(daemon: Daemon, what: str) -> None:
+    """Refuse a change the state database could not record now; reads keep working."""
+    store = daemon.engine.store
+    if not store.writable:
+        raise RpcError(STORE_UNAVAILABLE, f"{what} refused, nothing was changed: {store.write_error}",
+                       {"store": _store_health(daemon)})
+
+
+def _store_health(daemon: Daemon) -> dict[str, Any]:
+    store = daemon.engine.store
+    return {"writable": store.writable, "error": store.write_error, "since": store.write_error_since}
+
+
 def _engine_call(exc: EngineError) -> RpcError:
     code = UNKNOWN_RUN if isinstance(exc, UnknownRun) else (INVALID_PARAMS if isinstance(exc, InvalidRequest)
                                                             else exc.code)
@@ -146,7 +161,7 @@ async def hello(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 
 @command("ping", help="is the daemon alive")
 async def ping(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
-    return {"pong": True, "time": time.time(), "pid": os.getpid()}
+    return {"pong": True, "time": time.time(), "pid": os.getpid(), "store": _store_health(daemon)}
 
 
 _RUN_OPTIONS = {"force", "force_tasks", "verify", "on_error"}
@@ -187,6 +202,7 @@ async def _check_cluster(runtime: ClusterRuntime) -> None:
     options=Field(dict, default={}, check=_check_options),
 )
 async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    _require_writable(daemon, "submit")
     try:
         manifest = Manifest.from_dict(p["manifest"])
     except ManifestError as exc:
@@ -217,9 +233,11 @@ async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 async def status(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     try:
         run = await daemon.engine.get_run(p["run_id"])
-        return daemon.engine.status(run, p["task"], min(p["limit"], 10_000), p["offset"])
+        result = daemon.engine.status(run, p["task"], min(p["limit"], 10_000), p["offset"])
     except EngineError as exc:
         raise _engine_call(exc) from None
+    result["store"] = _store_health(daemon)
+    return result
 
 
 def _check_state(value: Any) -> str | None:
@@ -234,7 +252,9 @@ def _check_state(value: Any) -> str | None:
          since=Field((float, str)), until=Field((float, str)), limit=Field(int, default=50, check=_positive))
 async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     states = [p["state"]] if isinstance(p["state"], str) else p["state"]
-    await daemon.engine.store.flush()  # the filter runs in SQL: make it see the latest states
+    if daemon.engine.store.writable:
+        await daemon.engine.store.flush()  # the filter runs in SQL: make it see the latest states
+    # (while the store cannot be written, the live state below still corrects the rows it returns)
     rows = await daemon.engine.store.list_runs(
         workflow=p["workflow"],
         states=states,
@@ -242,11 +262,14 @@ async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
         until=None if p["until"] is None else _time_value(p["until"]),
         limit=min(p["limit"], 10_000),
     )
+    stored = await daemon.engine.store.run_summaries([r["id"] for r in rows if r["id"] not in daemon.engine.runs])
     for row in rows:
         live = daemon.engine.runs.get(row["id"])
         if live is not None:
             row["state"] = live.state.value
             row["summary"] = live.summary()
+        else:  # finished runs dropped from memory (or a restarted daemon): counts from the store
+            row["summary"] = stored.get(row["id"]) or None
     return {"runs": rows}
 
 
@@ -261,6 +284,7 @@ async def cancel(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 @command("retry", help="retry failed or cancelled instances", run_id=Field(str, required=True), task=Field(str),
          verify=Field(bool, default=True))
 async def retry(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    _require_writable(daemon, "retry")
     try:
         return {"retried": await daemon.engine.retry(p["run_id"], p["task"], p["verify"])}
     except EngineError as exc:
@@ -287,7 +311,9 @@ async def describe(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
 
 @command("stats", help="daemon counters")
 async def stats(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
-    return {**daemon.engine.stats(), "server": daemon.server.stats() if daemon.server else {}}
+    data = {**daemon.engine.stats(), "server": daemon.server.stats() if daemon.server else {}}
+    data["store"] = {**data.get("store", {}), **daemon.engine.store.health()}
+    return data
 
 
 @command("shutdown", help="stop the daemon (jobs keep running)")
@@ -306,3 +332,86 @@ async def watch(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     except EngineError as exc:
         raise _engine_call(exc) from None
     return {"watching": run.id, "status": daemon.engine.status(run)}
+
+
+# ---------------------------------------------------------------------- run references and results
+
+
+async def _resolve_ref(daemon: Daemon, ref: str, workflow: str | None) -> str:
+    """A full run id from a reference: the id, any unambiguous prefix of it, or ``last``."""
+    if daemon.engine.store.writable:  # (an unwritable store would make this wait for ever)
+        await daemon.engine.store.flush()  # a run submitted a moment ago must be found
+    if ref == "last":
+        rows = await daemon.engine.store.list_runs(workflow=workflow, limit=1)
+        if not rows:
+            where = f" of workflow {workflow!r}" if workflow else ""
+            raise RpcError(UNKNOWN_RUN, f"there is no run{where} yet, so 'last' names nothing; submit one first")
+        return str(rows[0]["id"])
+    if ref in daemon.engine.runs:
+        return ref
+    matches = await daemon.engine.store.run_ids_with_prefix(ref, workflow=workflow, limit=6)
+    if ref in matches:
+        return ref
+    if not matches:
+        raise RpcError(UNKNOWN_RUN, f"no run id starts with {ref!r}; list runs with 'reflow-client runs'")
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise RpcError(INVALID_PARAMS, f"run id prefix {ref!r} is ambiguous: it matches {shown}; "
+                                       "type more of the id")
+    return matches[0]
+
+
+@command("resolve", help="the full run id for a prefix or 'last'", ref=Field(str, required=True, check=_nonempty),
+         workflow=Field(str))
+async def resolve(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    return {"run_id": await _resolve_ref(daemon, p["ref"].strip(), p["workflow"])}
+
+
+#: Results replies stay well below the protocol's message limit; the rest is counted, not sent.
+_RESULTS_BUDGET = 4 * 1024 * 1024
+
+
+@command("results", help="task outputs (encoded values); the final tasks' unless a task is named",
+         run_id=Field(str, required=True), task=Field(str), index=Field(int), limit=Field(int, default=1000,
+                                                                                          check=_positive))
+async def results(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
+    try:
+        run = await daemon.engine.get_run(p["run_id"])
+    except EngineError as exc:
+        raise _engine_call(exc) from None
+    task, index = p["task"], p["index"]
+    if task is not None and task not in run.tasks:
+        raise RpcError(INVALID_PARAMS, f"run {run.id} has no task {task!r} (tasks: {', '.join(run.tasks)})")
+    if task is None and index is not None:
+        raise RpcError(INVALID_PARAMS, "results: --index needs --task")
+    needed = {d for tr in run.tasks.values() for d in tr.manifest.dependencies}
+    names = [task] if task is not None else [n for n in run.tasks if n not in needed]
+    budget = _RESULTS_BUDGET
+    out = []
+    for name in names:
+        tr = run.tasks[name]
+        instances = tr.ordered()
+        if index is not None:
+            if not tr.manifest.is_array:
+                raise RpcError(INVALID_PARAMS, f"task {name!r} is not an array task; leave out --index")
+            chosen = [i for i in instances if i.index == index]
+            if not chosen:
+                size = len(instances)
+                valid = f"0-{size - 1}" if size else "none yet: the task has not expanded"
+                raise RpcError(INVALID_PARAMS, f"task {name!r} has no element {index} (valid: {valid})")
+            instances = chosen
+        items = []
+        for inst in instances[: p["limit"]]:
+            item: dict[str, Any] = {"index": inst.index, "state": inst.state.value}
+            if inst.ok:
+                size = len(codec.canonical_json(inst.output))
+                if size > budget:
+                    item["omitted"] = f"{size} bytes; ask for this element alone with --task and --index"
+                else:
+                    budget -= size
+                    item["output"] = inst.output
+            items.append(item)
+        out.append({"task": name, "is_array": tr.manifest.is_array, "expanded": tr.expanded,
+                    "blocked": tr.blocked.value if tr.blocked else None, "total": len(tr.ordered()), "items": items})
+    return {"run_id": run.id, "workflow": run.workflow, "state": run.state.value, "final": task is None,
+            "index": index, "tasks": out}

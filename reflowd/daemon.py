@@ -188,7 +188,7 @@ class Daemon:
     async def _listen(self) -> Any:
         activated = systemd.activation_socket()
         if activated is not None:
-            return SocketListener.from_socket(activated)
+            return await SocketListener.from_socket(activated)  # a coroutine in anyio 4
         await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
         old = os.umask(0o077)
         try:

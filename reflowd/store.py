@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import anyio
 import structlog
-
 
 from .engine.model import Instance, JobRecord, Run, TaskRun
 from .engine.records import Table, dump_json
@@ -68,15 +69,95 @@ class StoreError(RuntimeError):
     """The state database cannot be used."""
 
 
+class StoreWriteError(StoreError):
+    """A batch could not be committed (disk full, I/O error, ...); it is kept and tried again."""
+
+
+#: Errors that say something about one row's data, not about the disk: retrying cannot help.
+_DATA_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    if isinstance(exc, _DATA_ERRORS):
+        return True
+    return isinstance(exc, sqlite3.ProgrammingError) and str(exc).startswith("Error binding parameter")
+
+
+def describe_write_error(exc: BaseException, path: Path) -> str:
+    """One line naming the condition and the fix."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith("SQLITE_FULL"):
+        return (f"disk full: the state database {path} cannot grow; free space (or quota) on its filesystem, "
+                "and reflowd commits everything it holds")
+    if name.startswith("SQLITE_CORRUPT") or name.startswith("SQLITE_NOTADB"):
+        return f"state database {path} is damaged ({exc}); stop reflowd and restore it from a backup"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return f"state database {path} is busy ({exc}); another process holds it"
+    return f"store unwritable: cannot write the state database {path} ({exc})"
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+@dataclass
+class _Batch:
+    """Changes taken out of the queue for one commit; put back whole if the commit fails."""
+
+    runs: dict[str, tuple[Any, ...]]
+    tasks: dict[tuple[str, str], tuple[Any, ...]]
+    instances: dict[tuple[str, str, int], tuple[Any, ...]]
+    transitions: list[tuple[Any, ...]]
+    jobs: dict[str, tuple[Any, ...]]
+    cache: dict[str, tuple[Any, ...]]
+    count: int
+    generation: int
+    failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
+
+    @property
+    def rows(self) -> int:
+        return (len(self.runs) + len(self.tasks) + len(self.instances) + len(self.transitions) + len(self.jobs)
+                + len(self.cache) + len(self.failures))
+
+    def statements(self) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        return [
+            (RUNS.insert, list(self.runs.values())),
+            (TASKS.insert, list(self.tasks.values())),
+            (INSTANCES.insert, list(self.instances.values())),
+            ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)",
+             self.transitions),
+            (JOBS.insert, list(self.jobs.values())),
+            ("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
+            ("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", list(self.failures.values())),
+        ]
+
+
 class Store:
     """The daemon's SQLite state: runs, tasks, instances, transitions, jobs, cache."""
 
     def __init__(self, path: str | os.PathLike[str], *, commit_interval: float = 0.05, max_batch: int = 1000,
+                 retry_initial: float = 0.1, retry_max: float = 5.0, close_timeout: float = 5.0,
                  connect: Callable[..., Any] = aiosqlite.connect) -> None:
         self.path = Path(path)
         self._connect = connect  # the simulation connects inline (no thread)
         self.commit_interval = commit_interval
         self.max_batch = max_batch
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.close_timeout = close_timeout
+        #: Set while commits fail (disk full, I/O error): what is wrong, since when, how often it failed.
+        self.write_error: str | None = None
+        self.write_error_since: float | None = None
+        self.write_failures = 0
+        self.write_errors_total = 0
+        self.rows_escaped = 0
+        self.rows_dropped = 0
+        self._writing_cache: dict[str, tuple[Any, ...]] = {}
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._runs: dict[str, tuple[Any, ...]] = {}
@@ -129,26 +210,96 @@ class Store:
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         with anyio.CancelScope(shield=True):
             if self._db is not None:
-                await self._commit_pending()
+                await self._final_commit()
+            self._closed = True
+            done, self._committed_event = self._committed_event, anyio.Event()
+            done.set()  # wake flush() callers: they see the store closed
+            if self._db is not None:
                 await self._db.close()
             if self._reader is not None:
                 await self._reader.close()
 
+    async def _final_commit(self) -> None:
+        """Commit what is left, retrying for up to ``close_timeout`` s; then say loudly what could not be kept."""
+        deadline = time.monotonic() + self.close_timeout
+        delay = self.retry_initial
+        while True:
+            try:
+                await self._commit_pending()
+                return
+            except StoreWriteError as exc:
+                self._note_failure(exc)
+                if time.monotonic() + delay > deadline:
+                    log.error("changes lost at shutdown: the state database cannot be written",
+                              changes=self._pending, error=str(exc))
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+
     async def run_writer(self) -> None:
-        """The single writer: commit enqueued changes in groups until cancelled."""
+        """The single writer: commit enqueued changes in groups until cancelled.
+
+        A failed commit keeps its batch and is tried again with back-off, so a
+        full disk delays durability (and, through ``flush``, new submissions)
+        but never loses a change or stops the daemon.
+        """
         try:
             while True:
                 await self._wake.wait()
                 if self._pending < self.max_batch and not self._urgent.is_set():
                     with anyio.move_on_after(self.commit_interval):
                         await self._urgent.wait()
-                await self._commit_pending()
+                try:
+                    await self._commit_pending()
+                except StoreWriteError as exc:
+                    await anyio.sleep(self._note_failure(exc))
         finally:
             with anyio.CancelScope(shield=True):
-                await self._commit_pending()
+                try:
+                    await self._commit_pending()
+                except StoreWriteError:
+                    pass  # close() tries again for a while and reports what it cannot keep
+
+    def _note_failure(self, exc: StoreWriteError) -> float:
+        """Record a failed commit; the delay before the next attempt."""
+        self.write_failures += 1
+        self.write_errors_total += 1
+        if self.write_error is None:
+            self.write_error_since = time.time()
+            log.error("cannot write the state database; keeping changes in memory and retrying", error=str(exc),
+                      backlog=self._pending)
+        elif self.write_failures % 20 == 0:
+            log.warning("still cannot write the state database", error=str(exc), backlog=self._pending,
+                        failures=self.write_failures, since=self.write_error_since)
+        self.write_error = str(exc)
+        return min(self.retry_initial * 2 ** min(self.write_failures - 1, 30), self.retry_max)
+
+    def _note_success(self) -> None:
+        if self.write_error is not None:
+            log.warning("state database writable again; everything held is committed",
+                        failures=self.write_failures, down_for=time.time() - (self.write_error_since or time.time()))
+        self.write_error = None
+        self.write_error_since = None
+        self.write_failures = 0
+
+    @property
+    def writable(self) -> bool:
+        """False while commits fail: new submissions are refused, reads go on."""
+        return self.write_error is None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "writable": self.writable,
+            "error": self.write_error,
+            "since": self.write_error_since,
+            "failures": self.write_failures,
+            "write_errors": self.write_errors_total,
+            "backlog": self._pending,
+            "rows_escaped": self.rows_escaped,
+            "rows_dropped": self.rows_dropped,
+        }
 
     # ------------------------------------------------------------------ enqueue (synchronous)
 
@@ -220,47 +371,106 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
-    async def _commit_pending(self) -> None:
-        if self._db is None or self._pending == 0:
-            self._wake = anyio.Event() if not self._pending else self._wake
-            return
-        runs, tasks, instances = list(self._runs.values()), list(self._tasks.values()), list(self._instances.values())
-        transitions, jobs, cache = self._transitions, list(self._jobs.values()), list(self._cache.values())
-        failures = list(self._run_failures.values())
+    def _take_batch(self) -> _Batch:
+        batch = _Batch(self._runs, self._tasks, self._instances, self._transitions, self._jobs, self._cache,
+                       self._pending, self._enqueued, self._run_failures)
         self._runs, self._tasks, self._instances = {}, {}, {}
         self._transitions, self._jobs, self._cache, self._run_failures = [], {}, {}, {}
-        generation = self._enqueued
         self._pending = 0
         self._wake = anyio.Event()
         self._urgent = anyio.Event()
-        db = self._db
-        with anyio.CancelScope(shield=True):
-            if runs:
-                await db.executemany(RUNS.insert, runs)
-            if tasks:
-                await db.executemany(TASKS.insert, tasks)
-            if instances:
-                await db.executemany(INSTANCES.insert, instances)
-            if transitions:
-                await db.executemany(
-                    "INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) "
-                    "VALUES (?,?,?,?,?,?,?)",
-                    transitions,
-                )
-            if jobs:
-                await db.executemany(JOBS.insert, jobs)
-            if failures:
-                await db.executemany("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", failures)
-            if cache:
-                await db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", cache)
-            await db.commit()
+        return batch
+
+    def _restore_batch(self, batch: _Batch) -> None:
+        """Put a failed batch back in front of what was enqueued meanwhile (the newer version of a row wins)."""
+        self._runs = {**batch.runs, **self._runs}
+        self._tasks = {**batch.tasks, **self._tasks}
+        self._instances = {**batch.instances, **self._instances}
+        self._transitions = batch.transitions + self._transitions
+        self._jobs = {**batch.jobs, **self._jobs}
+        self._cache = {**batch.cache, **self._cache}
+        self._run_failures = {**batch.failures, **self._run_failures}
+        self._pending += batch.count
+        self._wake.set()
+
+    async def _commit_pending(self) -> None:
+        """Commit everything enqueued; on failure keep it all queued and raise StoreWriteError."""
+        if self._db is None or self._pending == 0:
+            self._wake = anyio.Event() if not self._pending else self._wake
+            return
+        batch = self._take_batch()
+        self._writing_cache = batch.cache
+        try:
+            with anyio.CancelScope(shield=True):
+                written = await self._write(self._db, batch)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            self._restore_batch(batch)
+            raise StoreWriteError(describe_write_error(exc, self.path)) from exc
+        finally:
+            self._writing_cache = {}
+        self._note_success()
         self.commits += 1
-        self.transitions_written += len(transitions)
-        self.rows_written += len(runs) + len(tasks) + len(instances) + len(transitions) + len(jobs) + len(cache) \
-            + len(failures)
-        self._committed = generation
+        self.transitions_written += len(batch.transitions)
+        self.rows_written += written
+        self._committed = batch.generation
         done, self._committed_event = self._committed_event, anyio.Event()
         done.set()
+
+    async def _write(self, db: aiosqlite.Connection, batch: _Batch) -> int:
+        """One transaction for the batch. A row whose data SQLite refuses never blocks the others."""
+        try:
+            await self._execute_batch(db, batch.statements())
+            return batch.rows
+        except sqlite3.Error as exc:
+            await self._rollback(db)
+            if not _is_data_error(exc):
+                raise
+            error: BaseException = exc
+        except (UnicodeEncodeError, OverflowError) as exc:
+            await self._rollback(db)
+            error = exc
+        log.error("a change could not be stored as it was; writing row by row", error=str(error))
+        return await self._write_rows(db, batch)
+
+    async def _execute_batch(self, db: aiosqlite.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]) \
+            -> None:
+        for sql, rows in statements:
+            if rows:
+                await db.executemany(sql, rows)
+        await db.commit()
+
+    async def _write_rows(self, db: aiosqlite.Connection, batch: _Batch) -> int:
+        """Escape undecodable text (Linux paths arrive as lone surrogates); drop, loudly, a row still refused."""
+        written = 0
+        try:
+            for sql, rows in batch.statements():
+                for row in rows:
+                    clean = tuple(_escape_surrogates(v) for v in row)
+                    try:
+                        await db.execute(sql, clean)
+                    except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
+                        if not _is_data_error(exc):
+                            raise
+                        self.rows_dropped += 1
+                        log.error("a change cannot be stored and is dropped", statement=sql.split("(")[0].strip(),
+                                  key=repr(row[:3])[:200], error=str(exc))
+                        continue
+                    written += 1
+                    if clean != row:
+                        self.rows_escaped += 1
+            await db.commit()
+        except BaseException:
+            await self._rollback(db)
+            raise
+        return written
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await db.rollback()
+            except (sqlite3.Error, ValueError):
+                pass
 
     # ------------------------------------------------------------------ reading
 
@@ -336,6 +546,35 @@ class Store:
         async with self._r.execute(sql, args) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
+    async def run_ids_with_prefix(self, prefix: str, *, workflow: str | None = None, limit: int = 20) -> list[str]:
+        """Run ids starting with *prefix*, newest first (for prefix look-ups by clients)."""
+        sql = "SELECT id FROM runs WHERE id >= ? AND id < ?"
+        args: list[Any] = [prefix, prefix + "\U0010ffff"]
+        if workflow:
+            sql += " AND workflow=?"
+            args.append(workflow)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        async with self._r.execute(sql, args) as cur:
+            return [r["id"] for r in await cur.fetchall()]
+
+    async def run_summaries(self, run_ids: Iterable[str]) -> dict[str, dict[str, dict[str, int]]]:
+        """``{run_id: {task: {state: count}}}`` from the stored rows (as ``Run.summary`` for loaded runs)."""
+        ids = list(run_ids)
+        out: dict[str, dict[str, dict[str, int]]] = {i: {} for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT run_id, task, state, COUNT(*) AS n FROM instances WHERE run_id IN ({marks}) GROUP BY run_id, task, state"
+            async with self._r.execute(sql, chunk) as cur:
+                async for r in cur:
+                    out[r["run_id"]].setdefault(r["task"], {})[r["state"]] = r["n"]
+            sql = f"SELECT run_id, name, state FROM tasks WHERE run_id IN ({marks}) AND state != 'expanded'"
+            async with self._r.execute(sql, chunk) as cur:
+                async for r in cur:
+                    out[r["run_id"]][r["name"]] = {r["state"]: 1}
+        return out
+
     async def cache_lookup(self, identities: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(dict.fromkeys(identities))
         found: dict[str, dict[str, Any]] = {}
@@ -351,7 +590,7 @@ class Store:
                         "task": r["task"],
                     }
         for identity in ids:  # not yet committed entries
-            row = self._cache.get(identity)
+            row = self._cache.get(identity) or self._writing_cache.get(identity)
             if row is not None:
                 found[identity] = {"output": json.loads(row[1]), "output_hash": row[2], "run_id": row[5], "task": row[4]}
         return found

@@ -1,6 +1,6 @@
 """Shared test configuration.
 
-Cluster-backed tests (marked ``slurm``/``ssh``) skip where the cluster cannot
+Cluster-backed tests (marked ``slurm``/``ssh``/``sge``) skip where the cluster cannot
 be started, but under CI (``CI`` or ``REFLOW_CI`` set) a skipped cluster test
 fails the session: the suite must not go green without the real cluster.
 """
@@ -14,9 +14,11 @@ import pytest
 pytest_plugins = [
     "tests.cluster.fixtures_slurm",
     "tests.cluster.fixtures_ssh",
+    "tests.cluster.fixtures_sge",
+    "tests.cluster.wlm",
 ]
 
-CLUSTER_MARKS = ("slurm", "slurm_accounting", "ssh")
+CLUSTER_MARKS = ("slurm", "slurm_accounting", "ssh", "sge")
 
 
 def in_ci() -> bool:

@@ -13,7 +13,6 @@ import pytest
 
 import reflow
 from reflow import Flow, JobConfig, Param, Result, RunDir, Workflow
-from reflow.flow import RESERVED_PARAM_KEYS
 from reflow_client.manifest import InputSource, Manifest
 
 # ---------------------------------------------------------------------------- registration
@@ -514,7 +513,8 @@ def test_array_task_with_only_a_broadcast_input_has_nothing_to_fan_out_over() ->
     def each(x: Annotated[int, Result(step="prepare")]) -> int:
         return x
 
-    with pytest.raises(ValueError, match=r"array task 'each' has no input to fan out over"):
+    with pytest.raises(TypeError, match=r"array task 'each' has no input to fan out over: 'prepare' -> x passes a "
+                                        r"single value to every element"):
         wf.validate()
 
 
@@ -633,46 +633,26 @@ def test_several_markers_on_one_parameter_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["run_dir", "force", "force_tasks", "cluster", "verify", "help", "max_workers", "on_error", "json",
-             "socket", "no_daemon", "wait", "format", "command", "task", "run_id"]
+    "name", ["force", "force_tasks", "cluster", "verify", "help", "max_workers", "on_error", "json",
+             "socket", "no_daemon", "wait", "format", "command", "task", "run_id", "index", "name"]
 )
-def test_parameter_named_like_a_builtin_flag_is_refused(name: str) -> None:
-    assert name in RESERVED_PARAM_KEYS
+def test_parameter_named_like_a_builtin_flag_is_accepted(name: str) -> None:
+    """No reserved names: the generated CLIs move their own options aside (tests/test_cli.py checks them)."""
     wf = Workflow("reserved")
     namespace: dict[str, Any] = {}
     exec(f"def f({name}: int = 1) -> int:\n    return 1", namespace)
-    flag = "--" + name.replace("_", "-")
-    with pytest.raises(ValueError, match=rf"task 'f' parameter '{name}': its flag {flag} collides with the built-in"):
-        wf.job()(namespace["f"])
-    assert wf.tasks == {}
+    wf.job()(namespace["f"])
+    assert [p.flag for p in wf.cli_params()] == ["--" + name.replace("_", "-")]
 
 
-def test_reserved_name_is_fine_as_a_local_parameter() -> None:
-    wf = Workflow("reserved_local")
+def test_bool_parameter_named_daemon_keeps_its_negative_flag() -> None:
+    wf = Workflow("negative")
 
     @wf.job()
-    def convert(force: Annotated[bool, Param(namespace="local")] = False) -> int:
+    def f(daemon: bool = True) -> int:
         return 1
 
-    assert [p.flag for p in wf.cli_params()] == ["--convert-force"]
-
-
-def test_local_parameter_whose_flag_is_reserved() -> None:
-    wf = Workflow("reserved_local2")
-    with pytest.raises(ValueError, match=r"its flag --run-dir collides with the built-in"):
-
-        @wf.job()
-        def run(dir: Annotated[str, Param(namespace="local")] = "x") -> int:
-            return 1
-
-
-def test_bool_parameter_whose_negative_flag_is_reserved() -> None:
-    wf = Workflow("negative")
-    with pytest.raises(ValueError, match=r"parameter 'daemon': its flag --no-daemon collides with the built-in"):
-
-        @wf.job()
-        def f(daemon: bool = True) -> int:
-            return 1
+    assert [p.flag for p in wf.cli_params()] == ["--daemon"]
 
 
 def test_bool_negative_flag_colliding_with_another_parameter() -> None:
@@ -780,13 +760,14 @@ def test_short_flag_collision() -> None:
             return number
 
 
-def test_short_h_is_reserved_for_help() -> None:
+def test_short_h_is_allowed() -> None:
     wf = Workflow("shorth")
-    with pytest.raises(ValueError, match=r"short flag -h is reserved for --help"):
 
-        @wf.job()
-        def a(hours: Annotated[int, Param(short="h")] = 1) -> int:
-            return hours
+    @wf.job()
+    def a(hours: Annotated[int, Param(short="h")] = 1) -> int:
+        return hours
+
+    assert [p.short for p in wf.cli_params()] == ["h"]
 
 
 @pytest.mark.parametrize("short", ["nn", "1", "", "-", "-1"])
@@ -938,5 +919,12 @@ def test_resolve_parameters_fills_defaults_and_refuses_unknown_and_missing() -> 
 
     with pytest.raises(TypeError, match=r"missing required parameter\(s\) for workflow 'required': --start"):
         required.resolve_parameters({})
-    with pytest.raises(TypeError, match=r"parameter 'start': cannot encode"):
+    with pytest.raises(TypeError, match=r"parameter 'start' expects str, got <object object .*> \(object\)"):
         required.resolve_parameters({"start": object()})
+
+    @required.job()
+    def b(anything=None) -> int:  # unannotated: any encodable value, checked by the codec
+        return 1
+
+    with pytest.raises(TypeError, match=r"parameter 'anything': cannot encode"):
+        required.resolve_parameters({"start": "s", "anything": object()})

@@ -90,7 +90,7 @@ def test_readme_pipeline_status_watch_runs_logs(daemon: DaemonProcess, tmp_path:
     logs = daemon.cli("logs", run_id, "summarise", "--index", "7", check=True)
     assert "chunk-0007.txt: 2000 values" in logs.stdout
     missing = daemon.cli("logs", run_id, "summarise", "--index", "99")
-    assert missing.returncode == 2 and "no instance 99" in missing.stderr
+    assert missing.returncode == 2 and "has no element 99: pass --index N (0-54)" in missing.stderr
 
     # A watch on a finished run reports the outcome at once.
     again = daemon.cli("watch", run_id)

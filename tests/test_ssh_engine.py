@@ -1,7 +1,8 @@
 """reflowd driving the real Slurm test cluster through a real sshd on 127.0.0.1 (a "remote" cluster).
 
-The daemon reaches Slurm only over SSH: every sbatch/squeue/scancel is an exec
-channel, every job file and result goes through SFTP, and run directories live
+The README pipeline over SSH runs for every scheduler in ``tests/test_scheduler_engine.py``;
+the SSH-specific faults are here. The daemon reaches Slurm only over SSH: every
+sbatch/squeue/scancel is an exec channel, every job file and result goes through SFTP, and run directories live
 under the cluster's ``workdir`` (the "remote" side; on this one machine it is
 a directory the test can also read, to count executions).
 """
@@ -93,30 +94,6 @@ def assert_each_ran_once(run_dir: Path, n: int) -> None:
     counts = executions(run_dir)
     expected = Counter({"prepare": 1, "total": 1, **{f"work {i}": 1 for i in range(n)}})
     assert counts == expected, f"ran more or less than once: {counts - expected} / {expected - counts}"
-
-
-def test_readme_pipeline_runs_through_ssh(daemon: DaemonProcess, workdir: Path) -> None:
-    run_id = submit(daemon, EXAMPLE, "etl", "--chunks", "100", "--rows", "200")
-    st = status(daemon, run_id)
-    assert st.run.run_dir == str(workdir / "etl"), "a relative run dir goes under the cluster's workdir"
-    assert wait_state(daemon, run_id) == "succeeded", status(daemon, run_id).raw
-    st = status(daemon, run_id, "summarise")
-    assert {t.name: t.counts for t in st.tasks}["summarise"] == {"succeeded": 100}
-    assert len({i.job_id.split("_")[0] for i in st.instances or [] if i.job_id}) == 1, "one array job"
-    report = json.loads((workdir / "etl" / "report.json").read_text())
-    assert report["summary"]["chunks"] == 100
-    with daemon.client() as c:
-        remote = c.stats()["clusters"]["remote"]
-    assert remote["transport"].startswith("ssh:") and remote["health"]["reachable"]
-    assert remote["calls"]["submit"] == 3, remote["calls"]
-    stats = remote["transport_stats"]
-    assert stats["connects"] == 1, "one pooled connection for the whole run"
-    assert stats["sftp_ops"] > 100, "job files and results went through SFTP"
-    # Commands: 3 sbatch, the probe, and one status query per poll cycle -- not one per element.
-    assert stats["commands"] < 3 + 3 + remote["calls"]["query"] + 5, stats
-    logs = daemon.cli("logs", run_id, "summarise", "--index", "7")
-    assert logs.returncode == 0 and logs.stdout.strip(), "logs are read back from the cluster"
-    assert all(count == 1 for name, count in slurm_job_names(accounting=False).items() if name.startswith("rf"))
 
 
 def test_python_api_submits_to_a_named_cluster(daemon: DaemonProcess, workdir: Path,

@@ -140,6 +140,14 @@ def test_run_dir_parameters_are_injected(tmp_path: Path) -> None:
     assert codec.decode(result["output"]) == tmp_path
 
 
+@pytest.mark.parametrize(("task", "expected"), [("run_dir_by_name", "PosixPath"), ("run_dir_as_text", "str")])
+def test_a_parameter_named_run_dir_gets_the_run_directory_without_a_marker(tmp_path: Path, task: str,
+                                                                         expected: str) -> None:
+    job_dir = make_job(tmp_path, task)
+    assert run_worker(job_dir).returncode == 0
+    assert codec.decode(result_of(job_dir)["output"]) == f"{expected}:{tmp_path}"
+
+
 def test_workflow_name_may_be_omitted_when_the_file_has_one(tmp_path: Path) -> None:
     job_dir = make_job(tmp_path, "add", {"a": 1}, workflow=None)
     assert run_worker(job_dir).returncode == 0
@@ -308,6 +316,68 @@ def test_sigterm_while_the_task_runs(tmp_path: Path, task: str) -> None:
     assert result["signal"] == "SIGTERM" and "SIGTERM" in result["error"]
     assert result["output"] is None
     assert "SIGTERM" in err
+
+
+def interrupt(tmp_path: Path, job_dir: Path, signum: int) -> tuple[subprocess.Popen[str], str]:
+    """Start the worker, wait until its task runs, send *signum*; returns the process and its stderr."""
+    proc = subprocess.Popen(worker_cmd(job_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        wait_for(lambda: (tmp_path / "started.txt").exists() or proc.poll() is not None, what="the task to start")
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, err
+
+
+def test_a_task_catches_task_interrupted_to_checkpoint_and_reraises(tmp_path: Path) -> None:
+    job_dir = make_job(tmp_path, "checkpointing", {"seconds": 300.0, "then": "raise"})
+    proc, _ = interrupt(tmp_path, job_dir, signal.SIGTERM)
+    assert (tmp_path / "checkpoint.txt").read_text() == "SIGTERM True", "TaskInterrupted is an Exception"
+    assert proc.returncode == 128 + signal.SIGTERM
+    result = result_of(job_dir)
+    assert result["state"] == jobfiles.FAILED and result["signal"] == "SIGTERM"
+    assert "TaskInterrupted" in result["traceback"]
+
+
+def test_a_stopped_task_that_returns_anyway_is_still_recorded_as_interrupted(tmp_path: Path) -> None:
+    job_dir = make_job(tmp_path, "checkpointing", {"seconds": 300.0, "then": "return"})
+    proc, _ = interrupt(tmp_path, job_dir, signal.SIGTERM)
+    assert (tmp_path / "checkpoint.txt").exists()
+    assert proc.returncode == 128 + signal.SIGTERM
+    result = result_of(job_dir)
+    assert result["state"] == jobfiles.FAILED and result["signal"] == "SIGTERM" and result["output"] is None
+    assert "caught TaskInterrupted and returned" in result["error"]
+
+
+def test_a_task_that_swallows_the_stop_and_carries_on_is_stopped_after_the_grace(tmp_path: Path) -> None:
+    from reflow.interrupt import STOP_GRACE
+
+    job_dir = make_job(tmp_path, "checkpointing", {"seconds": 300.0, "then": "continue"})
+    began = time.monotonic()
+    proc, _ = interrupt(tmp_path, job_dir, signal.SIGTERM)
+    assert time.monotonic() - began >= STOP_GRACE
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert result_of(job_dir)["signal"] == "SIGTERM"
+
+
+def test_a_warning_signal_raises_task_interrupted_and_a_task_that_handles_it_succeeds(tmp_path: Path) -> None:
+    job_dir = make_job(tmp_path, "checkpointing", {"seconds": 0.5, "then": "continue"})
+    proc, _ = interrupt(tmp_path, job_dir, signal.SIGUSR1)
+    assert (tmp_path / "checkpoint.txt").read_text() == "SIGUSR1 True"
+    assert proc.returncode == 0
+    assert result_of(job_dir)["state"] == jobfiles.SUCCEEDED and result_of(job_dir)["output"] == "finished"
+
+
+def test_an_unhandled_warning_signal_leaves_a_result_naming_it(tmp_path: Path) -> None:
+    job_dir = make_job(tmp_path, "sleepy", {"seconds": 300.0})
+    proc, _ = interrupt(tmp_path, job_dir, signal.SIGUSR2)
+    assert proc.returncode == 128 + signal.SIGUSR2
+    assert result_of(job_dir)["signal"] == "SIGUSR2"
 
 
 def test_sigint_is_reported_too(tmp_path: Path) -> None:

@@ -125,6 +125,21 @@ class OptionError(ValueError):
     """A submit option the scheduler does not know or cannot take."""
 
 
+#: The seed's scheduler-agnostic submit option keys; each adapter maps them to its own flags
+#: (or refuses one its system does not have, through :func:`refuse_option`).
+PORTABLE_OPTIONS = ("partition", "account", "qos", "mail_user", "mail_type", "signal")
+
+#: The one documented submit option that passes scheduler-native command-line flags through
+#: unchanged: a list of strings, or one string split like a shell would (``"-l gpu=1"``).
+NATIVE_OPTION = "native_args"
+
+
+def refuse_option(key: str, system: str, accepted: Collection[str]) -> OptionError:
+    """The error for a submit option *system* does not have, naming the keys it does accept."""
+    return OptionError(f"submit option {key!r} is not available on {system}; it accepts: "
+                       f"{', '.join(sorted(accepted))} (scheduler-native flags go in {NATIVE_OPTION}=[...])")
+
+
 @dataclass(frozen=True)
 class TaggedJob:
     """A job found by its submission tag."""
@@ -183,6 +198,12 @@ class Scheduler(abc.ABC):
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def keys_for(self, job_id: str, request_indices: Sequence[int] | None, offset: int) -> list[str]:
+        """All observation keys one submission produces (adapters whose ids are not ``<id>_<k>`` override it)."""
+        if request_indices is None:
+            return [job_id]
+        return [f"{job_id}_{i - offset}" for i in request_indices]
 
     async def aclose(self) -> None:
         """Stop background work; idempotent."""

@@ -40,9 +40,18 @@ def _unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session", params=["plain", "accounting"], ids=["slurm-plain", "slurm-acct"])
-def slurm_cluster(request: pytest.FixtureRequest) -> SlurmCluster:
-    mode = request.param
+#: The mode this test process last put the cluster in (only start_slurm changes it, under the cluster lock).
+_current: dict[str, str | None] = {"mode": None}
+
+
+def start_slurm(mode: str) -> SlurmCluster:
+    """Start (or switch) the test cluster to *mode*; skips the test where that is impossible.
+
+    Two fixtures drive the one cluster (``slurm_cluster`` and the scheduler registry's
+    ``wlm``), so each test re-asserts its mode; that costs nothing when it is already set.
+    """
+    if _current["mode"] == mode:
+        return SlurmCluster(mode=mode)
     why = _unavailable()
     if why:
         pytest.skip(why)
@@ -53,4 +62,17 @@ def slurm_cluster(request: pytest.FixtureRequest) -> SlurmCluster:
         pytest.skip(f"{' '.join(args)} did not finish within 15 minutes")
     if result.returncode != 0:
         pytest.skip(f"cannot start the Slurm test cluster ({mode}): {(result.stderr or result.stdout)[-1500:]}")
+    _current["mode"] = mode
     return SlurmCluster(mode=mode)
+
+
+@pytest.fixture(scope="session", params=["plain", "accounting"], ids=["slurm-plain", "slurm-acct"])
+def slurm_cluster(request: pytest.FixtureRequest) -> SlurmCluster:
+    return start_slurm(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _slurm_mode_guard(request: pytest.FixtureRequest) -> None:
+    """A test on ``slurm_cluster`` gets its mode even if another fixture switched the cluster since."""
+    if "slurm_cluster" in request.fixturenames:
+        start_slurm(request.getfixturevalue("slurm_cluster").mode)

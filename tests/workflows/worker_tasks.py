@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from reflow import Result, RunDir, Workflow
+from reflow import Result, RunDir, TaskInterrupted, Workflow
 
 wf = Workflow("worker_tasks")
 
@@ -81,6 +81,33 @@ def checked(value: int = 1) -> int:
 @wf.job()
 def quits(code: int = 3) -> int:
     sys.exit(code)
+
+
+@wf.job()
+def checkpointing(run_dir: Annotated[Path, RunDir()], seconds: float = 120.0, then: str = "raise") -> str:
+    """Catches the reference's TaskInterrupted to save a checkpoint, then re-raises or returns."""
+    try:  # started.txt inside the try: the test's signal may arrive right after it appears
+        (run_dir / "started.txt").write_text(str(os.getpid()))
+        time.sleep(seconds)
+    except TaskInterrupted as exc:
+        (run_dir / "checkpoint.txt").write_text(f"{exc.signame} {isinstance(exc, Exception)}")
+        if then == "raise":
+            raise
+        if then == "return":
+            return "partial"
+        time.sleep(seconds)  # "continue": carry on as if nothing happened
+    return "finished"
+
+
+@wf.job()
+def run_dir_by_name(run_dir, label: str = "x") -> str:
+    """No marker: a parameter called run_dir receives the run directory, as in the reference."""
+    return f"{type(run_dir).__name__}:{run_dir}"
+
+
+@wf.job()
+def run_dir_as_text(run_dir: str) -> str:
+    return f"{type(run_dir).__name__}:{run_dir}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""IBM Spectrum LSF through a transport (this machine, or a login node over SSH).
+
+The first use probes ``lsid`` (version: ``bjobs -json`` needs 10.1.0.4),
+``bparams -a`` (``MAX_JOB_ARRAY_SIZE``, ``CLEAN_PERIOD``: how long finished
+jobs stay in ``bjobs``) and ``badmin showconf mbd`` (``LSF_UNIT_FOR_LIMITS``;
+LSF's default, KB, when the site does not say). Each poll is one
+``bjobs -a`` for every tracked job; only jobs it no longer knows are looked up
+in ``bhist -l`` (a second call, in that cycle only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import anyio
+import structlog
+
+from ..transports.base import CommandResult, Transport, TransportError
+from . import lsf_commands as lc
+from .base import Observation, Scheduler, SubmitRequest, TaggedJob
+from .job_script import ArrayLayout, Book, split_key
+
+log = structlog.get_logger("reflowd.lsf")
+
+
+class LSFScheduler(Scheduler):
+    kind = "lsf"
+    array_index_env = "LSB_JOBINDEX"
+
+    def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
+        self.transport = transport
+        self.command_timeout = command_timeout
+        self.max_array_size = 1000
+        self.version: str | None = None
+        self.json_output = True
+        self.mem_unit = "KB"
+        self.mem_unit_source = "LSF default"
+        self.clean_period: int | None = None
+        self.queries = 0
+        self.history_queries = 0
+        self._layouts: Book[ArrayLayout] = Book()
+        self._probed = False
+        self._probe_lock = anyio.Lock()
+
+    async def _run(self, argv: list[str], *, stdin: bytes | None = None, idempotent: bool = True,
+                   timeout: float | None = None) -> CommandResult:
+        return await self.transport.run(argv, stdin=stdin, timeout=timeout or self.command_timeout,
+                                        idempotent=idempotent)
+
+    async def probe(self) -> dict[str, Any]:
+        async with self._probe_lock:
+            lsid = await self._run(["lsid"])
+            if not lsid.ok:
+                raise TransportError(f"lsid failed ({lsid.returncode}): {(lsid.stderr or lsid.stdout).strip()[:300]}")
+            self.version = lc.parse_lsid(lsid.stdout)
+            self.json_output = lc.supports_json(self.version)
+            params = await self._run(["bparams", "-a"])
+            if params.ok:
+                values = lc.parse_params(params.stdout)
+                self.max_array_size = lc.max_array_size(values)
+                clean = values.get("CLEAN_PERIOD", "")
+                self.clean_period = int(clean) if clean.isdigit() else None
+            conf = await self._run(["badmin", "showconf", "mbd"])
+            if conf.ok and "LSF_UNIT_FOR_LIMITS" in conf.stdout:
+                self.mem_unit = lc.unit_for_limits(lc.parse_params(conf.stdout))
+                self.mem_unit_source = "badmin showconf mbd"
+            self._probed = True
+            return self.capabilities()
+
+    async def _ensure_probed(self) -> None:
+        if not self._probed:
+            with anyio.fail_after(self.command_timeout * 3):
+                await self.probe()
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "max_array_size": self.max_array_size, "json": self.json_output,
+            "mem_unit": self.mem_unit, "mem_unit_source": self.mem_unit_source,
+            "finished_jobs_visible_s": self.clean_period, "accounting": "bhist",
+        }
+
+    def validate_options(self, options: Mapping[str, Any]) -> None:
+        lc.validate_options(options)
+
+    async def submit(self, request: SubmitRequest) -> str:
+        self.validate_options(request.options)
+        await self._ensure_probed()
+        script = lc.render_job_script(request, mem_unit=self.mem_unit).encode()
+        await self.transport.write_files({f"{request.job_dir}/job.sh": script}, timeout=self.command_timeout,
+                                         mode=0o755)
+        result = await self._run(lc.render_bsub(request), stdin=script, idempotent=False,
+                                 timeout=self.command_timeout * 2)
+        job_id = lc.parse_bsub(result.stdout, result.stderr, result.returncode)
+        self._layouts[job_id] = ArrayLayout.of(request, job_id)
+        return job_id
+
+    async def reattach(self, request: SubmitRequest, job_id: str) -> None:
+        self._layouts[job_id] = ArrayLayout.of(request, job_id)
+
+    def forget(self, job_id: str) -> None:
+        self._layouts.retire(job_id)
+
+    def _parse(self, result: CommandResult) -> tuple[list[dict[str, str]], set[str]]:
+        try:
+            if self.json_output:
+                return lc.parse_bjobs_json(result.stdout)
+            return lc.parse_bjobs_text(result.stdout, result.stderr)
+        except ValueError as exc:
+            raise TransportError(f"bjobs printed output reflow cannot read ({exc}): "
+                                 f"{(result.stderr or result.stdout).strip()[:300]}") from None
+
+    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+        ids = sorted(set(job_ids))
+        if not ids:
+            return {}
+        await self._ensure_probed()
+        self.queries += 1
+        result = await self._run(lc.render_bjobs(ids, json_output=self.json_output))
+        records, missing = self._parse(result)
+        if not result.ok and not records and not missing:
+            raise TransportError(f"bjobs failed ({result.returncode}): {(result.stderr or result.stdout).strip()[:300]}")
+        layouts = [self._layouts.get(i) or ArrayLayout(i, None) for i in ids]
+        found = lc.observations(records, layouts)
+        gone = [layout for layout in layouts if layout.job_id in missing]
+        if gone:
+            found.update(await self._history(gone))
+        return found
+
+    async def _history(self, layouts: list[ArrayLayout]) -> dict[str, Observation]:
+        """Jobs bjobs has cleaned: their end from bhist; what bhist does not show stays absent."""
+        self.history_queries += 1
+        result = await self._run(lc.render_bhist([layout.job_id for layout in layouts]),
+                                 timeout=self.command_timeout * 2)
+        if not result.ok and not result.stdout.strip():
+            if "no matching job" in (result.stderr + result.stdout).lower():
+                return {}
+            raise TransportError(f"bhist failed ({result.returncode}): {result.stderr.strip()[:300]}")
+        return lc.history_observations(lc.parse_bhist(result.stdout), layouts)
+
+    async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
+        wanted = sorted(set(tags))
+        if not wanted:
+            return {}
+        await self._ensure_probed()
+        result = await self._run(lc.render_bjobs_all(json_output=self.json_output))
+        records, _missing = self._parse(result)
+        if not result.ok and not records and "job found" not in (result.stdout + result.stderr).lower():
+            raise TransportError(f"bjobs failed ({result.returncode}): {(result.stderr or result.stdout).strip()[:300]}")
+        return lc.tagged_jobs(records, wanted)
+
+    async def cancel(self, job_keys: Collection[str]) -> None:
+        targets: list[str] = []
+        for key in sorted(set(job_keys)):
+            job_id, element = split_key(key)
+            if element is None:
+                targets.append(job_id)
+                continue
+            layout = self._layouts.get(job_id)
+            position = layout.position_of(key) if layout else int(element)
+            if position is not None:
+                targets.append(lc.element_id(job_id, position))
+        if not targets:
+            return
+        result = await self._run(lc.render_bkill(targets))
+        if not result.ok:
+            log.info("bkill reported", code=result.returncode, message=(result.stderr or result.stdout).strip()[:300])
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.capabilities(), "queries": self.queries, "history_queries": self.history_queries}
+
+
+__all__ = ["LSFScheduler"]

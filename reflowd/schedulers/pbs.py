@@ -1,0 +1,189 @@
+"""PBS Professional / OpenPBS through a transport (this machine, or a login node over SSH).
+
+The first use probes the site (``qstat --version``, ``qstat -Bf``): PBS Pro
+or Torque (refused, see :data:`pbs_commands.TORQUE_REFUSAL`), JSON output,
+``max_array_size`` and whether finished jobs stay visible (job history).
+Each poll is one ``qstat -f [-F json] -x -t`` for every tracked job. Without
+job history a finished job simply leaves ``qstat``; the engine then concludes
+from the job's result file, and a job gone without one counts as lost only
+after the usual grace.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import anyio
+import structlog
+
+from ..transports.base import CommandResult, Transport, TransportError
+from . import pbs_commands as pc
+from .base import Observation, Scheduler, SubmitError, SubmitRequest, TaggedJob
+from .job_script import ArrayLayout, Book, split_key
+
+log = structlog.get_logger("reflowd.pbs")
+
+
+class PBSScheduler(Scheduler):
+    kind = "pbs"
+    array_index_env = "PBS_ARRAY_INDEX"
+
+    def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
+        self.transport = transport
+        self.command_timeout = command_timeout
+        self.max_array_size = 10000
+        self.flavour: str | None = None
+        self.version: str | None = None
+        self.json_output = False
+        self.history = False
+        self.array_limit = False
+        self.refusal: str | None = None
+        self.queries = 0
+        self._layouts: Book[ArrayLayout] = Book()
+        self._probed = False
+        self._probe_lock = anyio.Lock()
+
+    async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
+        return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
+
+    # ------------------------------------------------------------------ probe
+
+    async def probe(self) -> dict[str, Any]:
+        async with self._probe_lock:
+            version = await self._run(["qstat", "--version"])
+            self.flavour, self.version = pc.detect_flavour(version.stdout + "\n" + version.stderr)
+            if self.flavour == "torque":
+                self.refusal = pc.TORQUE_REFUSAL.format(version=self.version)
+                self._probed = True
+                return self.capabilities()
+            if not version.ok and self.flavour == "unknown":
+                raise TransportError(f"qstat --version failed ({version.returncode}): {version.stderr.strip()[:300]}")
+            server = await self._run(["qstat", "-Bf"])
+            if not server.ok:
+                raise TransportError(f"qstat -Bf failed ({server.returncode}): {server.stderr.strip()[:300]}")
+            attrs = pc.parse_server_attributes(server.stdout)
+            self.version = attrs.get("pbs_version", self.version)
+            self.max_array_size = pc.max_array_size(attrs)
+            self.history = pc.history_enabled(attrs)
+            self.json_output = pc.supports_json(self.version)
+            self.array_limit = pc.supports_array_limit(self.version)
+            self.refusal = None
+            self._probed = True
+            return self.capabilities()
+
+    async def _ensure_probed(self) -> None:
+        if not self._probed:
+            with anyio.fail_after(self.command_timeout * 2):
+                await self.probe()
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "flavour": self.flavour, "version": self.version, "max_array_size": self.max_array_size,
+            "finished_jobs_visible": self.history, "json": self.json_output,
+            "array_parallelism": self.array_limit, "refused": self.refusal,
+        }
+
+    def validate_options(self, options: Mapping[str, Any]) -> None:
+        pc.validate_options(options)
+
+    # ------------------------------------------------------------------ submit
+
+    async def submit(self, request: SubmitRequest) -> str:
+        self.validate_options(request.options)
+        await self._ensure_probed()
+        if self.refusal:
+            raise SubmitError(self.refusal, permanent=True)
+        script_path = os.path.join(request.job_dir, "job.sh")
+        script = pc.render_job_script(request, array_limit=self.array_limit)
+        await self.transport.write_files({script_path: script.encode()}, timeout=self.command_timeout, mode=0o755)
+        result = await self._run(pc.render_qsub(request, script_path), idempotent=False,
+                                 timeout=self.command_timeout * 2)
+        job_id = pc.parse_qsub(result.stdout, result.stderr, result.returncode)
+        self._layouts[job_id] = ArrayLayout.of(request, job_id)
+        return job_id
+
+    async def reattach(self, request: SubmitRequest, job_id: str) -> None:
+        self._layouts[job_id] = ArrayLayout.of(request, job_id)
+
+    def forget(self, job_id: str) -> None:
+        self._layouts.retire(job_id)
+
+    def keys_for(self, job_id: str, request_indices: Any, offset: int) -> list[str]:
+        layout = self._layouts.get(job_id)
+        return layout.keys() if layout else super().keys_for(job_id, request_indices, offset)
+
+    # ------------------------------------------------------------------ query
+
+    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+        ids = sorted(set(job_ids))
+        if not ids:
+            return {}
+        await self._ensure_probed()
+        self.queries += 1
+        records = await self._qstat(ids)
+        layouts = [self._layouts.get(i) or ArrayLayout(i, None) for i in ids]
+        return pc.observations(records, layouts)
+
+    async def _qstat(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """One ``qstat -f`` for *ids*; JSON some PBS versions print badly (unescaped values) falls back to text."""
+        result = await self._run(pc.render_qstat(ids, json_output=self.json_output, history=self.history))
+        unknown, errors = pc.qstat_errors(result.stderr)
+        if errors and not result.stdout.strip():
+            raise TransportError(f"qstat failed ({result.returncode}): {' '.join(errors)[:300]}")
+        if not result.ok and not unknown:
+            raise TransportError(f"qstat failed ({result.returncode}): {result.stderr.strip()[:300]}")
+        if not self.json_output:
+            return pc.parse_qstat_text(result.stdout)
+        try:
+            return pc.parse_qstat_json(result.stdout)
+        except ValueError as exc:
+            log.warning("qstat -F json printed invalid JSON; using the text format from now on", error=str(exc))
+            self.json_output = False
+            return await self._qstat(ids)
+
+    async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
+        wanted = sorted(set(tags))
+        if not wanted:
+            return {}
+        await self._ensure_probed()
+        ids: list[str] = []
+        for tag in wanted:
+            result = await self._run(pc.render_qselect(tag, history=self.history))
+            if not result.ok:
+                raise TransportError(f"qselect -N {tag} failed ({result.returncode}): {result.stderr.strip()[:300]}")
+            ids.extend(pc.parse_qselect(result.stdout))
+        if not ids:
+            return {t: [] for t in wanted}
+        return pc.tagged_jobs(await self._qstat(sorted(set(ids))), wanted)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, job_keys: Collection[str]) -> None:
+        targets: list[str] = []
+        for key in sorted(set(job_keys)):
+            job_id, element = split_key(key)
+            layout = self._layouts.get(job_id)
+            if element is None:
+                targets.append(job_id)
+                continue
+            if layout is None:  # not tracked by this daemon: assume the array is dense from 0
+                targets.append(pc.subjob_id(job_id, int(element)))
+                continue
+            position = layout.position_of(key)
+            if position is None:
+                continue
+            targets.append(job_id if len(layout.indices or ()) < 2 else pc.subjob_id(job_id, position))
+        if not targets:
+            return
+        result = await self._run(pc.render_qdel(sorted(set(targets))))
+        if not result.ok:
+            # A finished or unknown job makes qdel complain; that is not a failure to cancel.
+            log.info("qdel reported", code=result.returncode, message=result.stderr.strip()[:300])
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.capabilities(), "queries": self.queries}
+
+
+__all__ = ["PBSScheduler"]

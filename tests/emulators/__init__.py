@@ -1,0 +1,1 @@
+"""Emulated workload managers (PBS, LSF, Flux): test equipment that follows the manuals."""

@@ -1,0 +1,105 @@
+"""A real pseudo-terminal for tests: run a command in it and read the screen as a person would see it.
+
+The child gets a pty of a given size as its controlling terminal; everything it
+writes goes through ``pyte`` (a VT100/xterm emulator), so a test reads the
+resulting screen, not the byte stream: stale copies of redrawn lines, lines
+wider than the terminal and leftover control codes all show up there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import termios
+import time
+from collections.abc import Callable
+
+import pyte
+
+
+class Terminal:
+    def __init__(self, argv: list[str], *, cols: int, rows: int, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.cols, self.rows = cols, rows
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = b""
+        env = {k: v for k, v in (env or os.environ).items() if k not in ("COLUMNS", "LINES")}
+        env.setdefault("TERM", "xterm-256color")
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: size the terminal before anything asks for it
+            try:
+                fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                if cwd:
+                    os.chdir(cwd)
+                os.execvpe(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        self.pid, self.fd = pid, fd
+        self.returncode: int | None = None
+
+    def read(self, timeout: float = 0.1) -> bool:
+        """Feed what the child wrote within *timeout* to the screen; False once the child closed the pty."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: the child exited and the pty is closed
+            return False
+        if not data:
+            return False
+        self.raw += data
+        self.stream.feed(data)
+        return True
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def text(self) -> str:
+        return "\n".join(self.lines()).rstrip()
+
+    def wait_for(self, condition: Callable[[Terminal], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition(self):
+                return
+            if not self.read(0.1):
+                if condition(self):
+                    return
+                break
+        raise AssertionError(f"timed out waiting for {what}; screen:\n{self.text()}")
+
+    def resize(self, cols: int, rows: int) -> None:
+        """What a terminal window does when it is resized: new size, SIGWINCH to the child."""
+        self.cols, self.rows = cols, rows
+        self.screen.resize(rows, cols)
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def interrupt(self) -> None:
+        os.write(self.fd, b"\x03")  # Ctrl-C, as typed: the line discipline sends SIGINT
+
+    def finish(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.read(0.1):
+            pass
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                os.close(self.fd)
+                return self.returncode
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"command did not end within {timeout} s; screen:\n{self.text()}")
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
