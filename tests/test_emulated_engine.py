@@ -79,7 +79,7 @@ def test_pipeline_fans_out_100_as_one_array_and_gathers(daemon: DaemonProcess, e
         stats = c.stats()["clusters"]["emu"]
     assert stats["calls"]["submit"] == 3, f"extract + one array submission + merge: {stats['calls']}"
     assert stats["scheduler_stats"]["max_array_size"] >= 100
-    shown = json.loads(daemon.cli("stats", check=True).stdout)["clusters"]["emu"]["scheduler_stats"]
+    shown = json.loads(daemon.cli("stats", "--json", check=True).stdout)["clusters"]["emu"]["scheduler_stats"]
     assert shown["version"] and "max_array_size" in shown, shown  # the probe, as `reflow-client stats` shows it
     assert json.loads((run_dir / "report.json").read_text())["summary"]["chunks"] == 100
     names = emulated.submissions_by_name()
