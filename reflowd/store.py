@@ -33,7 +33,7 @@ SCHEMA_VERSION = 2
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
-INSTANCES = Table(Instance, "instances", (("instances_tag", "tag"),))
+INSTANCES = Table(Instance, "instances", upsert=True)  # the hot table: update in place, no secondary index
 JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
 
 SCHEMA = "\n".join([
@@ -42,6 +42,7 @@ SCHEMA = "\n".join([
     TASKS.create(),
     INSTANCES.create(),
     JOBS.create(),
+    "DROP INDEX IF EXISTS instances_tag;",  # schema 1 had it; nothing looks instances up by tag
     """CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
     from_state TEXT, to_state TEXT NOT NULL, evidence TEXT NOT NULL, at REAL NOT NULL
@@ -160,11 +161,13 @@ class Store:
         self._writing_cache: dict[str, tuple[Any, ...]] = {}
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._runs: dict[str, tuple[Any, ...]] = {}
-        self._tasks: dict[tuple[str, str], tuple[Any, ...]] = {}
-        self._instances: dict[tuple[str, str, int], tuple[Any, ...]] = {}
-        self._transitions: list[tuple[Any, ...]] = []
-        self._jobs: dict[str, tuple[Any, ...]] = {}
+        # Pending changes hold the records themselves (or rows put back after a failed commit): a record
+        # changed many times before a commit is encoded once, when the batch is taken.
+        self._runs: dict[str, Run | tuple[Any, ...]] = {}
+        self._tasks: dict[tuple[str, str], TaskRun | tuple[Any, ...]] = {}
+        self._instances: dict[tuple[str, str, int], Instance | tuple[Any, ...]] = {}
+        self._transitions: list[tuple[Any, ...]] = []  # evidence still a dict until the batch is taken
+        self._jobs: dict[str, JobRecord | tuple[Any, ...]] = {}
         self._cache: dict[str, tuple[Any, ...]] = {}
         self._run_failures: dict[str, tuple[Any, ...]] = {}
         self._pending = 0
@@ -311,27 +314,26 @@ class Store:
             self._urgent.set()
 
     def put_run(self, run: Run) -> None:
-        self._runs[run.id] = RUNS.row(run)
+        self._runs[run.id] = run
         self._enqueued_one()
 
     def put_task(self, run_id: str, task: TaskRun) -> None:
-        self._tasks[(run_id, task.name)] = TASKS.row(task)
+        self._tasks[(run_id, task.name)] = task
         self._enqueued_one()
 
     def put_instance(self, inst: Instance) -> None:
-        self._instances[inst.key] = INSTANCES.row(inst)
+        self._instances[inst.key] = inst
         self._enqueued_one()
 
     def add_transition(
         self, run_id: str, task: str | None, index: int | None, old: str | None, new: str, evidence: dict[str, Any], at: float
     ) -> None:
-        self._transitions.append(
-            (run_id, task, None if task is None else (-1 if index is None else index), old, new, dump_json(evidence), at)
-        )
+        self._transitions.append((run_id, task, None if task is None else (-1 if index is None else index), old, new,
+                                  evidence, at))
         self._enqueued_one()
 
     def put_job(self, job: JobRecord) -> None:
-        self._jobs[job.tag] = JOBS.row(job)
+        self._jobs[job.tag] = job
         self._enqueued_one()
 
     def fail_run_row(self, run_id: str, error: str) -> None:
@@ -365,6 +367,15 @@ class Store:
             event = self._committed_event
             await event.wait()
 
+    async def pace(self) -> None:
+        """For producers in long loops: give the writer its turn once a batch is full, and wait for it when
+        far behind (so commits stay near ``max_batch`` rows and the queue cannot grow without bound)."""
+        if self._pending >= self.max_batch:
+            await anyio.sleep(0)
+            if self._pending >= self.max_batch * 20 and self.writable and not self._closed:
+                self._urgent.set()
+                await self._committed_event.wait()
+
     @property
     def backlog(self) -> int:
         return self._pending
@@ -372,8 +383,24 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def _take_batch(self) -> _Batch:
-        batch = _Batch(self._runs, self._tasks, self._instances, self._transitions, self._jobs, self._cache,
-                       self._pending, self._enqueued, self._run_failures)
+        """Everything pending, encoded now: the rows are what memory holds at this moment."""
+        evidence: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
+
+        def encode(ev: Any) -> str:
+            if isinstance(ev, str):
+                return ev
+            text = evidence.get(id(ev))
+            if text is None:
+                text = evidence[id(ev)] = dump_json(ev)
+            return text
+
+        batch = _Batch(
+            {k: RUNS.row(v) if isinstance(v, Run) else v for k, v in self._runs.items()},
+            {k: TASKS.row(v) if isinstance(v, TaskRun) else v for k, v in self._tasks.items()},
+            {k: INSTANCES.row(v) if isinstance(v, Instance) else v for k, v in self._instances.items()},
+            [(*t[:5], encode(t[5]), t[6]) for t in self._transitions],
+            {k: JOBS.row(v) if isinstance(v, JobRecord) else v for k, v in self._jobs.items()},
+            self._cache, self._pending, self._enqueued, self._run_failures)
         self._runs, self._tasks, self._instances = {}, {}, {}
         self._transitions, self._jobs, self._cache, self._run_failures = [], {}, {}, {}
         self._pending = 0

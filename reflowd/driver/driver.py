@@ -85,7 +85,7 @@ class Driver:
         config = cluster.config
         self.policy = PollPolicy(config.min_poll_interval, config.poll_interval, config.max_poll_interval)
         # Owned queues: nothing outside the driver package touches these.
-        self.ready: dict[tuple[str, str, int], tuple[Run, Instance]] = {}
+        self.ready: dict[Instance, Run] = {}  # keyed by the instance itself (identity): no key tuples
         self.tracks: dict[str, JobTrack] = {}
         self.unresolved: dict[str, JobTrack] = {}
         self.cancels: dict[str, None] = {}  # job keys to cancel (ordered)
@@ -110,12 +110,12 @@ class Driver:
 
     def submit(self, run: Run, inst: Instance) -> None:
         """A READY instance (past the cache check) to submit as soon as its back-off allows."""
-        self.ready[inst.key] = (run, inst)
+        self.ready[inst] = run
         self.ready_wake.set()
 
     def withdraw(self, inst: Instance) -> None:
         """The instance is no longer READY (cancelled, cached, failed): drop it from the queue."""
-        self.ready.pop(inst.key, None)
+        self.ready.pop(inst, None)
 
     def cancel_jobs(self, keys: list[str]) -> None:
         """Ask the scheduler to cancel these jobs or array elements (retried until delivered)."""
@@ -134,7 +134,6 @@ class Driver:
         if track.live.get(inst.index) is inst:
             del track.live[inst.index]
             track.held.pop(inst.index, None)
-            track.last_obs.pop(inst.index, None)
             if not track.live:
                 self.emptied[tag] = None
 
@@ -157,7 +156,9 @@ class Driver:
     # ------------------------------------------------------------------ shared by the loops
 
     def new_track(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> JobTrack:
-        return JobTrack(record, run, dict(insts), FileClock(self.cluster.result_interval, self.cluster.result_interval * 8))
+        # A job directory where nothing happens is looked at less and less, down to once per longest poll.
+        clock = FileClock(self.cluster.result_interval, max(self.cluster.result_interval, self.policy.maximum))
+        return JobTrack(record, run, dict(insts), clock)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

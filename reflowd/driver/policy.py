@@ -7,22 +7,30 @@ class PollPolicy:
     """The scheduler clock: short after a submission or a change, growing while nothing happens,
     long when the scheduler answers slowly."""
 
+    #: Quiet polls at the base interval before the interval keeps growing toward the maximum.
+    QUIET_STREAK = 20
+
     def __init__(self, minimum: float, base: float, maximum: float) -> None:
         self.minimum = minimum
         self.base = max(base, minimum)
         self.maximum = max(maximum, self.base)
         self.interval = self.minimum
+        self.quiet = 0
 
     def after_query(self, duration: float, changed: bool) -> None:
+        self.quiet = 0 if changed else self.quiet + 1
         if duration > 2.0:  # a slow controller: back off in proportion
             self.interval = min(self.maximum, max(self.interval, duration * 10))
         elif changed:
             self.interval = self.minimum
-        else:
+        elif self.quiet < self.QUIET_STREAK:
             self.interval = min(self.base, self.interval * 1.5)
+        else:  # nothing has changed for a long while (jobs waiting in a queue): poll rarely
+            self.interval = min(self.maximum, self.interval * 1.5)
 
     def after_submit(self) -> None:
         self.interval = self.minimum
+        self.quiet = 0
 
 
 class FileClock:
