@@ -176,6 +176,8 @@ class Store:
         self._wake = anyio.Event()
         self._urgent = anyio.Event()
         self._committed_event = anyio.Event()
+        self._taken = anyio.Event()  # set each time the writer takes a batch (producers pace on it)
+        self._writer_running = False
         self._closed = False
         self.commits = 0
         self.rows_written = 0
@@ -248,6 +250,7 @@ class Store:
         full disk delays durability (and, through ``flush``, new submissions)
         but never loses a change or stops the daemon.
         """
+        self._writer_running = True
         try:
             while True:
                 await self._wake.wait()
@@ -259,6 +262,8 @@ class Store:
                 except StoreWriteError as exc:
                     await anyio.sleep(self._note_failure(exc))
         finally:
+            self._writer_running = False
+            self._taken.set()  # nobody waits for a writer that is gone
             with anyio.CancelScope(shield=True):
                 try:
                     await self._commit_pending()
@@ -368,13 +373,16 @@ class Store:
             await event.wait()
 
     async def pace(self) -> None:
-        """For producers in long loops: give the writer its turn once a batch is full, and wait for it when
-        far behind (so commits stay near ``max_batch`` rows and the queue cannot grow without bound)."""
-        if self._pending >= self.max_batch:
-            await anyio.sleep(0)
-            if self._pending >= self.max_batch * 20 and self.writable and not self._closed:
-                self._urgent.set()
-                await self._committed_event.wait()
+        """For producers in long loops: once a batch is full, wait until the writer has taken it.
+
+        Commits then stay near ``max_batch`` rows (the writer takes a batch while the previous
+        one is being written, so producing and writing overlap), and nothing in memory grows
+        without bound. While the store cannot be written, producers are not held back.
+        """
+        if self._pending >= self.max_batch and self._writer_running and self.writable and not self._closed:
+            self._urgent.set()
+            self._wake.set()
+            await self._taken.wait()
 
     @property
     def backlog(self) -> int:
@@ -384,6 +392,8 @@ class Store:
 
     def _take_batch(self) -> _Batch:
         """Everything pending, encoded now: the rows are what memory holds at this moment."""
+        taken, self._taken = self._taken, anyio.Event()
+        taken.set()
         evidence: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
 
         def encode(ev: Any) -> str:

@@ -197,7 +197,6 @@ class Observer:
             log.info("status query failed; treating every job as unknown", cluster=d.name, error=str(exc))
             d.last_query_error = str(exc) or type(exc).__name__
             observations = None
-        duration = world.monotonic() - started
         changed = False
         for track in tracks:
             try:
@@ -208,7 +207,7 @@ class Observer:
                 self.track_failed(track, "applying the scheduler's answer", exc)
                 changed = True
         d.held_tags = {t: None for t, tr in d.tracks.items() if tr.held}
-        d.policy.after_query(duration, changed)
+        d.policy.after_query(world.monotonic() - started, changed)
 
     async def apply_observations(self, track: JobTrack, observations: dict[str, Observation] | None) -> bool:
         d = self.d
@@ -394,7 +393,7 @@ class Observer:
             elif not traces or cluster.scheduler.can_requeue_unstarted:
                 if self.host.transition(track.run, inst, State.READY, {"source": "recovery", "tag_not_found": track.tag},
                                         tag=None, submitted_at=None):
-                    d.submit(track.run, inst)
+                    d.submit(track.run, [inst])
             else:
                 self.host.transition(track.run, inst, State.FAILED,
                                      {"source": "recovery", "tag": track.tag, "note": "no trace of this element"},

@@ -18,15 +18,19 @@ class PollPolicy:
         self.quiet = 0
 
     def after_query(self, duration: float, changed: bool) -> None:
+        """*duration*: what the poll cost, the scheduler's answer and the daemon's work on it together.
+
+        Polling takes at most a tenth of the time: a slow controller, or an answer about very many
+        jobs, spaces the polls out in proportion.
+        """
         self.quiet = 0 if changed else self.quiet + 1
-        if duration > 2.0:  # a slow controller: back off in proportion
-            self.interval = min(self.maximum, max(self.interval, duration * 10))
-        elif changed:
-            self.interval = self.minimum
+        if changed:
+            interval = self.minimum
         elif self.quiet < self.QUIET_STREAK:
-            self.interval = min(self.base, self.interval * 1.5)
+            interval = min(self.base, self.interval * 1.5)
         else:  # nothing has changed for a long while (jobs waiting in a queue): poll rarely
-            self.interval = min(self.maximum, self.interval * 1.5)
+            interval = min(self.maximum, self.interval * 1.5)
+        self.interval = min(self.maximum, max(interval, duration * 10))
 
     def after_submit(self) -> None:
         self.interval = self.minimum

@@ -83,19 +83,13 @@ class Submitter:
         self.host = driver.host
 
     def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
-        """Batches to submit now (taken off the ready queue), and when the next back-off expires."""
+        """Batches to submit now (taken off the queue), and when the next back-off expires."""
         groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
         runs: dict[str, Run] = {}
-        next_due: float | None = None
-        ready = self.d.ready
-        for inst, run in list(ready.items()):
+        taken, next_due = self.d.take_ready(now)
+        for inst, run in taken.items():
             if inst.state is not State.READY:
-                del ready[inst]
                 continue
-            if inst.not_before is not None and inst.not_before > now:
-                next_due = inst.not_before if next_due is None else min(next_due, inst.not_before)
-                continue
-            del ready[inst]
             groups[(run.id, inst.task)].append(inst)
             runs[run.id] = run
         batches = []
@@ -226,10 +220,10 @@ class Submitter:
             log.warning("cannot write job files; will try again", run_id=run.id, task=tr.name, cluster=d.name,
                         error=str(exc))
             retry_at = world.now() + WRITE_RETRY
-            for inst in insts:
-                if inst.state is State.READY:
-                    host.update(inst, not_before=retry_at)
-                    d.submit(run, inst)
+            again = [i for i in insts if i.state is State.READY]
+            for inst in again:
+                host.update(inst, not_before=retry_at)
+            d.submit(run, again)
             return
         insts = [i for i in insts if i.state is State.READY]  # cancellations while we wrote files
         if not insts:

@@ -265,7 +265,7 @@ class Engine:
                  "error": (inst.error or "")[:500], "delay": delay},
                 **{**cleared(), "attempt": inst.attempt + 1, "not_before": world.now() + delay},
             ):
-                self._hand_over(run, inst)
+                self._hand_over(run, [inst])
             return
         if (
             inst.state in FAILURE
@@ -290,10 +290,13 @@ class Engine:
             driver.cancel_jobs(kill)
         self.mark_dirty(run.id)
 
-    def _hand_over(self, run: Run, inst: Instance) -> None:
-        """Give a READY instance (past the cache check) to its cluster's driver."""
-        inst.handed = True
-        self.drivers[run.cluster].submit(run, inst)
+    def _hand_over(self, run: Run, insts: list[Instance]) -> None:
+        """Give READY instances (past the cache check) to their cluster's driver, all at once: the
+        driver makes one array job of what it is handed together."""
+        for inst in insts:
+            inst.handed = True
+        if insts:
+            self.drivers[run.cluster].submit(run, insts)
 
     async def _pace(self, i: int) -> None:
         """In a long loop: yield now and then, and let the store's writer catch up when it falls behind."""
@@ -443,13 +446,15 @@ class Engine:
         options = run.options
         force_tasks = set(options.force_tasks)
         lookup: list[Instance] = []
+        direct: list[Instance] = []
         for inst in instances:
             task = run.tasks[inst.task].manifest
             if options.force or inst.task in force_tasks or not task.cache or not inst.identity \
                     or inst.not_before is not None:
-                self._hand_over(run, inst)
+                direct.append(inst)
             else:
                 lookup.append(inst)
+        self._hand_over(run, direct)
         if not lookup:
             return
         hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
@@ -457,6 +462,7 @@ class Engine:
         if options.verify and hits:
             verified = await self._verify_outputs(run, [(i, hits[i.identity]["output"]) for i in lookup
                                                         if i.identity in hits])
+        missed: list[Instance] = []
         for n, inst in enumerate(lookup):
             await self._pace(n)
             if inst.state is not State.READY or inst.handed:
@@ -474,7 +480,8 @@ class Engine:
                 if hit:
                     log.info("cached result failed verification", run_id=run.id, task=inst.task, index=inst.index,
                              problem=problem)
-                self._hand_over(run, inst)
+                missed.append(inst)
+        self._hand_over(run, [i for i in missed if i.state is State.READY and not i.handed])
 
     async def _verify_outputs(self, run: Run, items: list[tuple[Instance, Any]]) -> dict[str, str | None]:
         """``{identity: None (ok) | problem}``: paths must exist; custom ``verify`` runs in a worker."""
@@ -658,7 +665,7 @@ class Engine:
             if problem and inst.state in SUCCESS:
                 if self.transition(run, inst, State.READY, {"source": "verify", "problem": problem},
                                    **{**cleared(), "attempt": inst.attempt + 1}):
-                    self._hand_over(run, inst)
+                    self._hand_over(run, [inst])
 
     # ------------------------------------------------------------------ views
 

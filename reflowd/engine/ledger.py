@@ -74,7 +74,7 @@ class Ledger:
             tr.counts[old] -= 1
             tr.counts[new] += 1
         self.store.put_instance(inst)
-        self.store.add_transition(run.id, inst.task, inst.index, old.value, new.value, evidence, now)
+        self.store.add_transition(run.id, inst.task, inst.index, old, new, evidence, now)  # (str enums: stored as text)
         self.counters["transitions"] += 1
         if self.events.wants(run.id):
             self.events.publish({

@@ -69,8 +69,8 @@ def index_column() -> Any:
 
 
 def enum_column(kind: type, sql: str = "TEXT NOT NULL", **kw: Any) -> Any:
-    return column(sql, encode=lambda v: None if v is None else v.value,
-                  decode=lambda v: None if v is None else kind(v), **kw)
+    """A ``str`` enum: SQLite stores the member as its text as it is; reading makes it a member again."""
+    return column(sql, decode=lambda v: None if v is None else kind(v), **kw)
 
 
 def _columns(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Column]]:
