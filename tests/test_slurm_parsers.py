@@ -132,15 +132,6 @@ def test_find_by_name() -> None:
 # ---------------------------------------------------------------------- scontrol
 
 
-def test_scontrol_show_job_array_and_failure() -> None:
-    obs = sc.parse_scontrol_show_job(read("scontrol_show_job_array.txt"))
-    assert obs["655_1"].phase is Phase.RUNNING
-    assert {f"655_{i}" for i in range(2, 6)} <= set(obs)
-    assert obs["655_3"].reason == "JobArrayTaskLimit"
-    failed = sc.parse_scontrol_show_job(read("scontrol_show_job_failed.txt"))
-    assert failed["656"].outcome is Outcome.FAILED and failed["656"].exit_code == "3:0"
-
-
 def test_scontrol_show_config() -> None:
     config = sc.parse_scontrol_show_config(read("scontrol_show_config.txt"))
     assert sc.max_array_size(config) == 1001

@@ -354,48 +354,6 @@ def tagged_jobs(observations_text: str, fields_by: str, tags: Iterable[str]) -> 
 # ---------------------------------------------------------------------- scontrol
 
 
-def parse_scontrol_pairs(text: str) -> list[dict[str, str]]:
-    """``scontrol show job`` output: one dict per job record (``Key=Value`` tokens; a token
-    without ``=`` continues the previous value, as in ``Reason=... some words``)."""
-    records: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    last: str | None = None
-    for line in text.splitlines():
-        if not line.strip():
-            if current:
-                records.append(current)
-            current, last = {}, None
-            continue
-        for token in line.split():
-            key, eq, value = token.partition("=")
-            if not eq:
-                if last is not None:
-                    current[last] += " " + token
-                continue
-            if key == "JobId" and current:
-                records.append(current)
-                current = {}
-            current[key] = value
-            last = key
-    if current:
-        records.append(current)
-    return records
-
-
-def parse_scontrol_show_job(text: str) -> dict[str, Observation]:
-    out: dict[str, Observation] = {}
-    for rec in parse_scontrol_pairs(text):
-        job_id = rec.get("JobId")
-        if not job_id:
-            continue
-        array_job, task = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
-        keys = expand_job_key(f"{array_job}_[{task}]") if array_job and task and not task.isdigit() else (
-            [f"{array_job}_{task}"] if array_job and task else [job_id])
-        for key in keys:
-            out[key] = observe(rec.get("JobState", ""), rec.get("Reason"), rec.get("ExitCode"))
-    return out
-
-
 def parse_scontrol_show_config(text: str) -> dict[str, str]:
     config: dict[str, str] = {}
     for line in text.splitlines():
