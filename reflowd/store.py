@@ -117,7 +117,6 @@ class _Batch:
     instances: dict[tuple[str, str, int], tuple[Any, ...]]
     transitions: list[tuple[Any, ...]]
     jobs: dict[str, tuple[Any, ...]]
-    failures: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
     generation: int
