@@ -13,6 +13,7 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import anyio
 import structlog
 
 from reflow_client.jobfiles import SCRIPT_FILE
@@ -46,6 +47,19 @@ class SlurmScheduler(Scheduler):
     async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
         return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
 
+    async def _sacct_answers(self, attempts: int = 3, pause: float = 2.0) -> bool:
+        """Whether sacct works. The choice holds for the daemon's life, so one slow or failed answer
+        (slurmdbd busy or restarting) is asked again before the site is taken for one without accounting."""
+        for attempt in range(attempts):
+            check = await self._run(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
+            if check.ok:
+                return True
+            log.warning("sacct does not answer; polling will use squeue if it keeps failing",
+                        attempt=attempt + 1, stderr=check.stderr.strip()[-200:])
+            if attempt + 1 < attempts:
+                await anyio.sleep(pause)
+        return False
+
     async def probe(self) -> dict[str, Any]:
         result = await self._run(["scontrol", "show", "config"])
         if not result.ok:
@@ -55,8 +69,7 @@ class SlurmScheduler(Scheduler):
         storage = self.config.get("AccountingStorageType", "accounting_storage/none")
         self.accounting = False
         if storage != "accounting_storage/none":
-            check = await self._run(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
-            self.accounting = check.ok
+            self.accounting = await self._sacct_answers()
         return {"max_array_size": self.max_array_size, "accounting": self.accounting,
                 "min_job_age": self.config.get("MinJobAge")}
 
