@@ -30,6 +30,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every cluster test in one xdist group: the clusters are machine-wide singletons, so one worker
+    runs them all in order while the other workers run the rest of the suite beside them."""
+    group = pytest.mark.xdist_group("cluster")
+    for item in items:
+        if any(item.get_closest_marker(m) for m in CLUSTER_MARKS):
+            item.add_marker(group)
+
+
 _skipped_cluster_tests: list[str] = []
 
 
