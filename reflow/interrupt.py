@@ -59,6 +59,30 @@ class WorkerInterrupted(BaseException):
         super().__init__(f"interrupted by {self.signame}")
 
 
+#: The installed Interrupts of this process (for the fork hook below).
+_active: Interrupts | None = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (multiprocessing) keeps our handlers and wakeup fd: its signals are not the worker's."""
+    interrupts = _active
+    if interrupts is None or interrupts._pipe is None:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from another thread: not this interpreter's main thread
+        pass
+    for fd in interrupts._pipe:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    interrupts._pipe = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Interrupts:
     """The worker's signal handlers; ``stopped`` is the first stop signal received, if any.
 
@@ -97,6 +121,8 @@ class Interrupts:
         self._pipe = (read_end, write_end)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self._main = threading.get_ident()
+        global _active
+        _active = self
         watcher = threading.Thread(target=self._watch, args=(read_end,), name="reflow-stop-grace", daemon=True)
         # The watcher inherits a mask blocking every signal, so the kernel hands them all to the main thread.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
@@ -114,6 +140,9 @@ class Interrupts:
             signal.set_wakeup_fd(-1)
             os.close(self._pipe[1])  # the watcher's read sees the end
             self._pipe = None
+        global _active
+        if _active is self:
+            _active = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in WARNING_SIGNALS:

@@ -380,6 +380,15 @@ def test_a_stop_signal_the_main_thread_does_not_wake_for_still_interrupts_and_st
     assert result_of(job_dir)["signal"] == "SIGTERM"
 
 
+def test_a_forked_child_stopped_by_the_task_does_not_stop_the_worker(tmp_path: Path) -> None:
+    from reflow.interrupt import STOP_GRACE
+
+    job_dir = make_job(tmp_path, "stops_a_forked_child", {"linger": STOP_GRACE + 2})
+    proc = run_worker(job_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert result_of(job_dir)["state"] == jobfiles.SUCCEEDED and result_of(job_dir)["signal"] is None
+
+
 def test_a_warning_signal_raises_task_interrupted_and_a_task_that_handles_it_succeeds(tmp_path: Path) -> None:
     job_dir = make_job(tmp_path, "checkpointing", {"seconds": 0.5, "then": "continue"})
     proc, _ = interrupt(tmp_path, job_dir, signal.SIGUSR1)

@@ -117,6 +117,23 @@ def deaf_main_thread(run_dir: Annotated[Path, RunDir()], seconds: float = 120.0)
 
 
 @wf.job()
+def stops_a_forked_child(linger: float = 7.0) -> str:
+    """Forks a child (as multiprocessing does) and stops it with SIGTERM: the child's signal is not the worker's."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    time.sleep(linger)  # past the stop grace
+    return "carried on"
+
+
+@wf.job()
 def run_dir_by_name(run_dir, label: str = "x") -> str:
     """No marker: a parameter called run_dir receives the run directory, as in the reference."""
     return f"{type(run_dir).__name__}:{run_dir}"
