@@ -16,7 +16,7 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyte
 
@@ -41,6 +41,11 @@ class Terminal:
                 os._exit(127)
         self.pid, self.fd = pid, fd
         self.returncode: int | None = None
+        # A second screen fed only whole drawings (see frames()), and where in the stream the window was resized.
+        self._frame_screen = pyte.Screen(cols, rows)
+        self._frame_stream = pyte.ByteStream(self._frame_screen)
+        self._framed = 0
+        self._resizes: list[tuple[int, int, int]] = []
 
     def read(self, timeout: float = 0.1) -> bool:
         """Feed what the child wrote within *timeout* to the screen; False once the child closed the pty."""
@@ -63,6 +68,24 @@ class Terminal:
     def text(self) -> str:
         return "\n".join(self.lines()).rstrip()
 
+    def frames(self, start: bytes) -> Iterator[list[str]]:
+        """The screen as each drawing completed since the last call left it, one drawing at a time.
+
+        A read hands over whatever the child has written so far, which can end in the middle
+        of a redraw (old lines erased, new ones not drawn yet): the live screen may show half a
+        drawing. A program that redraws in place begins every drawing with the same control
+        sequence, *start*; whatever comes before the last *start* read is whole drawings.
+        """
+        while (end := self.raw.find(start, self._framed + 1)) > 0:
+            for offset, cols, rows in self._resizes:  # a resize between two drawings applies where it happened
+                if self._framed <= offset < end:
+                    self._frame_stream.feed(self.raw[self._framed:offset])
+                    self._frame_screen.resize(rows, cols)
+                    self._framed = offset
+            self._frame_stream.feed(self.raw[self._framed:end])
+            self._framed = end
+            yield [line.rstrip() for line in self._frame_screen.display]
+
     def wait_for(self, condition: Callable[[Terminal], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -77,6 +100,7 @@ class Terminal:
     def resize(self, cols: int, rows: int) -> None:
         """What a terminal window does when it is resized: new size, SIGWINCH to the child."""
         self.cols, self.rows = cols, rows
+        self._resizes.append((len(self.raw), cols, rows))
         self.screen.resize(rows, cols)
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 

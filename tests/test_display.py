@@ -120,28 +120,42 @@ def _printed_lines(raw: bytes) -> list[str]:
     return [line.split("\r")[-1] for line in text.split("\n")]
 
 
-def _assert_one_drawing(term: Terminal) -> None:
-    lines = term.lines()
+# rich's Live begins every redraw by going back over what it drew (carriage return, erase line, then up and erase):
+# whatever was read before the last such start is whole drawings.
+REDRAW = b"\r\x1b[2K"
+
+
+def _assert_one_drawing(lines: list[str]) -> None:
+    text = "\n".join(lines).rstrip()
     for label in ("extract", "summarise[]", "merge"):
         drawn = [line for line in lines if line.startswith(label + " ")]
-        assert len(drawn) == 1, f"{label} is drawn {len(drawn)} times:\n{term.text()}"
+        assert len(drawn) == 1, f"{label} is drawn {len(drawn)} times:\n{text}"
     headers = [line for line in lines if re.match(r"^(run etl-\S+  (running|succeeded)|starting)  ", line)]
-    assert len(headers) == 1, term.text()
+    assert len(headers) == 1, text
+
+
+def _running(lines: list[str]) -> bool:
+    text = "\n".join(lines)
+    return "summarise[]" in text and "results:" not in text
 
 
 @pytest.mark.parametrize("cols", [80, 200])
 def test_live_display_in_a_terminal(tmp_path: Path, cols: int) -> None:
     term = Terminal(_etl_run(tmp_path), cols=cols, rows=30, cwd=str(tmp_path))
+    drawings = 0
     try:
         term.wait_for(lambda t: "summarise[]" in t.text(), 120, "the display")
         while term.read(0.2):  # every redraw while it runs: one copy of each line, never wider than the screen
-            if "summarise[]" in term.text() and "results:" not in term.text():
-                _assert_one_drawing(term)
+            for lines in term.frames(REDRAW):
+                if _running(lines):
+                    _assert_one_drawing(lines)
+                    drawings += 1
         code = term.finish(60)
     finally:
         term.kill()
     assert code == 0, term.text()
-    _assert_one_drawing(term)
+    assert drawings >= 2, "the display was redrawn while the run went on"
+    _assert_one_drawing(term.lines())
     screen = term.text()
     assert re.search(r"summarise\[\] +\[━+\] +12/12 ", screen), screen
     assert "results:" in screen and "merge = {'chunks': 12" in screen
@@ -151,17 +165,22 @@ def test_live_display_in_a_terminal(tmp_path: Path, cols: int) -> None:
 
 def test_live_display_follows_a_resize_without_stale_lines(tmp_path: Path) -> None:
     term = Terminal(_etl_run(tmp_path, chunks=30), cols=200, rows=30, cwd=str(tmp_path))
+    narrow = 0
     try:
         term.wait_for(lambda t: "summarise[]" in t.text(), 120, "the display")
+        list(term.frames(REDRAW))  # the drawings at 200 columns
         term.resize(80, 30)
-        term.wait_for(lambda t: "summarise[]" in t.text() and "results:" not in t.text()
-                      and all(len(line) < 80 for line in t.lines()), 60, "a redraw at 80 columns")
-        _assert_one_drawing(term)
+        while term.read(0.2):  # every whole drawing at 80 columns while it runs: one copy of each line
+            for lines in term.frames(REDRAW):
+                if _running(lines) and all(len(line) < 80 for line in lines):
+                    _assert_one_drawing(lines)
+                    narrow += 1
         code = term.finish(120)
     finally:
         term.kill()
     assert code == 0, term.text()
-    _assert_one_drawing(term)
+    assert narrow >= 1, "a redraw at 80 columns while the run went on"
+    _assert_one_drawing(term.lines())
     after = term.raw.decode("utf-8", "replace").split("\x1b[2J")[-1]
     assert all(len(line) <= 80 for line in _printed_lines(after.encode())), "lines after the resize fit 80 columns"
 

@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import random
+import select
 import socket
 import time
 from collections import Counter
@@ -38,6 +39,8 @@ FRAME_BATCHES = 4
 MANIFEST_BATCHES = 2
 #: Runs the door accepted that are left to run to their end (the rest are cancelled at once).
 RUNS_TO_FINISH = 8
+#: Frames sent back to back before reading their replies (each still followed by its own sentinel ping).
+PIPELINE = 50
 SENTINEL = b'{"jsonrpc":"2.0","id":"fuzz-sentinel","method":"ping"}\n'
 
 SURROGATES = ["\ud800", "\udfff", "\udcff", "a\udc80b", "\ud83d"]
@@ -161,19 +164,37 @@ class Conn:
 
     def exchange(self, frame: bytes) -> list[dict[str, Any]]:
         """Send a frame; return every reply before the sentinel's (the daemon must answer the sentinel)."""
-        self.sock.sendall(frame + b"\n" + SENTINEL)
-        replies = []
-        while True:
-            while b"\n" not in self.buf:
-                chunk = self.sock.recv(1 << 20)
-                assert chunk, f"reflowd closed the connection after {frame[:120]!r}"
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\n", 1)
-            reply = json.loads(line)
-            if reply.get("id") == "fuzz-sentinel":
-                assert reply["result"]["pong"] is True
-                return replies
-            replies.append(reply)
+        return self.exchange_many([frame])[0]
+
+    def exchange_many(self, frames: list[bytes]) -> list[list[dict[str, Any]]]:
+        """Send frames back to back, each followed by the sentinel; the replies to each frame, in order.
+
+        The daemon answers a connection's requests in order, so the replies between two sentinel
+        answers are the frame's; sending a batch at once spares a round trip per frame.
+        """
+        out = memoryview(b"".join(frame + b"\n" + SENTINEL for frame in frames))
+        answers: list[list[dict[str, Any]]] = []
+        for frame in frames:
+            replies = []
+            while True:
+                while b"\n" not in self.buf:
+                    # Keep sending while reading: replies must never fill the socket while we only write.
+                    readable, writable, _ = select.select([self.sock], [self.sock] if out else [], [], 60)
+                    assert readable or writable, f"reflowd did not answer within 60 s after {frame[:120]!r}"
+                    if writable:
+                        out = out[self.sock.send(out[:1 << 16]):]
+                    if readable:
+                        chunk = self.sock.recv(1 << 20)
+                        assert chunk, f"reflowd closed the connection after {frame[:120]!r}"
+                        self.buf += chunk
+                line, self.buf = self.buf.split(b"\n", 1)
+                reply = json.loads(line)
+                if reply.get("id") == "fuzz-sentinel":
+                    assert reply["result"]["pong"] is True
+                    break
+                replies.append(reply)
+            answers.append(replies)
+        return answers
 
     def close(self) -> None:
         self.sock.close()
@@ -271,8 +292,21 @@ def test_fuzz_frames_and_manifests(tmp_path: Path) -> None:
     conn = Conn(d.socket)
     try:
         per_batch = FRAMES // FRAME_BATCHES
+        pending: list[bytes] = []
+
+        def flush() -> None:
+            for frame, replies in zip(pending, conn.exchange_many(pending)):
+                for reply in replies:
+                    _check_reply(reply, frame, counts)
+                    if isinstance(reply.get("result"), dict) and "run_id" in reply["result"]:
+                        accepted.append(reply["result"]["run_id"])  # a fuzzed submit the door let in
+                counts["frames"] += 1
+            pending.clear()
+
         for batch in range(FRAME_BATCHES):
             for i in range(per_batch):
+                if len(pending) >= PIPELINE:
+                    flush()
                 roll = rng.random()
                 if roll < 0.003:  # half-open: a partial frame, then the client goes away
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -286,6 +320,7 @@ def test_fuzz_frames_and_manifests(tmp_path: Path) -> None:
                     counts["frames"] += 1
                     continue
                 if roll < 0.0035 and counts["oversize lines"] < 4:
+                    flush()
                     replies = conn.exchange(b"[" + b"1," * (MAX_MESSAGE_BYTES // 2) + b"1]")
                     assert replies and replies[0]["error"]["message"].startswith("message of"), replies[:1]
                     counts["oversize lines"] += 1
@@ -307,34 +342,36 @@ def test_fuzz_frames_and_manifests(tmp_path: Path) -> None:
                 else:
                     frame = raw_frame(rng)
                     counts["raw frames"] += 1
-                for reply in conn.exchange(frame):
-                    _check_reply(reply, frame, counts)
-                    if isinstance(reply.get("result"), dict) and "run_id" in reply["result"]:
-                        accepted.append(reply["result"]["run_id"])  # a fuzzed submit the door let in
-                counts["frames"] += 1
+                pending.append(frame)
+            flush()
             checkpoint(f"frames-{batch}")
         per_batch = MANIFESTS // MANIFEST_BATCHES
         for batch in range(MANIFEST_BATCHES):
-            for i in range(per_batch):
-                mutated = _mutate(rng, manifest)
-                p = params if rng.random() < 0.8 else _mutate(rng, params)
-                run_dir = str(tmp_path / "m" / f"{batch}-{i}") if rng.random() < 0.9 else fuzz_value(rng)
-                frame = _dump({"jsonrpc": "2.0", "id": i, "method": "submit",
-                               "params": {"manifest": mutated, "params": p, "run_dir": run_dir}})
-                replies = conn.exchange(frame)
-                assert len(replies) == 1
-                _check_reply(replies[0], frame, counts)
-                counts["manifests"] += 1
-                if "result" in replies[0]:
-                    run_id = replies[0]["result"]["run_id"]
-                    accepted.append(run_id)
-                    counts["manifests accepted"] += 1
-                    if counts["manifests accepted"] > RUNS_TO_FINISH:
-                        for reply in conn.exchange(_dump({"jsonrpc": "2.0", "id": "c", "method": "cancel",
-                                                          "params": {"run_id": run_id}})):
-                            _check_reply(reply, b"cancel", counts)
-                else:
-                    counts["manifests refused"] += 1
+            for first in range(0, per_batch, PIPELINE):
+                frames = []
+                for i in range(first, min(first + PIPELINE, per_batch)):
+                    mutated = _mutate(rng, manifest)
+                    p = params if rng.random() < 0.8 else _mutate(rng, params)
+                    run_dir = str(tmp_path / "m" / f"{batch}-{i}") if rng.random() < 0.9 else fuzz_value(rng)
+                    frames.append(_dump({"jsonrpc": "2.0", "id": i, "method": "submit",
+                                         "params": {"manifest": mutated, "params": p, "run_dir": run_dir}}))
+                cancels = []
+                for frame, replies in zip(frames, conn.exchange_many(frames)):
+                    assert len(replies) == 1
+                    _check_reply(replies[0], frame, counts)
+                    counts["manifests"] += 1
+                    if "result" in replies[0]:
+                        run_id = replies[0]["result"]["run_id"]
+                        accepted.append(run_id)
+                        counts["manifests accepted"] += 1
+                        if counts["manifests accepted"] > RUNS_TO_FINISH:
+                            cancels.append(_dump({"jsonrpc": "2.0", "id": "c", "method": "cancel",
+                                                  "params": {"run_id": run_id}}))
+                    else:
+                        counts["manifests refused"] += 1
+                for replies in conn.exchange_many(cancels) if cancels else []:
+                    for reply in replies:
+                        _check_reply(reply, b"cancel", counts)
             checkpoint(f"manifests-{batch}")
     finally:
         conn.close()

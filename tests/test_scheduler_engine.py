@@ -223,7 +223,9 @@ def test_crashes_failures_kills_cancels_and_refusals_side_by_side(wlm: WLM, tmp_
       scheduler's reason; a job whose worker process is killed is concluded from the scheduler's
       record (never "lost");
     * refusals: a misspelt submit option is refused before anything is submitted; a queue the
-      scheduler does not know makes the first job submit_failed, with the scheduler's message.
+      scheduler does not know makes the first job submit_failed, with the scheduler's message;
+    * timeout (systems with ``time_limit``): a job past its 1-minute limit ends as "timeout", with the
+      scheduler's TIMEOUT.
     """
     bad_queue, bad_queue_says = wlm.env.bad_queue
     crashing = DaemonProcess(tmp_path / "crashing", config=config(wlm), env=wlm.daemon_env())
@@ -238,6 +240,10 @@ def test_crashes_failures_kills_cancels_and_refusals_side_by_side(wlm: WLM, tmp_
         assert "partiton" in info.value.message and "partition" in info.value.message, info.value.message
         with steady.client() as c:
             assert c.runs() == [], "the refused run was not even recorded"
+        # A job past its time limit takes the scheduler a minute or two to end: it runs meanwhile, on systems
+        # that enforce the limit, rather than in a test (and a daemon) of its own.
+        timed = submit(steady, SLURMY, tmp_path / "timeout", "--mode", "sleep", "--n", "1") \
+            if wlm.env.has("time_limit") else None
         runs = {
             "element": submit_api(steady, COUNTING, tmp_path / "element", n=6, fail_on=3),
             "cancel": submit_api(steady, COUNTING, tmp_path / "cancel", n=2, delay=300),
@@ -330,6 +336,12 @@ def test_crashes_failures_kills_cancels_and_refusals_side_by_side(wlm: WLM, tmp_
 
         items = instance(steady, runs["noqueue"], "items")
         assert items.state == "submit_failed" and bad_queue_says in (items.error or ""), items
+
+        if timed is not None:  # the time limit: exceeded is "timeout", with the scheduler's TIMEOUT
+            assert wait_state(steady, timed, timeout=400) == "failed"
+            victim = instance(steady, timed, "victim")
+            assert victim.state == "timeout", victim
+            assert "TIMEOUT" in (victim.reason or "")
         wlm.tags_used_once()
     finally:
         kill(crashing)
@@ -337,16 +349,6 @@ def test_crashes_failures_kills_cancels_and_refusals_side_by_side(wlm: WLM, tmp_
 
 
 # ---------------------------------------------------------------------- what only some systems have
-
-
-@pytest.mark.slow
-@having("time_limit")
-def test_time_limit_exceeded_is_timeout(daemon: DaemonProcess, tmp_path: Path) -> None:
-    run_id = submit(daemon, SLURMY, tmp_path / "timeout", "--mode", "sleep", "--n", "1")
-    assert wait_state(daemon, run_id, timeout=400) == "failed"
-    victim = status(daemon, run_id, "victim").instances[0]  # type: ignore[index]
-    assert victim.state == "timeout", victim
-    assert "TIMEOUT" in (victim.reason or "")
 
 
 # ---------------------------------------------------------------------- refusals

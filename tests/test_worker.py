@@ -365,6 +365,30 @@ def test_a_task_that_swallows_the_stop_and_carries_on_is_stopped_after_the_grace
     assert result_of(job_dir)["signal"] == "SIGTERM"
 
 
+def test_a_stop_signal_the_main_thread_does_not_wake_for_still_interrupts_and_stops_after_the_grace(
+        tmp_path: Path) -> None:
+    """A signal that lands just before a blocking call does not interrupt it; neither the task nor the grace may wait
+    for the call to end. Made certain here: the task's main thread blocks SIGTERM, so another thread takes it."""
+    from reflow.interrupt import STOP_GRACE
+
+    job_dir = make_job(tmp_path, "deaf_main_thread", {"seconds": 300.0})
+    began = time.monotonic()
+    proc, _ = interrupt(tmp_path, job_dir, signal.SIGTERM)
+    assert time.monotonic() - began >= STOP_GRACE
+    assert (tmp_path / "checkpoint.txt").read_text() == "SIGTERM", "the task saw TaskInterrupted during its sleep"
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert result_of(job_dir)["signal"] == "SIGTERM"
+
+
+def test_a_forked_child_stopped_by_the_task_does_not_stop_the_worker(tmp_path: Path) -> None:
+    from reflow.interrupt import STOP_GRACE
+
+    job_dir = make_job(tmp_path, "stops_a_forked_child", {"linger": STOP_GRACE + 2})
+    proc = run_worker(job_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert result_of(job_dir)["state"] == jobfiles.SUCCEEDED and result_of(job_dir)["signal"] is None
+
+
 def test_a_warning_signal_raises_task_interrupted_and_a_task_that_handles_it_succeeds(tmp_path: Path) -> None:
     job_dir = make_job(tmp_path, "checkpointing", {"seconds": 0.5, "then": "continue"})
     proc, _ = interrupt(tmp_path, job_dir, signal.SIGUSR1)

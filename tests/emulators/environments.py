@@ -51,8 +51,21 @@ class EmulatedScheduler:
         return HERE / self.kind
 
     def env(self) -> dict[str, str]:
-        return {"PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "WLM_EMU_STATE": str(self.state),
-                "WLM_EMU_SLOTS": str(self.slots)}
+        return {"PATH": os.pathsep.join([str(self.bin_dir), str(self._python_dir()), os.environ.get("PATH", "")]),
+                "WLM_EMU_STATE": str(self.state), "WLM_EMU_SLOTS": str(self.slots)}
+
+    def _python_dir(self) -> Path:
+        """A directory whose ``python3`` is this interpreter, for the commands' ``#!/usr/bin/env python3``.
+
+        Every command the daemon runs is a Python start; through a version manager's shim (pyenv's is a
+        shell script that runs more processes) each costs twice the CPU.
+        """
+        bin_dir = self.state / ".python-bin"
+        python = bin_dir / "python3"
+        if not python.exists():
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            python.symlink_to(sys.executable)
+        return bin_dir
 
     def config(self, python: str, **extra: object) -> str:
         """A config.toml whose default cluster is this emulator, polled often (tests must be quick)."""

@@ -70,7 +70,7 @@ def flaky(run_dir: Annotated[Path, RunDir()], mode: str = "ok") -> str:
     return f"ok after {attempts}"
 
 
-@wf.job(time="0:02")
+@wf.job(time="0:06")  # the ok path must fit a worker's start on a loaded machine (2 s did not)
 def slow(run_dir: Annotated[Path, RunDir()], mode: str = "ok") -> str:
     start = time.time()
     record(run_dir, "slow", None, start)

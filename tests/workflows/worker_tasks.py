@@ -7,7 +7,9 @@ without running it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -97,6 +99,38 @@ def checkpointing(run_dir: Annotated[Path, RunDir()], seconds: float = 120.0, th
             return "partial"
         time.sleep(seconds)  # "continue": carry on as if nothing happened
     return "finished"
+
+
+@wf.job()
+def deaf_main_thread(run_dir: Annotated[Path, RunDir()], seconds: float = 120.0) -> str:
+    """Sleeps with the stop signals blocked in its main thread, so the kernel hands a stop signal to another thread
+    and the main thread's sleep goes on: what happens whenever a signal lands just before a blocking call starts."""
+    threading.Thread(target=time.sleep, args=(seconds,), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        (run_dir / "started.txt").write_text(str(os.getpid()))
+        time.sleep(seconds)
+    except TaskInterrupted as exc:
+        (run_dir / "checkpoint.txt").write_text(exc.signame)
+        time.sleep(seconds)  # and carry on regardless
+    return "finished"
+
+
+@wf.job()
+def stops_a_forked_child(linger: float = 7.0) -> str:
+    """Forks a child (as multiprocessing does) and stops it with SIGTERM: the child's signal is not the worker's."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    time.sleep(linger)  # past the stop grace
+    return "carried on"
 
 
 @wf.job()
