@@ -471,7 +471,7 @@ def sim_runtime(cluster: SimCluster, now: Any) -> ClusterRuntime:
     transport = MeteredTransport(SimTransport(cluster), budget)
     return ClusterRuntime(name="sim", config=config, transport=transport.inner, metered=transport,
                           scheduler=SimScheduler(cluster, transport, now), budget=budget,
-                          result_interval=1.0, timing=Timing(result_grace=10.0, lost_after=3, lost_grace=20.0))
+                          result_interval=2.0, timing=Timing(result_grace=10.0, lost_after=3, lost_grace=20.0))
 
 
 def _runs_of(rows: dict[tuple[str, Any], tuple[Any, ...]]) -> set[str]:
