@@ -26,6 +26,7 @@ import structlog
 
 from reflow_client.jobfiles import write_bytes_atomic
 
+from . import world
 from .engine.model import Instance, JobRecord, Run, TaskRun
 from .engine.records import Table, dump_json
 
@@ -463,7 +464,7 @@ class Store:
 
     def fail_run_row(self, run_id: str, error: str) -> None:
         """Mark a run that cannot even be loaded as failed, with the reason (recovery)."""
-        now = time.time()
+        now = world.now()
         self._run_failures[run_id] = ("failed", error, now, now, run_id)
         self.add_transition(run_id, None, None, "running", "failed", {"source": "recovery", "error": error[:500]}, now)
 

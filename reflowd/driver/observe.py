@@ -106,6 +106,9 @@ class Observer:
                     changed = True
                 track.files.after_check(world.monotonic(), changed)
 
+        if len(due) == 1:  # the common case: no task group to spawn
+            await one(due[0])
+            return
         async with anyio.create_task_group() as tg:
             for track in due:
                 tg.start_soon(one, track)

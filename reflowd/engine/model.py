@@ -13,13 +13,14 @@ summary cost time per task, not per instance.
 from __future__ import annotations
 
 import json
-import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from reflow_client.manifest import Manifest, TaskManifest
 
+from .. import world
 from ..schedulers.base import SubmitRequest
 from .records import column, dump_json, enum_column, index_column, json_column, transient
 from .states import ACTIVE, IN_FLIGHT, SUCCESS, TASK_BLOCKED, RunState, State, TaskState
@@ -78,7 +79,7 @@ class Instance:
     submitted_at: float | None = column("REAL", default=None, reset=True)
     started_at: float | None = column("REAL", default=None, reset=True)
     ended_at: float | None = column("REAL", default=None, reset=True)
-    updated_at: float = column("REAL NOT NULL", default_factory=time.time)
+    updated_at: float = column("REAL NOT NULL", default_factory=world.now)
     host: str | None = column("TEXT", default=None, reset=True)
     cached_from: str | None = column("TEXT", default=None, reset=True)  # run id whose result stands in
     # Observation bookkeeping (not persisted: restarts count afresh, which is conservative).
@@ -167,12 +168,27 @@ class TaskRun:
         return [self.instances[i] for i in range(self.size or 0) if i in self.instances]
 
 
+_MANIFEST_JSON: dict[int, tuple[weakref.ref[Manifest], str]] = {}
+
+
+def _manifest_json(manifest: Manifest) -> str:
+    """A run's manifest as stored, encoded once per manifest (a run's row is written on every state
+    change; a run's manifest never changes after submission)."""
+    hit = _MANIFEST_JSON.get(id(manifest))
+    if hit is not None and hit[0]() is manifest:
+        return hit[1]
+    key = id(manifest)
+    text = dump_json(manifest.to_manifest_dict())
+    _MANIFEST_JSON[key] = (weakref.ref(manifest, lambda _ref: _MANIFEST_JSON.pop(key, None)), text)
+    return text
+
+
 @dataclass(eq=False)
 class Run:
     """One submitted workflow run."""
 
     #: Stored manifests get only the type checks (``strict=False``): the door checked them when they were submitted.
-    manifest: Manifest = column("TEXT NOT NULL", encode=lambda m: dump_json(m.to_manifest_dict()),
+    manifest: Manifest = column("TEXT NOT NULL", encode=lambda m: _manifest_json(m),
                                 decode=lambda v: Manifest.from_dict(json.loads(v), strict=False))
     id: str = column("TEXT NOT NULL", key=True, default="")
     workflow: str = column("TEXT NOT NULL", default="")
@@ -181,8 +197,8 @@ class Run:
     run_dir: str = column("TEXT NOT NULL", default="")
     params: dict[str, Any] = json_column("TEXT NOT NULL", default_factory=dict)
     options: RunOptions = _options_column()
-    created_at: float = column("REAL NOT NULL", default_factory=time.time)
-    updated_at: float = column("REAL NOT NULL", default_factory=time.time)
+    created_at: float = column("REAL NOT NULL", default_factory=world.now)
+    updated_at: float = column("REAL NOT NULL", default_factory=world.now)
     ended_at: float | None = column("REAL", default=None)
     error: str | None = column("TEXT", default=None)
     #: A whole-run cancel was asked for: nothing new starts, and the run ends CANCELLED.

@@ -193,12 +193,6 @@ class Scheduler(abc.ABC):
     def stats(self) -> dict[str, Any]:
         return {}
 
-    def keys_for(self, job_id: str, request_indices: Sequence[int] | None, offset: int) -> list[str]:
-        """All observation keys one submission produces (adapters whose ids are not ``<id>_<k>`` override it)."""
-        if request_indices is None:
-            return [job_id]
-        return [f"{job_id}_{i - offset}" for i in request_indices]
-
     async def aclose(self) -> None:
         """Stop background work; idempotent."""
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from reflow_client.jobfiles import SCRIPT_FILE
+
 from ..transports.base import CommandResult, Transport, TransportError
 from . import flux_commands as fc
 from .base import Observation, SubmitRequest, TaggedJob
@@ -40,7 +42,6 @@ class Submission:
 
 class FluxScheduler(BatchScheduler):
     kind = "flux"
-    array_index_env = "FLUX_JOB_CC"
     #: One bulk submission carries at most this many jobs (Flux itself sets no array limit).
     max_array_size = 1000
     probe_commands = 1
@@ -70,7 +71,7 @@ class FluxScheduler(BatchScheduler):
     async def submit(self, request: SubmitRequest) -> str:
         self.validate_options(request.options)
         await self._ensure_probed()
-        script_path = os.path.join(request.job_dir, "job.sh")
+        script_path = os.path.join(request.job_dir, SCRIPT_FILE)
         await self.transport.write_files({script_path: fc.render_job_script(request).encode()},
                                          timeout=self.command_timeout, mode=0o755)
         expected = 1 if request.indices is None else len(set(request.indices))

@@ -26,7 +26,6 @@ log = structlog.get_logger("reflowd.lsf")
 
 class LSFScheduler(DenseArrayScheduler):
     kind = "lsf"
-    array_index_env = "LSB_JOBINDEX"
     probe_commands = 3
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:

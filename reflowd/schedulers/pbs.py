@@ -17,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from reflow_client.jobfiles import SCRIPT_FILE
+
 from ..transports.base import Transport, TransportError
 from . import pbs_commands as pc
 from .base import Observation, SubmitError, SubmitRequest, TaggedJob
@@ -28,7 +30,6 @@ log = structlog.get_logger("reflowd.pbs")
 
 class PBSScheduler(DenseArrayScheduler):
     kind = "pbs"
-    array_index_env = "PBS_ARRAY_INDEX"
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
         super().__init__(transport, command_timeout=command_timeout)
@@ -79,7 +80,7 @@ class PBSScheduler(DenseArrayScheduler):
         await self._ensure_probed()
         if self.refusal:
             raise SubmitError(self.refusal, permanent=True)
-        script_path = os.path.join(request.job_dir, "job.sh")
+        script_path = os.path.join(request.job_dir, SCRIPT_FILE)
         script = pc.render_job_script(request, array_limit=self.array_limit)
         await self.transport.write_files({script_path: script.encode()}, timeout=self.command_timeout, mode=0o755)
         result = await self._run(pc.render_qsub(request, script_path), idempotent=False,

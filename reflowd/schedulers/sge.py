@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from reflow_client.jobfiles import SCRIPT_FILE
+
 from ..transports.base import Transport, TransportError
 from . import sge_commands as gc
 from .base import Observation, OptionError, Phase, SubmitError, SubmitRequest, TaggedJob
@@ -116,7 +118,7 @@ class SGEScheduler(BatchScheduler):
     async def submit(self, request: SubmitRequest) -> str:
         try:
             script = gc.render_script(request, self.settings)
-            argv = gc.render_qsub(request, os.path.join(request.job_dir, "job.sh"))
+            argv = gc.render_qsub(request, os.path.join(request.job_dir, SCRIPT_FILE))
         except OptionError as exc:
             raise SubmitError(str(exc), permanent=True) from None
         script_path = argv[-1]

@@ -120,48 +120,82 @@ class SimCluster:
         self.submissions: Counter[str] = Counter()  # tag -> jobs created
         self.executions: Counter[tuple[str, str, int | None, int]] = Counter()  # (run, task, index, attempt)
         self.outputs: dict[tuple[str, str, int | None, int], Any] = {}
+        #: What happened, in order (commands as the scheduler saw them, elements starting and ending):
+        #: the same seed must give the same trace, in any process, after any other scenario.
+        self.trace: list[tuple[Any, ...]] = []
+        self.woken: anyio.Event | None = None  # set on a submission, for a clock that sleeps while idle
+        self.duplicates: list[str] = []  # invariant breaches seen as they happen (a tag or attempt twice)
         self._next = 1
+        # What can still move, so a tick costs what is in motion, not every job ever submitted.
+        self._queued: list[tuple[SimJob, SimElement]] = []
+        self._running: list[tuple[SimJob, SimElement]] = []
+        self._held: list[tuple[SimJob, SimElement]] = []  # results written at result_at
 
     # ------------------------------------------------------------------ the cluster's own clock
 
+    def next_due(self, now: float) -> float:
+        """The earliest time at which :meth:`tick` would change something (``now`` if it might now)."""
+        if self.faults.drop_job and any(not j.dropped for j in self.jobs.values()):
+            return now  # a drop is drawn on every tick
+        if self._queued and len(self._running) < self.slots:
+            return now
+        due = [e.ends_at for j, e in self._running if e.ends_at is not None and not j.dropped]
+        due += [e.result_at for _, e in self._held if e.result_at is not None and e.result is not None]
+        return min(due, default=float("inf"))
+
     def tick(self, now: float) -> None:
         """Start, finish and drop elements; make held results appear."""
-        running = [e for j in self.jobs.values() if not j.dropped for e in j.elements.values()
-                   if e.phase is Phase.RUNNING]
-        for job in self.jobs.values():
-            for element in job.elements.values():
-                if element.result is not None and element.result_at is not None and element.result_at <= now:
+        if self._held:
+            held = []
+            for job, element in self._held:
+                if element.result is None:  # cancelled meanwhile
+                    continue
+                if element.result_at is not None and element.result_at <= now:
                     self.fs[jobfiles.result_path(job.request.job_dir, element.index)] = element.result
                     element.result = None
-        for job in list(self.jobs.values()):
-            if job.dropped:
-                continue
-            for element in job.elements.values():
-                if element.phase is Phase.RUNNING and element.ends_at is not None and element.ends_at <= now:
-                    self._finish(job, element, now)
-            if self.rng.random() < self.faults.drop_job:
-                job.dropped = True  # vanishes: queued elements never run, running ones leave no result
-        queued = [(job, e) for job in self.jobs.values() if not job.dropped
-                  for e in job.elements.values() if e.phase is Phase.QUEUED]
-        self.rng.shuffle(queued)  # any order
-        free = self.slots - len(running)
-        for job, element in queued[: max(0, free)]:
-            self._start(job, element, now)
+                else:
+                    held.append((job, element))
+            self._held = held
+        running = []
+        for job, element in self._running:
+            if job.dropped or element.phase is not Phase.RUNNING:
+                continue  # dropped jobs' running elements never end; cancelled ones are done
+            if element.ends_at is not None and element.ends_at <= now:
+                self._finish(job, element, now)
+            else:
+                running.append((job, element))
+        self._running = running
+        if self.faults.drop_job:
+            for job in self.jobs.values():
+                if not job.dropped and self.rng.random() < self.faults.drop_job:
+                    job.dropped = True  # vanishes: queued elements never run, running ones leave no result
+        free = self.slots - len(self._running)
+        if free > 0 and self._queued:
+            queued = [(j, e) for j, e in self._queued if not j.dropped and e.phase is Phase.QUEUED]
+            self.rng.shuffle(queued)  # any order
+            self._queued = queued[free:]
+            for job, element in queued[:free]:
+                self._start(job, element, now)
 
     def _start(self, job: SimJob, element: SimElement, now: float) -> None:
         req = job.request
         element.phase = Phase.RUNNING
         element.ends_at = now + self.rng.choice([0.2, 1.0, 3.0, 8.0])
+        self._running.append((job, element))
         shared = json.loads(self.fs.get(f"{req.job_dir}/{jobfiles.JOB_FILE}", b"{}") or b"{}")
         raw_inputs = self.fs.get(jobfiles.inputs_path(req.job_dir, element.index))
         inputs = json.loads(raw_inputs) if raw_inputs else None
         if inputs is None:  # no input file: the worker fails at once (reflow.worker writes a failed result)
             element.result = jobfiles.dumps({"state": "failed", "error": "no inputs"})
             element.result_at = now
+            self._held.append((job, element))
             return
         attempt = int(inputs.get("attempt", 1))
         key = (req.run_id, req.task, element.index, attempt)
+        self.trace.append((now, "start", element.key, attempt))
         self.executions[key] += 1
+        if self.executions[key] > 1:
+            self.duplicates.append(f"attempt executed twice: {key}")
         self.fs[jobfiles.started_path(req.job_dir, element.index)] = jobfiles.dumps({"host": "sim", "pid": 1})
         if self.rng.random() < self.faults.task_fails or req.task in self.faults.fail_tasks:
             element.result = jobfiles.dumps({"state": "failed", "error": "RuntimeError: simulated failure",
@@ -173,19 +207,26 @@ class SimCluster:
                                              "output_hash": codec.value_hash(output), "host": "sim"})
 
     def _finish(self, job: SimJob, element: SimElement, now: float) -> None:
+        self.trace.append((now, "end", element.key))
         element.phase = Phase.DONE
         failed = element.result is not None and b'"failed"' in element.result
         element.outcome = Outcome.FAILED if failed else Outcome.COMPLETED
         lag = self.rng.choice([1.0, 4.0, 12.0]) if self.rng.random() < self.faults.hold_result else 0.0
         element.result_at = now + lag
+        if element.result is None:
+            return  # written already (a worker that failed at once)
         if lag == 0.0:
-            self.fs[jobfiles.result_path(job.request.job_dir, element.index)] = element.result or b""
+            self.fs[jobfiles.result_path(job.request.job_dir, element.index)] = element.result
             element.result = None
+        else:
+            self._held.append((job, element))
 
     # ------------------------------------------------------------------ what the scheduler commands do
 
     def submit(self, request: SubmitRequest, now: float) -> str:
         self.submissions[request.tag] += 1
+        if self.submissions[request.tag] > 1:
+            self.duplicates.append(f"tag submitted twice: {request.tag}")
         n = self._next
         self._next += 1
         job_id = f"ƒ{n:03d}" if n % 2 else f"{n}.sim"  # opaque ids: never int()
@@ -194,6 +235,9 @@ class SimCluster:
         late = self.rng.random() < self.faults.late_visibility
         self.jobs[job_id] = SimJob(job_id, request, elements, visible_at=now + (self.rng.random() * 2 if late else 0))
         self.by_tag.setdefault(request.tag, []).append(job_id)
+        self._queued.extend((self.jobs[job_id], e) for e in elements.values())
+        if self.woken is not None:
+            self.woken.set()
         return job_id
 
     def observe(self, job_ids: Collection[str]) -> dict[str, Observation]:
@@ -296,6 +340,7 @@ class SimScheduler(Scheduler):
             raise TransportError("simulated: connection lost before sbatch ran")
         await self._delay()
         job_id = self.cluster.submit(request, self.clock())
+        self.cluster.trace.append((self.clock(), "submit", request.tag, job_id))
         if self._roll(f.submit_lost_answer):
             raise CommandTimeout("simulated: sbatch's answer was lost")
         return job_id
@@ -306,6 +351,7 @@ class SimScheduler(Scheduler):
         if self._roll(self.cluster.faults.query_fails):
             raise TransportError("simulated: squeue failed")
         out = self.cluster.observe(job_ids)
+        self.cluster.trace.append((self.clock(), "query", tuple(sorted(job_ids))))
         for key in list(out):
             if self._roll(self.cluster.faults.query_unknown):
                 out[key] = Observation(Presence.UNKNOWN, native_state="WEIRD", detail="simulated unmapped state")
@@ -316,11 +362,13 @@ class SimScheduler(Scheduler):
         await self._delay()
         if self._roll(self.cluster.faults.find_fails):
             raise TransportError("simulated: look-up failed")
+        self.cluster.trace.append((self.clock(), "find", tuple(sorted(tags))))
         return self.cluster.find(tags, self.clock())
 
     async def cancel(self, job_keys: Collection[str]) -> None:
         await self.transport.run(["scancel", *sorted(job_keys)])
         if self._roll(self.cluster.faults.cancel_fails):
             raise TransportError("simulated: scancel failed")
+        self.cluster.trace.append((self.clock(), "cancel", tuple(sorted(job_keys))))
         self.cluster.cancel(job_keys)
 

@@ -20,7 +20,8 @@ Invariants are checked every simulated half second and at the end:
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
+import math
 import random
 import sys
 import tempfile
@@ -53,11 +54,12 @@ from reflowd.engine.states import (
 from reflowd.store import INSTANCES, JOBS, RUNS, TASKS, Store
 
 from .cluster import Faults, SimCluster, SimScheduler, SimTransport
-from .loop import Crash, Stalled, VirtualLoop, abandon
+from .loop import Crash, Stalled, VirtualLoop, abandon, deterministic_anyio
 from .sqlite_inline import Connector, inline
 
 START = 1_700_000_000.0
 TICK = 0.5
+CHECK_EVERY = 5.0  # the invariants are checked at least this often (and on every tick)
 FAULTY_FOR = 150.0  # seconds of trouble; then answers stop going missing
 DEADLINE = 2400.0  # every run must have ended by then
 SNAPSHOT_WINDOW = 400  # loop steps before a crash within which commits are remembered in full
@@ -113,6 +115,12 @@ class Report:
     reloads_checked: int = 0
     reloads_unverified: int = 0
     virtual_seconds: float = 0.0
+    #: Everything observable, in order: the cluster's trace, each life's loop steps, the final store.
+    trace: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(repr(self.trace).encode()).hexdigest()[:16]
 
     @property
     def ok(self) -> bool:
@@ -159,6 +167,8 @@ class Harness:
         self.committed: dict[tuple[str, Any], tuple[Any, ...]] | None = None
         self.committing: dict[tuple[str, Any], tuple[Any, ...]] | None = None
         self.snapshot_from_step = 0
+        self._moved: tuple[int, ...] = ()
+        self._ticks = 0
 
     @staticmethod
     def _plan(rng: random.Random) -> list[Action]:
@@ -179,19 +189,21 @@ class Harness:
         world.install(world.World(now=self._now, monotonic=self._now,
                                   token_hex=lambda n: f"{self.ids.getrandbits(8 * n):0{2 * n}x}"))
         try:
-            for life, crash_at in enumerate([*self.crash_points, None]):
-                self.report.lives += 1
-                crashed = self._life(life, crash_at)
-                if not crashed:
-                    break
-                self.report.crashes += 1
-                self._downtime()
-            self._final_checks()
+            with deterministic_anyio():
+                for life, crash_at in enumerate([*self.crash_points, None]):
+                    self.report.lives += 1
+                    crashed = self._life(life, crash_at)
+                    if not crashed:
+                        break
+                    self.report.crashes += 1
+                    self._downtime()
+                self._final_checks()
         except Stalled as exc:
             self.report.violations.append(f"the simulation stalled: {exc}")
         finally:
             world.install(None)
         self.report.virtual_seconds = self.clock - START
+        self.report.trace = [*self.cluster.trace, *self.report.trace]
         return self.report
 
     def _now(self) -> float:
@@ -212,6 +224,7 @@ class Harness:
             return True
         finally:
             self.report.steps += loop.steps
+            self.cluster.trace.append((loop.virtual, "life ended", loop.steps))
             self.clock = loop.virtual
             self.engine = None
             self.loop = None
@@ -252,10 +265,22 @@ class Harness:
         return sim_runtime(self.cluster, self._now)
 
     async def _ticker(self) -> None:
+        """The cluster's clock: a tick on every TICK boundary at which something is due (at least every
+        CHECK_EVERY seconds, for the invariants), so an idle stretch costs nothing."""
         while True:
-            await anyio.sleep(TICK)
             now = self._now()
-            if now - START > FAULTY_FOR and self.cluster.faults is self.faults:
+            due = self.cluster.next_due(now + TICK)
+            if now - START < FAULTY_FOR:
+                due = min(due, START + FAULTY_FOR)
+            wake = max(now + TICK, min(due, now + CHECK_EVERY))
+            wake = START + math.ceil((wake - START) / TICK - 1e-9) * TICK
+            self.cluster.woken = anyio.Event()
+            with anyio.move_on_after(wake - now):
+                await self.cluster.woken.wait()
+            if self._now() < wake:  # a submission: tick at the next boundary
+                await anyio.sleep(START + math.ceil((self._now() - START) / TICK + 1e-9) * TICK - self._now())
+            now = self._now()
+            if now - START >= FAULTY_FOR and self.cluster.faults is self.faults:
                 self.cluster.faults = self.faults.quiet()
             self.cluster.tick(now)
             self._check_step()
@@ -309,14 +334,20 @@ class Harness:
         engine = self.engine
         if engine is None:
             return
-        twice = [t for t, n in self.cluster.submissions.items() if n > 1]
-        if twice:
-            self.violation(f"tag(s) submitted twice: {twice}")
-        again = [k for k, n in self.cluster.executions.items() if n > 1]
-        if again:
-            self.violation(f"attempt(s) executed twice: {again}")
+        if self.cluster.duplicates:
+            self.violation(f"{self.cluster.duplicates[:5]}")
+            self.cluster.duplicates.clear()
         if engine.counters["illegal_transitions"]:
             self.violation(f"{engine.counters['illegal_transitions']} illegal transition(s) attempted")
+        # The walk below costs every instance: do it when something moved, and every few seconds anyway
+        # (an orphaned instance never moves again, so it is still caught).
+        c = engine.counters
+        moved = (c["transitions"], c["task_transitions"], c["run_transitions"], c["runs_submitted"],
+                 len(engine.runs))
+        self._ticks += 1
+        if moved == self._moved and self._ticks % 10:
+            return
+        self._moved = moved
         driver = engine.drivers["sim"]
         followed = {(id(i)) for t in [*driver.tracks.values(), *driver.unresolved.values()] for i in t.live.values()}
         for run in engine.runs.values():
@@ -376,13 +407,18 @@ class Harness:
                 assert run is not None
                 self.report.states[run.state.value] += 1
                 self._check_final_run(run)
+                self.report.trace.append(sorted(run_rows(run).items(), key=repr))
                 for t in await store.transitions(run.id):
                     self._check_logged_transition(run.id, t)
+                    self.report.trace.append(tuple(t.values()))
         finally:
             await store.close()
         for key, n in self.cluster.executions.items():
             if n > 1:
                 self.violation(f"attempt executed {n} times: {key}")
+        twice = [t for t, n in self.cluster.submissions.items() if n > 1]
+        if twice:
+            self.violation(f"tag(s) submitted twice: {twice}")
 
     def _check_final_run(self, run: Run) -> None:
         if run.state not in RUN_TERMINAL:
@@ -435,7 +471,7 @@ def sim_runtime(cluster: SimCluster, now: Any) -> ClusterRuntime:
     transport = MeteredTransport(SimTransport(cluster), budget)
     return ClusterRuntime(name="sim", config=config, transport=transport.inner, metered=transport,
                           scheduler=SimScheduler(cluster, transport, now), budget=budget,
-                          result_interval=1.0, timing=Timing(result_grace=10.0, lost_after=3, lost_grace=20.0))
+                          result_interval=2.0, timing=Timing(result_grace=10.0, lost_after=3, lost_grace=20.0))
 
 
 def _runs_of(rows: dict[tuple[str, Any], tuple[Any, ...]]) -> set[str]:
@@ -474,10 +510,10 @@ def memory_rows(engine: Engine) -> dict[tuple[str, Any], tuple[Any, ...]]:
     return rows
 
 
-def _suspended_sites(loop: asyncio.AbstractEventLoop) -> set[str]:
+def _suspended_sites(loop: VirtualLoop) -> set[str]:
     """Where each daemon task was waiting when the process died (innermost reflowd frame)."""
     sites = set()
-    for task in asyncio.all_tasks(loop):
+    for task in loop.live_tasks():
         coro: Any = task.get_coro()
         last = None
         while coro is not None:
@@ -490,10 +526,19 @@ def _suspended_sites(loop: asyncio.AbstractEventLoop) -> set[str]:
     return sites
 
 
+def scratch_dir() -> tempfile.TemporaryDirectory[str]:
+    """Where the simulated store lives: memory-backed if the machine has it (a file system's syncs cost
+    more than the whole simulation; a crash here is ``kill -9``, which loses nothing the OS holds)."""
+    return tempfile.TemporaryDirectory(prefix="reflow-sim-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+
+
 def run_seed(seed: int, workdir: Path | None = None) -> Report:
     if workdir is not None:
-        return Harness(seed, workdir).run()
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
+        report = Harness(seed, workdir).run()
+        for leftover in workdir.glob(f"sim-{seed}.sqlite*"):
+            leftover.unlink(missing_ok=True)
+        return report
+    with scratch_dir() as tmp:
         return Harness(seed, Path(tmp)).run()
 
 
@@ -509,7 +554,7 @@ def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir:
     loop = VirtualLoop(start=START)
     world.install(world.World(now=lambda: loop.virtual, monotonic=lambda: loop.virtual,
                               token_hex=lambda n: f"{ids.getrandbits(8 * n):0{2 * n}x}"))
-    holder = tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    holder = scratch_dir()
     path = db or Path(workdir or holder.name) / "sim.sqlite"
 
     async def main() -> Any:
@@ -537,7 +582,8 @@ def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir:
                 await store.close()
 
     try:
-        return loop.run_until_complete(main())
+        with deterministic_anyio():
+            return loop.run_until_complete(main())
     finally:
         world.install(None)
         abandon(loop)
