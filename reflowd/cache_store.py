@@ -234,6 +234,11 @@ class CacheStore:
                     log.error("cannot write the result cache; keeping entries and retrying", error=str(exc))
                 await anyio.sleep(min(0.1 * 2 ** min(failures, 10), self.retry_max))
 
+    def health(self) -> dict[str, Any]:
+        """For ``stats``: where the cache is, how it is shared, whether it can be written."""
+        return {"path": str(self.path), "journal_mode": self.journal_mode, "pending": len(self._pending),
+                "rejected": self.rejected, "error": self.write_error}
+
     # ------------------------------------------------------------------ writing
 
     def put(self, identity: str, output: Any, output_hash: str, workflow: str, task: str, run_id: str,
@@ -383,6 +388,9 @@ def _with_fingerprints(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Record what each result's files look like now, just after the task made them."""
     out = []
     for row in rows:
+        if '"path"' not in row[1]:  # the encoded text cannot hold a path: skip parsing it
+            out.append(row)
+            continue
         files = fingerprints(json.loads(row[1]))
         out.append((*row[:3], json.dumps(files) if files else None, *row[4:]))
     return out

@@ -433,6 +433,7 @@ class Store:
             "backlog": self._pending,
             "rows_escaped": self.rows_escaped,
             "rows_dropped": self.rows_dropped,
+            **({"cache": self.cache.health()} if self.cache is not None else {}),
         }
 
     # ------------------------------------------------------------------ enqueue (synchronous)

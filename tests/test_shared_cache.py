@@ -108,6 +108,9 @@ def test_a_deleted_or_changed_result_file_is_not_reused(daemon: DaemonProcess, t
     assert executions(rd)["make"] == 2
     assert summary(daemon, after_delete["run_id"])["make"] == {"succeeded": 1}
     assert "output file " + str(made) + " is missing" in daemon.log()
+    cache = json.loads(daemon.cli("stats", "--json", check=True).stdout)["store"]["cache"]
+    assert cache["path"] == str(daemon.state_dir / CACHE_FILE) and cache["journal_mode"] == "WAL"
+    assert cache["rejected"] >= 1 and cache["error"] is None
 
     made.write_text("0 1 2 and some more")  # rewritten behind reflow's back
     local_run(daemon, rd)
