@@ -79,14 +79,19 @@ def run_local(
     rd.mkdir(parents=True, exist_ok=True)
     db = Path(store_path) if store_path else rd / ".reflow" / "local.sqlite"
 
+    from reflow_client.config import load_config
+    from reflowd.cache_store import cache_path
     from reflowd.embedded import failure_log_paths, run_embedded  # the engine, only when running locally
+
+    shared_cache = cache_path(load_config().state_dir)  # the daemon's: read now, as reflowd would at its start
     from reflowd.logging import configure
 
     configure(log_level or os.environ.get("REFLOW_LOG_LEVEL") or "error", stream=_Stderr())
 
     async def main() -> dict[str, Any]:
         status = await run_embedded(
-            manifest, params, str(rd), options=options, store_path=db, max_workers=max_workers, on_event=on_event
+            manifest, params, str(rd), options=options, store_path=db, cache_path=shared_cache, max_workers=max_workers,
+            on_event=on_event,
         )
         status["log_paths"] = await failure_log_paths(db, status["run"]["id"], status["failures"])
         return status

@@ -28,6 +28,7 @@ from anyio.abc import SocketListener
 from reflow_client.config import Config, ConfigError, load_config
 
 from . import systemd
+from .cache_store import CacheError, CacheStore, cache_path, open_cache
 from .clusters import ClusterRuntime, build_cluster
 from .engine.engine import Engine, EngineSettings
 from .server import Server, connection_cap
@@ -170,13 +171,15 @@ class Daemon:
             pass  # not the main thread (an embedding test): signals are not ours to handle
         lock = await anyio.to_thread.run_sync(claim)
         old_limit, fd_limit = raise_fd_limit()
-        store = Store(self.state_dir / "reflowd.sqlite")
+        cache = CacheStore(cache_path(self.state_dir), origin="daemon")  # shared with embedded runs
+        store = Store(self.state_dir / "reflowd.sqlite", cache=cache)
         try:
             if systemd.activation_socket() is None:  # say "socket in use" before any work, as a plain error
                 await anyio.to_thread.run_sync(_remove_stale_socket, self.socket_path)
             try:
                 await store.open()
-            except StoreError as exc:
+                await open_cache(cache, adopt=store.path)
+            except (StoreError, CacheError) as exc:
                 raise DaemonError(str(exc)) from None
             self.engine = Engine(store, self._build_clusters(), self.options.settings)
             self.server = Server(self, max_connections=connection_cap())
@@ -184,6 +187,7 @@ class Daemon:
                 log.debug("raised the descriptor limit", soft=fd_limit, was=old_limit)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.run_writer)
+                tg.start_soon(cache.run_writer)
                 tg.start_soon(self._signals)  # before recovery: a SIGTERM then still stops cleanly
                 await tg.start(self.engine.run)
                 listener = await self._listen()
@@ -204,7 +208,10 @@ class Daemon:
                     if hasattr(self, "engine"):
                         await self.engine.close()
                 finally:
-                    await store.close()
+                    try:
+                        await store.close()
+                    finally:
+                        await cache.close()
                     self._remove_socket()
                     lock.release()
         log.info("reflowd stopped")

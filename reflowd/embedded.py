@@ -1,9 +1,10 @@
 """Embedded mode: the daemon's engine in the user's process, local scheduler only.
 
 ``wf.run_local()`` and ``wf.cli() run`` use it: same state machine, same
-cache, same worker, no daemon and no socket. The state lives in a SQLite
-file in the run directory, so running again in the same directory reuses
-cached results. Ctrl-C cancels the run and stops its processes.
+worker, no daemon and no socket. The run's state lives in a SQLite file in
+the run directory; results go to the user's shared cache (``cache_store``),
+the same one the daemon uses, so a result made either way is reused by the
+other. Ctrl-C cancels the run and stops its processes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import anyio
 from reflow_client.config import ClusterConfig
 from reflow_client.manifest import Manifest
 
+from .cache_store import CacheStore, open_cache
 from .clusters import build_cluster
 from .driver.submit import log_paths_for
 from .engine.engine import Engine, EngineSettings
@@ -31,13 +33,25 @@ async def run_embedded(
     *,
     options: dict[str, Any],
     store_path: str | os.PathLike[str],
+    cache_path: str | os.PathLike[str] | None = None,
     max_workers: int | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     settings: EngineSettings | None = None,
 ) -> dict[str, Any]:
-    """Run one workflow to its end; return its final status and every instance's encoded output."""
-    store = Store(store_path)
+    """Run one workflow to its end; return its final status and every instance's encoded output.
+
+    *cache_path* is the user's shared cache (None: the run directory's own database holds the cache).
+    """
+    cache = None if cache_path is None else CacheStore(cache_path, origin="embedded")
+    store = Store(store_path, cache=cache)
     await store.open()
+    if cache is not None:
+        try:
+            await open_cache(cache, adopt=store_path)  # results of runs made before the cache was shared
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+            raise
     cluster = build_cluster(ClusterConfig(name="local", scheduler="local", max_workers=max_workers), embedded=True,
                             max_workers=max_workers)
     engine = Engine(store, {"local": cluster}, settings or EngineSettings(retry_backoff=1.0))
@@ -45,6 +59,8 @@ async def run_embedded(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.run_writer)
+            if cache is not None:
+                tg.start_soon(cache.run_writer)
             await _abandon_interrupted(engine)
             await tg.start(engine.run)
             run = await engine.submit_run(manifest, params, run_dir, "local", options)
@@ -65,7 +81,11 @@ async def run_embedded(
     finally:
         with anyio.CancelScope(shield=True):
             await engine.close()
-            await store.close()
+            try:
+                await store.close()
+            finally:
+                if cache is not None:
+                    await cache.close()
     return result
 
 

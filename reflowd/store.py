@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import anyio
@@ -29,6 +29,9 @@ from reflow_client.jobfiles import write_bytes_atomic
 from . import world
 from .engine.model import Instance, JobRecord, Run, TaskRun
 from .engine.records import Table, dump_json
+
+if TYPE_CHECKING:
+    from .cache_store import CacheStore
 
 log = structlog.get_logger("reflowd.store")
 
@@ -216,8 +219,11 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, commit_interval: float = 0.05, max_batch: int = 1000,
                  retry_initial: float = 0.1, retry_max: float = 5.0, close_timeout: float = 5.0,
                  connect: Callable[..., Any] = aiosqlite.connect,
-                 offload: Callable[..., Awaitable[Any]] = anyio.to_thread.run_sync) -> None:
+                 offload: Callable[..., Awaitable[Any]] = anyio.to_thread.run_sync,
+                 cache: CacheStore | None = None) -> None:
         self.path = Path(path)
+        #: The user's shared result cache (daemon and embedded runs); None: this database's own cache table.
+        self.cache = cache
         self._connect = connect  # the simulation connects inline (no thread)
         self._offload = offload  # blocking file work at open: a worker thread (inline in the simulation)
         self.commit_interval = commit_interval
@@ -428,6 +434,7 @@ class Store:
             "backlog": self._pending,
             "rows_escaped": self.rows_escaped,
             "rows_dropped": self.rows_dropped,
+            **({"cache": self.cache.health()} if self.cache is not None else {}),
         }
 
     # ------------------------------------------------------------------ enqueue (synchronous)
@@ -470,6 +477,9 @@ class Store:
 
     def put_cache(self, identity: str, output: Any, output_hash: str, workflow: str, task: str, run_id: str,
                   index: int | None) -> None:
+        if self.cache is not None:
+            self.cache.put(identity, output, output_hash, workflow, task, run_id, index)
+            return
         self._cache[identity] = (
             identity,
             dump_json(output),
@@ -734,6 +744,8 @@ class Store:
         return out
 
     async def cache_lookup(self, identities: Iterable[str]) -> dict[str, dict[str, Any]]:
+        if self.cache is not None:
+            return await self.cache.lookup(identities)
         ids = list(dict.fromkeys(identities))
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(ids), 500):

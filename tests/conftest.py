@@ -25,6 +25,13 @@ def in_ci() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("REFLOW_CI"))
 
 
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own $XDG_STATE_HOME: local runs share the user's result cache there, and a test
+    must neither reuse another test's results nor write into the real home directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -79,8 +79,10 @@ def test_force_and_force_tasks(behaviour, tmp_path: Path) -> None:
 def test_verify_reruns_when_a_path_output_is_gone(behaviour, tmp_path: Path) -> None:
     assert behaviour.run_local(tmp_path, n=2).ok
     (tmp_path / "made.txt").unlink()
-    trusting = behaviour.run_local(tmp_path, n=2)
-    assert trusting.summary["files"] == {"cached": 1}, "without verify the identity is trusted"
+    again = behaviour.run_local(tmp_path, n=2)
+    assert again.summary["files"] == {"succeeded": 1}, "the shared cache never reuses a result whose file is gone"
+    assert (tmp_path / "made.txt").exists()
+    (tmp_path / "made.txt").unlink()
     checked = behaviour.run_local(tmp_path, n=2, verify=True)
     assert checked.summary["files"] == {"succeeded": 1}
     assert (tmp_path / "made.txt").exists()
