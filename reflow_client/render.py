@@ -101,7 +101,8 @@ def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] 
     lines = []
     for inst in instances:
         idx = f"[{inst.index}]" if inst.index is not None else "   "
-        extra = inst.reason or (inst.error.splitlines()[0] if inst.error else "") or (outputs or {}).get(inst.index, "")
+        extra = ((inst.cause or {}).get("text") or inst.reason or (inst.error.splitlines()[0] if inst.error else "")
+                 or (outputs or {}).get(inst.index, ""))
         took = duration(inst.ended_at - inst.started_at) if inst.ended_at and inst.started_at else ""
         line = (f"    {idx:7s} {inst.state:15s} attempt={inst.attempt} job={inst.job_id or '-':14s} {took:>7s}  "
                 f"{extra}")
@@ -109,8 +110,21 @@ def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] 
     return lines
 
 
+def attempt_line(attempt: dict[str, Any]) -> str:
+    """One earlier attempt: its number, how it ended and the resources it had."""
+    res = attempt.get("resources") or {}
+    held = ", ".join(f"{k} {res[k]}" for k in ("mem", "time") if res.get(k))
+    why = (attempt.get("cause") or {}).get("text") or attempt.get("state", "")
+    free = "" if attempt.get("counted", True) else ", not counted against retries"
+    return f"attempt {attempt.get('attempt')}: {why}" + (f" [{held}]" if held else "") + free
+
+
 def failure_lines(failure: InstanceStatus, log_path: str | None = None) -> list[str]:
     lines = [f"  {failure.label}: {failure.state} (attempt {failure.attempt}, job {failure.job_id or '-'})"]
+    if failure.cause and failure.cause.get("text"):
+        lines.append(f"    cause: {failure.cause['text']}")
+    for attempt in failure.attempts or []:
+        lines.append(f"    earlier {attempt_line(attempt)}")
     if failure.error:
         lines.append(f"    {failure.error}")
     if failure.reason and failure.reason not in (failure.error or ""):

@@ -84,16 +84,17 @@ class Submitter:
 
     def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
         """Batches to submit now (taken off the queue), and when the next back-off expires."""
-        groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
+        groups: dict[tuple[str, str, str], list[Instance]] = defaultdict(list)
         runs: dict[str, Run] = {}
         taken, next_due = self.d.take_ready(now)
         for inst, run in taken.items():
             if inst.state is not State.READY:
                 continue
-            groups[(run.id, inst.task)].append(inst)
+            # Escalated retries (more memory or time) go out as their own job: one request has one size.
+            groups[(run.id, inst.task, repr(sorted(inst.resources.items())) if inst.resources else "")].append(inst)
             runs[run.id] = run
         batches = []
-        for (run_id, task), insts in groups.items():
+        for (run_id, task, _), insts in groups.items():
             run = runs[run_id]
             tr = run.tasks[task]
             if not tr.manifest.is_array:
@@ -142,6 +143,7 @@ class Submitter:
         if indices and max(indices) >= cluster.scheduler.max_array_size:
             offset = min(indices)
         options: dict[str, Any] = {**cluster.config.submit_options, **task.config.get("submit_options", {})}
+        escalated = insts[0].resources or {} if insts else {}  # a batch shares its resources (form_batches)
         env = {
             **cluster.config.env,
             "REFLOW_RUN_ID": run.id,
@@ -160,8 +162,8 @@ class Submitter:
             index_offset=offset,
             array_parallelism=task.array_parallelism,
             cpus=int(task.config.get("cpus", 1)),
-            time=str(task.config.get("time", "00:30:00")),
-            mem=format_mem(str(task.config.get("mem", "4G"))),
+            time=str(escalated.get("time") or task.config.get("time", "00:30:00")),
+            mem=format_mem(str(escalated.get("mem") or task.config.get("mem", "4G"))),
             options=options,
             env=env,
         )

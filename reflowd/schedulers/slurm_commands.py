@@ -8,6 +8,8 @@ lists through a transport.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -303,7 +305,7 @@ def squeue_all_absent(stderr: str, returncode: int) -> bool:
 
 # ---------------------------------------------------------------------- sacct
 
-SACCT_FIELDS = "JobID,JobName,State,ExitCode,Reason"
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Reason,NodeList"
 
 
 def render_sacct(job_ids: Sequence[str]) -> list[str]:
@@ -320,10 +322,12 @@ def parse_sacct(stdout: str) -> dict[str, Observation]:
             continue
         key, _name, state, exit_code = parts[:4]
         reason = parts[4] if len(parts) > 4 else None
+        node = parts[5].strip() if len(parts) > 5 and parts[5].strip() not in ("", "None assigned") else None
         if "." in key:  # a step (batch, extern): -X should have left them out
             continue
         for k in expand_job_key(key):
-            out[k] = observe(state, reason, exit_code)
+            obs = observe(state, reason, exit_code)
+            out[k] = dataclasses.replace(obs, node=node) if node and obs.phase is Phase.DONE else obs
     return out
 
 
