@@ -68,6 +68,7 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
     health = (status.cluster or {}).get("health") or {}
     if health and not health.get("reachable", True):
         lines.append(f"Cluster   UNREACHABLE since {when(health.get('down_since'))}: {health.get('last_error')}")
+    lines.extend(scheduler_health_lines(status.cluster))
     store = status.raw.get("store") or {}
     if not store.get("writable", True):
         lines.append(f"Store     UNWRITABLE since {when(store.get('since'))}: {store.get('error')}")
@@ -93,6 +94,16 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
             hint = f"reflow-client status {run.id} --task TASK" if task is None else "reflow-client logs"
             lines.append(f"  ... and {more} more failure(s) not listed (see {hint})")
     return "\n".join(lines) + "\n"
+
+
+def scheduler_health_lines(cluster: dict[str, Any] | None) -> list[str]:
+    """A degraded scheduler (not answering): since when, the last error, and that nothing is failed meanwhile."""
+    health = (cluster or {}).get("scheduler_health") or {}
+    if health.get("state") != "degraded":
+        return []
+    return [f"Cluster   DEGRADED since {when(health.get('since'))}: the scheduler is not answering "
+            f"({health.get('failed_command')}: {health.get('last_error')}); jobs are not failed meanwhile, "
+            f"submissions wait, next try in {health.get('next_probe_in')}s"]
 
 
 def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] | None = None,

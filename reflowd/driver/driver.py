@@ -33,6 +33,7 @@ from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.resolve import Resolution
 from ..engine.states import State
 from ..store import Store
+from .health import ClusterHealth
 from .observe import Observer
 from .policy import FileClock, PollPolicy
 from .submit import Submitter
@@ -101,6 +102,9 @@ class Driver:
         self.query_due = True
         self.unrecognised: dict[str, int] = {}  # native scheduler states we could not map
         self.last_query_error: str | None = None
+        #: Is the scheduler answering? While not, nothing is concluded, submissions wait, probes are rare.
+        self.health = ClusterHealth(base=max(1.0, config.poll_interval),
+                                    maximum=max(config.max_poll_interval, config.poll_interval))
         self.ready_wake = anyio.Event()
         self.observer_wake = anyio.Event()
         self.counters: dict[str, int] = {}
@@ -206,6 +210,19 @@ class Driver:
             due = due or tag in self.tracks
         return due
 
+    def scheduler_failed(self, what: str, error: str) -> None:
+        """A scheduler command (*what*) got no answer: count it toward the circuit breaker."""
+        if self.health.failed(world.now(), world.monotonic(), what, error):
+            log.warning("scheduler not answering; the cluster is degraded: nothing is failed, submissions wait",
+                        cluster=self.name, command=what, error=error)
+
+    def scheduler_answered(self) -> None:
+        if self.health.succeeded(world.now()):
+            log.warning("scheduler answering again; the cluster has recovered", cluster=self.name)
+            self.query_due = True
+            self.ready_wake.set()
+            self.observer_wake.set()
+
     def fault(self, point: str) -> None:
         """Test-only crash point: die like ``kill -9`` exactly here."""
         if point in self.settings.fault_points:
@@ -255,6 +272,7 @@ class Driver:
             out["unrecognised_states"] = dict(self.unrecognised)
         if self.last_query_error:
             out["last_query_error"] = self.last_query_error
+        out["scheduler_health"] = self.health.to_dict(world.monotonic())
         if self.counters:
             out["driver"] = dict(self.counters)
         return out

@@ -73,10 +73,10 @@ class Observer:
                     await self.check_files()
                     now = world.monotonic()
                     due = d.query_due or next_query <= now or d.deadline_due() or bool(d.held_tags)
-                    if due and self.cluster.budget.wait_time() == 0:
+                    if due and d.health.allows(now) and self.cluster.budget.wait_time() == 0:
                         d.query_due = False
                         await self.query()
-                        next_query = world.monotonic() + d.policy.interval
+                        next_query = world.monotonic() + max(d.policy.interval, d.health.interval())
                 self.prune()
             except Exception:  # a cycle must survive anything a cluster throws at it
                 log.exception("observer cycle failed", cluster=d.name)
@@ -193,9 +193,11 @@ class Observer:
         try:
             observations = await cluster.scheduler.query(job_ids)
             d.last_query_error = None
+            d.scheduler_answered()
         except (TransportError, TimeoutError) as exc:
             log.info("status query failed; treating every job as unknown", cluster=d.name, error=str(exc))
             d.last_query_error = str(exc) or type(exc).__name__
+            d.scheduler_failed("query", d.last_query_error)
             observations = None
         changed = False
         for track in tracks:
@@ -313,7 +315,7 @@ class Observer:
 
     async def deliver_cancels(self) -> None:
         d, cluster = self.d, self.cluster
-        if not d.cancels:
+        if not d.cancels or not d.health.allows(world.monotonic()):
             return
         batch = sorted(d.cancels)
         cluster.count("cancel")
@@ -321,7 +323,9 @@ class Observer:
             await cluster.scheduler.cancel(batch)
         except (TransportError, TimeoutError) as exc:
             log.warning("cancel failed; will retry", cluster=d.name, jobs=len(batch), error=str(exc))
+            d.scheduler_failed("cancel", str(exc) or type(exc).__name__)
             return
+        d.scheduler_answered()
         for key in batch:
             d.cancels.pop(key, None)
 
@@ -330,7 +334,7 @@ class Observer:
         d, cluster = self.d, self.cluster
         now = world.now()
         due = [t for t in d.unresolved.values() if t.resolve_after <= now]
-        if not due:
+        if not due or not d.health.allows(world.monotonic()):
             return
         cluster.count("find_tags")
         try:
@@ -340,7 +344,9 @@ class Observer:
                 track.resolve_attempts += 1
                 track.resolve_after = now + min(60.0, d.settings.resolve_delay * 2 ** min(track.resolve_attempts, 4))
             log.info("cannot look submissions up yet", cluster=d.name, error=str(exc))
+            d.scheduler_failed("find_tags", str(exc) or type(exc).__name__)
             return
+        d.scheduler_answered()
         for track in due:
             try:
                 await self.resolve_one(track, found.get(track.tag, []), now)

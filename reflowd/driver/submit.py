@@ -110,6 +110,11 @@ class Submitter:
         async with anyio.create_task_group() as tg:
             while True:
                 wake = self.d.ready_wake = anyio.Event()
+                wait = self.d.health.next_probe_at - world.monotonic()
+                if not self.d.health.allows(world.monotonic()):  # the scheduler is not answering: wait
+                    with anyio.move_on_after(wait):
+                        await wake.wait()
+                    continue
                 now = world.now()
                 batches, next_due = self.form_batches(now)
                 for run, tr, insts in batches:
@@ -249,6 +254,8 @@ class Submitter:
         try:
             job_id = await cluster.scheduler.submit(request)
         except SubmitError as exc:
+            if not exc.permanent:
+                d.scheduler_failed("submit", str(exc))
             if exc.permanent:
                 d.unresolved.pop(tag, None)
                 log.warning("submission refused", run_id=run.id, task=tr.name, cluster=d.name, error=str(exc))
@@ -261,8 +268,10 @@ class Submitter:
             unresolved(d, track, str(exc))
             return
         except (TransportError, TimeoutError) as exc:
+            d.scheduler_failed("submit", str(exc) or type(exc).__name__)
             unresolved(d, track, str(exc) or type(exc).__name__)
             return
+        d.scheduler_answered()
         d.fault("after_submit")
         d.unresolved.pop(tag, None)
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
