@@ -68,6 +68,7 @@ CLUSTER_KEYS = frozenset(
         "parallel_environment",
         "memory_resource",
         "retry_policy",
+        "max_queued",
     }
 )
 
@@ -149,6 +150,8 @@ class ClusterConfig:
     memory_resource: str = "h_vmem"
     #: Which failure causes are retried and how (``reflow_client/retry.py``); a task's own keys win.
     retry_policy: dict[str, Any] = field(default_factory=dict)
+    #: Most elements this daemon keeps in the cluster's queue (a site limit published only in its docs).
+    max_queued: int | None = None
 
     @property
     def remote(self) -> bool:
@@ -180,6 +183,7 @@ class Config:
 
 _NUM_KEYS = {
     "port": int,
+    "max_queued": int,
     "max_workers": int,
     "max_channels": int,
     "poll_interval": float,

@@ -35,6 +35,7 @@ from ..engine.states import State
 from ..store import Store
 from .health import ClusterHealth
 from .observe import Observer
+from .queue_limits import QueueLimit
 from .policy import FileClock, PollPolicy
 from .submit import Submitter
 from .track import JobTrack
@@ -102,6 +103,9 @@ class Driver:
         self.query_due = True
         self.unrecognised: dict[str, int] = {}  # native scheduler states we could not map
         self.last_query_error: str | None = None
+        #: The per-user queue limit (config, probe, refusals) and elements in batches being submitted now.
+        self.queue_limit = QueueLimit(config.max_queued)
+        self.submitting = 0
         #: Is the scheduler answering? While not, nothing is concluded, submissions wait, probes are rare.
         self.health = ClusterHealth(base=max(1.0, config.poll_interval),
                                     maximum=max(config.max_poll_interval, config.poll_interval))
@@ -166,6 +170,8 @@ class Driver:
             track.held.pop(inst.index, None)
             if not track.live:
                 self.emptied[tag] = None
+            if self.ready and self.queue_limit.cap(world.now()) is not None:
+                self.ready_wake.set()  # room in a capped queue: what waits for it may go out
 
     async def recover(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> None:
         """Follow a submission an earlier daemon made (after a restart)."""
@@ -210,6 +216,11 @@ class Driver:
             due = due or tag in self.tracks
         return due
 
+    def queued_elements(self) -> int:
+        """Elements this daemon has in the cluster's queue (or about to): what a per-user limit counts."""
+        tracks = {**self.unresolved, **self.tracks}
+        return sum(len(t.live) for t in tracks.values()) + self.submitting
+
     def scheduler_failed(self, what: str, error: str) -> None:
         """A scheduler command (*what*) got no answer: count it toward the circuit breaker."""
         if self.health.failed(world.now(), world.monotonic(), what, error):
@@ -246,6 +257,7 @@ class Driver:
             try:
                 with anyio.fail_after(cluster.config.command_timeout * 2):
                     cluster.probe = await cluster.scheduler.probe()
+                    self.queue_limit.probed = cluster.probe.get("max_queued")
                 log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
                 return
             except Exception as exc:  # probing is advisory; observation shows the cluster's health meanwhile
@@ -273,6 +285,7 @@ class Driver:
         if self.last_query_error:
             out["last_query_error"] = self.last_query_error
         out["scheduler_health"] = self.health.to_dict(world.monotonic())
+        out.update(self.queue_limit.to_dict(world.now()))
         if self.counters:
             out["driver"] = dict(self.counters)
         return out

@@ -33,6 +33,7 @@ from ..engine.resolve import ResolveError
 from ..engine.states import State
 from ..schedulers.base import SubmitError, SubmitRequest, log_path
 from ..transports.base import TransportError
+from . import queue_limits
 from .track import JobTrack
 
 if TYPE_CHECKING:
@@ -103,6 +104,12 @@ class Submitter:
             by_index = {i.index: i for i in insts if i.index is not None}
             for chunk in chunk_indices(list(by_index), max(1, self.cluster.scheduler.max_array_size)):
                 batches.append((run, tr, [by_index[i] for i in chunk]))
+        room = self.d.queue_limit.room(now, self.d.queued_elements())
+        if room is not None:  # a per-user queue limit: what does not fit waits (instance_left wakes us)
+            batches, leftover = fit_batches(batches, room)
+            for run, _, insts in leftover:
+                for inst in insts:
+                    self.d.ready[inst] = run
         return batches, next_due
 
     async def loop(self) -> None:
@@ -118,6 +125,7 @@ class Submitter:
                 now = world.now()
                 batches, next_due = self.form_batches(now)
                 for run, tr, insts in batches:
+                    self.d.submitting += len(insts)  # counted toward a queue limit until the batch is tracked
                     tg.start_soon(self.guarded_batch, run, tr, insts, limiter)
                 timeout = max(0.0, next_due - now) if next_due is not None else float("inf")
                 with anyio.move_on_after(timeout):
@@ -138,6 +146,8 @@ class Submitter:
                         self.host.transition(run, inst, State.FAILED, {"source": "submitter", "error": error},
                                              error=error)
                 self.host.internal_error(run, f"submitting {tr.name}", exc)
+            finally:
+                self.d.submitting -= len(insts)
 
     def build_request(self, run: Run, tr: TaskRun, insts: list[Instance], tag: str) -> SubmitRequest:
         cluster = self.cluster
@@ -254,6 +264,10 @@ class Submitter:
         try:
             job_id = await cluster.scheduler.submit(request)
         except SubmitError as exc:
+            if queue_limits.is_limit_refusal(str(exc)):
+                d.unresolved.pop(tag, None)
+                wait_for_room(d, run, track, str(exc))
+                return
             if not exc.permanent:
                 d.scheduler_failed("submit", str(exc))
             if exc.permanent:
@@ -276,6 +290,42 @@ class Submitter:
         d.unresolved.pop(tag, None)
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
         d.policy.after_submit()
+
+
+def fit_batches(batches: list[tuple[Run, TaskRun, list[Instance]]],
+                room: int) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], list[tuple[Run, TaskRun, list[Instance]]]]:
+    """Split *batches* into what fits in *room* more queued elements and what must wait."""
+    kept, leftover = [], []
+    for run, tr, insts in batches:
+        if room <= 0:
+            leftover.append((run, tr, insts))
+        elif len(insts) > room:
+            kept.append((run, tr, insts[:room]))
+            leftover.append((run, tr, insts[room:]))
+            room = 0
+        else:
+            kept.append((run, tr, insts))
+            room -= len(insts)
+    return kept, leftover
+
+
+def wait_for_room(d: Driver, run: Run, track: JobTrack, error: str) -> None:
+    """The scheduler refused the batch for a per-user limit: no job exists, so its instances wait (READY)
+    until the queue has room, and the limit holds what was queued when it said no."""
+    queued = d.queued_elements() - len(track.live)
+    until = d.queue_limit.refused(world.now(), queued, error)
+    log.info("submission refused for a queue limit; waiting", cluster=d.name, tag=track.tag, queued=queued,
+             error=error)
+    again = []
+    for inst in list(track.live.values()):
+        if d.host.transition(run, inst, State.READY, {"source": "scheduler", "refused_for_limit": error[:300],
+                                                      "queued": queued},
+                             tag=None, submitted_at=None, not_before=until,
+                             reason=f"waiting for room in the queue (the scheduler said: {error[:200]})"):
+            again.append(inst)
+    track.record.state = "refused"
+    d.store.put_job(track.record)
+    d.submit(run, again)
 
 
 def unresolved(d: Driver, track: JobTrack, error: str) -> None:
