@@ -136,3 +136,13 @@ def test_a_schema_2_database_is_upgraded_keeping_its_instances(tmp_path: Path) -
         assert set(INSTANCES.names) <= cols
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
+
+
+def test_the_walltime_warning_signal_is_a_time_limit_cause_so_escalation_applies() -> None:
+    result = {"state": "failed", "error": "interrupted by SIGUSR1", "signal": "SIGUSR1"}
+    decision = decide.from_result(inst(), result, done(Outcome.FAILED, "FAILED", exit_code="138:0"))
+    assert decision.state is State.FAILED
+    cause = decision.fields["cause"]
+    assert cause["kind"] == "time_limit" and cause["warning"] is True
+    assert causes.describe(cause, {"time": "01:00:00"}) == \
+        "stopped at the time limit's warning (SIGUSR1) (limit 01:00:00)"

@@ -32,6 +32,9 @@ SUBMIT_REFUSED = "submit_refused"
 UPSTREAM = "upstream_failed"
 UNKNOWN = "unknown"
 
+#: Signals a scheduler sends as a warning before the time limit (what ``JobConfig``'s ``signal`` asks for).
+WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
 KINDS = (OUT_OF_MEMORY, TIME_LIMIT, NODE_FAIL, BOOT_FAIL, PREEMPTED, CANCELLED, DEADLINE, EXIT_CODE, SIGNAL,
          EXCEPTION, LOST, SUBMIT_REFUSED, UPSTREAM, UNKNOWN)
 
@@ -122,8 +125,13 @@ def from_observation(obs: Observation) -> dict[str, Any]:
 
 def from_result(result: Mapping[str, Any]) -> dict[str, Any]:
     """A failed result file the scheduler does not explain: the task raised, or the worker was signalled."""
+    if result.get("signal") in WARNING_SIGNALS:
+        # The walltime warning (the ``signal`` option, e.g. Slurm's --signal=USR1@120): the limit was near.
+        cause: dict[str, Any] = {"kind": TIME_LIMIT, "source": "worker", "signal": str(result["signal"]),
+                                 "warning": True}
+    elif result.get("signal"):
+        cause = {"kind": SIGNAL, "source": "worker", "signal": str(result["signal"])}
     if result.get("signal"):
-        cause: dict[str, Any] = {"kind": SIGNAL, "source": "worker", "signal": str(result["signal"])}
         if result.get("checkpoint"):
             cause["checkpoint"] = result["checkpoint"]
         return cause
@@ -164,6 +172,8 @@ def describe(cause: Mapping[str, Any] | None, resources: Mapping[str, Any] | Non
         peak = f", peak {cause['peak_mem']}" if cause.get("peak_mem") else ""
         return f"out of memory{_limit(resources, 'mem')}{peak}{node}"
     if kind == TIME_LIMIT:
+        if cause.get("warning"):
+            return f"stopped at the time limit's warning ({cause.get('signal')}){_limit(resources, 'time')}{node}"
         return f"time limit reached{_limit(resources, 'time')}{node}"
     if kind == DEADLINE:
         return "the job's deadline passed before it finished"
