@@ -93,3 +93,14 @@ def test_a_submission_refused_for_a_limit_waits_and_is_retried_never_failed(monk
 
     simulate(body)
     assert max(sizes) <= 10
+
+
+def test_the_slurm_probe_reads_the_smallest_submit_limit_of_the_association_and_its_qos() -> None:
+    from reflowd.schedulers import slurm_commands as sc
+
+    assoc = "root|||normal,high\n"
+    qos = "normal|10|\nhigh||50\nother|2|\n"
+    assert sc.parse_queue_limit(assoc, qos) == 10
+    assert sc.parse_queue_limit("root|5||normal\n", qos) == 5
+    assert sc.parse_queue_limit("root|||normal\n", "normal||\n") is None
+    assert sc.render_assoc_limits("ann")[:5] == ["sacctmgr", "-n", "-P", "show", "assoc"]

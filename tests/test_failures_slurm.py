@@ -112,3 +112,71 @@ def test_slurmctld_down_for_a_minute_mid_run_fails_nothing_and_shows_the_cluster
     finally:
         start_slurmctld()
         kill(d)
+
+
+@SLURM_PLAIN
+def test_a_job_requeued_while_it_runs_is_followed_and_counted_once(wlm: WLM, tmp_path: Path) -> None:
+    d: DaemonProcess = start_daemon(wlm, tmp_path / "d")
+    try:
+        run_dir = tmp_path / "run"
+        run_id = submit(d, SLURMY, run_dir, "--n", "2", "--hold", "20")
+        key = wait_for(lambda: next((i.job_id for i in status(d, run_id, "work").instances or []
+                                     if i.state == "running" and i.index == 0), None),
+                       timeout=300, interval=0.5, what="work[0] running")
+        wait_for(lambda: "work 0" in (run_dir / "executions.txt").read_text()
+                 if (run_dir / "executions.txt").exists() else False, timeout=120, what="work[0] to start")
+        subprocess.run(["scontrol", "requeue", key], check=True, timeout=60)
+        seen: set[str] = set()
+
+        def finished() -> bool:
+            st = status(d, run_id, "work")
+            seen.update(i.state for i in st.instances or [] if i.index == 0)
+            return st.run.state != "running"
+
+        wait_for(finished, timeout=600, interval=0.5, what="the run to end")
+        assert status(d, run_id).run.state == "succeeded", status(d, run_id).failures
+        work0 = next(i for i in status(d, run_id, "work").instances or [] if i.index == 0)
+        assert work0.state == "succeeded" and work0.attempt == 1 and not work0.attempts, work0
+        runs = (run_dir / "executions.txt").read_text().count("work 0 ")
+        assert runs == 2, "the requeued element ran again (and its first, interrupted run was not taken)"
+        assert not seen & {"failed", "timeout", "cancelled", "node_fail"}, seen
+        wlm.tags_used_once()
+    finally:
+        kill(d)
+
+
+SLURM_ACCT = pytest.mark.parametrize(
+    "wlm_name", [pytest.param("slurm-acct", marks=(pytest.mark.slurm, pytest.mark.slurm_accounting))], indirect=True)
+
+
+def set_max_submit(value: int) -> None:
+    subprocess.run(["sacctmgr", "-i", "modify", "qos", "normal", "set", f"MaxSubmitJobsPerUser={value}"],
+                   check=True, capture_output=True, timeout=60)
+
+
+def in_queue() -> int:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    return len(out.stdout.split()) if out.returncode == 0 else 0
+
+
+@SLURM_ACCT
+def test_a_qos_limit_of_10_keeps_a_100_element_fan_out_under_it_and_nothing_fails(wlm: WLM, tmp_path: Path) -> None:
+    set_max_submit(10)
+    try:
+        d: DaemonProcess = start_daemon(wlm, tmp_path / "d")
+        try:
+            run_id = submit(d, SLURMY, tmp_path / "run", "--n", "100", "--hold", "1")
+            most = 0
+            while status(d, run_id).run.state == "running":
+                most = max(most, in_queue())
+                time.sleep(0.3)
+            assert status(d, run_id).run.state == "succeeded", status(d, run_id).failures
+            st = status(d, run_id, "work")
+            assert st.raw.get("instances_total") == 100
+            assert all(i.state == "succeeded" and i.attempt == 1 for i in st.instances or [])
+            assert 0 < most <= 10, most
+            assert (st.cluster or {}).get("max_queued") == 10  # read from the QOS by the probe
+        finally:
+            kill(d)
+    finally:
+        set_max_submit(-1)
