@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_type_hints
 
+from reflow_client import retry
 from reflow_client.resources import format_mem, parse_mem, parse_time
 
 from .params import Param, Result, RunDir
@@ -50,6 +51,8 @@ class JobConfig:
     cache: bool = True
     backend: str | None = None
     retries: int = 0
+    # ``retry_policy`` (which failure causes are retried and how, see docs/failures.md) is set in __init__ but
+    # is not a dataclass field: ``asdict`` stays the reference's, and ``to_dict`` adds it only when set.
 
     def __init__(
         self,
@@ -65,6 +68,7 @@ class JobConfig:
         backend: str | None = None,
         extra: dict[str, Any] | None = None,
         retries: int = 0,
+        retry_policy: dict[str, Any] | None = None,
         **scheduler_options: Any,
     ) -> None:
         if isinstance(after, str):  # list("prepare") would silently become ['p', 'r', ...]
@@ -84,6 +88,7 @@ class JobConfig:
         self.cache = cache
         self.backend = backend
         self.retries = retries
+        self.retry_policy: dict[str, Any] | None = retry_policy
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -91,8 +96,12 @@ class JobConfig:
         return self.submit_options
 
     def to_dict(self) -> dict[str, Any]:
-        """``dataclasses.asdict(self)``: what the manifest carries as the task's ``config``."""
-        return asdict(self)
+        """``dataclasses.asdict(self)``: what the manifest carries as the task's ``config``
+        (without ``retry_policy`` when none is set, so manifests without one stay as they were)."""
+        data = asdict(self)
+        if self.retry_policy is not None:
+            data["retry_policy"] = copy.deepcopy(self.retry_policy)
+        return data
 
     def check(self, task: str) -> None:
         """Raise ValueError for values no scheduler could take."""
@@ -120,6 +129,10 @@ class JobConfig:
             raise ValueError(f"{where}: array_parallelism only applies to array tasks (array=True or array_job)")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"{where}: retries must be a whole number >= 0, not {self.retries!r}")
+        try:
+            retry.check(self.retry_policy, f"{where}: retry_policy")
+        except retry.RetryPolicyError as exc:
+            raise ValueError(str(exc)) from None
         if not isinstance(self.version, str):
             raise ValueError(f"{where}: version must be a string such as '2', not {self.version!r}")
         for dep in self.after:

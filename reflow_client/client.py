@@ -139,6 +139,12 @@ class InstanceStatus:
     cached_from: str | None = None
     traceback: str | None = None
     output: str | None = None
+    #: Why the attempt ended: {"kind": "time_limit", "text": "time limit reached (limit 00:01:00)", ...}.
+    cause: dict[str, Any] | None = None
+    #: This attempt's resources ({"cpus", "mem", "time"}), escalated after an out-of-memory or a time limit.
+    resources: dict[str, Any] | None = None
+    #: Earlier attempts: [{"attempt", "state", "cause", "resources", "counted"}].
+    attempts: list[dict[str, Any]] | None = None
 
     @property
     def label(self) -> str:

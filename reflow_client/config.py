@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import retry
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -65,6 +67,8 @@ CLUSTER_KEYS = frozenset(
         "env",
         "parallel_environment",
         "memory_resource",
+        "retry_policy",
+        "max_queued",
     }
 )
 
@@ -144,6 +148,10 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)
     parallel_environment: str | None = None
     memory_resource: str = "h_vmem"
+    #: Which failure causes are retried and how (``reflow_client/retry.py``); a task's own keys win.
+    retry_policy: dict[str, Any] = field(default_factory=dict)
+    #: Most elements this daemon keeps in the cluster's queue (a site limit published only in its docs).
+    max_queued: int | None = None
 
     @property
     def remote(self) -> bool:
@@ -175,6 +183,7 @@ class Config:
 
 _NUM_KEYS = {
     "port": int,
+    "max_queued": int,
     "max_workers": int,
     "max_channels": int,
     "poll_interval": float,
@@ -231,6 +240,10 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
     env = merged.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}.env: expected a table of strings")
+    try:
+        merged["retry_policy"] = retry.check(merged.get("retry_policy"), f"{where}.retry_policy")
+    except retry.RetryPolicyError as exc:
+        raise ConfigError(str(exc)) from None
     _check_remote(merged, where)
     _check_scheduler_keys(merged, table, where)
     return ClusterConfig(name=name, submit_options=options, **merged)

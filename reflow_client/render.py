@@ -68,6 +68,7 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
     health = (status.cluster or {}).get("health") or {}
     if health and not health.get("reachable", True):
         lines.append(f"Cluster   UNREACHABLE since {when(health.get('down_since'))}: {health.get('last_error')}")
+    lines.extend(scheduler_health_lines(status.cluster))
     store = status.raw.get("store") or {}
     if not store.get("writable", True):
         lines.append(f"Store     UNWRITABLE since {when(store.get('since'))}: {store.get('error')}")
@@ -95,13 +96,24 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
     return "\n".join(lines) + "\n"
 
 
+def scheduler_health_lines(cluster: dict[str, Any] | None) -> list[str]:
+    """A degraded scheduler (not answering): since when, the last error, and that nothing is failed meanwhile."""
+    health = (cluster or {}).get("scheduler_health") or {}
+    if health.get("state") != "degraded":
+        return []
+    return [f"Cluster   DEGRADED since {when(health.get('since'))}: the scheduler is not answering "
+            f"({health.get('failed_command')}: {health.get('last_error')}); jobs are not failed meanwhile, "
+            f"submissions wait, next try in {health.get('next_probe_in')}s"]
+
+
 def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] | None = None,
                    width: int = 200) -> list[str]:
     """One line per instance; the output column shows decoded values, never the wire encoding."""
     lines = []
     for inst in instances:
         idx = f"[{inst.index}]" if inst.index is not None else "   "
-        extra = inst.reason or (inst.error.splitlines()[0] if inst.error else "") or (outputs or {}).get(inst.index, "")
+        extra = ((inst.cause or {}).get("text") or inst.reason or (inst.error.splitlines()[0] if inst.error else "")
+                 or (outputs or {}).get(inst.index, ""))
         took = duration(inst.ended_at - inst.started_at) if inst.ended_at and inst.started_at else ""
         line = (f"    {idx:7s} {inst.state:15s} attempt={inst.attempt} job={inst.job_id or '-':14s} {took:>7s}  "
                 f"{extra}")
@@ -109,8 +121,21 @@ def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] 
     return lines
 
 
+def attempt_line(attempt: dict[str, Any]) -> str:
+    """One earlier attempt: its number, how it ended and the resources it had."""
+    res = attempt.get("resources") or {}
+    held = ", ".join(f"{k} {res[k]}" for k in ("mem", "time") if res.get(k))
+    why = (attempt.get("cause") or {}).get("text") or attempt.get("state", "")
+    free = "" if attempt.get("counted", True) else ", not counted against retries"
+    return f"attempt {attempt.get('attempt')}: {why}" + (f" [{held}]" if held else "") + free
+
+
 def failure_lines(failure: InstanceStatus, log_path: str | None = None) -> list[str]:
     lines = [f"  {failure.label}: {failure.state} (attempt {failure.attempt}, job {failure.job_id or '-'})"]
+    if failure.cause and failure.cause.get("text"):
+        lines.append(f"    cause: {failure.cause['text']}")
+    for attempt in failure.attempts or []:
+        lines.append(f"    earlier {attempt_line(attempt)}")
     if failure.error:
         lines.append(f"    {failure.error}")
     if failure.reason and failure.reason not in (failure.error or ""):

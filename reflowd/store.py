@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
@@ -69,6 +69,13 @@ INSERT INTO tasks (run_id, name, state, size, reason)
            size, blocked_reason FROM tasks_v1;
 DROP TABLE tasks_v1;
 ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+"""
+
+#: Schema 2 -> 3: an instance keeps why its attempt ended, its escalated resources and its earlier attempts.
+MIGRATE_2_TO_3 = """
+ALTER TABLE instances ADD COLUMN cause TEXT;
+ALTER TABLE instances ADD COLUMN resources TEXT;
+ALTER TABLE instances ADD COLUMN attempts TEXT;
 """
 
 
@@ -285,11 +292,12 @@ class Store:
             await self._db.executescript(
                 "BEGIN;\n"
                 + (MIGRATE_1_TO_2 if version == 1 else "")
+                + (MIGRATE_2_TO_3 if version in (1, 2) else "")
                 + SCHEMA
                 + f"\nINSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
                 + f"\nINSERT OR IGNORE INTO meta VALUES ('database_id', '{os.urandom(8).hex()}');\nCOMMIT;"
             )
-            if version == 1:
+            if version in (1, 2):
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
             async with self._db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
                 database_id = str((await cur.fetchone())[0])

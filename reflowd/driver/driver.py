@@ -33,7 +33,9 @@ from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.resolve import Resolution
 from ..engine.states import State
 from ..store import Store
+from .health import ClusterHealth
 from .observe import Observer
+from .queue_limits import QueueLimit
 from .policy import FileClock, PollPolicy
 from .submit import Submitter
 from .track import JobTrack
@@ -101,6 +103,12 @@ class Driver:
         self.query_due = True
         self.unrecognised: dict[str, int] = {}  # native scheduler states we could not map
         self.last_query_error: str | None = None
+        #: The per-user queue limit (config, probe, refusals) and elements in batches being submitted now.
+        self.queue_limit = QueueLimit(config.max_queued)
+        self.submitting = 0
+        #: Is the scheduler answering? While not, nothing is concluded, submissions wait, probes are rare.
+        self.health = ClusterHealth(base=max(1.0, config.poll_interval),
+                                    maximum=max(config.max_poll_interval, config.poll_interval))
         self.ready_wake = anyio.Event()
         self.observer_wake = anyio.Event()
         self.counters: dict[str, int] = {}
@@ -162,6 +170,8 @@ class Driver:
             track.held.pop(inst.index, None)
             if not track.live:
                 self.emptied[tag] = None
+            if self.ready and self.queue_limit.cap(world.now()) is not None:
+                self.ready_wake.set()  # room in a capped queue: what waits for it may go out
 
     async def recover(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> None:
         """Follow a submission an earlier daemon made (after a restart)."""
@@ -206,6 +216,24 @@ class Driver:
             due = due or tag in self.tracks
         return due
 
+    def queued_elements(self) -> int:
+        """Elements this daemon has in the cluster's queue (or about to): what a per-user limit counts."""
+        tracks = {**self.unresolved, **self.tracks}
+        return sum(len(t.live) for t in tracks.values()) + self.submitting
+
+    def scheduler_failed(self, what: str, error: str) -> None:
+        """A scheduler command (*what*) got no answer: count it toward the circuit breaker."""
+        if self.health.failed(world.now(), world.monotonic(), what, error):
+            log.warning("scheduler not answering; the cluster is degraded: nothing is failed, submissions wait",
+                        cluster=self.name, command=what, error=error)
+
+    def scheduler_answered(self) -> None:
+        if self.health.succeeded(world.now()):
+            log.warning("scheduler answering again; the cluster has recovered", cluster=self.name)
+            self.query_due = True
+            self.ready_wake.set()
+            self.observer_wake.set()
+
     def fault(self, point: str) -> None:
         """Test-only crash point: die like ``kill -9`` exactly here."""
         if point in self.settings.fault_points:
@@ -229,6 +257,7 @@ class Driver:
             try:
                 with anyio.fail_after(cluster.config.command_timeout * 2):
                     cluster.probe = await cluster.scheduler.probe()
+                    self.queue_limit.probed = cluster.probe.get("max_queued")
                 log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
                 return
             except Exception as exc:  # probing is advisory; observation shows the cluster's health meanwhile
@@ -255,6 +284,8 @@ class Driver:
             out["unrecognised_states"] = dict(self.unrecognised)
         if self.last_query_error:
             out["last_query_error"] = self.last_query_error
+        out["scheduler_health"] = self.health.to_dict(world.monotonic())
+        out.update(self.queue_limit.to_dict(world.now()))
         if self.counters:
             out["driver"] = dict(self.counters)
         return out

@@ -32,6 +32,7 @@ from ..engine.model import Instance
 from ..engine.states import FAILURE, State
 from ..schedulers.base import Observation, Phase, Presence
 from ..transports.base import TransportError
+from . import requeue
 from .submit import adopt
 from .track import JobTrack, index_of
 
@@ -73,10 +74,10 @@ class Observer:
                     await self.check_files()
                     now = world.monotonic()
                     due = d.query_due or next_query <= now or d.deadline_due() or bool(d.held_tags)
-                    if due and self.cluster.budget.wait_time() == 0:
+                    if due and d.health.allows(now) and self.cluster.budget.wait_time() == 0:
                         d.query_due = False
                         await self.query()
-                        next_query = world.monotonic() + d.policy.interval
+                        next_query = world.monotonic() + max(d.policy.interval, d.health.interval())
                 self.prune()
             except Exception:  # a cycle must survive anything a cluster throws at it
                 log.exception("observer cycle failed", cluster=d.name)
@@ -169,14 +170,26 @@ class Observer:
                 result = {"state": "failed", "error": f"unreadable result: {exc}"}
             if not (inst.in_flight and inst.tag == track.tag):
                 continue
+            stamp = requeue.mark(result)
+            held = track.held.get(inst.index)
+            if track.stale.get(inst.index) == stamp:
+                track.seen_results.discard(os.path.basename(paths[inst.index]))  # a later run will overwrite it
+                missing.append(inst)  # a requeued run's result is no result for the attempt
+                continue
+            if held is not None and requeue.mark(held[0]) == stamp:
+                continue  # the result already held: nothing new
+            if held is not None:
+                track.held.pop(inst.index, None)  # a newer run's result replaces the held one
             obs = inst.observed
             decision = decide.from_result(inst, result, obs)
             explained = obs is not None and obs.phase is Phase.DONE
             if decision.state is State.FAILED and result.get("signal") and not explained:
                 # Killed by a signal: the scheduler knows why (time limit, cancel, preemption). Ask it first.
+                # While the scheduler says the job runs (or runs again after a requeue), never conclude.
                 since = track.held.setdefault(inst.index, (result, now))[1]
                 self.d.held_tags[track.tag] = None
-                if now - since < self.d.settings.hold_max:
+                track.seen_results.discard(os.path.basename(paths[inst.index]))  # a requeued run may overwrite it
+                if now - since < self.d.settings.hold_max or requeue.still_running(obs):
                     continue
             track.held.pop(inst.index, None)
             self.apply(track, inst, decision)
@@ -196,9 +209,11 @@ class Observer:
         try:
             observations = await cluster.scheduler.query(job_ids)
             d.last_query_error = None
+            d.scheduler_answered()
         except (TransportError, TimeoutError) as exc:
             log.info("status query failed; treating every job as unknown", cluster=d.name, error=str(exc))
             d.last_query_error = str(exc) or type(exc).__name__
+            d.scheduler_failed("query", d.last_query_error)
             observations = None
         changed = False
         for track in tracks:
@@ -209,13 +224,16 @@ class Observer:
             except Exception as exc:
                 self.track_failed(track, "applying the scheduler's answer", exc)
                 changed = True
-        d.held_tags = {t: None for t, tr in d.tracks.items() if tr.held}
+        # Poll promptly for the held results that are young; one held while its job still runs waits its turn.
+        hold_until = world.now() - d.settings.hold_max
+        d.held_tags = {t: None for t, tr in d.tracks.items() if any(since > hold_until for _, since in tr.held.values())}
         d.policy.after_query(world.monotonic() - started, changed)
 
     async def apply_observations(self, track: JobTrack, observations: dict[str, Observation] | None) -> bool:
         d = self.d
         now = world.now()
         changed = False
+        ending: list[Instance] = []
         for index, (result, since) in list(track.held.items()):
             inst = track.live.get(index)
             if inst is None:
@@ -224,9 +242,25 @@ class Observer:
             obs = observations.get(inst.job_key or "") if observations is not None else None
             if obs is not None:
                 inst.observed = obs
-            if (obs is not None and obs.phase is not Phase.RUNNING) or now - since >= d.settings.hold_max:
+            if requeue.requeued(obs):  # the signalled run was requeued: its result is not the attempt's
                 del track.held[index]
-                changed |= self.apply(track, inst, decide.from_result(inst, result, obs))
+                track.stale[index] = requeue.mark(result)
+                decision = decide.from_observation(inst, obs, now, self.cluster.timing)  # type: ignore[arg-type]
+                if decision is not None:
+                    changed |= self.apply(track, inst, decision)
+                continue
+            if (obs is not None and obs.phase is not Phase.RUNNING) or (
+                    now - since >= d.settings.hold_max and not requeue.still_running(obs)):
+                ending.append(inst)
+        if ending:
+            # A requeued job's later run may have overwritten the held result: look once more, then conclude.
+            await self.read_results(track, ending)
+            for inst in ending:
+                held = track.held.pop(inst.index, None)
+                if held is not None and inst.in_flight:
+                    changed |= self.apply(track, inst, decide.from_result(inst, held[0], inst.observed))
+                else:
+                    changed = True
         if observations is None:
             return changed
         finished: list[Instance] = []
@@ -316,7 +350,7 @@ class Observer:
 
     async def deliver_cancels(self) -> None:
         d, cluster = self.d, self.cluster
-        if not d.cancels:
+        if not d.cancels or not d.health.allows(world.monotonic()):
             return
         batch = sorted(d.cancels)
         cluster.count("cancel")
@@ -324,7 +358,9 @@ class Observer:
             await cluster.scheduler.cancel(batch)
         except (TransportError, TimeoutError) as exc:
             log.warning("cancel failed; will retry", cluster=d.name, jobs=len(batch), error=str(exc))
+            d.scheduler_failed("cancel", str(exc) or type(exc).__name__)
             return
+        d.scheduler_answered()
         for key in batch:
             d.cancels.pop(key, None)
 
@@ -333,7 +369,7 @@ class Observer:
         d, cluster = self.d, self.cluster
         now = world.now()
         due = [t for t in d.unresolved.values() if t.resolve_after <= now]
-        if not due:
+        if not due or not d.health.allows(world.monotonic()):
             return
         cluster.count("find_tags")
         try:
@@ -343,7 +379,9 @@ class Observer:
                 track.resolve_attempts += 1
                 track.resolve_after = now + min(60.0, d.settings.resolve_delay * 2 ** min(track.resolve_attempts, 4))
             log.info("cannot look submissions up yet", cluster=d.name, error=str(exc))
+            d.scheduler_failed("find_tags", str(exc) or type(exc).__name__)
             return
+        d.scheduler_answered()
         for track in due:
             try:
                 await self.resolve_one(track, found.get(track.tag, []), now)

@@ -33,6 +33,7 @@ from ..engine.resolve import ResolveError
 from ..engine.states import State
 from ..schedulers.base import SubmitError, SubmitRequest, log_path
 from ..transports.base import TransportError
+from . import queue_limits
 from .track import JobTrack
 
 if TYPE_CHECKING:
@@ -84,16 +85,17 @@ class Submitter:
 
     def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
         """Batches to submit now (taken off the queue), and when the next back-off expires."""
-        groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
+        groups: dict[tuple[str, str, str], list[Instance]] = defaultdict(list)
         runs: dict[str, Run] = {}
         taken, next_due = self.d.take_ready(now)
         for inst, run in taken.items():
             if inst.state is not State.READY:
                 continue
-            groups[(run.id, inst.task)].append(inst)
+            # Escalated retries (more memory or time) go out as their own job: one request has one size.
+            groups[(run.id, inst.task, repr(sorted(inst.resources.items())) if inst.resources else "")].append(inst)
             runs[run.id] = run
         batches = []
-        for (run_id, task), insts in groups.items():
+        for (run_id, task, _), insts in groups.items():
             run = runs[run_id]
             tr = run.tasks[task]
             if not tr.manifest.is_array:
@@ -102,6 +104,12 @@ class Submitter:
             by_index = {i.index: i for i in insts if i.index is not None}
             for chunk in chunk_indices(list(by_index), max(1, self.cluster.scheduler.max_array_size)):
                 batches.append((run, tr, [by_index[i] for i in chunk]))
+        room = self.d.queue_limit.room(now, self.d.queued_elements())
+        if room is not None:  # a per-user queue limit: what does not fit waits (instance_left wakes us)
+            batches, leftover = fit_batches(batches, room)
+            for run, _, insts in leftover:
+                for inst in insts:
+                    self.d.ready[inst] = run
         return batches, next_due
 
     async def loop(self) -> None:
@@ -109,9 +117,15 @@ class Submitter:
         async with anyio.create_task_group() as tg:
             while True:
                 wake = self.d.ready_wake = anyio.Event()
+                wait = self.d.health.next_probe_at - world.monotonic()
+                if not self.d.health.allows(world.monotonic()):  # the scheduler is not answering: wait
+                    with anyio.move_on_after(wait):
+                        await wake.wait()
+                    continue
                 now = world.now()
                 batches, next_due = self.form_batches(now)
                 for run, tr, insts in batches:
+                    self.d.submitting += len(insts)  # counted toward a queue limit until the batch is tracked
                     tg.start_soon(self.guarded_batch, run, tr, insts, limiter)
                 timeout = max(0.0, next_due - now) if next_due is not None else float("inf")
                 with anyio.move_on_after(timeout):
@@ -132,6 +146,8 @@ class Submitter:
                         self.host.transition(run, inst, State.FAILED, {"source": "submitter", "error": error},
                                              error=error)
                 self.host.internal_error(run, f"submitting {tr.name}", exc)
+            finally:
+                self.d.submitting -= len(insts)
 
     def build_request(self, run: Run, tr: TaskRun, insts: list[Instance], tag: str) -> SubmitRequest:
         cluster = self.cluster
@@ -142,6 +158,7 @@ class Submitter:
         if indices and max(indices) >= cluster.scheduler.max_array_size:
             offset = min(indices)
         options: dict[str, Any] = {**cluster.config.submit_options, **task.config.get("submit_options", {})}
+        escalated = insts[0].resources or {} if insts else {}  # a batch shares its resources (form_batches)
         env = {
             **cluster.config.env,
             "REFLOW_RUN_ID": run.id,
@@ -160,8 +177,8 @@ class Submitter:
             index_offset=offset,
             array_parallelism=task.array_parallelism,
             cpus=int(task.config.get("cpus", 1)),
-            time=str(task.config.get("time", "00:30:00")),
-            mem=format_mem(str(task.config.get("mem", "4G"))),
+            time=str(escalated.get("time") or task.config.get("time", "00:30:00")),
+            mem=format_mem(str(escalated.get("mem") or task.config.get("mem", "4G"))),
             options=options,
             env=env,
         )
@@ -247,6 +264,12 @@ class Submitter:
         try:
             job_id = await cluster.scheduler.submit(request)
         except SubmitError as exc:
+            if queue_limits.is_limit_refusal(str(exc)):
+                d.unresolved.pop(tag, None)
+                wait_for_room(d, run, track, str(exc))
+                return
+            if not exc.permanent:
+                d.scheduler_failed("submit", str(exc))
             if exc.permanent:
                 d.unresolved.pop(tag, None)
                 log.warning("submission refused", run_id=run.id, task=tr.name, cluster=d.name, error=str(exc))
@@ -259,12 +282,50 @@ class Submitter:
             unresolved(d, track, str(exc))
             return
         except (TransportError, TimeoutError) as exc:
+            d.scheduler_failed("submit", str(exc) or type(exc).__name__)
             unresolved(d, track, str(exc) or type(exc).__name__)
             return
+        d.scheduler_answered()
         d.fault("after_submit")
         d.unresolved.pop(tag, None)
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
         d.policy.after_submit()
+
+
+def fit_batches(batches: list[tuple[Run, TaskRun, list[Instance]]],
+                room: int) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], list[tuple[Run, TaskRun, list[Instance]]]]:
+    """Split *batches* into what fits in *room* more queued elements and what must wait."""
+    kept, leftover = [], []
+    for run, tr, insts in batches:
+        if room <= 0:
+            leftover.append((run, tr, insts))
+        elif len(insts) > room:
+            kept.append((run, tr, insts[:room]))
+            leftover.append((run, tr, insts[room:]))
+            room = 0
+        else:
+            kept.append((run, tr, insts))
+            room -= len(insts)
+    return kept, leftover
+
+
+def wait_for_room(d: Driver, run: Run, track: JobTrack, error: str) -> None:
+    """The scheduler refused the batch for a per-user limit: no job exists, so its instances wait (READY)
+    until the queue has room, and the limit holds what was queued when it said no."""
+    queued = d.queued_elements() - len(track.live)
+    until = d.queue_limit.refused(world.now(), queued, error)
+    log.info("submission refused for a queue limit; waiting", cluster=d.name, tag=track.tag, queued=queued,
+             error=error)
+    again = []
+    for inst in list(track.live.values()):
+        if d.host.transition(run, inst, State.READY, {"source": "scheduler", "refused_for_limit": error[:300],
+                                                      "queued": queued},
+                             tag=None, submitted_at=None, not_before=until,
+                             reason=f"waiting for room in the queue (the scheduler said: {error[:200]})"):
+            again.append(inst)
+    track.record.state = "refused"
+    d.store.put_job(track.record)
+    d.submit(run, again)
 
 
 def unresolved(d: Driver, track: JobTrack, error: str) -> None:

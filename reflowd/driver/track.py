@@ -22,6 +22,8 @@ class JobTrack:
     #: Result and started files already acted on (names in the job directory).
     seen_results: set[str] = field(default_factory=set)
     seen_started: set[str] = field(default_factory=set)
+    #: Results of runs the scheduler requeued since (``requeue.mark``): never taken for the attempt's outcome.
+    stale: dict[int | None, tuple[Any, ...]] = field(default_factory=dict)
     resolve_attempts: int = 0
     resolve_after: float = 0.0
 

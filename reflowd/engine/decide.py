@@ -21,6 +21,7 @@ from typing import Any
 
 from reflowd.schedulers.base import Observation, Outcome, Phase, Presence
 
+from . import causes
 from .model import Instance
 from .states import State
 
@@ -81,8 +82,13 @@ def from_result(inst: Instance, result: dict[str, Any], obs: Observation | None)
         state = _OUTCOME_STATE[obs.outcome]
         evidence.update(scheduler_state=obs.native_state, scheduler_reason=obs.reason)
         fields["reason"] = _describe(obs)
-    elif result.get("signal"):
-        fields["reason"] = f"worker received {result['signal']}"
+        fields["cause"] = causes.from_observation(obs)
+        if result.get("checkpoint"):
+            fields["cause"]["checkpoint"] = result["checkpoint"]
+    else:
+        fields["cause"] = causes.from_result(result)
+        if result.get("signal"):
+            fields["reason"] = f"worker received {result['signal']}"
     return Decision(state, evidence, fields)
 
 
@@ -111,6 +117,7 @@ def from_observation(inst: Instance, obs: Observation, now: float, timing: Timin
                 {
                     "error": f"lost: the scheduler no longer knows job {inst.job_key} and it left no result file",
                     "reason": "lost",
+                    "cause": {"kind": causes.LOST, "source": "scheduler"},
                     "ended_at": now,
                     "absent_since": None,
                     "absent_count": 0,
@@ -148,5 +155,6 @@ def from_observation(inst: Instance, obs: Observation, now: float, timing: Timin
     return Decision(
         state,
         {**evidence, "outcome": outcome.value, "exit_code": obs.exit_code},
-        {**reset, "error": error, "reason": _describe(obs), "ended_at": now, "done_seen_at": None},
+        {**reset, "error": error, "reason": _describe(obs), "cause": causes.from_observation(obs), "ended_at": now,
+         "done_seen_at": None},
     )

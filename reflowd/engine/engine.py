@@ -33,7 +33,7 @@ from ..clusters import ClusterRuntime
 from ..driver import Driver, DriverSettings, log_paths_for
 from ..schedulers.base import OptionError
 from ..store import Store
-from . import views
+from . import retry_policy, views
 from .events import EventHub, Subscription
 from .ledger import Ledger
 from .model import ON_ERROR, Instance, Run, RunOptions, TaskRun
@@ -254,19 +254,22 @@ class Engine:
             self.store.put_cache(inst.identity, inst.output, inst.output_hash, run.workflow, inst.task, run.id, inst.index)
         if run.error:
             return  # the run is being failed for an internal error: no retries, no on_error
-        if inst.state in AUTO_RETRIABLE and inst.attempt <= task.retries and not run.cancel_requested:
-            delay = min(self.settings.retry_backoff * (2 ** (inst.attempt - 1)), self.settings.retry_backoff_max)
-            previous = inst.state.value
-            if self.transition(
-                run,
-                inst,
-                State.READY,
-                {"source": "auto_retry", "attempt": inst.attempt + 1, "of": task.retries + 1, "after": previous,
-                 "error": (inst.error or "")[:500], "delay": delay},
-                **{**cleared(), "attempt": inst.attempt + 1, "not_before": world.now() + delay},
-            ):
-                self._hand_over(run, [inst])
-            return
+        if inst.state in AUTO_RETRIABLE and not run.cancel_requested:
+            # Which causes are retried, how often, after how long and with what resources: retry_policy.py.
+            driver = self.drivers.get(run.cluster)
+            cluster = driver.cluster if driver is not None else None
+            planned = retry_policy.plan(
+                inst, task.config, task.retries, cluster.config.retry_policy if cluster else None,
+                retry_policy.caps_from_probe(cluster.probe if cluster else None),
+                self.settings.retry_backoff, self.settings.retry_backoff_max)
+            if planned is not None:
+                evidence, fields = planned
+                delay = fields.pop("delay")
+                if self.transition(run, inst, State.READY, evidence,
+                                   **{**cleared(), **fields, "attempt": inst.attempt + 1,
+                                      "not_before": world.now() + delay}):
+                    self._hand_over(run, [inst])
+                return
         if (
             inst.state in FAILURE
             and inst.state not in (State.CANCELLED, State.UPSTREAM_FAILED)

@@ -82,6 +82,9 @@ class Instance:
     updated_at: float = column("REAL NOT NULL", default_factory=world.now)
     host: str | None = column("TEXT", default=None, reset=True)
     cached_from: str | None = column("TEXT", default=None, reset=True)  # run id whose result stands in
+    cause: Any = json_column(default=None, reset=True)  # why the attempt ended (``causes.py``), a dict
+    resources: Any = json_column(default=None)  # escalated {"mem", "time"} for this attempt (None: the task's)
+    attempts: Any = json_column(default=None)  # earlier attempts: [{"attempt", "state", "cause", ...}]
     # Observation bookkeeping (not persisted: restarts count afresh, which is conservative).
     absent_since: float | None = transient(default=None, reset=True)
     absent_count: int = transient(default=0, reset=True)

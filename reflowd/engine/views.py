@@ -15,7 +15,9 @@ from typing import Any
 from reflow_client import codec
 from reflow_client.client import InstanceStatus, RunInfo, TaskStatus
 
+from . import causes
 from .model import Instance, Run, TaskRun
+from .retry_policy import resources_of
 from .records import view_names
 from .states import FAILURE, State
 
@@ -52,7 +54,15 @@ def task_view(tr: TaskRun) -> dict[str, Any]:
     return {name: values[name] for name in _TASK_FIELDS}
 
 
-def _instance_value(inst: Instance, name: str, full: bool) -> Any:
+def _instance_value(inst: Instance, name: str, full: bool, config: dict[str, Any] | None = None) -> Any:
+    if name == "resources":
+        return resources_of(inst, config)
+    if name == "cause":
+        cause = inst.cause or causes.infer(inst.state.value, inst.error, inst.reason)
+        return causes.view(cause, resources_of(inst, config))
+    if name == "attempts":
+        return [{**a, "cause": causes.view(a.get("cause"), a.get("resources"))} for a in inst.attempts] \
+            if inst.attempts else None
     if name == "state":
         return inst.state.value
     if name == "job_id":
@@ -67,12 +77,14 @@ def _instance_value(inst: Instance, name: str, full: bool) -> Any:
     return getattr(inst, name)
 
 
-def instance_view(inst: Instance, full: bool) -> dict[str, Any]:
-    view = {name: _instance_value(inst, name, full) for name in _INSTANCE_FIELDS}
+def instance_view(inst: Instance, full: bool, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """*config*: the task's manifest config (its default resources)."""
+    view = {name: _instance_value(inst, name, full, config) for name in _INSTANCE_FIELDS}
     if not full:
         view.pop("traceback", None)
-    if view.get("output") is None:
-        view.pop("output", None)
+    for name in ("output", "cause", "attempts"):
+        if view.get(name) is None:
+            view.pop(name, None)
     return view
 
 
@@ -118,11 +130,12 @@ def status(run: Run, task: str | None = None, limit: int = 200, offset: int = 0)
         "run": run_view(run),
         "tasks": [task_view(tr) for tr in run.tasks.values()],
         "summary": run.summary(),
-        "failures": [instance_view(i, full=True) for i in failures(run, task)],
+        "failures": [instance_view(i, full=True, config=run.tasks[i.task].manifest.config)
+                     for i in failures(run, task)],
     }
     if task is not None:
         tr = run.tasks[task]
-        out["instances"] = [instance_view(i, full=False) for i in page(tr, offset, limit)]
+        out["instances"] = [instance_view(i, full=False, config=tr.manifest.config) for i in page(tr, offset, limit)]
         out["instances_total"] = len(tr.instances)
         if offset:
             out["instances_offset"] = offset

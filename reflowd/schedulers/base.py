@@ -57,6 +57,9 @@ class Observation:
     reason: str | None = None
     exit_code: str | None = None
     detail: str | None = None
+    #: Where the job ran, and its peak memory, where the scheduler reports them (shown in a failure's cause).
+    node: str | None = None
+    peak_mem: str | None = None
 
     @classmethod
     def absent(cls) -> Observation:

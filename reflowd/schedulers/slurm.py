@@ -70,8 +70,22 @@ class SlurmScheduler(Scheduler):
         self.accounting = False
         if storage != "accounting_storage/none":
             self.accounting = await self._sacct_answers()
-        return {"max_array_size": self.max_array_size, "accounting": self.accounting,
-                "min_job_age": self.config.get("MinJobAge")}
+        facts: dict[str, Any] = {"max_array_size": self.max_array_size, "accounting": self.accounting,
+                                 "min_job_age": self.config.get("MinJobAge")}
+        if self.accounting:
+            facts["max_queued"] = await self._queue_limit()
+        return facts
+
+    async def _queue_limit(self) -> int | None:
+        """The user's limit on queued jobs from the association and its QOSes (advisory: None if unreadable)."""
+        who = await self._run(["id", "-un"])
+        if not who.ok or not who.stdout.strip():
+            return None
+        assoc = await self._run(sc.render_assoc_limits(who.stdout.strip()))
+        qos = await self._run(sc.render_qos_limits())
+        if not (assoc.ok and qos.ok):
+            return None
+        return sc.parse_queue_limit(assoc.stdout, qos.stdout)
 
     def validate_options(self, options: Mapping[str, Any]) -> None:
         sc.validate_options(options)

@@ -8,6 +8,8 @@ lists through a transport.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -303,7 +305,7 @@ def squeue_all_absent(stderr: str, returncode: int) -> bool:
 
 # ---------------------------------------------------------------------- sacct
 
-SACCT_FIELDS = "JobID,JobName,State,ExitCode,Reason"
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Reason,NodeList"
 
 
 def render_sacct(job_ids: Sequence[str]) -> list[str]:
@@ -320,10 +322,12 @@ def parse_sacct(stdout: str) -> dict[str, Observation]:
             continue
         key, _name, state, exit_code = parts[:4]
         reason = parts[4] if len(parts) > 4 else None
+        node = parts[5].strip() if len(parts) > 5 and parts[5].strip() not in ("", "None assigned") else None
         if "." in key:  # a step (batch, extern): -X should have left them out
             continue
         for k in expand_job_key(key):
-            out[k] = observe(state, reason, exit_code)
+            obs = observe(state, reason, exit_code)
+            out[k] = dataclasses.replace(obs, node=node) if node and obs.phase is Phase.DONE else obs
     return out
 
 
@@ -383,3 +387,42 @@ def max_array_size(config: Mapping[str, str], default: int = 1001) -> int:
 
 def render_scancel(keys: Sequence[str]) -> list[str]:
     return ["scancel", *keys]
+
+
+# ---------------------------------------------------------------------- per-user queue limits (sacctmgr)
+
+ASSOC_FIELDS = "User,MaxSubmit,GrpSubmit,QOS"
+QOS_FIELDS = "Name,MaxSubmitPU,GrpSubmit"
+
+
+def render_assoc_limits(user: str) -> list[str]:
+    return ["sacctmgr", "-n", "-P", "show", "assoc", "where", f"user={user}", "format=" + ASSOC_FIELDS]
+
+
+def render_qos_limits() -> list[str]:
+    return ["sacctmgr", "-n", "-P", "show", "qos", "format=" + QOS_FIELDS]
+
+
+def _limit(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def parse_queue_limit(assoc_out: str, qos_out: str) -> int | None:
+    """The fewest jobs (array elements count one each) the user may have queued: the smallest of the
+    association's MaxSubmit/GrpSubmit and the MaxSubmitPU/GrpSubmit of every QOS the association may use
+    (conservative: reflow does not know which QOS a site's submit filter picks). None: no limit found."""
+    limits: list[int] = []
+    qos_names: set[str] = set()
+    for line in assoc_out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        limits.extend(v for v in (_limit(parts[1]), _limit(parts[2])) if v)
+        qos_names.update(q.strip() for q in parts[3].split(",") if q.strip())
+    for line in qos_out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 3 or parts[0].strip() not in qos_names:
+            continue
+        limits.extend(v for v in (_limit(parts[1]), _limit(parts[2])) if v)
+    return min(limits) if limits else None
