@@ -180,7 +180,8 @@ class CacheStore:
                 raise sqlite3.DatabaseError(f"database disk image fails its integrity check: {'; '.join(problems)}")
             async with db.execute(f"PRAGMA journal_mode={self.journal_mode}") as cur:
                 await cur.fetchall()
-            await db.execute("PRAGMA synchronous=NORMAL")
+            # NORMAL is safe with WAL; a rollback journal needs FULL not to risk corruption at a power cut
+            await db.execute(f"PRAGMA synchronous={'NORMAL' if self.journal_mode == 'WAL' else 'FULL'}")
             await db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
             async with db.execute("SELECT value FROM meta WHERE key='cache_schema'") as cur:
                 row = await cur.fetchone()

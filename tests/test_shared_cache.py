@@ -148,11 +148,14 @@ def test_embedded_run_and_daemon_write_the_cache_at_once(daemon: DaemonProcess, 
 
 STRESS = textwrap.dedent("""
     import sys, anyio
+    import reflowd.cache_store as cache_store
     from reflowd.cache_store import CacheStore
 
-    async def main(path, who, count):
+    async def main(path, who, count, mode):
+        cache_store.journal_mode_for = lambda fs_type: mode  # as on a network filesystem, for TRUNCATE
         cache = CacheStore(path, origin=who, commit_interval=0.0)
         await cache.open()
+        assert cache.journal_mode == mode
         try:
             for start in range(0, count, 25):
                 for i in range(start, start + 25):
@@ -163,13 +166,14 @@ STRESS = textwrap.dedent("""
         finally:
             await cache.close()
 
-    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
 """)
 
 
-def test_processes_writing_the_cache_together_lose_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["WAL", "TRUNCATE"])
+def test_processes_writing_the_cache_together_lose_nothing(tmp_path: Path, mode: str) -> None:
     path = tmp_path / CACHE_FILE
-    writers = [subprocess.Popen([sys.executable, "-c", STRESS, str(path), who, "1000"], cwd=ROOT,
+    writers = [subprocess.Popen([sys.executable, "-c", STRESS, str(path), who, "1000", mode], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True) for who in ("p1", "p2", "p3")]
     for w in writers:
         _, err = w.communicate(timeout=TIMEOUT)
@@ -177,6 +181,8 @@ def test_processes_writing_the_cache_together_lose_nothing(tmp_path: Path) -> No
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         per_writer = dict(db.execute("SELECT origin, COUNT(*) FROM cache GROUP BY origin").fetchall())
+        persistent = db.execute("PRAGMA journal_mode").fetchone()[0].upper()  # only WAL outlives a connection
+        assert (persistent == "WAL") == (mode == "WAL"), persistent
     assert per_writer == {"p1": 1000, "p2": 1000, "p3": 1000}
 
 
