@@ -62,6 +62,8 @@ class Interrupts:
     def __init__(self, grace: float = STOP_GRACE) -> None:
         self.grace = grace
         self.stopped: int | None = None
+        #: A warning signal arrived: a packed worker starts no further element.
+        self.warned: int | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -75,8 +77,26 @@ class Interrupts:
         for signum in self._previous:
             signal.signal(signum, signal.SIG_IGN)
 
+    def hold(self) -> None:
+        """Between two elements of a packed job: a signal is noted (no further element starts), not raised."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
+            signal.signal(signum, self._note)
+
+    def resume(self) -> None:
+        """The next element starts: signals interrupt it again."""
+        for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
+            signal.signal(signum, self._on_signal)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if signum in WARNING_SIGNALS:
+            self.warned = signum
+        elif self.stopped is None:
+            self.stopped = signum
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in WARNING_SIGNALS:
+            self.warned = signum
             raise TaskInterrupted(signum)
         if self.stopped is not None:  # a second stop signal: no more politeness
             raise WorkerInterrupted(self.stopped)

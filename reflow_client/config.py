@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .pack import parse_pack
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -65,6 +67,7 @@ CLUSTER_KEYS = frozenset(
         "env",
         "parallel_environment",
         "memory_resource",
+        "pack",
     }
 )
 
@@ -144,6 +147,8 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)
     parallel_environment: str | None = None
     memory_resource: str = "h_vmem"
+    #: Default packing of array elements into jobs (``reflow_client.pack``): "auto" when unset.
+    pack: int | str | bool | None = None
 
     @property
     def remote(self) -> bool:
@@ -233,6 +238,11 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
         raise ConfigError(f"{where}.env: expected a table of strings")
     _check_remote(merged, where)
     _check_scheduler_keys(merged, table, where)
+    if merged.get("pack") is not None:
+        try:
+            parse_pack(merged["pack"], f"{where}.pack")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return ClusterConfig(name=name, submit_options=options, **merged)
 
 
@@ -299,7 +309,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             raise ConfigError(f"{where}: clusters.{name} must be a table")
         clusters[name] = _cluster_from(name, table, defaults, f"{where}: clusters.{name}")
     if "local" not in clusters:
-        local_defaults = {k: v for k, v in defaults.items() if k in ("python", "max_workers", "env")}
+        local_defaults = {k: v for k, v in defaults.items() if k in ("python", "max_workers", "env", "pack")}
         clusters["local"] = _cluster_from("local", {"scheduler": "local"}, local_defaults, f"{where}: clusters.local")
     default_cluster = os.environ.get("REFLOW_CLUSTER") or defaults.get("cluster") or "local"
     if default_cluster not in clusters:

@@ -33,6 +33,7 @@ from ..engine.resolve import Resolution
 from ..engine.states import State
 from ..store import Store
 from .observe import Observer
+from .packing import Packer
 from .policy import FileClock, PollPolicy
 from .submit import Submitter
 from .track import JobTrack
@@ -99,6 +100,7 @@ class Driver:
         self.ready_wake = anyio.Event()
         self.observer_wake = anyio.Event()
         self.counters: dict[str, int] = {}
+        self.packer = Packer(self)
         cluster.scheduler.on_change = self.scheduler_changed
 
     def scheduler_changed(self) -> None:
@@ -118,8 +120,13 @@ class Driver:
         self.ready.pop(inst.key, None)
 
     def cancel_jobs(self, keys: list[str]) -> None:
-        """Ask the scheduler to cancel these jobs or array elements (retried until delivered)."""
+        """Ask the scheduler to cancel these jobs or array elements (retried until delivered).
+
+        A packed job that still runs elements nobody cancelled is left alone: its cancelled
+        elements get markers instead (see ``packing.Packer.left``)."""
         for key in keys:
+            if self.packer.keep_job(key):
+                continue
             self.cancels[key] = None
         if keys:
             self.wake()
@@ -135,6 +142,8 @@ class Driver:
             del track.live[inst.index]
             track.held.pop(inst.index, None)
             track.last_obs.pop(inst.index, None)
+            if track.packed:
+                self.packer.left(track, inst)
             if not track.live:
                 self.emptied[tag] = None
 
