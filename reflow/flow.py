@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_type_hints
 
+from reflow_client.pack import OFF, parse_pack
 from reflow_client.resources import format_mem, parse_mem, parse_time
 
 from .params import Param, Result, RunDir
@@ -50,6 +51,8 @@ class JobConfig:
     cache: bool = True
     backend: str | None = None
     retries: int = 0
+    #: Array elements per scheduler job (``reflow_client.pack``): None follows the cluster's ``pack``.
+    pack: int | str | bool | None = None
 
     def __init__(
         self,
@@ -65,6 +68,7 @@ class JobConfig:
         backend: str | None = None,
         extra: dict[str, Any] | None = None,
         retries: int = 0,
+        pack: int | str | bool | None = None,
         **scheduler_options: Any,
     ) -> None:
         if isinstance(after, str):  # list("prepare") would silently become ['p', 'r', ...]
@@ -84,6 +88,7 @@ class JobConfig:
         self.cache = cache
         self.backend = backend
         self.retries = retries
+        self.pack = pack
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -120,6 +125,13 @@ class JobConfig:
             raise ValueError(f"{where}: array_parallelism only applies to array tasks (array=True or array_job)")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"{where}: retries must be a whole number >= 0, not {self.retries!r}")
+        if self.pack is not None:
+            try:
+                parse_pack(self.pack, f"{where}: pack")
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if not self.array and parse_pack(self.pack) not in (None, OFF):
+                raise ValueError(f"{where}: pack only applies to array tasks (array=True or array_job)")
         if not isinstance(self.version, str):
             raise ValueError(f"{where}: version must be a string such as '2', not {self.version!r}")
         for dep in self.after:
@@ -372,6 +384,7 @@ class Flow:
         verify: Callable[[Any], bool] | None = None,
         backend: str | None = None,
         retries: int = 0,
+        pack: int | str | bool | None = None,
         **scheduler_options: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a task, singleton or array job; the function is returned unchanged."""
@@ -395,6 +408,7 @@ class Flow:
                     cache=cache,
                     backend=backend,
                     retries=retries,
+                    pack=pack,
                     **scheduler_options,
                 ),
                 verify=verify,
@@ -419,6 +433,7 @@ class Flow:
         verify: Callable[[Any], bool] | None = None,
         backend: str | None = None,
         retries: int = 0,
+        pack: int | str | bool | None = None,
         **scheduler_options: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register an array task (one instance per element of its fan-out input)."""
@@ -437,6 +452,7 @@ class Flow:
             verify=verify,
             backend=backend,
             retries=retries,
+            pack=pack,
             **scheduler_options,
         )
 

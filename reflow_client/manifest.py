@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .pack import parse_pack
 from .resources import parse_mem, parse_time
 
 MANIFEST_VERSION = 1
@@ -393,6 +394,11 @@ def check_config(config: dict[str, Any], is_array: bool, where: str) -> None:
             raise ManifestError(f"{where}.array_parallelism: only applies to array tasks")
     if config.get("retries") is not None:
         _whole(config["retries"], f"{where}.retries", 0, MAX_RETRIES)
+    if config.get("pack") is not None:
+        try:
+            parse_pack(config["pack"], f"{where}.pack")
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
     if "version" in config:
         if not isinstance(config["version"], str):
             raise ManifestError(f"{where}.version: expected str, got {type(config['version']).__name__}")

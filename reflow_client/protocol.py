@@ -36,21 +36,6 @@ CLUSTER_UNAVAILABLE = -32006
 #: The state database cannot be written (disk full, I/O error): changes are refused, reads work.
 STORE_UNAVAILABLE = -32007
 
-METHODS = (
-    "hello",
-    "ping",
-    "submit",
-    "status",
-    "runs",
-    "cancel",
-    "retry",
-    "watch",
-    "logs",
-    "describe",
-    "stats",
-    "shutdown",
-)
-
 
 class RpcError(Exception):
     """An error reply from the daemon (or one to send to a client)."""

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ SCHEMA_VERSION = 2
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
-INSTANCES = Table(Instance, "instances", (("instances_tag", "tag"),))
+INSTANCES = Table(Instance, "instances", upsert=True)  # the hot table: update in place, no secondary index
 JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
 
 SCHEMA = "\n".join([
@@ -44,6 +44,7 @@ SCHEMA = "\n".join([
     TASKS.create(),
     INSTANCES.create(),
     JOBS.create(),
+    "DROP INDEX IF EXISTS instances_tag;",  # schema 1 had it; nothing looks instances up by tag
     """CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
     from_state TEXT, to_state TEXT NOT NULL, evidence TEXT NOT NULL, at REAL NOT NULL
@@ -116,15 +117,15 @@ class _Batch:
     instances: dict[tuple[str, str, int], tuple[Any, ...]]
     transitions: list[tuple[Any, ...]]
     jobs: dict[str, tuple[Any, ...]]
-    failures: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
     generation: int
+    failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
 
     @property
     def rows(self) -> int:
         return (len(self.runs) + len(self.tasks) + len(self.instances) + len(self.transitions) + len(self.jobs)
-                + len(self.failures) + len(self.cache))
+                + len(self.cache) + len(self.failures))
 
     def statements(self) -> list[tuple[str, list[tuple[Any, ...]]]]:
         return [
@@ -134,8 +135,8 @@ class _Batch:
             ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)",
              self.transitions),
             (JOBS.insert, list(self.jobs.values())),
-            ("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", list(self.failures.values())),
             ("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
+            ("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", list(self.failures.values())),
         ]
 
 
@@ -233,11 +234,13 @@ class Store:
         self._writing_cache: dict[str, tuple[Any, ...]] = {}
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._runs: dict[str, tuple[Any, ...]] = {}
-        self._tasks: dict[tuple[str, str], tuple[Any, ...]] = {}
-        self._instances: dict[tuple[str, str, int], tuple[Any, ...]] = {}
-        self._transitions: list[tuple[Any, ...]] = []
-        self._jobs: dict[str, tuple[Any, ...]] = {}
+        # Pending changes hold the records themselves (or rows put back after a failed commit): a record
+        # changed many times before a commit is encoded once, when the batch is taken.
+        self._runs: dict[str, Run | tuple[Any, ...]] = {}
+        self._tasks: dict[tuple[str, str], TaskRun | tuple[Any, ...]] = {}
+        self._instances: dict[tuple[str, str, int], Instance | tuple[Any, ...]] = {}
+        self._transitions: list[tuple[Any, ...]] = []  # evidence still a dict until the batch is taken
+        self._jobs: dict[str, JobRecord | tuple[Any, ...]] = {}
         self._cache: dict[str, tuple[Any, ...]] = {}
         self._run_failures: dict[str, tuple[Any, ...]] = {}
         self._pending = 0
@@ -246,6 +249,8 @@ class Store:
         self._wake = anyio.Event()
         self._urgent = anyio.Event()
         self._committed_event = anyio.Event()
+        self._taken = anyio.Event()  # set each time the writer takes a batch (producers pace on it)
+        self._writer_running = False
         self._closed = False
         self.commits = 0
         self.rows_written = 0
@@ -365,6 +370,7 @@ class Store:
         full disk delays durability (and, through ``flush``, new submissions)
         but never loses a change or stops the daemon.
         """
+        self._writer_running = True
         try:
             while True:
                 await self._wake.wait()
@@ -376,6 +382,8 @@ class Store:
                 except StoreWriteError as exc:
                     await anyio.sleep(self._note_failure(exc))
         finally:
+            self._writer_running = False
+            self._taken.set()  # nobody waits for a writer that is gone
             with anyio.CancelScope(shield=True):
                 try:
                     await self._commit_pending()
@@ -431,27 +439,26 @@ class Store:
             self._urgent.set()
 
     def put_run(self, run: Run) -> None:
-        self._runs[run.id] = RUNS.row(run)
+        self._runs[run.id] = run
         self._enqueued_one()
 
     def put_task(self, run_id: str, task: TaskRun) -> None:
-        self._tasks[(run_id, task.name)] = TASKS.row(task)
+        self._tasks[(run_id, task.name)] = task
         self._enqueued_one()
 
     def put_instance(self, inst: Instance) -> None:
-        self._instances[inst.key] = INSTANCES.row(inst)
+        self._instances[inst.key] = inst
         self._enqueued_one()
 
     def add_transition(
         self, run_id: str, task: str | None, index: int | None, old: str | None, new: str, evidence: dict[str, Any], at: float
     ) -> None:
-        self._transitions.append(
-            (run_id, task, None if task is None else (-1 if index is None else index), old, new, dump_json(evidence), at)
-        )
+        self._transitions.append((run_id, task, None if task is None else (-1 if index is None else index), old, new,
+                                  evidence, at))
         self._enqueued_one()
 
     def put_job(self, job: JobRecord) -> None:
-        self._jobs[job.tag] = JOBS.row(job)
+        self._jobs[job.tag] = job
         self._enqueued_one()
 
     def fail_run_row(self, run_id: str, error: str) -> None:
@@ -485,6 +492,18 @@ class Store:
             event = self._committed_event
             await event.wait()
 
+    async def pace(self) -> None:
+        """For producers in long loops: once a batch is full, wait until the writer has taken it.
+
+        Commits then stay near ``max_batch`` rows (the writer takes a batch while the previous
+        one is being written, so producing and writing overlap), and nothing in memory grows
+        without bound. While the store cannot be written, producers are not held back.
+        """
+        if self._pending >= self.max_batch and self._writer_running and self.writable and not self._closed:
+            self._urgent.set()
+            self._wake.set()
+            await self._taken.wait()
+
     @property
     def backlog(self) -> int:
         return self._pending
@@ -492,8 +511,26 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def _take_batch(self) -> _Batch:
-        batch = _Batch(self._runs, self._tasks, self._instances, self._transitions, self._jobs, self._run_failures,
-                       self._cache, self._pending, self._enqueued)
+        """Everything pending, encoded now: the rows are what memory holds at this moment."""
+        taken, self._taken = self._taken, anyio.Event()
+        taken.set()
+        evidence: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
+
+        def encode(ev: Any) -> str:
+            if isinstance(ev, str):
+                return ev
+            text = evidence.get(id(ev))
+            if text is None:
+                text = evidence[id(ev)] = dump_json(ev)
+            return text
+
+        batch = _Batch(
+            {k: RUNS.row(v) if isinstance(v, Run) else v for k, v in self._runs.items()},
+            {k: TASKS.row(v) if isinstance(v, TaskRun) else v for k, v in self._tasks.items()},
+            {k: INSTANCES.row(v) if isinstance(v, Instance) else v for k, v in self._instances.items()},
+            [(*t[:5], encode(t[5]), t[6]) for t in self._transitions],
+            {k: JOBS.row(v) if isinstance(v, JobRecord) else v for k, v in self._jobs.items()},
+            self._cache, self._pending, self._enqueued, self._run_failures)
         self._runs, self._tasks, self._instances = {}, {}, {}
         self._transitions, self._jobs, self._cache, self._run_failures = [], {}, {}, {}
         self._pending = 0
@@ -530,8 +567,8 @@ class Store:
             self._writing_cache = {}
         self._note_success()
         self.commits += 1
-        self.rows_written += written
         self.transitions_written += len(batch.transitions)
+        self.rows_written += written
         self._committed = batch.generation
         done, self._committed_event = self._committed_event, anyio.Event()
         done.set()

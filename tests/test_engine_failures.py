@@ -188,3 +188,17 @@ def test_the_local_scheduler_refuses_a_time_it_cannot_read(tmp_path: Path) -> No
 
 def test_faults_do_not_leak_between_tests() -> None:
     assert Faults().task_fails == 0.0
+
+
+def test_a_backend_the_cluster_does_not_run_is_refused_clearly() -> None:
+    """``backend=`` used to be ignored silently; now it must match the cluster's scheduler."""
+    from reflowd.engine.engine import InvalidRequest
+
+    async def body(engine: Engine, cluster: SimCluster) -> None:
+        with pytest.raises(InvalidRequest, match="task 'square' asks for backend 'pbs', but cluster 'sim' runs sim"):
+            await _submit(engine, square={"backend": "pbs"})
+        assert engine.runs == {}, "nothing was recorded"
+        status = await _finish(engine, await _submit(engine, n=2, square={"backend": "sim"}))
+        assert status["run"]["state"] == "succeeded"
+
+    simulate(body)

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reflow_client import codec
 from reflow_client.manifest import InputSource, Manifest, TaskManifest
@@ -299,3 +301,39 @@ def test_poll_policy_adapts() -> None:
 
 def test_terminal_and_active_partition_the_states() -> None:
     assert TERMINAL.isdisjoint(ACTIVE) and TERMINAL | ACTIVE == set(State)
+
+
+# ---------------------------------------------------------------------- identities, fast and plain
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+_names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    workflow=_names, name=_names, version=st.text(max_size=4),
+    shared=st.dictionaries(_names, _json, max_size=4), wired_shared=st.sets(_names, max_size=3),
+    element_keys=st.lists(_names, min_size=0, max_size=3, unique=True),
+    values=st.lists(_json, min_size=3, max_size=3), hashes=st.lists(st.text("0123456789abcdef", max_size=64), max_size=3),
+)
+def test_identity_of_elements_is_instance_identity_digit_for_digit(
+        workflow: str, name: str, version: str, shared: dict, wired_shared: set, element_keys: list, values: list,
+        hashes: list) -> None:
+    """identity_for builds the shared part of the hashed text once per task; it must hash exactly the same text."""
+    from reflowd.engine.resolve import Resolution, _identity_slow
+
+    wired = set(element_keys) | (wired_shared & set(shared))
+    task = TaskManifest(name=name, is_array=True, config={"version": version}, dependencies=[],
+                        inputs={k: [InputSource("up", "fanout")] for k in wired})
+    elements = [{k: values[(i + j) % 3] for j, k in enumerate(element_keys)} for i in range(3)]
+    res = Resolution(size=3, shared=shared, shared_hashes=hashes, elements=elements,
+                     element_hashes=[[h] for h in (hashes + ["x", "y", "z"])[:3]], element_blocked=[None] * 3)
+    for index in (0, 1, 2):
+        assert identity_for(workflow, task, res, index) == _identity_slow(workflow, task, res, index)
+    single = Resolution(shared=shared, shared_hashes=hashes)
+    assert identity_for(workflow, task, single, None) == _identity_slow(workflow, task, single, None)

@@ -1,17 +1,23 @@
 """reflowd driving every workload manager in the registry (tests/cluster/wlm.py) through the same tests.
 
-Real Slurm (with and without accounting) and real Grid Engine; a system is
-added to every test here by registering it there. A test that needs something
-not every system has takes only the entries that have it (``envs(feature)``).
+Real Slurm (with and without accounting) and real Grid Engine, emulated PBS,
+LSF and Flux (tests/emulators/); a system is added to every test here by
+registering it there. A test that needs something not every system has takes
+only the entries that have it (``envs(feature)``). Daemon starts, serial
+submissions and crash recoveries are what costs time on every system, so the
+crash, failure, cancel and refusal scenarios run side by side in one test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from .support import ROOT, DaemonProcess, wait_for
 EXAMPLE = ROOT / "examples" / "etl.py"
 SLURMY = ROOT / "tests" / "engine_workflows" / "slurmy.py"
 COUNTING = ROOT / "tests" / "engine_workflows" / "counting.py"
+VICTIMS = ROOT / "tests" / "engine_workflows" / "victims.py"
 
 ALL = pytest.mark.parametrize("wlm_name", envs(), indirect=True)
 
@@ -34,12 +41,11 @@ def having(feature: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("wlm_name", envs(feature), indirect=True)
 
 
-POLL = {"min_poll_interval": 1, "poll_interval": 2, "max_poll_interval": 10, "lost_grace": 20}
-
-
-def config(wlm: WLM, options: dict[str, Any] | None = None) -> str:
-    table = wlm.table(options, python=sys.executable, **POLL)
-    return '[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table)
+def config(wlm: WLM, options: dict[str, Any] | None = None, **more_clusters: dict[str, Any]) -> str:
+    """``hpc`` (the default) with *options* in its submit_options, and one more cluster per keyword."""
+    tables = {"hpc": options, **more_clusters}
+    return '[defaults]\ncluster = "hpc"\n\n' + "\n".join(
+        cluster_table(name, wlm.table(opts, python=sys.executable, **wlm.env.poll)) for name, opts in tables.items())
 
 
 def start_daemon(wlm: WLM, base: Path, options: dict[str, Any] | None = None,
@@ -63,10 +69,31 @@ def kill(d: DaemonProcess) -> None:
 
 
 def submit(d: DaemonProcess, workflow: Path, run_dir: Path | str, *args: str, cluster: str | None = None) -> str:
+    """Submit with ``reflow-client submit``, as a user does."""
     extra = ["--cluster", cluster] if cluster else []
     out = d.cli("submit", str(workflow), "--run-dir", str(run_dir), "--no-daemon", "--json", *extra, *args,
                 check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+
+
+def manifest_of(workflow: Path, submit_options: dict[str, Any] | None = None,
+                **params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A workflow's manifest (with *submit_options* on every task, as a decorator's) and resolved parameters."""
+    from reflow.loader import load_workflow
+
+    wf = load_workflow(workflow)
+    manifest = wf.describe()
+    for task in manifest["tasks"]:
+        task["config"]["submit_options"] = {**task["config"].get("submit_options", {}), **(submit_options or {})}
+    return manifest, wf.resolve_parameters(params)
+
+
+def submit_api(d: DaemonProcess, workflow: Path, run_dir: Path, *, cluster: str | None = None,
+               **params: Any) -> str:
+    """Submit through the client library (what ``reflow-client submit`` sends, without a CLI process each)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with d.client() as c:
+        return c.submit(*manifest_of(workflow, **params), str(run_dir), cluster=cluster).run_id
 
 
 def status(d: DaemonProcess, run_id: str, task: str | None = None):
@@ -95,6 +122,29 @@ def job_of(d: DaemonProcess, run_id: str, task: str) -> str:
                     timeout=120, what=f"{task}'s job id")
 
 
+def interleave(scenarios: dict[str, list[tuple[str, Callable[[], object], Callable[[], None]]]],
+               timeout: float = 300) -> None:
+    """Advance several scenarios at once: each one's next action runs as soon as its condition holds.
+
+    A scenario is a list of ``(what, condition, action)`` steps; the wait is bounded, never a sleep
+    standing in for a condition.
+    """
+    steps = {name: list(todo) for name, todo in scenarios.items()}
+    deadline = time.monotonic() + timeout
+    while any(steps.values()):
+        ready = [todo for todo in steps.values() if todo and todo[0][1]()]
+        for todo in ready:
+            todo.pop(0)[2]()
+        if not ready:
+            waiting = "; ".join(f"{name}: {todo[0][0]}" for name, todo in steps.items() if todo)
+            assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {waiting}"
+            time.sleep(0.2)
+
+
+def instance(d: DaemonProcess, run_id: str, task: str, index: int | None = None) -> Any:
+    return next(i for i in status(d, run_id, task).instances or [] if i.index == index)
+
+
 # ---------------------------------------------------------------------- the README pipeline
 
 
@@ -104,6 +154,7 @@ def check_readme_pipeline(d: DaemonProcess, wlm: WLM, run_id: str, run_dir: Path
     assert {t.name: t.counts for t in st.tasks}["summarise"] == {"succeeded": 100}
     array_ids = {i.job_id.split("_")[0] for i in st.instances or [] if i.job_id}
     assert len(array_ids) == 1, f"all 100 elements belong to one array job: {array_ids}"
+    assert all(re.fullmatch(wlm.env.job_id, i.job_id or "") for i in st.instances or []), st.instances[0]
     with d.client() as c:
         stats = c.stats()["clusters"][cluster]
     assert stats["calls"]["submit"] == 3, f"extract + one array batch + merge, not one per element: {stats['calls']}"
@@ -120,14 +171,16 @@ def test_readme_pipeline_fans_out_as_one_array_job(daemon: DaemonProcess, wlm: W
     run_id = submit(daemon, EXAMPLE, run_dir, "--chunks", "100", "--rows", "200")
     stats = check_readme_pipeline(daemon, wlm, run_id, run_dir, "hpc")
     assert stats["scheduler"] == wlm.env.scheduler
-    assert stats["scheduler_stats"].get("max_array_size"), "the probe's facts are shown in stats"
+    shown = json.loads(daemon.cli("stats", "--json", check=True).stdout)["clusters"]["hpc"]["scheduler_stats"]
+    assert shown.get("max_array_size", 0) >= 100, f"the probe's facts, as `reflow-client stats` shows them: {shown}"
 
 
+@pytest.mark.ssh
 @having("ssh")
 def test_readme_pipeline_through_ssh(wlm: WLM, sshd: SSHServer, tmp_path: Path) -> None:
     workdir = tmp_path / "remote-scratch"
     workdir.mkdir()
-    table = {k: v for k, v in wlm.table(python=sys.executable, workdir=str(workdir), **POLL).items()
+    table = {k: v for k, v in wlm.table(python=sys.executable, workdir=str(workdir), **wlm.env.poll).items()
              if k != "scheduler"}
     d = DaemonProcess(tmp_path / "d", config='[defaults]\ncluster = "local"\n\n'
                       + sshd.config_table("remote", scheduler=wlm.env.scheduler, **table), env=wlm.daemon_env())
@@ -147,62 +200,143 @@ def test_readme_pipeline_through_ssh(wlm: WLM, sshd: SSHServer, tmp_path: Path) 
         kill(d)
 
 
-# ---------------------------------------------------------------------- failures
+# ---------------------------------------------------------------------- crashes, failures, kills, cancels, refusals
 
 
 @ALL
-def test_task_that_raises_is_failed_with_traceback(daemon: DaemonProcess, tmp_path: Path) -> None:
-    run_id = submit(daemon, SLURMY, tmp_path / "raise", "--mode", "raise", "--n", "2")
-    assert wait_state(daemon, run_id) == "failed"
-    st = status(daemon, run_id)
-    failure = next(f for f in st.failures if f.task == "victim")
-    assert failure.state == "failed"
-    assert "RuntimeError: victim raised on purpose" in (failure.error or "")
-    assert "Traceback" in (failure.traceback or "")
-    assert failure.job_id
+def test_crashes_failures_kills_cancels_and_refusals_side_by_side(wlm: WLM, tmp_path: Path) -> None:
+    """Two daemons on the same scheduler at once, so that the set stays quick on every system.
+
+    The crashing one takes a run through three crashes of reflowd:
+
+    1. it dies right after the scheduler accepted ``prepare``, before recording the job id;
+    2. the next reflowd finds that job by its tag and adopts it, then dies right before submitting
+       the ``work`` array (its intent recorded, nothing sent);
+    3. the next one finds no job under that tag and submits the array, and is killed with SIGKILL
+       while the array runs; the last one finishes: every task ran once, every tag names one job.
+
+    The steady one meanwhile:
+
+    * element: one array element raises: it fails alone, with its traceback; ``retry`` reruns only it;
+    * cancel: a run cancelled from the client ends its jobs;
+    * victims: a job killed from outside (scancel, qdel, bkill, flux cancel) is cancelled, with the
+      scheduler's reason; a job whose worker process is killed is concluded from the scheduler's
+      record (never "lost");
+    * refusals: a misspelt submit option is refused before anything is submitted; a queue the
+      scheduler does not know makes the first job submit_failed, with the scheduler's message.
+    """
+    bad_queue, bad_queue_says = wlm.env.bad_queue
+    crashing = DaemonProcess(tmp_path / "crashing", config=config(wlm), env=wlm.daemon_env())
+    steady = DaemonProcess(tmp_path / "steady", config=config(wlm, noqueue=bad_queue), env=wlm.daemon_env())
+    crash_dir = tmp_path / "crash"
+    try:
+        crashing.start(extra_env={"REFLOW_FAULT_POINTS": "after_submit"})
+        crash = submit(crashing, COUNTING, crash_dir, "--n", "12", "--delay", "2")
+        steady.start()
+        with steady.client() as c, pytest.raises(InvalidParamsError) as info:
+            c.submit(*manifest_of(SLURMY, submit_options={"partiton": "debug"}), str(tmp_path / "misspelt"))
+        assert "partiton" in info.value.message and "partition" in info.value.message, info.value.message
+        with steady.client() as c:
+            assert c.runs() == [], "the refused run was not even recorded"
+        runs = {
+            "element": submit_api(steady, COUNTING, tmp_path / "element", n=6, fail_on=3),
+            "cancel": submit_api(steady, COUNTING, tmp_path / "cancel", n=2, delay=300),
+            "victims": submit_api(steady, VICTIMS, tmp_path / "victims"),
+            "noqueue": submit_api(steady, SLURMY, tmp_path / "noqueue", cluster="noqueue", n=1),
+        }
+
+        cancel_job: list[str] = []
+
+        def died(d: DaemonProcess) -> bool:
+            assert d.proc is not None
+            return d.proc.poll() is not None
+
+        def restart(d: DaemonProcess, after: str, fault: str | None = None) -> None:
+            assert d.proc is not None and d.proc.returncode == 137, f"reflowd should have died {after}"
+            d.start(extra_env={"REFLOW_FAULT_POINTS": fault} if fault else None)
+
+        def adopted_then_restart() -> None:
+            assert "adopted job found by tag" in crashing.log()
+            assert executions(crash_dir) == Counter({"prepare": 1})
+            restart(crashing, "right before submitting the work array")
+
+        def kill9_and_restart() -> None:
+            crashing.kill9()
+            crashing.start()
+
+        def cancel_known() -> bool:
+            ids = [i.job_id for i in status(steady, runs["cancel"], "work").instances or [] if i.job_id]
+            cancel_job[:] = [ids[0].split("_")[0]] if ids and started_work(tmp_path / "cancel") else []
+            return bool(cancel_job)
+
+        def cancel_run() -> None:
+            with steady.client() as c:
+                assert c.cancel(runs["cancel"]) >= 1
+
+        def victims_run() -> bool:
+            return all((tmp_path / "victims" / f"{n}.pid").exists() for n in ("outside", "worker"))
+
+        def kill_victims() -> None:
+            wlm.kill_job(job_of(steady, runs["victims"], "outside"))
+            os.kill(int((tmp_path / "victims" / "worker.pid").read_text()), signal.SIGKILL)
+
+        def element_failed_then_retry() -> None:
+            work = {i.index: i.state for i in status(steady, runs["element"], "work").instances or []}
+            assert work == {0: "succeeded", 1: "succeeded", 2: "succeeded", 3: "failed", 4: "succeeded",
+                            5: "succeeded"}, work
+            assert {t.name: t.counts for t in status(steady, runs["element"]).tasks}["total"] == \
+                {"upstream_failed": 1}
+            failure = next(f for f in status(steady, runs["element"]).failures if f.task == "work")
+            assert failure.index == 3 and failure.job_id and "ValueError: bad input 3" in (failure.error or ""), \
+                failure
+            assert "Traceback" in (failure.traceback or ""), failure
+            (tmp_path / "element" / "fixed").write_text("")
+            steady.cli("retry", runs["element"], check=True)
+
+        interleave({
+            "crashing": [
+                ("reflowd to die after a submission", lambda: died(crashing),
+                 lambda: restart(crashing, "right after submitting prepare", "before_submit")),
+                ("reflowd to die before a submission", lambda: died(crashing), adopted_then_restart),
+                ("the crash run's array to run", lambda: started_work(crash_dir, 2), kill9_and_restart),
+            ],
+            "victims": [("both victims to run", victims_run, kill_victims)],
+            "cancel": [("the cancelled run's elements to run", cancel_known, cancel_run)],
+            "element": [("the element run to fail", lambda: status(steady, runs["element"]).state == "failed",
+                         element_failed_then_retry)],
+        })
+
+        final = {name: wait_state(steady, run_id) for name, run_id in runs.items()}
+        final["crash"] = wait_state(crashing, crash)
+        assert final == {"element": "succeeded", "cancel": "cancelled", "victims": "failed", "noqueue": "failed",
+                         "crash": "succeeded"}, final
+
+        labels = executions(crash_dir)
+        assert labels["prepare"] == 1 and labels["total"] == 1
+        assert [labels[f"work {i}"] for i in range(12)] == [1] * 12, labels
+        counts = executions(tmp_path / "element")
+        assert counts["work 3"] == 2 and counts["total"] == 1, "the retry reran only the failed element"
+        assert all(counts[f"work {i}"] == 1 for i in (0, 1, 2, 4, 5)), counts
+
+        wait_for(lambda: not wlm.live_jobs(set(cancel_job)), timeout=120, what="the cancel to end the array job")
+        assert "total" not in executions(tmp_path / "cancel")
+
+        outside = instance(steady, runs["victims"], "outside")
+        assert outside.state == "cancelled" and wlm.env.cancelled_reason in (outside.reason or ""), outside
+        assert re.fullmatch(wlm.env.job_id, outside.job_id or ""), outside.job_id
+        worker = instance(steady, runs["victims"], "worker")
+        assert worker.state == wlm.env.worker_kill_state, worker
+        assert worker.error and worker.reason != "lost", "the scheduler's own record explains the end"
+
+        items = instance(steady, runs["noqueue"], "items")
+        assert items.state == "submit_failed" and bad_queue_says in (items.error or ""), items
+        wlm.tags_used_once()
+    finally:
+        kill(crashing)
+        kill(steady)
 
 
-@ALL
-def test_failing_element_fails_alone_and_retry_reruns_only_it(daemon: DaemonProcess, wlm: WLM, tmp_path: Path) -> None:
-    run_dir = tmp_path / "element"
-    run_id = submit(daemon, COUNTING, run_dir, "--n", "6", "--fail-on", "3")
-    assert wait_state(daemon, run_id) == "failed"
-    work = {i.index: i for i in status(daemon, run_id, "work").instances or []}
-    assert work[3].state == "failed" and "ValueError: bad input 3" in (work[3].error or ""), work[3]
-    assert all(work[i].state == "succeeded" for i in (0, 1, 2, 4, 5))
-    assert {t.name: t.counts for t in status(daemon, run_id).tasks}["total"] == {"upstream_failed": 1}
-    (run_dir / "fixed").write_text("")
-    daemon.cli("retry", run_id, check=True)
-    assert wait_state(daemon, run_id) == "succeeded", status(daemon, run_id).raw
-    counts = executions(run_dir)
-    assert counts["work 3"] == 2 and counts["total"] == 1
-    assert all(counts[f"work {i}"] == 1 for i in (0, 1, 2, 4, 5)), counts
-    wlm.tags_used_once()
-
-
-@ALL
-def test_job_killed_from_outside_is_reported_cancelled(daemon: DaemonProcess, wlm: WLM, tmp_path: Path) -> None:
-    run_dir = tmp_path / "killed"
-    run_id = submit(daemon, SLURMY, run_dir, "--mode", "sleep", "--n", "1")
-    wait_for(lambda: (run_dir / "victim.pid").exists(), timeout=180, what="victim to start")
-    wlm.kill_job(job_of(daemon, run_id, "victim"))
-    assert wait_state(daemon, run_id) in ("failed", "cancelled")
-    victim = status(daemon, run_id, "victim").instances[0]  # type: ignore[index]
-    assert victim.state == "cancelled", victim
-    assert wlm.env.cancelled_reason in (victim.reason or ""), victim
-
-
-@ALL
-def test_killed_worker_process(daemon: DaemonProcess, wlm: WLM, tmp_path: Path) -> None:
-    run_dir = tmp_path / "kill"
-    run_id = submit(daemon, SLURMY, run_dir, "--mode", "sleep", "--n", "1")
-    pid = int(wait_for(lambda: (run_dir / "victim.pid").exists() and (run_dir / "victim.pid").read_text(),
-                       timeout=180, what="victim to start"))
-    os.kill(pid, signal.SIGKILL)
-    assert wait_state(daemon, run_id) in ("failed", "cancelled")
-    victim = status(daemon, run_id, "victim").instances[0]  # type: ignore[index]
-    assert victim.state == wlm.env.worker_kill_state, victim
-    assert victim.error and victim.reason != "lost", "the scheduler's own record explains the end"
+# ---------------------------------------------------------------------- what only some systems have
 
 
 @pytest.mark.slow
@@ -215,48 +349,7 @@ def test_time_limit_exceeded_is_timeout(daemon: DaemonProcess, tmp_path: Path) -
     assert "TIMEOUT" in (victim.reason or "")
 
 
-@ALL
-def test_cancelled_run_stops_its_jobs(daemon: DaemonProcess, wlm: WLM, tmp_path: Path) -> None:
-    run_dir = tmp_path / "cancel"
-    run_id = submit(daemon, COUNTING, run_dir, "--n", "4", "--delay", "300")
-    wait_for(lambda: started_work(run_dir), timeout=180, what="elements to start")
-    out = daemon.cli("cancel", run_id)
-    assert out.returncode == 0, out.stderr
-    assert wait_state(daemon, run_id, timeout=120) == "cancelled"
-    job_ids = {i.job_id.split("_")[0] for i in status(daemon, run_id, "work").instances or [] if i.job_id}
-    assert job_ids
-    wait_for(lambda: not wlm.live_jobs(job_ids), timeout=120, what="the cancel to end the array job")
-    assert "total" not in executions(run_dir)
-
-
 # ---------------------------------------------------------------------- refusals
-
-
-@ALL
-def test_unknown_option_is_refused_before_submission(daemon: DaemonProcess, wlm: WLM, tmp_path: Path) -> None:
-    from reflow.loader import load_workflow
-
-    wf = load_workflow(SLURMY)
-    manifest = wf.describe()
-    manifest["tasks"][0]["config"]["submit_options"] = {"partiton": "debug"}
-    with daemon.client() as c, pytest.raises(InvalidParamsError) as info:
-        c.submit(manifest, wf.resolve_parameters({}), str(tmp_path / "opt"))
-    assert "partiton" in info.value.message and "partition" in info.value.message, info.value.message
-    with daemon.client() as c:
-        assert c.runs() == []
-
-
-@ALL
-def test_nonexistent_queue_is_submit_failed_with_the_schedulers_message(wlm: WLM, tmp_path: Path) -> None:
-    options, fragment = wlm.env.bad_queue
-    d = start_daemon(wlm, tmp_path / "d", options)
-    try:
-        run_id = submit(d, SLURMY, tmp_path / "noqueue", "--n", "1")
-        assert wait_state(d, run_id) == "failed"
-        items = status(d, run_id, "items").instances[0]  # type: ignore[index]
-        assert items.state == "submit_failed" and fragment in (items.error or ""), items
-    finally:
-        d.stop()
 
 
 @having("bad_account")
@@ -288,40 +381,5 @@ def test_pending_job_shows_the_schedulers_reason(wlm: WLM, tmp_path: Path) -> No
         with d.client() as c:
             assert c.cancel(run_id) >= 1
         assert wait_state(d, run_id) == "cancelled"
-    finally:
-        d.stop()
-
-
-# ---------------------------------------------------------------------- crashes: every task exactly once
-
-
-@ALL
-def test_kill9_while_jobs_run_then_every_task_once(daemon: DaemonProcess, wlm: WLM, tmp_path: Path) -> None:
-    run_dir = tmp_path / "crash"
-    run_id = submit(daemon, COUNTING, run_dir, "--n", "20", "--delay", "2")
-    wait_for(lambda: started_work(run_dir, 2), timeout=180, what="array elements to run")
-    daemon.kill9()
-    daemon.start()
-    assert wait_state(daemon, run_id) == "succeeded"
-    labels = executions(run_dir)
-    assert labels["prepare"] == 1 and labels["total"] == 1
-    assert [labels[f"work {i}"] for i in range(20)] == [1] * 20
-    wlm.tags_used_once()
-
-
-@ALL
-@pytest.mark.parametrize("point", ["after_submit", "before_submit"])
-def test_crash_between_submission_and_record_adopts_by_tag(wlm: WLM, tmp_path: Path, point: str) -> None:
-    d = start_daemon(wlm, tmp_path / "d", extra_env={"REFLOW_FAULT_POINTS": point})
-    run_dir = tmp_path / "fault"
-    try:
-        run_id = submit(d, COUNTING, run_dir, "--n", "3")
-        assert d.proc is not None and d.proc.wait(timeout=60) == 137
-        d.start()
-        assert wait_state(d, run_id) == "succeeded"
-        assert executions(run_dir) == Counter({"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "total": 1})
-        if point == "after_submit":
-            assert "adopted job found by tag" in d.log()
-        wlm.tags_used_once()
     finally:
         d.stop()

@@ -152,7 +152,7 @@ def test_portable_options_map_to_qsub_flags() -> None:
         ({"mem": "4G"}, "use job(mem=...)"),
         ({"cpus": 4}, "use job(cpus=...)"),
         ({"partition": "a", "queue": "b"}, "both set qsub -q"),
-        ({"mail_type": "SOMETIMES"}, "not a mail type Grid Engine has"),
+        ({"mail_type": "SOMETIMES"}, "'SOMETIMES' is not one of its mail types"),
         ({"mail_type": "NONE,END"}, "NONE cannot be combined"),
         ({"signal": "TERM@60"}, "can only send SIGUSR1"),
         ({"native_args": ["-N", "x"]}, "qsub -N cannot be set here"),

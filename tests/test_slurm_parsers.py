@@ -132,15 +132,6 @@ def test_find_by_name() -> None:
 # ---------------------------------------------------------------------- scontrol
 
 
-def test_scontrol_show_job_array_and_failure() -> None:
-    obs = sc.parse_scontrol_show_job(read("scontrol_show_job_array.txt"))
-    assert obs["655_1"].phase is Phase.RUNNING
-    assert {f"655_{i}" for i in range(2, 6)} <= set(obs)
-    assert obs["655_3"].reason == "JobArrayTaskLimit"
-    failed = sc.parse_scontrol_show_job(read("scontrol_show_job_failed.txt"))
-    assert failed["656"].outcome is Outcome.FAILED and failed["656"].exit_code == "3:0"
-
-
 def test_scontrol_show_config() -> None:
     config = sc.parse_scontrol_show_config(read("scontrol_show_config.txt"))
     assert sc.max_array_size(config) == 1001
@@ -178,6 +169,8 @@ def test_sbatch_argv_for_an_array_with_offset_and_parallelism() -> None:
     assert "--output=/run/logs/t.rfabc.%a.out" in argv and "--error=/run/logs/t.rfabc.%a.err" in argv
     assert "--partition=gpu" in argv and "--exclusive" in argv and "--gres=gpu:1,tmp:10G" in argv
     assert not any(a.startswith("--no-requeue") for a in argv)
+    native = sc.render_sbatch(_request(options={"native_args": "--hint=nomultithread -L matlab"}), "/run/job.sh")
+    assert native[-4:] == ["--hint=nomultithread", "-L", "matlab", "/run/job.sh"], "native_args last, as given"
     script = sc.render_script(req)
     assert 'exec /usr/bin/python3 -m reflow.worker /run/.reflow/r1/jobs/rfabc --index "$((SLURM_ARRAY_TASK_ID + 1000))"' \
         in script
@@ -209,8 +202,10 @@ def test_option_validation() -> None:
         sc.validate_options({"time": "10"})
     with pytest.raises(OptionError, match="submission tag"):
         sc.validate_options({"job_name": "x"})
-    with pytest.raises(OptionError, match="single line"):
+    with pytest.raises(OptionError, match="one non-empty line"):
         sc.validate_options({"comment": "a\nb"})
+    with pytest.raises(OptionError, match="sbatch --array cannot be set here"):
+        sc.validate_options({"native_args": ["--array=0-3"]})
 
 
 def test_scancel_takes_elements_and_jobs() -> None:

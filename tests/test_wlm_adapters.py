@@ -101,15 +101,6 @@ async def test_singleton_unknown_ids_and_a_controller_that_does_not_answer(emula
     emulated.set_down(False)
 
 
-async def test_refused_submission_and_refused_option(emulated: EmulatedScheduler, tmp_path: Path) -> None:
-    scheduler = ADAPTERS[emulated.kind](LocalTransport())
-    with pytest.raises(SubmitError) as info:
-        await scheduler.submit(make_request(tmp_path, "rf00000000000000d4", None, options={"queue": "nosuch"}))
-    assert info.value.permanent and "nosuch" in str(info.value) or "queue" in str(info.value).lower()
-    with pytest.raises(Exception, match="qos"):
-        scheduler.validate_options({"qos": "high"})
-
-
 async def test_cancel_one_element_of_a_running_array_after_a_restart(emulated: EmulatedScheduler, tmp_path: Path) -> None:
     scheduler = ADAPTERS[emulated.kind](LocalTransport())
     request = make_request(tmp_path, "rf00000000000000e5", [0, 1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import os
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -86,7 +87,11 @@ class Driver:
         config = cluster.config
         self.policy = PollPolicy(config.min_poll_interval, config.poll_interval, config.max_poll_interval)
         # Owned queues: nothing outside the driver package touches these.
-        self.ready: dict[tuple[str, str, int], tuple[Run, Instance]] = {}
+        # READY instances handed over: due now, or waiting out a retry back-off (with a heap of due times).
+        self.ready: dict[Instance, Run] = {}  # keyed by the instance itself (identity): no key tuples
+        self.waiting: dict[Instance, Run] = {}
+        self.due_times: list[tuple[float, int, Instance]] = []
+        self._seq = 0
         self.tracks: dict[str, JobTrack] = {}
         self.unresolved: dict[str, JobTrack] = {}
         self.cancels: dict[str, None] = {}  # job keys to cancel (ordered)
@@ -110,14 +115,35 @@ class Driver:
 
     # ------------------------------------------------------------------ engine -> driver
 
-    def submit(self, run: Run, inst: Instance) -> None:
-        """A READY instance (past the cache check) to submit as soon as its back-off allows."""
-        self.ready[inst.key] = (run, inst)
+    def submit(self, run: Run, insts: Iterable[Instance]) -> None:
+        """READY instances (past the cache check) to submit as soon as their back-off allows."""
+        now = world.now()
+        for inst in insts:
+            if inst.not_before is not None and inst.not_before > now:
+                self.waiting[inst] = run
+                self._seq += 1
+                heapq.heappush(self.due_times, (inst.not_before, self._seq, inst))
+            else:
+                self.ready[inst] = run
         self.ready_wake.set()
+
+    def take_ready(self, now: float) -> tuple[dict[Instance, Run], float | None]:
+        """Everything due for submission (taken off the queue), and when the next back-off ends."""
+        while self.due_times and self.due_times[0][0] <= now:
+            _, _, inst = heapq.heappop(self.due_times)
+            run = self.waiting.get(inst)
+            if run is not None and (inst.not_before is None or inst.not_before <= now):
+                del self.waiting[inst]
+                self.ready[inst] = run
+        while self.due_times and self.due_times[0][2] not in self.waiting:
+            heapq.heappop(self.due_times)  # left the queue since (cancelled, submitted)
+        taken, self.ready = self.ready, {}
+        return taken, (self.due_times[0][0] if self.due_times else None)
 
     def withdraw(self, inst: Instance) -> None:
         """The instance is no longer READY (cancelled, cached, failed): drop it from the queue."""
-        self.ready.pop(inst.key, None)
+        self.ready.pop(inst, None)
+        self.waiting.pop(inst, None)
 
     def cancel_jobs(self, keys: list[str]) -> None:
         """Ask the scheduler to cancel these jobs or array elements (retried until delivered).
@@ -141,7 +167,6 @@ class Driver:
         if track.live.get(inst.index) is inst:
             del track.live[inst.index]
             track.held.pop(inst.index, None)
-            track.last_obs.pop(inst.index, None)
             if track.packed:
                 self.packer.left(track, inst)
             if not track.live:
@@ -166,7 +191,9 @@ class Driver:
     # ------------------------------------------------------------------ shared by the loops
 
     def new_track(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> JobTrack:
-        return JobTrack(record, run, dict(insts), FileClock(self.cluster.result_interval, self.cluster.result_interval * 8))
+        # A job directory where nothing happens is looked at less and less, down to once per longest poll.
+        clock = FileClock(self.cluster.result_interval, max(self.cluster.result_interval, self.policy.maximum))
+        return JobTrack(record, run, dict(insts), clock)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -231,7 +258,7 @@ class Driver:
         out["poll_interval"] = round(self.policy.interval, 2)
         out["tracked_jobs"] = len(self.tracks)
         out["unresolved_submissions"] = len(self.unresolved)
-        out["ready"] = len(self.ready)
+        out["ready"] = len(self.ready) + len(self.waiting)
         out["pending_cancels"] = len(self.cancels)
         if self.unrecognised:
             out["unrecognised_states"] = dict(self.unrecognised)

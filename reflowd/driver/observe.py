@@ -43,6 +43,8 @@ log = structlog.get_logger("reflowd.observer")
 
 #: Job directories checked at once by the file clock.
 FILE_CONCURRENCY = 16
+#: Instances handled between two yields to the event loop when a poll answers for very many.
+YIELD_EVERY = 256
 
 
 class Observer:
@@ -150,7 +152,10 @@ class Observer:
         data = await self.cluster.metered.read_files(list(paths.values()), timeout=self.cluster.config.command_timeout)
         missing = []
         now = world.now()
-        for inst in insts:
+        for n, inst in enumerate(insts):
+            if n and n % YIELD_EVERY == 0:
+                await anyio.sleep(0)
+            await self.d.store.pace()
             raw = data.get(paths[inst.index])
             if raw is None:
                 missing.append(inst)
@@ -162,7 +167,7 @@ class Observer:
                 result = {"state": "failed", "error": f"unreadable result: {exc}"}
             if not (inst.in_flight and inst.tag == track.tag):
                 continue
-            obs = track.last_obs.get(inst.index)
+            obs = inst.observed
             if track.packed and not packing.explains(result):
                 obs = None  # the job's end explains only the element a signal stopped, not another's own failure
             decision = decide.from_result(inst, result, obs)
@@ -195,7 +200,6 @@ class Observer:
             log.info("status query failed; treating every job as unknown", cluster=d.name, error=str(exc))
             d.last_query_error = str(exc) or type(exc).__name__
             observations = None
-        duration = world.monotonic() - started
         changed = False
         for track in tracks:
             try:
@@ -206,7 +210,7 @@ class Observer:
                 self.track_failed(track, "applying the scheduler's answer", exc)
                 changed = True
         d.held_tags = {t: None for t, tr in d.tracks.items() if tr.held}
-        d.policy.after_query(duration, changed)
+        d.policy.after_query(world.monotonic() - started, changed)
 
     async def apply_observations(self, track: JobTrack, observations: dict[str, Observation] | None) -> bool:
         d = self.d
@@ -219,7 +223,7 @@ class Observer:
                 continue
             obs = observations.get(inst.job_key or "") if observations is not None else None
             if obs is not None:
-                track.last_obs[index] = obs
+                inst.observed = obs
             if (obs is not None and obs.phase is not Phase.RUNNING) or now - since >= d.settings.hold_max:
                 del track.held[index]
                 changed |= self.apply(track, inst, decide.from_result(inst, result, obs))
@@ -227,14 +231,26 @@ class Observer:
             return changed
         finished: list[Instance] = []
         concluding: list[tuple[Instance, decide.Decision]] = []
-        for inst in list(track.live.values()):
+        active = False
+        for n, inst in enumerate(list(track.live.values())):
+            if n and n % YIELD_EVERY == 0:
+                await anyio.sleep(0)  # a large array: let the loop answer clients meanwhile
+                if not inst.in_flight:
+                    continue
             if inst.index in track.held:
                 continue
-            obs = observations.get(inst.job_key or "") or Observation.absent()
+            found = observations.get(inst.job_key or "")
+            previous = inst.observed
+            if found is not None and (found is previous or found == previous) and found.phase is not Phase.DONE \
+                    and not inst.absent_count:
+                active = active or found.phase is Phase.RUNNING
+                continue  # the same answer as last time: nothing to decide (the common case, cheaply)
+            obs = found or Observation.absent()
             if obs.presence is Presence.UNKNOWN:
                 self.not_understood(inst, obs)
                 continue
-            track.last_obs[inst.index] = obs
+            active = active or obs.phase is not Phase.QUEUED
+            inst.observed = obs
             if obs.phase is Phase.DONE and inst.done_seen_at is None:
                 finished.append(inst)  # read its result at once (the file clock may be asleep)
             decision = decide.from_observation(inst, obs, now, self.cluster.timing)
@@ -246,6 +262,8 @@ class Observer:
                 concluding.append((inst, decision))
                 continue
             changed |= self.apply(track, inst, decision)
+        if active:
+            track.files.hurry()  # something runs (or ended): its results are due soon, look at its files often
         # Before concluding a failure from the scheduler alone, look once more for a result file.
         look = {id(i): i for i in finished} | {id(i): i for i, _ in concluding}
         if look:
@@ -264,7 +282,8 @@ class Observer:
                 changed |= ok
                 if ok and decision.state is State.READY:
                     self.d.count("packed_requeued")
-                    self.d.submit(track.run, inst)  # never started: its attempt is still to come
+                    inst.handed = True
+                    self.d.submit(track.run, [inst])  # never started: its attempt is still to come
                 elif ok and track.packed and decision.state in FAILURE:
                     self.d.packer.solo.add(inst.key)  # it died in a packed job: its retry runs alone
         return changed
@@ -366,8 +385,8 @@ class Observer:
                           tag=track.tag, jobs=[j.job_id for j in jobs])
                 d.cancel_jobs([j.job_id for j in jobs[1:]])
             d.unresolved.pop(track.tag, None)
-            adopt(d, track, jobs[0].job_id, {"source": "recovery", "found_by_tag": track.tag,
-                                             "job_id": jobs[0].job_id})
+            await adopt(d, track, jobs[0].job_id, {"source": "recovery", "found_by_tag": track.tag,
+                                                   "job_id": jobs[0].job_id})
             await cluster.scheduler.reattach(track.request, jobs[0].job_id)
             log.info("adopted job found by tag", cluster=d.name, tag=track.tag, job_id=jobs[0].job_id)
             return
@@ -401,7 +420,7 @@ class Observer:
             elif not traces or cluster.scheduler.can_requeue_unstarted:
                 if self.host.transition(track.run, inst, State.READY, {"source": "recovery", "tag_not_found": track.tag},
                                         tag=None, submitted_at=None):
-                    d.submit(track.run, inst)
+                    d.submit(track.run, [inst])
             else:
                 self.host.transition(track.run, inst, State.FAILED,
                                      {"source": "recovery", "tag": track.tag, "note": "no trace of this element"},

@@ -7,22 +7,34 @@ class PollPolicy:
     """The scheduler clock: short after a submission or a change, growing while nothing happens,
     long when the scheduler answers slowly."""
 
+    #: Quiet polls at the base interval before the interval keeps growing toward the maximum.
+    QUIET_STREAK = 20
+
     def __init__(self, minimum: float, base: float, maximum: float) -> None:
         self.minimum = minimum
         self.base = max(base, minimum)
         self.maximum = max(maximum, self.base)
         self.interval = self.minimum
+        self.quiet = 0
 
     def after_query(self, duration: float, changed: bool) -> None:
-        if duration > 2.0:  # a slow controller: back off in proportion
-            self.interval = min(self.maximum, max(self.interval, duration * 10))
-        elif changed:
-            self.interval = self.minimum
-        else:
-            self.interval = min(self.base, self.interval * 1.5)
+        """*duration*: what the poll cost, the scheduler's answer and the daemon's work on it together.
+
+        Polling takes at most a tenth of the time: a slow controller, or an answer about very many
+        jobs, spaces the polls out in proportion.
+        """
+        self.quiet = 0 if changed else self.quiet + 1
+        if changed:
+            interval = self.minimum
+        elif self.quiet < self.QUIET_STREAK:
+            interval = min(self.base, self.interval * 1.5)
+        else:  # nothing has changed for a long while (jobs waiting in a queue): poll rarely
+            interval = min(self.maximum, self.interval * 1.5)
+        self.interval = min(self.maximum, max(interval, duration * 10))
 
     def after_submit(self) -> None:
         self.interval = self.minimum
+        self.quiet = 0
 
 
 class FileClock:

@@ -43,6 +43,8 @@ log = structlog.get_logger("reflowd.submitter")
 
 #: Seconds before job files that could not be written are tried again.
 WRITE_RETRY = 10.0
+#: Instances moved between two yields to the event loop (a batch can be a whole local array).
+YIELD_EVERY = 256
 
 
 def new_tag() -> str:
@@ -83,19 +85,13 @@ class Submitter:
         self.host = driver.host
 
     def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
-        """Batches to submit now (taken off the ready queue), and when the next back-off expires."""
+        """Batches to submit now (taken off the queue), and when the next back-off expires."""
         groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
         runs: dict[str, Run] = {}
-        next_due: float | None = None
-        ready = self.d.ready
-        for key, (run, inst) in list(ready.items()):
+        taken, next_due = self.d.take_ready(now)
+        for inst, run in taken.items():
             if inst.state is not State.READY:
-                del ready[key]
                 continue
-            if inst.not_before is not None and inst.not_before > now:
-                next_due = inst.not_before if next_due is None else min(next_due, inst.not_before)
-                continue
-            del ready[key]
             groups[(run.id, inst.task)].append(inst)
             runs[run.id] = run
         batches = []
@@ -250,10 +246,10 @@ class Submitter:
             log.warning("cannot write job files; will try again", run_id=run.id, task=tr.name, cluster=d.name,
                         error=str(exc))
             retry_at = world.now() + WRITE_RETRY
-            for inst in insts:
-                if inst.state is State.READY:
-                    host.update(inst, not_before=retry_at)
-                    d.submit(run, inst)
+            again = [i for i in insts if i.state is State.READY]
+            for inst in again:
+                host.update(inst, not_before=retry_at)
+            d.submit(run, again)
             return
         insts = [i for i in insts if i.state is State.READY]  # cancellations while we wrote files
         if not insts:
@@ -268,7 +264,7 @@ class Submitter:
                 for inst in insts:  # as for job files that cannot be written: try again later, anew
                     if inst.state is State.READY:
                         host.update(inst, not_before=world.now() + WRITE_RETRY)
-                        d.submit(run, inst)
+                        d.submit(run, [inst])
                 return
             insts = [i for i in insts if i.state is State.READY]
             if not insts:
@@ -281,8 +277,12 @@ class Submitter:
             evidence.update(packed=len(request.slices), why=plan.why if plan else None)
             d.count("packed_jobs")
             d.count("packed_elements", len(insts))
-        for inst in insts:
-            host.transition(run, inst, State.SUBMITTING, evidence, tag=tag, submitted_at=now, not_before=None)
+        for n, inst in enumerate(insts):
+            if n and n % YIELD_EVERY == 0:
+                await anyio.sleep(0)
+            await d.store.pace()
+            if inst.state is State.READY:  # (a cancel may come while we yield)
+                host.transition(run, inst, State.SUBMITTING, evidence, tag=tag, submitted_at=now, not_before=None)
         track = d.new_track(record, run, {i.index: i for i in insts if i.state is State.SUBMITTING and i.tag == tag})
         d.unresolved[tag] = track  # until the scheduler answers: a crash or a cancel finds it here
         track.resolve_after = float("inf")
@@ -308,7 +308,7 @@ class Submitter:
             return
         d.fault("after_submit")
         d.unresolved.pop(tag, None)
-        adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
+        await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
         d.policy.after_submit()
 
 
@@ -320,13 +320,16 @@ def unresolved(d: Driver, track: JobTrack, error: str) -> None:
     d.wake()
 
 
-def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any]) -> None:
+async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any]) -> None:
     """The scheduler has job *job_id* for this track: record it and start observing."""
     track.record.job_id = job_id
     track.record.state = "submitted"
     d.store.put_job(track.record)
     d.tracks[track.tag] = track
-    for inst in track.members():
+    for n, inst in enumerate(track.members()):
+        if n and n % YIELD_EVERY == 0:
+            await anyio.sleep(0)
+        await d.store.pace()
         if inst.tag != track.tag:
             continue
         key = packing.job_key(track.request, job_id, inst.index, track.slots)

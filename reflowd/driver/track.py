@@ -8,7 +8,7 @@ from typing import Any
 from reflow_client.jobfiles import element_key
 
 from ..engine.model import Instance, JobRecord, Run
-from ..schedulers.base import Observation, SubmitRequest
+from ..schedulers.base import SubmitRequest
 from .policy import FileClock
 
 
@@ -19,7 +19,6 @@ class JobTrack:
     #: Instances in flight under this tag, by index; the driver removes one the moment it leaves.
     live: dict[int | None, Instance]
     files: FileClock
-    last_obs: dict[int | None, Observation] = field(default_factory=dict)
     #: Results of workers killed by a signal, held until the scheduler says why (timeout? cancel?).
     held: dict[int | None, tuple[dict[str, Any], float]] = field(default_factory=dict)
     #: Result and started files already acted on (names in the job directory).

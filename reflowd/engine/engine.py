@@ -58,8 +58,9 @@ from .verify import verify_outputs
 
 log = structlog.get_logger("reflowd.engine")
 
-#: Instances handled between two yields to the event loop in long loops (expansion, whole-run scans).
-YIELD_EVERY = 2000
+#: Instances handled between two yields to the event loop in long loops (expansion, whole-run scans):
+#: a few milliseconds of work, so clients are answered and the store's commits stay near its batch size.
+YIELD_EVERY = 256
 
 
 class EngineError(Exception):
@@ -131,7 +132,6 @@ class Engine:
         self._resolutions: dict[tuple[str, str], Resolution] = {}
         #: READY instances that have not been through the cache check yet, per run.
         self._to_check: dict[str, list[Instance]] = {}
-        self._handed: set[tuple[str, str, int]] = set()  # READY instances given to a driver
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,7 +202,7 @@ class Engine:
             return False
         driver = self.drivers.get(run.cluster)
         if old is State.READY:
-            self._handed.discard(inst.key)
+            inst.handed = False
             if driver is not None:
                 driver.withdraw(inst)
         if old in IN_FLIGHT and (new not in IN_FLIGHT or inst.tag != old_tag) and driver is not None:
@@ -266,7 +266,7 @@ class Engine:
                  "error": (inst.error or "")[:500], "delay": delay},
                 **{**cleared(), "attempt": inst.attempt + 1, "not_before": world.now() + delay},
             ):
-                self._hand_over(run, inst)
+                self._hand_over(run, [inst])
             return
         if (
             inst.state in FAILURE
@@ -291,10 +291,18 @@ class Engine:
             driver.cancel_jobs(kill)
         self.mark_dirty(run.id)
 
-    def _hand_over(self, run: Run, inst: Instance) -> None:
-        """Give a READY instance (past the cache check) to its cluster's driver."""
-        self._handed.add(inst.key)
-        self.drivers[run.cluster].submit(run, inst)
+    def _hand_over(self, run: Run, insts: list[Instance]) -> None:
+        """Give READY instances (past the cache check) to their cluster's driver, all at once: the
+        driver makes one array job of what it is handed together."""
+        for inst in insts:
+            inst.handed = True
+        if insts:
+            self.drivers[run.cluster].submit(run, insts)
+
+    async def _pace(self, i: int) -> None:
+        """In a long loop: yield now and then, and let the store's writer catch up when it falls behind."""
+        await _checkpoint(i)
+        await self.store.pace()
 
     def set_run_state(self, run: Run, new: RunState, evidence: dict[str, Any]) -> None:
         self.ledger.run(run, new, evidence)
@@ -374,7 +382,7 @@ class Engine:
                 if run.cancel_requested or run.error:
                     break
         unchecked = self._to_check.pop(run.id, [])
-        unchecked = [i for i in unchecked if i.state is State.READY and i.key not in self._handed]
+        unchecked = [i for i in unchecked if i.state is State.READY and not i.handed]
         if unchecked:
             await self._cache_phase(run, unchecked)
         self._maybe_finish(run)
@@ -401,7 +409,7 @@ class Engine:
             pending = await self._expand(run, tr, res.size or 0)
         ready = self._to_check.setdefault(run.id, [])
         for n, inst in enumerate(pending):
-            await _checkpoint(n)
+            await self._pace(n)
             if inst.state is not State.PENDING:
                 continue  # cancelled while we yielded
             blocked = res.element_blocked[inst.index] if inst.index is not None else None
@@ -427,7 +435,7 @@ class Engine:
         created = []
         now = world.now()
         for i in range(size):
-            await _checkpoint(i)
+            await self._pace(i)
             inst = Instance(run_id=run.id, task=tr.name, index=i, updated_at=now)
             tr.add(inst)
             self.store.put_instance(inst)
@@ -439,13 +447,15 @@ class Engine:
         options = run.options
         force_tasks = set(options.force_tasks)
         lookup: list[Instance] = []
+        direct: list[Instance] = []
         for inst in instances:
             task = run.tasks[inst.task].manifest
             if options.force or inst.task in force_tasks or not task.cache or not inst.identity \
                     or inst.not_before is not None:
-                self._hand_over(run, inst)
+                direct.append(inst)
             else:
                 lookup.append(inst)
+        self._hand_over(run, direct)
         if not lookup:
             return
         hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
@@ -453,9 +463,10 @@ class Engine:
         if options.verify and hits:
             verified = await self._verify_outputs(run, [(i, hits[i.identity]["output"]) for i in lookup
                                                         if i.identity in hits])
+        missed: list[Instance] = []
         for n, inst in enumerate(lookup):
-            await _checkpoint(n)
-            if inst.state is not State.READY or inst.key in self._handed:
+            await self._pace(n)
+            if inst.state is not State.READY or inst.handed:
                 continue  # cancelled while we looked
             hit = hits.get(inst.identity or "")
             problem = verified.get(inst.identity or "") if hit else None
@@ -470,7 +481,8 @@ class Engine:
                 if hit:
                     log.info("cached result failed verification", run_id=run.id, task=inst.task, index=inst.index,
                              problem=problem)
-                self._hand_over(run, inst)
+                missed.append(inst)
+        self._hand_over(run, [i for i in missed if i.state is State.READY and not i.handed])
 
     async def _verify_outputs(self, run: Run, items: list[tuple[Instance, Any]]) -> dict[str, str | None]:
         """``{identity: None (ok) | problem}``: paths must exist; custom ``verify`` runs in a worker."""
@@ -582,7 +594,7 @@ class Engine:
             if not tr.active_count:
                 continue
             for n, inst in enumerate(list(tr.instances.values())):
-                await _checkpoint(n)
+                await self._pace(n)
                 if inst.state not in ACTIVE:
                     continue
                 key, had_job = inst.job_key, inst.state in (State.QUEUED, State.RUNNING)
@@ -609,7 +621,8 @@ class Engine:
                 count += 1
             if not any(tr.counts.get(s) for s in MANUAL_RETRIABLE):
                 continue
-            for inst in list(tr.instances.values()):
+            for n, inst in enumerate(list(tr.instances.values())):
+                await self._pace(n)
                 if inst.state in MANUAL_RETRIABLE:
                     self.transition(
                         run, inst, State.PENDING,
@@ -653,7 +666,7 @@ class Engine:
             if problem and inst.state in SUCCESS:
                 if self.transition(run, inst, State.READY, {"source": "verify", "problem": problem},
                                    **{**cleared(), "attempt": inst.attempt + 1}):
-                    self._hand_over(run, inst)
+                    self._hand_over(run, [inst])
 
     # ------------------------------------------------------------------ views
 

@@ -39,6 +39,10 @@ class EventHub:
             sub.closed = True
             sub.send.close()
 
+    def wants(self, run_id: str) -> bool:
+        """Does anyone watch *run_id*? (Callers skip building events nobody reads.)"""
+        return any(sub.run_id is None or sub.run_id == run_id for sub in self._subs)
+
     def publish(self, event: dict[str, Any]) -> None:
         for sub in list(self._subs):
             if sub.run_id is not None and sub.run_id != event.get("run_id"):

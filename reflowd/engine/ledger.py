@@ -74,10 +74,10 @@ class Ledger:
             tr.counts[old] -= 1
             tr.counts[new] += 1
         self.store.put_instance(inst)
-        self.store.add_transition(run.id, inst.task, inst.index, old.value, new.value, evidence, now)
+        self.store.add_transition(run.id, inst.task, inst.index, old, new, evidence, now)  # (str enums: stored as text)
         self.counters["transitions"] += 1
-        self.events.publish(
-            {
+        if self.events.wants(run.id):
+            self.events.publish({
                 "type": "transition",
                 "run_id": run.id,
                 "task": inst.task,
@@ -88,10 +88,9 @@ class Ledger:
                 "at": now,
                 "reason": inst.reason,
                 "error": (inst.error or "")[:500] if new in FAILURE else None,
-            }
-        )
+            })
         # Debug level (a line per transition is too dear at 10^5 elements); failures are worth a warning.
-        emit = log.warning if new in FAILURE and new is not State.UPSTREAM_FAILED else log.debug
+        emit = log.warning if new in FAILURE and new not in (State.UPSTREAM_FAILED, State.CANCELLED) else log.debug
         emit("task state", run_id=run.id, task=inst.task, index=inst.index, job_id=inst.job_key or inst.job_id,
              cluster=run.cluster, old=old.value, new=new.value, attempt=inst.attempt)
         return True

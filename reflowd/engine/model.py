@@ -85,6 +85,8 @@ class Instance:
     absent_since: float | None = transient(default=None, reset=True)
     absent_count: int = transient(default=0, reset=True)
     done_seen_at: float | None = transient(default=None, reset=True)
+    observed: Any = transient(default=None, reset=True)  # the scheduler's last Observation of this instance
+    handed: bool = transient(default=False)  # READY and given to the cluster's driver (past the cache check)
 
     @property
     def key(self) -> tuple[str, str, int]:

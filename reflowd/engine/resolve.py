@@ -8,12 +8,13 @@ of each element. Nothing here imports user code or does I/O.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from reflow_client import codec
-from reflow_client.identity import instance_identity
+from reflow_client.identity import IDENTITY_SCHEME, instance_identity
 from reflow_client.manifest import ELEMENT_MODES, TaskManifest
 
 
@@ -49,9 +50,10 @@ class Resolution:
     size: int | None = None  # elements (arrays only)
     shared: dict[str, Any] = field(default_factory=dict)  # encoded kwargs common to all elements
     shared_hashes: list[str] = field(default_factory=list)
-    elements: list[dict[str, Any]] = field(default_factory=list)  # encoded kwargs per element
-    element_hashes: list[list[str]] = field(default_factory=list)
-    element_blocked: list[str | None] = field(default_factory=list)  # per element reason
+    elements: Sequence[dict[str, Any]] = field(default_factory=list)  # encoded kwargs per element
+    element_hashes: Sequence[list[str]] = field(default_factory=list)
+    element_blocked: Sequence[str | None] = field(default_factory=list)  # per element reason
+    plan: Any = field(default=None, repr=False, compare=False)  # identities of the elements (built on first use)
 
 
 def _gathered(view: UpstreamView, flatten: bool, what: str) -> list[Any]:
@@ -161,14 +163,52 @@ def resolve(
         raise ResolveError(f"array task {task.name!r} fans out over inputs of different lengths: {detail}")
     size = next(iter(lengths.values()), 0)
     res.size = size
-    for i in range(size):
-        res.elements.append({p: element_lists[p][i] for p in element_lists})
-        res.element_hashes.append([element_hash_lists[p][i] for p in element_lists])
-        bad = [p for p in element_lists if not element_ok_lists[p][i]]
-        res.element_blocked.append(
-            f"upstream element {i} feeding {', '.join(bad)} did not succeed" if bad else None
-        )
+    res.elements = _Elements(element_lists, size)
+    res.element_hashes = _ElementHashes(element_hash_lists, size)
+    res.element_blocked = _ElementBlocks(element_ok_lists, size)
     return res
+
+
+class _Columns(Sequence[Any]):
+    """Per-element values kept as one list per parameter (shared with the upstream's outputs), each
+    element's row built when asked for: a million-element fan-out holds no million dicts."""
+
+    def __init__(self, columns: dict[str, list[Any]], size: int) -> None:
+        self.columns = columns
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.size))]
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        return self.row(i % self.size)
+
+    def row(self, i: int) -> Any:
+        raise NotImplementedError
+
+
+class _Elements(_Columns):
+    def row(self, i: int) -> dict[str, Any]:
+        return {p: col[i] for p, col in self.columns.items()}
+
+
+class _ElementHashes(_Columns):
+    def row(self, i: int) -> list[str]:
+        return [col[i] for col in self.columns.values()]
+
+
+class _ElementBlocks(_Columns):
+    def row(self, i: int) -> str | None:
+        bad = [p for p, oks in self.columns.items() if not oks[i]]
+        return f"upstream element {i} feeding {', '.join(bad)} did not succeed" if bad else None
+
+
+def _canon(value: Any) -> str:
+    return codec.canonical_json(value)
 
 
 def _is_element_dep(task: TaskManifest, dep: str) -> bool:
@@ -199,7 +239,58 @@ def identity_for(
     res: Resolution,
     index: int | None,
 ) -> str:
-    """Merkle identity of one instance from its resolution."""
+    """Merkle identity of one instance from its resolution (``instance_identity``, digit for digit)."""
+    if res.plan is None:
+        res.plan = _IdentityPlan(workflow, task, res)
+    return res.plan.identity(index)
+
+
+class _IdentityPlan:
+    """The canonical JSON ``instance_identity`` hashes, with what every element shares encoded once.
+
+    ``instance_identity`` hashes ``canonical_json`` of a dict whose keys sort as
+    inputs, params, scheme, task, upstream, version, workflow. For the elements
+    of one task only some inputs and upstream hashes differ, so the text of
+    everything else is built once and each element costs the encoding of its
+    own values and one SHA-256 (tests check the digests are the same).
+    """
+
+    def __init__(self, workflow: str, task: TaskManifest, res: Resolution) -> None:
+        wired = set(task.inputs)
+        self.res = res
+        params = {k: v for k, v in res.shared.items() if k not in wired}
+        self.shared_inputs = {k: _canon(v) for k, v in res.shared.items() if k in wired}
+        self.after_inputs = (
+            ',"params":' + _canon(params) + ',"scheme":' + _canon(IDENTITY_SCHEME) + ',"task":' + _canon(task.name)
+            + ',"upstream":'
+        )
+        self.upstream_head = [_canon(h) for h in res.shared_hashes]
+        self.tail = ',"version":' + _canon(str(task.version)) + ',"workflow":' + _canon(workflow) + "}"
+        self.wired = wired
+        self.workflow, self.task = workflow, task
+
+    def identity(self, index: int | None) -> str:
+        inputs = dict(self.shared_inputs)
+        upstream = list(self.upstream_head)
+        if index is not None:
+            for k, v in self.res.elements[index].items():
+                if k in self.wired:
+                    inputs[k] = _canon(v)
+                else:  # an element value that is not a wired input: resolve() makes none, but stay exact
+                    return _identity_slow(self.workflow, self.task, self.res, index)
+            upstream.extend(_canon(h) for h in self.res.element_hashes[index])
+        text = ('{"inputs":{' + ",".join(_canon(k) + ":" + inputs[k] for k in sorted(inputs)) + "}"
+                + self.after_inputs + "[" + ",".join(upstream) + "]" + self.tail)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _identity_slow(
+    workflow: str,
+    task: TaskManifest,
+    res: Resolution,
+    index: int | None,
+) -> str:
+    """``instance_identity`` of one instance, built the plain way."""
     wired = set(task.inputs)
     kwargs = dict(res.shared)
     hashes = list(res.shared_hashes)

@@ -128,24 +128,18 @@ class SubmitError(Exception):
         super().__init__(message)
         self.permanent = permanent
 
+    @classmethod
+    def from_output(cls, command: str, returncode: int, message: str, transient: Collection[str]) -> SubmitError:
+        """A submit command that failed: permanent (the same request would be refused again) unless its
+        message says the controller did not answer (one of *transient*, lower case): then the job may or
+        may not exist, and the tag decides."""
+        if not message:
+            return cls(f"{command} exited {returncode} without a message", permanent=False)
+        return cls(message, permanent=not any(p in message.lower() for p in transient))
+
 
 class OptionError(ValueError):
     """A submit option the scheduler does not know or cannot take."""
-
-
-#: The seed's scheduler-agnostic submit option keys; each adapter maps them to its own flags
-#: (or refuses one its system does not have, through :func:`refuse_option`).
-PORTABLE_OPTIONS = ("partition", "account", "qos", "mail_user", "mail_type", "signal")
-
-#: The one documented submit option that passes scheduler-native command-line flags through
-#: unchanged: a list of strings, or one string split like a shell would (``"-l gpu=1"``).
-NATIVE_OPTION = "native_args"
-
-
-def refuse_option(key: str, system: str, accepted: Collection[str]) -> OptionError:
-    """The error for a submit option *system* does not have, naming the keys it does accept."""
-    return OptionError(f"submit option {key!r} is not available on {system}; it accepts: "
-                       f"{', '.join(sorted(accepted))} (scheduler-native flags go in {NATIVE_OPTION}=[...])")
 
 
 @dataclass(frozen=True)
@@ -206,6 +200,12 @@ class Scheduler(abc.ABC):
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def keys_for(self, job_id: str, request_indices: Sequence[int] | None, offset: int) -> list[str]:
+        """All observation keys one submission produces (adapters whose ids are not ``<id>_<k>`` override it)."""
+        if request_indices is None:
+            return [job_id]
+        return [f"{job_id}_{i - offset}" for i in request_indices]
 
     async def aclose(self) -> None:
         """Stop background work; idempotent."""

@@ -15,12 +15,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import structlog
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import flux_commands as fc
-from .base import Observation, Scheduler, SubmitRequest, TaggedJob
+from .base import Observation, SubmitRequest, TaggedJob
+from .batch import BatchScheduler
 from .job_script import ArrayLayout, Book, split_key
 
 log = structlog.get_logger("reflowd.flux")
@@ -38,34 +38,26 @@ class Submission:
     unplaced: set[int] = field(default_factory=set)
 
 
-class FluxScheduler(Scheduler):
+class FluxScheduler(BatchScheduler):
     kind = "flux"
     array_index_env = "FLUX_JOB_CC"
     #: One bulk submission carries at most this many jobs (Flux itself sets no array limit).
     max_array_size = 1000
+    probe_commands = 1
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
-        self.transport = transport
-        self.command_timeout = command_timeout
+        super().__init__(transport, command_timeout=command_timeout)
         self.version: str | None = None
-        self.queries = 0
         self.listings = 0
         self._subs: Book[Submission] = Book()
-        self._probed = False
-        self._probe_lock = anyio.Lock()
 
-    async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
-        return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
-
-    async def probe(self) -> dict[str, Any]:
-        async with self._probe_lock:
-            result = await self._run(["flux", "version"])
-            if not result.ok:
-                raise TransportError(f"flux version failed ({result.returncode}): "
-                                     f"{(result.stderr or result.stdout).strip()[:300]}")
-            self.version = fc.parse_version(result.stdout)
-            self._probed = True
-            return self.capabilities()
+    async def _probe(self) -> dict[str, Any]:
+        result = await self._run(["flux", "version"])
+        if not result.ok:
+            raise TransportError(f"flux version failed ({result.returncode}): "
+                                 f"{(result.stderr or result.stdout).strip()[:300]}")
+        self.version = fc.parse_version(result.stdout)
+        return self.capabilities()
 
     def capabilities(self) -> dict[str, Any]:
         return {"version": self.version, "max_array_size": self.max_array_size,
@@ -77,9 +69,7 @@ class FluxScheduler(Scheduler):
 
     async def submit(self, request: SubmitRequest) -> str:
         self.validate_options(request.options)
-        if not self._probed:
-            with anyio.fail_after(self.command_timeout * 2):
-                await self.probe()
+        await self._ensure_probed()
         script_path = os.path.join(request.job_dir, "job.sh")
         await self.transport.write_files({script_path: fc.render_job_script(request).encode()},
                                          timeout=self.command_timeout, mode=0o755)
@@ -140,12 +130,8 @@ class FluxScheduler(Scheduler):
             raise TransportError(f"flux jobs failed ({result.returncode}): {' '.join(errors)[:300]}")
         return result
 
-    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
-        masters = sorted(set(job_ids))
-        if not masters:
-            return {}
+    async def _query(self, masters: list[str]) -> dict[str, Observation]:
         subs = [self._sub(m) for m in masters]
-        self.queries += 1
         if any(s.layout.is_array and not s.members and not s.unplaced for s in subs):
             # An array re-attached after a restart: its members are found by name in one listing.
             result = await self._list_all()
@@ -211,7 +197,7 @@ class FluxScheduler(Scheduler):
             log.info("flux cancel reported", code=result.returncode, message=result.stderr.strip()[:300])
 
     def stats(self) -> dict[str, Any]:
-        return {**self.capabilities(), "queries": self.queries, "listings": self.listings}
+        return {**self.capabilities(), "queries": self.queries, "listings": self.listings, "commands": self.commands}
 
 
 __all__ = ["FluxScheduler"]

@@ -28,10 +28,10 @@ from typing import Any
 from reflow_client.resources import parse_time
 
 from . import option_map
-from .base import Observation, OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
 from .job_script import render_script
 
-SYSTEM = "Flux"
+SYSTEM = option_map.system_label("Flux", "flux")
 
 # ---------------------------------------------------------------------- job ids
 
@@ -73,14 +73,14 @@ def f58(value: int) -> str:
 
 def _signal(value: str) -> list[str]:
     """Slurm-style ``[B:]USR1@90`` (seconds) -> ``--signal=USR1@90s`` (Flux standard duration)."""
-    match = re.fullmatch(r"(?:[RB]:)?(?:SIG)?([A-Za-z0-9]+)(?:@(\d+))?", value.strip())
-    if not match:
-        raise OptionError(f"{SYSTEM}: signal {value!r} must look like USR1@90 (signal name, seconds before the limit)")
-    return [f"--signal={match.group(1).upper()}@{int(match.group(2) or 60)}s"]
+    name, seconds = option_map.parse_signal(SYSTEM, value)
+    return [f"--signal={name}@{seconds}s"]
 
 
 OPTIONS = option_map.OptionSpec(
-    system=SYSTEM,
+    system="Flux",
+    scheduler="flux",
+    command="flux submit",
     renderers={
         "queue": lambda v: [f"--queue={v}"],
         "partition": lambda v: [f"--queue={v}"],
@@ -88,16 +88,22 @@ OPTIONS = option_map.OptionSpec(
         "bank": lambda v: [f"--setattr=system.bank={v}"],
         "signal": _signal,
     },
+    lacks={
+        "qos": "Flux has no quality of service; choose a queue (partition=) or a bank (account=)",
+        "mail_user": "flux submit sends no mail",
+        "mail_type": "flux submit sends no mail",
+    },
     reserved={
-        "job_name": "reflow names jobs after their submission tag",
-        "name": "reflow names jobs after their submission tag",
-        "output": "reflow writes logs to <run_dir>/logs/",
-        "error": "reflow writes logs to <run_dir>/logs/",
         "cc": "array tasks become bulk submissions by themselves",
-        "time": "use job(time=...)",
         "time_limit": "use job(time=...)",
-        "cpus": "use job(cpus=...)",
         "cores_per_task": "use job(cpus=...)",
+    },
+    reserved_flags={
+        "--job-name": "the job name carries the submission tag",
+        "--cc": "array tasks become bulk submissions by themselves",
+        "--bcc": "array tasks become bulk submissions by themselves",
+        "--output": "logs go to <run_dir>/logs/",
+        "--error": "logs go to <run_dir>/logs/",
     },
 )
 
@@ -164,11 +170,7 @@ def parse_submit(stdout: str, stderr: str, returncode: int, expected: int) -> li
     if ids:
         raise SubmitError(f"flux submit created {len(ids)} of {expected} jobs: {message or 'no message'}",
                           permanent=False)
-    if not message:
-        raise SubmitError(f"flux submit exited {returncode} without a message", permanent=False)
-    if any(p in message.lower() for p in _TRANSIENT):
-        raise SubmitError(message, permanent=False)
-    raise SubmitError(message, permanent=True)
+    raise SubmitError.from_output("flux submit", returncode, message, _TRANSIENT)
 
 
 # ---------------------------------------------------------------------- states

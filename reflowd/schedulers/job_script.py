@@ -1,5 +1,8 @@
 """The batch script and array layout shared by the PBS, LSF and Flux adapters (pure).
 
+(The environment lines and directive quoting serve the Slurm and Grid Engine
+scripts too.)
+
 Those systems number array tasks their own way (PBS ``-J`` ranges, LSF's
 1-based ``name[1-N]``, Flux's ``--cc`` id sets) and none takes an arbitrary
 list of ids the way Slurm's ``--array`` does, yet a retried batch may hold any
@@ -82,6 +85,23 @@ def _contiguous(indices: Sequence[int]) -> bool:
     return all(b == a + 1 for a, b in zip(indices, indices[1:]))
 
 
+def export_lines(request: SubmitRequest) -> list[str]:
+    """``export NAME=value`` for the job's environment (values shell-quoted; a bad name is refused)."""
+    lines = []
+    for name, value in sorted(request.env.items()):
+        if not _ENV_NAME.match(name):
+            raise OptionError(f"environment variable name {name!r} is not valid")
+        lines.append(f"export {name}={shlex.quote(str(value))}")
+    return lines
+
+
+def directive_word(word: str) -> str:
+    """One word of a ``#PBS``/``#BSUB`` line: bare when plain, else double-quoted (those parsers take quotes)."""
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./^\-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def render_script(request: SubmitRequest, directives: Sequence[str], position_expr: str | None) -> str:
     """A bash batch script: directives, environment, logs, then exec the worker (every word quoted).
 
@@ -92,10 +112,7 @@ def render_script(request: SubmitRequest, directives: Sequence[str], position_ex
     itself, so logs are live and named alike on every system.
     """
     lines = ["#!/bin/bash", *directives, f"# reflow job {request.tag}: run {request.run_id}, task {request.task}"]
-    for name, value in sorted(request.env.items()):
-        if not _ENV_NAME.match(name):
-            raise OptionError(f"environment variable name {name!r} is not valid")
-        lines.append(f"export {name}={shlex.quote(str(value))}")
+    lines.extend(export_lines(request))
     lines.append(f"cd {shlex.quote(request.workdir)} || exit 1")
     command = " ".join(shlex.quote(str(a)) for a in request.worker_argv)
     if request.indices is None:

@@ -13,65 +13,49 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import anyio
 import structlog
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import lsf_commands as lc
-from .base import Observation, Scheduler, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, Book, split_key
+from .base import Observation, SubmitRequest, TaggedJob
+from .batch import DenseArrayScheduler
+from .job_script import ArrayLayout, split_key
 
 log = structlog.get_logger("reflowd.lsf")
 
 
-class LSFScheduler(Scheduler):
+class LSFScheduler(DenseArrayScheduler):
     kind = "lsf"
     array_index_env = "LSB_JOBINDEX"
+    probe_commands = 3
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
-        self.transport = transport
-        self.command_timeout = command_timeout
+        super().__init__(transport, command_timeout=command_timeout)
         self.max_array_size = 1000
         self.version: str | None = None
         self.json_output = True
         self.mem_unit = "KB"
         self.mem_unit_source = "LSF default"
         self.clean_period: int | None = None
-        self.queries = 0
         self.history_queries = 0
-        self._layouts: Book[ArrayLayout] = Book()
-        self._probed = False
-        self._probe_lock = anyio.Lock()
 
-    async def _run(self, argv: list[str], *, stdin: bytes | None = None, idempotent: bool = True,
-                   timeout: float | None = None) -> CommandResult:
-        return await self.transport.run(argv, stdin=stdin, timeout=timeout or self.command_timeout,
-                                        idempotent=idempotent)
-
-    async def probe(self) -> dict[str, Any]:
-        async with self._probe_lock:
-            lsid = await self._run(["lsid"])
-            if not lsid.ok:
-                raise TransportError(f"lsid failed ({lsid.returncode}): {(lsid.stderr or lsid.stdout).strip()[:300]}")
-            self.version = lc.parse_lsid(lsid.stdout)
-            self.json_output = lc.supports_json(self.version)
-            params = await self._run(["bparams", "-a"])
-            if params.ok:
-                values = lc.parse_params(params.stdout)
-                self.max_array_size = lc.max_array_size(values)
-                clean = values.get("CLEAN_PERIOD", "")
-                self.clean_period = int(clean) if clean.isdigit() else None
-            conf = await self._run(["badmin", "showconf", "mbd"])
-            if conf.ok and "LSF_UNIT_FOR_LIMITS" in conf.stdout:
-                self.mem_unit = lc.unit_for_limits(lc.parse_params(conf.stdout))
-                self.mem_unit_source = "badmin showconf mbd"
-            self._probed = True
-            return self.capabilities()
-
-    async def _ensure_probed(self) -> None:
-        if not self._probed:
-            with anyio.fail_after(self.command_timeout * 3):
-                await self.probe()
+    async def _probe(self) -> dict[str, Any]:
+        lsid = await self._run(["lsid"])
+        if not lsid.ok:
+            raise TransportError(f"lsid failed ({lsid.returncode}): {(lsid.stderr or lsid.stdout).strip()[:300]}")
+        self.version = lc.parse_lsid(lsid.stdout)
+        self.json_output = lc.supports_json(self.version)
+        params = await self._run(["bparams", "-a"])
+        if params.ok:
+            values = lc.parse_params(params.stdout)
+            self.max_array_size = lc.max_array_size(values)
+            clean = values.get("CLEAN_PERIOD", "")
+            self.clean_period = int(clean) if clean.isdigit() else None
+        conf = await self._run(["badmin", "showconf", "mbd"])
+        if conf.ok and "LSF_UNIT_FOR_LIMITS" in conf.stdout:
+            self.mem_unit = lc.unit_for_limits(lc.parse_params(conf.stdout))
+            self.mem_unit_source = "badmin showconf mbd"
+        return self.capabilities()
 
     def capabilities(self) -> dict[str, Any]:
         return {
@@ -92,14 +76,8 @@ class LSFScheduler(Scheduler):
         result = await self._run(lc.render_bsub(request), stdin=script, idempotent=False,
                                  timeout=self.command_timeout * 2)
         job_id = lc.parse_bsub(result.stdout, result.stderr, result.returncode)
-        self._layouts[job_id] = ArrayLayout.of(request, job_id)
+        self._remember(request, job_id)
         return job_id
-
-    async def reattach(self, request: SubmitRequest, job_id: str) -> None:
-        self._layouts[job_id] = ArrayLayout.of(request, job_id)
-
-    def forget(self, job_id: str) -> None:
-        self._layouts.retire(job_id)
 
     def _parse(self, result: CommandResult) -> tuple[list[dict[str, str]], set[str]]:
         try:
@@ -110,17 +88,12 @@ class LSFScheduler(Scheduler):
             raise TransportError(f"bjobs printed output reflow cannot read ({exc}): "
                                  f"{(result.stderr or result.stdout).strip()[:300]}") from None
 
-    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
-        ids = sorted(set(job_ids))
-        if not ids:
-            return {}
-        await self._ensure_probed()
-        self.queries += 1
+    async def _query(self, ids: list[str]) -> dict[str, Observation]:
         result = await self._run(lc.render_bjobs(ids, json_output=self.json_output))
         records, missing = self._parse(result)
         if not result.ok and not records and not missing:
             raise TransportError(f"bjobs failed ({result.returncode}): {(result.stderr or result.stdout).strip()[:300]}")
-        layouts = [self._layouts.get(i) or ArrayLayout(i, None) for i in ids]
+        layouts = self._layouts_of(ids)
         found = lc.observations(records, layouts)
         gone = [layout for layout in layouts if layout.job_id in missing]
         if gone:
@@ -167,7 +140,8 @@ class LSFScheduler(Scheduler):
             log.info("bkill reported", code=result.returncode, message=(result.stderr or result.stdout).strip()[:300])
 
     def stats(self) -> dict[str, Any]:
-        return {**self.capabilities(), "queries": self.queries, "history_queries": self.history_queries}
+        return {**self.capabilities(), "queries": self.queries, "history_queries": self.history_queries,
+                "commands": self.commands}
 
 
 __all__ = ["LSFScheduler"]

@@ -23,55 +23,45 @@ from typing import Any
 from reflow_client.resources import mem_in_unit, minutes_ceil, parse_time
 
 from . import option_map
-from .base import Observation, OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, render_script
+from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
+from .job_script import ArrayLayout, directive_word, render_script
 
-SYSTEM = "LSF"
+SYSTEM = option_map.system_label("IBM Spectrum LSF", "lsf")
 
 # ---------------------------------------------------------------------- options
 
-
+#: ``-B`` mails at dispatch, ``-N`` sends the job report when it ends (LSF has no "on failure only").
 _MAIL: dict[str, tuple[str, ...]] = {"NONE": (), "BEGIN": ("-B",), "END": ("-N",), "FAIL": ("-N",),
                                      "ALL": ("-B", "-N")}
 
 
-def _mail_type(value: str) -> list[str]:
-    """``-B`` mails at dispatch, ``-N`` sends the job report when it ends (LSF has no "on failure only")."""
-    return option_map.mail_types(SYSTEM, value, _MAIL, joiner=" ").split()
-
-
-_SIGNAL = re.compile(r"^(?:[RB]:)?(?:SIG)?([A-Z0-9]+)(?:@(\d+))?$", re.IGNORECASE)
-
-
 def _signal(value: str) -> list[str]:
     """Slurm-style ``[B:]USR1@90`` (seconds before the limit) -> ``-wa USR1 -wt <minutes>``."""
-    match = _SIGNAL.match(value.strip())
-    if not match:
-        raise OptionError(f"{SYSTEM}: signal {value!r} must look like USR1@90 (signal name, seconds before the limit)")
-    name, seconds = match.group(1).upper(), int(match.group(2) or 60)
+    name, seconds = option_map.parse_signal(SYSTEM, value)
     return ["-wa", name, "-wt", str(minutes_ceil(seconds))]
 
 
 OPTIONS = option_map.OptionSpec(
-    system=SYSTEM,
+    system="IBM Spectrum LSF",
+    scheduler="lsf",
+    command="bsub",
     renderers={
         "queue": lambda v: ["-q", v],
         "partition": lambda v: ["-q", v],
         "account": lambda v: ["-P", v],
         "project": lambda v: ["-P", v],
         "mail_user": lambda v: ["-u", v],
-        "mail_type": _mail_type,
+        "mail_type": lambda v: option_map.mail_types(SYSTEM, v, _MAIL),
         "signal": _signal,
     },
-    reserved={
-        "job_name": "reflow names jobs after their submission tag",
-        "name": "reflow names jobs after their submission tag",
-        "output": "reflow writes logs to <run_dir>/logs/",
-        "error": "reflow writes logs to <run_dir>/logs/",
-        "array": "array tasks become job arrays by themselves (array_parallelism= sets the %limit)",
-        "time": "use job(time=...)",
-        "mem": "use job(mem=...)",
-        "cpus": "use job(cpus=...)",
+    lacks={"qos": "LSF has no quality of service; choose a queue (partition=), or an SLA through native_args"},
+    reserved={"array": "array tasks become job arrays by themselves (array_parallelism= sets the %limit)"},
+    reserved_flags={
+        "-J": "the job name carries the submission tag (and the array range)",
+        "-o": "logs go to <run_dir>/logs/",
+        "-e": "logs go to <run_dir>/logs/",
+        "-oo": "logs go to <run_dir>/logs/",
+        "-eo": "logs go to <run_dir>/logs/",
     },
 )
 
@@ -109,14 +99,8 @@ def render_directives(request: SubmitRequest, *, mem_unit: str = "KB") -> list[s
     lines.append(f"#BSUB -e {request.job_dir}/lsf.%J{suffix}.err")
     groups, _native = option_map.render(OPTIONS, request.options)
     for group in groups:
-        lines.append("#BSUB " + " ".join(_word(w) for w in group))
+        lines.append("#BSUB " + " ".join(directive_word(w) for w in group))
     return lines
-
-
-def _word(word: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./\-]+", word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def render_job_script(request: SubmitRequest, *, mem_unit: str = "KB") -> str:
@@ -153,11 +137,7 @@ def parse_bsub(stdout: str, stderr: str, returncode: int) -> str:
     message = " ".join(line.strip() for line in (stderr.strip() + "\n" + stdout.strip()).splitlines() if line.strip())
     if match:  # submitted, but bsub exited non-zero (a warning): the job exists
         return match.group(1)
-    if not message:
-        raise SubmitError(f"bsub exited {returncode} without a message", permanent=False)
-    if any(p in message.lower() for p in _TRANSIENT):
-        raise SubmitError(message, permanent=False)
-    raise SubmitError(message, permanent=True)
+    raise SubmitError.from_output("bsub", returncode, message, _TRANSIENT)
 
 
 # ---------------------------------------------------------------------- states

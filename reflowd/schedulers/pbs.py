@@ -15,24 +15,23 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import anyio
 import structlog
 
-from ..transports.base import CommandResult, Transport, TransportError
+from ..transports.base import Transport, TransportError
 from . import pbs_commands as pc
-from .base import Observation, Scheduler, SubmitError, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, Book, split_key
+from .base import Observation, SubmitError, SubmitRequest, TaggedJob
+from .batch import DenseArrayScheduler
+from .job_script import split_key
 
 log = structlog.get_logger("reflowd.pbs")
 
 
-class PBSScheduler(Scheduler):
+class PBSScheduler(DenseArrayScheduler):
     kind = "pbs"
     array_index_env = "PBS_ARRAY_INDEX"
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
-        self.transport = transport
-        self.command_timeout = command_timeout
+        super().__init__(transport, command_timeout=command_timeout)
         self.max_array_size = 10000
         self.flavour: str | None = None
         self.version: str | None = None
@@ -40,43 +39,28 @@ class PBSScheduler(Scheduler):
         self.history = False
         self.array_limit = False
         self.refusal: str | None = None
-        self.queries = 0
-        self._layouts: Book[ArrayLayout] = Book()
-        self._probed = False
-        self._probe_lock = anyio.Lock()
-
-    async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
-        return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
 
     # ------------------------------------------------------------------ probe
 
-    async def probe(self) -> dict[str, Any]:
-        async with self._probe_lock:
-            version = await self._run(["qstat", "--version"])
-            self.flavour, self.version = pc.detect_flavour(version.stdout + "\n" + version.stderr)
-            if self.flavour == "torque":
-                self.refusal = pc.TORQUE_REFUSAL.format(version=self.version)
-                self._probed = True
-                return self.capabilities()
-            if not version.ok and self.flavour == "unknown":
-                raise TransportError(f"qstat --version failed ({version.returncode}): {version.stderr.strip()[:300]}")
-            server = await self._run(["qstat", "-Bf"])
-            if not server.ok:
-                raise TransportError(f"qstat -Bf failed ({server.returncode}): {server.stderr.strip()[:300]}")
-            attrs = pc.parse_server_attributes(server.stdout)
-            self.version = attrs.get("pbs_version", self.version)
-            self.max_array_size = pc.max_array_size(attrs)
-            self.history = pc.history_enabled(attrs)
-            self.json_output = pc.supports_json(self.version)
-            self.array_limit = pc.supports_array_limit(self.version)
-            self.refusal = None
-            self._probed = True
+    async def _probe(self) -> dict[str, Any]:
+        version = await self._run(["qstat", "--version"])
+        self.flavour, self.version = pc.detect_flavour(version.stdout + "\n" + version.stderr)
+        if self.flavour == "torque":
+            self.refusal = pc.TORQUE_REFUSAL.format(version=self.version)
             return self.capabilities()
-
-    async def _ensure_probed(self) -> None:
-        if not self._probed:
-            with anyio.fail_after(self.command_timeout * 2):
-                await self.probe()
+        if not version.ok and self.flavour == "unknown":
+            raise TransportError(f"qstat --version failed ({version.returncode}): {version.stderr.strip()[:300]}")
+        server = await self._run(["qstat", "-Bf"])
+        if not server.ok:
+            raise TransportError(f"qstat -Bf failed ({server.returncode}): {server.stderr.strip()[:300]}")
+        attrs = pc.parse_server_attributes(server.stdout)
+        self.version = attrs.get("pbs_version", self.version)
+        self.max_array_size = pc.max_array_size(attrs)
+        self.history = pc.history_enabled(attrs)
+        self.json_output = pc.supports_json(self.version)
+        self.array_limit = pc.supports_array_limit(self.version)
+        self.refusal = None
+        return self.capabilities()
 
     def capabilities(self) -> dict[str, Any]:
         return {
@@ -101,26 +85,14 @@ class PBSScheduler(Scheduler):
         result = await self._run(pc.render_qsub(request, script_path), idempotent=False,
                                  timeout=self.command_timeout * 2)
         job_id = pc.parse_qsub(result.stdout, result.stderr, result.returncode)
-        self._layouts[job_id] = ArrayLayout.of(request, job_id)
+        self._remember(request, job_id)
         return job_id
-
-    async def reattach(self, request: SubmitRequest, job_id: str) -> None:
-        self._layouts[job_id] = ArrayLayout.of(request, job_id)
-
-    def forget(self, job_id: str) -> None:
-        self._layouts.retire(job_id)
 
     # ------------------------------------------------------------------ query
 
-    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
-        ids = sorted(set(job_ids))
-        if not ids:
-            return {}
-        await self._ensure_probed()
-        self.queries += 1
+    async def _query(self, ids: list[str]) -> dict[str, Observation]:
         records = await self._qstat(ids)
-        layouts = [self._layouts.get(i) or ArrayLayout(i, None) for i in ids]
-        return pc.observations(records, layouts)
+        return pc.observations(records, self._layouts_of(ids))
 
     async def _qstat(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """One ``qstat -f`` for *ids*; JSON some PBS versions print badly (unescaped values) falls back to text."""
@@ -179,7 +151,7 @@ class PBSScheduler(Scheduler):
             log.info("qdel reported", code=result.returncode, message=result.stderr.strip()[:300])
 
     def stats(self) -> dict[str, Any]:
-        return {**self.capabilities(), "queries": self.queries}
+        return {**self.capabilities(), "queries": self.queries, "commands": self.commands}
 
 
 __all__ = ["PBSScheduler"]

@@ -29,45 +29,45 @@ from typing import Any
 from reflow_client.resources import format_hms, format_pbs_size, parse_time
 
 from . import option_map
-from .base import Observation, OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
-from .job_script import ArrayLayout, render_script
-
-SYSTEM = "PBS"
+from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
+from .job_script import ArrayLayout, directive_word, render_script
 
 # ---------------------------------------------------------------------- options
 
+SYSTEM = option_map.system_label("PBS Professional", "pbs")
+
+#: Slurm-style mail types -> ``qsub -m`` letters (a: aborted, b: begins, e: ends, n: none, j: subjobs too).
 _MAIL = {"NONE": "n", "BEGIN": "b", "END": "e", "FAIL": "a", "ALL": "abe"}
 
-
-def _mail_type(value: str) -> list[str]:
-    letters = option_map.mail_types(SYSTEM, value, _MAIL)
-    if "n" in letters and len(letters) > 1:
-        raise OptionError(f"{SYSTEM}: mail_type NONE cannot be combined with other types")
-    return ["-m", letters]
-
-
 OPTIONS = option_map.OptionSpec(
-    system=SYSTEM,
+    system="PBS Professional",
+    scheduler="pbs",
+    command="qsub",
     renderers={
         "queue": lambda v: ["-q", v],
         "partition": lambda v: ["-q", v],
         "account": lambda v: ["-A", v],
         "project": lambda v: ["-P", v],
         "mail_user": lambda v: ["-M", v],
-        "mail_type": _mail_type,
+        "mail_type": lambda v: ["-m", "".join(option_map.mail_types(SYSTEM, v, _MAIL, letters="abejn"))],
+    },
+    lacks={
+        "qos": "PBS has no quality of service; choose a queue (partition=)",
+        "signal": "PBS sends SIGTERM at the walltime limit and SIGKILL after the server's kill_delay, "
+                  "with no earlier warning signal",
     },
     reserved={
-        "job_name": "reflow names jobs after their submission tag",
-        "name": "reflow names jobs after their submission tag",
-        "output": "reflow writes logs to <run_dir>/logs/",
-        "error": "reflow writes logs to <run_dir>/logs/",
         "array": "array tasks become job arrays by themselves (array_parallelism= sets the %limit)",
         "walltime": "use job(time=...)",
-        "time": "use job(time=...)",
-        "mem": "use job(mem=...)",
-        "cpus": "use job(cpus=...)",
         "ncpus": "use job(cpus=...)",
         "select": "reflow writes select=1:ncpus=..:mem=..; pass other chunks through 'native_args'",
+    },
+    reserved_flags={
+        "-N": "the job name carries the submission tag",
+        "-J": "array tasks become job arrays by themselves",
+        "-o": "logs go to <run_dir>/logs/",
+        "-e": "logs go to <run_dir>/logs/",
+        "-j": "logs go to <run_dir>/logs/",
     },
 )
 
@@ -103,14 +103,8 @@ def render_directives(request: SubmitRequest, job_dir: str, *, array_limit: bool
     lines.append("#PBS -j oe")
     groups, _native = option_map.render(OPTIONS, request.options)
     for group in groups:
-        lines.append("#PBS " + " ".join(_directive_word(w) for w in group))
+        lines.append("#PBS " + " ".join(directive_word(w) for w in group))
     return lines
-
-
-def _directive_word(word: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./^\-]+", word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def position_expr(request: SubmitRequest) -> str | None:
@@ -156,11 +150,7 @@ def parse_qsub(stdout: str, stderr: str, returncode: int) -> str:
             return first
         raise SubmitError(f"qsub printed {first!r} instead of a job id", permanent=False)
     message = " ".join(line.strip() for line in (stderr.strip() or stdout.strip()).splitlines() if line.strip())
-    if not message:
-        raise SubmitError(f"qsub exited {returncode} without a message", permanent=False)
-    if any(p in message.lower() for p in _TRANSIENT):
-        raise SubmitError(message, permanent=False)
-    raise SubmitError(message, permanent=True)
+    raise SubmitError.from_output("qsub", returncode, message, _TRANSIENT)
 
 
 # ---------------------------------------------------------------------- job ids

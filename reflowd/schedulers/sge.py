@@ -19,9 +19,10 @@ from typing import Any
 
 import structlog
 
-from ..transports.base import CommandResult, Transport, TransportError
+from ..transports.base import Transport, TransportError
 from . import sge_commands as gc
-from .base import Observation, OptionError, Phase, Scheduler, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, OptionError, Phase, SubmitError, SubmitRequest, TaggedJob
+from .batch import BatchScheduler
 
 log = structlog.get_logger("reflowd.sge")
 
@@ -31,25 +32,22 @@ ACCOUNTING_RECHECK = 300.0
 PARTIAL_ACCOUNTING_INTERVAL = 15.0
 
 
-class SGEScheduler(Scheduler):
+class SGEScheduler(BatchScheduler):
     kind = "sge"
     max_array_size = 75000
+    probe_commands = 4
 
     def __init__(self, transport: Transport, settings: gc.SGESettings | None = None, *,
                  command_timeout: float = 30.0) -> None:
-        self.transport = transport
+        super().__init__(transport, command_timeout=command_timeout)
         self.settings = settings or gc.SGESettings()
-        self.command_timeout = command_timeout
         self.accounting = False
         self.accounting_problem: str | None = "not probed yet"
         self._accounting_checked = float("-inf")
         self.version = "unknown"
         self.config: dict[str, str] = {}
         self.parallel_environments: list[str] | None = None
-        self.queries = 0
         self.qacct_calls = 0
-        #: Every command this adapter ran (probe, qsub, qstat, qacct loops, qdel).
-        self.commands = 0
         #: Task ids of each job we submitted or re-attached to (1-based); lets a poll tell which
         #: tasks of a still-listed array have finished. Without it (unknown job) qacct is asked.
         self._tasks: dict[str, set[int] | None] = {}
@@ -57,13 +55,9 @@ class SGEScheduler(Scheduler):
         self._done: dict[str, dict[str, Observation]] = {}
         self._asked: dict[str, float] = {}
 
-    async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
-        self.commands += 1
-        return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
-
     # ------------------------------------------------------------------ probe
 
-    async def probe(self) -> dict[str, Any]:
+    async def _probe(self) -> dict[str, Any]:
         """Version, array limit, parallel environments and whether qacct can read the accounting file."""
         result = await self._run(["qstat", "-help"])
         if not result.stdout.strip() and not result.ok:
@@ -145,11 +139,7 @@ class SGEScheduler(Scheduler):
 
     # ------------------------------------------------------------------ query
 
-    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
-        ids = sorted(set(job_ids))
-        if not ids:
-            return {}
-        self.queries += 1
+    async def _query(self, ids: list[str]) -> dict[str, Observation]:
         listed = await self._qstat()
         wanted = set(ids)
         live = {k: o for k, o in listed.items() if gc.key_job(k) in wanted}

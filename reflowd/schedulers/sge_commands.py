@@ -25,8 +25,8 @@ from typing import Any
 
 from reflow_client.resources import parse_mem, parse_time
 
+from . import option_map
 from .base import (
-    NATIVE_OPTION,
     Observation,
     OptionError,
     Outcome,
@@ -36,10 +36,10 @@ from .base import (
     SubmitRequest,
     TaggedJob,
     log_path,
-    refuse_option,
 )
+from .job_script import export_lines
 
-SYSTEM = "Grid Engine (scheduler 'sge')"
+SYSTEM = option_map.system_label("Grid Engine", "sge")
 
 # ---------------------------------------------------------------------- settings
 
@@ -58,149 +58,80 @@ class SGESettings:
 
 # ---------------------------------------------------------------------- options
 
-#: Keys a task's submit_options may hold on Grid Engine, with the qsub flag each becomes.
-ACCEPTED_OPTIONS = {
-    "partition": "-q (queue)",
-    "queue": "-q",
-    "account": "-P (project)",
-    "project": "-P",
-    "mail_user": "-M",
-    "mail_type": "-m",
-    "signal": "-l s_rt (SIGUSR1 before the time limit)",
-    NATIVE_OPTION: "extra qsub arguments, passed as given",
-}
-
-#: Keys that name something reflow sets from the task's own settings.
-RESERVED_OPTIONS = {
-    "time": "use job(time=...); it becomes -l h_rt",
-    "h_rt": "use job(time=...); it becomes -l h_rt",
-    "mem": "use job(mem=...); it goes to the cluster's memory_resource",
-    "h_vmem": "use job(mem=...) and the cluster's memory_resource",
-    "mem_free": "use job(mem=...) and the cluster's memory_resource",
-    "cpus": "use job(cpus=...); it becomes -pe <parallel_environment> <cpus>",
-    "cpus_per_task": "use job(cpus=...)",
-    "pe": "use job(cpus=...) and the cluster's parallel_environment",
-    "array": "array tasks become job arrays by themselves (array_parallelism= gives -tc)",
-    "job_name": "reflow names jobs after their submission tag",
-    "name": "reflow names jobs after their submission tag",
-    "output": "reflow writes logs to <run_dir>/logs/",
-    "error": "reflow writes logs to <run_dir>/logs/",
-}
-
-#: qsub flags reflow sets itself (refused inside native_args).
-RESERVED_FLAGS = {
-    "-N": "the job name carries the submission tag",
-    "-o": "logs go to <run_dir>/logs/",
-    "-e": "logs go to <run_dir>/logs/",
-    "-j": "logs go to <run_dir>/logs/",
-    "-t": "array tasks become job arrays by themselves",
-    "-tc": "use array_parallelism=",
-    "-wd": "jobs run in the run directory",
-    "-cwd": "jobs run in the run directory",
-    "-S": "reflow's job script is a bash script",
-    "-terse": "reflow sets it",
-    "-sync": "the daemon follows jobs without blocking qsub",
-    "-b": "reflow submits a job script",
-    "-shell": "reflow submits a job script",
-    "-C": "reflow's directives use the standard #$ prefix",
-    "-now": "reflow's jobs are batch jobs",
-    "-pe": "use job(cpus=...) and the cluster's parallel_environment",
-}
-
 #: Slurm-style mail types (the seed's portable spelling) -> Grid Engine's -m letters.
 MAIL_TYPES = {"NONE": "n", "BEGIN": "b", "END": "e", "FAIL": "a", "REQUEUE": "a", "ALL": "beas",
               "SUSPEND": "s", "ABORT": "a"}
 
 
-def _option_key(key: str) -> str:
-    return key.strip().lstrip("-").replace("-", "_").lower()
-
-
-def _single_line(key: str, value: Any) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise OptionError(f"submit option {key!r}: value {value!r} must be a string or number")
-    text = str(value)
-    if not text or any(c in text for c in "\n\r\0"):
-        raise OptionError(f"submit option {key!r}: value must be one non-empty line")
-    return text
-
-
-def native_args(value: Any) -> list[str]:
-    """The ``native_args`` option as argv words: a list of strings, or one string split like a shell would."""
-    if isinstance(value, str):
-        try:
-            words = shlex.split(value)
-        except ValueError as exc:
-            raise OptionError(f"submit option {NATIVE_OPTION!r}: {exc} in {value!r}") from None
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        words = list(value)
-    else:
-        raise OptionError(f"submit option {NATIVE_OPTION!r}: expected a list of strings like "
-                          f"['-l', 'gpu=1'] or one string, got {value!r}")
-    for word in words:
-        if any(c in word for c in "\n\r\0"):
-            raise OptionError(f"submit option {NATIVE_OPTION!r}: {word!r} must be a single line")
-        if word in RESERVED_FLAGS:
-            raise OptionError(f"submit option {NATIVE_OPTION!r}: qsub {word} cannot be set here: {RESERVED_FLAGS[word]}")
-    return words
-
-
 def mail_letters(value: Any) -> str:
     """``"END,FAIL"``, ``["BEGIN", "END"]`` or Grid Engine's own ``"bea"`` -> ``-m`` letters."""
-    items = value if isinstance(value, (list, tuple)) else [value]
-    letters = ""
-    for item in items:
-        text = _single_line("mail_type", item)
-        for part in (p.strip() for p in text.split(",")):
-            if part.upper() in MAIL_TYPES:
-                letters += MAIL_TYPES[part.upper()]
-            elif part and set(part) <= set("beasn"):
-                letters += part
-            else:
-                raise OptionError(f"submit option 'mail_type': {part!r} is not a mail type Grid Engine has "
-                                  f"(accepted: {', '.join(MAIL_TYPES)}, or letters from 'beasn')")
-    if "n" in letters and len(set(letters)) > 1:
-        raise OptionError("submit option 'mail_type': NONE cannot be combined with other mail types")
-    return "".join(dict.fromkeys(letters))
-
-
-_SIGNAL = re.compile(r"^(?:B:)?(?:SIG)?(USR1|10)(?:@(\d+))?$", re.IGNORECASE)
+    return "".join(option_map.mail_types(SYSTEM, option_map.as_text(value), MAIL_TYPES, letters="beasn"))
 
 
 def signal_lead(value: Any) -> int:
     """Seconds before the time limit that SIGUSR1 is wanted (Slurm's ``[B:]USR1[@secs]``, default 60)."""
-    text = _single_line("signal", value).strip()
-    match = _SIGNAL.match(text)
-    if not match:
-        raise OptionError(f"submit option 'signal': Grid Engine can only send SIGUSR1 before the time limit "
-                          f"(through the soft limit s_rt); use 'USR1@<seconds>', not {text!r}")
-    return int(match.group(2)) if match.group(2) else 60
+    name, lead = option_map.parse_signal(SYSTEM, str(value))
+    if name not in ("USR1", "10"):
+        raise option_map.value_error("signal", SYSTEM, f"Grid Engine can only send SIGUSR1 before the time limit "
+                                                       f"(through the soft limit s_rt); use 'USR1@<seconds>', "
+                                                       f"not {value!r}")
+    return lead
+
+
+def _signal(value: str) -> list[str]:
+    signal_lead(value)
+    return []  # not a flag: it becomes the soft limit s_rt in the -l list (resource_requests)
+
+
+OPTIONS = option_map.OptionSpec(
+    system="Grid Engine",
+    scheduler="sge",
+    command="qsub",
+    renderers={
+        "partition": lambda v: ["-q", v],
+        "queue": lambda v: ["-q", v],
+        "account": lambda v: ["-P", v],
+        "project": lambda v: ["-P", v],
+        "mail_user": lambda v: ["-M", v],
+        "mail_type": lambda v: ["-m", mail_letters(v)],
+        "signal": _signal,
+    },
+    lacks={"qos": "Grid Engine has no quality of service; choose a queue (partition=) or a project (account=)"},
+    reserved={
+        "time": "use job(time=...); it becomes -l h_rt",
+        "h_rt": "use job(time=...); it becomes -l h_rt",
+        "mem": "use job(mem=...); it goes to the cluster's memory_resource",
+        "h_vmem": "use job(mem=...) and the cluster's memory_resource",
+        "mem_free": "use job(mem=...) and the cluster's memory_resource",
+        "cpus": "use job(cpus=...); it becomes -pe <parallel_environment> <cpus>",
+        "cpus_per_task": "use job(cpus=...)",
+        "pe": "use job(cpus=...) and the cluster's parallel_environment",
+        "array": "array tasks become job arrays by themselves (array_parallelism= gives -tc)",
+    },
+    reserved_flags={
+        "-N": "the job name carries the submission tag",
+        "-o": "logs go to <run_dir>/logs/",
+        "-e": "logs go to <run_dir>/logs/",
+        "-j": "logs go to <run_dir>/logs/",
+        "-t": "array tasks become job arrays by themselves",
+        "-tc": "use array_parallelism=",
+        "-wd": "jobs run in the run directory",
+        "-cwd": "jobs run in the run directory",
+        "-S": "reflow's job script is a bash script",
+        "-terse": "reflow sets it",
+        "-sync": "the daemon follows jobs without blocking qsub",
+        "-b": "reflow submits a job script",
+        "-shell": "reflow submits a job script",
+        "-C": "reflow's directives use the standard #$ prefix",
+        "-now": "reflow's jobs are batch jobs",
+        "-pe": "use job(cpus=...) and the cluster's parallel_environment",
+    },
+)
 
 
 def validate_options(options: Mapping[str, Any]) -> None:
     """Raise OptionError for a key Grid Engine does not have, naming the accepted ones."""
-    seen: dict[str, str] = {}
-    for key, value in options.items():
-        norm = _option_key(key)
-        if norm in RESERVED_OPTIONS:
-            raise OptionError(f"submit option {key!r} cannot be set here on {SYSTEM}: {RESERVED_OPTIONS[norm]}")
-        if norm not in ACCEPTED_OPTIONS:
-            raise refuse_option(key, SYSTEM, ACCEPTED_OPTIONS)
-        flag = ACCEPTED_OPTIONS[norm].split()[0]
-        if flag in seen and value is not None:
-            raise OptionError(f"submit options {seen[flag]!r} and {key!r} both set qsub {flag}; keep one")
-        if value is not None:
-            seen[flag] = key
-        if value is None:
-            continue
-        if norm == NATIVE_OPTION:
-            native_args(value)
-        elif norm == "mail_type":
-            mail_letters(value)
-        elif norm == "signal":
-            signal_lead(value)
-        else:
-            _single_line(key, value)
+    option_map.validate(OPTIONS, options)
 
 
 # ---------------------------------------------------------------------- submission
@@ -258,8 +189,8 @@ def resource_requests(request: SubmitRequest, settings: SGESettings) -> list[str
     if settings.memory_resource != "none":
         per_slot = math.ceil(mem_mb / max(1, int(request.cpus)))
         items.append(f"{settings.memory_resource}={per_slot}M")
-    signal = request.options.get("signal")
-    if signal is not None:
+    signal = next((v for k, v in request.options.items() if option_map.normalise_key(k) == "signal"), None)
+    if signal is not None and signal is not False:
         lead = signal_lead(signal)
         if limit is None:
             raise OptionError("submit option 'signal' needs a time limit: Grid Engine sends SIGUSR1 at the soft "
@@ -272,7 +203,7 @@ def resource_requests(request: SubmitRequest, settings: SGESettings) -> list[str
 
 def directives(request: SubmitRequest, settings: SGESettings) -> list[tuple[str, ...]]:
     """The ``#$`` lines of a job script, as (flag, value...) tuples."""
-    validate_options(request.options)
+    groups, _native = option_map.render(OPTIONS, request.options)  # refuses bad options before anything else
     lines: list[tuple[str, ...]] = [
         ("-N", request.job_name),
         ("-S", "/bin/bash"),
@@ -296,22 +227,8 @@ def directives(request: SubmitRequest, settings: SGESettings) -> list[tuple[str,
         lines.append(("-t", spec))
         if request.array_parallelism:
             lines.append(("-tc", str(int(request.array_parallelism))))
-    for key, value in sorted(request.options.items()):
-        norm = _option_key(key)
-        if value is None or norm in ("signal", NATIVE_OPTION):
-            continue
-        if norm in ("partition", "queue"):
-            lines.append(("-q", _single_line(key, value)))
-        elif norm in ("account", "project"):
-            lines.append(("-P", _single_line(key, value)))
-        elif norm == "mail_user":
-            lines.append(("-M", _single_line(key, value)))
-        elif norm == "mail_type":
-            lines.append(("-m", mail_letters(value)))
+    lines.extend(tuple(group) for group in groups)
     return lines
-
-
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def render_script(request: SubmitRequest, settings: SGESettings) -> str:
@@ -320,10 +237,7 @@ def render_script(request: SubmitRequest, settings: SGESettings) -> str:
     for flag, *values in directives(request, settings):
         lines.append(f"#$ {flag} {' '.join(directive_value(f'qsub {flag}', v) for v in values)}")
     lines.append(f"# reflow job {request.tag}: run {request.run_id}, task {request.task}")
-    for name, value in sorted(request.env.items()):
-        if not _ENV_NAME.match(name):
-            raise OptionError(f"environment variable name {name!r} is not valid")
-        lines.append(f"export {name}={shlex.quote(str(value))}")
+    lines.extend(export_lines(request))
     command = " ".join(shlex.quote(str(a)) for a in request.worker_argv)
     if request.indices is None:
         out = log_path(request.log_dir, request.task, request.tag, None, "out")
@@ -347,12 +261,8 @@ def render_script(request: SubmitRequest, settings: SGESettings) -> str:
 
 def render_qsub(request: SubmitRequest, script_path: str) -> list[str]:
     """qsub reads the directives from the script; native_args come on the command line (they win)."""
-    argv = ["qsub", "-terse"]
-    extra = request.options.get(NATIVE_OPTION)
-    if extra is not None:
-        argv.extend(native_args(extra))
-    argv.append(script_path)
-    return argv
+    _groups, native = option_map.render(OPTIONS, request.options)
+    return ["qsub", "-terse", *native, script_path]
 
 
 #: Messages meaning qsub could not reach the qmaster or was turned away for now: the job may
@@ -387,13 +297,9 @@ def parse_qsub(stdout: str, stderr: str, returncode: int) -> str:
         raise SubmitError(f"qsub printed {stdout.strip()[:200]!r} instead of a job id", permanent=False)
     message = " ".join(line.strip() for line in (stderr.strip() or stdout.strip()).splitlines()
                        if line.strip() and line.strip() != "Exiting.")
-    if not message:
-        raise SubmitError(f"qsub exited {returncode} without a message", permanent=False)
-    if any(p in message.lower() for p in _TRANSIENT):
-        raise SubmitError(message, permanent=False)
     # A rejected job ("unknown queue", "project does not exist", a bad option) would be
     # rejected again: permanent.
-    raise SubmitError(message, permanent=True)
+    raise SubmitError.from_output("qsub", returncode, message, _TRANSIENT)
 
 
 # ---------------------------------------------------------------------- states

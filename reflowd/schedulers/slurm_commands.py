@@ -8,13 +8,14 @@ lists through a transport.
 
 from __future__ import annotations
 
-import difflib
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .base import Observation, OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
+from . import option_map
+from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
+from .job_script import export_lines
 
 # ---------------------------------------------------------------------- options
 
@@ -58,6 +59,19 @@ RESERVED_OPTIONS = {
 }
 
 
+SYSTEM = option_map.system_label("Slurm", "slurm")
+
+#: What a Slurm cluster accepts, as the refusal of any other key says.
+ACCEPTED = (f"the portable keys ({', '.join(sorted(option_map.PORTABLE_OPTIONS))}), {option_map.NATIVE_OPTION} "
+            "and every other sbatch long option (sbatch --help), written with _ or -")
+
+#: sbatch flags reflow sets itself (refused inside native_args), long and short.
+RESERVED_FLAGS = {**{f"--{flag}": why for flag, why in RESERVED_OPTIONS.items()},
+                  "-J": RESERVED_OPTIONS["job-name"], "-o": RESERVED_OPTIONS["output"], "-e": RESERVED_OPTIONS["error"],
+                  "-a": RESERVED_OPTIONS["array"], "-D": RESERVED_OPTIONS["chdir"], "-c": RESERVED_OPTIONS["cpus"],
+                  "-t": RESERVED_OPTIONS["time"], "-W": RESERVED_OPTIONS["wait"]}
+
+
 def option_flag(key: str) -> str:
     return key.strip().lstrip("-").replace("_", "-").lower()
 
@@ -66,35 +80,40 @@ def validate_options(options: Mapping[str, Any]) -> None:
     """Raise OptionError for an option sbatch does not know or reflow sets itself."""
     for key, value in options.items():
         flag = option_flag(key)
+        if flag == option_map.NATIVE_OPTION.replace("_", "-"):
+            if value is not None:
+                option_map.native_words(SYSTEM, value, command="sbatch", reserved_flags=RESERVED_FLAGS)
+            continue
         if flag in RESERVED_OPTIONS:
-            raise OptionError(f"sbatch option {key!r} cannot be set here: {RESERVED_OPTIONS[flag]}")
+            raise option_map.reserved_refusal(key, SYSTEM, RESERVED_OPTIONS[flag])
         if flag not in SBATCH_OPTIONS:
-            close = difflib.get_close_matches(flag, sorted(SBATCH_OPTIONS), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0].replace('-', '_')!r}?" if close else ""
-            raise OptionError(f"sbatch has no option --{flag} (from {key!r}){hint}")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if not isinstance(item, (str, int, float, bool)) and item is not None:
-                raise OptionError(f"sbatch option {key!r}: value {item!r} must be a string, number or bool")
-            if isinstance(item, str) and ("\n" in item or "\r" in item or "\0" in item):
-                raise OptionError(f"sbatch option {key!r}: value must be a single line")
+            raise option_map.refusal(key, SYSTEM, ACCEPTED, why=f"sbatch has no option --{flag}",
+                                     close=[o.replace("-", "_") for o in SBATCH_OPTIONS])
+        if value is not None and value is not False:
+            option_map.check_value(key, SYSTEM, value, flags=True)
 
 
 def render_options(options: Mapping[str, Any]) -> list[str]:
-    """``{"partition": "gpu", "exclusive": True, "gres": ["gpu:1", "tmp:10G"]}`` -> sbatch arguments."""
+    """``{"partition": "gpu", "exclusive": True, "gres": ["gpu:1", "tmp:10G"]}`` -> sbatch arguments.
+
+    native_args words come last, as given.
+    """
     args = []
+    native: list[str] = []
     for key in sorted(options):
         value = options[key]
         flag = option_flag(key)
         if value is None or value is False:
             continue
-        if value is True:
+        if flag == option_map.NATIVE_OPTION.replace("_", "-"):
+            native.extend(option_map.native_words(SYSTEM, value, command="sbatch", reserved_flags=RESERVED_FLAGS))
+        elif value is True:
             args.append(f"--{flag}")
         elif isinstance(value, (list, tuple)):
             args.append(f"--{flag}={','.join(str(v) for v in value)}")
         else:
             args.append(f"--{flag}={value}")
-    return args
+    return args + native
 
 
 # ---------------------------------------------------------------------- submission
@@ -125,16 +144,10 @@ def array_spec(request: SubmitRequest) -> str:
     return spec
 
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
 def render_script(request: SubmitRequest) -> str:
     """The batch script: environment, then exec the worker (every word shell-quoted)."""
-    lines = ["#!/bin/bash", f"# reflow job {request.tag}: run {request.run_id}, task {request.task}"]
-    for name, value in sorted(request.env.items()):
-        if not _ENV_NAME.match(name):
-            raise OptionError(f"environment variable name {name!r} is not valid")
-        lines.append(f"export {name}={shlex.quote(str(value))}")
+    lines = ["#!/bin/bash", f"# reflow job {request.tag}: run {request.run_id}, task {request.task}",
+             *export_lines(request)]
     command = " ".join(shlex.quote(str(a)) for a in request.worker_argv)
     if request.indices is not None:
         command += f' --index "$((SLURM_ARRAY_TASK_ID + {int(request.index_offset)}))"'
@@ -185,13 +198,9 @@ def parse_sbatch(stdout: str, stderr: str, returncode: int) -> str:
             return job_id
         raise SubmitError(f"sbatch printed {first!r} instead of a job id", permanent=False)
     message = " ".join(line.strip() for line in (stderr.strip() or stdout.strip()).splitlines() if line.strip())
-    if not message:
-        raise SubmitError(f"sbatch exited {returncode} without a message", permanent=False)
-    if any(p in message.lower() for p in _TRANSIENT):
-        raise SubmitError(message, permanent=False)
     # Everything else ("Invalid account", "invalid partition", a bad option, ...) is a refusal:
     # the same request would be refused again, and a retry loop helps nobody.
-    raise SubmitError(message, permanent=True)
+    raise SubmitError.from_output("sbatch", returncode, message, _TRANSIENT)
 
 
 # ---------------------------------------------------------------------- states
@@ -352,48 +361,6 @@ def tagged_jobs(observations_text: str, fields_by: str, tags: Iterable[str]) -> 
 
 
 # ---------------------------------------------------------------------- scontrol
-
-
-def parse_scontrol_pairs(text: str) -> list[dict[str, str]]:
-    """``scontrol show job`` output: one dict per job record (``Key=Value`` tokens; a token
-    without ``=`` continues the previous value, as in ``Reason=... some words``)."""
-    records: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    last: str | None = None
-    for line in text.splitlines():
-        if not line.strip():
-            if current:
-                records.append(current)
-            current, last = {}, None
-            continue
-        for token in line.split():
-            key, eq, value = token.partition("=")
-            if not eq:
-                if last is not None:
-                    current[last] += " " + token
-                continue
-            if key == "JobId" and current:
-                records.append(current)
-                current = {}
-            current[key] = value
-            last = key
-    if current:
-        records.append(current)
-    return records
-
-
-def parse_scontrol_show_job(text: str) -> dict[str, Observation]:
-    out: dict[str, Observation] = {}
-    for rec in parse_scontrol_pairs(text):
-        job_id = rec.get("JobId")
-        if not job_id:
-            continue
-        array_job, task = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
-        keys = expand_job_key(f"{array_job}_[{task}]") if array_job and task and not task.isdigit() else (
-            [f"{array_job}_{task}"] if array_job and task else [job_id])
-        for key in keys:
-            out[key] = observe(rec.get("JobState", ""), rec.get("Reason"), rec.get("ExitCode"))
-    return out
 
 
 def parse_scontrol_show_config(text: str) -> dict[str, str]:

@@ -1,20 +1,13 @@
 """The workload managers the behavioural engine tests run against, as one registry.
 
 ``tests/test_scheduler_engine.py`` is written once and parametrised over the
-entries here: each entry says how to bring its scheduler up for a test, which
-``[clusters.X]`` table points reflowd at it, how to kill one of its jobs from
-outside (as a user or admin would), which job names it knows (exactly-once
-checks by tag), and the few facts in which systems honestly differ.
-
-Adding a scheduler (for example an emulated PBS) is one more ``register(...)``
-call::
-
-    register(SchedulerEnv(
-        name="pbs-emu", scheduler="pbs", marks=(), start=lambda request: request.getfixturevalue("pbs_emulator"),
-        table=lambda handle: {"scheduler": "pbs"}, env=lambda handle: {"PATH": f"{handle.bin}:{os.environ['PATH']}"},
-        kill_job=lambda handle, job_id: handle.run("qdel", job_id), job_names=lambda handle: handle.job_names(),
-        live_jobs=lambda handle, ids: handle.live(ids), cancelled_reason="...", bad_queue=({"partition": "nope"}, "queue"),
-    ))
+entries here: real Slurm (plain and with accounting) and real Grid Engine,
+and PBS, LSF and Flux on their emulators (``tests/emulators/``). Each entry
+says how to bring its scheduler up for a test, which ``[clusters.X]`` table
+points reflowd at it, how to kill one of its jobs from outside (as a user or
+admin would), which job names it knows (exactly-once checks by tag), and the
+few facts in which systems honestly differ. Adding a scheduler is one more
+``register(SchedulerEnv(...))`` call.
 
 Tests choose entries by feature (``envs(feature)``), so a system that lacks
 something (Grid Engine shows no pending reasons in ``qstat -xml``) is never
@@ -32,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from ..emulators.environments import BAD_QUEUE, CANCELLED_REASON, JOB_ID, EmulatedScheduler
+from ..emulators.environments import SCHEDULERS as EMULATED
 from .fixtures_sge import sge_job_names
 from .fixtures_slurm import start_slurm
 
@@ -70,6 +65,11 @@ class SchedulerEnv:
     pending_reason: tuple[dict[str, str], tuple[str, ...]] | None = None
     #: Submit options naming an account/project the system refuses, and a fragment of the refusal.
     bad_account: tuple[dict[str, str], str] | None = None
+    #: What a job id reflow shows looks like (``<id>`` or an array element's ``<id>_<k>``): nothing in
+    #: reflow may assume integers.
+    job_id: str = r"\d+(_\d+)?"
+    #: Poll settings of the cluster table (emulators answer at once: they are polled faster).
+    poll: dict[str, float] = field(default_factory=lambda: dict(REAL_POLL))
 
     def has(self, feature: str) -> bool:
         return feature in self.features or getattr(self, feature, None) is not None
@@ -82,6 +82,9 @@ FEATURES = {
     "time_limit": "the 1-minute time limit of tests/engine_workflows/slurmy.py is enforced as TIMEOUT",
     "ssh": "works through the loopback sshd (the commands are on the sshd user's PATH)",
 }
+
+#: Poll settings for a real cluster under test (a scheduler that must not be hammered).
+REAL_POLL = {"min_poll_interval": 1, "poll_interval": 2, "max_poll_interval": 10, "lost_grace": 20}
 
 REGISTRY: dict[str, SchedulerEnv] = {}
 
@@ -183,6 +186,46 @@ register(SchedulerEnv(
     features=frozenset({"ssh"}),
     bad_account=({"account": "no_such_project"}, "project"),
 ))
+
+
+# ---------------------------------------------------------------------- PBS, LSF, Flux (emulated)
+#
+# Not selected for them: ``ssh`` (the emulators are not on the sshd login's PATH;
+# tests/test_wlm_ssh.py drives these adapters through the sshd with it set, as a
+# site's login does), ``time_limit`` (the emulators enforce it, but the reason each
+# system gives is its own text, not Slurm's TIMEOUT, and the parser tests cover it on
+# recorded outputs), ``bad_account`` (the emulators accept any account, as sites
+# without enforcement do). Only the Flux emulator can hold a job (``--urgency=0``).
+
+
+def _emulator(kind: str, request: pytest.FixtureRequest) -> EmulatedScheduler:
+    emu = EmulatedScheduler(kind, request.getfixturevalue("tmp_path") / "wlm", slots=10)
+    request.addfinalizer(emu.close)
+    return emu
+
+
+def _cancel_outside(emu: EmulatedScheduler, job_id: str) -> None:
+    result = emu.cancel_outside(job_id)
+    assert result.returncode == 0, result.stderr
+
+
+for _kind in EMULATED:
+    register(SchedulerEnv(
+        name=f"{_kind}-emu",
+        scheduler=_kind,
+        marks=(),
+        start=lambda request, kind=_kind: _emulator(kind, request),
+        table=lambda emu: {"scheduler": emu.kind, "max_calls_per_minute": 600},
+        env=lambda emu: emu.env(),
+        kill_job=_cancel_outside,
+        job_names=lambda emu: emu.submissions_by_name(),
+        live_jobs=lambda emu, ids: emu.live(ids),
+        cancelled_reason=CANCELLED_REASON[_kind],
+        bad_queue=BAD_QUEUE[_kind],
+        job_id=JOB_ID[_kind],
+        poll={"min_poll_interval": 0.3, "poll_interval": 1, "max_poll_interval": 2, "lost_grace": 10},
+        pending_reason=({"native_args": "--urgency=0"}, ("held",)) if _kind == "flux" else None,
+    ))
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -29,6 +29,9 @@ _CANCEL = {"pbs": ["qdel"], "lsf": ["bkill"], "flux": ["flux", "cancel"]}
 #: A fragment of the reason reflow shows for a job cancelled from outside, per system.
 CANCELLED_REASON = {"pbs": "terminated", "lsf": "TERM_OWNER", "flux": "cancel"}
 
+#: What a job id looks like as reflow shows it (``<id>`` or ``<id>_<k>``), per system.
+JOB_ID = {"pbs": r"\d+(\[\])?\.emuserver(_\d+)?", "lsf": r"\d+(_\d+)?", "flux": r"ƒ[1-9A-HJ-NP-Za-km-z]+(_\d+)?"}
+
 #: Submit options naming a queue the emulator does not have, and a fragment of the refusal.
 BAD_QUEUE = {"pbs": ({"queue": "no_such_queue"}, "Unknown queue"),
              "lsf": ({"queue": "no_such_queue"}, "No such queue"),
