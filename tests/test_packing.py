@@ -168,7 +168,8 @@ def packed_scenarios(d: DaemonProcess, base: Path, worker_kill_state: str) -> No
              what="the crash run's packed jobs to run")
     d.kill9()
     d.start()
-    assert wait_state(d, run_c) == "succeeded", (states(d, run_c), [(f.index, f.state, f.error, f.reason) for f in status(d, run_c).failures])
+    assert wait_state(d, run_c) == "succeeded", \
+        (states(d, run_c), [(f.index, f.state, f.error, f.reason) for f in status(d, run_c).failures])
     assert wait_state(d, run_k) == "failed"
     killed_states = states(d, run_k)
     assert killed_states == {i: worker_kill_state if i == 1 else "succeeded" for i in range(8)}, killed_states
