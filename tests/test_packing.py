@@ -205,3 +205,25 @@ def test_packed_on_a_workload_manager(wlm: WLM, tmp_path: Path) -> None:
         wlm.tags_used_once()
     finally:
         d.stop()
+
+
+def test_automatic_packing_needs_history_then_packs(tmp_path: Path) -> None:
+    """The default (``pack = "auto"``): a first run has no history and goes one element per job; the
+    next run of the same task is packed from the durations the first one measured."""
+    d = DaemonProcess(tmp_path / "d", config='[clusters.local]\nscheduler = "local"\nmax_workers = 2\n')
+    d.start()
+    try:
+        first = submit(d, tmp_path / "first", "--n", "8")
+        assert wait_state(d, first) == "succeeded"
+        with d.client() as c:
+            keys = {i.job_id for i in c.status(first, "work").instances or []}
+        assert len(keys) == 8, f"no history: one element per job {keys}"
+        second = submit(d, tmp_path / "second", "--n", "8", "--fail-on", "99")  # other inputs: no cache hits
+        assert wait_state(d, second) == "succeeded"
+        with d.client() as c:
+            keys = {i.job_id for i in c.status(second, "work").instances or []}
+        # Tiny elements: less work than a second interpreter start is worth, so one job (at most one per slot).
+        assert 1 <= len(keys) <= 2, f"packed from the measured durations: {keys}"
+        assert executions(tmp_path / "second")["work 5"] == 1
+    finally:
+        d.stop()

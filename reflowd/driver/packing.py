@@ -58,6 +58,8 @@ LIMIT_SHARE = 0.5
 MIN_SLOT_WORK = 2.0
 #: Seconds an estimate from the store is reused before it is read again.
 HISTORY_TTL = 120.0
+#: ... and the absence of one (history appears as a first run's elements succeed).
+NO_HISTORY_TTL = 2.0
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class Packer:
         key = (run.workflow, tr.name, tr.manifest.version)
         cached = self._estimates.get(key)
         now = world.monotonic()
-        if cached is not None and now - cached[1] < HISTORY_TTL:
+        if cached is not None and now - cached[1] < (HISTORY_TTL if cached[0] is not None else NO_HISTORY_TTL):
             return cached[0]
         try:
             durations = await self.d.store.task_durations(*key)
