@@ -227,3 +227,24 @@ def test_automatic_packing_needs_history_then_packs(tmp_path: Path) -> None:
         assert executions(tmp_path / "second")["work 5"] == 1
     finally:
         d.stop()
+
+
+def test_packed_job_killed_for_its_time_limit(tmp_path: Path) -> None:
+    """Elements 0 and 1 finish, 2 runs into the job's time limit (TIMEOUT, its retry runs alone and
+    times out again), 3 never starts and runs later in a job of its own, once, attempt 1."""
+    d = DaemonProcess(tmp_path / "d", config='[clusters.local]\nscheduler = "local"\nmax_workers = 2\n')
+    d.start()
+    try:
+        out = d.cli("submit", str(ROOT / "tests" / "engine_workflows" / "packed_timeout.py"), "--run-dir",
+                    str(tmp_path / "run"), "--no-daemon", "--json", check=True)
+        run = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+        assert wait_state(d, run) == "failed"
+        work = {i.index: i for i in status(d, run, "work").instances or []}
+        assert {k: i.state for k, i in work.items()} == {0: "succeeded", 1: "succeeded", 2: "timeout",
+                                                         3: "succeeded"}, work
+        assert work[2].attempt == 2 and work[3].attempt == 1, "the never-started element was no failure"
+        assert executions(tmp_path / "run") == Counter({"work 0": 1, "work 1": 1, "work 2": 2, "work 3": 1})
+        assert work[0].job_id == work[1].job_id, "0 and 1 ran in one packed job"
+        assert len({work[2].job_id, work[3].job_id, work[0].job_id}) == 3, "the retry and the requeued run apart"
+    finally:
+        d.stop()
