@@ -9,14 +9,17 @@ so handlers see well-typed values and a client sending nonsense gets
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from reflow_client import codec
-from reflow_client.manifest import Manifest, ManifestError
+from reflow_client.manifest import MAX_PATH, Manifest, ManifestError, run_param_keys
 from reflow_client.protocol import (
     CLUSTER_UNAVAILABLE,
     INVALID_PARAMS,
@@ -81,12 +84,26 @@ class Command:
                 names = "/".join(k.__name__ for k in kinds)
                 raise RpcError(INVALID_PARAMS, f"{self.name}: parameter {name!r} must be {names}, "
                                                f"got {type(value).__name__}")
+            problem = _plain_value(value)
+            if problem:
+                raise RpcError(INVALID_PARAMS, f"{self.name}: parameter {name!r} {problem}")
             if spec.check is not None:
                 problem = spec.check(value)
                 if problem:
                     raise RpcError(INVALID_PARAMS, f"{self.name}: parameter {name!r} {problem}")
             out[name] = value
         return out
+
+
+def _plain_value(value: Any) -> str | None:
+    """What every scalar parameter must be: a 64-bit integer, a finite number, text without NUL."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return "is out of range (it must fit in 64 bits)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if isinstance(value, str) and "\0" in value:
+        return "must not contain a NUL byte"
+    return None
 
 
 REGISTRY: dict[str, Command] = {}
@@ -119,12 +136,26 @@ def _nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _path_text(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > MAX_PATH:
+        return f"is longer than {MAX_PATH} characters"
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        return "must not contain control characters (newline, tab, ...)"
+    return None
+
+
 def _time_value(value: Any) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     try:
         return _dt.datetime.fromisoformat(value).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         raise RpcError(INVALID_PARAMS, f"{value!r} is neither epoch seconds nor an ISO date/time") from None
 
 
@@ -197,16 +228,26 @@ async def _check_cluster(runtime: ClusterRuntime) -> None:
     help="start a run from a manifest",
     manifest=Field(dict, required=True),
     params=Field(dict, default={}),
-    run_dir=Field(str, required=True, check=_nonempty),
+    run_dir=Field(str, required=True, check=_path_text),
     cluster=Field(str),
     options=Field(dict, default={}, check=_check_options),
 )
 async def submit(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     _require_writable(daemon, "submit")
     try:
-        manifest = Manifest.from_dict(p["manifest"])
+        manifest = Manifest.from_dict(p["manifest"], strict=True)
     except ManifestError as exc:
         raise RpcError(INVALID_PARAMS, f"invalid manifest: {exc}") from None
+    except (RecursionError, ValueError, TypeError) as exc:  # nothing may slip past the door as a crash
+        raise RpcError(INVALID_PARAMS, f"invalid manifest: {type(exc).__name__}: {exc}") from None
+    known = run_param_keys(manifest)
+    unknown = sorted(k for k in p["params"] if k not in known)
+    if unknown:
+        raise RpcError(INVALID_PARAMS, f"submit: unknown run parameter(s) {', '.join(map(repr, unknown[:10]))} for "
+                                       f"workflow {manifest.workflow!r} (known: {', '.join(sorted(known)) or 'none'})")
+    if not await anyio.to_thread.run_sync(os.path.isfile, manifest.entrypoint):
+        raise RpcError(INVALID_PARAMS, f"invalid manifest: manifest.entrypoint: {manifest.entrypoint!r} is not a file "
+                                       "reflowd can read (workers load the workflow from it)")
     cluster = p["cluster"] or daemon.default_cluster
     run_dir = p["run_dir"]
     if cluster in daemon.engine.clusters and not daemon.engine.clusters[cluster].remote and not os.path.isabs(run_dir):

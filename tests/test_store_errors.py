@@ -194,13 +194,14 @@ def test_daemon_on_a_full_tmpfs_refuses_submissions_keeps_reading_and_loses_noth
         first = d.cli("submit", str(COUNTING), "--run-dir", str(tmp_path / "one"), "--n", "3", "--no-daemon",
                       "--json", check=True)
         run_id = json.loads(first.stdout.strip().splitlines()[-1])["run_id"]
+        with d.client() as c:
+            wait_for(lambda: c.status(run_id).state == "succeeded", timeout=120, what="the first run")
         # A second run whose tasks wait for a file: it is mid-flight when the disk fills up.
         gate = tmp_path / "gate"
         second = d.cli("submit", str(GATED), "--run-dir", str(tmp_path / "two"), "--n", "4", "--gate",
                        str(gate), "--no-daemon", "--json", check=True)
         run2 = json.loads(second.stdout.strip().splitlines()[-1])["run_id"]
         with d.client() as c:
-            wait_for(lambda: c.status(run_id).state == "succeeded", timeout=120, what="the first run")
             wait_for(lambda: c.status(run2).tasks[1].counts.get("running", 0) == 4, timeout=120,
                      what="the second run's elements to start")
         filler = _fill(state)
@@ -219,6 +220,8 @@ def test_daemon_on_a_full_tmpfs_refuses_submissions_keeps_reading_and_loses_noth
             assert "disk full" in info.value.message and "nothing was changed" in info.value.message
         shown = d.cli("status", run2)
         assert "UNWRITABLE" in shown.stdout and "disk full" in shown.stdout
+        assert "cannot write its state database: disk full" in d.cli("ping").stderr
+        assert "store      UNWRITABLE since" in d.cli("stats").stdout
         assert "cannot write the state database" in d.log()
         filler.unlink()  # space is back
         with d.client() as c:
