@@ -248,3 +248,23 @@ def test_packed_job_killed_for_its_time_limit(tmp_path: Path) -> None:
         assert len({work[2].job_id, work[3].job_id, work[0].job_id}) == 3, "the retry and the requeued run apart"
     finally:
         d.stop()
+
+
+def test_embedded_run_packs_and_runs_a_wide_tasks_elements_side_by_side(tmp_path: Path) -> None:
+    """run_local uses the same packing: pack=4 with cpus=2 is one job of 4 elements per 2 CPUs, two at a
+    time, each element in a process forked from the job's worker (the workflow imported once)."""
+    from reflow.loader import load_workflow
+
+    wf = load_workflow(ROOT / "tests" / "engine_workflows" / "packed_wide.py")
+    result = wf.run_local(tmp_path, max_workers=2, n=8)
+    assert result.ok, result.failures
+    assert result.outputs["total"] == sum(x * 10 for x in range(8))
+    spans = [line.split() for line in (tmp_path / "spans.txt").read_text().splitlines()]
+    assert sorted(int(s[0]) for s in spans) == list(range(8)), "every element once"
+    parents = Counter(s[2] for s in spans)
+    assert sorted(parents.values()) == [4, 4], f"two jobs of four elements, forked from one worker each: {parents}"
+    by_parent: dict[str, list[tuple[float, float]]] = {}
+    for s in spans:
+        by_parent.setdefault(s[2], []).append((float(s[3]), float(s[4])))
+    overlapping = any(a[0] < b[1] and b[0] < a[1] for v in by_parent.values() for a in v for b in v if a != b)
+    assert overlapping, "a job runs two of its elements at once"
