@@ -6,8 +6,9 @@ measured in the same run three ways:
 * ``sbatch --dependency=afterok`` chain of the same job shapes, one array element per element
   (each starting the same interpreter as a reflow worker: ``import reflow.worker``);
 * reflowd with packing off (``pack = "off"``: one array element per element);
-* reflowd with automatic packing (the default ``pack = "auto"``): a first run has no history and
-  runs unpacked; the measured run comes after it, with the first one's durations known.
+* reflowd with automatic packing (the default ``pack = "auto"``): a first run (``--history``
+  elements) has no history and runs unpacked; the measured run comes after it, with the first
+  one's durations known.
 
     flock /tmp/reflow-cluster.lock sudo .venv/bin/python bench/packing_slurm.py [--elements 100 1000]
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--elements", type=int, nargs="+", default=[100])
     parser.add_argument("--repeat", type=int, default=1, help="measured runs of each kind (medians are printed)")
+    parser.add_argument("--history", type=int, default=100, help="elements of the run that leaves history")
     parser.add_argument("--user-polling", action="store_true", help="a user's default poll settings")
     args = parser.parse_args()
     start_cluster()
@@ -76,7 +78,8 @@ def main() -> None:
             base = Path(tmp)
             native = statistics.median(native_chain(base / f"native{k}", n) for k in range(args.repeat))
             off = fanout_runs(base / "off", config("off", fast), "slurm", n, args.repeat)
-            auto = fanout_runs(base / "auto", config("auto", fast), "slurm", n, args.repeat + 1)
+            auto = fanout_runs(base / "auto", config("auto", fast), "slurm", n, args.repeat + 1,
+                               history=min(n, args.history))
         history, packed = auto[0], auto[1:]
         off_wall = statistics.median(r["wall"] for r in off)
         packed_wall = statistics.median(r["wall"] for r in packed)
@@ -85,7 +88,8 @@ def main() -> None:
         print(f"  sbatch afterok chain           {native:7.1f} s   ({n + 2} jobs)")
         print(f"  reflow, packing off            {off_wall:7.1f} s   ({off[-1]['submits']} submissions, "
               f"{off[-1]['array_tasks']} array tasks for the fan-out)  off / native = {off_wall / native:.2f}")
-        print(f"  reflow, first run (no history) {history['wall']:7.1f} s   ({history['submits']} submissions)")
+        print(f"  reflow, first run (no history) {history['wall']:7.1f} s   ({history['elements']} elements, "
+              f"{history['submits']} submissions)")
         print(f"  reflow, packed (auto)          {packed_wall:7.1f} s   ({last['submits']} submissions, "
               f"{last['array_tasks']} array tasks for the fan-out)  packed / native = {packed_wall / native:.2f}, "
               f"packed / off = {packed_wall / off_wall:.2f}")

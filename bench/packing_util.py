@@ -15,8 +15,10 @@ from typing import Any
 from bench_util import ROOT, Daemon, cpu_seconds
 
 
-def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int) -> list[dict[str, Any]]:
-    """*runs* runs of bench/fanout_workflow.py one after another (fresh salt each: no cache hits)."""
+def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int,
+                history: int | None = None) -> list[dict[str, Any]]:
+    """*runs* runs of bench/fanout_workflow.py one after another (fresh salt each: no cache hits);
+    with *history*, the first of them has only that many elements (it is there to leave durations)."""
     from reflow.loader import load_workflow
 
     daemon = Daemon(base / "daemon", config)
@@ -25,7 +27,8 @@ def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int)
         wf = load_workflow(ROOT / "bench" / "fanout_workflow.py")
         with daemon.client() as client:
             for k in range(runs):
-                params = wf.resolve_parameters({"n": elements, "salt": secrets.token_hex(4)})
+                n = history if history and k == 0 else elements
+                params = wf.resolve_parameters({"n": n, "salt": secrets.token_hex(4)})
                 before = client.stats()["clusters"][cluster]["calls"].get("submit", 0)
                 cpu0 = cpu_seconds(daemon.proc.pid)
                 t0 = time.time()
