@@ -268,3 +268,23 @@ def test_embedded_run_packs_and_runs_a_wide_tasks_elements_side_by_side(tmp_path
         by_parent.setdefault(s[2], []).append((float(s[3]), float(s[4])))
     overlapping = any(a[0] < b[1] and b[0] < a[1] for v in by_parent.values() for a in v for b in v if a != b)
     assert overlapping, "a job runs two of its elements at once"
+
+
+def test_cancelling_a_packed_run(tmp_path: Path) -> None:
+    """Cancel while packed jobs run: the jobs end, finished elements stay succeeded, the rest are cancelled."""
+    d = DaemonProcess(tmp_path / "d", config=local_config())
+    d.start()
+    try:
+        run = submit(d, tmp_path / "run", "--n", "8", "--delay", "3")
+        wait_for(lambda: executions(tmp_path / "run")["work 1"], timeout=240, what="element 1 to start")
+        with d.client() as c:
+            assert c.cancel(run) >= 1
+        assert wait_state(d, run) == "cancelled"
+        final = states(d, run)
+        assert set(final.values()) <= {"succeeded", "cancelled"} and final[1] == "cancelled", final
+        assert "total" not in executions(tmp_path / "run")
+        ran = executions(tmp_path / "run")
+        assert all(n == 1 for n in ran.values()), ran
+        assert not any(final[i] == "succeeded" and f"work {i}" not in ran for i in final), "no result without a run"
+    finally:
+        d.stop()
