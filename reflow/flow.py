@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, get_type_hints
 
 from reflow_client import retry
+from reflow_client.pack import OFF, parse_pack
 from reflow_client.resources import format_mem, parse_mem, parse_time
 
 from .params import Param, Result, RunDir
@@ -53,6 +54,8 @@ class JobConfig:
     retries: int = 0
     # ``retry_policy`` (which failure causes are retried and how, see docs/failures.md) is set in __init__ but
     # is not a dataclass field: ``asdict`` stays the reference's, and ``to_dict`` adds it only when set.
+    #: Array elements per scheduler job (``reflow_client.pack``): None follows the cluster's ``pack``.
+    pack: int | str | bool | None = None
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class JobConfig:
         extra: dict[str, Any] | None = None,
         retries: int = 0,
         retry_policy: dict[str, Any] | None = None,
+        pack: int | str | bool | None = None,
         **scheduler_options: Any,
     ) -> None:
         if isinstance(after, str):  # list("prepare") would silently become ['p', 'r', ...]
@@ -89,6 +93,7 @@ class JobConfig:
         self.backend = backend
         self.retries = retries
         self.retry_policy: dict[str, Any] | None = retry_policy
+        self.pack = pack
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -133,6 +138,13 @@ class JobConfig:
             retry.check(self.retry_policy, f"{where}: retry_policy")
         except retry.RetryPolicyError as exc:
             raise ValueError(str(exc)) from None
+        if self.pack is not None:
+            try:
+                parse_pack(self.pack, f"{where}: pack")
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if not self.array and parse_pack(self.pack) not in (None, OFF):
+                raise ValueError(f"{where}: pack only applies to array tasks (array=True or array_job)")
         if not isinstance(self.version, str):
             raise ValueError(f"{where}: version must be a string such as '2', not {self.version!r}")
         for dep in self.after:
@@ -385,6 +397,7 @@ class Flow:
         verify: Callable[[Any], bool] | None = None,
         backend: str | None = None,
         retries: int = 0,
+        pack: int | str | bool | None = None,
         **scheduler_options: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a task, singleton or array job; the function is returned unchanged."""
@@ -408,6 +421,7 @@ class Flow:
                     cache=cache,
                     backend=backend,
                     retries=retries,
+                    pack=pack,
                     **scheduler_options,
                 ),
                 verify=verify,
@@ -432,6 +446,7 @@ class Flow:
         verify: Callable[[Any], bool] | None = None,
         backend: str | None = None,
         retries: int = 0,
+        pack: int | str | bool | None = None,
         **scheduler_options: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register an array task (one instance per element of its fan-out input)."""
@@ -450,6 +465,7 @@ class Flow:
             verify=verify,
             backend=backend,
             retries=retries,
+            pack=pack,
             **scheduler_options,
         )
 

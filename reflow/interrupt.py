@@ -106,6 +106,8 @@ class Interrupts:
         self._grace_over = False
         self._fired = False  # WorkerInterrupted was raised: the grace is done with
         self._done = threading.Event()
+        #: A warning signal arrived: a packed worker starts no further element.
+        self.warned: int | None = None
         self._previous: dict[int, object] = {}
         self._pipe: tuple[int, int] | None = None
         self._main = threading.get_ident()
@@ -144,8 +146,26 @@ class Interrupts:
         if _active is self:
             _active = None
 
+    def hold(self) -> None:
+        """Between two elements of a packed job: a signal is noted (no further element starts), not raised."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
+            signal.signal(signum, self._note)
+
+    def resume(self) -> None:
+        """The next element starts: signals interrupt it again."""
+        for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
+            signal.signal(signum, self._on_signal)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if signum in WARNING_SIGNALS:
+            self.warned = signum
+        elif self.stopped is None:
+            self.stopped = signum
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in WARNING_SIGNALS:
+            self.warned = signum
             raise TaskInterrupted(signum)
         if self.stopped is not None:  # a second stop signal: no more politeness
             raise WorkerInterrupted(self.stopped)

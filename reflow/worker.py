@@ -1,6 +1,7 @@
 """The compute-node worker: run one task instance and leave a result file.
 
     python -m reflow.worker JOB_DIR [--index N]
+    python -m reflow.worker JOB_DIR --packed --index K      (slice K of a packed job)
     python -m reflow.worker --verify REQUEST.json --out RESPONSE.json
 
 Whatever happens -- the function raises, the inputs file is missing or
@@ -73,14 +74,19 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
-def _call_task(job: dict[str, Any], element: dict[str, Any]) -> Any:
+def _load_task(job: dict[str, Any]) -> Any:
+    """The task's spec from the workflow file (imported once per process: the loader caches the module)."""
     from .loader import load_workflow
 
     wf = load_workflow(job["entrypoint"], job.get("workflow"))
     task = job["task"]
     if task not in wf.tasks:
         raise LookupError(f"workflow {wf.name!r} in {job['entrypoint']} has no task {task!r} (was it renamed?)")
-    spec = wf.tasks[task]
+    return wf.tasks[task]
+
+
+def _call_task(job: dict[str, Any], element: dict[str, Any], spec: Any = None) -> Any:
+    spec = spec if spec is not None else _load_task(job)
     kwargs = {k: codec.decode(v) for k, v in {**job.get("kwargs", {}), **element.get("kwargs", {})}.items()}
     for pname in spec.run_dir_params:  # a str-annotated run_dir gets a str, as the reference passes it
         kwargs[pname] = str(job["run_dir"]) if spec.param_types.get(pname) is str else Path(job["run_dir"])
@@ -90,6 +96,58 @@ def _call_task(job: dict[str, Any], element: dict[str, Any]) -> Any:
 def _interrupted(base: dict[str, Any], signum: int, tb: str | None, note: str = "") -> dict[str, Any]:
     name = signal.Signals(signum).name
     return _failure(base, f"interrupted by {name}{note}", tb, name)
+
+
+def _check_job(job: dict[str, Any], job_dir: str) -> None:
+    for key in ("entrypoint", "task", "run_dir"):
+        if not isinstance(job.get(key), str):
+            raise ValueError(f"job file in {job_dir} is corrupt: field {key!r} missing")
+
+
+def _execute(job_dir: str, job: dict[str, Any], element: dict[str, Any], base: dict[str, Any],
+             spec: Any, *, durable: bool) -> tuple[dict[str, Any], int]:
+    """Mark the element started, call the task, and say how it ended (the result is not written yet)."""
+    marker = {"host": base["host"], "pid": base["pid"], "at": base["started_at"]}
+    if durable:
+        jobfiles.write_json_atomic(jobfiles.started_path(job_dir, base["index"]), marker)
+    else:
+        _write_plain(jobfiles.started_path(job_dir, base["index"]), jobfiles.dumps(marker))
+    try:
+        output = _call_task(job, element, spec)
+        encoded = codec.encode(output, "the task's return value")
+        return {
+            **base,
+            "state": jobfiles.SUCCEEDED,
+            "output": encoded,
+            "output_hash": codec.value_hash(encoded),
+            "error": None,
+            "traceback": None,
+            "signal": None,
+            "ended_at": _now(),
+        }, EXIT_OK
+    except (TaskInterrupted, WorkerInterrupted) as exc:
+        return _interrupted(base, exc.signum, traceback.format_exc()), 128 + exc.signum
+    except Exception as exc:  # the task's own failure: report it, do not crash
+        return _failure(base, f"{type(exc).__name__}: {exc}", traceback.format_exc()), EXIT_FAILED
+    except SystemExit as exc:  # sys.exit() in the task: still leave a result saying so
+        return _failure(base, f"SystemExit: the task called sys.exit({exc.code!r})", traceback.format_exc()), \
+            EXIT_FAILED
+
+
+def _stopped_anyway(result: dict[str, Any], code: int, base: dict[str, Any], stopped: int | None) -> tuple[dict[str, Any], int]:
+    """The task caught TaskInterrupted and returned or raised something else: the job was still stopped."""
+    if stopped is None or result.get("signal") is not None:
+        return result, code
+    what = "returned" if result["state"] == jobfiles.SUCCEEDED else f"raised {result['error']}"
+    return _interrupted(base, stopped, result.get("traceback"),
+                        f" (the task caught TaskInterrupted and {what}; a stopped job's output is not kept)"), 128 + stopped
+
+
+def _report(result: dict[str, Any], index: int | None) -> None:
+    if result["state"] == jobfiles.FAILED:
+        print(f"reflow worker: task {result.get('task')} index {index} failed: {result['error']}", file=sys.stderr)
+        if result.get("traceback"):
+            print(result["traceback"], file=sys.stderr)
 
 
 def run_instance(job_dir: str, index: int | None) -> int:
@@ -106,58 +164,235 @@ def run_instance(job_dir: str, index: int | None) -> int:
             base.update(task=job.get("task"), run_id=job.get("run_id"))  # named even if the inputs are broken
             element = _read_json(jobfiles.inputs_path(job_dir, index), "inputs")
             base.update(identity=element.get("identity"))
-            for key in ("entrypoint", "task", "run_dir"):
-                if not isinstance(job.get(key), str):
-                    raise ValueError(f"job file in {job_dir} is corrupt: field {key!r} missing")
+            _check_job(job, job_dir)
         except ValueError as exc:
             result = _failure(base, f"cannot start: {exc}")
             code = EXIT_BAD_INPUT
         else:
-            jobfiles.write_json_atomic(
-                jobfiles.started_path(job_dir, index), {"host": base["host"], "pid": base["pid"], "at": started}
-            )
-            try:
-                output = _call_task(job, element)
-                encoded = codec.encode(output, "the task's return value")
-                result = {
-                    **base,
-                    "state": jobfiles.SUCCEEDED,
-                    "output": encoded,
-                    "output_hash": codec.value_hash(encoded),
-                    "error": None,
-                    "traceback": None,
-                    "signal": None,
-                    "ended_at": _now(),
-                }
-                code = EXIT_OK
-            except (TaskInterrupted, WorkerInterrupted) as exc:
-                result = _interrupted(base, exc.signum, traceback.format_exc())
-                code = 128 + exc.signum
-            except Exception as exc:  # the task's own failure: report it, do not crash
-                result = _failure(base, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            except SystemExit as exc:  # sys.exit() in the task: still leave a result saying so
-                result = _failure(base, f"SystemExit: the task called sys.exit({exc.code!r})", traceback.format_exc())
+            result, code = _execute(job_dir, job, element, base, None, durable=True)
     except (TaskInterrupted, WorkerInterrupted) as exc:  # a signal outside the task call (loading, writing started file)
         result = _interrupted(base, exc.signum, traceback.format_exc())
         code = 128 + exc.signum
     # From here on a signal must not stop us writing the result.
     interrupts.quiet()
-    if interrupts.stopped is not None and result.get("signal") is None:
-        # The task caught TaskInterrupted and returned or raised something else: the job was still stopped.
-        what = "returned" if result["state"] == jobfiles.SUCCEEDED else f"raised {result['error']}"
-        result = _interrupted(base, interrupts.stopped, result.get("traceback"),
-                              f" (the task caught TaskInterrupted and {what}; a stopped job's output is not kept)")
-        code = 128 + interrupts.stopped
+    result, code = _stopped_anyway(result, code, base, interrupts.stopped)
     try:
         jobfiles.write_json_atomic(result_file, result)
     except (OSError, TypeError, ValueError) as exc:
         print(f"reflow worker: cannot write result {result_file}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if result["state"] == jobfiles.FAILED:
-        print(f"reflow worker: task {result.get('task')} index {index} failed: {result['error']}", file=sys.stderr)
-        if result.get("traceback"):
-            print(result["traceback"], file=sys.stderr)
+    _report(result, index)
     return code
+
+
+# ---------------------------------------------------------------------- packed jobs
+
+
+def _write_plain(path: str, data: bytes) -> None:
+    """A packed worker's marker: written without fsync (one per element; its name is what counts)."""
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+
+def _write_result(path: str, result: dict[str, Any]) -> None:
+    """Atomic (a reader sees no file or the whole file) but not fsynced: a packed job writes one per element.
+    A node that crashes before the daemon read it loses the result, and the element is retried."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}~")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(jobfiles.dumps(result))
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(jobfiles.dumps(result))
+    os.replace(tmp, path)
+
+
+def _section(index: int | None, attempt: Any) -> None:
+    header = jobfiles.section_header(index, attempt if isinstance(attempt, int) else None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        try:
+            os.write(fd, (header + "\n").encode())
+        except OSError:
+            pass
+
+
+class _Slice:
+    """One array task of a packed job: its elements, run one after another (or ``width`` at a time)."""
+
+    def __init__(self, job_dir: str, slot: int, interrupts: Interrupts) -> None:
+        self.job_dir = job_dir
+        self.slot = slot
+        self.interrupts = interrupts
+        self.job: dict[str, Any] = {}
+        self.spec: Any = None
+        self.load_error: tuple[str, str] | None = None
+        self.failed = 0
+
+    def read(self) -> list[int]:
+        job = _read_json(os.path.join(self.job_dir, jobfiles.JOB_FILE), "job")
+        _check_job(job, self.job_dir)
+        slices = job.get("slices")
+        if not isinstance(slices, list) or not 0 <= self.slot < len(slices) or not isinstance(slices[self.slot], list):
+            raise ValueError(f"job file in {self.job_dir} has no slice {self.slot}")
+        indices = slices[self.slot]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise ValueError(f"job file in {self.job_dir} is corrupt: slice {self.slot} is not a list of indices")
+        self.job = job
+        return indices
+
+    def load(self) -> None:
+        """Import the workflow once, before any element is marked started (a crash here blames none)."""
+        try:
+            self.spec = _load_task(self.job)
+        except Exception as exc:  # each element then reports it, as an unpacked worker would
+            self.load_error = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def skip(self, index: int) -> bool:
+        """Cancelled by the daemon, or already done (a requeued job runs its slice again)."""
+        return os.path.exists(jobfiles.cancel_path(self.job_dir, index)) or \
+            os.path.exists(jobfiles.result_path(self.job_dir, index))
+
+    def element(self, index: int) -> int:
+        """Run one element and write its result; returns its exit code."""
+        base = _base_result(self.job.get("task"), index, self.job.get("run_id"), _now())
+        try:
+            element = _read_json(jobfiles.inputs_path(self.job_dir, index), "inputs")
+        except ValueError as exc:
+            result, code = _failure(base, f"cannot start: {exc}"), EXIT_BAD_INPUT
+        else:
+            base.update(identity=element.get("identity"))
+            _section(index, element.get("attempt"))
+            cwd, env = os.getcwd(), dict(os.environ)
+            outcome: tuple[dict[str, Any], int] | None = None
+            try:
+                if self.load_error is not None:
+                    _write_plain(jobfiles.started_path(self.job_dir, index),
+                                 jobfiles.dumps({"host": base["host"], "pid": base["pid"], "at": base["started_at"]}))
+                    outcome = _failure(base, self.load_error[0], self.load_error[1]), EXIT_FAILED
+                else:
+                    outcome = _execute(self.job_dir, self.job, element, base, self.spec, durable=False)
+                self.interrupts.hold()
+            except (TaskInterrupted, WorkerInterrupted) as exc:  # outside the task call: this element still ends here
+                self.interrupts.hold()
+                if outcome is None:
+                    outcome = _interrupted(base, exc.signum, traceback.format_exc()), 128 + exc.signum
+            result, code = outcome
+            _restore(cwd, env)  # the next element starts where this one did, as a fresh worker would
+        self.interrupts.hold()
+        result, code = _stopped_anyway(result, code, base, self.interrupts.stopped)
+        try:
+            _write_result(jobfiles.result_path(self.job_dir, index), result)
+        except (OSError, TypeError, ValueError) as exc:
+            print(f"reflow worker: cannot write result of element {index}: {exc}", file=sys.stderr)
+            code = EXIT_FAILED
+        _report(result, index)
+        if result["state"] == jobfiles.FAILED:
+            self.failed += 1
+        return code
+
+    def go_on(self) -> bool:
+        return self.interrupts.stopped is None and self.interrupts.warned is None
+
+    def run(self, indices: list[int], width: int) -> int:
+        if width > 1:
+            return self.run_parallel(indices, width)
+        for index in indices:
+            if not self.go_on():
+                break
+            if self.skip(index):
+                continue
+            self.interrupts.resume()
+            code = self.element(index)
+            if code > 128:
+                return code
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        if self.interrupts.stopped is not None:
+            return 128 + self.interrupts.stopped
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+    def run_parallel(self, indices: list[int], width: int) -> int:
+        """*width* elements at a time, each in a child forked after the workflow was imported."""
+        pending = list(indices)
+        children: dict[int, int] = {}
+        while pending or children:
+            while pending and len(children) < width and self.go_on():
+                index = pending.pop(0)
+                if self.skip(index):
+                    continue
+                pid = os.fork()
+                if pid == 0:  # the child: its own signal handling, one element, then out
+                    code = EXIT_FAILED
+                    try:
+                        self.interrupts = Interrupts()
+                        self.interrupts.install()
+                        code = self.element(index)
+                    finally:
+                        os._exit(code)
+                children[pid] = index
+            if not children:
+                break
+            try:
+                self.interrupts.hold()  # a stop signal reaches the children too (process group): note it, wait
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            index = children.pop(pid, None)
+            if index is None:
+                continue
+            if os.WIFSIGNALED(status) and not os.path.exists(jobfiles.result_path(self.job_dir, index)):
+                name = signal.Signals(os.WTERMSIG(status)).name
+                base = _base_result(self.job.get("task"), index, self.job.get("run_id"), _now())
+                _write_result(jobfiles.result_path(self.job_dir, index),
+                              _failure(base, f"the process running this element was killed by {name}", None, name))
+                self.failed += 1
+            elif os.WIFEXITED(status) and os.WEXITSTATUS(status) not in (EXIT_OK,):
+                self.failed += 1
+        return self.exit_code()
+
+
+def _restore(cwd: str, env: dict[str, str]) -> None:
+    try:
+        if os.getcwd() != cwd:
+            os.chdir(cwd)
+    except OSError:
+        pass
+    if os.environ != env:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def run_slice(job_dir: str, slot: int) -> int:
+    """Run array task *slot* of a packed job: its elements in order, each leaving its own result.
+
+    The worker stops starting elements once the job is being stopped (a stop or warning
+    signal); the ones it never started are left without a trace, for the daemon to submit again.
+    """
+    interrupts = Interrupts()
+    interrupts.install()
+    piece = _Slice(job_dir, slot, interrupts)
+    try:
+        try:
+            indices = piece.read()
+        except ValueError as exc:
+            print(f"reflow worker: cannot start slice {slot}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        piece.load()
+        width = piece.job.get("width", 1)
+        return piece.run(indices, width if isinstance(width, int) and width > 0 else 1)
+    except (TaskInterrupted, WorkerInterrupted) as exc:  # between elements: stop here
+        return 128 + exc.signum
+    finally:
+        interrupts.quiet()
 
 
 def run_verify(request_path: str, out_path: str) -> int:
@@ -184,7 +419,8 @@ def run_verify(request_path: str, out_path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reflow.worker", description="Run one reflow task instance.")
     parser.add_argument("job_dir", nargs="?", help="the submission's job directory")
-    parser.add_argument("--index", help="array element index (omit for a singleton task)")
+    parser.add_argument("--index", help="array element index (omit for a singleton task); with --packed, the slice")
+    parser.add_argument("--packed", action="store_true", help="run slice --index of a packed job (several elements)")
     parser.add_argument("--verify", metavar="REQUEST", help="run verify callables listed in REQUEST (JSON)")
     parser.add_argument("--out", metavar="RESPONSE", help="where --verify writes its answers")
     args = parser.parse_args(argv)
@@ -201,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--index must be a whole number, not {args.index!r}")
     sys.stdout.flush()
+    if args.packed:
+        if index is None:
+            parser.error("--packed needs --index (the slice to run)")
+        return run_slice(args.job_dir, index)
     return run_instance(args.job_dir, index)
 
 

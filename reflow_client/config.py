@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import retry
+from .pack import parse_pack
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,6 +70,7 @@ CLUSTER_KEYS = frozenset(
         "memory_resource",
         "retry_policy",
         "max_queued",
+        "pack",
     }
 )
 
@@ -152,6 +154,8 @@ class ClusterConfig:
     retry_policy: dict[str, Any] = field(default_factory=dict)
     #: Most elements this daemon keeps in the cluster's queue (a site limit published only in its docs).
     max_queued: int | None = None
+    #: Default packing of array elements into jobs (``reflow_client.pack``): "auto" when unset.
+    pack: int | str | bool | None = None
 
     @property
     def remote(self) -> bool:
@@ -246,6 +250,11 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
         raise ConfigError(str(exc)) from None
     _check_remote(merged, where)
     _check_scheduler_keys(merged, table, where)
+    if merged.get("pack") is not None:
+        try:
+            parse_pack(merged["pack"], f"{where}.pack")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return ClusterConfig(name=name, submit_options=options, **merged)
 
 
@@ -312,7 +321,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             raise ConfigError(f"{where}: clusters.{name} must be a table")
         clusters[name] = _cluster_from(name, table, defaults, f"{where}: clusters.{name}")
     if "local" not in clusters:
-        local_defaults = {k: v for k, v in defaults.items() if k in ("python", "max_workers", "env")}
+        local_defaults = {k: v for k, v in defaults.items() if k in ("python", "max_workers", "env", "pack")}
         clusters["local"] = _cluster_from("local", {"scheduler": "local"}, local_defaults, f"{where}: clusters.local")
     default_cluster = os.environ.get("REFLOW_CLUSTER") or defaults.get("cluster") or "local"
     if default_cluster not in clusters:

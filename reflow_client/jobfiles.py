@@ -8,6 +8,11 @@ One directory per submission (its tag), under the run directory::
         inputs/<key>.json     one element's own arguments and identity
         started/<key>.json    written by the worker when it begins (host, pid, time)
         results/<key>.json    written atomically by the worker when it ends
+        cancel/<key>.json     packed jobs: the daemon cancelled this element; the worker skips it
+
+A packed job (``job.json`` has ``slices``) runs several elements per array task
+and writes one log per array task, in sections: each element's output follows
+a :func:`section_header` line naming it (:func:`log_section` cuts one out).
 
 ``<key>`` is the element index, or ``single`` for a singleton task. Both
 sides import this module so they cannot disagree about paths or fields.
@@ -59,6 +64,37 @@ def started_path(job_dir_: str, index: int | None) -> str:
 
 def result_path(job_dir_: str, index: int | None) -> str:
     return os.path.join(job_dir_, "results", f"{element_key(index)}.json")
+
+
+def cancel_path(job_dir_: str, index: int | None) -> str:
+    return os.path.join(job_dir_, "cancel", f"{element_key(index)}.json")
+
+
+#: Start of the line a packed worker writes to stdout and stderr before each element's output.
+SECTION_MARK = "==== reflow element "
+
+
+def section_header(index: int | None, attempt: int | None = None) -> str:
+    return f"{SECTION_MARK}{element_key(index)}" + (f" attempt {attempt}" if attempt is not None else "") + " ===="
+
+
+def log_section(text: str, index: int | None) -> str | None:
+    """The output of element *index* in a packed job's log (its last section); None if it has none."""
+    head = f"{SECTION_MARK}{element_key(index)} "
+    start = -1
+    at = 0
+    while True:
+        found = text.find(head, at)
+        if found < 0:
+            break
+        if found == 0 or text[found - 1] == "\n":
+            start = found
+        at = found + len(head)
+    if start < 0:
+        return None
+    body = text.index("\n", start) + 1 if "\n" in text[start:] else len(text)
+    end = text.find("\n" + SECTION_MARK, body - 1)
+    return text[body:] if end < 0 else text[body : end + 1]
 
 
 def log_dir(run_dir: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import retry
+from .pack import parse_pack
 from .resources import parse_mem, parse_time
 
 MANIFEST_VERSION = 1
@@ -398,6 +399,11 @@ def check_config(config: dict[str, Any], is_array: bool, where: str) -> None:
         try:
             retry.check(config["retry_policy"], f"{where}.retry_policy")
         except retry.RetryPolicyError as exc:
+            raise ManifestError(str(exc)) from None
+    if config.get("pack") is not None:
+        try:
+            parse_pack(config["pack"], f"{where}.pack")
+        except ValueError as exc:
             raise ManifestError(str(exc)) from None
     if "version" in config:
         if not isinstance(config["version"], str):

@@ -20,6 +20,7 @@ from reflow_client.manifest import Manifest
 
 from .cache_store import CacheStore, open_cache
 from .clusters import build_cluster
+from .driver.packing import elements
 from .driver.submit import log_paths_for
 from .engine.engine import Engine, EngineSettings
 from .engine.states import RunState
@@ -112,7 +113,7 @@ async def failure_log_paths(db: str | os.PathLike[str], run_id: str, failures: l
     paths: dict[str, str] = {}
     for failure in failures:
         task, index = failure["task"], failure["index"]
-        mine = [r for r in records if r.task == task and (index is None or index in (r.request.indices or ()))]
+        mine = [r for r in records if r.task == task and (index is None or index in elements(r.request))]
         if mine:
             latest = max(mine, key=lambda r: r.submitted_at)
             label = task if index is None else f"{task}[{index}]"

@@ -773,6 +773,37 @@ class Store:
                 found[identity] = {"output": json.loads(row[1]), "output_hash": row[2], "run_id": row[5], "task": row[4]}
         return found
 
+    async def task_durations(self, workflow: str, task: str, version: str, *, runs: int = 20,
+                             limit: int = 2000) -> list[float]:
+        """Seconds each succeeded instance of *task* took in the newest *runs* runs of *workflow* at *version*.
+
+        For automatic packing (``reflowd/driver/packing.py``); the version is read from each run's
+        manifest, so a changed task does not inherit its old timings.
+        """
+        sql = "SELECT id, manifest FROM runs WHERE workflow=? ORDER BY created_at DESC LIMIT ?"
+        async with self._r.execute(sql, (workflow, runs * 3)) as cur:
+            rows = await cur.fetchall()
+        wanted: list[str] = []
+        for row in rows:
+            try:
+                tasks = json.loads(row["manifest"]).get("tasks", [])
+                config = next((t.get("config") or {} for t in tasks if t.get("name") == task), None)
+            except (ValueError, AttributeError, TypeError):
+                continue
+            if config is not None and str(config.get("version", "1")) == str(version):
+                wanted.append(row["id"])
+            if len(wanted) >= runs:
+                break
+        out: list[float] = []
+        for run_id in wanted:
+            sql = ("SELECT ended_at - started_at AS d FROM instances WHERE run_id=? AND task=? AND state='succeeded' "
+                   "AND started_at IS NOT NULL AND ended_at IS NOT NULL LIMIT ?")
+            async with self._r.execute(sql, (run_id, task, limit - len(out))) as cur:
+                out.extend(float(r["d"]) for r in await cur.fetchall())
+            if len(out) >= limit:
+                break
+        return out
+
     async def jobs_for_runs(self, run_ids: Iterable[str]) -> list[JobRecord]:
         ids = list(run_ids)
         if not ids:

@@ -64,6 +64,7 @@ def test_job_with_every_seed_parameter() -> None:
         verify=check,
         backend="slurm",
         retries=2,
+        pack=20,
         constraint="gpu",
         gres=["gpu:1"],
     )
@@ -91,6 +92,7 @@ def test_job_with_every_seed_parameter() -> None:
         "cache": False,
         "backend": "slurm",
         "retries": 2,
+        "pack": 20,
     }
     wf = Workflow("seed_wf")
     wf.include(flow)
@@ -151,6 +153,7 @@ def test_defaults() -> None:
         "cache": True,
         "backend": None,
         "retries": 0,
+        "pack": None,
     }
 
 

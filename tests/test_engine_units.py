@@ -48,7 +48,7 @@ def test_every_state_has_a_row_and_terminal_success_is_final() -> None:
         (State.PENDING, State.RUNNING),
         (State.SUCCEEDED, State.FAILED),
         (State.CACHED, State.RUNNING),
-        (State.QUEUED, State.READY),
+        (State.QUEUED, State.PENDING),  # (QUEUED -> READY: an element its packed job never started)
         (State.UPSTREAM_FAILED, State.SUCCEEDED),
         (State.READY, State.QUEUED),
     ],

@@ -36,6 +36,7 @@ from ..store import Store
 from .health import ClusterHealth
 from .observe import Observer
 from .queue_limits import QueueLimit
+from .packing import Packer
 from .policy import FileClock, PollPolicy
 from .submit import Submitter
 from .track import JobTrack
@@ -112,6 +113,7 @@ class Driver:
         self.ready_wake = anyio.Event()
         self.observer_wake = anyio.Event()
         self.counters: dict[str, int] = {}
+        self.packer = Packer(self)
         cluster.scheduler.on_change = self.scheduler_changed
 
     def scheduler_changed(self) -> None:
@@ -152,8 +154,13 @@ class Driver:
         self.waiting.pop(inst, None)
 
     def cancel_jobs(self, keys: list[str]) -> None:
-        """Ask the scheduler to cancel these jobs or array elements (retried until delivered)."""
+        """Ask the scheduler to cancel these jobs or array elements (retried until delivered).
+
+        A packed job that still runs elements nobody cancelled is left alone: its cancelled
+        elements get markers instead (see ``packing.Packer.left``)."""
         for key in keys:
+            if self.packer.keep_job(key):
+                continue
             self.cancels[key] = None
         if keys:
             self.wake()
@@ -168,6 +175,8 @@ class Driver:
         if track.live.get(inst.index) is inst:
             del track.live[inst.index]
             track.held.pop(inst.index, None)
+            if track.packed:
+                self.packer.left(track, inst)
             if not track.live:
                 self.emptied[tag] = None
             if self.ready and self.queue_limit.cap(world.now()) is not None:

@@ -33,6 +33,7 @@ from ..engine.states import FAILURE, State
 from ..schedulers.base import Observation, Phase, Presence
 from ..transports.base import TransportError
 from . import requeue
+from . import packing
 from .submit import adopt
 from .track import JobTrack, index_of
 
@@ -134,7 +135,7 @@ class Observer:
         if done:
             await self.read_results(track, done)
             changed = True
-        elements = 1 if track.request.indices is None else len(track.request.indices)
+        elements = len(packing.elements(track.request))
         if track.live and len(track.seen_started) < elements:
             started = await transport.listdir(os.path.join(track.request.job_dir, "started"), timeout=timeout)
             for name in started:
@@ -181,6 +182,8 @@ class Observer:
             if held is not None:
                 track.held.pop(inst.index, None)  # a newer run's result replaces the held one
             obs = inst.observed
+            if track.packed and not packing.explains(result):
+                obs = None  # the job's end explains only the element a signal stopped, not another's own failure
             decision = decide.from_result(inst, result, obs)
             explained = obs is not None and obs.phase is Phase.DONE
             if decision.state is State.FAILED and result.get("signal") and not explained:
@@ -290,6 +293,8 @@ class Observer:
             decision = decide.from_observation(inst, obs, now, self.cluster.timing)
             if decision is None:
                 continue
+            if track.packed and decision.state is State.RUNNING:
+                decision = packing.running_decision(decision)
             if decision.state in FAILURE:
                 concluding.append((inst, decision))
                 continue
@@ -302,9 +307,22 @@ class Observer:
             missing = await self.read_results(track, [i for i in look.values() if i.in_flight])
             changed |= len(missing) < len(look)
             missing_ids = {id(i) for i in missing}
+            concluding = [(i, dec) for i, dec in concluding if id(i) in missing_ids and i.in_flight]
+            if track.packed and concluding:
+                started = set(await self.cluster.metered.listdir(os.path.join(track.request.job_dir, "started"),
+                                                                 timeout=self.cluster.config.command_timeout))
+                concluding = packing.after_death(track, concluding, started)
             for inst, decision in concluding:
-                if id(inst) in missing_ids and inst.in_flight:
-                    changed |= self.apply(track, inst, decision)
+                if not inst.in_flight:
+                    continue
+                ok = self.apply(track, inst, decision)
+                changed |= ok
+                if ok and decision.state is State.READY:
+                    self.d.count("packed_requeued")
+                    inst.handed = True
+                    self.d.submit(track.run, [inst])  # never started: its attempt is still to come
+                elif ok and track.packed and decision.state in FAILURE:
+                    self.d.packer.solo.add(inst.key)  # it died in a packed job: its retry runs alone
         return changed
 
     def not_understood(self, inst: Instance, obs: Observation) -> None:
@@ -343,6 +361,7 @@ class Observer:
                 continue
             del d.tracks[tag]
             d.held_tags.pop(tag, None)
+            d.packer.skips.pop(tag, None)
             track.record.state = "done"
             d.store.put_job(track.record)
             if track.record.job_id:
@@ -350,6 +369,14 @@ class Observer:
 
     async def deliver_cancels(self) -> None:
         d, cluster = self.d, self.cluster
+        if d.packer.skips:
+            markers = d.packer.markers()
+            try:
+                if markers:
+                    await cluster.metered.write_files(markers, timeout=cluster.config.command_timeout)
+                d.packer.skips.clear()
+            except (TransportError, OSError, TimeoutError) as exc:
+                log.warning("cannot write cancel markers; will retry", cluster=d.name, error=str(exc))
         if not d.cancels or not d.health.allows(world.monotonic()):
             return
         batch = sorted(d.cancels)

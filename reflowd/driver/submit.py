@@ -34,6 +34,7 @@ from ..engine.states import State
 from ..schedulers.base import SubmitError, SubmitRequest, log_path
 from ..transports.base import TransportError
 from . import queue_limits
+from . import packing
 from .track import JobTrack
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ def new_tag() -> str:
 
 
 def log_paths_for(request: SubmitRequest, index: int | None) -> tuple[str, str]:
-    array_id = None if request.indices is None or index is None else index - request.index_offset
+    """An element's stdout/stderr files (in a packed job, its array task's: the element has a section there)."""
+    array_id = packing.array_id(request, index)
     return (
         log_path(request.log_dir, request.task, request.tag, array_id, "out"),
         log_path(request.log_dir, request.task, request.tag, array_id, "err"),
@@ -149,7 +151,8 @@ class Submitter:
             finally:
                 self.d.submitting -= len(insts)
 
-    def build_request(self, run: Run, tr: TaskRun, insts: list[Instance], tag: str) -> SubmitRequest:
+    def build_request(self, run: Run, tr: TaskRun, insts: list[Instance], tag: str,
+                      plan: packing.Plan | None = None) -> SubmitRequest:
         cluster = self.cluster
         task = tr.manifest
         job_dir = jobfiles.job_dir(run.run_dir, run.id, tag)
@@ -157,6 +160,15 @@ class Submitter:
         offset = 0
         if indices and max(indices) >= cluster.scheduler.max_array_size:
             offset = min(indices)
+        worker_argv = [cluster.python_for(run.manifest.python), "-m", "reflow.worker", job_dir]
+        parallelism = task.array_parallelism
+        slices = None
+        if plan is not None:  # the scheduler sees one array task per slice
+            slices = [list(piece) for piece in plan.slices]
+            indices, offset = list(range(len(slices))), 0
+            worker_argv.append(packing.PACKED_FLAG)
+            if parallelism:  # array_parallelism counts elements: a slice runs `width` at a time
+                parallelism = max(1, parallelism // plan.width)
         options: dict[str, Any] = {**cluster.config.submit_options, **task.config.get("submit_options", {})}
         escalated = insts[0].resources or {} if insts else {}  # a batch shares its resources (form_batches)
         env = {
@@ -172,32 +184,34 @@ class Submitter:
             job_dir=job_dir,
             log_dir=jobfiles.log_dir(run.run_dir),
             workdir=run.run_dir,
-            worker_argv=[cluster.python_for(run.manifest.python), "-m", "reflow.worker", job_dir],
+            worker_argv=worker_argv,
             indices=indices,
             index_offset=offset,
-            array_parallelism=task.array_parallelism,
+            array_parallelism=parallelism,
             cpus=int(task.config.get("cpus", 1)),
             time=str(escalated.get("time") or task.config.get("time", "00:30:00")),
             mem=format_mem(str(escalated.get("mem") or task.config.get("mem", "4G"))),
             options=options,
             env=env,
+            slices=slices,
         )
 
-    def job_files(self, run: Run, tr: TaskRun, insts: list[Instance], request: SubmitRequest) -> dict[str, bytes]:
+    def job_files(self, run: Run, tr: TaskRun, insts: list[Instance], request: SubmitRequest,
+                  plan: packing.Plan | None = None) -> dict[str, bytes]:
         res = self.host.resolution(run, tr)
-        files = {
-            os.path.join(request.job_dir, jobfiles.JOB_FILE): jobfiles.dumps(
-                {
-                    "run_id": run.id,
-                    "workflow": run.workflow,
-                    "task": tr.name,
-                    "entrypoint": entrypoint(run, self.cluster.remote),
-                    "run_dir": run.run_dir,
-                    "tag": request.tag,
-                    "kwargs": res.shared,
-                }
-            )
+        job: dict[str, Any] = {
+            "run_id": run.id,
+            "workflow": run.workflow,
+            "task": tr.name,
+            "entrypoint": entrypoint(run, self.cluster.remote),
+            "run_dir": run.run_dir,
+            "tag": request.tag,
+            "kwargs": res.shared,
         }
+        if request.slices is not None:
+            job["slices"] = [list(piece) for piece in request.slices]
+            job["width"] = plan.width if plan is not None else 1
+        files = {os.path.join(request.job_dir, jobfiles.JOB_FILE): jobfiles.dumps(job)}
         for inst in insts:
             element = res.elements[inst.index] if inst.index is not None else {}
             files[jobfiles.inputs_path(request.job_dir, inst.index)] = jobfiles.dumps(
@@ -216,14 +230,26 @@ class Submitter:
         self.d.staged.add(run.id)
 
     async def submit_batch(self, run: Run, tr: TaskRun, insts: list[Instance]) -> None:
+        """Submit a batch: one job, or several when packing splits it (``packing.Packer.groups``)."""
+        insts = [i for i in insts if i.state is State.READY]
+        if not insts:
+            return
+        for group, plan in await self.d.packer.groups(run, tr, insts):
+            await self.submit_job(run, tr, group, plan)
+
+    async def submit_job(self, run: Run, tr: TaskRun, insts: list[Instance], plan: packing.Plan | None) -> None:
         d, cluster, host = self.d, self.cluster, self.host
         insts = [i for i in insts if i.state is State.READY]
         if not insts:
             return
+        if plan is not None:  # elements cancelled meanwhile leave their slices
+            ready = {i.index for i in insts}
+            slices = [kept for piece in plan.slices if (kept := [i for i in piece if i in ready])]
+            plan = packing.Plan(slices, plan.width, plan.why) if any(len(p) > 1 for p in slices) else None
         tag = new_tag()
         try:
-            request = self.build_request(run, tr, insts, tag)
-            files = self.job_files(run, tr, insts, request)
+            request = self.build_request(run, tr, insts, tag, plan)
+            files = self.job_files(run, tr, insts, request, plan)
         except ResolveError as exc:
             for inst in insts:
                 host.transition(run, inst, State.FAILED, {"source": "resolve"}, error=str(exc))
@@ -245,10 +271,29 @@ class Submitter:
         insts = [i for i in insts if i.state is State.READY]  # cancellations while we wrote files
         if not insts:
             return
+        if request.slices is not None and len(insts) < len(packing.elements(request)):
+            ready = {i.index for i in insts}  # the worker must skip the cancelled ones
+            gone = [i for i in packing.elements(request) if i not in ready]
+            try:
+                await cluster.metered.write_files({jobfiles.cancel_path(request.job_dir, i): b"{}" for i in gone},
+                                                  timeout=timeout)
+            except (TransportError, OSError, TimeoutError):
+                for inst in insts:  # as for job files that cannot be written: try again later, anew
+                    if inst.state is State.READY:
+                        host.update(inst, not_before=world.now() + WRITE_RETRY)
+                        d.submit(run, [inst])
+                return
+            insts = [i for i in insts if i.state is State.READY]
+            if not insts:
+                return
         now = world.now()
         record = JobRecord(tag, run.id, tr.name, cluster.name, request, state="submitting", submitted_at=now)
         d.store.put_job(record)
-        evidence = {"source": "submitter", "tag": tag, "elements": len(insts)}
+        evidence: dict[str, Any] = {"source": "submitter", "tag": tag, "elements": len(insts)}
+        if request.slices is not None:
+            evidence.update(packed=len(request.slices), why=plan.why if plan else None)
+            d.count("packed_jobs")
+            d.count("packed_elements", len(insts))
         for n, inst in enumerate(insts):
             if n and n % YIELD_EVERY == 0:
                 await anyio.sleep(0)
@@ -348,10 +393,10 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
         await d.store.pace()
         if inst.tag != track.tag:
             continue
-        key = track.request.element_key(job_id, inst.index)
+        key = packing.job_key(track.request, job_id, inst.index, track.slots)
         if inst.state is State.SUBMITTING:
             d.host.transition(track.run, inst, State.QUEUED, evidence, job_id=job_id, job_key=key)
-        elif inst.state is State.CANCELLED:
+        elif inst.state is State.CANCELLED and not (track.packed and d.packer.keep_job(key)):
             d.cancels[key] = None  # cancelled while the submission was under way
     if not track.live:
         d.emptied[track.tag] = None

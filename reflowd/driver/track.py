@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from reflow_client.jobfiles import element_key
+
 from ..engine.model import Instance, JobRecord, Run
 from ..schedulers.base import SubmitRequest
 from .policy import FileClock
@@ -26,6 +28,28 @@ class JobTrack:
     stale: dict[int | None, tuple[Any, ...]] = field(default_factory=dict)
     resolve_attempts: int = 0
     resolve_after: float = 0.0
+    #: Packed submissions: element index -> the array task (slice) that runs it.
+    slots: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for k, piece in enumerate(self.record.request.slices or ()):
+            for index in piece:
+                self.slots[index] = k
+
+    @property
+    def packed(self) -> bool:
+        return self.record.request.slices is not None
+
+    def slot_members(self, slot: int) -> list[Instance]:
+        """The instances a packed job's array task *slot* runs (whatever their state)."""
+        slices = self.request.slices or ()
+        if not 0 <= slot < len(slices):
+            return []
+        tr = self.run.tasks[self.record.task]
+        return [tr.instances[i] for i in slices[slot] if i in tr.instances]
+
+    def has_result(self, index: int | None) -> bool:
+        return f"{element_key(index)}.json" in self.seen_results
 
     @property
     def tag(self) -> str:
@@ -38,6 +62,8 @@ class JobTrack:
     def members(self) -> list[Instance]:
         """Every instance this submission covers (in flight or not)."""
         tr = self.run.tasks[self.record.task]
+        if self.request.slices is not None:
+            return [tr.instances[i] for piece in self.request.slices for i in piece if i in tr.instances]
         indices = self.request.indices
         if indices is None:
             return [tr.instances[None]] if None in tr.instances else []

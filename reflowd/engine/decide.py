@@ -70,7 +70,9 @@ def from_result(inst: Instance, result: dict[str, Any], obs: Observation | None)
     fields: dict[str, Any] = {
         "ended_at": result.get("ended_at"),
         "host": result.get("host"),
-        "started_at": inst.started_at or result.get("started_at"),
+        # The worker's own clock for both ends: a duration from one clock (automatic packing sizes
+        # jobs from these), not the daemon's moment of noticing the start.
+        "started_at": result.get("started_at") or inst.started_at,
     }
     evidence: dict[str, Any] = {"source": "result_file", "state": result.get("state")}
     if result.get("state") == "succeeded":

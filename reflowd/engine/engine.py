@@ -26,6 +26,7 @@ import anyio
 import structlog
 
 from reflow_client import codec
+from reflow_client.jobfiles import log_section
 from reflow_client.manifest import Manifest
 
 from .. import world
@@ -716,13 +717,16 @@ class Engine:
         records = [r for r in await self.store.jobs_for_runs([run.id]) if r.tag == inst.tag]
         if not records:
             return {"stdout": "", "stderr": "", "note": "no job record for this instance"}
-        out_path, err_path = log_paths_for(records[0].request, index)
+        request = records[0].request
+        out_path, err_path = log_paths_for(request, index)
         cluster = self.clusters[run.cluster]
         files = await cluster.metered.read_files([out_path, err_path], timeout=cluster.config.command_timeout)
 
         def tail(data: bytes | None) -> str:
             if data is None:
                 return ""
+            if request.slices is not None:  # a packed job's log: this element's section of it
+                return (log_section(data.decode("utf-8", "replace"), index) or "")[-max_bytes:]
             return data[-max_bytes:].decode("utf-8", "replace")
 
         return {"stdout": tail(files[out_path]), "stderr": tail(files[err_path]), "stdout_path": out_path,

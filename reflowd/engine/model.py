@@ -242,6 +242,7 @@ def _request_to_dict(req: SubmitRequest) -> dict[str, Any]:
         "indices": None if req.indices is None else list(req.indices), "index_offset": req.index_offset,
         "array_parallelism": req.array_parallelism, "cpus": req.cpus, "time": req.time, "mem": req.mem,
         "options": dict(req.options), "env": dict(req.env),
+        **({"slices": [list(s) for s in req.slices]} if req.slices is not None else {}),
     }
 
 

@@ -55,7 +55,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.READY: frozenset({S.SUBMITTING, S.CACHED, S.CANCELLED, S.FAILED, S.PENDING}),
     # SUBMITTING -> READY: the tag was looked up and no job exists, so submit again.
     S.SUBMITTING: frozenset({S.QUEUED, S.RUNNING, S.SUBMIT_FAILED, S.READY} | _FINISH),
-    S.QUEUED: frozenset({S.RUNNING} | _FINISH),
+    # QUEUED -> READY: its packed job ended before it started (reflowd/driver/packing.py); not a failure.
+    S.QUEUED: frozenset({S.RUNNING, S.READY} | _FINISH),
     # RUNNING -> QUEUED: the scheduler requeued the job (preemption, node failure with requeue).
     S.RUNNING: frozenset({S.QUEUED} | _FINISH),
     S.SUCCEEDED: frozenset({S.READY}),  # only when verification finds its outputs gone

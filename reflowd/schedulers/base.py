@@ -77,6 +77,12 @@ class SubmitRequest:
     ``indices`` are element indices of the task; the scheduler sees
     ``index - index_offset`` as its array task id so that chunks of a large
     fan-out stay below the site's ``MaxArraySize``.
+
+    A *packed* submission (``slices`` set) runs several elements per array
+    task: the scheduler sees one array task per slice (``indices`` are then
+    the slice numbers ``0..k-1``), and array task ``k`` runs the elements
+    ``slices[k]`` one after another (see ``reflowd/driver/packing.py``).
+    Adapters need not know: they render ``indices`` as always.
     """
 
     tag: str
@@ -94,6 +100,8 @@ class SubmitRequest:
     mem: str = "4G"
     options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Element indices run by each array task of a packed submission (None: one element per array task).
+    slices: Sequence[Sequence[int]] | None = None
 
     @property
     def is_array(self) -> bool:

@@ -257,16 +257,19 @@ class LocalScheduler(Scheduler):
         elements = self._elements_for(job_id, request)
         cmdlines = await anyio.to_thread.run_sync(_proc_cmdlines)
         for element in elements:
-            result = jobfiles.result_path(request.job_dir, element.index)
-            started = jobfiles.started_path(request.job_dir, element.index)
-            if await anyio.to_thread.run_sync(_exists, result):
+            # A packed job's array task runs several elements (``request.slices``): it ended once all
+            # their results are there, and it started once any of them did.
+            covered = _covered(request, element.index)
+            results = [jobfiles.result_path(request.job_dir, i) for i in covered]
+            started = [jobfiles.started_path(request.job_dir, i) for i in covered]
+            if await anyio.to_thread.run_sync(lambda paths=results: all(_exists(p) for p in paths)):
                 element.phase, element.outcome = Phase.DONE, Outcome.COMPLETED
                 continue
             pid = _find_worker(cmdlines, request.job_dir, element.index)
             if pid is not None:
                 element.phase, element.pid, element.adopted = Phase.RUNNING, pid, True
                 element.pid_start = _process_start(pid)
-            elif await anyio.to_thread.run_sync(_exists, started):
+            elif await anyio.to_thread.run_sync(lambda paths=started: any(_exists(p) for p in paths)):
                 element.phase, element.outcome = Phase.DONE, Outcome.FAILED  # started, no process, no result
             else:
                 self._queue.append(element)  # never started: only we start local jobs
@@ -350,6 +353,13 @@ class LocalScheduler(Scheduler):
             "jobs": len(self._jobs),
             "started_total": self.started_total,
         }
+
+
+def _covered(request: SubmitRequest, index: int | None) -> list[int | None]:
+    """The elements array task *index* runs: itself, or its slice of a packed job."""
+    if request.slices is not None and index is not None and 0 <= index < len(request.slices):
+        return list(request.slices[index])
+    return [index]
 
 
 def _process_start(pid: int) -> str | None:

@@ -1,0 +1,346 @@
+"""Packing: several array elements per scheduler job, each still its own instance.
+
+A packed submission is one array job whose array task ``k`` runs the elements
+``slices[k]`` one after another in one worker process (or ``width`` at a time
+when a task that asks for several CPUs is packed by its own ``pack=``). The
+job is only a vehicle: every element keeps its own inputs, result, state,
+cache identity, retry count and log section. So:
+
+* The driver moves a packed element to RUNNING only when its own ``started``
+  marker appears (the scheduler only knows the job runs).
+* When a packed job dies (killed, out of memory, node failure, time limit,
+  lost), :func:`after_death` sorts its elements: those with a result keep
+  it (the observer has read them), the ones that had started and left no
+  result fail with the job's cause (and are retried *alone* if retries allow),
+  the ones never started go back to READY with their attempt unchanged.
+* Cancelling some elements of a packed job that others still need leaves a
+  ``cancel/<key>.json`` marker the worker checks before each element, instead
+  of killing the job; an element already running is stopped with its job (the
+  others of that job then go back to READY).
+
+How elements are sliced (:func:`plan`) comes from the task's ``pack=`` (or its
+cluster's), and for automatic packing from the measured durations of earlier
+instances of the same task (:mod:`reflowd.engine.durations`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from reflow_client import jobfiles
+from reflow_client.pack import OFF, PackSpec, parse_pack
+from reflow_client.resources import parse_time
+
+from .. import world
+from ..engine.durations import Estimate, estimate
+from ..engine.model import Instance, Run, TaskRun
+from ..engine.records import reset_values
+from ..engine.states import State
+from ..schedulers.base import SubmitRequest
+
+if TYPE_CHECKING:
+    from ..engine import decide
+    from .driver import Driver
+    from .track import JobTrack
+
+log = structlog.get_logger("reflowd.packing")
+
+#: The worker flag that makes ``--index K`` mean "run slice K".
+PACKED_FLAG = "--packed"
+#: Automatic packing keeps a job's predicted work within this share of the task's time limit.
+LIMIT_SHARE = 0.5
+#: Below this much predicted work per job, spreading elements over more jobs is not worth a start-up.
+MIN_SLOT_WORK = 2.0
+#: Seconds an estimate from the store is reused before it is read again.
+HISTORY_TTL = 120.0
+#: ... and the absence of one (history appears as a first run's elements succeed).
+NO_HISTORY_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Element indices per array task of one packed job, and how many run at once in each."""
+
+    slices: list[list[int]]
+    width: int
+    why: str
+
+
+def task_spec(config: dict[str, Any], cluster_pack: Any) -> tuple[PackSpec, bool]:
+    """The spec a task is packed by, and whether it comes from the task's own ``pack=``.
+
+    A task's own ``pack=`` wins. The cluster's default (automatic unless set otherwise) applies
+    only to tasks asking for one CPU: a task that asks for several may use them for one element.
+    """
+    try:
+        own = parse_pack(config.get("pack"))
+    except ValueError:
+        own = None  # the door refused bad values; a stored manifest of an older reflowd cannot have one
+    if own is not None:
+        return own, True
+    if int(config.get("cpus", 1) or 1) > 1:
+        return OFF, False
+    try:
+        return parse_pack(cluster_pack if cluster_pack is not None else "auto", "cluster pack") or OFF, False
+    except ValueError:
+        return OFF, False
+
+
+def even_slices(indices: Sequence[int], count: int) -> list[list[int]]:
+    """*indices* (in order) cut into *count* contiguous slices whose sizes differ by at most one."""
+    count = max(1, min(count, len(indices)))
+    size, extra = divmod(len(indices), count)
+    out, at = [], 0
+    for k in range(count):
+        n = size + (1 if k < extra else 0)
+        out.append(list(indices[at : at + n]))
+        at += n
+    return out
+
+
+def plan(indices: Sequence[int], spec: PackSpec, est: Estimate | None, *, time_limit: float | None,
+         width: int = 1, parallel: int | None = None) -> Plan | None:
+    """How to slice *indices*; None means one element per job (as without packing).
+
+    *parallel* is how many jobs of this task could run at once, when known (the local
+    scheduler's slots): small batches are spread over that many jobs rather than run in one.
+    """
+    indices = sorted(indices)
+    if spec.off or len(indices) < 2:
+        return None
+    width = max(1, width)
+    if spec.count is not None:
+        per_job = spec.count
+        why = f"pack={spec.count}"
+    else:
+        if est is None or spec.target is None:
+            return None  # automatic packing needs history
+        per_job = max(1, math.floor(spec.target * width / est.mean))
+        why = f"target {spec.target:g} s, {est.describe()}"
+    if est is not None and time_limit:
+        cap = max(1, math.floor(LIMIT_SHARE * time_limit * width / est.high))
+        if cap < per_job:
+            per_job = cap
+            why += f", capped by the time limit ({time_limit:g} s)"
+    if per_job < 2 and width < 2:
+        return None
+    per_job = max(1, per_job)
+    count = math.ceil(len(indices) / per_job)
+    if parallel and count < parallel:
+        want = min(len(indices), parallel)
+        if est is not None:
+            want = min(want, max(1, math.ceil(len(indices) * est.mean / width / MIN_SLOT_WORK)))
+        count = max(count, want)
+    slices = even_slices(indices, count)
+    if all(len(s) == 1 for s in slices):
+        return None
+    return Plan(slices, width, why)
+
+
+def slot_map(request: SubmitRequest) -> dict[int, int]:
+    """Element index -> array task (slice number) of a packed request."""
+    return {index: k for k, piece in enumerate(request.slices or ()) for index in piece}
+
+
+def elements(request: SubmitRequest) -> list[int | None]:
+    """Every element a request covers, packed or not."""
+    if request.slices is not None:
+        return [i for piece in request.slices for i in piece]
+    if request.indices is None:
+        return [None]
+    return list(request.indices)
+
+
+def array_id(request: SubmitRequest, index: int | None) -> int | None:
+    """The scheduler's array task id that runs element *index* (None for a singleton)."""
+    if request.indices is None or index is None:
+        return None
+    if request.slices is not None:
+        return slot_map(request).get(index)
+    return index - request.index_offset
+
+
+def job_key(request: SubmitRequest, job_id: str, index: int | None, slots: dict[int, int] | None = None) -> str:
+    """The key a query reports element *index* under (its slice's array task when packed)."""
+    if request.slices is None or index is None:
+        return request.element_key(job_id, index)
+    slots = slots if slots is not None else slot_map(request)
+    return request.element_key(job_id, slots[index])
+
+
+def time_limit(request_time: str | None) -> float | None:
+    try:
+        limit = parse_time(request_time) if request_time else None
+    except ValueError:
+        return None
+    return float(limit) if limit else None
+
+
+# ---------------------------------------------------------------------- the driver's side
+
+
+class Packer:
+    """A driver's packing state: duration estimates, elements to run alone, cancel markers to write."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.d = driver
+        self._estimates: dict[tuple[str, str, str], tuple[Estimate | None, float]] = {}
+        #: Elements whose last attempt died inside a packed job: the next one runs alone.
+        self.solo: set[tuple[str, str, int]] = set()
+        #: Cancelled elements of packed jobs others still need, by tag: markers still to write.
+        self.skips: dict[str, dict[int, None]] = {}
+
+    async def estimate(self, run: Run, tr: TaskRun) -> Estimate | None:
+        key = (run.workflow, tr.name, tr.manifest.version)
+        cached = self._estimates.get(key)
+        now = world.monotonic()
+        if cached is not None and now - cached[1] < (HISTORY_TTL if cached[0] is not None else NO_HISTORY_TTL):
+            return cached[0]
+        try:
+            durations = await self.d.store.task_durations(*key)
+        except Exception as exc:  # history is advisory: without it, elements go one per job
+            log.warning("cannot read task durations; not packing automatically", task=tr.name, error=str(exc))
+            durations = []
+        found = estimate(durations)
+        self._estimates[key] = (found, now)
+        return found
+
+    async def groups(self, run: Run, tr: TaskRun, insts: list[Instance]) -> list[tuple[list[Instance], Plan | None]]:
+        """The batch as submissions: packed groups (with their plan) and unpacked ones (plan None)."""
+        task = tr.manifest
+        if not task.is_array or len(insts) < 2:
+            return [(insts, None)]
+        spec, own = task_spec(task.config, self.d.cluster.config.pack)
+        if spec.off:
+            return [(insts, None)]
+        alone = [i for i in insts if i.key in self.solo]
+        packable = [i for i in insts if i.key not in self.solo]
+        cpus = int(task.config.get("cpus", 1) or 1)
+        width = cpus if own else 1
+        est = await self.estimate(run, tr)
+        parallel = self.parallel(task.array_parallelism, cpus, width)
+        found = plan([i.index for i in packable if i.index is not None], spec, est,
+                     time_limit=time_limit(str(task.config.get("time", "00:30:00"))), width=width, parallel=parallel)
+        out: list[tuple[list[Instance], Plan | None]] = []
+        if found is None:
+            return [(insts, None)]
+        by_index = {i.index: i for i in packable}
+        limit = max(1, self.d.cluster.scheduler.max_array_size)
+        for start in range(0, len(found.slices), limit):
+            chunk = found.slices[start : start + limit]
+            members = [by_index[i] for piece in chunk for i in piece]
+            out.append((members, Plan(chunk, found.width, found.why)))
+        if alone:
+            out.append((alone, None))
+        for inst in alone:
+            self.solo.discard(inst.key)
+        return out
+
+    def parallel(self, array_parallelism: int | None, cpus: int, width: int) -> int | None:
+        """How many jobs of one task could run at once, where the driver knows it."""
+        slots = getattr(self.d.cluster.scheduler, "max_workers", None)
+        known = None if slots is None else max(1, int(slots) // max(1, min(cpus, int(slots))))
+        if array_parallelism:
+            cap = max(1, array_parallelism // width)
+            known = cap if known is None else min(known, cap)
+        return known
+
+    # ------------------------------------------------------------------ cancelling part of a job
+
+    def left(self, track: JobTrack, inst: Instance) -> None:
+        """A packed element left flight; if it was cancelled while its job goes on, see to the job."""
+        if inst.state is not State.CANCELLED or inst.index is None:
+            return
+        slot = track.slots.get(inst.index)
+        if slot is None or track.record.job_id is None:
+            self.skips.setdefault(track.tag, {})[inst.index] = None  # not submitted yet: the marker suffices
+            return
+        key = job_key(track.request, track.record.job_id, inst.index, track.slots)
+        others = [i for i in track.slot_members(slot) if i is not inst and i.tag == track.tag and i.in_flight]
+        if f"{jobfiles.element_key(inst.index)}.json" in track.seen_started and not track.has_result(inst.index):
+            self.d.cancels[key] = None  # running: stop its job (the others there go back to READY)
+        elif others:
+            self.skips.setdefault(track.tag, {})[inst.index] = None
+        self.d.wake()
+
+    def keep_job(self, key: str) -> bool:
+        """A cancel for *key* would stop a packed job that still runs elements nobody cancelled."""
+        job_id, _, slot = key.rpartition("_")
+        if not job_id or not slot.isdigit():
+            return False
+        for track in self.d.tracks.values():
+            if track.record.job_id == job_id and track.request.slices is not None:
+                return any(i.in_flight and i.tag == track.tag for i in track.slot_members(int(slot)))
+        return False
+
+    def markers(self) -> dict[str, bytes]:
+        """Cancel markers to write now (cleared once written)."""
+        files: dict[str, bytes] = {}
+        for tag, indices in self.skips.items():
+            track = self.d.tracks.get(tag) or self.d.unresolved.get(tag)
+            if track is None:
+                continue
+            for index in indices:
+                slot = track.slots.get(index)
+                if slot is not None and track.record.job_id is not None and not any(
+                        i.in_flight and i.tag == tag for i in track.slot_members(slot)):
+                    continue  # nothing else left in that job: it is cancelled whole
+                files[jobfiles.cancel_path(track.request.job_dir, index)] = jobfiles.dumps(
+                    {"at": world.now(), "by": "reflowd"})
+        return files
+
+
+# ---------------------------------------------------------------------- when a packed job ends
+
+
+def after_death(track: JobTrack, concluding: list[tuple[Instance, decide.Decision]], started: set[str],
+                ) -> list[tuple[Instance, decide.Decision]]:
+    """What each element of an ended packed job without a result becomes.
+
+    *concluding* holds the scheduler's verdict for each (the job's cause); *started*
+    the names in the job's ``started/`` directory. An element that started fails with
+    the cause; one that never started goes back to READY -- unless nothing in its
+    slice started, in which case the job died before running anything and every
+    element takes the cause, as it would unpacked.
+    """
+    from ..engine.decide import Decision
+
+    out = []
+    for inst, decision in concluding:
+        name = f"{jobfiles.element_key(inst.index)}.json"
+        if name in started or inst.index is None:
+            out.append((inst, decision))
+            continue
+        slot = track.slots.get(inst.index)
+        siblings = track.request.slices[slot] if slot is not None and track.request.slices else []
+        if any(f"{jobfiles.element_key(i)}.json" in started for i in siblings):
+            evidence = {"source": "packing", "note": "its packed job ended before it started",
+                        "job_state": decision.evidence.get("scheduler_state") or decision.evidence.get("presence"),
+                        "tag": track.tag}
+            out.append((inst, Decision(State.READY, evidence, reset_values(Instance))))
+        else:
+            out.append((inst, decision))
+    return out
+
+
+def running_decision(decision: decide.Decision) -> decide.Decision:
+    """A packed element does not run because its job does: only its ``started`` marker says so."""
+    from ..engine.decide import Decision
+
+    keep = {k: v for k, v in decision.fields.items() if k in ("absent_since", "absent_count")}
+    return Decision(None, {}, keep)
+
+
+def explains(result: dict[str, Any]) -> bool:
+    """Whether the job's end may explain a failed packed element's result: only the one a signal stopped
+    (another element's exception is its own, even if the job later timed out)."""
+    return bool(result.get("signal"))
+
+
+__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "job_key",
+           "plan", "slot_map", "task_spec", "time_limit"]
