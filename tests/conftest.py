@@ -8,6 +8,8 @@ fails the session: the suite must not go green without the real cluster.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,6 +25,20 @@ CLUSTER_MARKS = ("slurm", "slurm_accounting", "ssh", "sge")
 
 def in_ci() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("REFLOW_CI"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The whole session (each xdist worker) gets a private $XDG_STATE_HOME before any fixture runs:
+    session-scoped daemons and clusters must not share the user's result cache either."""
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="reflow-test-state-")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each module its own $XDG_STATE_HOME, for its module-scoped runs (they start before the per-test one)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-module-state")))
+        yield
 
 
 @pytest.fixture(autouse=True)
