@@ -22,13 +22,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_util import ROOT  # noqa: E402
 from packing_util import fanout_runs  # noqa: E402
+from slurm_fanout import native_chain  # noqa: E402  (the same afterok chain as the fan-out benchmark)
 
 FAST = "min_poll_interval = 0.3\npoll_interval = 1\nmax_poll_interval = 2\n"
 
@@ -40,26 +40,6 @@ def start_cluster() -> None:
 def config(pack: str, fast: bool) -> str:
     return (f'[clusters.slurm]\nscheduler = "slurm"\npython = "{sys.executable}"\npack = "{pack}"\n'
             + (FAST if fast else "") + 'submit_options = { partition = "debug" }\n')
-
-
-def native_chain(base: Path, elements: int) -> float:
-    """The same three levels with Slurm's own afterok dependencies, same interpreter start-up per job."""
-    base.mkdir(parents=True, exist_ok=True)
-    body = f"{sys.executable} -c 'import reflow.worker'"
-
-    def sbatch(*args: str) -> str:
-        out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--mem=100M", *args],
-                             capture_output=True, text=True, check=True, timeout=60)
-        return out.stdout.strip().split(";")[0]
-
-    done = base / "done"
-    t0 = time.time()
-    first = sbatch("--wrap", body)
-    array = sbatch(f"--dependency=afterok:{first}", f"--array=0-{elements - 1}", "--wrap", body)
-    sbatch(f"--dependency=afterok:{array}", "--wrap", f"{body}; date +%s.%N > {done}")
-    while not done.exists() or not done.read_text().strip():
-        time.sleep(0.2)
-    return float(done.read_text()) - t0
 
 
 def main() -> None:
