@@ -15,7 +15,6 @@ from .executors import (
 from .flow import Flow, JobConfig, TaskSpec
 from .interrupt import TaskInterrupted
 from .params import Param, Result, RunDir
-from .run import Run
 from .states import RunState, TaskState
 from .workflow import Workflow
 
@@ -45,3 +44,13 @@ __all__ = [
     "load_config",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``Run`` is imported on first use: it brings the client (anyio), which a worker never needs,
+    and every array element's worker pays for what ``import reflow`` loads."""
+    if name == "Run":
+        from .run import Run
+
+        return Run
+    raise AttributeError(f"module 'reflow' has no attribute {name!r}")
