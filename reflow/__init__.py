@@ -52,5 +52,6 @@ def __getattr__(name: str) -> object:
     if name == "Run":
         from .run import Run
 
+        globals()["Run"] = Run  # from now on an ordinary attribute (vars(reflow) has it, as before)
         return Run
     raise AttributeError(f"module 'reflow' has no attribute {name!r}")
