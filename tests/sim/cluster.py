@@ -230,6 +230,8 @@ class SimCluster:
     # ------------------------------------------------------------------ what the scheduler commands do
 
     def submit(self, request: SubmitRequest, now: float) -> str:
+        if request.slices is not None:  # never run a slice number as an element index: say so at once
+            raise AssertionError("the simulated cluster does not run packed jobs; its runtime sets pack=False")
         self.submissions[request.tag] += 1
         if self.submissions[request.tag] > 1:
             self.duplicates.append(f"tag submitted twice: {request.tag}")
