@@ -107,10 +107,10 @@ def test_a_conclusion_that_raises_fails_that_run_only() -> None:
 def test_a_submission_that_raises_fails_its_instances_with_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Submitter.build_request
 
-    def broken(self: Submitter, run: Any, tr: Any, insts: Any, tag: str) -> Any:
+    def broken(self: Submitter, run: Any, tr: Any, insts: Any, tag: str, *rest: Any) -> Any:
         if tr.name == "square":
             raise TypeError("request builder broke")
-        return real(self, run, tr, insts, tag)
+        return real(self, run, tr, insts, tag, *rest)
 
     async def body(engine: Engine, cluster: SimCluster) -> None:
         monkeypatch.setattr(Submitter, "build_request", broken)

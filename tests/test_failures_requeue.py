@@ -19,7 +19,6 @@ import pytest
 from reflow_client import jobfiles
 from reflowd.engine.engine import Engine
 from reflowd.engine.states import RunState, State
-from reflowd.schedulers.base import Phase
 
 from .sim.cluster import SimCluster
 from .sim.harness import manifest, simulate, wait_until
@@ -39,7 +38,8 @@ def requeue_once(monkeypatch: pytest.MonkeyPatch, index: int, queued_for: float,
     def _start(self: SimCluster, job: Any, element: Any, now: float) -> None:
         if job.request.task == "square" and element.index == index and info["requeued_at"] is not None:
             if now - info["requeued_at"] < queued_for:
-                return  # still waiting in the queue after the requeue
+                self.requeue(job, element)  # still waiting in the queue after the requeue
+                return
         start(self, job, element, now)
         if job.request.task == "square" and element.index == index:
             info["starts"] += 1
@@ -51,7 +51,7 @@ def requeue_once(monkeypatch: pytest.MonkeyPatch, index: int, queued_for: float,
             self.fs[jobfiles.result_path(job.request.job_dir, element.index)] = json.dumps(
                 {"state": "failed", "error": "interrupted by SIGTERM", "signal": "SIGTERM", "host": "sim",
                  "pid": 100, "started_at": now - 30, "ended_at": now}).encode()
-            element.phase, element.result, element.ends_at = Phase.QUEUED, None, None
+            self.requeue(job, element)
             info["requeued_at"] = now
             info["starts"] = 1.5
             return

@@ -221,9 +221,17 @@ class SimCluster:
         else:
             self._held.append((job, element))
 
+    def requeue(self, job: SimJob, element: SimElement) -> None:
+        """Put an element back in the queue under the same job id (Slurm's ``scontrol requeue``); it starts
+        again when a slot is free. The queue is a list of what can move, so a requeue must go through here."""
+        element.phase, element.outcome, element.ends_at, element.result = Phase.QUEUED, None, None, None
+        self._queued.append((job, element))
+
     # ------------------------------------------------------------------ what the scheduler commands do
 
     def submit(self, request: SubmitRequest, now: float) -> str:
+        if request.slices is not None:  # never run a slice number as an element index: say so at once
+            raise AssertionError("the simulated cluster does not run packed jobs; its runtime sets pack=False")
         self.submissions[request.tag] += 1
         if self.submissions[request.tag] > 1:
             self.duplicates.append(f"tag submitted twice: {request.tag}")

@@ -464,9 +464,15 @@ class Harness:
 
 
 def sim_runtime(cluster: SimCluster, now: Any) -> ClusterRuntime:
-    """The simulated cluster as the engine's driver sees it (metered like any other)."""
+    """The simulated cluster as the engine's driver sees it (metered like any other).
+
+    Packing is off: :class:`SimCluster` runs one element per array task, as the unpacked worker does; a
+    packed job (array task k running the elements of slice k) is tested on the real schedulers
+    (tests/test_packing.py). Left on ("auto" by default), the driver packs as soon as the store holds
+    durations of a first few elements, and the simulation would misread the slices."""
     config = ClusterConfig(name="sim", scheduler="sim", poll_interval=5.0, min_poll_interval=1.0,
-                           max_poll_interval=20.0, max_calls_per_minute=60.0, command_timeout=10.0, lost_grace=20.0)
+                           max_poll_interval=20.0, max_calls_per_minute=60.0, command_timeout=10.0, lost_grace=20.0,
+                           pack=False)
     budget = Budget(config.max_calls_per_minute)
     transport = MeteredTransport(SimTransport(cluster), budget)
     return ClusterRuntime(name="sim", config=config, transport=transport.inner, metered=transport,
