@@ -177,6 +177,8 @@ class Driver:
             track.held.pop(inst.index, None)
             if track.packed:
                 self.packer.left(track, inst)
+            if inst.state is State.SUCCEEDED:
+                self.packer.learned(inst.task)
             if not track.live:
                 self.emptied[tag] = None
             if self.ready and self.queue_limit.cap(world.now()) is not None:

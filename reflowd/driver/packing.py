@@ -210,6 +210,12 @@ class Packer:
         self._estimates[key] = (found, now)
         return found
 
+    def learned(self, task: str) -> None:
+        """An instance of *task* succeeded: a remembered "no history" for it is out of date (its duration
+        is history now), so the next batch of the task asks the store again instead of waiting out the TTL."""
+        for key in [k for k, (found, _) in self._estimates.items() if found is None and k[1] == task]:
+            del self._estimates[key]
+
     async def groups(self, run: Run, tr: TaskRun, insts: list[Instance]) -> list[tuple[list[Instance], Plan | None]]:
         """The batch as submissions: packed groups (with their plan) and unpacked ones (plan None)."""
         task = tr.manifest
