@@ -53,13 +53,30 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Every cluster test in one xdist group: the clusters are machine-wide singletons, so one worker
-    runs them all in order while the other workers run the rest of the suite beside them."""
-    group = pytest.mark.xdist_group("cluster")
-    for item in items:
-        if any(item.get_closest_marker(m) for m in CLUSTER_MARKS):
-            item.add_marker(group)
+    runs them all in order while the other workers run the rest of the suite beside them.
+
+    Marked as each item is collected: xdist's worker reads ``xdist_group`` marks in its own
+    ``pytest_collection_modifyitems`` (turning them into a ``@cluster`` node-id suffix), which ran before
+    a conftest hook of that name (even ``tryfirst``), so the marks came too late and the cluster tests
+    were spread over both workers, each switching and reconfiguring the one Slurm under the other."""
+    if any(item.get_closest_marker(m) for m in CLUSTER_MARKS):
+        item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Refuse to run cluster tests on a worker whose xdist did not group them (two workers would drive the
+    one cluster at once). pytest 9.2 keeps node ids in ``Node._id``; pytest-xdist 3.8 still writes the
+    group suffix to ``_nodeid``, where 9.2 no longer reads it: hence the ``pytest<9.2`` pin."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup")):
+        return
+    ungrouped = [i.nodeid for i in session.items
+                 if any(i.get_closest_marker(m) for m in CLUSTER_MARKS) and not i.nodeid.endswith("@cluster")]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"pytest-xdist did not put {ungrouped[0]} in the 'cluster' group (pytest {pytest.__version__}): "
+            "the cluster tests would run on two workers at once; install the pytest the [test] extra pins")
 
 
 _skipped_cluster_tests: list[str] = []

@@ -104,3 +104,21 @@ def test_the_slurm_probe_reads_the_smallest_submit_limit_of_the_association_and_
     assert sc.parse_queue_limit("root|5||normal\n", qos) == 5
     assert sc.parse_queue_limit("root|||normal\n", "normal||\n") is None
     assert sc.render_assoc_limits("ann")[:5] == ["sacctmgr", "-n", "-P", "show", "assoc"]
+
+
+def test_an_element_done_here_holds_its_queue_slot_until_the_scheduler_ends_it() -> None:
+    """A worker writes its result while its job still runs (then completes): the site still counts it."""
+    from reflowd.schedulers.base import Observation, Presence
+
+    held = queue_limits.Lingering()
+    held.add("7_1", "7", 100.0)
+    held.add("7_2", "7", 100.0)
+    held.add("8", "8", 100.0)
+    assert len(held) == 3 and held.job_ids() == {"7", "8"}
+    running = Observation(Presence.PRESENT, Phase.RUNNING)
+    assert not held.observed(None, 101.0) and len(held) == 3  # a failed query shows nothing
+    assert held.observed({"7_1": running, "7_2": Observation(Presence.PRESENT, Phase.DONE), "8": running}, 102.0)
+    assert set(held.keys) == {"7_1", "8"}
+    assert held.observed({"8": running}, 103.0) and set(held.keys) == {"8"}  # 7_1 is gone from the queue
+    assert not held.observed({"8": running}, 104.0)
+    assert held.observed(None, 100.0 + queue_limits.LINGER_MAX) and len(held) == 0  # bounded, never for ever

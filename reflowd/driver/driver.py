@@ -32,10 +32,11 @@ from ..clusters import ClusterRuntime
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.resolve import Resolution
 from ..engine.states import State
+from ..schedulers.base import Phase
 from ..store import Store
 from .health import ClusterHealth
 from .observe import Observer
-from .queue_limits import QueueLimit
+from .queue_limits import Lingering, QueueLimit
 from .packing import Packer
 from .policy import FileClock, PollPolicy
 from .submit import Submitter
@@ -106,6 +107,8 @@ class Driver:
         self.last_query_error: str | None = None
         #: The per-user queue limit (config, probe, refusals) and elements in batches being submitted now.
         self.queue_limit = QueueLimit(config.max_queued)
+        #: Elements done here that the scheduler may still count toward a queue limit.
+        self.lingering = Lingering()
         self.submitting = 0
         #: Is the scheduler answering? While not, nothing is concluded, submissions wait, probes are rare.
         self.health = ClusterHealth(base=max(1.0, config.poll_interval),
@@ -174,6 +177,9 @@ class Driver:
             return
         if track.live.get(inst.index) is inst:
             del track.live[inst.index]
+            if self.queue_limit.cap(world.now()) is not None and inst.job_key and track.record.job_id and not (
+                    inst.observed is not None and inst.observed.phase is Phase.DONE):
+                self.lingering.add(inst.job_key, track.record.job_id, world.now())  # counted until it ends there
             track.held.pop(inst.index, None)
             if track.packed:
                 self.packer.left(track, inst)
@@ -230,7 +236,7 @@ class Driver:
     def queued_elements(self) -> int:
         """Elements this daemon has in the cluster's queue (or about to): what a per-user limit counts."""
         tracks = {**self.unresolved, **self.tracks}
-        return sum(len(t.live) for t in tracks.values()) + self.submitting
+        return sum(len(t.live) for t in tracks.values()) + self.submitting + len(self.lingering)
 
     def scheduler_failed(self, what: str, error: str) -> None:
         """A scheduler command (*what*) got no answer: count it toward the circuit breaker."""

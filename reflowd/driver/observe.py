@@ -71,7 +71,7 @@ class Observer:
             try:
                 await self.deliver_cancels()
                 await self.resolve_unresolved()
-                if d.tracks:
+                if d.tracks or d.lingering:
                     await self.check_files()
                     now = world.monotonic()
                     due = d.query_due or next_query <= now or d.deadline_due() or bool(d.held_tags)
@@ -83,7 +83,7 @@ class Observer:
             except Exception:  # a cycle must survive anything a cluster throws at it
                 log.exception("observer cycle failed", cluster=d.name)
                 d.count("observer_errors")
-            busy = d.tracks or d.unresolved or d.cancels
+            busy = d.tracks or d.unresolved or d.cancels or d.lingering
             with anyio.move_on_after(self.cluster.result_interval if busy else d.settings.idle_wait):
                 await wake.wait()
 
@@ -203,7 +203,7 @@ class Observer:
     async def query(self) -> None:
         d, cluster = self.d, self.cluster
         tracks = [t for t in d.tracks.values() if t.live and t.record.job_id]
-        job_ids = sorted({t.record.job_id for t in tracks if t.record.job_id})
+        job_ids = sorted({t.record.job_id for t in tracks if t.record.job_id} | d.lingering.job_ids())
         if not job_ids:
             return
         started = world.monotonic()
@@ -219,6 +219,8 @@ class Observer:
             d.scheduler_failed("query", d.last_query_error)
             observations = None
         changed = False
+        if d.lingering.observed(observations, world.now()) and d.ready:
+            d.ready_wake.set()  # those elements ended at the scheduler: their queue slots are free
         for track in tracks:
             try:
                 changed |= await self.apply_observations(track, observations)

@@ -12,7 +12,10 @@ the cap is what was queued when the scheduler said no.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from ..schedulers.base import Observation, Phase, Presence
 
 #: Lower-case fragments of refusals that mean "over a limit, try later" (sbatch, qsub, bsub, flux submit).
 LIMIT_FRAGMENTS = (
@@ -33,6 +36,11 @@ LIMIT_FRAGMENTS = (
 
 #: Seconds a limit learnt from a refusal holds before a submission tries again.
 LIMIT_WAIT = 30.0
+
+
+#: Seconds an element reflow is done with is still counted while the scheduler never says it ended: a bound
+#: (a query that keeps failing must not hold the queue for ever), not a wait.
+LINGER_MAX = 120.0
 
 
 def is_limit_refusal(message: str) -> bool:
@@ -76,3 +84,35 @@ class QueueLimit:
         if self.refusals:
             out.update(limit_refusals=self.refusals, last_limit_refusal=self.last_refusal)
         return out
+
+
+class Lingering:
+    """Elements reflow is done with that the scheduler still counts.
+
+    A worker writes its result file, and reflow takes the element's outcome from it, while the job is still
+    running (then completing) for a moment: the site's limit counts it until the scheduler ends it. Such an
+    element keeps its queue slot until a scheduler query shows it ended or gone (or LINGER_MAX passes)."""
+
+    def __init__(self) -> None:
+        #: job key (``123_4``) -> (the job id to query it by, since when)
+        self.keys: dict[str, tuple[str, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, key: str, job_id: str, now: float) -> None:
+        self.keys.setdefault(key, (job_id, now))
+
+    def job_ids(self) -> set[str]:
+        return {job_id for job_id, _ in self.keys.values()}
+
+    def observed(self, observations: Mapping[str, Observation] | None, now: float) -> bool:
+        """Let go of what one query shows ended or gone (a failed query, *None*, shows nothing); True if any."""
+        before = len(self.keys)
+        for key, (_, since) in list(self.keys.items()):
+            obs = observations.get(key) if observations is not None else None
+            gone = observations is not None and (obs is None or obs.presence is Presence.ABSENT)
+            ended = obs is not None and obs.phase is Phase.DONE
+            if gone or ended or now - since >= LINGER_MAX:
+                del self.keys[key]
+        return len(self.keys) < before

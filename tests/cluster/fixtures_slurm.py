@@ -40,6 +40,17 @@ def _unavailable() -> str | None:
     return None
 
 
+#: Where slurm.sh records the mode it last started the cluster in (any process's switch rewrites it).
+MODE_MARK = Path("/var/lib/reflow-test-slurm/mode")
+
+
+def _marked_mode() -> str | None:
+    try:
+        return MODE_MARK.read_text().strip()
+    except OSError:
+        return None
+
+
 #: The mode this test process last put the cluster in (only start_slurm changes it, under the cluster lock).
 _current: dict[str, str | None] = {"mode": None}
 
@@ -50,7 +61,7 @@ def start_slurm(mode: str) -> SlurmCluster:
     Two fixtures drive the one cluster (``slurm_cluster`` and the scheduler registry's
     ``wlm``), so each test re-asserts its mode; that costs nothing when it is already set.
     """
-    if _current["mode"] == mode:
+    if _current["mode"] == mode and _marked_mode() == mode:
         return SlurmCluster(mode=mode)
     why = _unavailable()
     if why:
