@@ -259,7 +259,9 @@ def test_crashes_failures_kills_cancels_and_refusals_side_by_side(wlm: WLM, tmp_
 
         def restart(d: DaemonProcess, after: str, fault: str | None = None) -> None:
             assert d.proc is not None and d.proc.returncode == 137, f"reflowd should have died {after}"
-            d.start(extra_env={"REFLOW_FAULT_POINTS": fault} if fault else None)
+            # With a fault point set, the new reflowd may reach it (and exit 137) before it ever answers a
+            # ping: the next step waits for that death, so do not wait for an answer here.
+            d.start(extra_env={"REFLOW_FAULT_POINTS": fault} if fault else None, wait=fault is None)
 
         def adopted_then_restart() -> None:
             assert "adopted job found by tag" in crashing.log()
