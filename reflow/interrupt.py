@@ -44,6 +44,10 @@ STOP_GRACE = 5.0
 class TaskInterrupted(Exception):  # noqa: N818 - the reference's name
     """The job running this task is being stopped (or warned that it will be) by a signal."""
 
+    #: Set by a task that saved a checkpoint before re-raising (``stop.checkpoint = str(path)``): the worker
+    #: notes it in the result, and ``status`` shows it with the instance's cause.
+    checkpoint: str | None = None
+
     def __init__(self, signum: int) -> None:
         self.signum = signum
         self.signame = signal.Signals(signum).name

@@ -98,6 +98,24 @@ def _interrupted(base: dict[str, Any], signum: int, tb: str | None, note: str = 
     return _failure(base, f"interrupted by {name}{note}", tb, name)
 
 
+def _checkpoint_of(exc: BaseException | None) -> str | None:
+    """The checkpoint a stopped task says it saved (``stop.checkpoint = path`` on the TaskInterrupted it
+    re-raised, or raised another exception from)."""
+    for _ in range(10):  # a chain of causes is short; never loop on a cycle
+        if exc is None:
+            return None
+        value = getattr(exc, "checkpoint", None)
+        if value:
+            return str(value)[:1000]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _noting_checkpoint(result: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    checkpoint = _checkpoint_of(exc)
+    return {**result, "checkpoint": checkpoint} if checkpoint else result
+
+
 def _check_job(job: dict[str, Any], job_dir: str) -> None:
     for key in ("entrypoint", "task", "run_dir"):
         if not isinstance(job.get(key), str):
@@ -126,9 +144,10 @@ def _execute(job_dir: str, job: dict[str, Any], element: dict[str, Any], base: d
             "ended_at": _now(),
         }, EXIT_OK
     except (TaskInterrupted, WorkerInterrupted) as exc:
-        return _interrupted(base, exc.signum, traceback.format_exc()), 128 + exc.signum
+        return _noting_checkpoint(_interrupted(base, exc.signum, traceback.format_exc()), exc), 128 + exc.signum
     except Exception as exc:  # the task's own failure: report it, do not crash
-        return _failure(base, f"{type(exc).__name__}: {exc}", traceback.format_exc()), EXIT_FAILED
+        return _noting_checkpoint(_failure(base, f"{type(exc).__name__}: {exc}", traceback.format_exc()), exc), \
+            EXIT_FAILED
     except SystemExit as exc:  # sys.exit() in the task: still leave a result saying so
         return _failure(base, f"SystemExit: the task called sys.exit({exc.code!r})", traceback.format_exc()), \
             EXIT_FAILED
@@ -139,8 +158,11 @@ def _stopped_anyway(result: dict[str, Any], code: int, base: dict[str, Any], sto
     if stopped is None or result.get("signal") is not None:
         return result, code
     what = "returned" if result["state"] == jobfiles.SUCCEEDED else f"raised {result['error']}"
-    return _interrupted(base, stopped, result.get("traceback"),
-                        f" (the task caught TaskInterrupted and {what}; a stopped job's output is not kept)"), 128 + stopped
+    out = _interrupted(base, stopped, result.get("traceback"),
+                       f" (the task caught TaskInterrupted and {what}; a stopped job's output is not kept)")
+    if result.get("checkpoint"):
+        out["checkpoint"] = result["checkpoint"]
+    return out, 128 + stopped
 
 
 def _report(result: dict[str, Any], index: int | None) -> None:

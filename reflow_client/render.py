@@ -99,11 +99,17 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
 def scheduler_health_lines(cluster: dict[str, Any] | None) -> list[str]:
     """A degraded scheduler (not answering): since when, the last error, and that nothing is failed meanwhile."""
     health = (cluster or {}).get("scheduler_health") or {}
-    if health.get("state") != "degraded":
-        return []
-    return [f"Cluster   DEGRADED since {when(health.get('since'))}: the scheduler is not answering "
-            f"({health.get('failed_command')}: {health.get('last_error')}); jobs are not failed meanwhile, "
-            f"submissions wait, next try in {health.get('next_probe_in')}s"]
+    lines = []
+    if health.get("state") == "degraded":
+        lines.append(f"Cluster   DEGRADED since {when(health.get('since'))}: the scheduler is not answering "
+                     f"({health.get('failed_command')}: {health.get('last_error')}); jobs are not failed meanwhile, "
+                     f"submissions wait, next try in {health.get('next_probe_in')}s")
+    accounting = (cluster or {}).get("accounting_health") or {}
+    if accounting.get("state") == "degraded":
+        lines.append(f"Cluster   ACCOUNTING DEGRADED since {when(accounting.get('since'))}: "
+                     f"{accounting.get('last_error')}; using {accounting.get('fallback') or 'the controller'} "
+                     "instead (jobs that ended long ago may be unknown until it answers)")
+    return lines
 
 
 def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] | None = None,

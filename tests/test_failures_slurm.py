@@ -6,12 +6,16 @@ least a minute, and slurmctld checks limits about every 30 s.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from .cluster.wlm import WLM
@@ -32,23 +36,38 @@ def job_time_limit(job_id: str) -> str:
 
 @SLURM_PLAIN
 def test_a_job_over_its_time_limit_is_retried_with_more_time_and_succeeds(wlm: WLM, tmp_path: Path) -> None:
-    d: DaemonProcess = start_daemon(wlm, tmp_path / "d")
+    # On the `short` partition (MaxTime=2): the policy's 3x escalation is capped by the probed partition limit.
+    d: DaemonProcess = start_daemon(wlm, tmp_path / "d", {"partition": "short"})
     try:
         run_id = submit(d, OVERTIME, tmp_path / "run")
         assert wait_state(d, run_id, timeout=600) == "succeeded"
         slow = status(d, run_id, "slow").instances[0]  # type: ignore[index]
         assert slow.state == "succeeded" and slow.attempt == 2, slow
-        assert slow.resources is not None and slow.resources["time"] == "00:03:00"
+        assert slow.resources is not None and slow.resources["time"] == "00:02:00"
         (first,) = slow.attempts or []
         assert first["cause"]["kind"] == "time_limit" and first["counted"] is True, first
         assert first["cause"]["text"].startswith("time limit reached (limit 1"), first
         assert job_time_limit(first["job_id"]) == "00:01:00"
-        assert job_time_limit(slow.job_id or "") == "00:03:00"  # the escalation reached Slurm
+        assert job_time_limit(slow.job_id or "") == "00:02:00"  # the escalation reached Slurm
         text = d.cli("status", run_id, "--task", "slow").stdout
         assert "succeeded" in text
         wlm.tags_used_once()
     finally:
         kill(d)
+
+
+@SLURM_PLAIN
+def test_the_probe_reads_each_partitions_time_and_memory_caps(wlm: WLM) -> None:
+    from reflowd.schedulers.slurm import SlurmScheduler
+    from reflowd.transports.local import LocalTransport
+
+    facts = anyio.run(SlurmScheduler(LocalTransport()).probe)
+    partitions = facts["partitions"]
+    assert facts["default_partition"] == "debug"
+    assert partitions["short"] == {"max_time": "00:02:00", "max_mem": "1000M"}  # slurm.sh: MaxTime=2, MaxMemPerNode
+    real_memory = int(subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%m"], capture_output=True,
+                                     text=True, timeout=60).stdout.split()[0])
+    assert partitions["debug"] == {"max_time": None, "max_mem": f"{real_memory}M"}  # MaxTime=INFINITE
 
 
 SLURMY = Path(__file__).parent / "engine_workflows" / "slurmy.py"
@@ -188,3 +207,165 @@ def test_a_qos_limit_of_10_keeps_a_100_element_fan_out_under_it_and_nothing_fail
             kill(d)
     finally:
         set_max_submit(-1)
+
+
+# ---------------------------------------------------------------------- a node going down under running jobs
+
+NODEFAIL = Path(__file__).parent / "engine_workflows" / "nodefail.py"
+NODE = socket.gethostname().split(".")[0]  # slurm.sh names the node after `hostname -s`
+
+
+def node_usable() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-n", NODE, "-p", "debug", "-o", "%t"], capture_output=True, text=True,
+                         timeout=60).stdout.strip()
+    return out.rstrip("*~#!%$@^-").startswith(("idle", "mix", "alloc", "comp"))
+
+
+def restore_node() -> None:
+    """The node takes jobs again (the cluster is shared by the rest of the suite). With ReturnToService=2 slurmd's
+    next registration brings a DOWN node back by itself; RESUME covers a cluster configured otherwise."""
+    if not node_usable():
+        subprocess.run(["scontrol", "update", f"NodeName={NODE}", "State=RESUME"], capture_output=True, timeout=60)
+    wait_for(node_usable, timeout=120, interval=1, what=f"node {NODE} to take jobs again")
+
+
+def lines(run_dir: Path, label: str) -> int:
+    path = run_dir / "executions.txt"
+    return sum(1 for line in path.read_text().splitlines() if line.startswith(label + " ")) if path.exists() else 0
+
+
+@SLURM_PLAIN
+def test_a_node_set_down_under_running_jobs_is_retried_for_free_or_followed_through_the_requeue(
+        wlm: WLM, tmp_path: Path) -> None:
+    """What Slurm 22.05 does (checked here): ``scontrol update State=DOWN`` kills the node's jobs at once. A job
+    submitted with --no-requeue ends NODE_FAIL (reason NodeDown); one under the default JobRequeue=1 is requeued
+    (PENDING, reason BeginTime, Restarts=1) and starts again later. Both workers get SIGTERM first."""
+    d: DaemonProcess = start_daemon(wlm, tmp_path / "d")
+    run_dir = tmp_path / "run"
+    seen: dict[str, set[str]] = {"fragile": set(), "requeued": set()}
+
+    def watch() -> Any:
+        st = status(d, run_id)
+        for task in seen:
+            for inst in status(d, run_id, task).instances or []:
+                seen[task].add(inst.state)
+        return st
+
+    try:
+        run_id = submit(d, NODEFAIL, run_dir)
+        wait_for(lambda: lines(run_dir, "fragile started") and lines(run_dir, "requeued started"), timeout=300,
+                 interval=0.5, what="both tasks to start")
+        requeued_job = status(d, run_id, "requeued").instances[0].job_id  # type: ignore[index]
+        try:
+            subprocess.run(["scontrol", "update", f"NodeName={NODE}", "State=DOWN", "Reason=reflow-test-node-fail"],
+                           check=True, capture_output=True, timeout=60)
+            wait_for(lambda: lines(run_dir, "fragile interrupted") and lines(run_dir, "requeued interrupted"),
+                     timeout=120, interval=0.5, what="both first runs to be stopped by the node failure")
+            (run_dir / "release").write_text("go")  # the next runs return at once
+            restore_node()
+            wait_for(lambda: "queued" in seen["requeued"] or watch().run.state != "running", timeout=120,
+                     interval=0.5, what="the requeued job to show as queued again")
+        finally:
+            restore_node()
+        # Slurm holds a requeued job ~2 min (BeginTime) before it may start again: bring its start forward, as an
+        # admin can. It changes nothing reflow sees (the job is PENDING either way) and saves the suite the wait.
+        subprocess.run(["scontrol", "update", f"JobId={requeued_job}", "StartTime=now"], capture_output=True,
+                       timeout=60)
+        wait_for(lambda: watch().run.state != "running", timeout=600, interval=0.5, what="the run to end")
+        assert status(d, run_id).run.state == "succeeded", status(d, run_id).failures
+
+        fragile = status(d, run_id, "fragile").instances[0]  # type: ignore[index]
+        assert fragile.state == "succeeded" and fragile.attempt == 2, fragile
+        (first,) = fragile.attempts or []
+        assert first["state"] == "node_fail" and first["cause"]["kind"] == "node_fail", first
+        assert first["counted"] is False, "a node failure must not count against retries (retries=0 here)"
+        assert first["cause"]["text"].startswith("node failure"), first
+        assert "node_fail" in seen["fragile"]
+
+        requeued = status(d, run_id, "requeued").instances[0]  # type: ignore[index]
+        assert requeued.state == "succeeded" and requeued.attempt == 1 and not requeued.attempts, requeued
+        assert requeued.job_id == requeued_job, "followed under the same job id through Slurm's requeue"
+        assert lines(run_dir, "requeued started") == 2 and lines(run_dir, "fragile started") == 2
+        assert not seen["requeued"] & FAILED_STATES, seen
+        text = d.cli("status", run_id, "--task", "fragile").stdout
+        assert "node failure" in text, text
+        wlm.tags_used_once()
+    finally:
+        kill(d)
+
+
+# ---------------------------------------------------------------------- slurmdbd down
+
+def slurmdbd_pid() -> int | None:
+    try:
+        pid = int(Path("/run/slurmdbd.pid").read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def sacct_answers() -> bool:
+    return subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"], capture_output=True,
+                          timeout=60).returncode == 0
+
+
+def stop_slurmdbd() -> None:
+    pid = slurmdbd_pid()
+    assert pid is not None, "slurmdbd is not running"
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: slurmdbd_pid() is None, timeout=60, what="slurmdbd to stop")
+
+
+def start_slurmdbd() -> None:
+    if slurmdbd_pid() is None:
+        subprocess.run(["slurmdbd"], check=True, timeout=60)
+    wait_for(sacct_answers, timeout=120, interval=1, what="sacct to answer again")
+
+
+@SLURM_ACCT
+def test_slurmdbd_down_for_a_minute_mid_run_fails_nothing_and_shows_the_accounting_degraded(
+        wlm: WLM, tmp_path: Path) -> None:
+    d: DaemonProcess = start_daemon(wlm, tmp_path / "d")
+    try:
+        run_id = submit(d, SLURMY, tmp_path / "run", "--n", "4", "--hold", "20")
+        wait_for(lambda: status(d, run_id).tasks[1].counts.get("running", 0) >= 1, timeout=300, interval=0.5,
+                 what="work under way")
+        assert (status(d, run_id).cluster or {}).get("accounting_health", {}).get("state") == "ok"
+        stop_slurmdbd()
+        states: list[str] = []
+        shown = {"text": False, "json": False}
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                st = status(d, run_id)
+                acct = (st.cluster or {}).get("accounting_health") or {}
+                states.append(acct.get("state", "?"))
+                failed = {s: n for t in st.tasks for s, n in t.counts.items() if s in FAILED_STATES}
+                assert not failed, f"false failures while slurmdbd was down: {failed}"
+                assert ((st.cluster or {}).get("scheduler_health") or {}).get("state") == "ok", \
+                    "slurmctld answers: the cluster itself is not degraded"
+                if acct.get("state") == "degraded" and not (shown["text"] and shown["json"]):
+                    assert acct.get("since") and acct.get("last_error") and acct.get("fallback") == "squeue", acct
+                    shown["text"] |= "ACCOUNTING DEGRADED since" in d.cli("status", run_id).stdout
+                    cli_json = json.loads(d.cli("status", run_id, "--json").stdout)
+                    shown["json"] |= (cli_json.get("cluster") or {}).get("accounting_health", {}).get("state") \
+                        == "degraded"
+                time.sleep(2)
+        finally:
+            start_slurmdbd()
+        assert "degraded" in states, states
+        assert shown == {"text": True, "json": True}, shown
+        assert wait_state(d, run_id, timeout=600) == "succeeded", status(d, run_id).failures
+        st = status(d, run_id, "work")
+        assert all(i.state == "succeeded" and i.attempt == 1 for i in st.instances or []), st.instances
+        # The next poll that uses accounting ends the degraded spell (a short second run makes one).
+        second = submit(d, SLURMY, tmp_path / "run2", "--n", "1")
+        assert wait_state(d, second, timeout=300) == "succeeded", status(d, second).failures
+        acct = wait_for(lambda: (a := (status(d, second).cluster or {}).get("accounting_health") or {}).get(
+            "state") == "ok" and a, timeout=120, interval=1, what="accounting to show as answering again")
+        assert acct.get("degraded_episodes", 0) >= 1 and acct.get("recovered_at"), acct
+        wlm.tags_used_once()
+    finally:
+        start_slurmdbd()
+        kill(d)

@@ -34,7 +34,7 @@ from ..engine.resolve import Resolution
 from ..engine.states import State
 from ..schedulers.base import Phase
 from ..store import Store
-from .health import ClusterHealth
+from .health import AccountingHealth, ClusterHealth
 from .observe import Observer
 from .queue_limits import Lingering, QueueLimit
 from .packing import Packer
@@ -113,11 +113,14 @@ class Driver:
         #: Is the scheduler answering? While not, nothing is concluded, submissions wait, probes are rare.
         self.health = ClusterHealth(base=max(1.0, config.poll_interval),
                                     maximum=max(config.max_poll_interval, config.poll_interval))
+        #: Is the scheduler's accounting answering (Slurm's sacct)? While not, the adapter asks the controller.
+        self.accounting = AccountingHealth()
         self.ready_wake = anyio.Event()
         self.observer_wake = anyio.Event()
         self.counters: dict[str, int] = {}
         self.packer = Packer(self)
         cluster.scheduler.on_change = self.scheduler_changed
+        cluster.scheduler.on_accounting = self.accounting_answered
 
     def scheduler_changed(self) -> None:
         """The scheduler learnt of a change by itself (a local process ended): poll now."""
@@ -193,6 +196,7 @@ class Driver:
     async def recover(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> None:
         """Follow a submission an earlier daemon made (after a restart)."""
         track = self.new_track(record, run, insts)
+        track.stale_loaded = False  # requeue marks an earlier daemon kept: read before its first result
         if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
             self.unresolved[record.tag] = track
         else:
@@ -243,6 +247,15 @@ class Driver:
         if self.health.failed(world.now(), world.monotonic(), what, error):
             log.warning("scheduler not answering; the cluster is degraded: nothing is failed, submissions wait",
                         cluster=self.name, command=what, error=error)
+
+    def accounting_answered(self, error: str | None) -> None:
+        """The adapter used the scheduler's accounting: it answered (*error* None) or failed with *error*."""
+        if error is None:
+            if self.accounting.succeeded(world.now()):
+                log.warning("accounting answering again", cluster=self.name)
+        elif self.accounting.failed(world.now(), error, fallback="squeue"):
+            log.warning("accounting not answering; the cluster's accounting is degraded (the controller stands in)",
+                        cluster=self.name, error=error)
 
     def scheduler_answered(self) -> None:
         if self.health.succeeded(world.now()):
@@ -302,6 +315,8 @@ class Driver:
         if self.last_query_error:
             out["last_query_error"] = self.last_query_error
         out["scheduler_health"] = self.health.to_dict(world.monotonic())
+        if self.cluster.probe.get("accounting") or self.accounting.episodes:
+            out["accounting_health"] = self.accounting.to_dict()
         out.update(self.queue_limit.to_dict(world.now()))
         if self.counters:
             out["driver"] = dict(self.counters)

@@ -78,3 +78,54 @@ class ClusterHealth:
         if self.episodes:
             out.update(degraded_episodes=self.episodes, recovered_at=self.recovered_at)
         return out
+
+
+class AccountingHealth:
+    """Is the scheduler's accounting (Slurm's slurmdbd behind ``sacct``) answering?
+
+    Accounting can fail while the controller still answers. reflow then asks the
+    controller instead (``squeue`` still lists what it keeps in memory), so
+    nothing stops, but what it sees is less (finished jobs leave ``squeue`` after
+    ``MinJobAge``, nodes and peaks are unknown). ``status`` says so: since when,
+    the last error, and what stands in. The first answer from accounting ends it.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # wall time of the first failure of the current spell
+        self.last_error: str | None = None
+        self.failures = 0
+        self.episodes = 0
+        self.recovered_at: float | None = None
+        self.fallback: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.since is not None
+
+    def failed(self, now: float, error: str, fallback: str | None = None) -> bool:
+        """Accounting did not answer; True when this started a degraded spell."""
+        self.failures += 1
+        self.last_error = error
+        self.fallback = fallback
+        if self.since is None:
+            self.since = now
+            self.episodes += 1
+            return True
+        return False
+
+    def succeeded(self, now: float) -> bool:
+        """Accounting answered; True when this ended a degraded spell."""
+        was = self.degraded
+        self.since = None
+        self.failures = 0
+        if was:
+            self.recovered_at = now
+        return was
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": "degraded" if self.degraded else "ok"}
+        if self.degraded:
+            out.update(since=self.since, last_error=self.last_error, failures=self.failures, fallback=self.fallback)
+        if self.episodes:
+            out.update(degraded_episodes=self.episodes, recovered_at=self.recovered_at)
+        return out

@@ -19,7 +19,7 @@ not seen before.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -154,6 +154,8 @@ class Observer:
         """Read and apply result files; returns the instances that had none."""
         paths = {inst.index: jobfiles.result_path(track.request.job_dir, inst.index) for inst in insts}
         data = await self.cluster.metered.read_files(list(paths.values()), timeout=self.cluster.config.command_timeout)
+        if not track.stale_loaded and any(raw is not None for raw in data.values()):
+            await self.load_stale(track)
         missing = []
         now = world.now()
         for n, inst in enumerate(insts):
@@ -197,6 +199,31 @@ class Observer:
             track.held.pop(inst.index, None)
             self.apply(track, inst, decision)
         return missing
+
+    async def mark_stale(self, track: JobTrack, index: int | None, stamp: tuple[Any, ...]) -> None:
+        """Remember a requeued run's result as stale, in memory and in the job directory (for a restart)."""
+        track.stale[index] = stamp
+        try:
+            await self.cluster.metered.write_files({requeue.stale_path(track.request.job_dir, index):
+                                                    requeue.encode_mark(stamp)},
+                                                   timeout=self.cluster.config.command_timeout)
+        except (TransportError, OSError, TimeoutError) as exc:  # memory still has it; only a restart would miss it
+            log.warning("cannot keep a requeue's stale mark in the job directory", cluster=self.d.name,
+                        tag=track.tag, error=str(exc))
+
+    async def load_stale(self, track: JobTrack) -> None:
+        """The stale marks an earlier daemon kept for this submission (read once, before its first result)."""
+        timeout = self.cluster.config.command_timeout
+        names = await self.cluster.metered.listdir(os.path.join(track.request.job_dir, requeue.STALE_DIR),
+                                                   timeout=timeout)
+        keyed = {index_of(name): name for name in names}
+        paths = {index: requeue.stale_path(track.request.job_dir, index) for index in keyed if index is not False}
+        data = await self.cluster.metered.read_files(list(paths.values()), timeout=timeout) if paths else {}
+        for index, path in paths.items():
+            stamp = requeue.decode_mark(data.get(path))
+            if stamp is not None:
+                track.stale.setdefault(index, stamp)  # type: ignore[arg-type]
+        track.stale_loaded = True
 
     # ------------------------------------------------------------------ scheduler clock
 
@@ -249,7 +276,7 @@ class Observer:
                 inst.observed = obs
             if requeue.requeued(obs):  # the signalled run was requeued: its result is not the attempt's
                 del track.held[index]
-                track.stale[index] = requeue.mark(result)
+                await self.mark_stale(track, index, requeue.mark(result))
                 decision = decide.from_observation(inst, obs, now, self.cluster.timing)  # type: ignore[arg-type]
                 if decision is not None:
                     changed |= self.apply(track, inst, decision)

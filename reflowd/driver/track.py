@@ -26,6 +26,8 @@ class JobTrack:
     seen_started: set[str] = field(default_factory=set)
     #: Results of runs the scheduler requeued since (``requeue.mark``): never taken for the attempt's outcome.
     stale: dict[int | None, tuple[Any, ...]] = field(default_factory=dict)
+    #: False for a submission an earlier daemon made: its stale marks are read from the job directory first.
+    stale_loaded: bool = True
     resolve_attempts: int = 0
     resolve_after: float = 0.0
     #: Packed submissions: element index -> the array task (slice) that runs it.

@@ -131,15 +131,14 @@ def from_result(result: Mapping[str, Any]) -> dict[str, Any]:
                                  "warning": True}
     elif result.get("signal"):
         cause = {"kind": SIGNAL, "source": "worker", "signal": str(result["signal"])}
-    if result.get("signal"):
-        if result.get("checkpoint"):
-            cause["checkpoint"] = result["checkpoint"]
-        return cause
-    error = str(result.get("error") or "")
-    exc_type = error.split(":", 1)[0] if ":" in error else None
-    cause = {"kind": EXCEPTION, "source": "worker"}
-    if exc_type and exc_type.replace(".", "").replace("_", "").isalnum():
-        cause["exception"] = exc_type
+    else:
+        error = str(result.get("error") or "")
+        exc_type = error.split(":", 1)[0] if ":" in error else None
+        cause = {"kind": EXCEPTION, "source": "worker"}
+        if exc_type and exc_type.replace(".", "").replace("_", "").isalnum():
+            cause["exception"] = exc_type
+    if result.get("checkpoint"):
+        cause["checkpoint"] = str(result["checkpoint"])
     return cause
 
 
@@ -163,7 +162,15 @@ def _limit(resources: Mapping[str, Any] | None, key: str) -> str:
 
 
 def describe(cause: Mapping[str, Any] | None, resources: Mapping[str, Any] | None = None) -> str | None:
-    """One line in the user's words; *resources* are the attempt's (``time``, ``mem``) for the limit."""
+    """One line in the user's words; *resources* are the attempt's (``time``, ``mem``) for the limit, and a
+    checkpoint the task noted when it was stopped (``TaskInterrupted.checkpoint``) is named."""
+    text = _describe_kind(cause, resources)
+    if text and cause and cause.get("checkpoint"):
+        text += f"; checkpoint saved: {cause['checkpoint']}"
+    return text
+
+
+def _describe_kind(cause: Mapping[str, Any] | None, resources: Mapping[str, Any] | None) -> str | None:
     if not cause:
         return None
     kind = cause.get("kind")
@@ -187,8 +194,7 @@ def describe(cause: Mapping[str, Any] | None, resources: Mapping[str, Any] | Non
         by = cause.get("by")
         return f"cancelled by {by}" if by else "cancelled"
     if kind == SIGNAL:
-        checkpoint = " (a checkpoint was saved)" if cause.get("checkpoint") else ""
-        return f"killed by {cause.get('signal') or 'a signal'}{node}{checkpoint}"
+        return f"killed by {cause.get('signal') or 'a signal'}{node}"
     if kind == EXIT_CODE:
         code = cause.get("exit_code")
         return f"exited with code {code}{node}" if code is not None else f"the job failed{node}"

@@ -148,7 +148,17 @@ def plan(inst: Instance, task_config: Mapping[str, Any], retries: int, cluster_p
     return evidence, fields
 
 
-def caps_from_probe(probe: Mapping[str, Any] | None) -> dict[str, str | None]:
-    """The largest time and memory the cluster allows, where its probe found them (Slurm's partition limits)."""
+def caps_from_probe(probe: Mapping[str, Any] | None, options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
+    """The largest time and memory a job may ask for, where the probe found them: the limits of the partition
+    the job goes to (its ``partition`` submit option, else the cluster's default; the smallest of a list), else
+    the cluster-wide ``max_time``/``max_mem``."""
     probe = probe or {}
-    return {"time": probe.get("max_time"), "mem": probe.get("max_mem")}
+    caps: dict[str, str | None] = {"time": probe.get("max_time"), "mem": probe.get("max_mem")}
+    partitions = probe.get("partitions") or {}
+    wanted = (options or {}).get("partition") or probe.get("default_partition")
+    for name in str(wanted or "").split(","):
+        limits = partitions.get(name.strip())
+        if limits:
+            caps["time"] = _smaller_cap(caps["time"], limits.get("max_time"), "time")
+            caps["mem"] = _smaller_cap(caps["mem"], limits.get("max_mem"), "mem")
+    return caps

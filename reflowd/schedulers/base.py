@@ -166,6 +166,9 @@ class Scheduler(abc.ABC):
     can_requeue_unstarted: bool = False
     #: Called by schedulers that learn about changes by themselves (local process exits).
     on_change: Callable[[], None] | None = None
+    #: Called by schedulers whose accounting can fail on its own (Slurm's slurmdbd behind sacct) after each
+    #: use of it: with None when it answered, else with the error (the adapter fell back to the controller).
+    on_accounting: Callable[[str | None], None] | None = None
 
     async def probe(self) -> dict[str, Any]:
         """Learn site facts (array size limit, accounting) once at start."""

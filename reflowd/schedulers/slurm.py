@@ -24,6 +24,8 @@ from .base import Observation, Phase, Scheduler, SubmitError, SubmitRequest, Tag
 
 #: Seconds between asking slurmctld (squeue) for the live reasons of pending jobs when sacct has none.
 REASON_REFRESH = 60.0
+#: Seconds between tries of sacct while it fails (slurmdbd down): squeue stands in meanwhile.
+ACCOUNTING_RETRY = 20.0
 
 log = structlog.get_logger("reflowd.slurm")
 
@@ -43,6 +45,8 @@ class SlurmScheduler(Scheduler):
         self.reason_refreshes = 0
         self.fallbacks = 0
         self._reasons_asked = float("-inf")
+        #: While sacct fails, it is tried again only after this (monotonic) time; squeue answers meanwhile.
+        self._sacct_retry_at = float("-inf")
 
     async def _run(self, argv: list[str], *, idempotent: bool = True, timeout: float | None = None) -> CommandResult:
         return await self.transport.run(argv, timeout=timeout or self.command_timeout, idempotent=idempotent)
@@ -74,7 +78,18 @@ class SlurmScheduler(Scheduler):
                                  "min_job_age": self.config.get("MinJobAge")}
         if self.accounting:
             facts["max_queued"] = await self._queue_limit()
+        facts["partitions"], facts["default_partition"] = await self._partition_limits()
         return facts
+
+    async def _partition_limits(self) -> tuple[dict[str, dict[str, str | None]], str | None]:
+        """Each partition's MaxTime and memory cap: what escalation may ask for (advisory: empty if unreadable)."""
+        parts = await self._run(sc.render_partitions())
+        if not parts.ok:
+            log.warning("cannot read the partitions' limits; escalation is capped by the retry policy only",
+                        stderr=parts.stderr.strip()[-200:])
+            return {}, None
+        nodes = await self._run(sc.render_node_memory())
+        return sc.parse_partition_limits(parts.stdout, nodes.stdout if nodes.ok else "")
 
     async def _queue_limit(self) -> int | None:
         """The user's limit on queued jobs from the association and its QOSes (advisory: None if unreadable)."""
@@ -104,20 +119,33 @@ class SlurmScheduler(Scheduler):
         if not ids:
             return {}
         self.queries += 1
-        if self.accounting:
-            result = await self._run(sc.render_sacct(ids))
-            if result.ok:
+        if self.accounting and time.monotonic() >= self._sacct_retry_at:
+            try:
+                result = await self._run(sc.render_sacct(ids))
+                error = None if result.ok else (result.stderr.strip()[:300] or f"sacct exited {result.returncode}")
+            except (TransportError, TimeoutError) as exc:  # slurmdbd hanging: squeue may still answer
+                result, error = None, f"sacct: {exc or type(exc).__name__}"
+            if result is not None and error is None:
+                self._sacct_retry_at = float("-inf")
+                self._accounting_report(None)
                 observations = sc.parse_sacct(result.stdout)
                 await self._live_reasons(observations)
                 return observations
-            log.warning("sacct failed; using squeue this time", error=result.stderr.strip()[:300])
-            self.fallbacks += 1
+            log.warning("sacct failed; using squeue until it answers again", error=error,
+                        retry_in=ACCOUNTING_RETRY)
+            self._sacct_retry_at = time.monotonic() + ACCOUNTING_RETRY
+            self._accounting_report(error)
+            self.fallbacks += 1  # squeue is an extra command in this poll
         result = await self._run(sc.render_squeue(ids))
         if result.ok:
             return sc.parse_squeue(result.stdout)
         if sc.squeue_all_absent(result.stderr, result.returncode):
             return {}
         raise TransportError(f"squeue failed ({result.returncode}): {result.stderr.strip()[:300]}")
+
+    def _accounting_report(self, error: str | None) -> None:
+        if self.on_accounting is not None:
+            self.on_accounting(error)
 
     async def _live_reasons(self, observations: dict[str, Observation]) -> None:
         """Fill in why jobs pend: slurmdbd often keeps the reason a job had at submission ("None").
@@ -153,8 +181,10 @@ class SlurmScheduler(Scheduler):
         found = sc.tagged_jobs(result.stdout if result.ok else "", "squeue", wanted)
         if self.accounting:
             acct = await self._run(sc.render_sacct_names(wanted))
-            if not acct.ok:
+            if not acct.ok:  # squeue alone may miss a job that ended: no answer rather than a wrong one
+                self._accounting_report(acct.stderr.strip()[:300] or f"sacct exited {acct.returncode}")
                 raise TransportError(f"sacct --name failed: {acct.stderr.strip()[:300]}")
+            self._accounting_report(None)
             for tag, jobs in sc.tagged_jobs(acct.stdout, "sacct", wanted).items():
                 known = {j.job_id for j in found[tag]}
                 found[tag].extend(j for j in jobs if j.job_id not in known)

@@ -15,6 +15,8 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from reflow_client.resources import format_time, parse_time
+
 from . import option_map
 from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
 from .job_script import export_lines
@@ -426,3 +428,68 @@ def parse_queue_limit(assoc_out: str, qos_out: str) -> int | None:
             continue
         limits.extend(v for v in (_limit(parts[1]), _limit(parts[2])) if v)
     return min(limits) if limits else None
+
+
+# ---------------------------------------------------------------------- partition limits (escalation caps)
+
+
+def render_partitions() -> list[str]:
+    return ["scontrol", "show", "partition", "--oneliner"]
+
+
+def render_node_memory() -> list[str]:
+    """One line per node and partition: ``node|partition|RealMemory (MB)`` (the default partition ends in ``*``)."""
+    return ["sinfo", "-h", "-N", "-o", "%N|%P|%m"]
+
+
+def _words(line: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for word in line.split():
+        key, sep, value = word.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _time_cap(text: str | None) -> str | None:
+    if not text or text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    try:
+        seconds = parse_time(text)
+    except ValueError:
+        return None
+    return format_time(seconds) if seconds else None
+
+
+def _mb(text: str | None) -> int | None:
+    text = (text or "").strip().rstrip("+")
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def parse_partition_limits(partitions_out: str, nodes_out: str = "") -> tuple[dict[str, dict[str, str | None]], str | None]:
+    """Each partition's largest time (``MaxTime``) and memory per job (``MaxMemPerNode``, else its largest
+    node's RealMemory: more is never granted), and the default partition. None where there is no limit."""
+    node_mem: dict[str, int] = {}
+    default = None
+    for line in nodes_out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 3:
+            continue
+        name = parts[1].strip()
+        if name.endswith("*"):
+            name = name[:-1]
+            default = default or name
+        mb = _mb(parts[2])
+        if name and mb:
+            node_mem[name] = max(node_mem.get(name, 0), mb)
+    limits: dict[str, dict[str, str | None]] = {}
+    for line in partitions_out.splitlines():
+        fields = _words(line)
+        name = fields.get("PartitionName")
+        if not name:
+            continue
+        if fields.get("Default") == "YES":
+            default = name
+        caps = [mb for mb in (_mb(fields.get("MaxMemPerNode")), node_mem.get(name)) if mb]
+        limits[name] = {"max_time": _time_cap(fields.get("MaxTime")), "max_mem": f"{min(caps)}M" if caps else None}
+    return limits, default

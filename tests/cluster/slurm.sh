@@ -65,14 +65,27 @@ node_line() {
 }
 
 write_slurm_conf() { # write_slurm_conf plain|accounting
+    mkdir -p "$CONF" "$LOGS" /var/spool/slurmctld /var/spool/slurmd
+    render_slurm_conf "$1" >"$CONF/slurm.conf"
+}
+
+conf_is_current() { # conf_is_current MODE: slurm.conf is what this script writes for MODE (not an older version)
+    local want rc=0
+    want=$(mktemp)
+    render_slurm_conf "$1" >"$want"
+    cmp -s "$want" "$CONF/slurm.conf" || rc=1
+    rm -f "$want"
+    return $rc
+}
+
+render_slurm_conf() { # render_slurm_conf plain|accounting
     local mode=$1 acct_type=accounting_storage/none gather=jobacct_gather/none enforce=""
     if [ "$mode" = accounting ]; then
         acct_type=accounting_storage/slurmdbd
         gather=jobacct_gather/linux
         enforce="AccountingStorageEnforce=associations"
     fi
-    mkdir -p "$CONF" "$LOGS" /var/spool/slurmctld /var/spool/slurmd
-    cat >"$CONF/slurm.conf" <<EOF
+    cat <<EOF
 # Written by reflow's tests/cluster/slurm.sh ($mode mode).
 ClusterName=$CLUSTER
 SlurmctldHost=$NODE
@@ -108,6 +121,7 @@ MessageTimeout=10
 $(node_line) State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 PartitionName=drained Nodes=$NODE Default=NO MaxTime=INFINITE State=DOWN
+PartitionName=short Nodes=$NODE Default=NO MaxTime=2 MaxMemPerNode=1000 State=UP OverSubscribe=FORCE:4
 EOF
 }
 
@@ -170,7 +184,7 @@ start() {
     install
     start_munge
     if [ "$(current_mode)" = "$mode" ] && pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null \
-        && node_usable; then
+        && node_usable && conf_is_current "$mode"; then
         say "already running in $mode mode"
         return 0
     fi

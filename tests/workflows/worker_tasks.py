@@ -95,6 +95,12 @@ def checkpointing(run_dir: Annotated[Path, RunDir()], seconds: float = 120.0, th
         (run_dir / "checkpoint.txt").write_text(f"{exc.signame} {isinstance(exc, Exception)}")
         if then == "raise":
             raise
+        if then == "note":  # the documented way to have the checkpoint noted in status
+            exc.checkpoint = str(run_dir / "checkpoint.txt")
+            raise
+        if then == "note_and_fail":  # another exception, raised from the noted TaskInterrupted
+            exc.checkpoint = str(run_dir / "checkpoint.txt")
+            raise RuntimeError("gave up after saving") from exc
         if then == "return":
             return "partial"
         time.sleep(seconds)  # "continue": carry on as if nothing happened

@@ -1,0 +1,89 @@
+"""Partition limits as escalation caps, and the accounting-degraded flag (pure parts, on recorded outputs).
+
+The real-cluster checks are in tests/test_failures_slurm.py (the time-limit test escalates on a partition
+with MaxTime=2, and the probe is run against the test cluster there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reflow_client.render import scheduler_health_lines
+from reflow_client.retry import RetryPolicy
+from reflowd.driver.health import AccountingHealth
+from reflowd.engine import retry_policy
+from reflowd.schedulers import slurm_commands as sc
+
+DATA = Path(__file__).parent / "data" / "slurm"
+
+
+def read(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+def test_the_test_clusters_partitions_have_no_time_limit_and_the_nodes_memory() -> None:
+    # Recorded on tests/cluster/slurm.sh's cluster (before its `short` partition): MaxTime=UNLIMITED everywhere.
+    limits, default = sc.parse_partition_limits(read("scontrol_show_partition.txt"), read("sinfo_node_memory.txt"))
+    assert default == "debug"
+    assert limits["debug"] == {"max_time": None, "max_mem": "24105M"}
+    assert set(limits) == {"debug", "drained"}
+
+
+def test_a_sites_partitions_give_time_and_memory_caps() -> None:
+    limits, default = sc.parse_partition_limits(read("scontrol_show_partition_site.txt"),
+                                                read("sinfo_node_memory_site.txt"))
+    assert default == "compute"
+    assert limits["compute"] == {"max_time": "2-00:00:00", "max_mem": "250000M"}  # the largest node's memory
+    assert limits["short"] == {"max_time": "00:30:00", "max_mem": "64000M"}  # MaxMemPerNode is below the nodes'
+    assert limits["bigmem"] == {"max_time": "7-00:00:00", "max_mem": "2000000M"}
+    # Without sinfo's answer, the memory cap is what the partition itself says (or none).
+    alone, _ = sc.parse_partition_limits(read("scontrol_show_partition_site.txt"))
+    assert alone["short"]["max_mem"] == "64000M" and alone["compute"]["max_mem"] is None
+
+
+def test_unreadable_lines_and_odd_values_are_skipped() -> None:
+    limits, default = sc.parse_partition_limits("garbage\nPartitionName=p MaxTime=soon MaxMemPerNode=lots\n",
+                                                "x|y\nn1|p|?\n")
+    assert limits == {"p": {"max_time": None, "max_mem": None}} and default is None
+
+
+PROBE = {"partitions": {"compute": {"max_time": "2-00:00:00", "max_mem": "250000M"},
+                        "short": {"max_time": "00:30:00", "max_mem": "64000M"}},
+         "default_partition": "compute"}
+
+
+def test_caps_follow_the_partition_a_job_goes_to() -> None:
+    assert retry_policy.caps_from_probe(PROBE, {}) == {"time": "2-00:00:00", "mem": "250000M"}
+    assert retry_policy.caps_from_probe(PROBE, {"partition": "short"}) == {"time": "00:30:00", "mem": "64000M"}
+    # A job that may run in several partitions is capped by the smallest (it must fit wherever it starts).
+    assert retry_policy.caps_from_probe(PROBE, {"partition": "compute,short"}) == {"time": "00:30:00",
+                                                                                   "mem": "64000M"}
+    assert retry_policy.caps_from_probe(PROBE, {"partition": "unknown"}) == {"time": None, "mem": None}
+    assert retry_policy.caps_from_probe(None) == {"time": None, "mem": None}
+    assert retry_policy.caps_from_probe({"max_time": "01:00:00", **PROBE}, {})["time"] == "01:00:00"
+
+
+def test_escalation_stops_at_the_partitions_limit() -> None:
+    policy = RetryPolicy(escalate={"time": 4, "mem": 4})
+    caps = retry_policy.caps_from_probe(PROBE, {"partition": "short"})
+    d = retry_policy.decide(policy, cause={"kind": "time_limit"}, attempt=1, retries=2, history=[],
+                            resources={"time": "00:10:00", "mem": "4G"}, caps=caps)
+    assert d.retry and d.resources == {"time": "00:30:00"}, d
+    d = retry_policy.decide(policy, cause={"kind": "out_of_memory"}, attempt=1, retries=2, history=[],
+                            resources={"time": "00:10:00", "mem": "32G"}, caps=caps)
+    assert d.resources == {"mem": "64000M"}, d
+
+
+def test_accounting_health_says_since_when_and_why_and_recovers() -> None:
+    h = AccountingHealth()
+    assert h.to_dict() == {"state": "ok"}
+    assert h.failed(100.0, "sacct: error: Problem talking to the database: Connection refused", "squeue") is True
+    assert h.failed(110.0, "still down", "squeue") is False
+    view = h.to_dict()
+    assert view["state"] == "degraded" and view["since"] == 100.0 and view["last_error"] == "still down"
+    assert view["fallback"] == "squeue" and view["failures"] == 2
+    lines = scheduler_health_lines({"accounting_health": view})
+    assert len(lines) == 1 and "ACCOUNTING DEGRADED since" in lines[0] and "still down" in lines[0]
+    assert h.succeeded(130.0) is True and h.succeeded(131.0) is False
+    assert h.to_dict() == {"state": "ok", "degraded_episodes": 1, "recovered_at": 130.0}
+    assert scheduler_health_lines({"accounting_health": h.to_dict()}) == []
