@@ -122,3 +122,62 @@ def test_an_element_done_here_holds_its_queue_slot_until_the_scheduler_ends_it()
     assert held.observed({"8": running}, 103.0) and set(held.keys) == {"8"}  # 7_1 is gone from the queue
     assert not held.observed({"8": running}, 104.0)
     assert held.observed(None, 100.0 + queue_limits.LINGER_MAX) and len(held) == 0  # bounded, never for ever
+
+
+@pytest.mark.parametrize("cap", [1, 4])
+def test_retried_elements_stay_under_the_cap_go_out_first_and_never_deadlock(monkeypatch: pytest.MonkeyPatch,
+                                                                            cap: int) -> None:
+    """Elements that fail their first attempt are retried under the cap: the retry takes the next free slot (before
+    elements never submitted yet), the failed attempt's job still counts until the scheduler ends it, and with a cap
+    of 1 the retry waits for its own earlier job to leave the queue instead of blocking for ever."""
+    import json as _json
+
+    from reflow_client import jobfiles
+
+    failing = {1, 2, 5}
+    order: list[tuple[int | None, int]] = []  # (index, attempt) of each square element submitted, in order
+    sizes = watch_queue(monkeypatch)
+    start, submit = SimCluster._start, SimCluster.submit
+
+    def _start(self: SimCluster, job: Any, element: Any, now: float) -> None:
+        start(self, job, element, now)
+        raw = self.fs.get(jobfiles.inputs_path(job.request.job_dir, element.index))
+        attempt = _json.loads(raw).get("attempt", 1) if raw else 1
+        if job.request.task == "square" and element.index in failing and attempt == 1 and element.result:
+            element.result = jobfiles.dumps({"state": "failed", "error": "RuntimeError: first attempt fails"})
+
+    def _submit(self: SimCluster, request: SubmitRequest, now: float) -> str:
+        if request.task == "square":
+            for index in request.indices or [None]:
+                raw = self.fs.get(jobfiles.inputs_path(request.job_dir, index))
+                order.append((index, _json.loads(raw).get("attempt", 1) if raw else 1))
+        return submit(self, request, now)
+
+    monkeypatch.setattr(SimCluster, "_start", _start)
+    monkeypatch.setattr(SimCluster, "submit", _submit)
+
+    async def body(engine: Engine, cluster: SimCluster) -> None:
+        engine.drivers["sim"].queue_limit.configured = cap
+        run = await engine.submit_run(manifest(1), {"n": 12}, "/sim/run", "sim", {})
+        await wait_until(lambda: run.state is not RunState.RUNNING, timeout=3000, what="the run to end")
+        assert run.state is RunState.SUCCEEDED, engine.status(run)["failures"]
+        square = run.tasks["square"].instances
+        assert {i for i, inst in square.items() if inst.attempt == 2} == failing
+        assert run.tasks["total"].instances[None].output == sum(i * i + 1 for i in range(12))
+
+    simulate(body)
+    assert sizes and max(sizes) <= cap, sizes
+    retried_at = [order.index((i, 2)) for i in sorted(failing)]
+    last_fresh = max(n for n, (_, attempt) in enumerate(order) if attempt == 1)
+    assert min(retried_at) < last_fresh, f"retries waited behind every fresh element: {order}"
+
+
+def test_batches_with_retries_go_first_under_a_cap() -> None:
+    from types import SimpleNamespace as Inst
+
+    fresh = ("run", "square", [Inst(attempt=1), Inst(attempt=1)])
+    escalated = ("run", "square", [Inst(attempt=2)])  # its own batch: one submission has one size
+    other = ("run", "bump", [Inst(attempt=1)])
+    mixed = ("run", "bump", [Inst(attempt=1), Inst(attempt=3)])
+    assert queue_limits.retries_first([fresh, other, escalated, mixed]) == [escalated, mixed, fresh, other]
+    assert queue_limits.retries_first([]) == []

@@ -12,10 +12,13 @@ the cap is what was queued when the scheduler said no.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from ..schedulers.base import Observation, Phase, Presence
+
+#: A batch as the submit loop forms it: (run, task run, instances); only the instances are looked at.
+B = TypeVar("B", bound=tuple[Any, Any, Sequence[Any]])
 
 #: Lower-case fragments of refusals that mean "over a limit, try later" (sbatch, qsub, bsub, flux submit).
 LIMIT_FRAGMENTS = (
@@ -41,6 +44,13 @@ LIMIT_WAIT = 30.0
 #: Seconds an element reflow is done with is still counted while the scheduler never says it ended: a bound
 #: (a query that keeps failing must not hold the queue for ever), not a wait.
 LINGER_MAX = 120.0
+
+
+def retries_first(batches: list[B]) -> list[B]:
+    """Batches holding retried elements (attempt > 1) before the others, each side in its order: a retry takes the
+    next free slot of a capped queue instead of waiting behind every element not yet submitted (an escalated retry
+    is its own batch, formed after the fresh ones)."""
+    return sorted(batches, key=lambda batch: not any(getattr(i, "attempt", 1) > 1 for i in batch[-1]))
 
 
 def is_limit_refusal(message: str) -> bool:

@@ -108,7 +108,7 @@ class Submitter:
                 batches.append((run, tr, [by_index[i] for i in chunk]))
         room = self.d.queue_limit.room(now, self.d.queued_elements())
         if room is not None:  # a per-user queue limit: what does not fit waits (instance_left wakes us)
-            batches, leftover = fit_batches(batches, room)
+            batches, leftover = fit_batches(queue_limits.retries_first(batches), room)
             for run, _, insts in leftover:
                 for inst in insts:
                     self.d.ready[inst] = run
