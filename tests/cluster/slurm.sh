@@ -11,6 +11,14 @@
 # enforced, as on most real sites. Needs root and no systemd (checked on Debian 12).
 set -euo pipefail
 
+# Run as `flock LOCK slurm.sh start`, we inherit the lock's descriptor, and so would every daemon started here:
+# munged keeps its descriptors, and would hold the machine-wide cluster lock for as long as it lives. Close them
+# (flock itself keeps the lock until we exit; 255 is bash's own descriptor for this script).
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
+
 CLUSTER=reflowtest
 CONF=/etc/slurm
 MARK_DIR=/var/lib/reflow-test-slurm
