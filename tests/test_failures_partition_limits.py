@@ -7,11 +7,16 @@ with MaxTime=2, and the probe is run against the test cluster there).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
 
 from reflow_client.render import scheduler_health_lines
 from reflow_client.retry import RetryPolicy
 from reflowd.driver.health import AccountingHealth
 from reflowd.engine import retry_policy
+from reflowd.schedulers.base import Phase
 from reflowd.schedulers import slurm_commands as sc
 
 DATA = Path(__file__).parent / "data" / "slurm"
@@ -87,3 +92,51 @@ def test_accounting_health_says_since_when_and_why_and_recovers() -> None:
     assert h.succeeded(130.0) is True and h.succeeded(131.0) is False
     assert h.to_dict() == {"state": "ok", "degraded_episodes": 1, "recovered_at": 130.0}
     assert scheduler_health_lines({"accounting_health": h.to_dict()}) == []
+
+
+class Commands:
+    """A transport answering Slurm commands from a table (``sacct`` fails while ``dbd_down``)."""
+
+    def __init__(self) -> None:
+        self.dbd_down = False
+        self.ran: list[str] = []
+
+    async def run(self, argv: list[str], *, timeout: float = 30.0, idempotent: bool = True) -> Any:
+        from reflowd.transports.base import CommandResult
+
+        self.ran.append(argv[0])
+        if argv[0] == "sacct":
+            if self.dbd_down:
+                return CommandResult(1, "", "sacct: error: Problem talking to the database: Connection refused")
+            return CommandResult(0, "7|rfa|RUNNING|0:0|None|n1\n", "")
+        if argv[0] == "squeue":
+            return CommandResult(0, "7|RUNNING|None|rfa\n", "")
+        raise AssertionError(argv)
+
+
+def test_a_failing_sacct_is_reported_squeue_stands_in_and_sacct_is_retried_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from reflowd.schedulers import slurm
+
+    clock = [1000.0]
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    transport = Commands()
+    s = slurm.SlurmScheduler(transport)  # type: ignore[arg-type]
+    s.accounting = True
+    reports: list[str | None] = []
+    s.on_accounting = reports.append
+
+    def poll() -> Any:
+        return anyio.run(s.query, ["7"])
+
+    assert poll()["7"].phase is Phase.RUNNING and reports == [None] and transport.ran == ["sacct"]
+    transport.dbd_down = True
+    assert poll()["7"].phase is Phase.RUNNING  # squeue answered
+    assert reports[-1] and "Connection refused" in reports[-1] and transport.ran[-2:] == ["sacct", "squeue"]
+    clock[0] += slurm.ACCOUNTING_RETRY / 2
+    poll()
+    assert transport.ran[-1] == "squeue" and transport.ran[-2] == "squeue", "sacct is not asked at every poll"
+    transport.dbd_down = False
+    clock[0] += slurm.ACCOUNTING_RETRY
+    poll()
+    assert transport.ran[-1] == "sacct" and reports[-1] is None and s.fallbacks == 1  # squeue was an extra command once
