@@ -52,25 +52,28 @@ def test_unreadable_lines_and_odd_values_are_skipped() -> None:
     assert limits == {"p": {"max_time": None, "max_mem": None}} and default is None
 
 
-PROBE = {"partitions": {"compute": {"max_time": "2-00:00:00", "max_mem": "250000M"},
+PROBE = {"queue_caps": {"compute": {"max_time": "2-00:00:00", "max_mem": "250000M"},
                         "short": {"max_time": "00:30:00", "max_mem": "64000M"}},
-         "default_partition": "compute"}
+         "default_queue": "compute"}
 
 
 def test_caps_follow_the_partition_a_job_goes_to() -> None:
-    assert retry_policy.caps_from_probe(PROBE, {}) == {"time": "2-00:00:00", "mem": "250000M"}
-    assert retry_policy.caps_from_probe(PROBE, {"partition": "short"}) == {"time": "00:30:00", "mem": "64000M"}
+    caps = retry_policy.caps_from_probe
+    assert caps(PROBE) == {"time": "2-00:00:00", "mem": "250000M"}  # the site's default partition
+    assert caps(PROBE, "short") == {"time": "00:30:00", "mem": "64000M"}
     # A job that may run in several partitions is capped by the smallest (it must fit wherever it starts).
-    assert retry_policy.caps_from_probe(PROBE, {"partition": "compute,short"}) == {"time": "00:30:00",
-                                                                                   "mem": "64000M"}
-    assert retry_policy.caps_from_probe(PROBE, {"partition": "unknown"}) == {"time": None, "mem": None}
-    assert retry_policy.caps_from_probe(None) == {"time": None, "mem": None}
-    assert retry_policy.caps_from_probe({"max_time": "01:00:00", **PROBE}, {})["time"] == "01:00:00"
+    assert caps(PROBE, "compute,short") == {"time": "00:30:00", "mem": "64000M"}
+    assert caps({**PROBE, "max_time": "01:00:00"}, "unknown") == {"time": "01:00:00", "mem": None}
+    assert caps(None) == {"time": None, "mem": None}
+    # The task's partition wins over the cluster's (submit options of the cluster, then the task).
+    assert retry_policy.queue_of({"partition": "compute"}, {"partition": "short"}) == "short"
+    assert retry_policy.queue_of({"partition": "compute"}, None) == "compute"
+    assert retry_policy.queue_of(None, {}) is None
 
 
 def test_escalation_stops_at_the_partitions_limit() -> None:
     policy = RetryPolicy(escalate={"time": 4, "mem": 4})
-    caps = retry_policy.caps_from_probe(PROBE, {"partition": "short"})
+    caps = retry_policy.caps_from_probe(PROBE, "short")
     d = retry_policy.decide(policy, cause={"kind": "time_limit"}, attempt=1, retries=2, history=[],
                             resources={"time": "00:10:00", "mem": "4G"}, caps=caps)
     assert d.retry and d.resources == {"time": "00:30:00"}, d

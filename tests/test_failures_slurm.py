@@ -62,8 +62,8 @@ def test_the_probe_reads_each_partitions_time_and_memory_caps(wlm: WLM) -> None:
     from reflowd.transports.local import LocalTransport
 
     facts = anyio.run(SlurmScheduler(LocalTransport()).probe)
-    partitions = facts["partitions"]
-    assert facts["default_partition"] == "debug"
+    partitions = facts["queue_caps"]
+    assert facts["default_queue"] == "debug"
     assert partitions["short"] == {"max_time": "00:02:00", "max_mem": "1000M"}  # slurm.sh: MaxTime=2, MaxMemPerNode
     real_memory = int(subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%m"], capture_output=True,
                                      text=True, timeout=60).stdout.split()[0])

@@ -106,9 +106,11 @@ class Submitter:
             by_index = {i.index: i for i in insts if i.index is not None}
             for chunk in chunk_indices(list(by_index), max(1, self.cluster.scheduler.max_array_size)):
                 batches.append((run, tr, [by_index[i] for i in chunk]))
+        batches = queue_limits.retries_first(batches)  # under a queue cap, a retry takes the next free slot
+
         room = self.d.queue_limit.room(now, self.d.queued_elements())
         if room is not None:  # a per-user queue limit: what does not fit waits (instance_left wakes us)
-            batches, leftover = fit_batches(queue_limits.retries_first(batches), room)
+            batches, leftover = fit_batches(batches, room)
             for run, _, insts in leftover:
                 for inst in insts:
                     self.d.ready[inst] = run

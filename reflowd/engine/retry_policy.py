@@ -148,17 +148,29 @@ def plan(inst: Instance, task_config: Mapping[str, Any], retries: int, cluster_p
     return evidence, fields
 
 
-def caps_from_probe(probe: Mapping[str, Any] | None, options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
-    """The largest time and memory a job may ask for, where the probe found them: the limits of the partition
-    the job goes to (its ``partition`` submit option, else the cluster's default; the smallest of a list), else
-    the cluster-wide ``max_time``/``max_mem``."""
+def caps_from_probe(probe: Mapping[str, Any] | None, queue: str | None = None) -> dict[str, str | None]:
+    """The largest time and memory the cluster allows, where its probe found them: the job's queue's
+    (``probe["queue_caps"][queue]``, e.g. Slurm's partition MaxTime and memory, Grid Engine's h_rt/h_vmem per
+    queue; for a list ``"a,b"`` the smallest, as the job must fit wherever it starts), the default queue's
+    when the job names none (``probe["default_queue"]``), else the cluster's."""
     probe = probe or {}
-    caps: dict[str, str | None] = {"time": probe.get("max_time"), "mem": probe.get("max_mem")}
-    partitions = probe.get("partitions") or {}
-    wanted = (options or {}).get("partition") or probe.get("default_partition")
-    for name in str(wanted or "").split(","):
-        limits = partitions.get(name.strip())
-        if limits:
-            caps["time"] = _smaller_cap(caps["time"], limits.get("max_time"), "time")
-            caps["mem"] = _smaller_cap(caps["mem"], limits.get("max_mem"), "mem")
+    queue_caps = probe.get("queue_caps") or {}
+    names = [q.strip() for q in str(queue or probe.get("default_queue") or "").split(",") if q.strip()]
+    own = [queue_caps[q] for q in names if q in queue_caps]
+    if not own:
+        return {"time": probe.get("max_time"), "mem": probe.get("max_mem")}
+    caps: dict[str, str | None] = {"time": own[0].get("max_time"), "mem": own[0].get("max_mem")}
+    for more in own[1:]:
+        caps = {key: _smaller_cap(caps[key], more.get(f"max_{key}"), key) for key in ("time", "mem")}
     return caps
+
+
+def queue_of(*option_sets: Mapping[str, Any] | None) -> str | None:
+    """The queue (``partition``/``queue`` submit option) a task's jobs go to; later sets win."""
+    queue = None
+    for options in option_sets:
+        for key in ("partition", "queue"):
+            value = (options or {}).get(key)
+            if isinstance(value, str) and value:
+                queue = value
+    return queue

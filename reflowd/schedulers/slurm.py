@@ -78,7 +78,7 @@ class SlurmScheduler(Scheduler):
                                  "min_job_age": self.config.get("MinJobAge")}
         if self.accounting:
             facts["max_queued"] = await self._queue_limit()
-        facts["partitions"], facts["default_partition"] = await self._partition_limits()
+        facts["queue_caps"], facts["default_queue"] = await self._partition_limits()
         return facts
 
     async def _partition_limits(self) -> tuple[dict[str, dict[str, str | None]], str | None]:
@@ -119,29 +119,37 @@ class SlurmScheduler(Scheduler):
         if not ids:
             return {}
         self.queries += 1
-        if self.accounting and time.monotonic() >= self._sacct_retry_at:
-            try:
-                result = await self._run(sc.render_sacct(ids))
-                error = None if result.ok else (result.stderr.strip()[:300] or f"sacct exited {result.returncode}")
-            except (TransportError, TimeoutError) as exc:  # slurmdbd hanging: squeue may still answer
-                result, error = None, f"sacct: {exc or type(exc).__name__}"
-            if result is not None and error is None:
-                self._sacct_retry_at = float("-inf")
-                self._accounting_report(None)
+        if self.accounting:
+            result = await self._sacct(ids)
+            if result is not None:
                 observations = sc.parse_sacct(result.stdout)
                 await self._live_reasons(observations)
                 return observations
-            log.warning("sacct failed; using squeue until it answers again", error=error,
-                        retry_in=ACCOUNTING_RETRY)
-            self._sacct_retry_at = time.monotonic() + ACCOUNTING_RETRY
-            self._accounting_report(error)
-            self.fallbacks += 1  # squeue is an extra command in this poll
         result = await self._run(sc.render_squeue(ids))
         if result.ok:
             return sc.parse_squeue(result.stdout)
         if sc.squeue_all_absent(result.stderr, result.returncode):
             return {}
         raise TransportError(f"squeue failed ({result.returncode}): {result.stderr.strip()[:300]}")
+
+    async def _sacct(self, ids: list[str]) -> CommandResult | None:
+        """sacct's answer, or None when accounting failed (reported; squeue stands in) or rests after failing."""
+        if time.monotonic() < self._sacct_retry_at:
+            return None
+        try:
+            result = await self._run(sc.render_sacct(ids))
+            error = None if result.ok else (result.stderr.strip()[:300] or f"sacct exited {result.returncode}")
+        except (TransportError, TimeoutError) as exc:  # slurmdbd hanging: squeue may still answer
+            result, error = None, f"sacct: {exc or type(exc).__name__}"
+        if result is not None and error is None:
+            self._sacct_retry_at = float("-inf")
+            self._accounting_report(None)
+            return result
+        log.warning("sacct failed; using squeue until it answers again", error=error, retry_in=ACCOUNTING_RETRY)
+        self._sacct_retry_at = time.monotonic() + ACCOUNTING_RETRY
+        self._accounting_report(error)
+        self.fallbacks += 1  # squeue is an extra command in this poll
+        return None
 
     def _accounting_report(self, error: str | None) -> None:
         if self.on_accounting is not None:
