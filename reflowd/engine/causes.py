@@ -131,13 +131,16 @@ def from_result(result: Mapping[str, Any]) -> dict[str, Any]:
                                  "warning": True}
     elif result.get("signal"):
         cause = {"kind": SIGNAL, "source": "worker", "signal": str(result["signal"])}
-    else:
-        error = str(result.get("error") or "")
-        exc_type = error.split(":", 1)[0] if ":" in error else None
-        cause = {"kind": EXCEPTION, "source": "worker"}
-        if exc_type and exc_type.replace(".", "").replace("_", "").isalnum():
-            cause["exception"] = exc_type
-    if result.get("checkpoint"):
+    if result.get("signal"):
+        if result.get("checkpoint"):
+            cause["checkpoint"] = result["checkpoint"]
+        return cause
+    error = str(result.get("error") or "")
+    exc_type = error.split(":", 1)[0] if ":" in error else None
+    cause = {"kind": EXCEPTION, "source": "worker"}
+    if exc_type and exc_type.replace(".", "").replace("_", "").isalnum():
+        cause["exception"] = exc_type
+    if result.get("checkpoint"):  # raised from a TaskInterrupted that noted its checkpoint
         cause["checkpoint"] = str(result["checkpoint"])
     return cause
 
