@@ -261,7 +261,8 @@ class Engine:
             cluster = driver.cluster if driver is not None else None
             planned = retry_policy.plan(
                 inst, task.config, task.retries, cluster.config.retry_policy if cluster else None,
-                retry_policy.caps_from_probe(cluster.probe if cluster else None),
+                retry_policy.caps_from_probe(cluster.probe if cluster else None, retry_policy.queue_of(
+                    cluster.config.submit_options if cluster else None, task.config.get("submit_options"))),
                 self.settings.retry_backoff, self.settings.retry_backoff_max)
             if planned is not None:
                 evidence, fields = planned

@@ -148,7 +148,22 @@ def plan(inst: Instance, task_config: Mapping[str, Any], retries: int, cluster_p
     return evidence, fields
 
 
-def caps_from_probe(probe: Mapping[str, Any] | None) -> dict[str, str | None]:
-    """The largest time and memory the cluster allows, where its probe found them (Slurm's partition limits)."""
+def caps_from_probe(probe: Mapping[str, Any] | None, queue: str | None = None) -> dict[str, str | None]:
+    """The largest time and memory the cluster allows, where its probe found them: the job's queue's
+    (``probe["queue_caps"][queue]``, e.g. Grid Engine's h_rt/h_vmem per queue), else the cluster's."""
     probe = probe or {}
+    own = (probe.get("queue_caps") or {}).get(queue) if queue else None
+    if own is not None:
+        return {"time": own.get("max_time"), "mem": own.get("max_mem")}
     return {"time": probe.get("max_time"), "mem": probe.get("max_mem")}
+
+
+def queue_of(*option_sets: Mapping[str, Any] | None) -> str | None:
+    """The queue (``partition``/``queue`` submit option) a task's jobs go to; later sets win."""
+    queue = None
+    for options in option_sets:
+        for key in ("partition", "queue"):
+            value = (options or {}).get(key)
+            if isinstance(value, str) and value:
+                queue = value
+    return queue
