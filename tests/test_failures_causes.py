@@ -146,3 +146,28 @@ def test_the_walltime_warning_signal_is_a_time_limit_cause_so_escalation_applies
     assert cause["kind"] == "time_limit" and cause["warning"] is True
     assert causes.describe(cause, {"time": "01:00:00"}) == \
         "stopped at the time limit's warning (SIGUSR1) (limit 01:00:00)"
+
+
+def test_a_memory_error_in_the_task_is_out_of_memory_so_memory_escalation_applies() -> None:
+    """Grid Engine's h_vmem (an address-space rlimit) makes an allocation fail instead of killing the job."""
+    inst_ = inst()
+    d = decide.from_result(inst_, {"state": "failed", "error": "MemoryError: ", "traceback": "..."},
+                           done(Outcome.FAILED, "finished", "exit status 1", "1"))
+    assert d.state is State.OUT_OF_MEMORY
+    assert d.fields["cause"] == {"kind": "out_of_memory", "source": "worker", "exception": "MemoryError"}
+    assert causes.describe(d.fields["cause"], {"mem": "250M"}) == \
+        "out of memory (limit 250M): an allocation failed (MemoryError)"
+    assert causes.from_result({"error": "MemoryError"})["kind"] == "out_of_memory"
+    assert causes.from_result({"error": "ValueError: MemoryError"})["kind"] == "exception"
+
+
+def test_the_queues_own_limits_cap_escalation() -> None:
+    from reflowd.engine.retry_policy import caps_from_probe, queue_of
+
+    probe = {"max_time": "2-00:00:00", "max_mem": None,
+             "queue_caps": {"short.q": {"max_time": "00:00:40", "max_mem": "1024M"}}}
+    assert caps_from_probe(probe, "short.q") == {"time": "00:00:40", "mem": "1024M"}
+    assert caps_from_probe(probe, "other.q") == {"time": "2-00:00:00", "mem": None}
+    assert caps_from_probe(probe) == {"time": "2-00:00:00", "mem": None}
+    assert queue_of({"partition": "all.q"}, {"queue": "short.q"}) == "short.q"
+    assert queue_of({"partition": "all.q"}, None) == "all.q" and queue_of(None, {}) is None

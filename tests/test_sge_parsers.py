@@ -390,3 +390,68 @@ def test_cluster_settings_reach_the_adapter() -> None:
     both = parse_config({"defaults": {"parallel_environment": "smp"},
                          "clusters": {"ge": {"scheduler": "sge"}, "s": {"scheduler": "slurm"}}})
     assert both.cluster("ge").parallel_environment == "smp" and both.cluster("s").parallel_environment is None
+
+
+# ---------------------------------------------------------------------- out of memory, limits (issue #14)
+
+
+def test_h_vmem_kill_by_the_execd_is_out_of_memory_with_the_peak_and_the_host() -> None:
+    """Recorded: a job whose processes together passed -l h_vmem=300M (execd: 'exceeds job hard limit')."""
+    obs = acct("qacct_h_vmem_killed.txt", "430")["430"]
+    assert obs.outcome is Outcome.OUT_OF_MEMORY and "h_vmem" in (obs.reason or "")
+    assert obs.peak_mem == "379M" and obs.node == "vm"
+    assert "exceeds job hard limit \"h_vmem\"" in read("execd_h_vmem_message.txt")
+
+
+def test_a_memory_error_under_h_vmem_is_an_ordinary_exit_to_grid_engine() -> None:
+    """Recorded: one process over -l h_vmem=300M: h_vmem is its RLIMIT_AS, so Python raised MemoryError and
+    exited 1. qacct sees a plain failure (failed 0) and a sampled maxvmem far below the limit: the worker's
+    result (MemoryError) is what tells out-of-memory here (reflowd/engine/causes.py)."""
+    obs = acct("qacct_memoryerror.txt", "429")["429"]
+    assert obs.outcome is Outcome.FAILED and obs.exit_code == "1" and obs.native_state == "finished"
+    assert obs.peak_mem == "88M"
+
+
+def test_peak_text() -> None:
+    assert gc.peak_text("0.000B") is None and gc.peak_text(None) is None
+    assert gc.peak_text("4.793MB") == "5M" and gc.peak_text("379.027MB") == "379M"
+    assert gc.peak_text("12.500GB") == "12.5G" and gc.peak_text("512.000KB") == "512K"
+
+
+def test_max_u_jobs_is_the_queue_limit() -> None:
+    conf = gc.parse_qconf_conf(read("qconf_sconf_max_u_jobs.stdout"))
+    assert gc.queue_limit(conf) == 3
+    assert gc.queue_limit(gc.parse_qconf_conf(read("qconf_sconf.stdout"))) is None, "0 means unlimited"
+    assert gc.queue_limit({"max_u_jobs": "50", "max_jobs": "20"}) == 20
+    assert gc.queue_limit({"max_u_jobs": "junk"}) is None
+
+
+def test_a_submission_over_max_u_jobs_is_a_limit_refusal_not_a_failure() -> None:
+    from reflowd.driver.queue_limits import is_limit_refusal
+
+    stdout, stderr, rc = recorded("qsub_max_u_jobs_4")
+    with pytest.raises(SubmitError) as info:
+        gc.parse_qsub(stdout, stderr, rc)
+    assert "only 3 jobs are allowed per user" in str(info.value)
+    assert is_limit_refusal(str(info.value))
+    # max_u_jobs counts jobs, not array tasks: a 5-task array went in under max_u_jobs=3 (recorded).
+    assert read("qsub_max_u_jobs_array.stdout").strip() == "435.1-5:1"
+
+
+def test_queue_caps_from_qconf_sq_star() -> None:
+    queues = gc.parse_qconf_queues(read("qconf_sq_star.stdout"))
+    assert set(queues) == {"all.q", "reflow_test_capped.q"}
+    assert gc.queue_caps(queues["all.q"]) == {"max_time": None, "max_mem": None}
+    assert gc.queue_caps(queues["reflow_test_capped.q"]) == {"max_time": "00:00:20", "max_mem": "1024M"}
+    assert gc.queue_caps({"h_rt": "48:00:00,[vm=1:0:0]", "h_vmem": "1.5g"}) == {"max_time": "2-00:00:00",
+                                                                               "max_mem": "1430M"}
+    assert gc.sge_seconds("3600") == 3600 and gc.sge_seconds("INFINITY") is None
+    with pytest.raises(ValueError):
+        gc.sge_megabytes("lots")
+    assert int(read("qconf_sq_unknown.rc")) != 0 and "no_such.q" in read("qconf_sq_unknown.stderr")
+
+
+def test_resource_quota_sets_are_recorded_as_running_limits_only() -> None:
+    """``qconf -srqs`` limits what runs (slots), not what is queued: nothing to cap submissions with."""
+    assert "limit        users {*} to slots=4" in read("qconf_srqs.stdout")
+    assert "maxujobs                          0" in read("qconf_ssconf.stdout")

@@ -32,6 +32,9 @@ SUBMIT_REFUSED = "submit_refused"
 UPSTREAM = "upstream_failed"
 UNKNOWN = "unknown"
 
+#: Exceptions (from the worker's result) that mean the task ran out of memory.
+MEMORY_ERRORS = ("MemoryError", "_ArrayMemoryError")  # the second: numpy's, a MemoryError subclass
+
 #: Signals a scheduler sends as a warning before the time limit (what ``JobConfig``'s ``signal`` asks for).
 WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
@@ -136,7 +139,11 @@ def from_result(result: Mapping[str, Any]) -> dict[str, Any]:
             cause["checkpoint"] = result["checkpoint"]
         return cause
     error = str(result.get("error") or "")
-    exc_type = error.split(":", 1)[0] if ":" in error else None
+    exc_type = error.split(":", 1)[0] if ":" in error else (error.strip() or None)
+    if exc_type in MEMORY_ERRORS:
+        # An allocation refused under the job's memory limit: Grid Engine's h_vmem (and PBS's pvmem,
+        # ulimit -v) are an address-space rlimit, so the process gets ENOMEM, not a kill.
+        return {"kind": OUT_OF_MEMORY, "source": "worker", "exception": exc_type}
     cause = {"kind": EXCEPTION, "source": "worker"}
     if exc_type and exc_type.replace(".", "").replace("_", "").isalnum():
         cause["exception"] = exc_type
@@ -180,7 +187,8 @@ def _describe_kind(cause: Mapping[str, Any] | None, resources: Mapping[str, Any]
     node = f" on node {cause['node']}" if cause.get("node") else ""
     if kind == OUT_OF_MEMORY:
         peak = f", peak {cause['peak_mem']}" if cause.get("peak_mem") else ""
-        return f"out of memory{_limit(resources, 'mem')}{peak}{node}"
+        refused = f": an allocation failed ({cause['exception']})" if cause.get("exception") else ""
+        return f"out of memory{_limit(resources, 'mem')}{peak}{node}{refused}"
     if kind == TIME_LIMIT:
         if cause.get("warning"):
             return f"stopped at the time limit's warning ({cause.get('signal')}){_limit(resources, 'time')}{node}"

@@ -89,6 +89,8 @@ def from_result(inst: Instance, result: dict[str, Any], obs: Observation | None)
             fields["cause"]["checkpoint"] = result["checkpoint"]
     else:
         fields["cause"] = causes.from_result(result)
+        if fields["cause"]["kind"] == causes.OUT_OF_MEMORY:
+            state = State.OUT_OF_MEMORY  # the task's MemoryError under the job's memory limit
         if result.get("signal"):
             fields["reason"] = f"worker received {result['signal']}"
     return Decision(state, evidence, fields)

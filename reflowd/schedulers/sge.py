@@ -37,7 +37,7 @@ PARTIAL_ACCOUNTING_INTERVAL = 15.0
 class SGEScheduler(BatchScheduler):
     kind = "sge"
     max_array_size = 75000
-    probe_commands = 4
+    probe_commands = 5
 
     def __init__(self, transport: Transport, settings: gc.SGESettings | None = None, *,
                  command_timeout: float = 30.0) -> None:
@@ -49,6 +49,8 @@ class SGEScheduler(BatchScheduler):
         self.version = "unknown"
         self.config: dict[str, str] = {}
         self.parallel_environments: list[str] | None = None
+        #: Queue -> its h_rt/h_vmem as escalation caps (``max_time``/``max_mem``), from qconf -sq.
+        self.queue_caps: dict[str, dict[str, str | None]] = {}
         self.qacct_calls = 0
         #: Task ids of each job we submitted or re-attached to (1-based); lets a poll tell which
         #: tasks of a still-listed array have finished. Without it (unknown job) qacct is asked.
@@ -75,8 +77,21 @@ class SGEScheduler(BatchScheduler):
             log.warning("qconf -sconf failed; assuming the default max_aj_tasks", error=conf.stderr.strip()[:300])
         pes = await self._run(["qconf", "-spl"])
         self.parallel_environments = pes.stdout.split() if pes.ok else None
+        await self._probe_queues()
         await self._check_accounting()
         return self.capabilities()
+
+    async def _probe_queues(self) -> None:
+        """Each queue's h_rt/h_vmem (caps for escalation); advisory: left unknown if qconf will not say."""
+        shown = await self._run(["qconf", "-sq", "*"])  # every cluster queue, one block each
+        if not shown.ok:
+            log.warning("qconf -sq failed; escalation is capped only by the retry policy",
+                        error=shown.stderr.strip()[:300])
+            return
+        try:
+            self.queue_caps = {name: gc.queue_caps(conf) for name, conf in gc.parse_qconf_queues(shown.stdout).items()}
+        except ValueError as exc:
+            log.warning("cannot read the queues' limits", error=str(exc))
 
     async def _check_accounting(self) -> None:
         self._accounting_checked = time.monotonic()
@@ -105,6 +120,13 @@ class SGEScheduler(BatchScheduler):
         }
         if not self.accounting:
             facts["accounting_problem"] = self.accounting_problem
+        facts["max_queued"] = gc.queue_limit(self.config)
+        if self.queue_caps:
+            facts["queue_caps"] = self.queue_caps
+            # Without a queue to go by, the most any queue allows (None if one has no limit).
+            for key in ("max_time", "max_mem"):
+                values = [caps[key] for caps in self.queue_caps.values()]
+                facts[key] = None if None in values else max(values, key=gc.cap_size)
         if pe and self.parallel_environments is not None and pe not in self.parallel_environments:
             facts["warning"] = (f"parallel_environment {pe!r} is not one of the site's "
                                 f"({', '.join(self.parallel_environments) or 'none'})")

@@ -15,6 +15,7 @@ as the covering range; the script lets the tasks in between exit at once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shlex
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reflow_client.resources import parse_mem, parse_time
+from reflow_client.resources import format_time, parse_mem, parse_time
 
 from . import option_map
 from .base import (
@@ -526,8 +527,25 @@ def category_limits(category: str | None) -> dict[str, str]:
     return limits
 
 
+def peak_text(maxvmem: str | None) -> str | None:
+    """qacct's ``maxvmem`` (``379.027MB``) as a short size (``379M``); None when not measured (0)."""
+    value = _bytes(maxvmem)
+    if not value:
+        return None
+    mb = value / 1024 ** 2
+    return f"{mb / 1024:.1f}G" if mb >= 10 * 1024 else f"{mb:.0f}M" if mb >= 1 else f"{value / 1024:.0f}K"
+
+
 def record_observation(record: Mapping[str, str]) -> Observation:
-    """How one accounting record says the job (or task) ended."""
+    """How one accounting record says the job (or task) ended, with its host and peak memory (maxvmem)."""
+    obs = _record_observation(record)
+    if obs.phase is not Phase.DONE:
+        return obs
+    host = (record.get("hostname") or "").strip()
+    return dataclasses.replace(obs, node=host or None, peak_mem=peak_text(record.get("maxvmem")))
+
+
+def _record_observation(record: Mapping[str, str]) -> Observation:
     failed = _code(record.get("failed")) or 0
     exit_status = _code(record.get("exit_status"))
     exit_text = None if exit_status is None else str(exit_status)
@@ -730,3 +748,85 @@ def parse_version(qstat_help: str) -> str:
         if line.strip():
             return line.strip()
     return "unknown"
+
+
+# ---------------------------------------------------------------------- limits (queue cap, escalation caps)
+
+
+def queue_limit(config: Mapping[str, str]) -> int | None:
+    """Jobs a user may have in the system at once: ``max_u_jobs`` (per user) and ``max_jobs`` (everyone's)
+    of ``qconf -sconf``, the smaller that is set (0 means unlimited). qsub refuses a job over either
+    ("job rejected: Only N jobs are allowed per user"); the scheduler's ``maxujobs`` and resource quota
+    sets (``qconf -srqs``) limit only what *runs*, so they never refuse a submission."""
+    limits = []
+    for key in ("max_u_jobs", "max_jobs"):
+        try:
+            value = int(config.get(key, "0"))
+        except ValueError:
+            continue
+        if value > 0:
+            limits.append(value)
+    return min(limits) if limits else None
+
+
+def sge_seconds(text: str | None) -> int | None:
+    """A Grid Engine TIME value (``0:0:20``, ``1:30:00``, ``3600``, ``INFINITY``) in seconds; None: unlimited."""
+    value = (text or "").strip()
+    if not value or value.upper() in ("INFINITY", "NONE"):
+        return None
+    parts = value.split(":")
+    if not all(p.isdigit() for p in parts) or len(parts) > 3:
+        raise ValueError(f"not a Grid Engine time: {text!r}")
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+_SGE_MEM = {"": 1, "k": 1000, "K": 1024, "m": 1000 ** 2, "M": 1024 ** 2, "g": 1000 ** 3, "G": 1024 ** 3,
+            "t": 1000 ** 4, "T": 1024 ** 4}
+
+
+def sge_megabytes(text: str | None) -> int | None:
+    """A Grid Engine MEMORY value (``1G``, ``512M``, ``1.5g``, ``INFINITY``) in MB; None: unlimited.
+    Upper-case units are powers of 1024, lower-case ones of 1000 (sge_types(1))."""
+    value = (text or "").strip()
+    if not value or value.upper() in ("INFINITY", "NONE"):
+        return None
+    match = re.fullmatch(r"([\d.]+)([kKmMgGtT]?)", value)
+    if not match:
+        raise ValueError(f"not a Grid Engine memory size: {text!r}")
+    return int(float(match.group(1)) * _SGE_MEM[match.group(2)] // 1024 ** 2)
+
+
+def parse_qconf_queues(text: str) -> dict[str, dict[str, str]]:
+    """``qconf -sq Q1,Q2`` (one block per queue, each starting with ``qname``) -> queue -> settings."""
+    queues: dict[str, dict[str, str]] = {}
+    block: list[str] = []
+    for line in [*text.splitlines(), "qname"]:
+        if line.startswith("qname") and block:
+            conf = parse_qconf_conf("\n".join(block))
+            if conf.get("qname"):
+                queues[conf["qname"]] = conf
+            block = []
+        block.append(line)
+    return queues
+
+
+def _default_value(setting: str | None) -> str | None:
+    """A queue setting's cluster-wide value: ``0:0:20,[vm=1:0:0]`` -> ``0:0:20`` (host overrides in [])."""
+    return None if setting is None else setting.split(",[", 1)[0].strip()
+
+
+def queue_caps(queue: Mapping[str, str]) -> dict[str, str | None]:
+    """The largest time and memory a job may ask for in a queue (its ``h_rt`` and ``h_vmem``), as the
+    retry policy's caps (``HH:MM:SS``, ``<n>M``); None where the queue sets no limit. Host overrides
+    (``[host=value]``) are not considered: the queue-wide value is what a job may count on."""
+    seconds = sge_seconds(_default_value(queue.get("h_rt")))
+    megabytes = sge_megabytes(_default_value(queue.get("h_vmem")))
+    return {"max_time": format_time(seconds) if seconds else None, "max_mem": f"{megabytes}M" if megabytes else None}
+
+
+def cap_size(cap: str) -> int:
+    """A cap from :func:`queue_caps` as a number to compare (seconds, or MB)."""
+    return parse_mem(cap) if cap.endswith("M") else parse_time(cap) or 0

@@ -213,11 +213,13 @@ configure_global() {
       -e 's/^min_uid .*/min_uid 0/' \
       -e 's/^min_gid .*/min_gid 0/' \
       -e 's/^administrator_mail .*/administrator_mail none/' \
+      -e 's/^max_u_jobs .*/max_u_jobs 0/' \
       -e 's/^reporting_params .*/reporting_params accounting=true reporting=false flush_time=00:00:01 joblog=false sharelog=00:00:00 accounting_flush_time=00:00:00/' \
       > "$d/global"
   # min_uid/min_gid 0: the default 1000 makes every job of root (uid 0) fail to start.
   # administrator_mail none: no mail attempts through the (unstarted) exim4.
   # accounting_flush_time=0: qacct sees a job the moment it ends (default: buffered 15 s).
+  # max_u_jobs 0: no per-user job limit (the queue-limit test sets one for a while).
   qconf -Mconf "$d/global" >/dev/null
   rm -rf "$d"
 }
@@ -341,6 +343,40 @@ EOF
   rm -rf "$d"
 }
 
+# h_vmem: requestable, so that "-l h_vmem=250M" (reflow's memory request) becomes the job's hard
+# memory limit: the shepherd sets it as each process's RLIMIT_AS (an allocation over it fails:
+# Python raises MemoryError), and the execd kills the job (SIGKILL, qacct "failed 37", maxvmem
+# over the limit) when its processes together pass it. Not consumable: a consumable needs a
+# capacity per host (complex_values), and reflow's default request (4G) would then let only a
+# few jobs of a fan-out run at once on this one small host. Debian's default complex already
+# has it requestable; make sure of it (a site, or an earlier run, may have changed it).
+configure_h_vmem() {
+  local d line
+  line=$(qconf -sc | awk '$1 == "h_vmem" {print $3, $4, $5, $6}')
+  [ "$line" = "MEMORY <= YES NO" ] && return 0
+  log "making h_vmem a requestable, enforced limit (was: ${line:-missing})"
+  d=$(mktemp -d)
+  qconf -sc | awk '$1 == "h_vmem" {$0 = "h_vmem h_vmem MEMORY <= YES NO 0 0"} {print}' > "$d/complex"
+  grep -q '^h_vmem ' "$d/complex" || echo "h_vmem h_vmem MEMORY <= YES NO 0 0" >> "$d/complex"
+  qconf -Mc "$d/complex" >/dev/null
+  rm -rf "$d"
+}
+
+# Queues and settings that tests make for a while (tests/test_failures_sge.py: reflow_test_*.q with
+# small h_rt/h_vmem, max_u_jobs): a test killed half-way leaves them behind. Remove and reset them,
+# so that no later job lands in a queue with a 40 s limit.
+clean_test_state() {
+  local q
+  for q in $(qconf -sql 2>/dev/null | grep '^reflow_test_' || true); do
+    log "removing queue $q left by an earlier test"
+    qconf -dq "$q" >/dev/null 2>&1 || log "could not remove $q (jobs still in it?)"
+  done
+  if [ "$(qconf -sconf | awk '$1 == "max_u_jobs" {print $2}')" != 0 ]; then
+    log "resetting max_u_jobs left by an earlier test"
+    configure_global
+  fi
+}
+
 # ---------------------------------------------------------------- readiness
 queue_ready() {  # all.q@host listed and not in an unknown/alarm/disabled/error state
   local host st; host=$(sge_host)
@@ -408,6 +444,7 @@ cmd_start() {
   if qmaster_up && execd_up && [ "$(cat "$STAMP" 2>/dev/null)" = "$(config_fingerprint)" ] \
      && qconf -sh >/dev/null 2>&1 && queue_ready; then
     clean_jobs
+    clean_test_state
     rotate_accounting
     log "already running and configured (host=$(sge_host), slots=$SLOTS)"
     return 0
@@ -417,10 +454,12 @@ cmd_start() {
   configure_global
   configure_scheduler
   configure_cluster
+  configure_h_vmem
   start_execd
   # execd's first load report marks the queue usable (state "u" until then).
   wait_for 60 queue_ready || { qstat -f >&2 || true; die "all.q not ready after 60 s"; }
   clean_jobs
+  clean_test_state
   rotate_accounting
   smoke_test
   mkdir -p "$(dirname "$STAMP")"

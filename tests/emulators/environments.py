@@ -8,6 +8,8 @@ behave as the systems' manuals say.
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 import subprocess
 import sys
@@ -115,6 +117,17 @@ class EmulatedScheduler:
                 wanted.add(int(head.split("[")[0].split(".")[0]))
         return any(e["state"] != "done" for m in _core.jobs(self.state) if m["seq"] in wanted
                    for e in _core.elements(self.state, m))
+
+    def meta(self, job_id: str) -> dict[str, Any]:
+        """The emulated scheduler's own record of a job (limits as it holds them), by the id reflow shows."""
+        head = job_id.rpartition("_")[0] if job_id.rpartition("_")[2].isdigit() else job_id
+        for meta in _core.jobs(self.state):
+            if self.kind == "flux":
+                if meta.get("flux_id") == flux_emu.parse_id(head):
+                    return meta
+            elif str(meta["seq"]) == head.split("[")[0].split(".")[0]:
+                return meta
+        raise KeyError(f"no emulated job {job_id}")
 
     def _flux_tag(self, value: int) -> str:
         """The tag a Flux job (and so its whole bulk submission) carries in its name."""
