@@ -288,3 +288,53 @@ def test_cancelling_a_packed_run(tmp_path: Path) -> None:
         assert not any(final[i] == "succeeded" and f"work {i}" not in ran for i in final), "no result without a run"
     finally:
         d.stop()
+
+
+def cancel_one_element_scenario(d: DaemonProcess, base: Path) -> None:
+    """Cancelling one element of a packed job, while it runs and before it starts, leaves its slice-mates alone:
+    the running one stops and its job goes on with the next element, the unstarted one never runs, the rest
+    finish, each once, and status shows exactly those two cancelled."""
+    run_dir = base / "cancel1"
+    run = submit(d, run_dir, "--n", "8", "--delay", "4")
+    wait_for(lambda: pid_of(run_dir, "work 1"), timeout=240, what="element 1 to start")
+    assert executions(run_dir)["work 3"] == 0, "element 3 must not have started yet (4 s elements, pack = 4)"
+    with d.client() as c:
+        assert c.cancel(run, "work", 1) == 1, "the running element"
+        assert c.cancel(run, "work", 3) == 1, "an element of the same job that has not started"
+        assert c.cancel(run, "work", 1) == 0, "cancelling it again changes nothing"
+    with pytest.raises(Exception, match="needs --task"):
+        with d.client() as c:
+            c.cancel(run, None, 2)
+    wait_for(lambda: all(s in ("succeeded", "cancelled") for s in states(d, run).values()) and states(d, run),
+             timeout=300, interval=0.5, what="the other elements to finish")
+    assert wait_state(d, run) in ("failed", "cancelled")
+    final = states(d, run)
+    assert final == {i: "cancelled" if i in (1, 3) else "succeeded" for i in range(8)}, final
+    ran = executions(run_dir)
+    assert "work 3" not in ran and "total" not in ran, ran
+    assert all(n == 1 for n in ran.values()), ran
+    assert pid_of(run_dir, "work 2") == pid_of(run_dir, "work 1"), "element 1's job went on with element 2"
+    logs = d.cli("logs", run, "work", "--index", "1")
+    assert "element 1 done" not in logs.stdout, "element 1 was stopped while it slept"
+    assert "cancelled by reflowd while running" in logs.stdout + logs.stderr, logs.stdout + logs.stderr
+
+
+def test_cancel_one_element_of_a_packed_job_on_the_local_scheduler(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path / "d", config=local_config())
+    d.start()
+    try:
+        cancel_one_element_scenario(d, tmp_path)
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("wlm_name", WLMS, indirect=True)
+def test_cancel_one_element_of_a_packed_job_on_a_workload_manager(wlm: WLM, tmp_path: Path) -> None:
+    table = wlm.table(python=sys.executable, pack=4, **wlm.env.poll)
+    d = DaemonProcess(tmp_path / "d", config='[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table),
+                      env=wlm.daemon_env())
+    d.start()
+    try:
+        cancel_one_element_scenario(d, tmp_path)
+    finally:
+        d.stop()

@@ -198,6 +198,8 @@ class Driver:
         else:
             self.tracks[record.tag] = track
             await self.cluster.scheduler.reattach(record.request, record.job_id)
+        if track.packed:
+            self.packer.recovered(track)
         self.query_due = True
 
     def forget_run(self, run_id: str) -> None:
