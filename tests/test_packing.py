@@ -338,3 +338,43 @@ def test_cancel_one_element_of_a_packed_job_on_a_workload_manager(wlm: WLM, tmp_
         cancel_one_element_scenario(d, tmp_path)
     finally:
         d.stop()
+
+
+def test_queue_cap_counts_a_packed_slice_as_one_job() -> None:
+    """A per-user queue limit counts scheduler jobs: a batch that packs is cut by its slices, not its elements."""
+    from reflowd.engine.model import Instance
+
+    insts = [Instance(run_id="r", task="work", index=i) for i in range(12)]
+    packed = packing.Plan([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], 1, "pack=4")
+    kept, leftover = packing.fit_groups([(insts, packed)], room=2)
+    assert [p.slices for _, p in kept if p] == [[[0, 1, 2, 3], [4, 5, 6, 7]]], "two slices fit in two queue slots"
+    assert [i.index for i in kept[0][0]] == list(range(8)) and [i.index for i in leftover] == [8, 9, 10, 11]
+    assert packing.jobs_of(kept) == 2
+    kept, leftover = packing.fit_groups([(insts[:3], None), (insts[3:], packed)], room=4)
+    assert packing.jobs_of(kept) == 4 and len(kept[0][0]) == 3, "three unpacked elements, then one slice"
+
+
+def test_queue_cap_lets_packed_jobs_through_on_the_local_scheduler(tmp_path: Path) -> None:
+    """``max_queued = 2`` with ``pack = 4``: 16 elements go out as 4 jobs of 4, never more than 2 jobs at a time
+    (before, the cap cut batches to 2 elements, which then went out one per job: 16 jobs)."""
+    config = local_config() + "max_queued = 2\n"
+    d = DaemonProcess(tmp_path / "d", config=config)
+    d.start()
+    try:
+        run = submit(d, tmp_path / "run", "--n", "16", "--delay", "0.3")
+        most = 0
+
+        def live_jobs() -> bool:
+            nonlocal most
+            insts = status(d, run, "work").instances or []
+            most = max(most, len({i.job_id for i in insts if i.state in ("queued", "running") and i.job_id}))
+            return status(d, run).state != "running"
+
+        wait_for(live_jobs, timeout=300, interval=0.2, what="the run to end")
+        assert wait_state(d, run) == "succeeded"
+        keys = {i.job_id for i in status(d, run, "work").instances or []}
+        assert len(keys) == 4, f"four packed jobs of four elements: {keys}"
+        assert 1 <= most <= 2, most
+        assert all(executions(tmp_path / "run")[f"work {i}"] == 1 for i in range(16))
+    finally:
+        d.stop()

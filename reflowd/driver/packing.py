@@ -146,6 +146,33 @@ def plan(indices: Sequence[int], spec: PackSpec, est: Estimate | None, *, time_l
     return Plan(slices, width, why)
 
 
+def fit_groups(groups: list[tuple[list[Instance], Plan | None]], room: int,
+               ) -> tuple[list[tuple[list[Instance], Plan | None]], list[Instance]]:
+    """Cut a batch's submissions to *room* more scheduler jobs (a per-user queue limit counts jobs, and a
+    packed slice is one); what does not fit waits. Returns the kept submissions and the instances left over."""
+    kept: list[tuple[list[Instance], Plan | None]] = []
+    leftover: list[Instance] = []
+    for group, found in groups:
+        if room <= 0:
+            leftover.extend(group)
+        elif found is None:
+            kept.append((group[:room], None))
+            leftover.extend(group[room:])
+            room -= len(kept[-1][0])
+        else:
+            slices = found.slices[:room]
+            chosen = {i for piece in slices for i in piece}
+            kept.append(([i for i in group if i.index in chosen], Plan(slices, found.width, found.why)))
+            leftover.extend(i for i in group if i.index not in chosen)
+            room -= len(slices)
+    return kept, leftover
+
+
+def jobs_of(groups: list[tuple[list[Instance], Plan | None]]) -> int:
+    """How many scheduler jobs (array elements) these submissions make."""
+    return sum(len(found.slices) if found is not None else len(group) for group, found in groups)
+
+
 def slot_map(request: SubmitRequest) -> dict[int, int]:
     """Element index -> array task (slice number) of a packed request."""
     return {index: k for k, piece in enumerate(request.slices or ()) for index in piece}
@@ -250,6 +277,12 @@ class Packer:
         for inst in alone:
             self.solo.discard(inst.key)
         return out
+
+    def may_pack(self, tr: TaskRun, insts: list[Instance]) -> bool:
+        """Whether this batch might go out packed (then a queue limit is applied to its slices, not elements)."""
+        if not tr.manifest.is_array or len(insts) < 2:
+            return False
+        return not task_spec(tr.manifest.config, self.d.cluster.config.pack)[0].off
 
     def parallel(self, array_parallelism: int | None, cpus: int, width: int) -> int | None:
         """How many jobs of one task could run at once, where the driver knows it."""
@@ -367,5 +400,6 @@ def explains(result: dict[str, Any]) -> bool:
     return bool(result.get("signal"))
 
 
-__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "job_key",
+__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "fit_groups",
+           "job_key", "jobs_of",
            "plan", "slot_map", "task_spec", "time_limit"]
