@@ -12,6 +12,12 @@ measured in the same run three ways:
 
     flock /tmp/reflow-cluster.lock sudo .venv/bin/python bench/packing_slurm.py [--elements 100 1000]
 
+With ``--seconds S`` it is the timed-elements benchmark instead: N elements that each sleep S seconds,
+packed toward ``--target`` (default one minute of work per job, after a 10-element run that leaves
+history) and with packing off, printing the number of jobs, the makespan against the ideal (total work
+divided by the cluster's CPUs) and the daemon's CPU time per element. The issue's 10,000 x 1 s takes
+5,000 s ideal on the 2-CPU test node; a scaled run is ``--elements 300 --seconds 1``.
+
 Cluster settings are the tests' fast polling ones (``--user-polling`` for a user's defaults).
 """
 
@@ -42,15 +48,54 @@ def config(pack: str, fast: bool) -> str:
             + (FAST if fast else "") + 'submit_options = { partition = "debug" }\n')
 
 
+def cores() -> int:
+    """CPUs the local Slurm offers (what the ideal makespan divides the work by)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%C"], capture_output=True, text=True, timeout=60)
+    try:
+        return int(out.stdout.split()[0].split("/")[-1])  # allocated/idle/other/total
+    except (IndexError, ValueError):
+        return 2
+
+
+def timed_elements(n: int, seconds: float, target: str, fast: bool, history: int) -> None:
+    """N elements of S seconds each (sleep), packed toward *target* of work per job, and with packing off:
+    jobs, makespan against the ideal (total work / cores) and the daemon's CPU time per element."""
+    ncores = cores()
+    ideal = n * seconds / ncores
+    print(f"local Slurm ({ncores} CPUs), {n} elements of {seconds:g} s, pack = {target!r}, "
+          f"{'fast' if fast else 'default'} polling; ideal makespan = {n} x {seconds:g} s / {ncores} = {ideal:.1f} s")
+    extra = {"seconds": seconds}
+    with tempfile.TemporaryDirectory(prefix="reflow-bench-pack-") as tmp:
+        base = Path(tmp)
+        auto = fanout_runs(base / "auto", config(target, fast), "slurm", n, 2, history=min(n, history), extra=extra)
+        off = fanout_runs(base / "off", config("off", fast), "slurm", n, 1, extra=extra)
+    first, packed, unpacked = auto[0], auto[1], off[0]
+    print(f"  history run (no history yet)  {first['wall']:7.1f} s   {first['elements']} elements, "
+          f"{first['array_tasks']} fan-out jobs")
+    for name, r in (("packed", packed), ("packing off", unpacked)):
+        print(f"  {name:<29} {r['wall']:7.1f} s   {r['array_tasks']} fan-out jobs (+2), "
+              f"makespan / ideal = {r['wall'] / ideal:.2f}, daemon CPU {1000 * r['cpu'] / n:.2f} ms per element")
+    print(f"  packed / off = {packed['wall'] / unpacked['wall']:.2f}, jobs {packed['array_tasks'] + 2} "
+          f"against {unpacked['array_tasks'] + 2}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--elements", type=int, nargs="+", default=[100])
     parser.add_argument("--repeat", type=int, default=1, help="measured runs of each kind (medians are printed)")
     parser.add_argument("--history", type=int, default=100, help="elements of the run that leaves history")
     parser.add_argument("--user-polling", action="store_true", help="a user's default poll settings")
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="each element sleeps this long: the timed-elements benchmark (packed toward --target "
+                             "and off; jobs, makespan against the ideal, daemon CPU per element)")
+    parser.add_argument("--target", default="1m", help="with --seconds: the pack target (default 1m)")
     args = parser.parse_args()
     start_cluster()
     fast = not args.user_polling
+    if args.seconds:
+        for n in args.elements:
+            timed_elements(n, args.seconds, args.target, fast, min(args.history, 10))
+        return
     print(f"local Slurm (2 cores), fan-out + gather of tiny tasks, {'fast' if fast else 'default'} polling, "
           f"medians of {args.repeat}")
     for n in args.elements:

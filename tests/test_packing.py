@@ -378,3 +378,51 @@ def test_queue_cap_lets_packed_jobs_through_on_the_local_scheduler(tmp_path: Pat
         assert all(executions(tmp_path / "run")[f"work {i}"] == 1 for i in range(16))
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_worker_stops_a_cancelled_running_element_and_goes_on(tmp_path: Path, width: int) -> None:
+    """The packed worker itself, on job files written by hand: a cancel marker for the element it runs
+    stops that element (an exception inside the task, not a kill) and the slice goes on; a marked element
+    it has not started is skipped. With ``width`` 2 each element runs in a forked child with its own watch."""
+    import subprocess
+    import time
+
+    from reflow_client import codec
+
+    run_dir, job_dir = tmp_path / "run", tmp_path / "job"
+    run_dir.mkdir()
+    (job_dir / "inputs").mkdir(parents=True)
+    job = {"run_id": "r1", "workflow": "counting", "task": "work", "entrypoint": str(COUNTING),
+           "run_dir": str(run_dir), "tag": "rftest", "kwargs": {"delay": 3.0}, "slices": [[0, 1, 2, 3]],
+           "width": width}
+    (job_dir / jobfiles.JOB_FILE).write_bytes(jobfiles.dumps(job))
+    for i in range(4):
+        Path(jobfiles.inputs_path(str(job_dir), i)).write_bytes(
+            jobfiles.dumps({"index": i, "identity": f"id{i}", "attempt": 1, "kwargs": {"x": codec.encode(i)}}))
+    proc = subprocess.Popen([sys.executable, "-m", "reflow.worker", str(job_dir), "--packed", "--index", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        running = 1 if width == 1 else 0
+        wait_for(lambda: pid_of(run_dir, f"work {running}"), timeout=120, what=f"element {running} to start")
+        t0 = time.monotonic()
+        os.makedirs(job_dir / "cancel", exist_ok=True)
+        Path(jobfiles.cancel_path(str(job_dir), 3)).write_bytes(b"{}")  # not started: skipped
+        Path(jobfiles.cancel_path(str(job_dir), running)).write_bytes(b"{}")  # running: stopped
+        wait_for(lambda: os.path.exists(jobfiles.result_path(str(job_dir), running)), timeout=60,
+                 what="the cancelled element's result")
+        assert time.monotonic() - t0 < 2.9, "stopped within a poll, not after its 3 s sleep"
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    results = {i: json.loads(Path(jobfiles.result_path(str(job_dir), i)).read_text())
+               for i in range(4) if os.path.exists(jobfiles.result_path(str(job_dir), i))}
+    assert sorted(results) == [0, 1, 2], "element 3 was skipped"
+    assert "cancelled by reflowd while running" in results[running]["error"]
+    assert all(results[i]["state"] == "succeeded" for i in results if i != running), results
+    ran = executions(run_dir)
+    assert "work 3" not in ran and all(ran[f"work {i}"] == 1 for i in range(3)), ran
+    if width == 1:
+        assert len({pid_of(run_dir, f"work {i}") for i in range(3)}) == 1, "one process ran the slice"
