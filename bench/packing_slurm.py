@@ -24,10 +24,12 @@ Cluster settings are the tests' fast polling ones (``--user-polling`` for a user
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +48,35 @@ def start_cluster() -> None:
 def config(pack: str, fast: bool) -> str:
     return (f'[clusters.slurm]\nscheduler = "slurm"\npython = "{sys.executable}"\npack = "{pack}"\n'
             + (FAST if fast else "") + 'submit_options = { partition = "debug" }\n')
+
+
+def handovers(run_dir: Path) -> tuple[float, float]:
+    """Seconds from an upstream's last element ending to its downstream's first starting, for items -> work
+    and work -> total, from the workers' own result files (what Slurm-side dependencies could save)."""
+    spans: dict[str, tuple[float, float]] = {}
+    for path in run_dir.glob(".reflow/*/jobs/*/results/*.json"):
+        r = json.loads(path.read_text())
+        first, last = spans.get(r["task"], (float("inf"), 0.0))
+        spans[r["task"]] = (min(first, r["started_at"]), max(last, r["ended_at"]))
+    return spans["work"][0] - spans["items"][1], spans["total"][0] - spans["work"][1]
+
+
+def slurm_handovers(base: Path, jobs: int = 3) -> list[float]:
+    """The same hand-over done by Slurm itself: a chain of single jobs with ``afterok``, each starting the
+    worker's interpreter; seconds from one job's body ending to the next one's starting."""
+    base.mkdir(parents=True, exist_ok=True)
+    previous = None
+    for k in range(jobs):
+        body = f"date +%s.%N > {base}/s{k}; {sys.executable} -c 'import reflow.worker'; date +%s.%N > {base}/e{k}"
+        dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
+        out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--mem=100M", *dep,
+                              "--wrap", body], capture_output=True, text=True, check=True, timeout=60)
+        previous = out.stdout.strip().split(";")[0]
+    last = base / f"e{jobs - 1}"
+    deadline = time.time() + 600
+    while not (last.exists() and last.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    return [float((base / f"s{k + 1}").read_text()) - float((base / f"e{k}").read_text()) for k in range(jobs - 1)]
 
 
 def cores() -> int:
@@ -105,6 +136,8 @@ def main() -> None:
             off = fanout_runs(base / "off", config("off", fast), "slurm", n, args.repeat)
             auto = fanout_runs(base / "auto", config("auto", fast), "slurm", n, args.repeat + 1,
                                history=min(n, args.history))
+            gaps = [handovers(base / "auto" / f"run{k}") for k in range(1, args.repeat + 1)]
+            native_gaps = slurm_handovers(base / "handover")
         history, packed = auto[0], auto[1:]
         off_wall = statistics.median(r["wall"] for r in off)
         packed_wall = statistics.median(r["wall"] for r in packed)
@@ -120,6 +153,13 @@ def main() -> None:
               f"packed / off = {packed_wall / off_wall:.2f}")
         print(f"  daemon CPU per element         off {1000 * off[-1]['cpu'] / n:.2f} ms, "
               f"packed {1000 * last['cpu'] / n:.2f} ms")
+        fan, gather = statistics.median(g[0] for g in gaps), statistics.median(g[1] for g in gaps)
+        print(f"  hand-over, reflow packed       items -> work {fan:.2f} s, work -> total {gather:.2f} s "
+              f"(upstream's last end to downstream's first start)")
+        print(f"  hand-over, Slurm afterok       {statistics.median(native_gaps):.2f} s "
+              f"({', '.join(f'{g:.2f}' for g in native_gaps)}): the floor Slurm-side dependencies could reach; "
+              f"at most {fan + gather - 2 * statistics.median(native_gaps):.2f} s of this run's "
+              f"{packed_wall:.1f} s to gain")
 
 
 if __name__ == "__main__":
