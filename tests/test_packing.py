@@ -354,28 +354,43 @@ def test_queue_cap_counts_a_packed_slice_as_one_job() -> None:
     assert packing.jobs_of(kept) == 4 and len(kept[0][0]) == 3, "three unpacked elements, then one slice"
 
 
-def test_queue_cap_lets_packed_jobs_through_on_the_local_scheduler(tmp_path: Path) -> None:
+def queue_cap_scenario(d: DaemonProcess, base: Path) -> None:
     """``max_queued = 2`` with ``pack = 4``: 16 elements go out as 4 jobs of 4, never more than 2 jobs at a time
     (before, the cap cut batches to 2 elements, which then went out one per job: 16 jobs)."""
-    config = local_config() + "max_queued = 2\n"
-    d = DaemonProcess(tmp_path / "d", config=config)
+    run = submit(d, base / "run", "--n", "16", "--delay", "0.3")
+    most = 0
+
+    def live_jobs() -> bool:
+        nonlocal most
+        insts = status(d, run, "work").instances or []
+        most = max(most, len({i.job_id for i in insts if i.state in ("queued", "running") and i.job_id}))
+        return status(d, run).state != "running"
+
+    wait_for(live_jobs, timeout=300, interval=0.2, what="the run to end")
+    assert wait_state(d, run) == "succeeded"
+    keys = {i.job_id for i in status(d, run, "work").instances or []}
+    assert len(keys) == 4, f"four packed jobs of four elements: {keys}"
+    assert 1 <= most <= 2, most
+    assert all(executions(base / "run")[f"work {i}"] == 1 for i in range(16))
+
+
+def test_queue_cap_lets_packed_jobs_through_on_the_local_scheduler(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path / "d", config=local_config() + "max_queued = 2\n")
     d.start()
     try:
-        run = submit(d, tmp_path / "run", "--n", "16", "--delay", "0.3")
-        most = 0
+        queue_cap_scenario(d, tmp_path)
+    finally:
+        d.stop()
 
-        def live_jobs() -> bool:
-            nonlocal most
-            insts = status(d, run, "work").instances or []
-            most = max(most, len({i.job_id for i in insts if i.state in ("queued", "running") and i.job_id}))
-            return status(d, run).state != "running"
 
-        wait_for(live_jobs, timeout=300, interval=0.2, what="the run to end")
-        assert wait_state(d, run) == "succeeded"
-        keys = {i.job_id for i in status(d, run, "work").instances or []}
-        assert len(keys) == 4, f"four packed jobs of four elements: {keys}"
-        assert 1 <= most <= 2, most
-        assert all(executions(tmp_path / "run")[f"work {i}"] == 1 for i in range(16))
+@pytest.mark.parametrize("wlm_name", [p for p in WLMS if p.id == "slurm-plain"], indirect=True)
+def test_queue_cap_lets_packed_jobs_through_on_slurm(wlm: WLM, tmp_path: Path) -> None:
+    table = wlm.table(python=sys.executable, pack=4, max_queued=2, **wlm.env.poll)
+    d = DaemonProcess(tmp_path / "d", config='[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table),
+                      env=wlm.daemon_env())
+    d.start()
+    try:
+        queue_cap_scenario(d, tmp_path)
     finally:
         d.stop()
 
