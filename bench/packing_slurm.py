@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,24 +53,37 @@ def config(pack: str, fast: bool) -> str:
             + (FAST if fast else "") + 'submit_options = { partition = "debug" }\n')
 
 
-def handovers(run_dir: Path) -> tuple[float, float]:
-    """Seconds from an upstream's last element ending to its downstream's first starting, for items -> work
-    and work -> total, from the workers' own result files (what Slurm-side dependencies could save)."""
+def handovers(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """For items -> work and work -> total: seconds from the upstream's last element ending (its worker's
+    clock) to the downstream's job files being written (the daemon noticing, resolving, planning: what
+    Slurm-side dependencies would save), and from then to its first element starting (sbatch, Slurm's
+    scheduling, the interpreter and the workflow import: paid either way)."""
     spans: dict[str, tuple[float, float]] = {}
-    for path in run_dir.glob(".reflow/*/jobs/*/results/*.json"):
-        r = json.loads(path.read_text())
-        first, last = spans.get(r["task"], (float("inf"), 0.0))
-        spans[r["task"]] = (min(first, r["started_at"]), max(last, r["ended_at"]))
-    return spans["work"][0] - spans["items"][1], spans["total"][0] - spans["work"][1]
+    written: dict[str, float] = {}
+    for job in run_dir.glob(".reflow/*/jobs/*/job.json"):
+        task = json.loads(job.read_text())["task"]
+        written[task] = min(written.get(task, float("inf")), job.stat().st_mtime)
+        for path in job.parent.glob("results/*.json"):
+            r = json.loads(path.read_text())
+            first, last = spans.get(task, (float("inf"), 0.0))
+            spans[task] = (min(first, r["started_at"]), max(last, r["ended_at"]))
+    out = {}
+    for up, down in (("items", "work"), ("work", "total")):
+        out[f"{up} -> {down}"] = (written[down] - spans[up][1], spans[down][0] - written[down])
+    return out
 
 
 def slurm_handovers(base: Path, jobs: int = 3) -> list[float]:
-    """The same hand-over done by Slurm itself: a chain of single jobs with ``afterok``, each starting the
-    worker's interpreter; seconds from one job's body ending to the next one's starting."""
+    """The same hand-over done by Slurm itself: a chain of single jobs with ``afterok``, each starting an
+    interpreter that imports the benchmark's workflow (as a worker does before its first element); seconds
+    from one job's end to the next one being ready to run its first element."""
     base.mkdir(parents=True, exist_ok=True)
+    workflow = ROOT / "bench" / "fanout_workflow.py"
     previous = None
     for k in range(jobs):
-        body = f"date +%s.%N > {base}/s{k}; {sys.executable} -c 'import reflow.worker'; date +%s.%N > {base}/e{k}"
+        start = (f"from reflow.loader import load_workflow; load_workflow({str(workflow)!r}); import time; "
+                 f"open({str(base / f's{k}')!r}, 'w').write(repr(time.time()))")
+        body = f"{sys.executable} -c {shlex.quote(start)}; date +%s.%N > {base}/e{k}"
         dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
         out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--mem=100M", *dep,
                               "--wrap", body], capture_output=True, text=True, check=True, timeout=60)
@@ -160,14 +174,17 @@ def main() -> None:
               f"packed / off = {packed_wall / off_wall:.2f}")
         print(f"  daemon CPU per element         off {1000 * off[-1]['cpu'] / n:.2f} ms, "
               f"packed {1000 * last['cpu'] / n:.2f} ms")
-        fan, gather = statistics.median(g[0] for g in gaps), statistics.median(g[1] for g in gaps)
-        print(f"  hand-over, reflow packed       items -> work {fan:.2f} s, work -> total {gather:.2f} s "
-              f"(upstream's last end to downstream's first start)")
-        print(f"  hand-over, Slurm afterok       {statistics.median(native_gaps):.2f} s "
-              f"({', '.join(f'{g:.2f}' for g in native_gaps)}): the floor Slurm-side dependencies could reach; "
-              f"at most {fan + gather - 2 * statistics.median(native_gaps):.2f} s of this run's "
-              f"{packed_wall:.1f} s to gain")
-
+        for name in gaps[0]:
+            notice = statistics.median(g[name][0] for g in gaps)
+            launch = statistics.median(g[name][1] for g in gaps)
+            print(f"  hand-over {name:<14}   {notice + launch:5.2f} s: {notice:.2f} s until its job files were "
+                  f"written, {launch:.2f} s from then to its first element starting")
+        floor = statistics.median(native_gaps)
+        total = sum(statistics.median(sum(g[name]) for g in gaps) for name in gaps[0])
+        saved = max(0.0, total - len(gaps[0]) * floor)
+        print(f"  hand-over by Slurm (afterok)   {floor:5.2f} s ({', '.join(f'{g:.2f}' for g in native_gaps)}) from "
+              f"one job's end to the next one's first element: Slurm-side dependencies could save about "
+              f"{saved:.2f} s of the packed run's {packed_wall:.1f} s ({saved / packed_wall:.0%})")
 
 if __name__ == "__main__":
     main()
