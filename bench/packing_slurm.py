@@ -12,16 +12,27 @@ measured in the same run three ways:
 
     flock /tmp/reflow-cluster.lock sudo .venv/bin/python bench/packing_slurm.py [--elements 100 1000]
 
+With ``--seconds S`` it is the timed-elements benchmark instead: N elements that each sleep S seconds,
+packed toward ``--target`` (default one minute of work per job, after a 10-element run that leaves
+history) and with packing off, printing the number of jobs, the makespan against the ideal (total work
+divided by the job slots: CPUs times the partition's ``OverSubscribe=FORCE:N``, 4 on the test cluster)
+and the daemon's CPU time per element. The issue's 10,000 x 1 s takes 1,250 s ideal on the test node's
+8 slots (5,000 s on its 2 cores); a scaled run is ``--elements 300 --seconds 1``.
+
 Cluster settings are the tests' fast polling ones (``--user-polling`` for a user's defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,15 +53,101 @@ def config(pack: str, fast: bool) -> str:
             + (FAST if fast else "") + 'submit_options = { partition = "debug" }\n')
 
 
+def handovers(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """For items -> work and work -> total: seconds from the upstream's last element ending (its worker's
+    clock) to the downstream's job files being written (the daemon noticing, resolving, planning: what
+    Slurm-side dependencies would save), and from then to its first element starting (sbatch, Slurm's
+    scheduling, the interpreter and the workflow import: paid either way)."""
+    spans: dict[str, tuple[float, float]] = {}
+    written: dict[str, float] = {}
+    for job in run_dir.glob(".reflow/*/jobs/*/job.json"):
+        task = json.loads(job.read_text())["task"]
+        written[task] = min(written.get(task, float("inf")), job.stat().st_mtime)
+        for path in job.parent.glob("results/*.json"):
+            r = json.loads(path.read_text())
+            first, last = spans.get(task, (float("inf"), 0.0))
+            spans[task] = (min(first, r["started_at"]), max(last, r["ended_at"]))
+    out = {}
+    for up, down in (("items", "work"), ("work", "total")):
+        out[f"{up} -> {down}"] = (written[down] - spans[up][1], spans[down][0] - written[down])
+    return out
+
+
+def slurm_handovers(base: Path, jobs: int = 3) -> list[float]:
+    """The same hand-over done by Slurm itself: a chain of single jobs with ``afterok``, each starting an
+    interpreter that imports the benchmark's workflow (as a worker does before its first element); seconds
+    from one job's end to the next one being ready to run its first element."""
+    base.mkdir(parents=True, exist_ok=True)
+    workflow = ROOT / "bench" / "fanout_workflow.py"
+    previous = None
+    for k in range(jobs):
+        start = (f"from reflow.loader import load_workflow; load_workflow({str(workflow)!r}); import time; "
+                 f"open({str(base / f's{k}')!r}, 'w').write(repr(time.time()))")
+        body = f"{sys.executable} -c {shlex.quote(start)}; date +%s.%N > {base}/e{k}"
+        dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
+        out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--mem=100M", *dep,
+                              "--wrap", body], capture_output=True, text=True, check=True, timeout=60)
+        previous = out.stdout.strip().split(";")[0]
+    last = base / f"e{jobs - 1}"
+    deadline = time.time() + 600
+    while not (last.exists() and last.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    return [float((base / f"s{k + 1}").read_text()) - float((base / f"e{k}").read_text()) for k in range(jobs - 1)]
+
+
+def slots(partition: str = "debug") -> tuple[int, int]:
+    """CPUs of the partition and how many one-CPU jobs it runs at once: a partition with
+    ``OverSubscribe=FORCE:N`` (the test cluster's, for sleep-only work) runs N jobs per CPU."""
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%C"], capture_output=True, text=True, timeout=60)
+    try:
+        cpus = int(out.stdout.split()[0].split("/")[-1])  # allocated/idle/other/total
+    except (IndexError, ValueError):
+        cpus = 2
+    part = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True, timeout=60)
+    found = re.search(r"OverSubscribe=(?:FORCE|YES):(\d+)", part.stdout)
+    return cpus, cpus * (int(found.group(1)) if found else 1)
+
+
+def timed_elements(n: int, seconds: float, target: str, fast: bool, history: int) -> None:
+    """N elements of S seconds each (sleep), packed toward *target* of work per job, and with packing off:
+    jobs, makespan against the ideal (total work / cores) and the daemon's CPU time per element."""
+    ncpus, nslots = slots()
+    ideal = n * seconds / nslots
+    print(f"local Slurm ({ncpus} CPUs running {nslots} one-CPU jobs at once), {n} elements of {seconds:g} s, "
+          f"pack = {target!r}, {'fast' if fast else 'default'} polling; ideal makespan = total work / job slots = "
+          f"{n} x {seconds:g} s / {nslots} = {ideal:.1f} s ({n * seconds / ncpus:.1f} s on {ncpus} cores)")
+    extra = {"seconds": seconds}
+    with tempfile.TemporaryDirectory(prefix="reflow-bench-pack-") as tmp:
+        base = Path(tmp)
+        auto = fanout_runs(base / "auto", config(target, fast), "slurm", n, 2, history=min(n, history), extra=extra)
+        off = fanout_runs(base / "off", config("off", fast), "slurm", n, 1, extra=extra)
+    first, packed, unpacked = auto[0], auto[1], off[0]
+    print(f"  history run (no history yet)  {first['wall']:7.1f} s   {first['elements']} elements, "
+          f"{first['array_tasks']} fan-out jobs")
+    for name, r in (("packed", packed), ("packing off", unpacked)):
+        print(f"  {name:<29} {r['wall']:7.1f} s   {r['array_tasks']} fan-out jobs (+2), "
+              f"makespan / ideal = {r['wall'] / ideal:.2f}, daemon CPU {1000 * r['cpu'] / n:.2f} ms per element")
+    print(f"  packed / off = {packed['wall'] / unpacked['wall']:.2f}, jobs {packed['array_tasks'] + 2} "
+          f"against {unpacked['array_tasks'] + 2}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--elements", type=int, nargs="+", default=[100])
     parser.add_argument("--repeat", type=int, default=1, help="measured runs of each kind (medians are printed)")
     parser.add_argument("--history", type=int, default=100, help="elements of the run that leaves history")
     parser.add_argument("--user-polling", action="store_true", help="a user's default poll settings")
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="each element sleeps this long: the timed-elements benchmark (packed toward --target "
+                             "and off; jobs, makespan against the ideal, daemon CPU per element)")
+    parser.add_argument("--target", default="1m", help="with --seconds: the pack target (default 1m)")
     args = parser.parse_args()
     start_cluster()
     fast = not args.user_polling
+    if args.seconds:
+        for n in args.elements:
+            timed_elements(n, args.seconds, args.target, fast, min(args.history, 10))
+        return
     print(f"local Slurm (2 cores), fan-out + gather of tiny tasks, {'fast' if fast else 'default'} polling, "
           f"medians of {args.repeat}")
     for n in args.elements:
@@ -60,6 +157,8 @@ def main() -> None:
             off = fanout_runs(base / "off", config("off", fast), "slurm", n, args.repeat)
             auto = fanout_runs(base / "auto", config("auto", fast), "slurm", n, args.repeat + 1,
                                history=min(n, args.history))
+            gaps = [handovers(base / "auto" / f"run{k}") for k in range(1, args.repeat + 1)]
+            native_gaps = slurm_handovers(base / "handover")
         history, packed = auto[0], auto[1:]
         off_wall = statistics.median(r["wall"] for r in off)
         packed_wall = statistics.median(r["wall"] for r in packed)
@@ -75,7 +174,17 @@ def main() -> None:
               f"packed / off = {packed_wall / off_wall:.2f}")
         print(f"  daemon CPU per element         off {1000 * off[-1]['cpu'] / n:.2f} ms, "
               f"packed {1000 * last['cpu'] / n:.2f} ms")
-
+        for name in gaps[0]:
+            notice = statistics.median(g[name][0] for g in gaps)
+            launch = statistics.median(g[name][1] for g in gaps)
+            print(f"  hand-over {name:<14}   {notice + launch:5.2f} s: {notice:.2f} s until its job files were "
+                  f"written, {launch:.2f} s from then to its first element starting")
+        floor = statistics.median(native_gaps)
+        total = sum(statistics.median(sum(g[name]) for g in gaps) for name in gaps[0])
+        saved = max(0.0, total - len(gaps[0]) * floor)
+        print(f"  hand-over by Slurm (afterok)   {floor:5.2f} s ({', '.join(f'{g:.2f}' for g in native_gaps)}) from "
+              f"one job's end to the next one's first element: Slurm-side dependencies could save about "
+              f"{saved:.2f} s of the packed run's {packed_wall:.1f} s ({saved / packed_wall:.0%})")
 
 if __name__ == "__main__":
     main()

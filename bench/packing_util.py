@@ -16,7 +16,7 @@ from bench_util import ROOT, Daemon, cpu_seconds
 
 
 def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int,
-                history: int | None = None) -> list[dict[str, Any]]:
+                history: int | None = None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """*runs* runs of bench/fanout_workflow.py one after another (fresh salt each: no cache hits);
     with *history*, the first of them has only that many elements (it is there to leave durations)."""
     from reflow.loader import load_workflow
@@ -28,7 +28,7 @@ def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int,
         with daemon.client() as client:
             for k in range(runs):
                 n = history if history and k == 0 else elements
-                params = wf.resolve_parameters({"n": n, "salt": secrets.token_hex(4)})
+                params = wf.resolve_parameters({"n": n, "salt": secrets.token_hex(4), **(extra or {})})
                 before = client.stats()["clusters"][cluster]["calls"].get("submit", 0)
                 cpu0 = cpu_seconds(daemon.proc.pid)
                 t0 = time.time()

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -246,6 +247,69 @@ def _section(index: int | None, attempt: Any) -> None:
             pass
 
 
+#: Seconds between two looks for the cancel marker of an element a packed job is running.
+CANCEL_POLL = 1.0
+#: Seconds a cancelled element has to stop; one that does not (stuck in C code, swallowing the exception)
+#: takes its worker down with it (the slice's unstarted elements then go back to the daemon, unharmed).
+CANCEL_GRACE = 10.0
+#: A packed worker's exit when a cancelled element would not stop.
+EXIT_CANCEL_STUCK = 3
+#: The error a cancelled element's result carries (the daemon ignores it: the element is cancelled already).
+CANCELLED_WHILE_RUNNING = "cancelled by reflowd while running (its cancel marker appeared); the job went on"
+
+
+class ElementCancelled(BaseException):
+    """The daemon cancelled the element this packed worker runs (BaseException: ``except Exception`` keeps out)."""
+
+
+class _CancelWatch:
+    """Stops a running element of a packed job when the daemon leaves its ``cancel/<key>.json`` marker.
+
+    A thread looks for the markers of the running elements every CANCEL_POLL seconds and calls
+    ``stop(index)`` once for a marked one; if that element still runs CANCEL_GRACE seconds later,
+    the worker exits (EXIT_CANCEL_STUCK): its slice-mates that never started go back to READY.
+    """
+
+    def __init__(self, job_dir: str, stop: Any) -> None:
+        self.job_dir = job_dir
+        self.stop = stop
+        self.running: dict[int, float] = {}  # index -> monotonic time stop() was called (0.0: not yet)
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, index: int) -> None:
+        self.running[index] = 0.0
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="reflow-cancel-watch", daemon=True)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # signals stay the main thread's
+            try:
+                self._thread.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def end(self, index: int) -> None:
+        self.running.pop(index, None)
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _loop(self) -> None:
+        while not self._done.wait(CANCEL_POLL):
+            for index, since in list(self.running.items()):
+                if since:
+                    if time.monotonic() - since > CANCEL_GRACE and index in self.running:
+                        print(f"reflow worker: cancelled element {index} did not stop within {CANCEL_GRACE:g} s; "
+                              "leaving the rest of the slice to the daemon", file=sys.stderr)
+                        os._exit(EXIT_CANCEL_STUCK)
+                elif os.path.exists(jobfiles.cancel_path(self.job_dir, index)):
+                    if self.running.get(index) == 0.0:
+                        self.running[index] = time.monotonic()
+                        try:
+                            self.stop(index)
+                        except OSError:
+                            pass
+
+
 class _Slice:
     """One array task of a packed job: its elements, run one after another (or ``width`` at a time)."""
 
@@ -257,6 +321,31 @@ class _Slice:
         self.spec: Any = None
         self.load_error: tuple[str, str] | None = None
         self.failed = 0
+        self.cancelled = 0
+        self.watch = _CancelWatch(job_dir, self._stop_running)
+        self._cancel: int | None = None  # the running element the watch asked to stop (sequential mode)
+
+    def _stop_running(self, index: int) -> None:
+        """Called by the watch thread: stop element *index*, which the main thread is running.
+
+        (A task run ``width`` at a time runs each element in a forked child with a watch of its own.)"""
+        self._cancel = index
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+
+    def install_cancel(self) -> None:
+        """SIGALRM (the watch's nudge) raises ElementCancelled inside the element the watch means, and nowhere
+        else; other SIGALRMs go to the handler that was there (the stop grace of :class:`Interrupts`)."""
+        previous = signal.getsignal(signal.SIGALRM)
+
+        def on_alarm(signum: int, frame: Any) -> None:
+            index = self._cancel
+            if index is not None and index in self.watch.running:
+                self._cancel = None
+                raise ElementCancelled(index)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGALRM, on_alarm)
 
     def read(self) -> list[int]:
         job = _read_json(os.path.join(self.job_dir, jobfiles.JOB_FILE), "job")
@@ -294,19 +383,32 @@ class _Slice:
             _section(index, element.get("attempt"))
             cwd, env = os.getcwd(), dict(os.environ)
             outcome: tuple[dict[str, Any], int] | None = None
+            cancelled = False
             try:
-                if self.load_error is not None:
-                    _write_plain(jobfiles.started_path(self.job_dir, index),
-                                 jobfiles.dumps({"host": base["host"], "pid": base["pid"], "at": base["started_at"]}))
-                    outcome = _failure(base, self.load_error[0], self.load_error[1]), EXIT_FAILED
-                else:
-                    outcome = _execute(self.job_dir, self.job, element, base, self.spec, durable=False)
+                self.watch.begin(index)
+                try:
+                    if self.load_error is not None:
+                        _write_plain(jobfiles.started_path(self.job_dir, index),
+                                     jobfiles.dumps({"host": base["host"], "pid": base["pid"], "at": base["started_at"]}))
+                        outcome = _failure(base, self.load_error[0], self.load_error[1]), EXIT_FAILED
+                    else:
+                        outcome = _execute(self.job_dir, self.job, element, base, self.spec, durable=False)
+                finally:
+                    self.watch.end(index)
                 self.interrupts.hold()
+            except ElementCancelled:  # the daemon cancelled this element alone: the job goes on with the next
+                self.watch.end(index)
+                self.interrupts.hold()
+                cancelled = True
+                outcome = _failure(base, CANCELLED_WHILE_RUNNING, traceback.format_exc()), EXIT_OK
             except (TaskInterrupted, WorkerInterrupted) as exc:  # outside the task call: this element still ends here
+                self.watch.end(index)
                 self.interrupts.hold()
                 if outcome is None:
                     outcome = _interrupted(base, exc.signum, traceback.format_exc()), 128 + exc.signum
             result, code = outcome
+            if cancelled:
+                self.cancelled += 1
             _restore(cwd, env)  # the next element starts where this one did, as a fresh worker would
         self.interrupts.hold()
         result, code = _stopped_anyway(result, code, base, self.interrupts.stopped)
@@ -316,7 +418,7 @@ class _Slice:
             print(f"reflow worker: cannot write result of element {index}: {exc}", file=sys.stderr)
             code = EXIT_FAILED
         _report(result, index)
-        if result["state"] == jobfiles.FAILED:
+        if result["state"] == jobfiles.FAILED and result.get("error") != CANCELLED_WHILE_RUNNING:
             self.failed += 1
         return code
 
@@ -355,8 +457,10 @@ class _Slice:
                 if pid == 0:  # the child: its own signal handling, one element, then out
                     code = EXIT_FAILED
                     try:
+                        self.watch = _CancelWatch(self.job_dir, self._stop_running)  # its own: not the parent's
                         self.interrupts = Interrupts()
                         self.interrupts.install()
+                        self.install_cancel()  # after install(): it chains to the new stop grace
                         code = self.element(index)
                     finally:
                         os._exit(code)
@@ -371,6 +475,8 @@ class _Slice:
             index = children.pop(pid, None)
             if index is None:
                 continue
+            if os.path.exists(jobfiles.cancel_path(self.job_dir, index)):
+                continue  # cancelled by the daemon (the child stopped it): whatever it left is no failure
             if os.WIFSIGNALED(status) and not os.path.exists(jobfiles.result_path(self.job_dir, index)):
                 name = signal.Signals(os.WTERMSIG(status)).name
                 base = _base_result(self.job.get("task"), index, self.job.get("run_id"), _now())
@@ -409,11 +515,15 @@ def run_slice(job_dir: str, slot: int) -> int:
             print(f"reflow worker: cannot start slice {slot}: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         piece.load()
+        piece.install_cancel()
         width = piece.job.get("width", 1)
         return piece.run(indices, width if isinstance(width, int) and width > 0 else 1)
     except (TaskInterrupted, WorkerInterrupted) as exc:  # between elements: stop here
         return 128 + exc.signum
+    except ElementCancelled:  # a nudge that landed between two elements: nothing was running
+        return piece.exit_code()
     finally:
+        piece.watch.close()
         interrupts.quiet()
 
 

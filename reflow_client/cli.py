@@ -123,6 +123,7 @@ def add_run_commands(sub: Any, *, workflow_scoped: bool, parser_class: type = Pa
     p = new("cancel", "cancel a run, or one of its tasks")
     _run_arg(p, workflow_scoped)
     p.add_argument("--task", metavar="TASK", help="cancel only this task")
+    p.add_argument("--index", type=int, metavar="I", help="with --task: cancel only this element of the array task")
     p.add_argument("--json", action="store_true", help='print {"cancelled": N}')
 
     p = new("retry", "retry a run's failed or cancelled instances")
@@ -332,7 +333,7 @@ def dispatch(client: Client, args: argparse.Namespace, *, workflow: str | None =
             sys.stdout.write(render.format_runs(runs))
         return 0
     if cmd == "cancel":
-        n = client.cancel(args.run_id, args.task)
+        n = client.cancel(args.run_id, args.task, args.index)
         write_json({"run_id": args.run_id, "cancelled": n}) if args.json else print(
             f"cancelled {n} task instance(s) of run {args.run_id}")
         return 0

@@ -265,8 +265,10 @@ class AsyncClient:
         data = await self.call("runs", **_runs_params(workflow, state, since, until, limit))
         return [_build(RunInfo, r) for r in data["runs"]]
 
-    async def cancel(self, run_id: str, task: str | None = None) -> int:
-        return (await self.call("cancel", run_id=run_id, task=task))["cancelled"]
+    async def cancel(self, run_id: str, task: str | None = None, index: int | None = None) -> int:
+        """Cancel a run, one task, or (with *index*) one element of an array task."""
+        extra = {} if index is None else {"index": index}
+        return (await self.call("cancel", run_id=run_id, task=task, **extra))["cancelled"]
 
     async def retry(self, run_id: str, task: str | None = None, verify: bool = True) -> int:
         return (await self.call("retry", run_id=run_id, task=task, verify=verify))["retried"]
@@ -405,8 +407,10 @@ class Client:
              until: Any = None, limit: int = 50) -> list[RunInfo]:
         return [_build(RunInfo, r) for r in self.call("runs", **_runs_params(workflow, state, since, until, limit))["runs"]]
 
-    def cancel(self, run_id: str, task: str | None = None) -> int:
-        return self.call("cancel", run_id=run_id, task=task)["cancelled"]
+    def cancel(self, run_id: str, task: str | None = None, index: int | None = None) -> int:
+        """Cancel a run, one task, or (with *index*) one element of an array task."""
+        extra = {} if index is None else {"index": index}
+        return self.call("cancel", run_id=run_id, task=task, **extra)["cancelled"]
 
     def retry(self, run_id: str, task: str | None = None, verify: bool = True) -> int:
         return self.call("retry", run_id=run_id, task=task, verify=verify)["retried"]

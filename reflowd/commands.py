@@ -314,10 +314,11 @@ async def runs(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     return {"runs": rows}
 
 
-@command("cancel", help="cancel a run or one task", run_id=Field(str, required=True), task=Field(str))
+@command("cancel", help="cancel a run, one task, or one element of an array task", run_id=Field(str, required=True),
+         task=Field(str), index=Field(int))
 async def cancel(daemon: Daemon, p: dict[str, Any]) -> dict[str, Any]:
     try:
-        return {"cancelled": await daemon.engine.cancel(p["run_id"], p["task"])}
+        return {"cancelled": await daemon.engine.cancel(p["run_id"], p["task"], p["index"])}
     except EngineError as exc:
         raise _engine_call(exc) from None
 

@@ -288,3 +288,156 @@ def test_cancelling_a_packed_run(tmp_path: Path) -> None:
         assert not any(final[i] == "succeeded" and f"work {i}" not in ran for i in final), "no result without a run"
     finally:
         d.stop()
+
+
+def cancel_one_element_scenario(d: DaemonProcess, base: Path) -> None:
+    """Cancelling one element of a packed job, while it runs and before it starts, leaves its slice-mates alone:
+    the running one stops and its job goes on with the next element, the unstarted one never runs, the rest
+    finish, each once, and status shows exactly those two cancelled."""
+    run_dir = base / "cancel1"
+    run = submit(d, run_dir, "--n", "8", "--delay", "4")
+    wait_for(lambda: pid_of(run_dir, "work 1"), timeout=240, what="element 1 to start")
+    assert executions(run_dir)["work 3"] == 0, "element 3 must not have started yet (4 s elements, pack = 4)"
+    with d.client() as c:
+        assert c.cancel(run, "work", 1) == 1, "the running element"
+        assert c.cancel(run, "work", 3) == 1, "an element of the same job that has not started"
+        assert c.cancel(run, "work", 1) == 0, "cancelling it again changes nothing"
+    with pytest.raises(Exception, match="needs --task"):
+        with d.client() as c:
+            c.cancel(run, None, 2)
+    wait_for(lambda: all(s in ("succeeded", "cancelled") for s in states(d, run).values()) and states(d, run),
+             timeout=300, interval=0.5, what="the other elements to finish")
+    assert wait_state(d, run) in ("failed", "cancelled")
+    final = states(d, run)
+    assert final == {i: "cancelled" if i in (1, 3) else "succeeded" for i in range(8)}, final
+    ran = executions(run_dir)
+    assert "work 3" not in ran and "total" not in ran, ran
+    assert all(n == 1 for n in ran.values()), ran
+    assert pid_of(run_dir, "work 2") == pid_of(run_dir, "work 1"), "element 1's job went on with element 2"
+    logs = d.cli("logs", run, "work", "--index", "1")
+    assert "element 1 done" not in logs.stdout, "element 1 was stopped while it slept"
+    assert "cancelled by reflowd while running" in logs.stdout + logs.stderr, logs.stdout + logs.stderr
+
+
+def test_cancel_one_element_of_a_packed_job_on_the_local_scheduler(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path / "d", config=local_config())
+    d.start()
+    try:
+        cancel_one_element_scenario(d, tmp_path)
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("wlm_name", WLMS, indirect=True)
+def test_cancel_one_element_of_a_packed_job_on_a_workload_manager(wlm: WLM, tmp_path: Path) -> None:
+    table = wlm.table(python=sys.executable, pack=4, **wlm.env.poll)
+    d = DaemonProcess(tmp_path / "d", config='[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table),
+                      env=wlm.daemon_env())
+    d.start()
+    try:
+        cancel_one_element_scenario(d, tmp_path)
+    finally:
+        d.stop()
+
+
+def test_queue_cap_counts_a_packed_slice_as_one_job() -> None:
+    """A per-user queue limit counts scheduler jobs: a batch that packs is cut by its slices, not its elements."""
+    from reflowd.engine.model import Instance
+
+    insts = [Instance(run_id="r", task="work", index=i) for i in range(12)]
+    packed = packing.Plan([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], 1, "pack=4")
+    kept, leftover = packing.fit_groups([(insts, packed)], room=2)
+    assert [p.slices for _, p in kept if p] == [[[0, 1, 2, 3], [4, 5, 6, 7]]], "two slices fit in two queue slots"
+    assert [i.index for i in kept[0][0]] == list(range(8)) and [i.index for i in leftover] == [8, 9, 10, 11]
+    assert packing.jobs_of(kept) == 2
+    kept, leftover = packing.fit_groups([(insts[:3], None), (insts[3:], packed)], room=4)
+    assert packing.jobs_of(kept) == 4 and len(kept[0][0]) == 3, "three unpacked elements, then one slice"
+
+
+def queue_cap_scenario(d: DaemonProcess, base: Path) -> None:
+    """``max_queued = 2`` with ``pack = 4``: 16 elements go out as 4 jobs of 4, never more than 2 jobs at a time
+    (before, the cap cut batches to 2 elements, which then went out one per job: 16 jobs)."""
+    run = submit(d, base / "run", "--n", "16", "--delay", "0.3")
+    most = 0
+
+    def live_jobs() -> bool:
+        nonlocal most
+        insts = status(d, run, "work").instances or []
+        most = max(most, len({i.job_id for i in insts if i.state in ("queued", "running") and i.job_id}))
+        return status(d, run).state != "running"
+
+    wait_for(live_jobs, timeout=300, interval=0.2, what="the run to end")
+    assert wait_state(d, run) == "succeeded"
+    keys = {i.job_id for i in status(d, run, "work").instances or []}
+    assert len(keys) == 4, f"four packed jobs of four elements: {keys}"
+    assert 1 <= most <= 2, most
+    assert all(executions(base / "run")[f"work {i}"] == 1 for i in range(16))
+
+
+def test_queue_cap_lets_packed_jobs_through_on_the_local_scheduler(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path / "d", config=local_config() + "max_queued = 2\n")
+    d.start()
+    try:
+        queue_cap_scenario(d, tmp_path)
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("wlm_name", [p for p in WLMS if p.id == "slurm-plain"], indirect=True)
+def test_queue_cap_lets_packed_jobs_through_on_slurm(wlm: WLM, tmp_path: Path) -> None:
+    table = wlm.table(python=sys.executable, pack=4, max_queued=2, **wlm.env.poll)
+    d = DaemonProcess(tmp_path / "d", config='[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table),
+                      env=wlm.daemon_env())
+    d.start()
+    try:
+        queue_cap_scenario(d, tmp_path)
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_worker_stops_a_cancelled_running_element_and_goes_on(tmp_path: Path, width: int) -> None:
+    """The packed worker itself, on job files written by hand: a cancel marker for the element it runs
+    stops that element (an exception inside the task, not a kill) and the slice goes on; a marked element
+    it has not started is skipped. With ``width`` 2 each element runs in a forked child with its own watch."""
+    import subprocess
+    import time
+
+    from reflow_client import codec
+
+    run_dir, job_dir = tmp_path / "run", tmp_path / "job"
+    run_dir.mkdir()
+    (job_dir / "inputs").mkdir(parents=True)
+    job = {"run_id": "r1", "workflow": "counting", "task": "work", "entrypoint": str(COUNTING),
+           "run_dir": str(run_dir), "tag": "rftest", "kwargs": {"delay": 3.0}, "slices": [[0, 1, 2, 3]],
+           "width": width}
+    (job_dir / jobfiles.JOB_FILE).write_bytes(jobfiles.dumps(job))
+    for i in range(4):
+        Path(jobfiles.inputs_path(str(job_dir), i)).write_bytes(
+            jobfiles.dumps({"index": i, "identity": f"id{i}", "attempt": 1, "kwargs": {"x": codec.encode(i)}}))
+    proc = subprocess.Popen([sys.executable, "-m", "reflow.worker", str(job_dir), "--packed", "--index", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        running = 1 if width == 1 else 0
+        wait_for(lambda: pid_of(run_dir, f"work {running}"), timeout=120, what=f"element {running} to start")
+        t0 = time.monotonic()
+        os.makedirs(job_dir / "cancel", exist_ok=True)
+        Path(jobfiles.cancel_path(str(job_dir), 3)).write_bytes(b"{}")  # not started: skipped
+        Path(jobfiles.cancel_path(str(job_dir), running)).write_bytes(b"{}")  # running: stopped
+        wait_for(lambda: os.path.exists(jobfiles.result_path(str(job_dir), running)), timeout=60,
+                 what="the cancelled element's result")
+        assert time.monotonic() - t0 < 2.9, "stopped within a poll, not after its 3 s sleep"
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    results = {i: json.loads(Path(jobfiles.result_path(str(job_dir), i)).read_text())
+               for i in range(4) if os.path.exists(jobfiles.result_path(str(job_dir), i))}
+    assert sorted(results) == [0, 1, 2], "element 3 was skipped"
+    assert "cancelled by reflowd while running" in results[running]["error"]
+    assert all(results[i]["state"] == "succeeded" for i in results if i != running), results
+    ran = executions(run_dir)
+    assert "work 3" not in ran and all(ran[f"work {i}"] == 1 for i in range(3)), ran
+    if width == 1:
+        assert len({pid_of(run_dir, f"work {i}") for i in range(3)}) == 1, "one process ran the slice"

@@ -181,7 +181,7 @@ class Driver:
         if track.live.get(inst.index) is inst:
             del track.live[inst.index]
             if self.queue_limit.cap(world.now()) is not None and inst.job_key and track.record.job_id and not (
-                    inst.observed is not None and inst.observed.phase is Phase.DONE):
+                    inst.observed is not None and inst.observed.phase is Phase.DONE) and not track.slot_busy(inst.index):
                 self.lingering.add(inst.job_key, track.record.job_id, world.now())  # counted until it ends there
             track.held.pop(inst.index, None)
             if track.packed:
@@ -202,6 +202,8 @@ class Driver:
         else:
             self.tracks[record.tag] = track
             await self.cluster.scheduler.reattach(record.request, record.job_id)
+        if track.packed:
+            self.packer.recovered(track)
         self.query_due = True
 
     def forget_run(self, run_id: str) -> None:
@@ -238,9 +240,10 @@ class Driver:
         return due
 
     def queued_elements(self) -> int:
-        """Elements this daemon has in the cluster's queue (or about to): what a per-user limit counts."""
+        """Jobs (array elements) this daemon has in the cluster's queue (or about to): what a per-user limit
+        counts. A packed slice is one array element however many instances it runs."""
         tracks = {**self.unresolved, **self.tracks}
-        return sum(len(t.live) for t in tracks.values()) + self.submitting + len(self.lingering)
+        return sum(t.queued_jobs() for t in tracks.values()) + self.submitting + len(self.lingering)
 
     def scheduler_failed(self, what: str, error: str) -> None:
         """A scheduler command (*what*) got no answer: count it toward the circuit breaker."""

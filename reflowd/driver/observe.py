@@ -399,12 +399,12 @@ class Observer:
     async def deliver_cancels(self) -> None:
         d, cluster = self.d, self.cluster
         if d.packer.skips:
-            markers = d.packer.markers()
+            markers, taken = d.packer.markers()
             try:
                 if markers:
                     await cluster.metered.write_files(markers, timeout=cluster.config.command_timeout)
-                d.packer.skips.clear()
             except (TransportError, OSError, TimeoutError) as exc:
+                d.packer.unwritten(taken)
                 log.warning("cannot write cancel markers; will retry", cluster=d.name, error=str(exc))
         if not d.cancels or not d.health.allows(world.monotonic()):
             return

@@ -14,9 +14,13 @@ cache identity, retry count and log section. So:
   result fail with the job's cause (and are retried *alone* if retries allow),
   the ones never started go back to READY with their attempt unchanged.
 * Cancelling some elements of a packed job that others still need leaves a
-  ``cancel/<key>.json`` marker the worker checks before each element, instead
-  of killing the job; an element already running is stopped with its job (the
-  others of that job then go back to READY).
+  ``cancel/<key>.json`` marker instead of killing the job: the worker skips a
+  marked element it has not started, and stops the one it is running when its
+  marker appears (``reflow.worker``'s cancel watch) and goes on with the next.
+  The element is CANCELLED in the store before the marker is written, so
+  whatever its run leaves (even a success that raced the marker) is never taken
+  for its outcome: it is exactly-once-safe. Only when no element of that array
+  task is still wanted is the job itself cancelled.
 
 How elements are sliced (:func:`plan`) comes from the task's ``pack=`` (or its
 cluster's), and for automatic packing from the measured durations of earlier
@@ -142,6 +146,33 @@ def plan(indices: Sequence[int], spec: PackSpec, est: Estimate | None, *, time_l
     return Plan(slices, width, why)
 
 
+def fit_groups(groups: list[tuple[list[Instance], Plan | None]], room: int,
+               ) -> tuple[list[tuple[list[Instance], Plan | None]], list[Instance]]:
+    """Cut a batch's submissions to *room* more scheduler jobs (a per-user queue limit counts jobs, and a
+    packed slice is one); what does not fit waits. Returns the kept submissions and the instances left over."""
+    kept: list[tuple[list[Instance], Plan | None]] = []
+    leftover: list[Instance] = []
+    for group, found in groups:
+        if room <= 0:
+            leftover.extend(group)
+        elif found is None:
+            kept.append((group[:room], None))
+            leftover.extend(group[room:])
+            room -= len(kept[-1][0])
+        else:
+            slices = found.slices[:room]
+            chosen = {i for piece in slices for i in piece}
+            kept.append(([i for i in group if i.index in chosen], Plan(slices, found.width, found.why)))
+            leftover.extend(i for i in group if i.index not in chosen)
+            room -= len(slices)
+    return kept, leftover
+
+
+def jobs_of(groups: list[tuple[list[Instance], Plan | None]]) -> int:
+    """How many scheduler jobs (array elements) these submissions make."""
+    return sum(len(found.slices) if found is not None else len(group) for group, found in groups)
+
+
 def slot_map(request: SubmitRequest) -> dict[int, int]:
     """Element index -> array task (slice number) of a packed request."""
     return {index: k for k, piece in enumerate(request.slices or ()) for index in piece}
@@ -247,6 +278,12 @@ class Packer:
             self.solo.discard(inst.key)
         return out
 
+    def may_pack(self, tr: TaskRun, insts: list[Instance]) -> bool:
+        """Whether this batch might go out packed (then a queue limit is applied to its slices, not elements)."""
+        if not tr.manifest.is_array or len(insts) < 2:
+            return False
+        return not task_spec(tr.manifest.config, self.d.cluster.config.pack)[0].off
+
     def parallel(self, array_parallelism: int | None, cpus: int, width: int) -> int | None:
         """How many jobs of one task could run at once, where the driver knows it."""
         slots = getattr(self.d.cluster.scheduler, "max_workers", None)
@@ -268,11 +305,19 @@ class Packer:
             return
         key = job_key(track.request, track.record.job_id, inst.index, track.slots)
         others = [i for i in track.slot_members(slot) if i is not inst and i.tag == track.tag and i.in_flight]
-        if f"{jobfiles.element_key(inst.index)}.json" in track.seen_started and not track.has_result(inst.index):
-            self.d.cancels[key] = None  # running: stop its job (the others there go back to READY)
-        elif others:
+        if others:  # queued or running: its marker makes the worker skip it, or stop it and go on
             self.skips.setdefault(track.tag, {})[inst.index] = None
+        elif f"{jobfiles.element_key(inst.index)}.json" in track.seen_started and not track.has_result(inst.index):
+            self.d.cancels[key] = None  # running, the last of its slice still wanted: stop its job
         self.d.wake()
+
+    def recovered(self, track: JobTrack) -> None:
+        """After a restart: the cancel markers of this job's cancelled elements may never have been written."""
+        for inst in track.members():
+            if inst.state is State.CANCELLED and inst.tag == track.tag and inst.index is not None:
+                self.skips.setdefault(track.tag, {})[inst.index] = None
+        if self.skips.get(track.tag):
+            self.d.wake()
 
     def keep_job(self, key: str) -> bool:
         """A cancel for *key* would stop a packed job that still runs elements nobody cancelled."""
@@ -284,10 +329,12 @@ class Packer:
                 return any(i.in_flight and i.tag == track.tag for i in track.slot_members(int(slot)))
         return False
 
-    def markers(self) -> dict[str, bytes]:
-        """Cancel markers to write now (cleared once written)."""
+    def markers(self) -> tuple[dict[str, bytes], dict[str, dict[int, None]]]:
+        """Cancel markers to write now, and the skips they were made from (taken off ``skips``: a cancel that
+        comes while they are written is kept for the next round; :meth:`unwritten` puts them back)."""
+        taken, self.skips = self.skips, {}
         files: dict[str, bytes] = {}
-        for tag, indices in self.skips.items():
+        for tag, indices in taken.items():
             track = self.d.tracks.get(tag) or self.d.unresolved.get(tag)
             if track is None:
                 continue
@@ -298,7 +345,12 @@ class Packer:
                     continue  # nothing else left in that job: it is cancelled whole
                 files[jobfiles.cancel_path(track.request.job_dir, index)] = jobfiles.dumps(
                     {"at": world.now(), "by": "reflowd"})
-        return files
+        return files, taken
+
+    def unwritten(self, taken: dict[str, dict[int, None]]) -> None:
+        """Markers that could not be written: try again next round."""
+        for tag, indices in taken.items():
+            self.skips.setdefault(tag, {}).update(indices)
 
 
 # ---------------------------------------------------------------------- when a packed job ends
@@ -348,5 +400,6 @@ def explains(result: dict[str, Any]) -> bool:
     return bool(result.get("signal"))
 
 
-__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "job_key",
+__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "fit_groups",
+           "job_key", "jobs_of",
            "plan", "slot_map", "task_spec", "time_limit"]

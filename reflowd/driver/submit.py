@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -110,7 +111,8 @@ class Submitter:
 
         room = self.d.queue_limit.room(now, self.d.queued_elements())
         if room is not None:  # a per-user queue limit: what does not fit waits (instance_left wakes us)
-            batches, leftover = fit_batches(batches, room)
+            # A batch that may go out packed is cut later, by its slices (submit_batch), not by its elements.
+            batches, leftover = fit_batches(batches, room, whole=self.d.packer.may_pack)
             for run, _, insts in leftover:
                 for inst in insts:
                     self.d.ready[inst] = run
@@ -140,7 +142,7 @@ class Submitter:
         """One batch; whatever it raises fails that batch's run, never the daemon."""
         async with limiter:
             try:
-                await self.submit_batch(run, tr, insts)
+                await self.submit_batch(run, tr, insts, reserved=len(insts))
             except Exception as exc:
                 log.exception("submission failed inside the daemon", run_id=run.id, task=tr.name, cluster=self.d.name)
                 self.d.count("submit_errors")
@@ -231,13 +233,30 @@ class Submitter:
                                                  timeout=self.cluster.config.command_timeout * 2)
         self.d.staged.add(run.id)
 
-    async def submit_batch(self, run: Run, tr: TaskRun, insts: list[Instance]) -> None:
-        """Submit a batch: one job, or several when packing splits it (``packing.Packer.groups``)."""
+    async def submit_batch(self, run: Run, tr: TaskRun, insts: list[Instance], reserved: int = 0) -> None:
+        """Submit a batch: one job, or several when packing splits it (``packing.Packer.groups``).
+
+        Under a per-user queue limit the batch holds *reserved* queue slots (its elements, counted by the
+        submit loop); once packing has decided, it holds as many as it makes jobs, and what does not fit waits."""
         insts = [i for i in insts if i.state is State.READY]
         if not insts:
             return
-        for group, plan in await self.d.packer.groups(run, tr, insts):
-            await self.submit_job(run, tr, group, plan)
+        groups = await self.d.packer.groups(run, tr, insts)
+        cap = self.d.queue_limit.cap(world.now())
+        if cap is None:
+            for group, plan in groups:
+                await self.submit_job(run, tr, group, plan)
+            return
+        groups, leftover = packing.fit_groups(groups, max(0, cap - (self.d.queued_elements() - reserved)))
+        delta = packing.jobs_of(groups) - reserved
+        self.d.submitting += delta
+        for inst in leftover:
+            self.d.ready[inst] = run  # waits for room (instance_left wakes the submit loop)
+        try:
+            for group, plan in groups:
+                await self.submit_job(run, tr, group, plan)
+        finally:
+            self.d.submitting -= delta
 
     async def submit_job(self, run: Run, tr: TaskRun, insts: list[Instance], plan: packing.Plan | None) -> None:
         d, cluster, host = self.d, self.cluster, self.host
@@ -339,13 +358,20 @@ class Submitter:
         d.policy.after_submit()
 
 
-def fit_batches(batches: list[tuple[Run, TaskRun, list[Instance]]],
-                room: int) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], list[tuple[Run, TaskRun, list[Instance]]]]:
-    """Split *batches* into what fits in *room* more queued elements and what must wait."""
+def fit_batches(batches: list[tuple[Run, TaskRun, list[Instance]]], room: int,
+                whole: Callable[[TaskRun, list[Instance]], bool] | None = None,
+                ) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], list[tuple[Run, TaskRun, list[Instance]]]]:
+    """Split *batches* into what fits in *room* more queued jobs and what must wait.
+
+    A batch for which *whole* says yes (it may go out packed) is kept whole while there is any room:
+    how many jobs it makes is known only once it is packed, and it is cut then."""
     kept, leftover = [], []
     for run, tr, insts in batches:
         if room <= 0:
             leftover.append((run, tr, insts))
+        elif whole is not None and whole(tr, insts):
+            kept.append((run, tr, insts))
+            room -= 1
         elif len(insts) > room:
             kept.append((run, tr, insts[:room]))
             leftover.append((run, tr, insts[room:]))
@@ -359,7 +385,7 @@ def fit_batches(batches: list[tuple[Run, TaskRun, list[Instance]]],
 def wait_for_room(d: Driver, run: Run, track: JobTrack, error: str) -> None:
     """The scheduler refused the batch for a per-user limit: no job exists, so its instances wait (READY)
     until the queue has room, and the limit holds what was queued when it said no."""
-    queued = d.queued_elements() - len(track.live)
+    queued = d.queued_elements() - track.queued_jobs()
     until = d.queue_limit.refused(world.now(), queued, error)
     log.info("submission refused for a queue limit; waiting", cluster=d.name, tag=track.tag, queued=queued,
              error=error)

@@ -50,6 +50,18 @@ class JobTrack:
         tr = self.run.tasks[self.record.task]
         return [tr.instances[i] for i in slices[slot] if i in tr.instances]
 
+    def queued_jobs(self) -> int:
+        """What a per-user queue limit counts of this submission: its live elements, or, packed, the array
+        tasks (slices) that still run one of them -- the scheduler sees one job per slice."""
+        if not self.slots:
+            return len(self.live)
+        return len({self.slots.get(i) for i in self.live})
+
+    def slot_busy(self, index: int | None) -> bool:
+        """Packed: another element of *index*'s slice is still live (its array task is still counted)."""
+        slot = self.slots.get(index) if index is not None else None
+        return slot is not None and any(self.slots.get(i) == slot for i in self.live if i != index)
+
     def has_result(self, index: int | None) -> bool:
         return f"{element_key(index)}.json" in self.seen_results
 

@@ -577,9 +577,11 @@ class Engine:
         if task is not None and task not in run.tasks:
             raise InvalidRequest(f"run {run.id} has no task {task!r} (tasks: {', '.join(run.tasks)})")
 
-    async def cancel(self, run_id: str, task: str | None = None) -> int:
+    async def cancel(self, run_id: str, task: str | None = None, index: int | None = None) -> int:
         run = await self.get_run(run_id)
         self._check_task(run, task)
+        if index is not None:
+            return await self._cancel_element(run, task, index)
         if run.state in RUN_TERMINAL:
             return 0
         self.runs.setdefault(run.id, run)
@@ -611,6 +613,28 @@ class Engine:
             driver.cancel_jobs(kill)
         self.mark_dirty(run.id)
         return count
+
+    async def _cancel_element(self, run: Run, task: str | None, index: int) -> int:
+        """Cancel one element of an array task; the task's other elements go on (a packed job's slice-mates
+        too: the driver tells the worker, see ``driver.packing``)."""
+        if task is None:
+            raise InvalidRequest("cancel --index needs --task: name the array task the element belongs to")
+        inst = run.tasks[task].instances.get(index)
+        if inst is None:
+            known = sorted(i for i in run.tasks[task].instances if i is not None)
+            shown = f"{known[0]}..{known[-1]}" if known else "none yet"
+            raise InvalidRequest(f"task {task!r} of run {run.id} has no element {index} (elements: {shown})")
+        if run.state in RUN_TERMINAL or inst.state not in ACTIVE:
+            return 0
+        self.runs.setdefault(run.id, run)
+        key, had_job = inst.job_key, inst.state in (State.QUEUED, State.RUNNING)
+        if not self.transition(run, inst, State.CANCELLED, {"source": "client", "request": "cancel", "index": index}):
+            return 0
+        driver = self.drivers.get(run.cluster)
+        if driver is not None and had_job and key:
+            driver.cancel_jobs([key])
+        self.mark_dirty(run.id)
+        return 1
 
     async def retry(self, run_id: str, task: str | None = None, verify: bool = True) -> int:
         run = await self.get_run(run_id)
