@@ -309,6 +309,9 @@ class _Slice:
         self.load_error: tuple[str, str] | None = None
         self.failed = 0
         self.markers = _Markers(job_dir, slot)
+        #: The slice's inputs by index (``inputs/slice-<k>.json``), or None: one file per element.
+        self.inputs: dict[str, Any] | None = None
+        self.inputs_error: str | None = None
 
     def read(self) -> list[int]:
         job = _read_json(os.path.join(self.job_dir, jobfiles.JOB_FILE), "job")
@@ -320,7 +323,35 @@ class _Slice:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
             raise ValueError(f"job file in {self.job_dir} is corrupt: slice {self.slot} is not a list of indices")
         self.job = job
+        self.read_inputs()
         return indices
+
+    def read_inputs(self) -> None:
+        """The slice's inputs file, if the daemon wrote one (else each element has its own file, as a
+        job submitted by an older reflowd has). A broken one fails each element, as a broken inputs file would."""
+        path = jobfiles.slice_inputs_path(self.job_dir, self.slot)
+        try:
+            data = _read_json(path, "inputs")
+        except ValueError as exc:
+            if os.path.exists(path):
+                self.inputs_error = str(exc)
+            return
+        elements = data.get("elements")
+        if not isinstance(elements, dict):
+            self.inputs_error = f"inputs file {path} is corrupt: no 'elements' object"
+            return
+        self.inputs = elements
+
+    def inputs_of(self, index: int) -> dict[str, Any]:
+        if self.inputs_error is not None:
+            raise ValueError(self.inputs_error)
+        if self.inputs is None:
+            return _read_json(jobfiles.inputs_path(self.job_dir, index), "inputs")
+        element = self.inputs.get(str(index))
+        if not isinstance(element, dict):
+            raise ValueError(f"inputs file {jobfiles.slice_inputs_path(self.job_dir, self.slot)} has no "
+                             f"element {index}")
+        return element
 
     def load(self) -> None:
         """Import the workflow once, before any element is marked started (a crash here blames none)."""
@@ -338,7 +369,7 @@ class _Slice:
         """Run one element and write its result; returns its exit code."""
         base = _base_result(self.job.get("task"), index, self.job.get("run_id"), _now())
         try:
-            element = _read_json(jobfiles.inputs_path(self.job_dir, index), "inputs")
+            element = self.inputs_of(index)
         except ValueError as exc:
             result, code = _failure(base, f"cannot start: {exc}"), EXIT_BAD_INPUT
         else:

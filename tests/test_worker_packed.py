@@ -23,16 +23,26 @@ from .test_worker import leftovers, result_of, wait_for
 ENTRY = Path(__file__).resolve().parent / "workflows" / "packed_worker_tasks.py"
 
 
-def make_packed_job(run_dir: Path, task: str, slices: list[list[int]], kwargs: dict[int, dict[str, Any]]) -> Path:
-    """job.json with ``slices`` and one inputs file per element, the way the submitter writes them."""
+def make_packed_job(run_dir: Path, task: str, slices: list[list[int]], kwargs: dict[int, dict[str, Any]],
+                    *, per_element: bool = False) -> Path:
+    """job.json with ``slices`` and an inputs file per slice, the way the submitter writes them (or, as an
+    older reflowd did, one per element)."""
     job_dir = Path(jobfiles.job_dir(str(run_dir), "run-1", f"{task}-0"))
     jobfiles.write_json_atomic(str(job_dir / jobfiles.JOB_FILE), {
         "run_id": "run-1", "workflow": "packed_worker_tasks", "task": task, "entrypoint": str(ENTRY),
         "run_dir": str(run_dir), "tag": f"{task}-0", "kwargs": {}, "slices": slices, "width": 1})
-    for index, values in kwargs.items():
-        jobfiles.write_json_atomic(jobfiles.inputs_path(str(job_dir), index), {
-            "index": index, "identity": f"ident-{index}", "attempt": 1,
-            "kwargs": {k: codec.encode(v) for k, v in values.items()}})
+
+    def inputs(index: int) -> dict[str, Any]:
+        return {"index": index, "identity": f"ident-{index}", "attempt": 1,
+                "kwargs": {k: codec.encode(v) for k, v in kwargs[index].items()}}
+
+    for slot, piece in enumerate(slices):
+        if per_element:
+            for index in piece:
+                jobfiles.write_json_atomic(jobfiles.inputs_path(str(job_dir), index), inputs(index))
+        else:
+            jobfiles.write_json_atomic(jobfiles.slice_inputs_path(str(job_dir), slot),
+                                       {"elements": {str(i): inputs(i) for i in piece if i in kwargs}})
     return job_dir
 
 
@@ -67,8 +77,8 @@ def test_each_element_of_a_slice_has_its_own_result_and_marker_and_starts_clean(
     assert leftovers(job_dir / "results") == [] and leftovers(job_dir / "started") == []
 
 
-def test_markers_are_plain_files_where_links_fail(tmp_path: Path) -> None:
-    job_dir = make_packed_job(tmp_path, "tidy", [[0, 1]], {i: {"x": i} for i in range(2)})
+def test_markers_are_plain_files_where_links_fail_and_inputs_per_element_still_work(tmp_path: Path) -> None:
+    job_dir = make_packed_job(tmp_path, "tidy", [[0, 1]], {i: {"x": i} for i in range(2)}, per_element=True)
     no_links = ("import os, errno\n"
                 "def _refuse(*a, **k):\n"
                 "    raise OSError(errno.EPERM, 'no hard links on this file system')\n"
@@ -101,3 +111,18 @@ def test_a_stop_signal_stops_the_element_it_lands_in_after_an_earlier_one_ignore
     assert stopped["state"] == jobfiles.FAILED and stopped["signal"] == "SIGTERM", stopped
     assert started_names(job_dir) == ["0.json", "1.json"], "element 2 never started"
     assert not Path(jobfiles.result_path(str(job_dir), 2)).exists()
+
+
+def test_a_broken_slice_inputs_file_fails_each_element_with_a_result(tmp_path: Path) -> None:
+    job_dir = make_packed_job(tmp_path, "tidy", [[0, 1], [2, 3]], {0: {"x": 0}, 2: {"x": 2}, 3: {"x": 3}})
+    Path(jobfiles.slice_inputs_path(str(job_dir), 1)).write_text("{not json")
+    for slot in (0, 1):
+        proc = subprocess.run(slice_cmd(job_dir, slot), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr
+    assert result_of(job_dir, 0)["state"] == jobfiles.SUCCEEDED
+    missing = result_of(job_dir, 1)
+    assert missing["state"] == jobfiles.FAILED and "has no element 1" in missing["error"], missing
+    for index in (2, 3):
+        broken = result_of(job_dir, index)
+        assert broken["state"] == jobfiles.FAILED and "is corrupt" in broken["error"], broken
+        assert "slice-1.json" in broken["error"]

@@ -130,9 +130,19 @@ class PackedSimCluster(SimCluster):
         self.trace.append((now, "slice", element.key))
         self._advance(job, element, now)
 
-    def _attempt(self, req: SubmitRequest, index: int | None) -> int | None:
+    def _inputs(self, req: SubmitRequest, index: int | None, slot: int | None = None) -> dict[str, Any] | None:
+        """An element's inputs as the worker reads them: from its slice's file, else its own."""
+        if slot is not None:
+            raw = self.fs.get(jobfiles.slice_inputs_path(req.job_dir, slot))
+            if raw:
+                found = json.loads(raw).get("elements", {}).get(str(index))
+                return found if isinstance(found, dict) else None
         raw = self.fs.get(jobfiles.inputs_path(req.job_dir, index))
-        return int(json.loads(raw).get("attempt", 1)) if raw else None
+        return json.loads(raw) if raw else None
+
+    def _attempt(self, req: SubmitRequest, index: int | None, slot: int | None = None) -> int | None:
+        inputs = self._inputs(req, index, slot)
+        return int(inputs.get("attempt", 1)) if inputs is not None else None
 
     def _advance(self, job: SimJob, element: SimElement, now: float) -> None:
         """Run the slice's elements up to *now*: each ends, leaves its result, and the next starts."""
@@ -150,7 +160,7 @@ class PackedSimCluster(SimCluster):
                 if jobfiles.cancel_path(req.job_dir, index) in self.fs or \
                         jobfiles.result_path(req.job_dir, index) in self.fs:
                     continue
-                self._begin(job, run, index, now)
+                self._begin(job, run, index, element.index, now)
                 break
             if run.current is None:  # nothing left: the array task ends
                 element.ends_at = now
@@ -161,11 +171,10 @@ class PackedSimCluster(SimCluster):
                 element.result = b'{"state":"failed"}' if failed else None
                 return
 
-    def _begin(self, job: SimJob, run: SliceRun, index: int, now: float) -> None:
+    def _begin(self, job: SimJob, run: SliceRun, index: int, slot: int | None, now: float) -> None:
         req = job.request
         shared = json.loads(self.fs.get(f"{req.job_dir}/{jobfiles.JOB_FILE}", b"{}") or b"{}")
-        raw = self.fs.get(jobfiles.inputs_path(req.job_dir, index))
-        inputs = json.loads(raw) if raw else None
+        inputs = self._inputs(req, index, slot)
         run.current, run.current_ends = index, now + self.rng.choice([0.2, 1.0, 3.0])
         if inputs is None:  # the worker fails this element at once and goes on
             run.current_result = jobfiles.dumps({"state": "failed", "error": "no inputs"})
@@ -217,7 +226,7 @@ class PackedSimCluster(SimCluster):
         assert run.current is not None
         unstarted = [(req.run_id, req.task, i, a) for i in run.pending
                      if jobfiles.cancel_path(req.job_dir, i) not in self.fs
-                     and (a := self._attempt(req, i)) is not None]
+                     and (a := self._attempt(req, i, element.index)) is not None]
         self.kills.append(Kill(now, req.tag, cause, (req.run_id, req.task, run.current, run.current_attempt),
                                unstarted))
         self.trace.append((now, "kill", element.key, cause.value))
