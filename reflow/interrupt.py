@@ -63,6 +63,10 @@ class WorkerInterrupted(BaseException):
         super().__init__(f"interrupted by {self.signame}")
 
 
+#: The handler table itself: ``signal.getsignal`` converts every answer through an enum (slow, and a
+#: packed worker checks its handlers around each element); ``_signal`` answers with the object as set.
+_raw_signal = getattr(signal, "_signal", signal)
+
 #: The installed Interrupts of this process (for the fork hook below).
 _active: Interrupts | None = None
 
@@ -115,12 +119,15 @@ class Interrupts:
         self._previous: dict[int, object] = {}
         self._pipe: tuple[int, int] | None = None
         self._main = threading.get_ident()
+        #: Between two elements of a packed job (``hold``): a signal is noted, not raised.
+        self._holding = False
+        self._handler = self._dispatch  # one bound method: the handler table holds this very object
 
     def install(self) -> None:
         handled = (*STOP_SIGNALS, *WARNING_SIGNALS, signal.SIGALRM)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)  # a mask inherited from our parent must not hide them
         for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            self._previous[signum] = signal.signal(signum, self._handler)
         self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_grace_over)
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
@@ -153,13 +160,25 @@ class Interrupts:
     def hold(self) -> None:
         """Between two elements of a packed job: a signal is noted (no further element starts), not raised."""
         signal.setitimer(signal.ITIMER_REAL, 0)
-        for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
-            signal.signal(signum, self._note)
+        self._holding = True
+        self._reinstall()
 
     def resume(self) -> None:
         """The next element starts: signals interrupt it again."""
+        self._holding = False
+        self._reinstall()
+
+    def _reinstall(self) -> None:
+        """Take our handlers back from a task that replaced them (its own element is over)."""
         for signum in (*STOP_SIGNALS, *WARNING_SIGNALS):
-            signal.signal(signum, self._on_signal)
+            if _raw_signal.getsignal(signum) is not self._handler:
+                signal.signal(signum, self._handler)
+
+    def _dispatch(self, signum: int, frame: FrameType | None) -> None:
+        if self._holding:
+            self._note(signum, frame)
+        else:
+            self._on_signal(signum, frame)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if signum in WARNING_SIGNALS:

@@ -37,13 +37,24 @@ def _now() -> float:
     return time.time()
 
 
+_HOST: str | None = None
+
+
+def _hostname() -> str:
+    """Asked once per process: a packed worker names its host in every element's result."""
+    global _HOST
+    if _HOST is None:
+        _HOST = socket.gethostname()
+    return _HOST
+
+
 def _base_result(task: str | None, index: int | None, run_id: str | None, started: float) -> dict[str, Any]:
     return {
         "format": jobfiles.RESULT_FORMAT,
         "task": task,
         "index": index,
         "run_id": run_id,
-        "host": socket.gethostname(),
+        "host": _hostname(),
         "pid": os.getpid(),
         "started_at": started,
     }
@@ -124,13 +135,15 @@ def _check_job(job: dict[str, Any], job_dir: str) -> None:
 
 
 def _execute(job_dir: str, job: dict[str, Any], element: dict[str, Any], base: dict[str, Any],
-             spec: Any, *, durable: bool) -> tuple[dict[str, Any], int]:
-    """Mark the element started, call the task, and say how it ended (the result is not written yet)."""
-    marker = {"host": base["host"], "pid": base["pid"], "at": base["started_at"]}
-    if durable:
-        jobfiles.write_json_atomic(jobfiles.started_path(job_dir, base["index"]), marker)
+             spec: Any, *, markers: _Markers | None = None) -> tuple[dict[str, Any], int]:
+    """Mark the element started, call the task, and say how it ended (the result is not written yet).
+
+    Without *markers* (an unpacked worker) the marker is written durably, with this element's time."""
+    if markers is None:
+        jobfiles.write_json_atomic(jobfiles.started_path(job_dir, base["index"]),
+                                   {"host": base["host"], "pid": base["pid"], "at": base["started_at"]})
     else:
-        _write_plain(jobfiles.started_path(job_dir, base["index"]), jobfiles.dumps(marker))
+        markers.mark(base["index"])
     try:
         output = _call_task(job, element, spec)
         encoded = codec.encode(output, "the task's return value")
@@ -192,7 +205,7 @@ def run_instance(job_dir: str, index: int | None) -> int:
             result = _failure(base, f"cannot start: {exc}")
             code = EXIT_BAD_INPUT
         else:
-            result, code = _execute(job_dir, job, element, base, None, durable=True)
+            result, code = _execute(job_dir, job, element, base, None)
     except (TaskInterrupted, WorkerInterrupted) as exc:  # a signal outside the task call (loading, writing started file)
         result = _interrupted(base, exc.signum, traceback.format_exc())
         code = 128 + exc.signum
@@ -220,6 +233,66 @@ def _write_plain(path: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as fh:
             fh.write(data)
+
+
+class _Markers:
+    """A packed worker's ``started/<key>.json`` markers: hard links to one file per process.
+
+    Only a marker's name counts (the daemon lists ``started/``; nobody reads its content), and on
+    many file systems creating a file costs far more than linking one (an inode, or a metadata
+    server's object on a parallel file system): a link per element instead of a new file makes
+    a tiny element markedly cheaper. The linked file says which process ran the slice and since
+    when; where links are not possible (a file system without them), each marker is its own file.
+    """
+
+    def __init__(self, job_dir: str, slot: int) -> None:
+        self.job_dir = job_dir
+        self.content = jobfiles.dumps({"host": _hostname(), "pid": os.getpid(), "at": _now(), "slice": slot})
+        host = "".join(c if c.isalnum() or c in ".-" else "_" for c in _hostname())
+        self.source: str | None = os.path.join(job_dir, f".started-{slot}-{host}-{os.getpid()}")
+        self.ready = False
+
+    def mark(self, index: int | None) -> None:
+        path = jobfiles.started_path(self.job_dir, index)
+        if self.source is not None:
+            try:
+                if not self.ready:
+                    self._make_source()
+                os.link(self.source, path)
+                return
+            except FileExistsError:
+                return  # a requeued job's earlier run marked it: the name is there, as it should be
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                try:
+                    os.link(self.source, path)
+                    return
+                except OSError:
+                    self.source = None
+            except OSError:  # no hard links here (or the source vanished): plain files from now on
+                self.source = None
+        _write_plain(path, self.content)
+
+    def _make_source(self) -> None:
+        assert self.source is not None
+        try:
+            os.unlink(self.source)  # left by an earlier run of this slice on this host with this pid
+        except FileNotFoundError:
+            pass
+        fd = os.open(self.source, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, self.content)
+        finally:
+            os.close(fd)
+        self.ready = True
+
+    def prepare(self) -> None:
+        """Make the linked file now (before forking children that share it)."""
+        if self.source is not None and not self.ready:
+            try:
+                self._make_source()
+            except OSError:
+                self.source = None
 
 
 def _write_result(path: str, result: dict[str, Any]) -> None:
@@ -321,6 +394,10 @@ class _Slice:
         self.spec: Any = None
         self.load_error: tuple[str, str] | None = None
         self.failed = 0
+        self.markers = _Markers(job_dir, slot)
+        #: The slice's inputs by index (``inputs/slice-<k>.json``), or None: one file per element.
+        self.inputs: dict[str, Any] | None = None
+        self.inputs_error: str | None = None
         self.cancelled = 0
         self.watch = _CancelWatch(job_dir, self._stop_running)
         self._cancel: int | None = None  # the running element the watch asked to stop (sequential mode)
@@ -357,7 +434,35 @@ class _Slice:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
             raise ValueError(f"job file in {self.job_dir} is corrupt: slice {self.slot} is not a list of indices")
         self.job = job
+        self.read_inputs()
         return indices
+
+    def read_inputs(self) -> None:
+        """The slice's inputs file, if the daemon wrote one (else each element has its own file, as a
+        job submitted by an older reflowd has). A broken one fails each element, as a broken inputs file would."""
+        path = jobfiles.slice_inputs_path(self.job_dir, self.slot)
+        try:
+            data = _read_json(path, "inputs")
+        except ValueError as exc:
+            if os.path.exists(path):
+                self.inputs_error = str(exc)
+            return
+        elements = data.get("elements")
+        if not isinstance(elements, dict):
+            self.inputs_error = f"inputs file {path} is corrupt: no 'elements' object"
+            return
+        self.inputs = elements
+
+    def inputs_of(self, index: int) -> dict[str, Any]:
+        if self.inputs_error is not None:
+            raise ValueError(self.inputs_error)
+        if self.inputs is None:
+            return _read_json(jobfiles.inputs_path(self.job_dir, index), "inputs")
+        element = self.inputs.get(str(index))
+        if not isinstance(element, dict):
+            raise ValueError(f"inputs file {jobfiles.slice_inputs_path(self.job_dir, self.slot)} has no "
+                             f"element {index}")
+        return element
 
     def load(self) -> None:
         """Import the workflow once, before any element is marked started (a crash here blames none)."""
@@ -375,24 +480,23 @@ class _Slice:
         """Run one element and write its result; returns its exit code."""
         base = _base_result(self.job.get("task"), index, self.job.get("run_id"), _now())
         try:
-            element = _read_json(jobfiles.inputs_path(self.job_dir, index), "inputs")
+            element = self.inputs_of(index)
         except ValueError as exc:
             result, code = _failure(base, f"cannot start: {exc}"), EXIT_BAD_INPUT
         else:
             base.update(identity=element.get("identity"))
             _section(index, element.get("attempt"))
-            cwd, env = os.getcwd(), dict(os.environ)
+            cwd, env = os.getcwd(), _environment()
             outcome: tuple[dict[str, Any], int] | None = None
             cancelled = False
             try:
                 self.watch.begin(index)
                 try:
                     if self.load_error is not None:
-                        _write_plain(jobfiles.started_path(self.job_dir, index),
-                                     jobfiles.dumps({"host": base["host"], "pid": base["pid"], "at": base["started_at"]}))
+                        self.markers.mark(index)
                         outcome = _failure(base, self.load_error[0], self.load_error[1]), EXIT_FAILED
                     else:
-                        outcome = _execute(self.job_dir, self.job, element, base, self.spec, durable=False)
+                        outcome = _execute(self.job_dir, self.job, element, base, self.spec, markers=self.markers)
                 finally:
                     self.watch.end(index)
                 self.interrupts.hold()
@@ -448,6 +552,7 @@ class _Slice:
         """*width* elements at a time, each in a child forked after the workflow was imported."""
         pending = list(indices)
         children: dict[int, int] = {}
+        self.markers.prepare()
         while pending or children:
             while pending and len(children) < width and self.go_on():
                 index = pending.pop(0)
@@ -488,15 +593,23 @@ class _Slice:
         return self.exit_code()
 
 
-def _restore(cwd: str, env: dict[str, str]) -> None:
+def _environment() -> dict[Any, Any]:
+    """A copy of the environment to restore after an element, taken cheaply (once per element):
+    the raw bytes mapping where the platform has one, else the decoded one."""
+    raw = getattr(os.environ, "_data", None) if os.supports_bytes_environ else None
+    return dict(raw) if isinstance(raw, dict) else dict(os.environ)
+
+
+def _restore(cwd: str, env: dict[Any, Any]) -> None:
     try:
         if os.getcwd() != cwd:
             os.chdir(cwd)
     except OSError:
         pass
-    if os.environ != env:
-        os.environ.clear()
-        os.environ.update(env)
+    if _environment() != env:
+        target = os.environb if env and isinstance(next(iter(env)), bytes) else os.environ
+        target.clear()  # type: ignore[attr-defined]
+        target.update(env)  # type: ignore[attr-defined]
 
 
 def run_slice(job_dir: str, slot: int) -> int:

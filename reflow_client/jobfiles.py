@@ -6,6 +6,8 @@ One directory per submission (its tag), under the run directory::
         job.json              what every element shares: workflow file, task, shared arguments
         job.sh                the batch script (schedulers that need one)
         inputs/<key>.json     one element's own arguments and identity
+        inputs/slice-<k>.json packed jobs: those of every element array task k runs, by index
+                              (one file per slice: creating a file is what a tiny element costs most)
         started/<key>.json    written by the worker when it begins (host, pid, time)
         results/<key>.json    written atomically by the worker when it ends
         cancel/<key>.json     packed jobs: the daemon cancelled this element; the worker skips it
@@ -56,6 +58,11 @@ def job_dir(run_dir: str, run_id: str, tag: str) -> str:
 
 def inputs_path(job_dir_: str, index: int | None) -> str:
     return os.path.join(job_dir_, "inputs", f"{element_key(index)}.json")
+
+
+def slice_inputs_path(job_dir_: str, slot: int) -> str:
+    """A packed job's inputs of array task *slot*: ``{"elements": {"<index>": <inputs/<key>.json's content>}}``."""
+    return os.path.join(job_dir_, "inputs", f"slice-{slot}.json")
 
 
 def started_path(job_dir_: str, index: int | None) -> str:

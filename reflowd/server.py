@@ -49,6 +49,8 @@ log = structlog.get_logger("reflowd.server")
 #: accept() failures that mean "no descriptor or memory for a new connection now".
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STREAM_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+#: Most events of one watch sent in one write.
+EVENT_BATCH = 256
 
 
 class LineReader:
@@ -332,15 +334,10 @@ class Server:
         finally:
             self.refusing -= 1
 
-    async def _send(self, stream: SocketStream, message: dict[str, Any]) -> bool:
-        """Send one message; False when the connection is done (gone, or not reading for send_timeout)."""
-        try:
-            data = encode_message(message)
-        except (ValueError, TypeError, RecursionError, OverflowError) as exc:
-            self.errors += 1
-            log.error("a reply could not be encoded", error=str(exc))
-            data = encode_message(error_response(message.get("id"),
-                                                 RpcError(INTERNAL_ERROR, f"the reply could not be encoded: {exc}")))
+    async def _send(self, stream: SocketStream, message: dict[str, Any] | list[dict[str, Any]]) -> bool:
+        """Send one message (or several, one line each, in one write); False when the connection is done
+        (gone, or not reading for send_timeout)."""
+        data = b"".join(map(self._encode, message)) if isinstance(message, list) else self._encode(message)
         with anyio.move_on_after(self.send_timeout):
             try:
                 await stream.send(data)
@@ -348,6 +345,15 @@ class Server:
             except _STREAM_GONE:
                 return False
         return False  # the client stopped reading
+
+    def _encode(self, message: dict[str, Any]) -> bytes:
+        try:
+            return encode_message(message)
+        except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+            self.errors += 1
+            log.error("a reply could not be encoded", error=str(exc))
+            return encode_message(error_response(message.get("id"),
+                                                 RpcError(INTERNAL_ERROR, f"the reply could not be encoded: {exc}")))
 
     async def _serve_connection(self, stream: SocketStream, conn: Connection) -> None:
         reader = LineReader(stream, self.max_message)
@@ -448,7 +454,15 @@ class Server:
             try:
                 async with sub.receive:
                     async for event in sub.receive:
-                        if not await self._send(stream, notification("event", event)):
+                        # Events come in bursts (a packed job's thousands of elements): what is already
+                        # waiting goes out in one write, not one write (and one loop turn) per event.
+                        batch = [notification("event", event)]
+                        while len(batch) < EVENT_BATCH:
+                            try:
+                                batch.append(notification("event", sub.receive.receive_nowait()))
+                            except (anyio.WouldBlock, anyio.EndOfStream):
+                                break
+                        if not await self._send(stream, batch):
                             break
                 if sub.overflowed:
                     await self._send(stream, notification("end", {"run_id": run_id, "error": "watch fell behind; "

@@ -15,6 +15,7 @@ The replay tests below pin seeds that once found a bug, each fixed since.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -113,3 +114,32 @@ def test_chain_from_a_blocked_array_blocks_the_task() -> None:
     assert res.blocked and "never ran" in res.blocked
     ran = UpstreamView(is_array=True, outputs=[1], hashes=[codec.value_hash(1)], ok=[True])
     assert resolve(task, {"a": ran}, {}, "/r").size == 1
+
+
+PACKED_SCENARIOS = int(os.environ.get("REFLOW_SIM_PACKED_SCENARIOS", "150"))
+
+
+def test_packed_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same seeded scenarios on a cluster that packs 3 elements per array task and kills slices
+    mid-way: every invariant above, plus failure isolation of packed jobs (tests/sim/packed.py)."""
+    from .sim.packed import PackedSummary, run_packed_seed
+
+    started = time.monotonic()
+    summary = PackedSummary()
+    with quiet_logs(), scratch_dir() as tmp:
+        for seed in range(PACKED_SCENARIOS):
+            summary.reports.append(run_packed_seed(seed, Path(tmp)))
+    with capsys.disabled():
+        print("\n" + summary.line(time.monotonic() - started))
+    failed = [r for r in summary.reports if not r.ok]
+    assert not failed, "\n".join(
+        f"seed {r.seed}: {r.violations[0]}\n    replay: {sys.executable} -m tests.sim.packed {r.seed}" for r in failed[:10])
+    reports = summary.reports
+    with quiet_logs(), scratch_dir() as tmp:
+        for first in reports[:: max(1, len(reports) // 3)]:
+            again = run_packed_seed(first.seed, Path(tmp))
+            assert again.trace == first.trace, _first_difference(first, again)
+    if len(reports) >= 50:  # the faults must happen, and be looked at
+        assert sum(r.packed_jobs for r in reports) > len(reports)
+        assert sum(r.watched for r in reports) >= 10, "killed slices whose elements the daemon followed"
+        assert sum(r.crashes for r in reports) > len(reports) // 3

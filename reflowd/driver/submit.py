@@ -216,11 +216,19 @@ class Submitter:
             job["slices"] = [list(piece) for piece in request.slices]
             job["width"] = plan.width if plan is not None else 1
         files = {os.path.join(request.job_dir, jobfiles.JOB_FILE): jobfiles.dumps(job)}
-        for inst in insts:
+
+        def inputs(inst: Instance) -> dict[str, Any]:
             element = res.elements[inst.index] if inst.index is not None else {}
-            files[jobfiles.inputs_path(request.job_dir, inst.index)] = jobfiles.dumps(
-                {"index": inst.index, "identity": inst.identity, "attempt": inst.attempt, "kwargs": element}
-            )
+            return {"index": inst.index, "identity": inst.identity, "attempt": inst.attempt, "kwargs": element}
+
+        if request.slices is not None:  # one inputs file per slice, not per element (jobfiles.slice_inputs_path)
+            by_index = {inst.index: inst for inst in insts}
+            for slot, piece in enumerate(request.slices):
+                files[jobfiles.slice_inputs_path(request.job_dir, slot)] = jobfiles.dumps(
+                    {"elements": {str(i): inputs(by_index[i]) for i in piece if i in by_index}})
+            return files
+        for inst in insts:
+            files[jobfiles.inputs_path(request.job_dir, inst.index)] = jobfiles.dumps(inputs(inst))
         return files
 
     async def stage_entrypoint(self, run: Run) -> None:

@@ -54,6 +54,24 @@ class _Element:
     cancel_requested: bool = False
     timed_out: bool = False
     process: Process | None = field(default=None, repr=False)
+    #: The last answer given for this element, reused while nothing changed: a query answers every element
+    #: of every tracked job, and the driver skips an answer that *is* the previous one cheaply.
+    answer: Observation | None = field(default=None, repr=False)
+
+    def observation(self) -> Observation:
+        answer = self.answer
+        if answer is not None and answer.phase is self.phase and answer.outcome is self.outcome and \
+                answer.exit_code == (None if self.returncode is None else str(self.returncode)):
+            return answer
+        self.answer = Observation(
+            Presence.PRESENT,
+            phase=self.phase,
+            outcome=self.outcome,
+            native_state=(self.outcome.value if self.outcome else self.phase.value).upper(),
+            reason=None,
+            exit_code=None if self.returncode is None else str(self.returncode),
+        )
+        return self.answer
 
 
 def _proc_cmdlines() -> dict[int, list[str]]:
@@ -287,14 +305,7 @@ class LocalScheduler(Scheduler):
                     element.phase, element.outcome = Phase.DONE, Outcome.COMPLETED  # exit status unknown
         for job_id in job_ids:
             for element in self._jobs.get(job_id, []):
-                out[element.key] = Observation(
-                    Presence.PRESENT,
-                    phase=element.phase,
-                    outcome=element.outcome,
-                    native_state=(element.outcome.value if element.outcome else element.phase.value).upper(),
-                    reason=None,
-                    exit_code=None if element.returncode is None else str(element.returncode),
-                )
+                out[element.key] = element.observation()
         return out
 
     async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
