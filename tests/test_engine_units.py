@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,20 @@ def test_identity_of_elements_is_instance_identity_digit_for_digit(
         assert identity_for(workflow, task, res, index) == _identity_slow(workflow, task, res, index)
     single = Resolution(shared=shared, shared_hashes=hashes)
     assert identity_for(workflow, task, single, None) == _identity_slow(workflow, task, single, None)
+
+
+_keyed_dict = st.builds(lambda items: {codec.TAG: "dict", "items": items},
+                        st.lists(st.lists(_json, min_size=2, max_size=2), max_size=4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.recursive(_json | _keyed_dict, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12),
+       texts=st.lists(st.text(max_size=6) | st.sampled_from(['"', "\\", "\x1f", "\u00e9", ""]), max_size=6))
+def test_fast_canonical_json_is_canonical_json(value: Any, texts: list[str]) -> None:
+    """The identity plan encodes with one C call (``_canon``) and joins hash strings (``_canon_items``);
+    both must give canonical_json's text exactly, whatever the value holds."""
+    from reflowd.engine.resolve import _canon, _canon_items
+
+    assert _canon(value) == codec.canonical_json(value)
+    assert _canon_items(texts) == codec.canonical_json(texts)[1:-1]

@@ -210,3 +210,24 @@ def test_option_validation() -> None:
 
 def test_scancel_takes_elements_and_jobs() -> None:
     assert sc.render_scancel(["12", "13_4"]) == ["scancel", "12", "13_4"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("s*.txt") if p.name.startswith(("squeue", "sacct"))))
+def test_answers_job_by_job_read_like_the_flat_parse(name: str) -> None:
+    """``query`` answers job by job (a collapsed pending array stays one span); read key by key, the
+    answer is exactly the flat parse of the same output."""
+    text = (DATA / name).read_text()
+    flat, answers = (sc.parse_sacct(text), sc.parse_sacct_answers(text)) if name.startswith("sacct") \
+        else (sc.parse_squeue(text), sc.parse_squeue_answers(text))
+    assert dict(answers.items()) == flat
+    assert all(answers.get(k) == obs for k, obs in flat.items())
+    assert answers.get("424242_1") is None and "424242" not in answers
+
+
+def test_a_collapsed_pending_array_is_one_span() -> None:
+    answers = sc.parse_squeue_answers((DATA / "squeue_array_compressed.txt").read_text())
+    job = answers.job("655")
+    assert job is not None and [(a, b) for a, b, _ in job.spans] == [(2, 5)]
+    assert job.spans[0][2].reason == "JobArrayTaskLimit" and answers["655_4"] is job.spans[0][2]
+    assert answers.get("655_6") is None, "outside every span and line: absent"
+    assert "-r" not in sc.render_squeue(["5"], expand=False)
