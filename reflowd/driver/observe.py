@@ -83,9 +83,32 @@ class Observer:
             except Exception:  # a cycle must survive anything a cluster throws at it
                 log.exception("observer cycle failed", cluster=d.name)
                 d.count("observer_errors")
-            busy = d.tracks or d.unresolved or d.cancels or d.lingering
-            with anyio.move_on_after(self.cluster.result_interval if busy else d.settings.idle_wait):
+            with anyio.move_on_after(self.sleep_time(next_query)):
                 await wake.wait()
+
+    def sleep_time(self, next_query: float) -> float:
+        """Until something is due: the next file check, poll, deadline or look-up (never sooner than the
+        result interval). Jobs that wait in a queue for hours then cost a few wake-ups a minute, not two a
+        second; anything that changes meanwhile wakes the loop (``Driver.wake``)."""
+        d = self.d
+        base = self.cluster.result_interval
+        if not (d.tracks or d.unresolved or d.cancels or d.lingering):
+            return d.settings.idle_wait
+        if d.cancels or d.lingering or d.held_tags or d.query_due or d.emptied or d.packer.skips:
+            return base
+        now_m, now = world.monotonic(), world.now()
+        due = next_query - now_m
+        if self.cluster.budget.wait_time() > 0 or not d.health.allows(now_m):
+            due = min(due, max(self.cluster.budget.wait_time(), d.health.next_probe_at - now_m))
+        for track in d.tracks.values():
+            due = min(due, track.files.next_at - now_m)
+            if due <= base:
+                return base
+        for track in d.unresolved.values():
+            due = min(due, track.resolve_after - now)
+        if d.deadlines:
+            due = min(due, d.deadlines[0][0] - now)
+        return min(max(base, due), max(base, d.policy.maximum))
 
     # ------------------------------------------------------------------ file clock
 
