@@ -64,7 +64,8 @@ def serve(socket: str, state_dir: str) -> None:
     from reflowd.daemon import Daemon, DaemonOptions
     from reflowd.engine.decide import Timing
     from reflowd.logging import configure
-    from reflowd.schedulers.base import Observation, Outcome, Phase, Presence, Scheduler, SubmitRequest, TaggedJob
+    from reflowd.schedulers.base import (Answers, JobAnswer, Observation, Outcome, Phase, Presence, Scheduler,
+                                         SubmitRequest, TaggedJob)
     from reflowd.transports.base import CommandResult, Transport
 
     class MemoryTransport(Transport):
@@ -117,6 +118,7 @@ def serve(socket: str, state_dir: str) -> None:
             self.files = files
             self.transport = transport
             self.jobs: dict[str, tuple[SubmitRequest, bool]] = {}
+            self.spans: dict[str, list[tuple[int, int]]] = {}
             self.next = 1
 
         async def submit(self, request: SubmitRequest) -> str:
@@ -126,27 +128,48 @@ def serve(socket: str, state_dir: str) -> None:
             held = request.task == "hold"
             self.jobs[job_id] = (request, held)
             if not held:
-                shared = json.loads((await self.files.read_files([f"{request.job_dir}/job.json"]))
-                                    [f"{request.job_dir}/job.json"] or b"{}")["kwargs"]
+                job = (await self.files.read_files([f"{request.job_dir}/job.json"]))[f"{request.job_dir}/job.json"]
                 indices = list(request.indices) if request.indices is not None else [None]
                 inputs = await self.files.read_files([jobfiles.inputs_path(request.job_dir, i) for i in indices])
-                for i in indices:
-                    kwargs = {**shared, **json.loads(inputs[jobfiles.inputs_path(request.job_dir, i)] or b"{}")["kwargs"]}
-                    output = _compute(request.task, kwargs)
-                    self.files.put(jobfiles.result_path(request.job_dir, i), jobfiles.dumps(
-                        {"state": "succeeded", "output": output, "output_hash": codec.value_hash(output)}))
+
+                def work() -> dict[str, bytes]:
+                    """The cluster's work (run elsewhere on a real one): off the daemon's event loop."""
+                    shared = json.loads(job or b"{}")["kwargs"]
+                    out = {}
+                    for i in indices:
+                        kwargs = {**shared, **json.loads(inputs[jobfiles.inputs_path(request.job_dir, i)] or b"{}")["kwargs"]}
+                        output = _compute(request.task, kwargs)
+                        out[jobfiles.result_path(request.job_dir, i)] = jobfiles.dumps(
+                            {"state": "succeeded", "output": output, "output_hash": codec.value_hash(output)})
+                    return out
+
+                for path, data in (await anyio.to_thread.run_sync(work)).items():
+                    self.files.put(path, data)
             return job_id
 
-        async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+        async def query(self, job_ids: Collection[str]) -> Answers:
+            """Job by job, as Slurm's ``squeue`` prints it: an array whose elements share a state is one
+            line (``123_[0-999]``), i.e. one span."""
             await self.transport.run(["squeue"])
-            out = {}
+            out = Answers()
             for job_id in job_ids:
                 request, held = self.jobs[job_id]
                 phase = Phase.QUEUED if held else Phase.DONE
                 obs = Observation(Presence.PRESENT, phase, None if held else Outcome.COMPLETED,
                                   "PENDING" if held else "COMPLETED", "Priority" if held else None)
-                for i in (request.indices if request.indices is not None else [None]):
-                    out[request.element_key(job_id, i)] = obs
+                if request.indices is None:
+                    out.jobs[job_id] = JobAnswer({job_id: obs})
+                    continue
+                spans = self.spans.get(job_id)
+                if spans is None:  # runs of consecutive array task ids (as a real scheduler keeps them)
+                    spans = self.spans[job_id] = []
+                    for i in sorted(request.indices):
+                        k = i - request.index_offset
+                        if spans and spans[-1][1] == k - 1:
+                            spans[-1] = (spans[-1][0], k)
+                        else:
+                            spans.append((k, k))
+                out.jobs[job_id] = JobAnswer(spans=tuple((a, b, obs) for a, b in spans))
             return out
 
         async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
@@ -161,6 +184,7 @@ def serve(socket: str, state_dir: str) -> None:
 
         def forget(self, job_id: str) -> None:
             self.jobs.pop(job_id, None)
+            self.spans.pop(job_id, None)
 
     class BenchDaemon(Daemon):
         def _build_clusters(self) -> dict[str, ClusterRuntime]:
@@ -189,7 +213,8 @@ def serve(socket: str, state_dir: str) -> None:
     if profile:
         import cProfile
 
-        cProfile.runctx("anyio.run(BenchDaemon(options).run)", globals(), locals(), profile)
+        where = f"{profile}.{Path(state_dir).parent.name}"  # one profile for the fan-out, one for the held run
+        cProfile.runctx("anyio.run(BenchDaemon(options).run)", globals(), locals(), where)
     else:
         anyio.run(BenchDaemon(options).run)
 
@@ -231,6 +256,34 @@ def _measure_callbacks(path: Path) -> None:
                 worst["cpu_s"], worst["where"] = 0.0, ""
 
     threading.Thread(target=dump, daemon=True).start()
+    idle_profile = os.environ.get("REFLOW_BENCH_IDLE_PROFILE")
+    if idle_profile:  # debugging aid: a profile of the loop thread while nothing changes (the idle window)
+        _profile_idle(path.with_suffix(".idle"), idle_profile)
+
+
+def _profile_idle(marker: Path, out: str) -> None:
+    import asyncio
+    import cProfile
+
+    profiler = cProfile.Profile()
+    holder: dict[str, Any] = {"loop": None}  # the daemon's loop, seen from its first callback
+    original = asyncio.events.Handle._run
+
+    def run(self: Any) -> None:
+        holder["loop"] = holder["loop"] or asyncio.get_running_loop()
+        return original(self)
+
+    asyncio.events.Handle._run = run  # type: ignore[method-assign]
+
+    def watch() -> None:
+        while not marker.exists():
+            time.sleep(0.2)
+        holder["loop"].call_soon_threadsafe(profiler.enable)
+        while marker.exists():
+            time.sleep(0.2)
+        holder["loop"].call_soon_threadsafe(lambda: (profiler.disable(), profiler.dump_stats(out)))
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _watch_stalls(path: str) -> None:
@@ -432,8 +485,11 @@ def measure(n: int, idle_seconds: float) -> dict[str, Any]:
                         break
                     time.sleep(2.0)
                 idle0 = cpu_seconds(d.proc.pid)
+                d.callbacks.with_suffix(".idle").touch()  # (only REFLOW_BENCH_IDLE_PROFILE looks at it)
                 time.sleep(idle_seconds)
                 idle_cpu = (cpu_seconds(d.proc.pid) - idle0) / idle_seconds * 60
+                d.callbacks.with_suffix(".idle").unlink()
+                time.sleep(0.5)
         finally:
             pinger.stop.set()
             d.stop()

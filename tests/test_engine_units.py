@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -337,3 +339,59 @@ def test_identity_of_elements_is_instance_identity_digit_for_digit(
         assert identity_for(workflow, task, res, index) == _identity_slow(workflow, task, res, index)
     single = Resolution(shared=shared, shared_hashes=hashes)
     assert identity_for(workflow, task, single, None) == _identity_slow(workflow, task, single, None)
+
+
+_keyed_dict = st.builds(lambda items: {codec.TAG: "dict", "items": items},
+                        st.lists(st.lists(_json, min_size=2, max_size=2), max_size=4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.recursive(_json | _keyed_dict, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12),
+       texts=st.lists(st.text(max_size=6) | st.sampled_from(['"', "\\", "\x1f", "\u00e9", ""]), max_size=6))
+def test_fast_canonical_json_is_canonical_json(value: Any, texts: list[str]) -> None:
+    """The identity plan encodes with one C call (``_canon``) and joins hash strings (``_canon_items``);
+    both must give canonical_json's text exactly, whatever the value holds."""
+    from reflowd.engine.resolve import _canon, _canon_items
+
+    assert _canon(value) == codec.canonical_json(value)
+    assert _canon_items(texts) == codec.canonical_json(texts)[1:-1]
+
+
+_result_text = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    | st.sampled_from(["\ud800", "\\u", "1e999"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_result_text, extra=st.sampled_from([b"", b"1" * 310, b"NaN", b"-Infinity", b"1e400", b"[" * 120]))
+def test_result_files_parsed_in_c_take_the_same_decisions(value: Any, extra: bytes) -> None:
+    """``parse_result`` skips the per-item walk when nothing in the text could break a limit; whatever the
+    text, it must accept and refuse exactly what the checked parse (``protocol.loads`` + ``check_value``)
+    does, with the same value."""
+    from reflow_client import jobfiles
+    from reflow_client.protocol import check_value, loads
+
+    body = json.dumps(value, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass")
+    raw = b'{"state":"failed","output":' + body + (b',"x":' + extra if extra and not extra.startswith(b"[") else b"") \
+        + b"}"
+    raw = raw if not extra.startswith(b"[") else raw[:-1] + b',"y":' + extra + b"]" * len(extra) + b"}"
+
+    def checked() -> Any:
+        try:
+            data = loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return "refused"
+        return "refused" if check_value(data, "") else data
+
+    def fast() -> Any:
+        try:
+            return jobfiles.parse_result(raw)
+        except ValueError:
+            return "refused"
+
+    expected, got = checked(), fast()
+    assert (got == "refused") == (expected == "refused") and (got == "refused" or json.dumps(got) == json.dumps(expected))

@@ -210,3 +210,40 @@ def test_option_validation() -> None:
 
 def test_scancel_takes_elements_and_jobs() -> None:
     assert sc.render_scancel(["12", "13_4"]) == ["scancel", "12", "13_4"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("s*.txt") if p.name.startswith(("squeue", "sacct"))))
+def test_answers_job_by_job_read_like_the_flat_parse(name: str) -> None:
+    """``query`` answers job by job (a collapsed pending array stays one span); read key by key, the
+    answer is exactly the flat parse of the same output."""
+    text = (DATA / name).read_text()
+    flat, answers = (sc.parse_sacct(text), sc.parse_sacct_answers(text)) if name.startswith("sacct") \
+        else (sc.parse_squeue(text), sc.parse_squeue_answers(text))
+    assert dict(answers.items()) == flat
+    assert all(answers.get(k) == obs for k, obs in flat.items())
+    assert answers.get("424242_1") is None and "424242" not in answers
+
+
+def test_a_collapsed_pending_array_is_one_span() -> None:
+    answers = sc.parse_squeue_answers((DATA / "squeue_array_compressed.txt").read_text())
+    job = answers.job("655")
+    assert job is not None and [(a, b) for a, b, _ in job.spans] == [(2, 5)]
+    assert job.spans[0][2].reason == "JobArrayTaskLimit" and answers["655_4"] is job.spans[0][2]
+    assert answers.get("655_6") is None, "outside every span and line: absent"
+    assert "-r" not in sc.render_squeue(["5"], expand=False)
+
+
+def test_live_reasons_fill_sacct_pending_spans_and_elements() -> None:
+    """sacct keeps a pending job's reason from submission ("None"); squeue's live reason replaces it, a span
+    as a whole where squeue prints the same span, element by element where it splits it differently."""
+    from reflowd.schedulers.slurm import with_live_reasons
+
+    sacct = sc.parse_sacct_answers("77_[0-9]|rfx|PENDING|0:0|None\n77_10|rfx|PENDING|0:0|None\n"
+                                   "77_11|rfx|COMPLETED|0:0|None\n")
+    squeue = sc.parse_squeue_answers("77_[0-9]|PENDING|Priority|rfx\n77_10|PENDING|Resources|rfx\n")
+    job = with_live_reasons("77", sacct.job("77"), squeue.job("77"))
+    assert [(a, b, o.reason) for a, b, o in job.spans] == [(0, 9, "Priority")]
+    assert job.get("77_10", "77").reason == "Resources" and job.get("77_11", "77").phase is Phase.DONE
+    split = sc.parse_squeue_answers("77_[0-4]|PENDING|Priority|rfx\n77_[5-9]|PENDING|JobHeldUser|rfx\n")
+    job = with_live_reasons("77", sacct.job("77"), split.job("77"))
+    assert job.get("77_3", "77").reason == "Priority" and job.get("77_7", "77").reason == "JobHeldUser"

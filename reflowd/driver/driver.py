@@ -190,6 +190,7 @@ class Driver:
                 self.packer.learned(inst.task)
             if not track.live:
                 self.emptied[tag] = None
+                self.observer_wake.set()  # prune it now (the observer may sleep long while jobs wait)
             if self.ready and self.queue_limit.cap(world.now()) is not None:
                 self.ready_wake.set()  # room in a capped queue: what waits for it may go out
 

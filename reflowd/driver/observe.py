@@ -30,7 +30,7 @@ from .. import world
 from ..engine import decide
 from ..engine.model import Instance
 from ..engine.states import FAILURE, State
-from ..schedulers.base import Observation, Phase, Presence
+from ..schedulers.base import Answers, Observation, Phase, Presence
 from ..transports.base import TransportError
 from . import requeue
 from . import packing
@@ -83,9 +83,32 @@ class Observer:
             except Exception:  # a cycle must survive anything a cluster throws at it
                 log.exception("observer cycle failed", cluster=d.name)
                 d.count("observer_errors")
-            busy = d.tracks or d.unresolved or d.cancels or d.lingering
-            with anyio.move_on_after(self.cluster.result_interval if busy else d.settings.idle_wait):
+            with anyio.move_on_after(self.sleep_time(next_query)):
                 await wake.wait()
+
+    def sleep_time(self, next_query: float) -> float:
+        """Until something is due: the next file check, poll, deadline or look-up (never sooner than the
+        result interval). Jobs that wait in a queue for hours then cost a few wake-ups a minute, not two a
+        second; anything that changes meanwhile wakes the loop (``Driver.wake``)."""
+        d = self.d
+        base = self.cluster.result_interval
+        if not (d.tracks or d.unresolved or d.cancels or d.lingering):
+            return d.settings.idle_wait
+        if d.cancels or d.lingering or d.held_tags or d.query_due or d.emptied or d.packer.skips:
+            return base
+        now_m, now = world.monotonic(), world.now()
+        due = next_query - now_m
+        if self.cluster.budget.wait_time() > 0 or not d.health.allows(now_m):
+            due = min(due, max(self.cluster.budget.wait_time(), d.health.next_probe_at - now_m))
+        for track in d.tracks.values():
+            due = min(due, track.files.next_at - now_m)
+            if due <= base:
+                return base
+        for track in d.unresolved.values():
+            due = min(due, track.resolve_after - now)
+        if d.deadlines:
+            due = min(due, d.deadlines[0][0] - now)
+        return min(max(base, due), max(base, d.policy.maximum))
 
     # ------------------------------------------------------------------ file clock
 
@@ -294,16 +317,30 @@ class Observer:
                 else:
                     changed = True
         if observations is None:
+            track.quiet_answer = None
             return changed
+        # A scheduler answering job by job (``Answers``): the same answer as last time, when that one
+        # changed nothing, changes nothing now either -- skip the job without looking at its elements.
+        answer = observations.job(track.record.job_id or "") if isinstance(observations, Answers) else None
+        if answer is not None and not track.held and track.quiet_live == len(track.live) \
+                and track.quiet_answer is not None and (answer is track.quiet_answer or answer == track.quiet_answer):
+            if track.quiet_active:
+                track.files.hurry()
+            d.count("unchanged_jobs_skipped")
+            return changed
+        track.quiet_answer = None
         finished: list[Instance] = []
         concluding: list[tuple[Instance, decide.Decision]] = []
         active = False
+        quiet = not changed and not track.held
         for n, inst in enumerate(list(track.live.values())):
             if n and n % YIELD_EVERY == 0:
                 await anyio.sleep(0)  # a large array: let the loop answer clients meanwhile
                 if not inst.in_flight:
+                    quiet = False
                     continue
             if inst.index in track.held:
+                quiet = False
                 continue
             found = observations.get(inst.job_key or "")
             previous = inst.observed
@@ -311,6 +348,7 @@ class Observer:
                     and not inst.absent_count:
                 active = active or found.phase is Phase.RUNNING
                 continue  # the same answer as last time: nothing to decide (the common case, cheaply)
+            quiet = False
             obs = found or Observation.absent()
             if obs.presence is Presence.UNKNOWN:
                 self.not_understood(inst, obs)
@@ -330,6 +368,8 @@ class Observer:
             changed |= self.apply(track, inst, decision)
         if active:
             track.files.hurry()  # something runs (or ended): its results are due soon, look at its files often
+        if quiet and answer is not None:
+            track.quiet_answer, track.quiet_live, track.quiet_active = answer, len(track.live), active
         # Before concluding a failure from the scheduler alone, look once more for a result file.
         look = {id(i): i for i in finished} | {id(i): i for i, _ in concluding}
         if look:

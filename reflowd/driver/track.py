@@ -32,6 +32,11 @@ class JobTrack:
     resolve_after: float = 0.0
     #: Packed submissions: element index -> the array task (slice) that runs it.
     slots: dict[int, int] = field(default_factory=dict)
+    #: The scheduler's last answer for this job (a ``JobAnswer``) when it changed nothing for any live
+    #: instance, with how many were live and whether something ran: an equal answer is skipped whole.
+    quiet_answer: Any = None
+    quiet_live: int = -1
+    quiet_active: bool = False
 
     def __post_init__(self) -> None:
         for k, piece in enumerate(self.record.request.slices or ()):

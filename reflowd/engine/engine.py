@@ -106,6 +106,41 @@ def cleared() -> dict[str, Any]:
     return dict(_CLEARED)
 
 
+class _ViewBuilder:
+    """An upstream task's view, built a chunk at a time (``step`` is a few ms of work)."""
+
+    CHUNK = 8192
+
+    def __init__(self, tr: TaskRun) -> None:
+        self.tr = tr
+        self.indices: Any = range(tr.size or 0) if tr.manifest.is_array else [None]
+        self.at = 0
+        self.outputs: list[Any] = []
+        self.hashes: list[str | None] = []
+        self.ok: list[bool] = []
+
+    def step(self) -> bool:
+        """Add the next chunk; True once every instance is in."""
+        instances = self.tr.instances
+        outputs, hashes, ok = self.outputs, self.hashes, self.ok
+        stop = min(len(self.indices), self.at + self.CHUNK)
+        for i in self.indices[self.at:stop]:
+            inst = instances.get(i)
+            if inst is None:
+                continue
+            good = inst.state in SUCCESS
+            outputs.append(inst.output if good else None)
+            hashes.append(inst.output_hash if good else None)
+            ok.append(good)
+        self.at = stop
+        return stop >= len(self.indices)
+
+    def view(self) -> UpstreamView:
+        tr = self.tr
+        return UpstreamView(is_array=tr.manifest.is_array, outputs=self.outputs, hashes=self.hashes,
+                            ok=self.ok if not tr.blocked else [False], blocked=tr.blocked is not None)
+
+
 async def _checkpoint(i: int) -> None:
     if i and i % YIELD_EVERY == 0:
         await anyio.sleep(0)
@@ -346,14 +381,17 @@ class Engine:
                 self._eval_wake.set()
 
     def _view(self, tr: TaskRun) -> UpstreamView:
-        insts = tr.ordered()
-        return UpstreamView(
-            is_array=tr.manifest.is_array,
-            outputs=[i.output if i.ok else None for i in insts],
-            hashes=[i.output_hash if i.ok else None for i in insts],
-            ok=[i.ok for i in insts] if not tr.blocked else [False],
-            blocked=tr.blocked is not None,
-        )
+        builder = _ViewBuilder(tr)
+        while not builder.step():
+            pass
+        return builder.view()
+
+    async def _view_paced(self, tr: TaskRun) -> UpstreamView:
+        """``_view``, yielding to the loop between chunks (an upstream of 10^5 elements)."""
+        builder = _ViewBuilder(tr)
+        while not builder.step():
+            await anyio.sleep(0)
+        return builder.view()
 
     def resolution(self, run: Run, tr: TaskRun) -> Resolution:
         """Inputs of *tr* (cached; recomputed after a restart)."""
@@ -392,7 +430,9 @@ class Engine:
         self._maybe_finish(run)
 
     async def _advance_task(self, run: Run, tr: TaskRun, deps: list[TaskRun]) -> None:
-        views_ = {d.name: self._view(d) for d in deps}
+        views_ = {d.name: await self._view_paced(d) for d in deps}
+        if not all(d.settled for d in deps) or not (tr.open or tr.counts.get(State.PENDING)):
+            return  # changed while the views were built (a retry, a cancel): the next evaluation sees it anew
         pending = [i for i in tr.instances.values() if i.state is State.PENDING] if tr.expanded else []
         try:
             res = resolve(tr.manifest, views_, run.params, run.run_dir)

@@ -41,6 +41,8 @@ class EventHub:
 
     def wants(self, run_id: str) -> bool:
         """Does anyone watch *run_id*? (Callers skip building events nobody reads.)"""
+        if not self._subs:
+            return False
         return any(sub.run_id is None or sub.run_id == run_id for sub in self._subs)
 
     def publish(self, event: dict[str, Any]) -> None:

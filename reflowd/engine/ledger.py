@@ -10,6 +10,7 @@ cluster driver's bookkeeping) is the engine's business, not the ledger's.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any, Protocol
 
@@ -31,6 +32,23 @@ from .states import (
 )
 
 log = structlog.get_logger("reflowd.ledger")
+
+
+_DEBUG_BY_WRAPPER: dict[type, bool] = {}
+
+
+def _debugging() -> bool:
+    """Would a debug line be written? (Building one costs more than the rest of a transition.)"""
+    wrapper = structlog.get_config()["wrapper_class"]
+    enabled = _DEBUG_BY_WRAPPER.get(wrapper)
+    if enabled is None:
+        check = getattr(wrapper, "is_enabled_for", None)
+        try:
+            enabled = bool(check(None, logging.DEBUG)) if check is not None else True
+        except Exception:  # a wrapper class that cannot tell without an instance: assume it writes
+            enabled = True
+        _DEBUG_BY_WRAPPER[wrapper] = enabled
+    return enabled
 
 
 class Recorder(Protocol):
@@ -90,9 +108,11 @@ class Ledger:
                 "error": (inst.error or "")[:500] if new in FAILURE else None,
             })
         # Debug level (a line per transition is too dear at 10^5 elements); failures are worth a warning.
-        emit = log.warning if new in FAILURE and new not in (State.UPSTREAM_FAILED, State.CANCELLED) else log.debug
-        emit("task state", run_id=run.id, task=inst.task, index=inst.index, job_id=inst.job_key or inst.job_id,
-             cluster=run.cluster, old=old.value, new=new.value, attempt=inst.attempt)
+        loud = new in FAILURE and new is not State.UPSTREAM_FAILED and new is not State.CANCELLED
+        if loud or _debugging():
+            (log.warning if loud else log.debug)(
+                "task state", run_id=run.id, task=inst.task, index=inst.index, job_id=inst.job_key or inst.job_id,
+                cluster=run.cluster, old=old.value, new=new.value, attempt=inst.attempt)
         return True
 
     def task(self, run: Run, tr: TaskRun, new: TaskState, evidence: dict[str, Any], *, size: int | None = None,

@@ -14,6 +14,10 @@ import enum
 class State(str, enum.Enum):
     """A task instance: a singleton task, or one element of an array task."""
 
+    #: Hash as the string it equals (Enum's own hash is a Python call on the name, and breaks the
+    #: rule that equal objects hash alike): every state-set and count lookup is on the hot path.
+    __hash__ = str.__hash__
+
     PENDING = "pending"  # waiting for upstream tasks
     READY = "ready"  # inputs resolved, waiting to be submitted (or for a retry back-off)
     CACHED = "cached"  # a verified earlier result stands in (success)
@@ -80,6 +84,8 @@ class TaskState(str, enum.Enum):
     until a ``retry`` opens it again.
     """
 
+    __hash__ = str.__hash__
+
     PENDING = "pending"
     EXPANDED = "expanded"
     UPSTREAM_FAILED = "upstream_failed"
@@ -102,6 +108,8 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 
 
 class RunState(str, enum.Enum):
+    __hash__ = str.__hash__
+
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"

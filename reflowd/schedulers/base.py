@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,85 @@ class Observation:
     @classmethod
     def unknown(cls, detail: str) -> Observation:
         return cls(Presence.UNKNOWN, detail=detail)
+
+
+@dataclass(frozen=True)
+class JobAnswer:
+    """What one status query saw of one job, compactly.
+
+    ``elements`` holds observations by key (the job id for a plain job, ``<id>_<k>``
+    for array elements); ``spans`` holds runs of array task ids ``first..last`` that
+    share one observation (Slurm prints a pending array as one line ``123_[0-999]``).
+    A key in neither is absent. Two equal answers for a job mean nothing changed
+    there, which the driver checks without looking at each element.
+    """
+
+    elements: Mapping[str, Observation] = field(default_factory=dict)
+    spans: tuple[tuple[int, int, Observation], ...] = ()
+
+    def get(self, key: str, job_id: str) -> Observation | None:
+        found = self.elements.get(key)
+        if found is not None or not self.spans:
+            return found
+        head, sep, tail = key.rpartition("_")
+        if not sep or head != job_id or not tail.isdigit():
+            return None
+        k = int(tail)
+        for first, last, obs in self.spans:
+            if first <= k <= last:
+                return obs
+        return None
+
+    def keys(self, job_id: str) -> Iterator[str]:
+        yield from self.elements
+        for first, last, _ in self.spans:
+            for k in range(first, last + 1):
+                key = f"{job_id}_{k}"
+                if key not in self.elements:
+                    yield key
+
+
+class Answers(Mapping[str, Observation]):
+    """A status query's answer, job by job (:class:`JobAnswer`): what ``Scheduler.query`` may return
+    instead of a flat dict. It reads like the flat dict (``get``, ``in``, iteration expand spans on
+    demand), and :meth:`job` lets the driver compare a whole job's answer at once: an idle array of
+    10^5 queued elements then costs a poll time per job, not per element."""
+
+    def __init__(self, jobs: dict[str, JobAnswer] | None = None) -> None:
+        self.jobs: dict[str, JobAnswer] = jobs if jobs is not None else {}
+
+    def job(self, job_id: str) -> JobAnswer | None:
+        return self.jobs.get(job_id)
+
+    def _job_of(self, key: str) -> str:
+        if key in self.jobs:
+            return key
+        return key.rpartition("_")[0]
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        job_id = self._job_of(key)
+        answer = self.jobs.get(job_id)
+        found = answer.get(key, job_id) if answer is not None else None
+        return default if found is None else found
+
+    def __getitem__(self, key: str) -> Observation:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for job_id, answer in self.jobs.items():
+            yield from answer.keys(job_id)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"Answers({self.jobs!r})"
 
 
 @dataclass(frozen=True)
@@ -182,8 +261,11 @@ class Scheduler(abc.ABC):
         """Submit; return the job id (the array's master id for arrays). Raises SubmitError."""
 
     @abc.abstractmethod
-    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+    async def query(self, job_ids: Collection[str]) -> Mapping[str, Observation]:
         """One status query for many jobs; keys are job ids or ``<id>_<k>`` array elements.
+
+        A flat dict, or :class:`Answers` (job by job, arrays sharing a state in spans), which
+        lets the driver skip a job whose answer has not changed without walking its elements.
 
         Every element of every array job asked about must be answered for:
         a key that is missing from the result means *absent* only when the

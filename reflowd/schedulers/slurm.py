@@ -20,7 +20,7 @@ from reflow_client.jobfiles import SCRIPT_FILE
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import slurm_commands as sc
-from .base import Observation, Phase, Scheduler, SubmitError, SubmitRequest, TaggedJob
+from .base import Answers, JobAnswer, Observation, Phase, Scheduler, SubmitError, SubmitRequest, TaggedJob
 
 #: Seconds between asking slurmctld (squeue) for the live reasons of pending jobs when sacct has none.
 REASON_REFRESH = 60.0
@@ -114,22 +114,23 @@ class SlurmScheduler(Scheduler):
                                  timeout=self.command_timeout * 2)
         return sc.parse_sbatch(result.stdout, result.stderr, result.returncode)
 
-    async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
+    async def query(self, job_ids: Collection[str]) -> Answers:
+        """Job by job (``Answers``): a pending array Slurm prints as one line stays one span."""
         ids = sorted(set(job_ids))
         if not ids:
-            return {}
+            return Answers()
         self.queries += 1
         if self.accounting:
             result = await self._sacct(ids)
             if result is not None:
-                observations = sc.parse_sacct(result.stdout)
+                observations = sc.parse_sacct_answers(result.stdout)
                 await self._live_reasons(observations)
                 return observations
-        result = await self._run(sc.render_squeue(ids))
+        result = await self._run(sc.render_squeue(ids, expand=False))
         if result.ok:
-            return sc.parse_squeue(result.stdout)
+            return sc.parse_squeue_answers(result.stdout)
         if sc.squeue_all_absent(result.stderr, result.returncode):
-            return {}
+            return Answers()
         raise TransportError(f"squeue failed ({result.returncode}): {result.stderr.strip()[:300]}")
 
     async def _sacct(self, ids: list[str]) -> CommandResult | None:
@@ -155,30 +156,33 @@ class SlurmScheduler(Scheduler):
         if self.on_accounting is not None:
             self.on_accounting(error)
 
-    async def _live_reasons(self, observations: dict[str, Observation]) -> None:
+    async def _live_reasons(self, observations: Answers) -> None:
         """Fill in why jobs pend: slurmdbd often keeps the reason a job had at submission ("None").
 
         Asked of slurmctld at most every REASON_REFRESH seconds, so accounting sites
         keep their one sacct call per cycle almost always; failure changes nothing.
         """
-        pending = [k for k, o in observations.items() if o.phase is Phase.QUEUED and not o.reason]
+        def unexplained(obs: Observation) -> bool:
+            return obs.phase is Phase.QUEUED and not obs.reason
+
+        pending = sorted(job_id for job_id, a in observations.jobs.items()
+                         if any(map(unexplained, a.elements.values())) or any(unexplained(o) for _, _, o in a.spans))
         now = time.monotonic()
         if not pending or now - self._reasons_asked < REASON_REFRESH:
             return
         self._reasons_asked = now
         self.reason_refreshes += 1
         try:
-            result = await self._run(sc.render_squeue(sorted({k.split("_")[0] for k in pending})))
+            result = await self._run(sc.render_squeue(pending, expand=False))
         except TransportError:
             return
         if not result.ok:
             return
-        live = sc.parse_squeue(result.stdout)
-        for key in pending:
-            obs = live.get(key)
-            if obs is not None and obs.phase is Phase.QUEUED:
-                observations[key] = obs
-
+        live = sc.parse_squeue_answers(result.stdout)
+        for job_id in pending:
+            mine, theirs = observations.jobs[job_id], live.job(job_id)
+            if theirs is not None:
+                observations.jobs[job_id] = with_live_reasons(job_id, mine, theirs)
     async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
         wanted = sorted(set(tags))
         if not wanted:
@@ -210,6 +214,34 @@ class SlurmScheduler(Scheduler):
     def stats(self) -> dict[str, Any]:
         return {"accounting": self.accounting, "max_array_size": self.max_array_size, "queries": self.queries,
                 "reason_refreshes": self.reason_refreshes, "fallbacks": self.fallbacks}
+
+
+def with_live_reasons(job_id: str, mine: JobAnswer, theirs: JobAnswer) -> JobAnswer:
+    """*mine* (sacct's), with squeue's observation wherever sacct has a pending one without a reason and
+    squeue still has it pending. A span squeue prints alike is replaced whole; otherwise element by element."""
+    def better(obs: Observation | None) -> bool:
+        return obs is not None and obs.phase is Phase.QUEUED
+
+    elements = dict(mine.elements)
+    for key, obs in mine.elements.items():
+        new = theirs.get(key, job_id)
+        if obs.phase is Phase.QUEUED and not obs.reason and better(new):
+            elements[key] = new  # type: ignore[assignment]
+    spans: list[tuple[int, int, Observation]] = []
+    same = {(first, last): obs for first, last, obs in theirs.spans}
+    for first, last, obs in mine.spans:
+        if obs.phase is not Phase.QUEUED or obs.reason:
+            spans.append((first, last, obs))
+        elif better(same.get((first, last))):
+            spans.append((first, last, same[(first, last)]))
+        else:
+            spans.append((first, last, obs))
+            for k in range(first, last + 1):
+                key = f"{job_id}_{k}"
+                new = theirs.get(key, job_id)
+                if key not in elements and better(new):
+                    elements[key] = new  # type: ignore[assignment]
+    return JobAnswer(elements, tuple(spans))
 
 
 __all__ = ["SlurmScheduler", "SubmitError"]

@@ -12,13 +12,13 @@ import dataclasses
 
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from reflow_client.resources import format_time, parse_time
 
 from . import option_map
-from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
+from .base import Answers, JobAnswer, Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
 from .job_script import export_lines
 
 # ---------------------------------------------------------------------- options
@@ -277,27 +277,65 @@ def master_id(key: str) -> str:
     return key.split("_", 1)[0].split(".", 1)[0]
 
 
+def job_spans(raw: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """``123_[1-3,7%2]`` -> ``("123", [(1, 3), (7, 7)])``; None for a plain job or one element."""
+    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", raw.strip())
+    if not match:
+        return None
+    master, spec = match.groups()
+    spans = []
+    for part in spec.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            spans.append((int(lo), int(hi)))
+        elif part:
+            spans.append((int(part), int(part)))
+    return master, spans
+
+
+def answers_from(lines: Iterable[tuple[str, Observation]]) -> Answers:
+    """Observations by raw key (as squeue/sacct print them) -> job by job, an array's collapsed
+    line (``123_[0-999]``) kept as one span: a poll costs time per line, not per element."""
+    elements: dict[str, dict[str, Observation]] = {}
+    spans: dict[str, list[tuple[int, int, Observation]]] = {}
+    for raw, obs in lines:
+        collapsed = job_spans(raw)
+        if collapsed is not None:
+            master, pairs = collapsed
+            spans.setdefault(master, []).extend((lo, hi, obs) for lo, hi in pairs)
+            elements.setdefault(master, {})
+            continue
+        key = raw.strip()
+        elements.setdefault(master_id(key), {})[key] = obs
+    return Answers({job: JobAnswer(found, tuple(spans.get(job, ()))) for job, found in elements.items()})
+
+
 # ---------------------------------------------------------------------- squeue
 
 SQUEUE_FORMAT = "%i|%T|%r|%j"
 
 
-def render_squeue(job_ids: Sequence[str]) -> list[str]:
-    return ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT]
+def render_squeue(job_ids: Sequence[str], *, expand: bool = True) -> list[str]:
+    """``expand=False`` leaves a pending array collapsed (one line, ``123_[0-999]``): see ``answers_from``."""
+    return ["squeue", "-h", *(["-r"] if expand else []), "-t", "all", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT]
 
 
-def parse_squeue(stdout: str) -> dict[str, Observation]:
-    out: dict[str, Observation] = {}
+def _squeue_lines(stdout: str) -> Iterator[tuple[str, Observation]]:
     for line in stdout.splitlines():
         if not line.strip():
             continue
         parts = line.split("|", 3)
         if len(parts) < 3:
             continue
-        key, state, reason = parts[0], parts[1], parts[2]
-        for k in expand_job_key(key):
-            out[k] = observe(state, reason)
-    return out
+        yield parts[0], observe(parts[1], parts[2])
+
+
+def parse_squeue(stdout: str) -> dict[str, Observation]:
+    return {k: obs for key, obs in _squeue_lines(stdout) for k in expand_job_key(key)}
+
+
+def parse_squeue_answers(stdout: str) -> Answers:
+    return answers_from(_squeue_lines(stdout))
 
 
 def squeue_all_absent(stderr: str, returncode: int) -> bool:
@@ -314,8 +352,7 @@ def render_sacct(job_ids: Sequence[str]) -> list[str]:
     return ["sacct", "-X", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)]
 
 
-def parse_sacct(stdout: str) -> dict[str, Observation]:
-    out: dict[str, Observation] = {}
+def _sacct_lines(stdout: str) -> Iterator[tuple[str, Observation]]:
     for line in stdout.splitlines():
         if not line.strip():
             continue
@@ -327,10 +364,16 @@ def parse_sacct(stdout: str) -> dict[str, Observation]:
         node = parts[5].strip() if len(parts) > 5 and parts[5].strip() not in ("", "None assigned") else None
         if "." in key:  # a step (batch, extern): -X should have left them out
             continue
-        for k in expand_job_key(key):
-            obs = observe(state, reason, exit_code)
-            out[k] = dataclasses.replace(obs, node=node) if node and obs.phase is Phase.DONE else obs
-    return out
+        obs = observe(state, reason, exit_code)
+        yield key, dataclasses.replace(obs, node=node) if node and obs.phase is Phase.DONE else obs
+
+
+def parse_sacct(stdout: str) -> dict[str, Observation]:
+    return {k: obs for key, obs in _sacct_lines(stdout) for k in expand_job_key(key)}
+
+
+def parse_sacct_answers(stdout: str) -> Answers:
+    return answers_from(_sacct_lines(stdout))
 
 
 # ---------------------------------------------------------------------- tags

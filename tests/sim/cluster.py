@@ -27,6 +27,8 @@ import anyio
 
 from reflow_client import codec, jobfiles
 from reflowd.schedulers.base import (
+    Answers,
+    JobAnswer,
     Observation,
     Outcome,
     Phase,
@@ -323,9 +325,40 @@ class SimTransport(Transport):
         await anyio.sleep(0)
 
 
+def compacted(flat: dict[str, Observation], job_ids: Collection[str]) -> Answers:
+    """A flat answer job by job: runs of consecutive array task ids with equal observations become spans
+    (what Slurm prints as ``123_[0-9]``), the rest stay elements; reading it key by key gives *flat*."""
+    jobs: dict[str, tuple[dict[str, Observation], list[tuple[int, int, Observation]]]] = {}
+    ids = set(job_ids)
+    by_job: dict[str, list[tuple[int, Observation]]] = {}
+    for key, obs in flat.items():
+        head, sep, tail = key.rpartition("_")
+        if key in ids or not sep or head not in ids or not tail.isdigit():
+            jobs.setdefault(key if key in ids else head, ({}, []))[0][key] = obs
+            continue
+        by_job.setdefault(head, []).append((int(tail), obs))
+    for job_id, items in by_job.items():
+        elements, spans = jobs.setdefault(job_id, ({}, []))
+        items.sort(key=lambda item: item[0])
+        start = 0
+        while start < len(items):
+            end = start
+            while end + 1 < len(items) and items[end + 1][0] == items[end][0] + 1 and items[end + 1][1] == items[start][1]:
+                end += 1
+            if end > start:
+                spans.append((items[start][0], items[end][0], items[start][1]))
+            else:
+                elements[f"{job_id}_{items[start][0]}"] = items[start][1]
+            start = end + 1
+    return Answers({job_id: JobAnswer(elements, tuple(spans)) for job_id, (elements, spans) in jobs.items()})
+
+
 class SimScheduler(Scheduler):
     kind = "sim"
     max_array_size = 8  # small, so fan-outs are chunked
+
+    #: Answer job by job (``Answers``: runs of elements sharing a state as spans), as Slurm's adapter does.
+    compact = False
 
     def __init__(self, cluster: SimCluster, transport: Transport, clock: Any) -> None:
         self.cluster = cluster
@@ -363,7 +396,7 @@ class SimScheduler(Scheduler):
         for key in list(out):
             if self._roll(self.cluster.faults.query_unknown):
                 out[key] = Observation(Presence.UNKNOWN, native_state="WEIRD", detail="simulated unmapped state")
-        return out
+        return compacted(out, job_ids) if self.compact else out
 
     async def find_tags(self, tags: Collection[str]) -> dict[str, list[TaggedJob]]:
         await self.transport.run(["squeue", "--name", ",".join(sorted(tags))])

@@ -262,7 +262,8 @@ class Harness:
                 await store.close()
 
     def _runtime(self) -> ClusterRuntime:
-        return sim_runtime(self.cluster, self._now)
+        # Half the seeds answer job by job (``Answers``, spans of elements that share a state), half flat.
+        return sim_runtime(self.cluster, self._now, compact=self.seed % 2 == 0)
 
     async def _ticker(self) -> None:
         """The cluster's clock: a tick on every TICK boundary at which something is due (at least every
@@ -463,7 +464,7 @@ class Harness:
             self.violation(f"{run_id}: the log holds an illegal transition {old} -> {new} ({t['task']}, {t['index']})")
 
 
-def sim_runtime(cluster: SimCluster, now: Any) -> ClusterRuntime:
+def sim_runtime(cluster: SimCluster, now: Any, compact: bool = False) -> ClusterRuntime:
     """The simulated cluster as the engine's driver sees it (metered like any other).
 
     Packing is off: :class:`SimCluster` runs one element per array task, as the unpacked worker does; a
@@ -475,8 +476,10 @@ def sim_runtime(cluster: SimCluster, now: Any) -> ClusterRuntime:
                            pack=False)
     budget = Budget(config.max_calls_per_minute)
     transport = MeteredTransport(SimTransport(cluster), budget)
+    scheduler = SimScheduler(cluster, transport, now)
+    scheduler.compact = compact
     return ClusterRuntime(name="sim", config=config, transport=transport.inner, metered=transport,
-                          scheduler=SimScheduler(cluster, transport, now), budget=budget,
+                          scheduler=scheduler, budget=budget,
                           result_interval=2.0, timing=Timing(result_grace=10.0, lost_after=3, lost_grace=20.0))
 
 
