@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-from reflow import RunDir, Workflow
+from reflow import Param, RunDir, Workflow
 
 wf = Workflow("memory")
 
@@ -30,14 +30,14 @@ def note(run_dir: Path, name: str) -> None:
 
 
 @wf.job(time="00:05:00", mem="250M", retries=1, retry_policy={"escalate": {"mem": 3}, "backoff": 1})
-def hungry(run_dir: Annotated[Path, RunDir()], mb: int = 400) -> int:
+def hungry(run_dir: Annotated[Path, RunDir()], mb: Annotated[int, Param(namespace="local")] = 400) -> int:
     note(run_dir, "hungry")
     block = bytearray(mb * 2**20)
     return len(block) // 2**20
 
 
 @wf.job(time="00:05:00", mem="250M", retries=1, retry_policy={"escalate": {"mem": 3}, "backoff": 1})
-def greedy(run_dir: Annotated[Path, RunDir()], mb: int = 150, children: int = 2, hold: float = 6.0) -> int:
+def greedy(run_dir: Annotated[Path, RunDir()], mb: Annotated[int, Param(namespace="local")] = 150, children: int = 2, hold: float = 6.0) -> int:
     note(run_dir, "greedy")
     procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(mb), str(hold)]) for _ in range(children)]
     codes = [p.wait() for p in procs]

@@ -8,13 +8,19 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from reflow import RunDir, Workflow
+from reflow import Result, RunDir, Workflow
 
 wf = Workflow("packed_worker_tasks")
 
 
+@wf.job()
+def xs() -> list[int]:
+    """The list both array tasks fan out over (the tests write each element's inputs themselves)."""
+    return [0, 1]
+
+
 @wf.array_job()
-def tidy(x: int) -> dict[str, object]:
+def tidy(x: Annotated[int, Result(step="xs")]) -> dict[str, object]:
     """Each element must start as a fresh worker would: no variable or directory left by the one before."""
     seen = {"leak": os.environ.get("REFLOW_TEST_LEAK"), "cwd": os.getcwd()}
     os.environ["REFLOW_TEST_LEAK"] = str(x)
@@ -24,7 +30,7 @@ def tidy(x: int) -> dict[str, object]:
 
 
 @wf.array_job()
-def deaf(run_dir: Annotated[Path, RunDir()], x: int) -> int:
+def deaf(run_dir: Annotated[Path, RunDir()], x: Annotated[int, Result(step="xs")]) -> int:
     """Element 0 makes SIGTERM harmless and returns; element 1 sleeps until stopped."""
     if x == 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
