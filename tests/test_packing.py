@@ -290,7 +290,7 @@ def test_cancelling_a_packed_run(tmp_path: Path) -> None:
         d.stop()
 
 
-def cancel_one_element_scenario(d: DaemonProcess, base: Path) -> None:
+def cancel_one_element_scenario(d: DaemonProcess, base: Path, restart: bool = False) -> None:
     """Cancelling one element of a packed job, while it runs and before it starts, leaves its slice-mates alone:
     the running one stops and its job goes on with the next element, the unstarted one never runs, the rest
     finish, each once, and status shows exactly those two cancelled."""
@@ -305,6 +305,9 @@ def cancel_one_element_scenario(d: DaemonProcess, base: Path) -> None:
     with pytest.raises(Exception, match="needs --task"):
         with d.client() as c:
             c.cancel(run, None, 2)
+    if restart:  # reflowd killed right after: the next one adopts the job and writes the markers again
+        d.kill9()
+        d.start()
     wait_for(lambda: all(s in ("succeeded", "cancelled") for s in states(d, run).values()) and states(d, run),
              timeout=300, interval=0.5, what="the other elements to finish")
     assert wait_state(d, run) in ("failed", "cancelled")
@@ -324,6 +327,7 @@ def test_cancel_one_element_of_a_packed_job_on_the_local_scheduler(tmp_path: Pat
     d.start()
     try:
         cancel_one_element_scenario(d, tmp_path)
+        cancel_one_element_scenario(d, tmp_path / "again", restart=True)
     finally:
         d.stop()
 

@@ -629,6 +629,7 @@ class Engine:
         key, had_job = inst.job_key, inst.state in (State.QUEUED, State.RUNNING)
         if not self.transition(run, inst, State.CANCELLED, {"source": "client", "request": "cancel", "index": index}):
             return 0
+        await self.store.flush()  # durable before the client hears it and before the worker is told (kill -9 safe)
         driver = self.drivers.get(run.cluster)
         if driver is not None and had_job and key:
             driver.cancel_jobs([key])
