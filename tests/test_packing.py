@@ -445,3 +445,25 @@ def test_worker_stops_a_cancelled_running_element_and_goes_on(tmp_path: Path, wi
     assert "work 3" not in ran and all(ran[f"work {i}"] == 1 for i in range(3)), ran
     if width == 1:
         assert len({pid_of(run_dir, f"work {i}") for i in range(3)}) == 1, "one process ran the slice"
+
+
+def test_a_cancel_survives_a_kill_9_right_after_it(tmp_path: Path) -> None:
+    """A task cancel the client was told about is durable: reflowd killed with -9 at once and restarted does
+    not run what was cancelled (it used to: the cancel was still in the store's write queue)."""
+    d = DaemonProcess(tmp_path / "d", config=local_config())
+    d.start()
+    try:
+        run_dir = tmp_path / "run"
+        run = submit(d, run_dir, "--n", "8", "--delay", "3")
+        wait_for(lambda: pid_of(run_dir, "work 1"), timeout=240, what="element 1 to start")
+        with d.client() as c:
+            assert c.cancel(run, "work") == 8
+        d.kill9()
+        d.start()
+        assert wait_state(d, run) in ("failed", "cancelled")
+        assert set(states(d, run).values()) <= {"cancelled", "succeeded"}, states(d, run)
+        ran = executions(run_dir)
+        assert "total" not in ran and all(n == 1 for n in ran.values()), ran
+        assert not any(f"work {i}" in ran for i in (2, 3, 6, 7)), f"cancelled elements ran after the restart: {ran}"
+    finally:
+        d.stop()

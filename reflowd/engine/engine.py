@@ -607,6 +607,8 @@ class Engine:
                     count += 1
                     if had_job and key:
                         kill.append(key)
+        if count:
+            await self.store.flush()  # durable before the client hears it: a kill -9 right after must not undo it
         driver = self.drivers.get(run.cluster)
         if driver is not None:
             driver.cancel_jobs(kill)
