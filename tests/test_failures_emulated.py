@@ -58,7 +58,7 @@ def test_a_job_killed_from_outside_is_cancelled_and_not_retried(wlm: WLM, tmp_pa
         run_id = submit_with(d, VICTIMS, tmp_path / "run", config_of={"outside": {"retries": 2}})
         wait_for(lambda: (tmp_path / "run" / "outside.pid").exists(), timeout=60, what="outside to run")
         wlm.kill_job(job_of(d, run_id, "outside"))
-        outside: Any = wait_for(lambda: (i := one(d, run_id, "outside")).state != "running" and i, timeout=60,
+        outside: Any = wait_for(lambda: (i := one(d, run_id, "outside")).state in ("cancelled", "failed") and i, timeout=60,
                                 what="the kill to be seen")
         with d.client() as c:
             c.cancel(run_id)

@@ -62,6 +62,9 @@ async def test_probe_reads_site_facts(sge_cluster) -> None:
     assert s.max_array_size == 75000 and facts["accounting"] is True
     assert sge_cluster.parallel_environment in facts["parallel_environments"]
     assert "warning" not in facts
+    # Limits (issue #14): no max_u_jobs set; all.q has no h_rt/h_vmem of its own, so nothing caps escalation.
+    assert facts["max_queued"] is None and facts["queue_caps"]["all.q"] == {"max_time": None, "max_mem": None}
+    assert facts["max_time"] is None and facts["max_mem"] is None
 
 
 async def test_array_maps_task_ids_to_indices_and_logs(sge_cluster, tmp_path: Path) -> None:

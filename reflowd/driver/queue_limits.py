@@ -32,6 +32,7 @@ LIMIT_FRAGMENTS = (
     "only allowed to submit",  # Grid Engine: "job rejected: only N jobs are allowed per user"
     "jobs are allowed per user",
     "would exceed queue",  # PBS: "would exceed queue generic's per-user limit"
+    "per-user limit of jobs",  # PBS server-wide: "would exceed complex's per-user limit of jobs in 'Q' state"
     "maximum number of jobs already in queue",
     "user's job limit",  # LSF
     "pending job threshold",

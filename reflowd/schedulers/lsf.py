@@ -30,6 +30,8 @@ class LSFScheduler(DenseArrayScheduler):
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
         super().__init__(transport, command_timeout=command_timeout)
+        #: MAX_PEND_JOBS of bparams -a: the user's pending-jobs limit (the queue cap), where set.
+        self.max_queued: int | None = None
         self.max_array_size = 1000
         self.version: str | None = None
         self.json_output = True
@@ -50,6 +52,7 @@ class LSFScheduler(DenseArrayScheduler):
             self.max_array_size = lc.max_array_size(values)
             clean = values.get("CLEAN_PERIOD", "")
             self.clean_period = int(clean) if clean.isdigit() else None
+            self.max_queued = lc.queue_limit(values)
         conf = await self._run(["badmin", "showconf", "mbd"])
         if conf.ok and "LSF_UNIT_FOR_LIMITS" in conf.stdout:
             self.mem_unit = lc.unit_for_limits(lc.parse_params(conf.stdout))
@@ -60,7 +63,7 @@ class LSFScheduler(DenseArrayScheduler):
         return {
             "version": self.version, "max_array_size": self.max_array_size, "json": self.json_output,
             "mem_unit": self.mem_unit, "mem_unit_source": self.mem_unit_source,
-            "finished_jobs_visible_s": self.clean_period, "accounting": "bhist",
+            "finished_jobs_visible_s": self.clean_period, "accounting": "bhist", "max_queued": self.max_queued,
         }
 
     def validate_options(self, options: Mapping[str, Any]) -> None:

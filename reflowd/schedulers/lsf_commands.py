@@ -404,3 +404,12 @@ def max_array_size(params: Mapping[str, str], default: int = 1000) -> int:
         return int(params.get("MAX_JOB_ARRAY_SIZE", default))
     except ValueError:
         return default
+
+
+def queue_limit(params: Mapping[str, str]) -> int | None:
+    """``MAX_PEND_JOBS`` of ``bparams -a`` (lsb.params): how many pending jobs a user may have, each array
+    element counted. Over it, bsub does not fail but waits ("Pending job threshold reached. Retrying in
+    60 seconds..."), so staying under it is what keeps submissions quick. Per-user ``busers`` limits (MAX)
+    are job slots that *run*: no cap on the queue."""
+    value = params.get("MAX_PEND_JOBS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None

@@ -30,6 +30,7 @@ log = structlog.get_logger("reflowd.pbs")
 
 class PBSScheduler(DenseArrayScheduler):
     kind = "pbs"
+    probe_commands = 4
 
     def __init__(self, transport: Transport, *, command_timeout: float = 30.0) -> None:
         super().__init__(transport, command_timeout=command_timeout)
@@ -40,6 +41,9 @@ class PBSScheduler(DenseArrayScheduler):
         self.history = False
         self.array_limit = False
         self.refusal: str | None = None
+        #: The user's queued-jobs limit (max_queued/queued_jobs_threshold), and each queue's resources_max.
+        self.max_queued: int | None = None
+        self.queue_caps: dict[str, dict[str, str | None]] = {}
 
     # ------------------------------------------------------------------ probe
 
@@ -61,14 +65,28 @@ class PBSScheduler(DenseArrayScheduler):
         self.json_output = pc.supports_json(self.version)
         self.array_limit = pc.supports_array_limit(self.version)
         self.refusal = None
+        await self._probe_limits(attrs)
         return self.capabilities()
 
+    async def _probe_limits(self, server: dict[str, str]) -> None:
+        """The user's queued-jobs limit (server and default queue) and each queue's resources_max (advisory)."""
+        who = await self._run(["id", "-un"])
+        queues_out = await self._run(["qstat", "-Qf"])
+        queues = pc.parse_queue_attributes(queues_out.stdout) if queues_out.ok else {}
+        self.queue_caps = {name: pc.queue_caps(attrs) for name, attrs in queues.items()}
+        user = who.stdout.strip() if who.ok else ""
+        default = queues.get(server.get("default_queue", ""))
+        self.max_queued = pc.queue_limit(server, default, user) if user else None
+
     def capabilities(self) -> dict[str, Any]:
-        return {
+        facts: dict[str, Any] = {
             "flavour": self.flavour, "version": self.version, "max_array_size": self.max_array_size,
             "finished_jobs_visible": self.history, "json": self.json_output,
-            "array_parallelism": self.array_limit, "refused": self.refusal,
+            "array_parallelism": self.array_limit, "refused": self.refusal, "max_queued": self.max_queued,
         }
+        if self.queue_caps:
+            facts["queue_caps"] = self.queue_caps
+        return facts
 
     def validate_options(self, options: Mapping[str, Any]) -> None:
         pc.validate_options(options)

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from reflow_client.resources import format_hms, format_pbs_size, parse_time
+from reflow_client.resources import format_hms, format_pbs_size, format_time, parse_time
 
 from . import option_map
 from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
@@ -442,3 +442,94 @@ def max_array_size(attrs: Mapping[str, str], default: int = 10000) -> int:
         return int(attrs.get("max_array_size", default))
     except ValueError:
         return default
+
+
+# ---------------------------------------------------------------------- limits (queue cap, escalation caps)
+
+_LIMIT_ENTRY = re.compile(r"\[\s*([ugpo])\s*:\s*([^=\]]+?)\s*=\s*(\d+)\s*\]")
+
+
+def limit_for_user(value: str | None, user: str) -> int | None:
+    """A PBS Professional limit attribute (``[u:PBS_GENERIC=100],[u:alice=20],[o:PBS_ALL=5000]``) for *user*:
+    the user's own entry, else the generic one, and at most the overall one. Group and project entries are
+    not counted (the user's groups are not known here); None when nothing applies."""
+    own = generic = overall = None
+    for kind, name, number in _LIMIT_ENTRY.findall(value or ""):
+        if kind == "u" and name == user:
+            own = int(number)
+        elif kind == "u" and name == "PBS_GENERIC":
+            generic = int(number)
+        elif kind == "o" and name == "PBS_ALL":
+            overall = int(number)
+    limits = [v for v in ((own if own is not None else generic), overall) if v is not None]
+    return min(limits) if limits else None
+
+
+def parse_queue_attributes(text: str) -> dict[str, dict[str, str]]:
+    """``qstat -Qf`` text -> queue -> attributes (``max_queued``, ``resources_max.walltime``, ...)."""
+    queues: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    last: str | None = None
+    for line in text.splitlines():
+        if line.startswith("Queue:"):
+            current = queues.setdefault(line.split(":", 1)[1].strip(), {})
+            last = None
+        elif current is None:
+            continue
+        elif line.startswith("\t") and last:
+            current[last] += line.strip()
+        elif " = " in line:
+            key, _, value = line.strip().partition(" = ")
+            current[key.strip()] = value.strip()
+            last = key.strip()
+    return queues
+
+
+#: Attributes that refuse a submission over a count of the user's jobs (``max_queued`` counts queued and
+#: running jobs; ``queued_jobs_threshold``, PBS Professional 19+, only queued ones), and the old-style
+#: ``max_queuable`` (all users' jobs in the queue).
+_COUNT_LIMITS = ("max_queued", "queued_jobs_threshold")
+
+
+def queue_limit(server: Mapping[str, str], queue: Mapping[str, str] | None, user: str) -> int | None:
+    """The smallest count of jobs *user* may have queued: the server's limits and those of the queue the
+    jobs go to (its default queue, unless a ``queue`` option names another). qsub refuses a job over
+    one ("would exceed complex's per-user limit of jobs in 'Q' state")."""
+    limits = [limit_for_user(attrs.get(key), user) for attrs in (server, queue or {}) for key in _COUNT_LIMITS]
+    try:
+        limits.append(int((queue or {}).get("max_queuable", "")))
+    except ValueError:
+        pass
+    positive = [v for v in limits if v is not None and v > 0]
+    return min(positive) if positive else None
+
+
+_PBS_SIZE = {"b": 1, "w": 8, "kb": 1024, "kw": 8 * 1024, "mb": 1024 ** 2, "mw": 8 * 1024 ** 2, "gb": 1024 ** 3,
+             "gw": 8 * 1024 ** 3, "tb": 1024 ** 4, "tw": 8 * 1024 ** 4, "pb": 1024 ** 5}
+
+
+def size_megabytes(text: str | None) -> int | None:
+    """A PBS size (``64gb``, ``500mb``, ``1048576kb``, bytes without a unit) in MB; None when not set."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?[bw])?\s*", (text or "").lower())
+    if not text or not match:
+        return None
+    return int(match.group(1)) * _PBS_SIZE[match.group(2) or "b"] // 1024 ** 2
+
+
+def walltime_seconds(text: str | None) -> int | None:
+    """``resources_max.walltime`` (``336:00:00``, ``01:30``, seconds) in seconds; None when not set."""
+    parts = (text or "").strip().split(":")
+    if not text or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def queue_caps(queue: Mapping[str, str]) -> dict[str, str | None]:
+    """The largest time and memory a job may ask for in a queue (``resources_max.walltime``/``.mem``), as
+    the retry policy's caps; None where the queue sets none."""
+    seconds = walltime_seconds(queue.get("resources_max.walltime"))
+    megabytes = size_megabytes(queue.get("resources_max.mem"))
+    return {"max_time": format_time(seconds) if seconds else None, "max_mem": f"{megabytes}M" if megabytes else None}

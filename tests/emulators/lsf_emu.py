@@ -385,7 +385,9 @@ def bparams(args: list[str]) -> int:
         return down("bparams")
     print("System default parameters:\n    DEFAULT_QUEUE = normal\n    MBD_SLEEP_TIME = 10\n"
           f"    CLEAN_PERIOD = {int(clean_period())}\n"
-          f"    MAX_JOB_ARRAY_SIZE = {os.environ.get('WLM_EMU_MAX_ARRAY', '1000')}\n    MAX_JOBID = 999999")
+          f"    MAX_JOB_ARRAY_SIZE = {os.environ.get('WLM_EMU_MAX_ARRAY', '1000')}\n    MAX_JOBID = 999999"
+          + (f"\n    MAX_PEND_JOBS = {os.environ['WLM_EMU_MAX_PEND_JOBS']}" if os.environ.get("WLM_EMU_MAX_PEND_JOBS")
+             else ""))
     return 0
 
 

@@ -147,6 +147,14 @@ def qsub(args: list[str]) -> int:
             return fail("qsub", "Array job exceeds server or queue size limit", 1)
         if start != 0 or step != 1:
             return fail("qsub", "this emulator supports -J ranges that start at 0 with step 1", 1)
+    limit_queued = max_queued()
+    if limit_queued is not None:
+        # max_queued = [u:PBS_GENERIC=N] (pbs_server_attributes(7B)): the user's queued and running jobs;
+        # a job array counts as one job.
+        live = sum(1 for meta in core.jobs(root)
+                   if any(e["state"] != "done" for e in core.elements(root, meta)))
+        if live >= limit_queued:
+            return fail("qsub", "would exceed complex's per-user limit of jobs in 'Q' state", 1)
     name = (opts.get("N") or [script_path.name])[-1]
     seq = core.next_seq(root)
     job_id = f"{seq}[].{SERVER}" if n else f"{seq}.{SERVER}"
@@ -285,9 +293,29 @@ def _text(records: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+def max_queued() -> int | None:
+    """``WLM_EMU_MAX_QUEUED``: the server's ``max_queued = [u:PBS_GENERIC=N]`` (unset: no limit)."""
+    value = os.environ.get("WLM_EMU_MAX_QUEUED")
+    return int(value) if value else None
+
+
+def queue_attributes() -> str:
+    """``qstat -Qf``: each queue (``WLM_EMU_QUEUES``); ``WLM_EMU_MAX_WALLTIME`` sets their resources_max.walltime."""
+    out = []
+    for queue in os.environ.get("WLM_EMU_QUEUES", "workq,short").split(","):
+        out += [f"Queue: {queue}", "    queue_type = Execution", "    total_jobs = 0", "    enabled = True",
+                "    started = True"]
+        if os.environ.get("WLM_EMU_MAX_WALLTIME"):
+            out.append(f"    resources_max.walltime = {os.environ['WLM_EMU_MAX_WALLTIME']}")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def server_attributes() -> str:
+    limit = max_queued()
     return "\n".join([
         f"Server: {SERVER}", "    server_state = Active", f"    server_host = {SERVER}", "    scheduling = True",
+        *([f"    max_queued = [u:PBS_GENERIC={limit}]"] if limit is not None else []),
         "    default_queue = workq", f"    max_array_size = {os.environ.get('WLM_EMU_MAX_ARRAY', '10000')}",
         f"    pbs_version = {VERSION}",
         f"    job_history_enable = {'True' if history() else 'False'}",
@@ -316,14 +344,17 @@ def qstat(args: list[str]) -> int:
             continue
         if word.startswith("-") and len(word) > 1:
             letters = word[1:]
-            if any(c not in "fxtBJHpsw1" for c in letters):
-                return fail("qstat", f"invalid option -- '{next(c for c in letters if c not in 'fxtBJHpsw1')}'", 2)
+            if any(c not in "fxtBQJHpsw1" for c in letters):
+                return fail("qstat", f"invalid option -- '{next(c for c in letters if c not in 'fxtBQJHpsw1')}'", 2)
             flags.update(letters)
         else:
             ids.append(word)
         i += 1
     if "B" in flags:
         sys.stdout.write(server_attributes())
+        return 0
+    if "Q" in flags:
+        sys.stdout.write(queue_attributes())
         return 0
     use_history = "x" in flags and history()
     records: dict[str, dict[str, Any]] = {}

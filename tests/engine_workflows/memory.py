@@ -1,8 +1,8 @@
 """Test workflow for out-of-memory on a cluster that enforces memory (Grid Engine's ``h_vmem``).
 
-``hungry`` allocates ``mb`` MB in its own process: under an address-space limit
+``hungry`` allocates ``alloc_mb`` MB in its own process: under an address-space limit
 (``h_vmem`` is one, per process) the allocation fails with MemoryError.
-``greedy`` starts ``children`` processes that each hold ``mb`` MB for a few
+``greedy`` starts ``children`` processes that each hold ``child_mb`` MB for a few
 seconds: each stays under the per-process limit, but together they pass the
 job's, and the execution daemon kills the job. Both triple their memory after
 an out-of-memory and then succeed. Every execution appends a line to
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-from reflow import Param, RunDir, Workflow
+from reflow import RunDir, Workflow
 
 wf = Workflow("memory")
 
@@ -30,20 +30,20 @@ def note(run_dir: Path, name: str) -> None:
 
 
 @wf.job(time="00:05:00", mem="250M", retries=1, retry_policy={"escalate": {"mem": 3}, "backoff": 1})
-def hungry(run_dir: Annotated[Path, RunDir()], mb: Annotated[int, Param(namespace="local")] = 400) -> int:
+def hungry(run_dir: Annotated[Path, RunDir()], alloc_mb: int = 400) -> int:
     note(run_dir, "hungry")
-    block = bytearray(mb * 2**20)
+    block = bytearray(alloc_mb * 2**20)
     return len(block) // 2**20
 
 
 @wf.job(time="00:05:00", mem="250M", retries=1, retry_policy={"escalate": {"mem": 3}, "backoff": 1})
-def greedy(run_dir: Annotated[Path, RunDir()], mb: Annotated[int, Param(namespace="local")] = 150, children: int = 2, hold: float = 6.0) -> int:
+def greedy(run_dir: Annotated[Path, RunDir()], child_mb: int = 150, children: int = 2, hold: float = 6.0) -> int:
     note(run_dir, "greedy")
-    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(mb), str(hold)]) for _ in range(children)]
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(child_mb), str(hold)]) for _ in range(children)]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise RuntimeError(f"a child failed: {codes}")
-    return children * mb
+    return children * child_mb
 
 
 if __name__ == "__main__":
