@@ -124,7 +124,17 @@ def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] 
         line = (f"    {idx:7s} {inst.state:15s} attempt={inst.attempt} job={inst.job_id or '-':14s} {took:>7s}  "
                 f"{extra}")
         lines.append(line if len(line) <= width else line[: width - 3] + "...")
+        earlier = inst.attempts or []
+        for attempt in earlier[-ATTEMPTS_SHOWN:]:  # why it took more than one try, succeeded or not
+            text = f"            earlier {attempt_line(attempt)}"
+            lines.append(text if len(text) <= width else text[: width - 3] + "...")
+        if len(earlier) > ATTEMPTS_SHOWN:
+            lines.append(f"            ... and {len(earlier) - ATTEMPTS_SHOWN} earlier attempt(s) (--json lists all)")
     return lines
+
+
+#: Earlier attempts shown under an instance in ``status --task`` (the latest ones).
+ATTEMPTS_SHOWN = 3
 
 
 def attempt_line(attempt: dict[str, Any]) -> str:

@@ -103,6 +103,19 @@ def test_status_shows_the_cause_with_the_attempts_limit_and_earlier_attempts() -
     assert "cause" not in ok and "attempts" not in ok
 
 
+def test_status_of_a_task_shows_why_a_succeeded_instance_took_more_than_one_attempt() -> None:
+    earlier = [{"attempt": n, "state": "failed", "cause": {"kind": "node_fail", "node": "c7"}, "resources": {},
+                "counted": False, "job_id": str(40 + n)} for n in range(1, 6)]
+    i = inst(State.SUCCEEDED, attempt=6, attempts=earlier)
+    lines = instance_lines([InstanceStatus(**views.instance_view(i, full=True, config={}))])
+    assert "succeeded" in lines[0] and "attempt=6" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:4]] == [
+        "earlier attempt 3", "earlier attempt 4", "earlier attempt 5"]
+    assert all("not counted against retries" in line for line in lines[1:4]), lines
+    assert lines[4].strip() == "... and 2 earlier attempt(s) (--json lists all)"
+    assert len(instance_lines([InstanceStatus(**views.instance_view(inst(State.SUCCEEDED), full=True, config={}))])) == 1
+
+
 def test_sacct_lines_carry_the_node_of_a_finished_job() -> None:
     out = sc.parse_sacct("42_3|rfab|NODE_FAIL|0:0|None|c7\n42_4|rfab|RUNNING|0:0|None|c8\n43|rfcd|FAILED|1:0|None|None assigned\n")
     assert out["42_3"].node == "c7" and out["42_3"].outcome is Outcome.NODE_FAIL
