@@ -122,6 +122,8 @@ class Interrupts:
         #: Between two elements of a packed job (``hold``): a signal is noted, not raised.
         self._holding = False
         self._handler = self._dispatch  # one bound method: the handler table holds this very object
+        #: Warning signals whose Python-level handler has run (the watcher nudges until it has).
+        self._warnings_handled = 0
 
     def install(self) -> None:
         handled = (*STOP_SIGNALS, *WARNING_SIGNALS, signal.SIGALRM)
@@ -183,12 +185,14 @@ class Interrupts:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if signum in WARNING_SIGNALS:
             self.warned = signum
+            self._warnings_handled += 1
         elif self.stopped is None:
             self.stopped = signum
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in WARNING_SIGNALS:
             self.warned = signum
+            self._warnings_handled += 1
             raise TaskInterrupted(signum)
         if self.stopped is not None:  # a second stop signal: no more politeness
             raise WorkerInterrupted(self.stopped)
@@ -216,6 +220,8 @@ class Interrupts:
 
     def _wait_for_a_stop(self, read_end: int) -> bool:
         stops = {int(s) for s in STOP_SIGNALS}
+        warns = {int(s) for s in WARNING_SIGNALS}
+        handled = 0
         while True:
             try:
                 data = os.read(read_end, 64)
@@ -227,6 +233,23 @@ class Interrupts:
             if first is not None:
                 self._received = first
                 return True
+            warnings = sum(1 for b in data if b in warns)
+            if warnings:
+                self._nudge_until_warned(handled + warnings)
+                handled += warnings
+
+    def _nudge_until_warned(self, count: int) -> None:
+        """A warning's handler, like a stop's, waits for the main thread to leave a blocking call it
+        entered just as the signal landed: interrupt that call until the handler has run (a warned task
+        that sleeps an hour must still hear of it now)."""
+        deadline = time.monotonic() + min(self.grace, 2.0)  # (two warnings at once are handled once)
+        while self._warnings_handled < count and time.monotonic() < deadline:
+            try:
+                signal.pthread_kill(self._main, signal.SIGALRM)
+            except OSError:
+                return
+            if self._done.wait(self.NUDGE_EVERY):
+                return
 
     def _keep_the_grace(self) -> None:
         deadline = time.monotonic() + self.grace

@@ -271,7 +271,8 @@ class _Markers:
                     self.source = None
             except OSError:  # no hard links here (or the source vanished): plain files from now on
                 self.source = None
-        _write_plain(path, self.content)
+        if not os.path.exists(path):  # (an earlier run's marker may be a link: never write through it)
+            _write_plain(path, self.content)
 
     def _make_source(self) -> None:
         assert self.source is not None

@@ -8,7 +8,8 @@ One directory per submission (its tag), under the run directory::
         inputs/<key>.json     one element's own arguments and identity
         inputs/slice-<k>.json packed jobs: those of every element array task k runs, by index
                               (one file per slice: creating a file is what a tiny element costs most)
-        started/<key>.json    written by the worker when it begins (host, pid, time)
+        started/<key>.json    written by the worker when it begins (host, pid, time); a packed
+                              worker links them all to one file, .started-<k>-<host>-<pid>
         results/<key>.json    written atomically by the worker when it ends
         cancel/<key>.json     packed jobs: the daemon cancelled this element; the worker skips it
 

@@ -86,14 +86,22 @@ def _parse_constant(text: str) -> float:
 
 
 def loads(line: bytes | str) -> Any:
-    """``json.loads`` within the protocol's limits; ValueError (or _Refused) says what is wrong."""
+    """``json.loads`` within the protocol's limits; ValueError (or _Refused) says what is wrong.
+
+    Bytes are decoded strictly first: ``json.loads`` on bytes lets a surrogate encoded as UTF-8 through
+    (``b"\\xed\\xa0\\x80"``), which is not valid UTF-8 and would reach the store as a lone surrogate."""
+    if isinstance(line, (bytes, bytearray)):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not valid UTF-8 at byte {exc.start} ({exc.reason}); send UTF-8 text") from None
     try:
         return json.loads(line, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
     except RecursionError:
         raise _Refused(f"nesting deeper than {MAX_DEPTH} levels") from None
 
 
-#: Only a ``\uD800``-``\uDFFF`` escape can put a surrogate into parsed JSON (raw UTF-8 cannot hold one).
+#: Only a ``\uD800``-``\uDFFF`` escape can put a surrogate into parsed JSON (:func:`loads` refuses one encoded raw).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 

@@ -193,6 +193,9 @@ SURROGATE_FRAMES = [
      INVALID_PARAMS, "parameter 'index' is out of range"),
     (b'{"jsonrpc":"2.0","id":' + b"9" * 30 + b',"method":"ping"}', INVALID_REQUEST, "id must fit in 64 bits"),
     (b"\xed\xa0\x80", PARSE_ERROR, "not valid JSON"),  # a surrogate encoded as UTF-8 bytes
+    # the same inside a string: json.loads on bytes would let it through as a lone surrogate
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xed\xa0\x80"}}', PARSE_ERROR, "not valid UTF-8 at byte 55"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xff"}}', PARSE_ERROR, "not valid UTF-8"),
 ]
 
 

@@ -143,3 +143,13 @@ def test_a_failing_sacct_is_reported_squeue_stands_in_and_sacct_is_retried_later
     clock[0] += slurm.ACCOUNTING_RETRY
     poll()
     assert transport.ran[-1] == "sacct" and reports[-1] is None and s.fallbacks == 1  # squeue was an extra command once
+    # With nothing to poll, the driver asks accounting itself whether it is back (at most every ACCOUNTING_RETRY s).
+    transport.dbd_down = True
+    poll()
+    assert reports[-1] and "Connection refused" in reports[-1]
+    anyio.run(s.check_accounting)
+    assert transport.ran[-1] == "squeue", "resting: not asked again before ACCOUNTING_RETRY"
+    transport.dbd_down = False
+    clock[0] += slurm.ACCOUNTING_RETRY
+    anyio.run(s.check_accounting)
+    assert transport.ran[-1] == "sacct" and reports[-1] is None

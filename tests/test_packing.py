@@ -290,7 +290,7 @@ def test_cancelling_a_packed_run(tmp_path: Path) -> None:
         d.stop()
 
 
-def cancel_one_element_scenario(d: DaemonProcess, base: Path) -> None:
+def cancel_one_element_scenario(d: DaemonProcess, base: Path, restart: bool = False) -> None:
     """Cancelling one element of a packed job, while it runs and before it starts, leaves its slice-mates alone:
     the running one stops and its job goes on with the next element, the unstarted one never runs, the rest
     finish, each once, and status shows exactly those two cancelled."""
@@ -305,6 +305,9 @@ def cancel_one_element_scenario(d: DaemonProcess, base: Path) -> None:
     with pytest.raises(Exception, match="needs --task"):
         with d.client() as c:
             c.cancel(run, None, 2)
+    if restart:  # reflowd killed right after: the next one adopts the job and writes the markers again
+        d.kill9()
+        d.start()
     wait_for(lambda: all(s in ("succeeded", "cancelled") for s in states(d, run).values()) and states(d, run),
              timeout=300, interval=0.5, what="the other elements to finish")
     assert wait_state(d, run) in ("failed", "cancelled")
@@ -324,6 +327,7 @@ def test_cancel_one_element_of_a_packed_job_on_the_local_scheduler(tmp_path: Pat
     d.start()
     try:
         cancel_one_element_scenario(d, tmp_path)
+        cancel_one_element_scenario(d, tmp_path / "again", restart=True)
     finally:
         d.stop()
 
@@ -441,3 +445,25 @@ def test_worker_stops_a_cancelled_running_element_and_goes_on(tmp_path: Path, wi
     assert "work 3" not in ran and all(ran[f"work {i}"] == 1 for i in range(3)), ran
     if width == 1:
         assert len({pid_of(run_dir, f"work {i}") for i in range(3)}) == 1, "one process ran the slice"
+
+
+def test_a_cancel_survives_a_kill_9_right_after_it(tmp_path: Path) -> None:
+    """A task cancel the client was told about is durable: reflowd killed with -9 at once and restarted does
+    not run what was cancelled (it used to: the cancel was still in the store's write queue)."""
+    d = DaemonProcess(tmp_path / "d", config=local_config())
+    d.start()
+    try:
+        run_dir = tmp_path / "run"
+        run = submit(d, run_dir, "--n", "8", "--delay", "3")
+        wait_for(lambda: pid_of(run_dir, "work 1"), timeout=240, what="element 1 to start")
+        with d.client() as c:
+            assert c.cancel(run, "work") == 8
+        d.kill9()
+        d.start()
+        assert wait_state(d, run) in ("failed", "cancelled")
+        assert set(states(d, run).values()) <= {"cancelled", "succeeded"}, states(d, run)
+        ran = executions(run_dir)
+        assert "total" not in ran and all(n == 1 for n in ran.values()), ran
+        assert not any(f"work {i}" in ran for i in (2, 3, 6, 7)), f"cancelled elements ran after the restart: {ran}"
+    finally:
+        d.stop()

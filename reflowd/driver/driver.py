@@ -34,6 +34,7 @@ from ..engine.resolve import Resolution
 from ..engine.states import State
 from ..schedulers.base import Phase
 from ..store import Store
+from ..transports.base import TransportError
 from .health import AccountingHealth, ClusterHealth
 from .observe import Observer
 from .queue_limits import Lingering, QueueLimit
@@ -43,6 +44,9 @@ from .submit import Submitter
 from .track import JobTrack
 
 log = structlog.get_logger("reflowd.driver")
+
+#: Seconds between asking a degraded accounting whether it is back while nothing is tracked.
+ACCOUNTING_CHECK = 30.0
 
 
 class Host(Protocol):
@@ -281,7 +285,20 @@ class Driver:
             tg.start_soon(self._probe)
             tg.start_soon(Submitter(self).loop)
             tg.start_soon(Observer(self).loop)
+            tg.start_soon(self._watch_accounting)
             task_status.started()
+
+    async def _watch_accounting(self) -> None:
+        """A degraded accounting is asked now and then whether it is back when no poll would ask it (nothing is
+        tracked), so that ``status`` does not show it degraded long after it recovered."""
+        while True:
+            await anyio.sleep(ACCOUNTING_CHECK)
+            if self.accounting.degraded and not self.tracks and not self.lingering:
+                try:
+                    with anyio.fail_after(self.cluster.config.command_timeout * 2):
+                        await self.cluster.scheduler.check_accounting()
+                except (TransportError, TimeoutError) as exc:
+                    log.info("accounting check failed", cluster=self.name, error=str(exc))
 
     async def _probe(self) -> None:
         """Learn the scheduler's limits and features; a cluster unreachable at start is probed again later."""

@@ -650,6 +650,8 @@ class Engine:
                     count += 1
                     if had_job and key:
                         kill.append(key)
+        if count:
+            await self.store.flush()  # durable before the client hears it: a kill -9 right after must not undo it
         driver = self.drivers.get(run.cluster)
         if driver is not None:
             driver.cancel_jobs(kill)
@@ -672,6 +674,7 @@ class Engine:
         key, had_job = inst.job_key, inst.state in (State.QUEUED, State.RUNNING)
         if not self.transition(run, inst, State.CANCELLED, {"source": "client", "request": "cancel", "index": index}):
             return 0
+        await self.store.flush()  # durable before the client hears it and before the worker is told (kill -9 safe)
         driver = self.drivers.get(run.cluster)
         if driver is not None and had_job and key:
             driver.cancel_jobs([key])

@@ -253,6 +253,10 @@ class Scheduler(abc.ABC):
         """Learn site facts (array size limit, accounting) once at start."""
         return {}
 
+    async def check_accounting(self) -> None:
+        """Ask the accounting (reported through ``on_accounting``) whether it answers again: the driver calls this
+        while accounting is degraded and no poll would ask it. Nothing to do for most schedulers."""
+
     def validate_options(self, options: Mapping[str, Any]) -> None:
         """Raise OptionError naming an option this scheduler cannot take."""
 

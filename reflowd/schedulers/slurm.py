@@ -121,7 +121,7 @@ class SlurmScheduler(Scheduler):
             return Answers()
         self.queries += 1
         if self.accounting:
-            result = await self._sacct(ids)
+            result = await self._sacct(sc.render_sacct(ids))
             if result is not None:
                 observations = sc.parse_sacct_answers(result.stdout)
                 await self._live_reasons(observations)
@@ -133,12 +133,16 @@ class SlurmScheduler(Scheduler):
             return Answers()
         raise TransportError(f"squeue failed ({result.returncode}): {result.stderr.strip()[:300]}")
 
-    async def _sacct(self, ids: list[str]) -> CommandResult | None:
+    async def check_accounting(self) -> None:
+        if self.accounting:
+            await self._sacct(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
+
+    async def _sacct(self, argv: list[str]) -> CommandResult | None:
         """sacct's answer, or None when accounting failed (reported; squeue stands in) or rests after failing."""
         if time.monotonic() < self._sacct_retry_at:
             return None
         try:
-            result = await self._run(sc.render_sacct(ids))
+            result = await self._run(argv)
             error = None if result.ok else (result.stderr.strip()[:300] or f"sacct exited {result.returncode}")
         except (TransportError, TimeoutError) as exc:  # slurmdbd hanging: squeue may still answer
             result, error = None, f"sacct: {exc or type(exc).__name__}"
