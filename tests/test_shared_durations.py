@@ -96,7 +96,8 @@ def test_an_old_cache_file_opens_and_a_foreign_durations_table_fails_nothing(sta
     assert shared_cache(state) == cache, "the cache was not moved aside for it"
     with sqlite3.connect(cache) as db:
         assert db.execute("SELECT COUNT(*) FROM cache WHERE task='work'").fetchone()[0] == 4, "results kept"
-    assert load_workflow(COUNTING).run_local(tmp_path / "a", max_workers=2, n=4).ok  # again (the run directory is part of each result's identity here)
+    # Again in the same directory (the run directory is part of each result's identity here).
+    assert load_workflow(COUNTING).run_local(tmp_path / "a", max_workers=2, n=4).ok
     assert (tmp_path / "a" / "executions.txt").read_text().count("work") == 4, "the cached results were reused"
 
 
