@@ -1,6 +1,5 @@
 """reflow: describe an HPC pipeline once with decorated functions; reflowd runs it."""
 
-from reflow_client.config import Config, load_config
 from reflow_client.manifest import CliParamDescription, TaskDescription, WorkflowDescription
 
 from .executors import (
@@ -46,12 +45,27 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> object:
-    """``Run`` is imported on first use: it brings the client (anyio), which a worker never needs,
-    and every array element's worker pays for what ``import reflow`` loads."""
-    if name == "Run":
-        from .run import Run
+#: Names imported on first use, and the module that defines each. A worker runs ``import reflow``
+#: before every task, so what it never needs stays out of that import: ``Run`` brings the client
+#: (anyio), ``Config``/``load_config`` bring TOML parsing (tomllib) and the configuration schema.
+_LAZY = {
+    "Run": "reflow.run",
+    "Config": "reflow_client.config",
+    "load_config": "reflow_client.config",
+}
 
-        globals()["Run"] = Run  # from now on an ordinary attribute (vars(reflow) has it, as before)
-        return Run
-    raise AttributeError(f"module 'reflow' has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    """Import a name of ``_LAZY`` on first use."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'reflow' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # from now on an ordinary attribute (vars(reflow) has it, as before)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

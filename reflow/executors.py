@@ -14,9 +14,10 @@ executor is; ``resolve_executor`` turns each form into the cluster to use.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from reflow_client.config import ClusterConfig, Config, ConfigError, config_path
+if TYPE_CHECKING:  # the configuration module (and tomllib) loads when an executor is resolved, not on import
+    from reflow_client.config import ClusterConfig, Config
 
 
 class Executor:
@@ -54,6 +55,8 @@ class Executor:
 
     def select(self, config: Config) -> ClusterConfig:
         """The configured cluster this executor names (ConfigError when there is none, or several)."""
+        from reflow_client.config import ConfigError, config_path
+
         kind = self.scheduler
         if self.cluster is not None:
             chosen = config.cluster(self.cluster)

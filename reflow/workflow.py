@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import enum
 import os
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from reflow_client import codec
-from reflow_client.config import Config, load_config
 from reflow_client.manifest import (
     ELEMENT_MODES,
     CliParamManifest,
@@ -28,6 +26,8 @@ from .param_values import check_value
 from .wiring import Edge, check_param_modes, infer_mode
 
 if TYPE_CHECKING:
+    from reflow_client.config import Config
+
     from .executors import Executor
     from .run import Run
 
@@ -36,6 +36,8 @@ _ALL_INSTANCES = 10_000_000
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    import difflib  # only for error messages: kept out of every worker's import
+
     close = difflib.get_close_matches(name, list(known), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -69,6 +71,8 @@ class Workflow(Flow):
     @property
     def config(self) -> Config:
         if self._config is None:
+            from reflow_client.config import load_config  # on first use: a worker never reads the configuration
+
             self._config = load_config()
         return self._config
 

@@ -18,6 +18,14 @@ that was visible when it was recorded must still exist with the same size and
 modification time (``files``). A deleted or rewritten output file makes the
 entry a miss and the task runs again. The cache is disposable: a damaged file
 is moved aside (loudly) and started afresh, never a reason to refuse a run.
+
+The same file keeps the measured durations of succeeded instances (the newest
+``DURATIONS_KEPT`` per workflow, task and version), so that automatic packing
+has history in a brand-new run directory too (``reflowd/driver/packing.py``).
+They are advisory: a duration that cannot be written or read is dropped with a
+warning and never holds up a result or a run. The table was added without
+changing ``CACHE_SCHEMA``: older reflows open the file and ignore it, and files
+of older versions get it on their first open here.
 """
 
 from __future__ import annotations
@@ -58,6 +66,23 @@ INSERT OR IGNORE INTO meta VALUES ('cache_schema', '{CACHE_SCHEMA}');
 """
 
 INSERT = "INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?,?,?)"
+
+#: Measured durations, one row per succeeded instance. Created apart from ``SCHEMA`` (and failing
+#: alone): a damaged or foreign ``durations`` table must not make the result cache unusable.
+DURATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS durations (
+    workflow TEXT NOT NULL, task TEXT NOT NULL, version TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS durations_by_task ON durations (workflow, task, version, at);
+"""
+
+#: Durations kept per (workflow, task, version): the newest ones; older rows are deleted as new ones come.
+DURATIONS_KEPT = 200
+
+#: Durations waiting to be written, at most (a cache that cannot be written must not grow memory).
+DURATIONS_PENDING_MAX = 10_000
+
+DurationKey = tuple[str, str, str]
 
 #: Filesystems on which SQLite's WAL (shared memory beside the file) is unsafe across hosts.
 NETWORK_FILESYSTEMS = frozenset({
@@ -152,6 +177,8 @@ class CacheStore:
         self._writing: dict[str, tuple[Any, ...]] = {}
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
+        self._durations: list[tuple[str, str, str, float, float]] = []
+        self.durations_error: str | None = None  # why durations cannot be kept here (None: they can)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,11 +215,28 @@ class CacheStore:
             if row is not None and str(row[0]).isdigit() and int(row[0]) > CACHE_SCHEMA:
                 raise CacheError(f"the result cache {self.path} was written by a newer reflow "
                                  f"(cache schema {row[0]} > {CACHE_SCHEMA}); upgrade reflow")
+            await self._create_durations(db)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await db.close()
             raise
         return db
+
+    async def _create_durations(self, db: aiosqlite.Connection) -> None:
+        self.durations_error = None
+        try:
+            await db.executescript("BEGIN IMMEDIATE;" + DURATIONS_SCHEMA + "COMMIT;")
+            async with db.execute("SELECT workflow, task, version, seconds, at FROM durations LIMIT 0") as cur:
+                await cur.fetchall()
+        except sqlite3.Error as exc:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            self.durations_error = str(exc)
+            log.warning("cannot keep task durations in the result cache; automatic packing goes by each run "
+                        "directory's own history", path=str(self.path), error=str(exc))
 
     async def _drop_connection(self) -> None:
         if self._db is not None:
@@ -208,7 +252,7 @@ class CacheStore:
         with anyio.CancelScope(shield=True):
             deadline = time.monotonic() + self.close_timeout
             delay = 0.1
-            while self._pending and self._db is not None:
+            while (self._pending or self._durations) and self._db is not None:
                 try:
                     await self.commit()
                 except CacheError as exc:
@@ -238,7 +282,8 @@ class CacheStore:
     def health(self) -> dict[str, Any]:
         """For ``stats``: where the cache is, how it is shared, whether it can be written."""
         return {"path": str(self.path), "journal_mode": self.journal_mode, "pending": len(self._pending),
-                "rejected": self.rejected, "error": self.write_error}
+                "rejected": self.rejected, "error": self.write_error,
+                **({"durations_error": self.durations_error} if self.durations_error else {})}
 
     # ------------------------------------------------------------------ writing
 
@@ -249,9 +294,35 @@ class CacheStore:
                                    -1 if index is None else index, time.time(), self.origin)
         self._wake.set()
 
+    def record_duration(self, workflow: str, task: str, version: str, seconds: float) -> None:
+        """Keep how long a succeeded instance took (committed by the writer, with the results)."""
+        if self.durations_error is not None or not (seconds >= 0 and seconds != float("inf")):
+            return
+        if len(self._durations) >= DURATIONS_PENDING_MAX:
+            del self._durations[: len(self._durations) // 2]  # unwritable for long: keep the newest
+        self._durations.append((workflow, task, str(version), float(seconds), time.time()))
+        self._wake.set()
+
+    async def durations(self, workflow: str, task: str, version: str, *, limit: int = DURATIONS_KEPT) -> list[float]:
+        """The newest measured durations of *task* (seconds), from any run of this user, newest first."""
+        key = (workflow, task, str(version))
+        out = [row[3] for row in reversed(self._durations) if row[:3] == key][:limit]
+        if self._db is None or self.durations_error is not None or len(out) >= limit:
+            return out
+        sql = ("SELECT seconds FROM durations WHERE workflow=? AND task=? AND version=? "
+               "ORDER BY at DESC, rowid DESC LIMIT ?")
+        try:
+            async with self._db.execute(sql, (*key, limit - len(out))) as cur:
+                out.extend(float(r[0]) for r in await cur.fetchall())
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise CacheError(f"cannot read task durations from {self.path}: {exc}") from exc
+        return out
+
     async def commit(self) -> int:
         """Write everything pending in one transaction; the number of entries written."""
         async with self._lock:
+            if self._durations and self._db is not None:
+                await self._commit_durations()
             if not self._pending or self._db is None:
                 self._wake = anyio.Event() if not self._pending else self._wake
                 return 0
@@ -271,6 +342,30 @@ class CacheStore:
                 self._writing = {}
             self.write_error = None
             return len(rows)
+
+    async def _commit_durations(self) -> None:
+        """Write pending durations and trim each task's to the newest ``DURATIONS_KEPT`` (a failure drops them)."""
+        assert self._db is not None
+        batch, self._durations = self._durations, []
+        keys = sorted({row[:3] for row in batch})
+        prune = ("DELETE FROM durations WHERE workflow=? AND task=? AND version=? AND rowid NOT IN (SELECT rowid "
+                 "FROM durations WHERE workflow=? AND task=? AND version=? ORDER BY at DESC, rowid DESC LIMIT ?)")
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.executemany("INSERT INTO durations VALUES (?,?,?,?,?)", batch)
+                    await self._db.executemany(prune, [(*k, *k, DURATIONS_KEPT) for k in keys])
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    try:
+                        await self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    raise
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            log.warning("cannot write task durations to the result cache; dropped (they only size packed jobs)",
+                        durations=len(batch), error=str(exc))
 
     async def _write(self, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None

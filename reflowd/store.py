@@ -483,6 +483,11 @@ class Store:
         self._run_failures[run_id] = ("failed", error, now, now, run_id)
         self.add_transition(run_id, None, None, "running", "failed", {"source": "recovery", "error": error[:500]}, now)
 
+    def put_duration(self, workflow: str, task: str, version: str, seconds: float) -> None:
+        """A succeeded instance's duration, for the user's shared history (this store's own is its instances)."""
+        if self.cache is not None:
+            self.cache.record_duration(workflow, task, version, seconds)
+
     def put_cache(self, identity: str, output: Any, output_hash: str, workflow: str, task: str, run_id: str,
                   index: int | None) -> None:
         if self.cache is not None:

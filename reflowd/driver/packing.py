@@ -238,6 +238,13 @@ class Packer:
             log.warning("cannot read task durations; not packing automatically", task=tr.name, error=str(exc))
             durations = []
         found = estimate(durations)
+        cache = getattr(self.d.store, "cache", None)
+        if found is None and cache is not None:  # no history here (a new run directory): the user's own
+            try:
+                found = estimate(await cache.durations(*key))
+            except Exception as exc:
+                log.warning("cannot read task durations from the shared cache; not packing automatically",
+                            task=tr.name, error=str(exc))
         self._estimates[key] = (found, now)
         return found
 

@@ -288,6 +288,8 @@ class Engine:
         task = run.tasks[inst.task].manifest
         if inst.state is State.SUCCEEDED and task.cache and inst.identity and inst.output_hash:
             self.store.put_cache(inst.identity, inst.output, inst.output_hash, run.workflow, inst.task, run.id, inst.index)
+        if inst.state is State.SUCCEEDED and inst.started_at is not None and inst.ended_at is not None:
+            self.store.put_duration(run.workflow, inst.task, task.version, inst.ended_at - inst.started_at)
         if run.error:
             return  # the run is being failed for an internal error: no retries, no on_error
         if inst.state in AUTO_RETRIABLE and not run.cancel_requested:
