@@ -127,8 +127,11 @@ class Driver:
 
     # ------------------------------------------------------------------ engine -> driver
 
-    def submit(self, run: Run, insts: Iterable[Instance]) -> None:
-        """READY instances (past the cache check) to submit as soon as their back-off allows."""
+    def submit(self, run: Run, insts: Iterable[Instance], *, wake: bool = True) -> None:
+        """READY instances (past the cache check) to submit as soon as their back-off allows.
+
+        ``wake=False``: more of the same hand-over follows (the engine hands 10^5 over in slices);
+        the submit loop is woken by the last slice, so it forms whole arrays."""
         now = world.now()
         for inst in insts:
             if inst.not_before is not None and inst.not_before > now:
@@ -137,7 +140,8 @@ class Driver:
                 heapq.heappush(self.due_times, (inst.not_before, self._seq, inst))
             else:
                 self.ready[inst] = run
-        self.ready_wake.set()
+        if wake:
+            self.ready_wake.set()
 
     def take_ready(self, now: float, limit: int | None = None) -> tuple[dict[Instance, Run], float | None]:
         """What is due for submission (taken off the queue; at most *limit*, oldest first, the rest

@@ -41,7 +41,7 @@ from .ledger import Ledger
 from .model import ON_ERROR, Instance, Run, RunOptions, TaskRun
 from .records import column_fields, reset_values
 
-from .resolve import Resolution, ResolveError, UpstreamView, identity_for, resolve
+from .resolve import Resolution, ResolveError, UpstreamView, identity_for, prepare_identities, resolve
 from .states import (
     ACTIVE,
     AUTO_RETRIABLE,
@@ -346,6 +346,18 @@ class Engine:
         if insts:
             self.drivers[run.cluster].submit(run, insts)
 
+    async def _hand_over_paced(self, run: Run, insts: list[Instance]) -> None:
+        """``_hand_over`` in slices with yields between (10^5 at once is a long step); the driver's
+        submit loop is woken by the last slice, so it still forms whole arrays."""
+        step = YIELD_EVERY * 16
+        for start in range(0, len(insts), step):
+            if start:
+                await anyio.sleep(0)
+            chunk = [i for i in insts[start:start + step] if i.state is State.READY and not i.handed]
+            for inst in chunk:
+                inst.handed = True
+            self.drivers[run.cluster].submit(run, chunk, wake=start + step >= len(insts))
+
     async def _pace(self, i: int) -> None:
         """In a long loop: yield now and then, and let the store's writer catch up when it falls behind."""
         await _checkpoint(i)
@@ -467,6 +479,11 @@ class Engine:
             if blocked:
                 self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"}, reason=blocked)
                 continue
+            if res.plan is None:
+                prepare_identities(run.workflow, tr.manifest, res)
+                await anyio.sleep(0)  # (a step of its own: a gather's plan encodes 10^5 upstream hashes)
+                if inst.state is not State.PENDING:
+                    continue
             identity = identity_for(run.workflow, tr.manifest, res, inst.index)
             if self.transition(run, inst, State.READY, {"source": "dependencies"}, identity=identity):
                 ready.append(inst)
@@ -513,7 +530,7 @@ class Engine:
                 direct.append(inst)
             else:
                 lookup.append(inst)
-        self._hand_over(run, direct)
+        await self._hand_over_paced(run, direct)
         if not lookup:
             return
         hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
