@@ -4,6 +4,7 @@ Usage::
 
     python bench/engine_scale.py                     # 10^4 and 10^5 elements
     python bench/engine_scale.py --sizes 10000,100000,1000000
+    python bench/engine_scale.py --sizes 1000000 --held-only   # memory and idle CPU only
 
 For each size N a private reflowd process (the real daemon: socket, store,
 engine, cluster driver) runs a fan-out ``make -> square[N] -> total``. Its
@@ -433,33 +434,42 @@ class BenchDaemon:
         self.proc.wait(timeout=120)
 
 
-def measure(n: int, idle_seconds: float) -> dict[str, Any]:
+def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, float, dict[str, Any]]:
+    """The whole fan-out ``make -> square[n] -> total``, as fast as the daemon can."""
+    d = BenchDaemon(tmp / "run")
+    pinger = Pinger(d.socket)
+    pinger.start()
+    try:
+        with Client(d.socket, timeout=600) as client:
+            stats0 = client.stats()
+            d.reset_steps()
+            cpu0 = cpu_seconds(d.proc.pid)
+            pinger.reset()
+            started = time.monotonic()
+            run_id = client.submit(manifest(False), {"n": n}, str(d.base / "work"), cluster="bench").run_id
+            status = wait_state(client, run_id, lambda s: s["run"]["state"] != "running", timeout=3600)
+            elapsed = time.monotonic() - started
+            assert status["run"]["state"] == "succeeded", status["run"]
+            client.runs()  # (the daemon flushes its store before listing runs)
+            stats1 = client.stats()
+            cpu_run = cpu_seconds(d.proc.pid) - cpu0
+            worst_ping = pinger.reset()
+            worst_step = d.worst_step()
+            transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
+            peak = rss(d.proc.pid, "VmHWM")
+    finally:
+        pinger.stop.set()
+        d.stop()
+    return elapsed, transitions, cpu_run, peak, worst_ping, worst_step
+
+
+def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
+    nan = float("nan")
+    elapsed = transitions = cpu_run = peak = nan
+    worst_ping, worst_step = 0.0, {"cpu_s": 0.0, "where": ""}
     with tempfile.TemporaryDirectory() as tmp:
-        # 1. The whole fan-out, as fast as the daemon can.
-        d = BenchDaemon(Path(tmp) / "run")
-        pinger = Pinger(d.socket)
-        pinger.start()
-        try:
-            with Client(d.socket, timeout=600) as client:
-                stats0 = client.stats()
-                d.reset_steps()
-                cpu0 = cpu_seconds(d.proc.pid)
-                pinger.reset()
-                started = time.monotonic()
-                run_id = client.submit(manifest(False), {"n": n}, str(d.base / "work"), cluster="bench").run_id
-                status = wait_state(client, run_id, lambda s: s["run"]["state"] != "running", timeout=3600)
-                elapsed = time.monotonic() - started
-                assert status["run"]["state"] == "succeeded", status["run"]
-                client.runs()  # (the daemon flushes its store before listing runs)
-                stats1 = client.stats()
-                cpu_run = cpu_seconds(d.proc.pid) - cpu0
-                worst_ping = pinger.reset()
-                worst_step = d.worst_step()
-                transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
-                peak = rss(d.proc.pid, "VmHWM")
-        finally:
-            pinger.stop.set()
-            d.stop()
+        if fanout:  # 1. The whole fan-out, as fast as the daemon can.
+            elapsed, transitions, cpu_run, peak, worst_ping, worst_step = _fanout(Path(tmp), n)
         # 2. In a fresh daemon, N instances held queued: memory, then CPU while nothing changes.
         d = BenchDaemon(Path(tmp) / "held")
         pinger = Pinger(d.socket)
@@ -527,12 +537,18 @@ def report(results: list[dict[str, Any]]) -> None:
     for label, key, fmt, goal in rows:
         cells = []
         for r in results:
+            if r[key] != r[key]:  # NaN: not measured (--held-only)
+                cells.append(f"{'n/a':>22}")
+                continue
             cell = fmt.format(r[key])
-            if r is not base and base[key]:
+            if r is not base and base[key] and base[key] == base[key]:
                 cell += f" ({r[key] / base[key]:.2f}x)"
             cells.append(f"{cell:>22}")
         print(f"  {label:28}" + "".join(cells) + (f"   {goal}" if goal else ""))
     for r in results:
+        if r["seconds"] != r["seconds"]:
+            print(f"  n={int(r['n']):,} (held only): longest step in {r['worst_step_where'][:150]}")
+            continue
         print(f"  n={int(r['n']):,}: {r['seconds']:.1f} s for the fan-out, {int(r['transitions']):,} transitions persisted;"
               f" longest step in {r['worst_step_where'][:150]}")
     print(f"  (machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
@@ -542,12 +558,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds to measure CPU while nothing changes")
+    parser.add_argument("--held-only", action="store_true",
+                        help="skip the fan-out; measure memory and idle CPU with N instances held (e.g. for 10^6)")
     parser.add_argument("--serve", nargs=2, metavar=("SOCKET", "STATE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(*args.serve)
         return 0
-    results = [measure(int(n), args.idle) for n in args.sizes.split(",")]
+    results = [measure(int(n), args.idle, fanout=not args.held_only) for n in args.sizes.split(",")]
     report(results)
     return 0
 

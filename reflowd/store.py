@@ -450,8 +450,9 @@ class Store:
     def _enqueued_one(self) -> None:
         self._pending += 1
         self._enqueued += 1
-        self._wake.set()
-        if self._pending >= self.max_batch:
+        if self._pending == 1:  # (the writer's events are renewed only when a batch is taken: pending 0)
+            self._wake.set()
+        if self._pending >= self.max_batch and not self._urgent.is_set():
             self._urgent.set()
 
     def put_run(self, run: Run) -> None:

@@ -17,6 +17,7 @@ touches these queues.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 from dataclasses import dataclass
 from collections.abc import Iterable
@@ -133,8 +134,11 @@ class Driver:
 
     # ------------------------------------------------------------------ engine -> driver
 
-    def submit(self, run: Run, insts: Iterable[Instance]) -> None:
-        """READY instances (past the cache check) to submit as soon as their back-off allows."""
+    def submit(self, run: Run, insts: Iterable[Instance], *, wake: bool = True) -> None:
+        """READY instances (past the cache check) to submit as soon as their back-off allows.
+
+        ``wake=False``: more of the same hand-over follows (the engine hands 10^5 over in slices);
+        the submit loop is woken by the last slice, so it forms whole arrays."""
         now = world.now()
         for inst in insts:
             if inst.not_before is not None and inst.not_before > now:
@@ -143,10 +147,12 @@ class Driver:
                 heapq.heappush(self.due_times, (inst.not_before, self._seq, inst))
             else:
                 self.ready[inst] = run
-        self.ready_wake.set()
+        if wake:
+            self.ready_wake.set()
 
-    def take_ready(self, now: float) -> tuple[dict[Instance, Run], float | None]:
-        """Everything due for submission (taken off the queue), and when the next back-off ends."""
+    def take_ready(self, now: float, limit: int | None = None) -> tuple[dict[Instance, Run], float | None]:
+        """What is due for submission (taken off the queue; at most *limit*, oldest first, the rest
+        taken next round), and when the next back-off ends."""
         while self.due_times and self.due_times[0][0] <= now:
             _, _, inst = heapq.heappop(self.due_times)
             run = self.waiting.get(inst)
@@ -155,7 +161,12 @@ class Driver:
                 self.ready[inst] = run
         while self.due_times and self.due_times[0][2] not in self.waiting:
             heapq.heappop(self.due_times)  # left the queue since (cancelled, submitted)
-        taken, self.ready = self.ready, {}
+        if limit is None or len(self.ready) <= limit:
+            taken, self.ready = self.ready, {}
+        else:  # a hand-over of 10^5 elements is formed into jobs a slice at a time, with yields between
+            taken = {inst: self.ready[inst] for inst in itertools.islice(self.ready, limit)}
+            for inst in taken:
+                del self.ready[inst]
         return taken, (self.due_times[0][0] if self.due_times else None)
 
     def withdraw(self, inst: Instance) -> None:

@@ -48,6 +48,13 @@ FILE_CONCURRENCY = 16
 YIELD_EVERY = 256
 
 
+def waiting_in_queue(track: JobTrack) -> bool:
+    """The scheduler's unchanged answer says none of the job's elements has started: no result can be
+    there to find, so its files are not looked at. The next poll that shows one running or finished
+    ends this (the job's answer changes) and hurries its file clock."""
+    return track.quiet_answer is not None and not track.quiet_active
+
+
 class Observer:
     def __init__(self, driver: Driver) -> None:
         self.d = driver
@@ -101,6 +108,8 @@ class Observer:
         if self.cluster.budget.wait_time() > 0 or not d.health.allows(now_m):
             due = min(due, max(self.cluster.budget.wait_time(), d.health.next_probe_at - now_m))
         for track in d.tracks.values():
+            if waiting_in_queue(track):
+                continue
             due = min(due, track.files.next_at - now_m)
             if due <= base:
                 return base
@@ -114,7 +123,7 @@ class Observer:
 
     async def check_files(self) -> None:
         now = world.monotonic()
-        due = [t for t in self.d.tracks.values() if t.files.due(now)]
+        due = [t for t in self.d.tracks.values() if t.files.due(now) and not waiting_in_queue(t)]
         if not due:
             return
         limiter = anyio.CapacityLimiter(FILE_CONCURRENCY)
@@ -158,8 +167,9 @@ class Observer:
         if done:
             await self.read_results(track, done)
             changed = True
-        elements = len(packing.elements(track.request))
-        if track.live and len(track.seen_started) < elements:
+        if track.element_count < 0:
+            track.element_count = len(packing.elements(track.request))
+        if track.live and len(track.seen_started) < track.element_count:
             started = await transport.listdir(os.path.join(track.request.job_dir, "started"), timeout=timeout)
             for name in started:
                 if name in track.seen_started:

@@ -47,6 +47,8 @@ log = structlog.get_logger("reflowd.submitter")
 WRITE_RETRY = 10.0
 #: Instances moved between two yields to the event loop (a batch can be a whole local array).
 YIELD_EVERY = 256
+#: READY instances formed into jobs per round of the submit loop, in arrays of the scheduler's largest size.
+TAKE_ARRAYS = 4
 
 
 def new_tag() -> str:
@@ -85,12 +87,16 @@ class Submitter:
         self.d = driver
         self.cluster = driver.cluster
         self.host = driver.host
+        #: READY instances were left for the next round of the loop (``form_batches`` takes a slice).
+        self.more = False
 
     def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
         """Batches to submit now (taken off the queue), and when the next back-off expires."""
         groups: dict[tuple[str, str, str], list[Instance]] = defaultdict(list)
         runs: dict[str, Run] = {}
-        taken, next_due = self.d.take_ready(now)
+        # Whole arrays' worth at a time (a slice of a 10^5 hand-over), so no step runs long.
+        taken, next_due = self.d.take_ready(now, TAKE_ARRAYS * max(1, self.cluster.scheduler.max_array_size))
+        self.more = bool(self.d.ready)  # left for the next round (unless a queue limit holds it back, below)
         for inst, run in taken.items():
             if inst.state is not State.READY:
                 continue
@@ -113,6 +119,7 @@ class Submitter:
         if room is not None:  # a per-user queue limit: what does not fit waits (instance_left wakes us)
             # A batch that may go out packed is cut later, by its slices (submit_batch), not by its elements.
             batches, leftover = fit_batches(batches, room, whole=self.d.packer.may_pack)
+            self.more = self.more and not leftover
             for run, _, insts in leftover:
                 for inst in insts:
                     self.d.ready[inst] = run
@@ -134,6 +141,8 @@ class Submitter:
                     self.d.submitting += len(insts)  # counted toward a queue limit until the batch is tracked
                     tg.start_soon(self.guarded_batch, run, tr, insts, limiter)
                 timeout = max(0.0, next_due - now) if next_due is not None else float("inf")
+                if self.more:
+                    timeout = 0.0  # more READY than one round forms: the next round, after a yield
                 with anyio.move_on_after(timeout):
                     await wake.wait()
                 await anyio.sleep(0)  # let a burst of hand-overs gather into one batch

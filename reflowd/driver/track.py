@@ -37,6 +37,8 @@ class JobTrack:
     quiet_answer: Any = None
     quiet_live: int = -1
     quiet_active: bool = False
+    #: How many elements the submission covers (``packing.elements``), counted once.
+    element_count: int = -1
 
     def __post_init__(self) -> None:
         for k, piece in enumerate(self.record.request.slices or ()):

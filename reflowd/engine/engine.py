@@ -16,6 +16,7 @@ status; it never stops the daemon or another run.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import Counter
@@ -40,7 +41,7 @@ from .ledger import Ledger
 from .model import ON_ERROR, Instance, Run, RunOptions, TaskRun
 from .records import column_fields, reset_values
 
-from .resolve import Resolution, ResolveError, UpstreamView, identity_for, resolve
+from .resolve import Resolution, ResolveError, UpstreamView, identity_for, prepare_identities, resolve
 from .states import (
     ACTIVE,
     AUTO_RETRIABLE,
@@ -61,6 +62,12 @@ log = structlog.get_logger("reflowd.engine")
 #: Instances handled between two yields to the event loop in long loops (expansion, whole-run scans):
 #: a few milliseconds of work, so clients are answered and the store's commits stay near its batch size.
 YIELD_EVERY = 256
+#: Python's full garbage collection walks every object the daemon holds (0.5 s and more with 10^6
+#: instances, a loop stall). A large expansion moves what exists to the permanent generation
+#: (``gc.freeze``), which collections skip; instances hold no reference cycles and are freed by their
+#: counts. The janitor unfreezes when it drops runs, so cycles left among frozen objects are collected.
+FREEZE_AFTER = 4096
+FREEZE_EVERY = 65536
 
 
 class EngineError(Exception):
@@ -194,6 +201,8 @@ class Engine:
     async def recover(self) -> None:
         """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed."""
         runs, broken = await self.store.load_active_runs()
+        if sum(len(tr.instances) for r in runs for tr in r.tasks.values()) >= FREEZE_AFTER:
+            gc.freeze()  # (see FREEZE_AFTER)
         for run_id, why in broken:
             log.error("run cannot be recovered; marking it failed", run_id=run_id, error=why)
             self.store.fail_run_row(run_id, why)
@@ -340,6 +349,18 @@ class Engine:
         if insts:
             self.drivers[run.cluster].submit(run, insts)
 
+    async def _hand_over_paced(self, run: Run, insts: list[Instance]) -> None:
+        """``_hand_over`` in slices with yields between (10^5 at once is a long step); the driver's
+        submit loop is woken by the last slice, so it still forms whole arrays."""
+        step = YIELD_EVERY * 16
+        for start in range(0, len(insts), step):
+            if start:
+                await anyio.sleep(0)
+            chunk = [i for i in insts[start:start + step] if i.state is State.READY and not i.handed]
+            for inst in chunk:
+                inst.handed = True
+            self.drivers[run.cluster].submit(run, chunk, wake=start + step >= len(insts))
+
     async def _pace(self, i: int) -> None:
         """In a long loop: yield now and then, and let the store's writer catch up when it falls behind."""
         await _checkpoint(i)
@@ -426,9 +447,8 @@ class Engine:
                 if run.cancel_requested or run.error:
                     break
         unchecked = self._to_check.pop(run.id, [])
-        unchecked = [i for i in unchecked if i.state is State.READY and not i.handed]
         if unchecked:
-            await self._cache_phase(run, unchecked)
+            await self._cache_phase(run, unchecked)  # (it skips what is no longer READY or was handed over)
         self._maybe_finish(run)
 
     async def _advance_task(self, run: Run, tr: TaskRun, deps: list[TaskRun]) -> None:
@@ -462,6 +482,11 @@ class Engine:
             if blocked:
                 self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"}, reason=blocked)
                 continue
+            if res.plan is None:
+                prepare_identities(run.workflow, tr.manifest, res)
+                await anyio.sleep(0)  # (a step of its own: a gather's plan encodes 10^5 upstream hashes)
+                if inst.state is not State.PENDING:
+                    continue
             identity = identity_for(run.workflow, tr.manifest, res, inst.index)
             if self.transition(run, inst, State.READY, {"source": "dependencies"}, identity=identity):
                 ready.append(inst)
@@ -486,6 +511,10 @@ class Engine:
             tr.add(inst)
             self.store.put_instance(inst)
             created.append(inst)
+            if (i + 1) % FREEZE_EVERY == 0:
+                gc.freeze()
+        if size >= FREEZE_AFTER:
+            gc.freeze()
         self.ledger.task(run, tr, TaskState.EXPANDED, {"elements": size}, size=size)
         return created
 
@@ -494,14 +523,17 @@ class Engine:
         force_tasks = set(options.force_tasks)
         lookup: list[Instance] = []
         direct: list[Instance] = []
-        for inst in instances:
+        for n, inst in enumerate(instances):
+            await _checkpoint(n)
+            if inst.state is not State.READY or inst.handed:
+                continue  # cancelled while we yielded
             task = run.tasks[inst.task].manifest
             if options.force or inst.task in force_tasks or not task.cache or not inst.identity \
                     or inst.not_before is not None:
                 direct.append(inst)
             else:
                 lookup.append(inst)
-        self._hand_over(run, direct)
+        await self._hand_over_paced(run, direct)
         if not lookup:
             return
         hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
@@ -809,6 +841,7 @@ class Engine:
             cutoff = world.now() - self.settings.keep_finished
             for run_id, run in list(self.runs.items()):
                 if run.state in RUN_TERMINAL and (run.ended_at or 0) < cutoff and not run.active:
+                    gc.unfreeze()  # (see FREEZE_AFTER)
                     del self.runs[run_id]
                     self._to_check.pop(run_id, None)
                     for key in [k for k in self._resolutions if k[0] == run_id]:
