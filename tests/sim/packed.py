@@ -324,7 +324,7 @@ class PackedHarness(Harness):
                 elif not watch.started and left not in (State.READY, State.CANCELLED):
                     self.violation(f"{label} never started in its killed packed job ({watch.cause.value}) "
                                    f"and became {left}, not ready again")
-                if watch.started:
+                if watch.started and left is not State.CANCELLED:  # a cancelled one is re-run only by the user
                     again = cluster.ran_packed.get((run_id, task, index, attempt + 1))
                     if again is not None and again[0] and not any(watch.at <= t <= again[1] for t in restarts):
                         self.violation(f"{label} died in a packed job; its retry ran packed again")
