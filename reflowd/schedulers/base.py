@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,27 @@ class Observation:
     @classmethod
     def unknown(cls, detail: str) -> Observation:
         return cls(Presence.UNKNOWN, detail=detail)
+
+
+_SIZE = re.compile(r"\s*([\d.]+)\s*([KMGT]?B?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "G": 1024 ** 3,
+               "GB": 1024 ** 3, "T": 1024 ** 4, "TB": 1024 ** 4}
+
+
+def size_bytes(text: str | None) -> float | None:
+    """A memory size as schedulers print it (``379.027MB``, ``2097152K``, ``4400kb``, ``1.5G``) in bytes."""
+    match = _SIZE.match(text or "")
+    if not match:
+        return None
+    return float(match.group(1)) * _SIZE_UNITS.get(match.group(2).upper(), 1)
+
+
+def size_text(nbytes: float | None) -> str | None:
+    """Bytes as a short size for a cause (``379M``, ``12.5G``); None when not measured (0 or unknown)."""
+    if not nbytes:
+        return None
+    mb = nbytes / 1024 ** 2
+    return f"{mb / 1024:.1f}G" if mb >= 10 * 1024 else f"{mb:.0f}M" if mb >= 1 else f"{nbytes / 1024:.0f}K"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Follows the LSF Command Reference (``bsub``, ``bjobs``, ``bhist``, ``bkill``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 from reflow_client.resources import mem_in_unit, minutes_ceil, parse_time
 
 from . import option_map
-from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, size_bytes, size_text
 from .job_script import ArrayLayout, directive_word, render_script
 
 SYSTEM = option_map.system_label("IBM Spectrum LSF", "lsf")
@@ -199,7 +200,7 @@ def exit_outcome(reason: str | None) -> Outcome:
 
 # ---------------------------------------------------------------------- bjobs
 
-BJOBS_FIELDS = "jobid jobindex stat exit_code exit_reason pend_reason job_name"
+BJOBS_FIELDS = "jobid jobindex stat exit_code exit_reason pend_reason job_name exec_host max_mem"
 
 
 def render_bjobs(job_ids: Sequence[str], *, json_output: bool = True) -> list[str]:
@@ -262,8 +263,21 @@ def record_key(record: Mapping[str, str]) -> tuple[str, int | None]:
 
 
 def observe_record(record: Mapping[str, str]) -> Observation:
-    return observe(record.get("STAT", ""), record.get("EXIT_CODE"), record.get("EXIT_REASON"),
-                   record.get("PEND_REASON"))
+    obs = observe(record.get("STAT", ""), record.get("EXIT_CODE"), record.get("EXIT_REASON"), record.get("PEND_REASON"))
+    if obs.phase is not Phase.DONE:
+        return obs
+    return dataclasses.replace(obs, node=first_host(record.get("EXEC_HOST")), peak_mem=peak_text(record.get("MAX_MEM")))
+
+
+def first_host(exec_host: str | None) -> str | None:
+    """``4*hostA:2*hostB`` -> ``hostA`` (where the job script ran); ``-`` or empty: none."""
+    host = (exec_host or "").split(":", 1)[0].rpartition("*")[2].strip()
+    return host if host and host != "-" else None
+
+
+def peak_text(max_mem: str | None) -> str | None:
+    """bjobs' ``max_mem`` (``35 Mbytes``, ``1.2 Gbytes``) as a short size; None where not measured (``-``)."""
+    return size_text(size_bytes(re.sub(r"bytes\s*$", "B", (max_mem or "").strip(), flags=re.IGNORECASE)))
 
 
 def observations(records: Iterable[Mapping[str, str]], layouts: Iterable[ArrayLayout]) -> dict[str, Observation]:

@@ -29,7 +29,7 @@ from typing import Any
 from reflow_client.resources import format_hms, format_pbs_size, format_time, parse_time
 
 from . import option_map
-from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, size_bytes, size_text
 from .job_script import ArrayLayout, directive_word, render_script
 
 # ---------------------------------------------------------------------- options
@@ -232,8 +232,22 @@ def observe(record: Mapping[str, Any]) -> Observation:
         return Observation(Presence.PRESENT, Phase.RUNNING, None, state, _RUNNING[state], exit_code)
     if state in _DONE:
         outcome, reason = finished_outcome(exit_code, str(record.get("substate", "")).strip(), comment)
-        return Observation(Presence.PRESENT, Phase.DONE, outcome, state, reason, exit_code)
+        return Observation(Presence.PRESENT, Phase.DONE, outcome, state, reason, exit_code,
+                           node=first_host(record.get("exec_host")), peak_mem=size_text(size_bytes(used_mem(record))))
     return Observation(Presence.UNKNOWN, native_state=state or None, detail=f"unknown PBS job state {state!r}")
+
+
+def used_mem(record: Mapping[str, Any]) -> str | None:
+    """``resources_used.mem`` (``4400kb``): a JSON record nests it, ``qstat -f`` text spells it dotted."""
+    used = record.get("resources_used")
+    value = used.get("mem") if isinstance(used, Mapping) else record.get("resources_used.mem")
+    return None if value is None else str(value)
+
+
+def first_host(exec_host: Any) -> str | None:
+    """``node1/0*2+node2/0`` -> ``node1`` (the mother superior, where the job script ran)."""
+    host = str(exec_host or "").split("+", 1)[0].split("/", 1)[0].strip()
+    return host or None
 
 
 def finished_outcome(exit_code: str | None, substate: str, comment: str | None) -> tuple[Outcome, str | None]:

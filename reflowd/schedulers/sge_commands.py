@@ -37,6 +37,8 @@ from .base import (
     SubmitRequest,
     TaggedJob,
     log_path,
+    size_bytes,
+    size_text,
 )
 from .job_script import export_lines
 
@@ -503,17 +505,6 @@ def _seconds(text: str | None) -> float | None:
     return float(match.group(1)) if match else None
 
 
-_MEM_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "G": 1024 ** 3, "GB": 1024 ** 3,
-              "T": 1024 ** 4, "TB": 1024 ** 4}
-
-
-def _bytes(text: str | None) -> float | None:
-    match = re.match(r"\s*([\d.]+)\s*([KMGT]?B?)\s*$", text or "", re.IGNORECASE)
-    if not match:
-        return None
-    return float(match.group(1)) * _MEM_UNITS.get(match.group(2).upper(), 1)
-
-
 def category_limits(category: str | None) -> dict[str, str]:
     """``-l h_rt=600,h_vmem=1G -pe smp 2`` (qacct's category) -> {"h_rt": "600", "h_vmem": "1G"}."""
     words = (category or "").split()
@@ -529,11 +520,7 @@ def category_limits(category: str | None) -> dict[str, str]:
 
 def peak_text(maxvmem: str | None) -> str | None:
     """qacct's ``maxvmem`` (``379.027MB``) as a short size (``379M``); None when not measured (0)."""
-    value = _bytes(maxvmem)
-    if not value:
-        return None
-    mb = value / 1024 ** 2
-    return f"{mb / 1024:.1f}G" if mb >= 10 * 1024 else f"{mb:.0f}M" if mb >= 1 else f"{value / 1024:.0f}K"
+    return size_text(size_bytes(maxvmem))
 
 
 def record_observation(record: Mapping[str, str]) -> Observation:
@@ -561,8 +548,8 @@ def _record_observation(record: Mapping[str, str]) -> Observation:
     limits = category_limits(record.get("category"))
     wallclock = _seconds(record.get("ru_wallclock"))
     h_rt_limit = _seconds(limits.get("h_rt"))
-    maxvmem = _bytes(record.get("maxvmem"))
-    vmem_limit = _bytes(limits.get("h_vmem"))
+    maxvmem = size_bytes(record.get("maxvmem"))
+    vmem_limit = size_bytes(limits.get("h_vmem"))
     slots = _code(record.get("slots")) or 1
     over_time = wallclock is not None and h_rt_limit is not None and wallclock >= h_rt_limit
     over_mem = maxvmem is not None and vmem_limit is not None and maxvmem >= 0.95 * vmem_limit * slots

@@ -125,7 +125,7 @@ class SlurmScheduler(Scheduler):
             if result is not None:
                 observations = sc.parse_sacct_answers(result.stdout)
                 await self._live_reasons(observations)
-                return observations
+                return await self._peaks(observations, sc.out_of_memory_jobs(result.stdout))
         result = await self._run(sc.render_squeue(ids, expand=False))
         if result.ok:
             return sc.parse_squeue_answers(result.stdout)
@@ -136,6 +136,18 @@ class SlurmScheduler(Scheduler):
     async def check_accounting(self) -> None:
         if self.accounting:
             await self._sacct(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
+
+    async def _peaks(self, observations: Answers, jobs: list[str]) -> Answers:
+        """The peak memory of jobs that ran out of it (one more sacct, only then); without it the cause still
+        says out of memory, so a failed or hanging query costs nothing else."""
+        if not jobs:
+            return observations
+        try:
+            result = await self._run(sc.render_sacct_peaks(jobs))
+        except (TransportError, TimeoutError) as exc:
+            log.info("no peak memory for jobs that ran out of it", jobs=jobs, error=str(exc) or type(exc).__name__)
+            return observations
+        return sc.with_peaks(observations, sc.parse_peaks(result.stdout)) if result.ok else observations
 
     async def _sacct(self, argv: list[str]) -> CommandResult | None:
         """sacct's answer, or None when accounting failed (reported; squeue stands in) or rests after failing."""

@@ -18,7 +18,20 @@ from typing import Any
 from reflow_client.resources import format_time, parse_time
 
 from . import option_map
-from .base import Answers, JobAnswer, Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, log_path
+from .base import (
+    Answers,
+    JobAnswer,
+    Observation,
+    Outcome,
+    Phase,
+    Presence,
+    SubmitError,
+    SubmitRequest,
+    TaggedJob,
+    log_path,
+    size_bytes,
+    size_text,
+)
 from .job_script import export_lines
 
 # ---------------------------------------------------------------------- options
@@ -374,6 +387,41 @@ def parse_sacct(stdout: str) -> dict[str, Observation]:
 
 def parse_sacct_answers(stdout: str) -> Answers:
     return answers_from(_sacct_lines(stdout))
+
+
+def out_of_memory_jobs(stdout: str) -> list[str]:
+    """The jobs (``42_3``, ``43``) an ``sacct -X`` answer says ran out of memory: their peak is asked for apart."""
+    if "OUT_OF_ME" not in stdout and "|OOM" not in stdout:  # the common case costs one scan in C
+        return []
+    return [key for key, obs in _sacct_lines(stdout) if obs.outcome is Outcome.OUT_OF_MEMORY and job_spans(key) is None]
+
+
+def render_sacct_peaks(job_ids: Sequence[str]) -> list[str]:
+    """Every step's MaxRSS (the allocation line of ``-X`` has none: Slurm measures memory per step)."""
+    return ["sacct", "-n", "-P", "-o", "JobID,MaxRSS", "-j", ",".join(job_ids)]
+
+
+def parse_peaks(stdout: str) -> dict[str, str]:
+    """``42_3.batch|2097152K`` lines -> {"42_3": "2048M"}: the largest MaxRSS of any of a job's steps."""
+    largest: dict[str, float] = {}
+    for line in stdout.splitlines():
+        key, sep, rss = line.strip().partition("|")
+        value = size_bytes(rss) if sep else None
+        if value:
+            job = key.split(".", 1)[0]
+            largest[job] = max(largest.get(job, 0.0), value)
+    return {job: text for job, value in largest.items() if (text := size_text(value))}
+
+
+def with_peaks(answers: Answers, peaks: Mapping[str, str]) -> Answers:
+    """*answers* with each listed job's peak memory in its observation (the cause shows it)."""
+    for key, peak in peaks.items():
+        answer = answers.jobs.get(master_id(key))
+        obs = answer.elements.get(key) if answer is not None else None
+        if answer is not None and obs is not None:
+            elements = {**answer.elements, key: dataclasses.replace(obs, peak_mem=peak)}
+            answers.jobs[master_id(key)] = JobAnswer(elements, answer.spans)
+    return answers
 
 
 # ---------------------------------------------------------------------- tags

@@ -27,7 +27,8 @@ from typing import Any
 import _core as core
 
 VERSION = os.environ.get("WLM_EMU_LSF_VERSION", "10.1.0.13")
-FIELDS = ("jobid", "jobindex", "stat", "exit_code", "exit_reason", "pend_reason", "job_name", "queue", "user")
+FIELDS = ("jobid", "jobindex", "stat", "exit_code", "exit_reason", "pend_reason", "job_name", "queue", "user",
+          "exec_host", "max_mem")
 
 
 def down(prog: str) -> int:
@@ -188,6 +189,8 @@ def records(root: Path, meta: dict[str, Any], only: int | None = None) -> list[d
             "PEND_REASON": "New job is waiting for scheduling;" if el["state"] == "queued" else "",
             "JOB_NAME": f"{meta['name']}[{k + 1}]" if meta.get("n") else meta["name"],
             "QUEUE": meta["queue"], "USER": os.environ.get("USER", "user"),
+            # the host once the job started; the emulator measures no memory, which bjobs shows as "-"
+            "EXEC_HOST": "" if el["state"] == "queued" else "localhost", "MAX_MEM": "",
         })
     return out
 
