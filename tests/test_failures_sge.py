@@ -93,9 +93,15 @@ def set_global(key: str, value: str) -> None:
 
 
 def category(job_id: str) -> str:
-    """The resource requests Grid Engine recorded for a finished job (qacct's ``category``)."""
-    out = subprocess.run(["qacct", "-j", job_id.split("_")[0]], capture_output=True, text=True, timeout=60).stdout
-    return next(line.split(None, 1)[1] for line in out.splitlines() if line.startswith("category"))
+    """The resource requests Grid Engine recorded for a finished job (qacct's ``category``).
+
+    Waited for: reflow may conclude a job from its result file before the execd has written the job's
+    accounting record (the job's epilogue and clean-up still run)."""
+    def recorded() -> str | None:
+        out = subprocess.run(["qacct", "-j", job_id.split("_")[0]], capture_output=True, text=True, timeout=60).stdout
+        return next((line.split(None, 1)[1] for line in out.splitlines() if line.startswith("category")), None)
+
+    return wait_for(recorded, timeout=120, interval=0.5, what=f"qacct's record of job {job_id}")
 
 
 def submit_with(d: DaemonProcess, workflow: Path, run_dir: Path, cluster: str | None = None,
