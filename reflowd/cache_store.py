@@ -30,12 +30,13 @@ of older versions get it on their first open here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -332,10 +333,14 @@ class CacheStore:
             try:
                 rows = await anyio.to_thread.run_sync(_with_fingerprints, list(batch.values()))
                 with anyio.CancelScope(shield=True):
-                    await self._write(rows)
-            except (sqlite3.Error, ValueError, OverflowError) as exc:
+                    async with self._transaction():
+                        await self._db.executemany(INSERT, rows)
+            except BaseException as exc:
+                # not written (failed, or cancelled while fingerprinting): keep the batch for close()
                 self._pending = {**batch, **self._pending}
                 self._wake.set()
+                if not isinstance(exc, (sqlite3.Error, ValueError, OverflowError)):
+                    raise
                 self.write_error = str(exc)
                 raise CacheError(f"cannot write the result cache {self.path}: {exc}") from exc
             finally:
@@ -352,32 +357,27 @@ class CacheStore:
                  "FROM durations WHERE workflow=? AND task=? AND version=? ORDER BY at DESC, rowid DESC LIMIT ?)")
         try:
             with anyio.CancelScope(shield=True):
-                await self._db.execute("BEGIN IMMEDIATE")
-                try:
+                async with self._transaction():
                     await self._db.executemany("INSERT INTO durations VALUES (?,?,?,?,?)", batch)
                     await self._db.executemany(prune, [(*k, *k, DURATIONS_KEPT) for k in keys])
-                    await self._db.execute("COMMIT")
-                except BaseException:
-                    try:
-                        await self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    raise
         except (sqlite3.Error, ValueError, OverflowError) as exc:
             log.warning("cannot write task durations to the result cache; dropped (they only size packed jobs)",
                         durations=len(batch), error=str(exc))
 
-    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """``BEGIN IMMEDIATE`` .. ``COMMIT``, rolled back (shielded) on any error or cancellation."""
         assert self._db is not None
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            await self._db.executemany(INSERT, rows)
+            yield
             await self._db.execute("COMMIT")
         except BaseException:
-            try:
-                await self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
 
     # ------------------------------------------------------------------ reading
@@ -431,19 +431,10 @@ class CacheStore:
                     return 0
             legacy = await anyio.to_thread.run_sync(_legacy_rows, Path(database))
             rows = await anyio.to_thread.run_sync(_with_fingerprints, legacy)
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 await self._db.executemany(INSERT.replace("OR REPLACE", "OR IGNORE"), rows)
                 await self._db.execute("INSERT OR IGNORE INTO adopted VALUES (?,?,?,?)",
                                        (database_id, str(database), len(rows), time.time()))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
         if rows:
             log.info("moved cached results into the shared cache", source=str(database), entries=len(rows),
                      cache=str(self.path))
