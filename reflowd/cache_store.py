@@ -20,7 +20,8 @@ entry a miss and the task runs again. The cache is disposable: a damaged file
 is moved aside (loudly) and started afresh, never a reason to refuse a run.
 
 The same file keeps the measured durations of succeeded instances (the newest
-``DURATIONS_KEPT`` per workflow, task and version), so that automatic packing
+``DURATIONS_KEPT`` per workflow, task and version, of the ``DURATION_VERSIONS_KEPT``
+newest versions of each task), so that automatic packing
 has history in a brand-new run directory too (``reflowd/driver/packing.py``).
 They are advisory: a duration that cannot be written or read is dropped with a
 warning and never holds up a result or a run. The table was added without
@@ -80,10 +81,16 @@ CREATE INDEX IF NOT EXISTS durations_by_task ON durations (workflow, task, versi
 #: Durations kept per (workflow, task, version): the newest ones; older rows are deleted as new ones come.
 DURATIONS_KEPT = 200
 
+#: Versions of one task whose durations are kept: a task edited many times must not grow the file for ever.
+DURATION_VERSIONS_KEPT = 3
+
 #: Durations waiting to be written, at most (a cache that cannot be written must not grow memory).
 DURATIONS_PENDING_MAX = 10_000
 
 DurationKey = tuple[str, str, str]
+
+PRUNE_VERSIONS = ("DELETE FROM durations WHERE workflow=? AND task=? AND version NOT IN (SELECT version FROM durations "
+                  "WHERE workflow=? AND task=? GROUP BY version ORDER BY MAX(at) DESC LIMIT ?)")
 
 #: Filesystems on which SQLite's WAL (shared memory beside the file) is unsafe across hosts.
 NETWORK_FILESYSTEMS = frozenset({
@@ -360,6 +367,8 @@ class CacheStore:
                 async with self._transaction():
                     await self._db.executemany("INSERT INTO durations VALUES (?,?,?,?,?)", batch)
                     await self._db.executemany(prune, [(*k, *k, DURATIONS_KEPT) for k in keys])
+                    await self._db.executemany(PRUNE_VERSIONS, [(*k[:2], *k[:2], DURATION_VERSIONS_KEPT)
+                                                                for k in sorted({k[:2] for k in keys})])
         except (sqlite3.Error, ValueError, OverflowError) as exc:
             log.warning("cannot write task durations to the result cache; dropped (they only size packed jobs)",
                         durations=len(batch), error=str(exc))
