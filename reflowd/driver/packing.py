@@ -241,8 +241,6 @@ class Packer:
     def __init__(self, driver: Driver) -> None:
         self.d = driver
         self._estimates: dict[tuple[str, str, str], tuple[Estimate | None, float]] = {}
-        #: Elements whose last attempt died inside a packed job: the next one runs alone.
-        self.solo: set[tuple[str, str, int]] = set()
         #: Cancelled elements of packed jobs others still need, by tag: markers still to write.
         self.skips: dict[str, dict[int, None]] = {}
 
@@ -282,8 +280,8 @@ class Packer:
         spec, own = task_spec(task.config, self.d.cluster.config.pack)
         if spec.off:
             return [(insts, None)]
-        alone = [i for i in insts if i.key in self.solo]
-        packable = [i for i in insts if i.key not in self.solo]
+        alone = [i for i in insts if runs_alone(i)]
+        packable = [i for i in insts if not runs_alone(i)]
         cpus = int(task.config.get("cpus", 1) or 1)
         width = cpus if own else 1
         est = await self.estimate(run, tr)
@@ -307,8 +305,6 @@ class Packer:
             out.append((members, Plan(chunk, found.width, found.why)))
         if alone:
             out.append((alone, None))
-        for inst in alone:
-            self.solo.discard(inst.key)
         return out
 
     def may_pack(self, tr: TaskRun, insts: list[Instance]) -> bool:
@@ -427,6 +423,20 @@ def after_death(track: JobTrack, concluding: list[tuple[Instance, decide.Decisio
     return out
 
 
+def died_packed(inst: Instance, decision: decide.Decision) -> decide.Decision:
+    """An element that failed with its packed job's end: its next attempt (an automatic retry or the user's
+    ``retry``) runs alone, unpacked. The wish goes to the store with the failure (``Instance.alone``), so it
+    outlives a restart of reflowd."""
+    from ..engine.decide import Decision
+
+    return Decision(decision.state, decision.evidence, {**decision.fields, "alone": inst.attempt + 1})
+
+
+def runs_alone(inst: Instance) -> bool:
+    """Whether this attempt follows one that died inside a packed job."""
+    return inst.alone is not None and inst.alone == inst.attempt
+
+
 def running_decision(decision: decide.Decision) -> decide.Decision:
     """A packed element does not run because its job does: only its ``started`` marker says so."""
     from ..engine.decide import Decision
@@ -441,6 +451,6 @@ def explains(result: dict[str, Any]) -> bool:
     return bool(result.get("signal"))
 
 
-__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "fit_groups",
-           "job_key", "jobs_of",
-           "plan", "slot_map", "task_spec", "time_limit"]
+__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "died_packed", "elements",
+           "even_slices", "fit_groups", "job_key", "jobs_of", "plan", "runs_alone", "slot_map", "spread", "task_spec",
+           "time_limit"]
