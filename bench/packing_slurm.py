@@ -74,6 +74,27 @@ def handovers(run_dir: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def noticed(run_dir: Path) -> dict[str, float]:
+    """For each hand-over: seconds from the upstream's last element ending (its worker's clock) to the daemon
+    recording that element's success (its transition, from the daemon's store): the noticing part of the
+    daemon's share, the rest being reading results, resolving and writing the downstream's job files."""
+    import sqlite3
+
+    run_id = next(run_dir.glob(".reflow/*/jobs")).parent.name
+    ended: dict[str, float] = {}
+    for job in run_dir.glob(".reflow/*/jobs/*/job.json"):
+        task = json.loads(job.read_text())["task"]
+        for path in job.parent.glob("results/*.json"):
+            ended[task] = max(ended.get(task, 0.0), json.loads(path.read_text())["ended_at"])
+    db = sqlite3.connect(f"file:{run_dir.parent / 'daemon' / 'state' / 'reflowd.sqlite'}?mode=ro", uri=True)
+    try:
+        seen = dict(db.execute("SELECT task, max(at) FROM transitions WHERE run_id=? AND to_state='succeeded' "
+                               "AND task IS NOT NULL GROUP BY task", (run_id,)).fetchall())
+    finally:
+        db.close()
+    return {f"{up} -> {down}": seen[up] - ended[up] for up, down in (("items", "work"), ("work", "total"))}
+
+
 def slurm_handovers(base: Path, jobs: int = 3) -> list[float]:
     """The same hand-over done by Slurm itself: a chain of single jobs with ``afterok``, each starting an
     interpreter that imports the benchmark's workflow (as a worker does before its first element); seconds
@@ -168,6 +189,7 @@ def main() -> None:
             auto = fanout_runs(base / "auto", config("auto", fast), "slurm", n, args.repeat + 1,
                                history=min(n, args.history))
             gaps = [handovers(base / "auto" / f"run{k}") for k in range(1, args.repeat + 1)]
+            notices = [noticed(base / "auto" / f"run{k}") for k in range(1, args.repeat + 1)]
             native_gaps = slurm_handovers(base / "handover")
         history, packed = auto[0], auto[1:]
         off_wall = statistics.median(r["wall"] for r in off)
@@ -187,8 +209,10 @@ def main() -> None:
         for name in gaps[0]:
             notice = statistics.median(g[name][0] for g in gaps)
             launch = statistics.median(g[name][1] for g in gaps)
+            seen = statistics.median(g[name] for g in notices)
             print(f"  hand-over {name:<14}   {notice + launch:5.2f} s: {notice:.2f} s until its job files were "
-                  f"written, {launch:.2f} s from then to its first element starting")
+                  f"written ({seen:.2f} s until the daemon recorded the upstream's end), {launch:.2f} s from then "
+                  f"to its first element starting")
         floor = statistics.median(native_gaps)
         total = sum(statistics.median(sum(g[name]) for g in gaps) for name in gaps[0])
         saved = max(0.0, total - len(gaps[0]) * floor)
