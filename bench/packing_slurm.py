@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import statistics
@@ -73,6 +74,27 @@ def handovers(run_dir: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def noticed(run_dir: Path) -> dict[str, float]:
+    """For each hand-over: seconds from the upstream's last element ending (its worker's clock) to the daemon
+    recording that element's success (its transition, from the daemon's store): the noticing part of the
+    daemon's share, the rest being reading results, resolving and writing the downstream's job files."""
+    import sqlite3
+
+    run_id = next(run_dir.glob(".reflow/*/jobs")).parent.name
+    ended: dict[str, float] = {}
+    for job in run_dir.glob(".reflow/*/jobs/*/job.json"):
+        task = json.loads(job.read_text())["task"]
+        for path in job.parent.glob("results/*.json"):
+            ended[task] = max(ended.get(task, 0.0), json.loads(path.read_text())["ended_at"])
+    db = sqlite3.connect(f"file:{run_dir.parent / 'daemon' / 'state' / 'reflowd.sqlite'}?mode=ro", uri=True)
+    try:
+        seen = dict(db.execute("SELECT task, max(at) FROM transitions WHERE run_id=? AND to_state='succeeded' "
+                               "AND task IS NOT NULL GROUP BY task", (run_id,)).fetchall())
+    finally:
+        db.close()
+    return {f"{up} -> {down}": seen[up] - ended[up] for up, down in (("items", "work"), ("work", "total"))}
+
+
 def slurm_handovers(base: Path, jobs: int = 3) -> list[float]:
     """The same hand-over done by Slurm itself: a chain of single jobs with ``afterok``, each starting an
     interpreter that imports the benchmark's workflow (as a worker does before its first element); seconds
@@ -108,11 +130,13 @@ def slots(partition: str = "debug") -> tuple[int, int]:
     return cpus, cpus * (int(found.group(1)) if found else 1)
 
 
-def timed_elements(n: int, seconds: float, target: str, fast: bool, history: int) -> None:
-    """N elements of S seconds each (sleep), packed toward *target* of work per job, and with packing off:
-    jobs, makespan against the ideal (total work / cores) and the daemon's CPU time per element."""
+def timed_elements(n: int, seconds: float, target: str, fast: bool, history: int, off_n: int | None = None) -> None:
+    """N elements of S seconds each (sleep), packed toward *target* of work per job, and with packing off
+    (*off_n* elements, N unless given; 0 skips it: the off run takes twice as long or more):
+    jobs, makespan against the ideal (total work / job slots) and the daemon's CPU time per element."""
     ncpus, nslots = slots()
     ideal = n * seconds / nslots
+    off_n = n if off_n is None else off_n
     print(f"local Slurm ({ncpus} CPUs running {nslots} one-CPU jobs at once), {n} elements of {seconds:g} s, "
           f"pack = {target!r}, {'fast' if fast else 'default'} polling; ideal makespan = total work / job slots = "
           f"{n} x {seconds:g} s / {nslots} = {ideal:.1f} s ({n * seconds / ncpus:.1f} s on {ncpus} cores)")
@@ -120,15 +144,20 @@ def timed_elements(n: int, seconds: float, target: str, fast: bool, history: int
     with tempfile.TemporaryDirectory(prefix="reflow-bench-pack-") as tmp:
         base = Path(tmp)
         auto = fanout_runs(base / "auto", config(target, fast), "slurm", n, 2, history=min(n, history), extra=extra)
-        off = fanout_runs(base / "off", config("off", fast), "slurm", n, 1, extra=extra)
-    first, packed, unpacked = auto[0], auto[1], off[0]
+        off = fanout_runs(base / "off", config("off", fast), "slurm", off_n, 1, extra=extra) if off_n else []
+    first, packed = auto[0], auto[1]
     print(f"  history run (no history yet)  {first['wall']:7.1f} s   {first['elements']} elements, "
           f"{first['array_tasks']} fan-out jobs")
-    for name, r in (("packed", packed), ("packing off", unpacked)):
-        print(f"  {name:<29} {r['wall']:7.1f} s   {r['array_tasks']} fan-out jobs (+2), "
-              f"makespan / ideal = {r['wall'] / ideal:.2f}, daemon CPU {1000 * r['cpu'] / n:.2f} ms per element")
-    print(f"  packed / off = {packed['wall'] / unpacked['wall']:.2f}, jobs {packed['array_tasks'] + 2} "
-          f"against {unpacked['array_tasks'] + 2}")
+    rows = [("packed", packed, n)] + [("packing off", r, off_n) for r in off]
+    for name, r, count in rows:
+        best = count * seconds / nslots
+        print(f"  {name:<14} {count:>6} x {seconds:g} s {r['wall']:7.1f} s   {r['array_tasks']} fan-out jobs (+2), "
+              f"makespan / ideal ({best:.1f} s) = {r['wall'] / best:.2f}, "
+              f"daemon CPU {1000 * r['cpu'] / count:.2f} ms per element")
+    print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if off and off_n == n:
+        print(f"  packed / off = {packed['wall'] / off[0]['wall']:.2f}, jobs {packed['array_tasks'] + 2} "
+              f"against {off[0]['array_tasks'] + 2}")
 
 
 def main() -> None:
@@ -141,12 +170,14 @@ def main() -> None:
                         help="each element sleeps this long: the timed-elements benchmark (packed toward --target "
                              "and off; jobs, makespan against the ideal, daemon CPU per element)")
     parser.add_argument("--target", default="1m", help="with --seconds: the pack target (default 1m)")
+    parser.add_argument("--off-elements", type=int, default=None,
+                        help="with --seconds: elements of the packing-off run (default: as many; 0 skips it)")
     args = parser.parse_args()
     start_cluster()
     fast = not args.user_polling
     if args.seconds:
         for n in args.elements:
-            timed_elements(n, args.seconds, args.target, fast, min(args.history, 10))
+            timed_elements(n, args.seconds, args.target, fast, min(args.history, 10), args.off_elements)
         return
     print(f"local Slurm (2 cores), fan-out + gather of tiny tasks, {'fast' if fast else 'default'} polling, "
           f"medians of {args.repeat}")
@@ -158,6 +189,7 @@ def main() -> None:
             auto = fanout_runs(base / "auto", config("auto", fast), "slurm", n, args.repeat + 1,
                                history=min(n, args.history))
             gaps = [handovers(base / "auto" / f"run{k}") for k in range(1, args.repeat + 1)]
+            notices = [noticed(base / "auto" / f"run{k}") for k in range(1, args.repeat + 1)]
             native_gaps = slurm_handovers(base / "handover")
         history, packed = auto[0], auto[1:]
         off_wall = statistics.median(r["wall"] for r in off)
@@ -177,8 +209,10 @@ def main() -> None:
         for name in gaps[0]:
             notice = statistics.median(g[name][0] for g in gaps)
             launch = statistics.median(g[name][1] for g in gaps)
+            seen = statistics.median(g[name] for g in notices)
             print(f"  hand-over {name:<14}   {notice + launch:5.2f} s: {notice:.2f} s until its job files were "
-                  f"written, {launch:.2f} s from then to its first element starting")
+                  f"written ({seen:.2f} s until the daemon recorded the upstream's end), {launch:.2f} s from then "
+                  f"to its first element starting")
         floor = statistics.median(native_gaps)
         total = sum(statistics.median(sum(g[name]) for g in gaps) for name in gaps[0])
         saved = max(0.0, total - len(gaps[0]) * floor)

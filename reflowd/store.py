@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
@@ -76,6 +76,11 @@ MIGRATE_2_TO_3 = """
 ALTER TABLE instances ADD COLUMN cause TEXT;
 ALTER TABLE instances ADD COLUMN resources TEXT;
 ALTER TABLE instances ADD COLUMN attempts TEXT;
+"""
+
+#: Schema 3 -> 4: an instance whose attempt died inside a packed job remembers that its next attempt runs alone.
+MIGRATE_3_TO_4 = """
+ALTER TABLE instances ADD COLUMN alone INTEGER;
 """
 
 
@@ -293,11 +298,12 @@ class Store:
                 "BEGIN;\n"
                 + (MIGRATE_1_TO_2 if version == 1 else "")
                 + (MIGRATE_2_TO_3 if version in (1, 2) else "")
+                + (MIGRATE_3_TO_4 if version in (1, 2, 3) else "")
                 + SCHEMA
                 + f"\nINSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
                 + f"\nINSERT OR IGNORE INTO meta VALUES ('database_id', '{os.urandom(8).hex()}');\nCOMMIT;"
             )
-            if version in (1, 2):
+            if version in (1, 2, 3):
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
             async with self._db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
                 database_id = str((await cur.fetchone())[0])

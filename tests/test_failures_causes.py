@@ -136,7 +136,7 @@ def test_a_schema_2_database_is_upgraded_keeping_its_instances(tmp_path: Path) -
     # Make it look like a schema-2 database: no cause/resources/attempts columns.
     with sqlite3.connect(path) as db:
         cols = [r[1] for r in db.execute("PRAGMA table_info(instances)")]
-        keep = [c for c in cols if c not in ("cause", "resources", "attempts")]
+        keep = [c for c in cols if c not in ("cause", "resources", "attempts", "alone")]
         db.executescript(
             f"CREATE TABLE old AS SELECT {', '.join(keep)} FROM instances; DROP TABLE instances; "
             f"ALTER TABLE old RENAME TO instances; UPDATE meta SET value='2' WHERE key='schema_version';"

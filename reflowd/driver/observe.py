@@ -394,14 +394,14 @@ class Observer:
             for inst, decision in concluding:
                 if not inst.in_flight:
                     continue
+                if track.packed and decision.state in FAILURE:
+                    decision = packing.died_packed(inst, decision)  # its retry runs alone, after a restart too
                 ok = self.apply(track, inst, decision)
                 changed |= ok
                 if ok and decision.state is State.READY:
                     self.d.count("packed_requeued")
                     inst.handed = True
                     self.d.submit(track.run, [inst])  # never started: its attempt is still to come
-                elif ok and track.packed and decision.state in FAILURE:
-                    self.d.packer.solo.add(inst.key)  # it died in a packed job: its retry runs alone
         return changed
 
     def not_understood(self, inst: Instance, obs: Observation) -> None:

@@ -44,6 +44,7 @@ from .. import world
 from ..engine.durations import Estimate, estimate
 from ..engine.model import Instance, Run, TaskRun
 from ..engine.records import reset_values
+from ..engine.retry_policy import queue_of
 from ..engine.states import State
 from ..schedulers.base import SubmitRequest
 
@@ -58,8 +59,13 @@ log = structlog.get_logger("reflowd.packing")
 PACKED_FLAG = "--packed"
 #: Automatic packing keeps a job's predicted work within this share of the task's time limit.
 LIMIT_SHARE = 0.5
-#: Below this much predicted work per job, spreading elements over more jobs is not worth a start-up.
+#: Below this much predicted work per job, spreading elements over more jobs is not worth a start-up
+#: (the local scheduler: a fork and an interpreter start).
 MIN_SLOT_WORK = 2.0
+#: The same floor for a batch scheduler's job: submission, scheduling, node start-up and the interpreter
+#: cost a second or two on an idle test cluster and tens of seconds on a busy site, so a spread job keeps
+#: at least this much work (and half its target), and packing keeps most of its win over one job per element.
+MIN_BATCH_WORK = 30.0
 #: Seconds an estimate from the store is reused before it is read again.
 HISTORY_TTL = 120.0
 #: ... and the absence of one (history appears as a first run's elements succeed).
@@ -107,12 +113,28 @@ def even_slices(indices: Sequence[int], count: int) -> list[list[int]]:
     return out
 
 
+def spread(count: int, n: int, parallel: int | None, est: Estimate | None, *, width: int = 1,
+           min_work: float = MIN_SLOT_WORK, blind: bool = True) -> int:
+    """How many jobs to make of *n* elements that packing put into *count*, when *parallel* jobs could run
+    at once: at least one per free slot, so that a fan-out does not leave slots idle, but never so many
+    that a job's predicted work (``est``) falls below *min_work*. Without an estimate, spread to every
+    slot only if *blind* (the local scheduler, where a job costs a fork); a batch scheduler keeps *count*."""
+    if not parallel or count >= parallel or n <= count:
+        return count
+    if est is None:
+        return max(count, min(n, parallel)) if blind else count
+    worth = math.floor(n * est.mean / max(1, width) / max(min_work, 1e-9))
+    return max(count, min(n, parallel, worth))
+
+
 def plan(indices: Sequence[int], spec: PackSpec, est: Estimate | None, *, time_limit: float | None,
-         width: int = 1, parallel: int | None = None) -> Plan | None:
+         width: int = 1, parallel: int | None = None, min_work: float = MIN_SLOT_WORK,
+         blind: bool = True) -> Plan | None:
     """How to slice *indices*; None means one element per job (as without packing).
 
     *parallel* is how many jobs of this task could run at once, when known (the local
-    scheduler's slots): small batches are spread over that many jobs rather than run in one.
+    scheduler's slots, a Slurm partition's): small batches are spread over that many jobs
+    rather than run in fewer (:func:`spread`, with *min_work* and *blind*).
     """
     indices = sorted(indices)
     if spec.off or len(indices) < 2:
@@ -135,12 +157,10 @@ def plan(indices: Sequence[int], spec: PackSpec, est: Estimate | None, *, time_l
         return None
     per_job = max(1, per_job)
     count = math.ceil(len(indices) / per_job)
-    if parallel and count < parallel:
-        want = min(len(indices), parallel)
-        if est is not None:
-            want = min(want, max(1, math.ceil(len(indices) * est.mean / width / MIN_SLOT_WORK)))
-        count = max(count, want)
-    slices = even_slices(indices, count)
+    wider = spread(count, len(indices), parallel, est, width=width, min_work=min_work, blind=blind)
+    if wider > count:
+        why += f", spread over {wider} jobs for {parallel} slots"
+    slices = even_slices(indices, wider)
     if all(len(s) == 1 for s in slices):
         return None
     return Plan(slices, width, why)
@@ -221,8 +241,6 @@ class Packer:
     def __init__(self, driver: Driver) -> None:
         self.d = driver
         self._estimates: dict[tuple[str, str, str], tuple[Estimate | None, float]] = {}
-        #: Elements whose last attempt died inside a packed job: the next one runs alone.
-        self.solo: set[tuple[str, str, int]] = set()
         #: Cancelled elements of packed jobs others still need, by tag: markers still to write.
         self.skips: dict[str, dict[int, None]] = {}
 
@@ -262,14 +280,20 @@ class Packer:
         spec, own = task_spec(task.config, self.d.cluster.config.pack)
         if spec.off:
             return [(insts, None)]
-        alone = [i for i in insts if i.key in self.solo]
-        packable = [i for i in insts if i.key not in self.solo]
+        alone = [i for i in insts if runs_alone(i)]
+        packable = [i for i in insts if not runs_alone(i)]
         cpus = int(task.config.get("cpus", 1) or 1)
         width = cpus if own else 1
         est = await self.estimate(run, tr)
-        parallel = self.parallel(task.array_parallelism, cpus, width)
+        local = getattr(self.d.cluster.scheduler, "max_workers", None) is not None
+        queue = queue_of(self.d.cluster.config.submit_options, task.config.get("submit_options"))
+        parallel = self.parallel(task.array_parallelism, cpus, width, queue)
+        # A batch scheduler's job costs more than a fork: a spread job keeps a floor of work (half its target
+        # at most), and without history the packing stands as it is.
+        floor = MIN_SLOT_WORK if local else min(MIN_BATCH_WORK, (spec.target or MIN_BATCH_WORK * 2) / 2)
         found = plan([i.index for i in packable if i.index is not None], spec, est,
-                     time_limit=time_limit(str(task.config.get("time", "00:30:00"))), width=width, parallel=parallel)
+                     time_limit=time_limit(str(task.config.get("time", "00:30:00"))), width=width, parallel=parallel,
+                     min_work=floor, blind=local)
         out: list[tuple[list[Instance], Plan | None]] = []
         if found is None:
             return [(insts, None)]
@@ -281,8 +305,6 @@ class Packer:
             out.append((members, Plan(chunk, found.width, found.why)))
         if alone:
             out.append((alone, None))
-        for inst in alone:
-            self.solo.discard(inst.key)
         return out
 
     def may_pack(self, tr: TaskRun, insts: list[Instance]) -> bool:
@@ -291,12 +313,20 @@ class Packer:
             return False
         return not task_spec(tr.manifest.config, self.d.cluster.config.pack)[0].off
 
-    def parallel(self, array_parallelism: int | None, cpus: int, width: int) -> int | None:
-        """How many jobs of one task could run at once, where the driver knows it."""
+    def parallel(self, array_parallelism: int | None, cpus: int, width: int, queue: str | None = None) -> int | None:
+        """How many jobs of one task could run at once, where the driver knows it: the local scheduler's
+        slots, or the job slots of the task's partition as the probe read them (``queue_slots``), within
+        ``array_parallelism`` and the per-user queue limit (a job over it would only wait)."""
         slots = getattr(self.d.cluster.scheduler, "max_workers", None)
-        known = None if slots is None else max(1, int(slots) // max(1, min(cpus, int(slots))))
-        if array_parallelism:
-            cap = max(1, array_parallelism // width)
+        if slots is None:
+            probe = self.d.cluster.probe or {}
+            slots = (probe.get("queue_slots") or {}).get(queue or probe.get("default_queue") or "")
+        known = None if not slots else max(1, int(slots) // max(1, min(cpus, int(slots))))
+        caps = [max(1, array_parallelism // width)] if array_parallelism else []
+        queued = self.d.queue_limit.cap(world.now())
+        if queued:
+            caps.append(queued)
+        for cap in caps:
             known = cap if known is None else min(known, cap)
         return known
 
@@ -393,6 +423,20 @@ def after_death(track: JobTrack, concluding: list[tuple[Instance, decide.Decisio
     return out
 
 
+def died_packed(inst: Instance, decision: decide.Decision) -> decide.Decision:
+    """An element that failed with its packed job's end: its next attempt (an automatic retry or the user's
+    ``retry``) runs alone, unpacked. The wish goes to the store with the failure (``Instance.alone``), so it
+    outlives a restart of reflowd."""
+    from ..engine.decide import Decision
+
+    return Decision(decision.state, decision.evidence, {**decision.fields, "alone": inst.attempt + 1})
+
+
+def runs_alone(inst: Instance) -> bool:
+    """Whether this attempt follows one that died inside a packed job."""
+    return inst.alone is not None and inst.alone == inst.attempt
+
+
 def running_decision(decision: decide.Decision) -> decide.Decision:
     """A packed element does not run because its job does: only its ``started`` marker says so."""
     from ..engine.decide import Decision
@@ -407,6 +451,6 @@ def explains(result: dict[str, Any]) -> bool:
     return bool(result.get("signal"))
 
 
-__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "elements", "even_slices", "fit_groups",
-           "job_key", "jobs_of",
-           "plan", "slot_map", "task_spec", "time_limit"]
+__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "died_packed", "elements",
+           "even_slices", "fit_groups", "job_key", "jobs_of", "plan", "runs_alone", "slot_map", "spread", "task_spec",
+           "time_limit"]

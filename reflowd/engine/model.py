@@ -85,6 +85,7 @@ class Instance:
     cause: Any = json_column(default=None, reset=True)  # why the attempt ended (``causes.py``), a dict
     resources: Any = json_column(default=None)  # escalated {"mem", "time"} for this attempt (None: the task's)
     attempts: Any = json_column(default=None)  # earlier attempts: [{"attempt", "state", "cause", ...}]
+    alone: int | None = column("INTEGER", default=None)  # this attempt runs unpacked: the one before died in a packed job
     # Observation bookkeeping (not persisted: restarts count afresh, which is conservative).
     absent_since: float | None = transient(default=None, reset=True)
     absent_count: int = transient(default=0, reset=True)

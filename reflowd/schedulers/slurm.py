@@ -38,6 +38,8 @@ class SlurmScheduler(Scheduler):
         self.command_timeout = command_timeout
         self.accounting = False
         self.config: dict[str, str] = {}
+        #: One-CPU jobs each partition runs at once (``sc.parse_partition_slots``), from the probe.
+        self.queue_slots: dict[str, int] = {}
         #: Polls answered (``query`` calls); each runs one status command, plus the rare extras below.
         self.queries = 0
         #: Extra commands inside a poll: squeue for live pending reasons (at most every REASON_REFRESH s),
@@ -79,6 +81,7 @@ class SlurmScheduler(Scheduler):
         if self.accounting:
             facts["max_queued"] = await self._queue_limit()
         facts["queue_caps"], facts["default_queue"] = await self._partition_limits()
+        facts["queue_slots"] = self.queue_slots
         return facts
 
     async def _partition_limits(self) -> tuple[dict[str, dict[str, str | None]], str | None]:
@@ -88,6 +91,7 @@ class SlurmScheduler(Scheduler):
             log.warning("cannot read the partitions' limits; escalation is capped by the retry policy only",
                         stderr=parts.stderr.strip()[-200:])
             return {}, None
+        self.queue_slots = sc.parse_partition_slots(parts.stdout)
         nodes = await self._run(sc.render_node_memory())
         return sc.parse_partition_limits(parts.stdout, nodes.stdout if nodes.ok else "")
 

@@ -557,6 +557,21 @@ def _mb(text: str | None) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
+def parse_partition_slots(partitions_out: str) -> dict[str, int]:
+    """How many one-CPU jobs each partition that is up runs at once: its ``TotalCPUs``, times N for
+    ``OverSubscribe=FORCE:N`` (every job shares a CPU with up to N-1 others; ``YES:N`` only for jobs that
+    ask, which reflow's do not). What packing spreads a fan-out over so that no slot stays idle."""
+    out: dict[str, int] = {}
+    for line in partitions_out.splitlines():
+        fields = _words(line)
+        name, cpus = fields.get("PartitionName"), fields.get("TotalCPUs", "")
+        if not name or not cpus.isdigit() or int(cpus) < 1 or fields.get("State", "UP") != "UP":
+            continue
+        share = re.fullmatch(r"FORCE:(\d+)", fields.get("OverSubscribe", ""))
+        out[name] = int(cpus) * (max(1, int(share.group(1))) if share else 1)
+    return out
+
+
 def parse_partition_limits(partitions_out: str, nodes_out: str = "") -> tuple[dict[str, dict[str, str | None]], str | None]:
     """Each partition's largest time (``MaxTime``) and memory per job (``MaxMemPerNode``, else its largest
     node's RealMemory: more is never granted), and the default partition. None where there is no limit."""

@@ -16,8 +16,8 @@ saw while the daemon followed the job (its submission resolved), failure isolati
 
 * the element that was running fails (a failure state, or cancelled), never goes back to READY;
 * the elements never started go back to READY (or are cancelled), never fail for it;
-* the killed element's next attempt runs alone (an unpacked job), unless a daemon restart came
-  between (the daemon keeps that wish in memory only).
+* the killed element's next attempt runs alone (an unpacked job), also when a daemon restart came
+  between (the wish is in the store, in the failure's cause: ``packing.runs_alone``).
 """
 
 from __future__ import annotations
@@ -326,8 +326,10 @@ class PackedHarness(Harness):
                                    f"and became {left}, not ready again")
                 if watch.started and left is not State.CANCELLED:  # a cancelled one is re-run only by the user
                     again = cluster.ran_packed.get((run_id, task, index, attempt + 1))
-                    if again is not None and again[0] and not any(watch.at <= t <= again[1] for t in restarts):
-                        self.violation(f"{label} died in a packed job; its retry ran packed again")
+                    if again is not None and again[0]:
+                        crossed = any(watch.at <= t <= again[1] for t in restarts)
+                        self.violation(f"{label} died in a packed job; its retry ran packed again"
+                                       + (" (a daemon restart came between)" if crossed else ""))
         finally:
             await store.close()
 
