@@ -28,12 +28,12 @@ from packing_slurm import config, handovers, noticed, start_cluster  # noqa: E40
 from packing_util import fanout_runs  # noqa: E402
 
 
-def one(tree: Path, base: Path, n: int) -> dict[str, float]:
+def one(tree: Path, base: Path, n: int, fast: bool) -> dict[str, float]:
     """One packed run (after a history run) through a reflowd started from *tree*."""
     here = os.getcwd()
     os.chdir(tree)  # `python -m reflowd` imports the package from its working directory first
     try:
-        runs = fanout_runs(base, config("auto", True), "slurm", n, 2, history=10)
+        runs = fanout_runs(base, config("auto", fast), "slurm", n, 2, history=10)
     finally:
         os.chdir(here)
     seen = noticed(base / "run1")
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, required=True, help="the source tree to compare against")
     parser.add_argument("--elements", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--user-polling", action="store_true", help="a user's default poll settings")
     args = parser.parse_args()
     start_cluster()
     trees = {"baseline": args.baseline.resolve(), "this tree": ROOT}
@@ -55,8 +56,10 @@ def main() -> None:
         for k in range(args.repeat):
             order = list(trees) if k % 2 == 0 else list(reversed(trees))
             for name in order:
-                found[name].append(one(trees[name], Path(tmp) / f"{name.replace(' ', '-')}{k}", args.elements))
-    print(f"local Slurm, {args.elements} tiny elements packed, fast polling, medians of {args.repeat} "
+                found[name].append(one(trees[name], Path(tmp) / f"{name.replace(' ', '-')}{k}", args.elements,
+                                       not args.user_polling))
+    print(f"local Slurm, {args.elements} tiny elements packed, {'default' if args.user_polling else 'fast'} "
+          f"polling, medians of {args.repeat} "
           f"(each hand-over's figure is the mean of items -> work and work -> total); "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name, rows in found.items():
