@@ -233,6 +233,9 @@ class Driver:
     def new_track(self, record: JobRecord, run: Run, insts: dict[int | None, Instance]) -> JobTrack:
         # A job directory where nothing happens is looked at less and less, down to once per longest poll.
         clock = FileClock(self.cluster.result_interval, max(self.cluster.result_interval, self.policy.maximum))
+        # Until the scheduler first answers for it, a new job may start and a short one end at any moment
+        # (polls are few: the command budget): look often for a few checks (``FileClock.expect``).
+        clock.expect(world.monotonic())
         return JobTrack(record, run, dict(insts), clock)
 
     def count(self, name: str, n: int = 1) -> None:

@@ -68,7 +68,16 @@ class Observer:
         ok = self.host.transition(track.run, inst, decision.state, decision.evidence, **decision.fields)
         if ok and decision.state is State.RUNNING:
             self.d.add_deadline(track, inst)
+            self.expect_end(track)
         return ok
+
+    def expect_end(self, track: JobTrack) -> None:
+        """An element of *track* started: its result is likely about a typical duration of its task from now
+        (what packing measured, when known; at once otherwise, for a short task), so the job's file clock
+        looks then instead of after an interval that backed off while the job started."""
+        manifest = track.run.tasks[track.record.task].manifest
+        est = self.d.packer.known(track.run.workflow, manifest.name, manifest.version)
+        track.files.expect(world.monotonic() + (est.mean if est is not None else 0.0))
 
     async def loop(self) -> None:
         d = self.d
@@ -378,6 +387,8 @@ class Observer:
             changed |= self.apply(track, inst, decision)
         if active:
             track.files.hurry()  # something runs (or ended): its results are due soon, look at its files often
+            if track.packed and not track.seen_started:  # its worker is starting: its first element is near
+                track.files.expect(world.monotonic())
         if quiet and answer is not None:
             track.quiet_answer, track.quiet_live, track.quiet_active = answer, len(track.live), active
         # Before concluding a failure from the scheduler alone, look once more for a result file.

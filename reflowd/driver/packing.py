@@ -266,6 +266,11 @@ class Packer:
         self._estimates[key] = (found, now)
         return found
 
+    def known(self, workflow: str, task: str, version: str) -> Estimate | None:
+        """The estimate for a task as last read (no I/O; None if none was read or there is none)."""
+        cached = self._estimates.get((workflow, task, version))
+        return cached[0] if cached is not None else None
+
     def learned(self, task: str) -> None:
         """An instance of *task* succeeded: a remembered "no history" for it is out of date (its duration
         is history now), so the next batch of the task asks the store again instead of waiting out the TTL."""
