@@ -92,7 +92,7 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
         assert wait_state(d, plain) == "succeeded", status(d, plain).raw
         assert states(d, plain) == {"prepare": {"succeeded": 1}, "work": {"succeeded": 6}, "total": {"succeeded": 1}}
         total = status(d, plain, "total").instances[0]  # type: ignore[index]
-        assert total.output == 0 + 1 + 4 + 9 + 16 + 25
+        assert int(total.output) == 0 + 1 + 4 + 9 + 16 + 25
         dirs = job_dirs(tmp_path / "plain", plain, "total")
         assert len(dirs) == 1 and dirs[0][1], f"one sbatch for total, the early one: {dirs}"
         assert job_named(dirs[0][0]) == (total.job_id, "COMPLETED")
@@ -111,7 +111,7 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
         # an upstream element that fails once: Slurm kills the early job (invalid dependency), the element is
         # retried, and total goes out the usual way, after it: each element ran once per attempt
         assert wait_state(d, retry) == "succeeded", status(d, retry).raw
-        assert status(d, retry, "total").instances[0].output == 0 + 1 + 4 + 9  # type: ignore[index]
+        assert int(status(d, retry, "total").instances[0].output) == 0 + 1 + 4 + 9  # type: ignore[index]
         assert executions(tmp_path / "retry") == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 2, "work 3": 1,
                                                   "total": 1}
         dirs = job_dirs(tmp_path / "retry", retry, "total")
@@ -156,7 +156,7 @@ def test_a_daemon_killed_while_the_early_job_waits_adopts_it_on_restart_and_subm
         d.start()
         assert wait_state(d, run_id) == "succeeded", status(d, run_id).raw
         total = status(d, run_id, "total").instances[0]  # type: ignore[index]
-        assert total.output == 0 + 1 + 4 and total.job_id == job_id
+        assert int(total.output) == 0 + 1 + 4 and total.job_id == job_id
         assert job_dirs(run_dir, run_id, "total") == [(tag, True)]
         assert executions(run_dir) == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "total": 1}
         with d.client() as c:

@@ -325,8 +325,12 @@ class EarlyJobs:
             why = self._matches(run, inst, recipe)
             if why is not None:
                 return why
+            withdrawn = jobfiles.cancel_path(job_dir, None)
             marks = [jobfiles.started_path(job_dir, None), jobfiles.result_path(job_dir, None)]
-            if any((await cluster.metered.exists(marks, timeout=timeout)).values()):
+            seen = await cluster.metered.exists([withdrawn, *marks], timeout=timeout)
+            if seen[withdrawn]:
+                return "it was withdrawn (a daemon began dropping it)"
+            if any(seen[m] for m in marks):
                 return None  # it started: the observer follows what it does
             answers = await cluster.scheduler.query([record.job_id])
             obs = answers.get(record.job_id)
