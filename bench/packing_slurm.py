@@ -48,9 +48,14 @@ def start_cluster() -> None:
     subprocess.run([str(ROOT / "tests" / "cluster" / "slurm.sh"), "start"], check=True, timeout=900)
 
 
+#: ``--calls-per-minute``: the clusters' command budget (None: the configuration's default, 12).
+CALLS: list[float] = []
+
+
 def config(pack: str, fast: bool, dependencies: bool = True) -> str:
     return (f'[clusters.slurm]\nscheduler = "slurm"\npython = "{sys.executable}"\npack = "{pack}"\n'
             f'slurm_dependencies = {"true" if dependencies else "false"}\n'
+            + (f"max_calls_per_minute = {CALLS[0]}\n" if CALLS else "")
             + (FAST if fast else "") + 'submit_options = { partition = "debug" }\n')
 
 
@@ -142,7 +147,11 @@ def main() -> None:
                         help="each element sleeps this long: the timed-elements benchmark (packed toward --target "
                              "and off; jobs, makespan against the ideal, daemon CPU per element)")
     parser.add_argument("--target", default="1m", help="with --seconds: the pack target (default 1m)")
+    parser.add_argument("--calls-per-minute", type=float, default=None,
+                        help="the clusters' command budget (max_calls_per_minute; default the configuration's, 12)")
     args = parser.parse_args()
+    if args.calls_per_minute:
+        CALLS.append(args.calls_per_minute)
     start_cluster()
     fast = not args.user_polling
     if args.seconds:

@@ -28,7 +28,9 @@ SLURM_PLAIN = pytest.mark.parametrize("wlm_name", [pytest.param("slurm-plain", m
 
 
 def start(wlm: WLM, base: Path, dependencies: bool = True) -> DaemonProcess:
-    table = wlm.table(None, python=sys.executable, **wlm.env.poll, slurm_dependencies=dependencies)
+    # (a generous command budget: an early sbatch waits for a spare token, and the runs here go at once)
+    table = wlm.table(None, python=sys.executable, **wlm.env.poll, slurm_dependencies=dependencies,
+                      max_calls_per_minute=600)
     d = DaemonProcess(base, config='[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table),
                       env=wlm.daemon_env())
     return d.start()

@@ -128,3 +128,16 @@ def test_the_worker_never_runs_the_task_on_a_failed_upstream_or_a_withdrawn_job(
     code, out = run_worker(job_dir)
     assert code == 0 and out is None  # withdrawn by the daemon: no run, no result
     assert not (tmp_path / "executions.txt").exists()
+
+
+def test_an_early_sbatch_only_takes_a_token_the_next_poll_does_not_need() -> None:
+    from reflowd.budget import Budget
+    from reflowd.driver.early import spare_token
+
+    budget = Budget(12)  # a burst of 3 tokens, one every 5 s
+    assert spare_token(budget)
+    budget.charge_command("squeue")
+    assert spare_token(budget)  # 2 left: one for the early sbatch, one for the next poll
+    budget.charge_command("sbatch")
+    assert not spare_token(budget)
+    assert spare_token(Budget(600))
