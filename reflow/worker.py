@@ -186,6 +186,30 @@ def _report(result: dict[str, Any], index: int | None) -> None:
             print(result["traceback"], file=sys.stderr)
 
 
+def _deferred_inputs(job: dict[str, Any]) -> dict[str, Any]:
+    """A job submitted before its upstream ended (Slurm-side dependencies): its arguments and identity,
+    resolved from the upstream's result files with the daemon's own resolution (``reflowd.engine.deferred``,
+    pure; imported only here, so an ordinary worker does not pay for it). Its kwargs go into *job*."""
+    from reflowd.engine import deferred
+
+    recipe = job["deferred"]
+    results: dict[str, Any] = {}
+    try:
+        for path in deferred.files(recipe):
+            try:
+                with open(path, "rb") as fh:
+                    raw = fh.read()
+            except FileNotFoundError:
+                results[path] = None
+                continue
+            results[path] = jobfiles.parse_result(raw, f"upstream result {path}")
+        kwargs, identity = deferred.resolve_recipe(recipe, results)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"the job's input recipe is corrupt: {type(exc).__name__}: {exc}") from None
+    job["kwargs"] = kwargs
+    return {"index": None, "identity": identity, "attempt": recipe.get("attempt"), "kwargs": {}}
+
+
 def run_instance(job_dir: str, index: int | None) -> int:
     """Run one element; always leaves ``results/<key>.json``. Returns the exit code."""
     started = _now()
@@ -198,7 +222,14 @@ def run_instance(job_dir: str, index: int | None) -> int:
         try:
             job = _read_json(os.path.join(job_dir, jobfiles.JOB_FILE), "job")
             base.update(task=job.get("task"), run_id=job.get("run_id"))  # named even if the inputs are broken
-            element = _read_json(jobfiles.inputs_path(job_dir, index), "inputs")
+            if "deferred" in job:  # submitted before its upstream ended: resolve the inputs from its results
+                if os.path.exists(jobfiles.cancel_path(job_dir, index)):
+                    print("reflow worker: this early job was withdrawn by reflowd; not running it", file=sys.stderr)
+                    return EXIT_OK
+                element = _deferred_inputs(job)
+                base.update(resolved_inputs=True)
+            else:
+                element = _read_json(jobfiles.inputs_path(job_dir, index), "inputs")
             base.update(identity=element.get("identity"))
             _check_job(job, job_dir)
         except ValueError as exc:

@@ -71,6 +71,7 @@ CLUSTER_KEYS = frozenset(
         "retry_policy",
         "max_queued",
         "pack",
+        "slurm_dependencies",
     }
 )
 
@@ -156,6 +157,8 @@ class ClusterConfig:
     max_queued: int | None = None
     #: Default packing of array elements into jobs (``reflow_client.pack``): "auto" when unset.
     pack: int | str | bool | None = None
+    #: Slurm only: submit a downstream job early, waiting in the queue on its upstream (``afterok``).
+    slurm_dependencies: bool = False
 
     @property
     def remote(self) -> bool:
@@ -250,6 +253,8 @@ def _cluster_from(name: str, table: dict[str, Any], defaults: dict[str, Any], wh
         raise ConfigError(str(exc)) from None
     _check_remote(merged, where)
     _check_scheduler_keys(merged, table, where)
+    if "slurm_dependencies" in merged and not isinstance(merged["slurm_dependencies"], bool):
+        raise ConfigError(f"{where}.slurm_dependencies: expected true or false, got {merged['slurm_dependencies']!r}")
     if merged.get("pack") is not None:
         try:
             parse_pack(merged["pack"], f"{where}.pack")

@@ -12,6 +12,10 @@ One directory per submission (its tag), under the run directory::
                               worker links them all to one file, .started-<k>-<host>-<pid>
         results/<key>.json    written atomically by the worker when it ends
         cancel/<key>.json     packed jobs: the daemon cancelled this element; the worker skips it
+                              (an early job, see reflowd/driver/early.py: the daemon withdrew it)
+
+A job submitted before its upstream ended (Slurm-side dependencies) has no inputs file: its
+``job.json`` holds a ``deferred`` recipe the worker resolves from the upstream's result files.
 
 A packed job (``job.json`` has ``slices``) runs several elements per array task
 and writes one log per array task, in sections: each element's output follows

@@ -36,6 +36,7 @@ from ..engine.states import State
 from ..schedulers.base import Phase
 from ..store import Store
 from ..transports.base import TransportError
+from .early import EarlyJobs
 from .health import AccountingHealth, ClusterHealth
 from .observe import Observer
 from .queue_limits import Lingering, QueueLimit
@@ -124,6 +125,8 @@ class Driver:
         self.observer_wake = anyio.Event()
         self.counters: dict[str, int] = {}
         self.packer = Packer(self)
+        #: Early submissions waiting on their upstream in Slurm's queue (``early.py``).
+        self.early = EarlyJobs(self)
         cluster.scheduler.on_change = self.scheduler_changed
         cluster.scheduler.on_accounting = self.accounting_answered
 
@@ -141,6 +144,8 @@ class Driver:
         the submit loop is woken by the last slice, so it forms whole arrays."""
         now = world.now()
         for inst in insts:
+            if self.early.jobs and self.early.claim(run, inst):
+                continue  # it has an early job: adopted (or dropped) there
             if inst.not_before is not None and inst.not_before > now:
                 self.waiting[inst] = run
                 self._seq += 1
@@ -300,6 +305,7 @@ class Driver:
             tg.start_soon(Submitter(self).loop)
             tg.start_soon(Observer(self).loop)
             tg.start_soon(self._watch_accounting)
+            tg.start_soon(self.early.loop)
             task_status.started()
 
     async def _watch_accounting(self) -> None:

@@ -447,3 +447,4 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
         d.emptied[track.tag] = None
     d.query_due = True
     d.wake()
+    d.early.upstream_submitted(track.run)  # a downstream task may now wait in the queue on this job

@@ -33,6 +33,7 @@ from reflow_client.manifest import Manifest
 from .. import world
 from ..clusters import ClusterRuntime
 from ..driver import Driver, DriverSettings, log_paths_for
+from ..driver.early import EARLY_STATES
 from ..schedulers.base import OptionError
 from ..store import Store
 from . import retry_policy, views
@@ -218,6 +219,9 @@ class Engine:
             driver = self.drivers.get(record.cluster)
             if run is None or driver is None or record.task not in run.tasks or run.state is not RunState.RUNNING:
                 continue
+            if record.state in EARLY_STATES:  # submitted early, waiting on its upstream: adopted or dropped there
+                driver.early.recovered(record, run)
+                continue
             insts = {i.index: i for i in run.tasks[record.task].instances.values()
                      if i.tag == record.tag and i.in_flight}
             if not insts:
@@ -251,6 +255,8 @@ class Engine:
                 driver.withdraw(inst)
         if old in IN_FLIGHT and (new not in IN_FLIGHT or inst.tag != old_tag) and driver is not None:
             driver.instance_left(inst, old_tag)
+        if driver is not None and driver.early.jobs and inst.index is None:
+            driver.early.left(run, inst, new)  # an early job it no longer waits for is dropped
         if new in TERMINAL:
             try:
                 self._on_terminal(run, inst)

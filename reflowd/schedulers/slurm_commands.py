@@ -599,3 +599,18 @@ def parse_partition_limits(partitions_out: str, nodes_out: str = "") -> tuple[di
         caps = [mb for mb in (_mb(fields.get("MaxMemPerNode")), node_mem.get(name)) if mb]
         limits[name] = {"max_time": _time_cap(fields.get("MaxTime")), "max_mem": f"{min(caps)}M" if caps else None}
     return limits, default
+
+
+# ---------------------------------------------------------------------- Slurm-side dependencies
+
+
+def dependency_options(job_ids: Iterable[str], kind: str = "afterok") -> dict[str, str]:
+    """sbatch options making a job wait in the queue for *job_ids* (``afterok``: every one of them, every
+    array task, ended well; ``aftercorr``: the array task of the same id did) and die if that can never
+    happen (``--kill-on-invalid-dep=yes``: an upstream failed), never run on a failed upstream."""
+    if kind not in ("afterok", "aftercorr"):
+        raise ValueError(f"unsupported dependency kind {kind!r} (afterok or aftercorr)")
+    ids = sorted({master_id(str(j)) for j in job_ids}, key=lambda j: (len(j), j))
+    if not ids or not all(j.isdigit() for j in ids):
+        raise ValueError(f"a dependency needs Slurm job ids, not {ids!r}")
+    return {"dependency": f"{kind}:{':'.join(ids)}", "kill-on-invalid-dep": "yes"}

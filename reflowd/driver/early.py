@@ -1,0 +1,423 @@
+"""Slurm-side dependencies: a downstream job submitted before its upstream ended.
+
+When every element of a singleton task's upstream is in Slurm's queue (or done) -- a gather after an
+array, a single task after a single task -- the task's job can go out at once, waiting in Slurm's
+queue on ``--dependency=afterok:<upstream job ids> --kill-on-invalid-dep=yes``. Slurm starts it the
+moment the upstream ends, while the daemon is still noticing; the worker resolves its inputs from the
+upstream's result files (``engine/deferred.py``). The engine still holds the instance PENDING, so the
+early job belongs to this module until the engine makes the instance READY:
+
+* **adopt** (``claim`` from ``Driver.submit``, then ``adopt``): the job's recipe must still describe
+  the inputs (the upstream elements succeeded in the very files it reads) and the job must be alive in
+  the queue or have started; then the instance goes SUBMITTING -> QUEUED under the early job's tag,
+  with no second sbatch, and is observed like any other submission;
+* **drop** (anything else: a cache hit, a cancel, an upstream failure, a retry that changed the
+  inputs, a recipe that no longer matches): a ``cancel/single.json`` marker first (a worker that
+  starts later exits without running the task), then ``scancel``, and the instance goes out the
+  normal way if it still should.
+
+Every early job is a ``jobs`` record (states ``early_submitting``, ``early``; ``dropped`` once
+dropped) written before its sbatch, so a restarted daemon finds it (``recovered``) and adopts or
+drops it: never a second submission of the same instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from reflow_client import jobfiles
+
+from .. import world
+from ..budget import Budget
+from ..engine import deferred
+from ..engine.model import Instance, JobRecord, Run, TaskRun
+from ..engine.states import SUCCESS, RunState, State
+from ..schedulers.base import Phase, Presence, SubmitError
+from ..schedulers.slurm_commands import dependency_options, option_flag
+from ..transports.base import TransportError
+from .submit import Submitter, adopt, entrypoint, new_tag
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+log = structlog.get_logger("reflowd.early")
+
+#: Record states of an early job the engine has not adopted (yet).
+EARLY_STATES = ("early_submitting", "early")
+DROPPED = "dropped"
+#: Upstream elements a recipe may name: a larger gather goes out the normal way (its recipe and the
+#: worker's reads would cost more than the hand-over saves).
+MAX_ELEMENTS = 10_000
+#: Tokens the cluster's command budget must hold for an early sbatch (it leaves one for the next poll).
+SPARE_TOKENS = 2.0
+#: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
+_OWN = ("dependency", "kill-on-invalid-dep")
+
+
+class EarlyJobs:
+    """A cluster driver's early (dependency) submissions."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.d = driver
+        #: (run id, task) -> the early job's record, while the engine has not adopted or dropped it.
+        self.jobs: dict[tuple[str, str], JobRecord] = {}
+        self._busy: set[tuple[str, str]] = set()  # an early sbatch in progress
+        self._runs: dict[str, Run] = {}  # runs whose upstream went out: look for downstream tasks
+        self._claims: dict[Instance, tuple[Run, JobRecord]] = {}
+        self._drops: list[JobRecord] = []
+        self._wake = anyio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        cluster = self.d.cluster
+        return cluster.scheduler.kind == "slurm" and bool(getattr(cluster.config, "slurm_dependencies", False))
+
+    # ------------------------------------------------------------------ hooks (synchronous)
+
+    def upstream_submitted(self, run: Run) -> None:
+        """A job of *run* has its id: a downstream task may now go out early."""
+        if self.enabled and run.state is RunState.RUNNING:
+            self._runs[run.id] = run
+            self._wake.set()
+
+    def claim(self, run: Run, inst: Instance) -> bool:
+        """A READY instance handed to the driver: True if its early job will be adopted (or dropped) here."""
+        record = self.jobs.get((run.id, inst.task)) if inst.index is None else None
+        if record is None:
+            return False
+        self._claims[inst] = (run, record)
+        self._wake.set()
+        return True
+
+    def left(self, run: Run, inst: Instance, new: State) -> None:
+        """The engine changed *inst*'s state: an early job it no longer waits for is dropped."""
+        key = (run.id, inst.task)
+        record = self.jobs.get(key)
+        if record is None or inst.index is not None or new in (State.PENDING, State.READY):
+            return
+        del self.jobs[key]
+        self._claims.pop(inst, None)
+        if new is State.SUBMITTING and inst.tag == record.tag:
+            return  # adopted
+        self._drop(record)
+
+    def recovered(self, record: JobRecord, run: Run) -> None:
+        """An early job an earlier daemon made: keep it for adoption while the instance waits, else drop it."""
+        tr = run.tasks.get(record.task)
+        inst = tr.instances.get(None) if tr is not None else None
+        if inst is not None and inst.state in (State.PENDING, State.READY) and run.state is RunState.RUNNING:
+            self.jobs[(run.id, record.task)] = record
+        else:
+            self._drop(record)
+
+    def _drop(self, record: JobRecord) -> None:
+        self.d.count("early_dropped")
+        self._drops.append(record)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def loop(self) -> None:
+        while True:
+            wake = self._wake
+            await wake.wait()
+            self._wake = anyio.Event()
+            runs, self._runs = self._runs, {}
+            for run in runs.values():
+                for tr, inst, upstream, job_ids in self.eligible(run):
+                    await self._guard(self.submit(run, tr, inst, upstream, job_ids), run, tr.name)
+            drops, self._drops = self._drops, []
+            for record in drops:
+                await self._guard(self.drop(record), None, record.task)
+            claims = {i: c for i, c in self._claims.items() if (c[0].id, i.task) not in self._busy}
+            for inst in claims:
+                del self._claims[inst]
+            for inst, (run, record) in claims.items():
+                try:
+                    await self.adopt(run, inst, record)
+                except Exception:  # never lose the instance: the normal way instead
+                    log.exception("cannot adopt an early job; submitting the usual way", run_id=run.id, tag=record.tag)
+                    self.d.count("early_errors")
+                    await self._give_up(run, inst, record)
+            if self._claims:  # waiting for an early sbatch to answer
+                await anyio.sleep(0.05)
+                self._wake.set()
+
+    async def _guard(self, step: Any, run: Run | None, task: str) -> None:
+        try:
+            await step
+        except Exception:  # an early job is an optimisation: its failure only means the normal way
+            log.exception("early submission step failed", run_id=run.id if run else None, task=task,
+                          cluster=self.d.name)
+            self.d.count("early_errors")
+
+    # ------------------------------------------------------------------ early submission
+
+    def eligible(self, run: Run) -> list[tuple[TaskRun, Instance, dict[str, tuple[bool, list[list[Any]]]], set[str]]]:
+        """Singleton tasks of *run* whose upstream elements are all done or queued under a known job id."""
+        d = self.d
+        if run.cancel_requested or run.error or run.state is not RunState.RUNNING \
+                or d.queue_limit.cap(world.now()) is not None:  # early jobs would not be counted under a cap
+            return []
+        if not spare_token(d.cluster.budget):
+            d.count("early_skipped_budget")
+            return []
+        out = []
+        for tr in run.tasks.values():
+            task = tr.manifest
+            key = (run.id, tr.name)
+            if task.is_array or not task.dependencies or key in self.jobs or key in self._busy:
+                continue
+            inst = tr.instances.get(None)
+            if inst is None or inst.state is not State.PENDING or inst.tag or inst.resources:
+                continue
+            if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
+                continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
+            options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
+            if any(option_flag(k) in _OWN for k in options):
+                continue
+            found = self._upstream(run, task.dependencies)
+            if found is not None:
+                out.append((tr, inst, *found))
+        return out
+
+    def _upstream(self, run: Run, deps: list[str]) -> tuple[dict[str, tuple[bool, list[list[Any]]]], set[str]] | None:
+        upstream: dict[str, tuple[bool, list[list[Any]]]] = {}
+        job_ids: set[str] = set()
+        count = 0
+        for dep in deps:
+            dtr = run.tasks.get(dep)
+            if dtr is None or dtr.blocked or not dtr.expanded:
+                return None
+            indices: list[int | None] = list(range(dtr.size or 0)) if dtr.manifest.is_array else [None]
+            count += len(indices)
+            if count > MAX_ELEMENTS:
+                return None
+            elements: list[list[Any]] = []
+            for i in indices:
+                u = dtr.instances.get(i)
+                if u is None:
+                    return None
+                if u.state in SUCCESS:
+                    elements.append(["value", u.output, u.output_hash])
+                    continue
+                track = self.d.tracks.get(u.tag) if u.tag and u.state in (State.QUEUED, State.RUNNING) else None
+                if track is None or not track.record.job_id:
+                    return None
+                elements.append(["file", jobfiles.result_path(track.request.job_dir, i)])
+                job_ids.add(track.record.job_id)
+            upstream[dep] = (dtr.manifest.is_array, elements)
+        return (upstream, job_ids) if job_ids else None
+
+    async def submit(self, run: Run, tr: TaskRun, inst: Instance, upstream: dict[str, tuple[bool, list[list[Any]]]],
+                     job_ids: set[str]) -> None:
+        d, cluster = self.d, self.d.cluster
+        key = (run.id, tr.name)
+        self._busy.add(key)
+        try:
+            tag = new_tag()
+            submitter = Submitter(d)
+            request = submitter.build_request(run, tr, [inst], tag)
+            request = dataclasses.replace(request, options={**request.options, **dependency_options(job_ids)})
+            recipe = deferred.recipe(run.workflow, tr.manifest, run.params, run.run_dir, inst.attempt, upstream)
+            job = {"run_id": run.id, "workflow": run.workflow, "task": tr.name,
+                   "entrypoint": entrypoint(run, cluster.remote), "run_dir": run.run_dir, "tag": tag, "kwargs": {},
+                   deferred.JOB_KEY: recipe}
+            timeout = cluster.config.command_timeout * 2
+            try:
+                await submitter.stage_entrypoint(run)
+                await cluster.metered.makedirs([request.log_dir, request.job_dir], timeout=timeout)
+                await cluster.metered.write_files({f"{request.job_dir}/{jobfiles.JOB_FILE}": jobfiles.dumps(job)},
+                                                  timeout=timeout)
+            except (TransportError, OSError, TimeoutError) as exc:
+                log.info("cannot write an early job's files; the task goes out the usual way", run_id=run.id,
+                         task=tr.name, error=str(exc))
+                return
+            if inst.state is not State.PENDING or inst.attempt != recipe["attempt"] or run.state is not RunState.RUNNING:
+                return  # moved on while we wrote (nothing was submitted)
+            record = JobRecord(tag, run.id, tr.name, cluster.name, request, state="early_submitting",
+                               submitted_at=world.now())
+            d.store.put_job(record)
+            self.jobs[key] = record
+            await d.store.flush()  # the tag is durable before Slurm hears of it: a restart finds the job
+            d.fault("before_early_submit")
+            cluster.count("submit")
+            d.count("early_submitted")
+            try:
+                job_id = await cluster.scheduler.submit(request)
+            except SubmitError as exc:
+                if not exc.permanent:
+                    log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
+                                error=str(exc))
+                    return
+                log.info("early submission refused; the task goes out the usual way", run_id=run.id, task=tr.name,
+                         error=str(exc))
+                record.state = "refused"
+                d.store.put_job(record)
+                if self.jobs.get(key) is record:
+                    del self.jobs[key]
+                    if inst in self._claims:
+                        del self._claims[inst]
+                        d.submit(run, [inst])
+                return
+            except (TransportError, TimeoutError) as exc:
+                log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
+                            error=str(exc) or type(exc).__name__)
+                return
+            record.job_id, record.state = job_id, "early"
+            d.store.put_job(record)
+            log.info("submitted early", run_id=run.id, task=tr.name, tag=tag, job_id=job_id,
+                     dependency=request.options.get("dependency"))
+            if self.jobs.get(key) is not record:
+                self._drop(record)  # dropped while sbatch ran: cancel it now that it has an id
+        finally:
+            self._busy.discard(key)
+            if self._claims:
+                self._wake.set()
+
+    # ------------------------------------------------------------------ adoption
+
+    async def adopt(self, run: Run, inst: Instance, record: JobRecord) -> None:
+        d = self.d
+        key = (run.id, inst.task)
+        if inst.state is not State.READY or self.jobs.get(key) is not record:
+            if inst.state is State.READY and not inst.tag:
+                d.submit(run, [inst])
+            return
+        why = await self._check(run, inst, record)
+        if inst.state is not State.READY or self.jobs.get(key) is not record:
+            return  # changed meanwhile (left() dropped it)
+        if why is not None:
+            log.info("early job not adopted; submitting the usual way", run_id=run.id, task=inst.task,
+                     tag=record.tag, why=why)
+            await self._give_up(run, inst, record)
+            return
+        del self.jobs[key]
+        job_id = record.job_id or ""
+        record.state = "submitting"
+        d.store.put_job(record)
+        now = world.now()
+        if not d.host.transition(run, inst, State.SUBMITTING, {"source": "early", "tag": record.tag, "job_id": job_id},
+                                 tag=record.tag, submitted_at=now, not_before=None):
+            await self._give_up(run, inst, record)
+            return
+        track = d.new_track(record, run, {None: inst})
+        d.count("early_adopted")
+        await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
+
+    async def _check(self, run: Run, inst: Instance, record: JobRecord) -> str | None:
+        """Why the early job cannot be adopted, or None. Its job id is resolved by tag if the sbatch's answer
+        was lost."""
+        d, cluster = self.d, self.d.cluster
+        timeout = cluster.config.command_timeout
+        try:
+            if not record.job_id:
+                record.job_id = await self._find(record)
+                if not record.job_id:
+                    return "its sbatch left no job"
+                record.state = "early"
+                d.store.put_job(record)
+            job_dir = record.request.job_dir
+            path = f"{job_dir}/{jobfiles.JOB_FILE}"
+            raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
+            if raw is None:
+                return "its job file is gone"
+            recipe = _loads(raw)[deferred.JOB_KEY]
+            why = self._matches(run, inst, recipe)
+            if why is not None:
+                return why
+            withdrawn = jobfiles.cancel_path(job_dir, None)
+            marks = [jobfiles.started_path(job_dir, None), jobfiles.result_path(job_dir, None)]
+            seen = await cluster.metered.exists([withdrawn, *marks], timeout=timeout)
+            if seen[withdrawn]:
+                return "it was withdrawn (a daemon began dropping it)"
+            if any(seen[m] for m in marks):
+                return None  # it started: the observer follows what it does
+            answers = await cluster.scheduler.query([record.job_id])
+            obs = answers.get(record.job_id)
+            if obs is not None and obs.presence is Presence.PRESENT and obs.phase is not Phase.DONE:
+                return None
+            if any((await cluster.metered.exists(marks, timeout=timeout)).values()):
+                return None  # (it started and ended between the two looks)
+            state = (obs.native_state or "") if obs is not None else "unknown to Slurm"
+            return f"job {record.job_id} ended without starting ({state})"
+        except (TransportError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            return f"cannot check it: {type(exc).__name__}: {exc}"
+
+    def _matches(self, run: Run, inst: Instance, recipe: dict[str, Any]) -> str | None:
+        for dep, up in recipe["upstream"].items():
+            dtr = run.tasks.get(dep)
+            size = (dtr.size or 0) if dtr is not None and dtr.manifest.is_array else 1
+            if dtr is None or len(up["elements"]) != size:
+                return f"upstream {dep} has another number of elements"
+        if set(recipe["upstream"]) != set(run.tasks[inst.task].manifest.dependencies):
+            return "written for other upstream tasks"
+
+        def current(dep: str, n: int) -> tuple[str | None, str | None] | None:
+            dtr = run.tasks[dep]
+            u = dtr.instances.get(n if dtr.manifest.is_array else None)
+            if u is None or u.state not in SUCCESS:
+                return None
+            if u.state is State.SUCCEEDED and u.tag:
+                return jobfiles.result_path(jobfiles.job_dir(run.run_dir, run.id, u.tag), u.index), u.output_hash
+            return None, u.output_hash
+
+        return deferred.matches(recipe, inst.attempt, current)
+
+    async def _find(self, record: JobRecord) -> str | None:
+        """The job an sbatch with an unknown answer made, by its tag (extra ones are cancelled)."""
+        found = (await self.d.cluster.scheduler.find_tags([record.tag])).get(record.tag) or []
+        for extra in found[1:]:
+            self.d.cancels[extra.job_id] = None
+        return found[0].job_id if found else None
+
+    async def _give_up(self, run: Run, inst: Instance, record: JobRecord) -> None:
+        """Drop the early job (its worker will not run the task) before the instance goes out the usual way."""
+        self.jobs.pop((run.id, inst.task), None)
+        self.d.count("early_dropped")
+        try:
+            await self.drop(record)
+        except Exception:
+            log.exception("cannot drop an early job", tag=record.tag)
+        if inst.state is State.READY and not inst.tag:
+            self.d.submit(run, [inst])
+
+    async def drop(self, record: JobRecord) -> None:
+        """Withdraw an early job: the marker that stops its worker, then ``scancel``; recorded ``dropped``."""
+        d, cluster = self.d, self.d.cluster
+        timeout = cluster.config.command_timeout
+        try:
+            await cluster.metered.write_files({jobfiles.cancel_path(record.request.job_dir, None): b"{}"},
+                                              timeout=timeout)
+        except (TransportError, OSError, TimeoutError) as exc:
+            log.warning("cannot mark an early job withdrawn; cancelling it", tag=record.tag, error=str(exc))
+        if not record.job_id:
+            try:
+                record.job_id = await self._find(record)
+            except (TransportError, TimeoutError) as exc:
+                log.warning("cannot look an early job up by tag; its marker stops it", tag=record.tag, error=str(exc))
+        if record.job_id:
+            d.cancels[record.job_id] = None
+            d.wake()
+        record.state = DROPPED
+        d.store.put_job(record)
+        log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)
+
+
+def spare_token(budget: Budget) -> bool:
+    """An early sbatch is charged like any command: only with a token to spare beyond the next poll, or it
+    would delay the observation of the very upstream it waits for (measured: a 12-a-minute budget made
+    every hand-over of the benchmark's run 2 s slower)."""
+    return budget.bucket.wait_time() == 0.0 and budget.bucket.tokens >= SPARE_TOKENS
+
+
+def _loads(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("job file is not a JSON object")
+    return data

@@ -1,0 +1,169 @@
+"""Slurm-side dependencies on the real Slurm cluster (tests/cluster/slurm.sh): a gather submitted while
+its upstream array runs, waiting in Slurm's queue on ``afterok``, resolving its inputs from the
+upstream's result files, adopted by the engine with no second sbatch -- or dropped (cancelled) when the
+engine has no use for it: a cache hit, a run cancel, an upstream element retried. And a daemon killed
+with SIGKILL while the early job waits finds it again on restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .cluster.wlm import WLM, cluster_table
+from .support import DaemonProcess, wait_for
+from .test_scheduler_engine import kill, manifest_of, status, wait_state
+
+CHAIN = Path(__file__).parent / "engine_workflows" / "early_chain.py"
+
+SLURM_PLAIN = pytest.mark.parametrize("wlm_name", [pytest.param("slurm-plain", marks=pytest.mark.slurm)],
+                                      indirect=True)
+
+
+def start(wlm: WLM, base: Path, dependencies: bool = True) -> DaemonProcess:
+    # (a generous command budget: an early sbatch waits for a spare token, and the runs here go at once)
+    table = wlm.table(None, python=sys.executable, **wlm.env.poll, slurm_dependencies=dependencies,
+                      max_calls_per_minute=600)
+    d = DaemonProcess(base, config='[defaults]\ncluster = "hpc"\n\n' + cluster_table("hpc", table),
+                      env=wlm.daemon_env())
+    return d.start()
+
+
+def submit(d: DaemonProcess, run_dir: Path, options: dict[str, Any] | None = None, **params: Any) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with d.client() as c:
+        return c.submit(*manifest_of(CHAIN, **params), str(run_dir), options=options).run_id
+
+
+def executions(run_dir: Path) -> Counter[str]:
+    path = run_dir / "executions.txt"
+    return Counter(line.split(" pid=")[0] for line in (path.read_text().splitlines() if path.exists() else []))
+
+
+def job_dirs(run_dir: Path, run_id: str, task: str) -> list[tuple[str, bool]]:
+    """(tag, submitted early?) of every job directory the daemon made for *task*: one per sbatch."""
+    out = []
+    for path in sorted((run_dir / ".reflow" / run_id / "jobs").glob("*/job.json")):
+        job = json.loads(path.read_text())
+        if job["task"] == task:
+            out.append((path.parent.name, "deferred" in job))
+    return out
+
+
+def job_named(tag: str) -> tuple[str, str] | None:
+    """(job id, state) of the Slurm job named *tag*."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "--name", tag, "-o", "%i %T"], capture_output=True,
+                         text=True, timeout=60).stdout.split()
+    return (out[0], out[1]) if out else None
+
+
+def early_waiting(run_dir: Path, run_id: str) -> tuple[str, str] | None:
+    """The early ``total`` job once Slurm holds it pending on its dependency: (tag, job id)."""
+    early = [tag for tag, deferred in job_dirs(run_dir, run_id, "total") if deferred]
+    found = job_named(early[0]) if early else None
+    return (early[0], found[0]) if found and found[1] == "PENDING" else None
+
+
+def driver_counters(d: DaemonProcess) -> dict[str, int]:
+    with d.client() as c:
+        return c.stats()["clusters"]["hpc"].get("driver", {})
+
+
+def states(d: DaemonProcess, run_id: str) -> dict[str, dict[str, int]]:
+    return {t.name: t.counts for t in status(d, run_id).tasks}
+
+
+@SLURM_PLAIN
+def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropped_for_a_retry(
+        wlm: WLM, tmp_path: Path) -> None:
+    d = start(wlm, tmp_path / "d")
+    gate = tmp_path / "gate"
+    try:
+        plain = submit(d, tmp_path / "plain", n=6)
+        cancel = submit(d, tmp_path / "cancel", n=2, gate=str(gate))
+        retry = submit(d, tmp_path / "retry", n=4, fail_once=2)
+
+        # adopted: the early job is the one that ran, and nothing else was submitted for total
+        assert wait_state(d, plain) == "succeeded", status(d, plain).raw
+        assert states(d, plain) == {"prepare": {"succeeded": 1}, "work": {"succeeded": 6}, "total": {"succeeded": 1}}
+        total = status(d, plain, "total").instances[0]  # type: ignore[index]
+        assert int(total.output) == 0 + 1 + 4 + 9 + 16 + 25
+        dirs = job_dirs(tmp_path / "plain", plain, "total")
+        assert len(dirs) == 1 and dirs[0][1], f"one sbatch for total, the early one: {dirs}"
+        assert job_named(dirs[0][0]) == (total.job_id, "COMPLETED")
+        assert executions(tmp_path / "plain")["total"] == 1
+
+        # cancelled with its run while it waits in the queue: scancel, and the task never runs
+        tag, job_id = wait_for(lambda: early_waiting(tmp_path / "cancel", cancel), timeout=120,
+                               what="the cancel run's early job to wait on its dependency")
+        with d.client() as c:
+            c.cancel(cancel)
+        assert wait_state(d, cancel) == "cancelled"
+        assert states(d, cancel)["total"] == {"cancelled": 1}
+        wait_for(lambda: (job_named(tag) or ("", ""))[1] == "CANCELLED", timeout=60,
+                 what=f"early job {job_id} to be cancelled")
+
+        # an upstream element that fails once: Slurm kills the early job (invalid dependency), the element is
+        # retried, and total goes out the usual way, after it: each element ran once per attempt
+        assert wait_state(d, retry) == "succeeded", status(d, retry).raw
+        assert int(status(d, retry, "total").instances[0].output) == 0 + 1 + 4 + 9  # type: ignore[index]
+        assert executions(tmp_path / "retry") == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 2, "work 3": 1,
+                                                  "total": 1}
+        dirs = job_dirs(tmp_path / "retry", retry, "total")
+        assert [deferred for _, deferred in dirs].count(False) == 1, dirs
+        for tag, deferred in dirs:
+            if deferred:
+                assert job_named(tag)[1] == "CANCELLED", tag  # type: ignore[index]
+
+        # a cache hit: the upstream ran again (its cache entries gone) with the same outputs; the early job
+        # (held in the queue here, so that it cannot start first) is cancelled and total is cached
+        with sqlite3.connect(d.state_dir / "cache.sqlite", timeout=30) as db:
+            db.execute("DELETE FROM cache WHERE task = 'work'")
+        again = submit(d, tmp_path / "plain", n=6)
+        tag, job_id = wait_for(lambda: early_waiting(tmp_path / "plain", again), timeout=120,
+                               what="the second run's early job")
+        subprocess.run(["scontrol", "hold", job_id], check=True, timeout=60)
+        assert wait_state(d, again) == "succeeded", status(d, again).raw
+        assert states(d, again) == {"prepare": {"cached": 1}, "work": {"succeeded": 6}, "total": {"cached": 1}}
+        wait_for(lambda: (job_named(tag) or ("", ""))[1] == "CANCELLED", timeout=60,
+                 what=f"early job {job_id} to be cancelled")
+        assert executions(tmp_path / "plain")["total"] == 1
+        counters = driver_counters(d)
+        assert counters["early_adopted"] == 1 and counters["early_submitted"] == 4, counters
+        wlm.tags_used_once()
+    finally:
+        gate.touch()
+        kill(d)
+
+
+@SLURM_PLAIN
+def test_a_daemon_killed_while_the_early_job_waits_adopts_it_on_restart_and_submits_nothing_twice(
+        wlm: WLM, tmp_path: Path) -> None:
+    d = start(wlm, tmp_path / "d")
+    gate = tmp_path / "gate"
+    run_dir = tmp_path / "run"
+    try:
+        run_id = submit(d, run_dir, n=3, gate=str(gate))
+        tag, job_id = wait_for(lambda: early_waiting(run_dir, run_id), timeout=120,
+                               what="the early job to wait on its dependency")
+        kill(d)
+        gate.touch()  # the upstream ends while no daemon runs: Slurm starts the early job by itself
+        d.start()
+        assert wait_state(d, run_id) == "succeeded", status(d, run_id).raw
+        total = status(d, run_id, "total").instances[0]  # type: ignore[index]
+        assert int(total.output) == 0 + 1 + 4 and total.job_id == job_id
+        assert job_dirs(run_dir, run_id, "total") == [(tag, True)]
+        assert executions(run_dir) == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "total": 1}
+        with d.client() as c:
+            assert c.stats()["clusters"]["hpc"]["calls"].get("submit", 0) == 0, "the restarted daemon submitted"
+        wlm.tags_used_once()
+    finally:
+        gate.touch()
+        kill(d)
