@@ -123,6 +123,8 @@ class Driver:
         self.accounting = AccountingHealth()
         self.ready_wake = anyio.Event()
         self.observer_wake = anyio.Event()
+        #: Set (and replaced) by the observer after each round of cancel delivery: see :meth:`cancels_sent`.
+        self.cancel_round = anyio.Event()
         self.counters: dict[str, int] = {}
         self.packer = Packer(self)
         #: Early submissions waiting on their upstream in Slurm's queue (``early.py``).
@@ -232,6 +234,22 @@ class Driver:
 
     def wake(self) -> None:
         self.observer_wake.set()
+
+    async def cancels_sent(self, timeout: float) -> bool:
+        """Wait (at most *timeout* s) until the cancels and cancel markers queued so far went out.
+
+        A client told "cancelled" may kill reflowd at once; what only this process's memory held (a kill
+        to send, a packed job's markers) would be lost, and a packed job would go on to elements that were
+        cancelled. While the scheduler is unreachable nothing is sent: no wait (they go out on recovery of
+        the connection)."""
+        with anyio.move_on_after(timeout):
+            for _ in range(3):  # a round that failed is retried by the observer anyway: do not spin on it
+                if not (self.cancels or self.packer.skips) or not self.health.allows(world.monotonic()):
+                    break
+                round_done = self.cancel_round
+                self.wake()
+                await round_done.wait()
+        return not (self.cancels or self.packer.skips)
 
     # ------------------------------------------------------------------ shared by the loops
 

@@ -458,6 +458,13 @@ class Observer:
                 self.cluster.scheduler.forget(track.record.job_id)
 
     async def deliver_cancels(self) -> None:
+        try:
+            await self._deliver_cancels()
+        finally:
+            done, self.d.cancel_round = self.d.cancel_round, anyio.Event()
+            done.set()
+
+    async def _deliver_cancels(self) -> None:
         d, cluster = self.d, self.cluster
         if d.packer.skips:
             markers, taken = d.packer.markers()

@@ -63,6 +63,8 @@ log = structlog.get_logger("reflowd.engine")
 #: Instances handled between two yields to the event loop in long loops (expansion, whole-run scans):
 #: a few milliseconds of work, so clients are answered and the store's commits stay near its batch size.
 YIELD_EVERY = 256
+#: How long a cancel request waits for its kills and packed jobs' markers to go out before it answers.
+CANCEL_SEND_WAIT = 10.0
 #: Python's full garbage collection walks every object the daemon holds (0.5 s and more with 10^6
 #: instances, a loop stall). A large expansion moves what exists to the permanent generation
 #: (``gc.freeze``), which collections skip; instances hold no reference cycles and are freed by their
@@ -693,6 +695,8 @@ class Engine:
         driver = self.drivers.get(run.cluster)
         if driver is not None:
             driver.cancel_jobs(kill)
+            if kill:
+                await driver.cancels_sent(CANCEL_SEND_WAIT)
         self.mark_dirty(run.id)
         return count
 
@@ -716,6 +720,7 @@ class Engine:
         driver = self.drivers.get(run.cluster)
         if driver is not None and had_job and key:
             driver.cancel_jobs([key])
+            await driver.cancels_sent(CANCEL_SEND_WAIT)
         self.mark_dirty(run.id)
         return 1
 
