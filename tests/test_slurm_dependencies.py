@@ -19,7 +19,8 @@ import pytest
 
 from .cluster.wlm import WLM, cluster_table
 from .support import DaemonProcess, wait_for
-from .test_scheduler_engine import kill, manifest_of, status, wait_state
+from .test_scheduler_engine import EXAMPLE, check_readme_pipeline, kill, manifest_of, status, wait_state
+from .test_scheduler_engine import submit as submit_cli
 
 CHAIN = Path(__file__).parent / "engine_workflows" / "early_chain.py"
 
@@ -166,4 +167,19 @@ def test_a_daemon_killed_while_the_early_job_waits_adopts_it_on_restart_and_subm
         wlm.tags_used_once()
     finally:
         gate.touch()
+        kill(d)
+
+
+@SLURM_PLAIN
+def test_the_readme_pipeline_with_its_merge_submitted_early_gives_the_same_results(wlm: WLM, tmp_path: Path) -> None:
+    d = start(wlm, tmp_path / "d")
+    try:
+        run_dir = tmp_path / "etl"
+        run_id = submit_cli(d, EXAMPLE, run_dir, "--chunks", "100", "--rows", "200")
+        check_readme_pipeline(d, wlm, run_id, run_dir, "hpc")  # results, 3 sbatch calls, logs, tags used once
+        assert [deferred for _, deferred in job_dirs(run_dir, run_id, "merge")] == [True]
+        assert driver_counters(d)["early_adopted"] == 1
+        logs = d.cli("logs", run_id, "merge")
+        assert logs.returncode == 0, logs.stdout + logs.stderr
+    finally:
         kill(d)
