@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -92,6 +93,14 @@ class Table:
         self.indexes = indexes
         self._encoders = [(f.name, col.encode) for f, col in self.fields]
         self._decoders = [(f.name, col.name or f.name, col.decode) for f, col in self.fields]
+        #: ``snapshot(record) -> tuple``: the fields' values as they are now (no encoding: cheap, done on
+        #: the event loop when a batch is taken); ``encode(snapshot) -> row`` encodes them for SQLite (the
+        #: store's writer does it off the loop). JSON-encoded values are replaced, never changed in place,
+        #: so a snapshot's values still say what the record held when it was taken.
+        getter = operator.attrgetter(*[f.name for f, _ in self.fields])
+        self.snapshot: Callable[[Any], tuple[Any, ...]] = (
+            getter if len(self.fields) > 1 else (lambda o: (getter(o),)))
+        self.encode = self._compile_encode()
         self.row = self._compile_row()
         self.values = self._compile_values()
         self.insert = (f"INSERT OR REPLACE INTO {name} ({', '.join(self.names)}) "
@@ -127,6 +136,21 @@ class Table:
                 parts.append(f"encode{i}(o.{name})")
         exec(f"def row(o):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
         return scope["row"]  # type: ignore[no-any-return]
+
+    def _compile_encode(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+        """``encode(snapshot) -> tuple``: a snapshot's values encoded for SQLite (for INSERT)."""
+        if all(encode is None for _, encode in self._encoders):
+            return lambda values: values
+        scope: dict[str, Any] = {}
+        parts = []
+        for i, (_, encode) in enumerate(self._encoders):
+            if encode is None:
+                parts.append(f"v[{i}]")
+            else:
+                scope[f"encode{i}"] = encode
+                parts.append(f"encode{i}(v[{i}])")
+        exec(f"def encode(v):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
+        return scope["encode"]  # type: ignore[no-any-return]
 
     def _compile_values(self) -> Callable[[Any], dict[str, Any]]:
         """``values(row) -> {field: value}`` from an ``sqlite3.Row`` (or a mapping)."""
