@@ -16,7 +16,7 @@ import json
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -74,11 +74,94 @@ def enum_column(kind: type, sql: str = "TEXT NOT NULL", **kw: Any) -> Any:
     return column(sql, decode=lambda v: None if v is None else kind(v), **kw)
 
 
-def _columns(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Column]]:
+@dataclass(frozen=True)
+class Rare:
+    """A field most records leave at its default (an error, a retry's history, absence bookkeeping).
+
+    Such fields share one slot, a dict holding only the values that differ from their defaults, so
+    a million instances do not each carry a slot per field (see :func:`rare_fields`). They are still
+    fields of the record: ``Table`` stores a persisted one like any other column.
+    """
+
+    name: str
+    default: Any = None
+    column: Column | None = None  # None: kept in memory only
+    reset: bool = False  # cleared when the record is tried again
+
+
+def rare(name: str, sql: str | None = None, *, default: Any = None, reset: bool = False,
+         encode: Callable[[Any], Any] | None = None, decode: Callable[[Any], Any] | None = None) -> Rare:
+    """A rare field: persisted when *sql* is given (a column like :func:`column`), else transient."""
+    col = Column(sql, None, False, reset, encode, decode) if sql is not None else None
+    return Rare(name, default, col, reset)
+
+
+def rare_json(name: str, *, reset: bool = False) -> Rare:
+    """A rare field stored as JSON text (None stays NULL), like :func:`json_column`."""
+    return rare(name, "TEXT", reset=reset, encode=lambda v: None if v is None else dump_json(v),
+                decode=lambda v: None if v is None else json.loads(v))
+
+
+def rare_fields(*rares: Rare) -> Callable[[type[T]], type[T]]:
+    """Class decorator (above ``@dataclass(slots=True)`` with a ``rare: dict | None`` field): each of
+    *rares* becomes a property over that dict, and ``__init__`` accepts them as keywords."""
+
+    def apply(cls: type[T]) -> type[T]:
+        for r in rares:
+            setattr(cls, r.name, _rare_property(r.name, r.default))
+        cls.__rare__ = rares  # type: ignore[attr-defined]
+        names = frozenset(r.name for r in rares)
+        base_init = cls.__init__
+
+        def __init__(self: Any, *args: Any, **kw: Any) -> None:
+            given = {k: kw.pop(k) for k in names.intersection(kw)} if kw else None
+            base_init(self, *args, **kw)
+            if given:
+                for k, v in given.items():
+                    setattr(self, k, v)
+
+        __init__.__doc__ = base_init.__doc__
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return apply
+
+
+def _rare_property(name: str, default: Any) -> property:
+    def get(self: Any) -> Any:
+        values = self.rare
+        return default if values is None else values.get(name, default)
+
+    def put(self: Any, value: Any) -> None:
+        values = self.rare
+        if value is default or (value == default and type(value) is type(default)):
+            if values is not None and name in values:
+                del values[name]
+                if not values:
+                    self.rare = None
+            return
+        if values is None:
+            self.rare = {name: value}
+        else:
+            values[name] = value
+
+    return property(get, put, doc=f"a rare field (kept in ``rare`` while it differs from {default!r})")
+
+
+class _Named(NamedTuple):
+    """A persisted field as tables see it: its name (a dataclass field or a rare one)."""
+
+    name: str
+
+
+def _columns(cls: type) -> Iterator[tuple[_Named, Column]]:
     for f in dataclasses.fields(cls):
         col = f.metadata.get("column")
         if col is not None:
-            yield f, col
+            yield _Named(f.name), col
+    for r in getattr(cls, "__rare__", ()):
+        if r.column is not None:
+            yield _Named(r.name), r.column
 
 
 class Table:
@@ -177,6 +260,9 @@ def reset_values(cls: type) -> dict[str, Any]:
         col = f.metadata.get("column")
         if (col is not None and col.reset) or f.metadata.get("transient_reset"):
             out[f.name] = f.default_factory() if f.default_factory is not _MISSING else f.default
+    for r in getattr(cls, "__rare__", ()):
+        if r.reset:
+            out[r.name] = r.default
     return out
 
 
