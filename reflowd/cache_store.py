@@ -20,7 +20,8 @@ entry a miss and the task runs again. The cache is disposable: a damaged file
 is moved aside (loudly) and started afresh, never a reason to refuse a run.
 
 The same file keeps the measured durations of succeeded instances (the newest
-``DURATIONS_KEPT`` per workflow, task and version), so that automatic packing
+``DURATIONS_KEPT`` per workflow, task and version, of the ``DURATION_VERSIONS_KEPT``
+newest versions of each task), so that automatic packing
 has history in a brand-new run directory too (``reflowd/driver/packing.py``).
 They are advisory: a duration that cannot be written or read is dropped with a
 warning and never holds up a result or a run. The table was added without
@@ -30,12 +31,13 @@ of older versions get it on their first open here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +81,16 @@ CREATE INDEX IF NOT EXISTS durations_by_task ON durations (workflow, task, versi
 #: Durations kept per (workflow, task, version): the newest ones; older rows are deleted as new ones come.
 DURATIONS_KEPT = 200
 
+#: Versions of one task whose durations are kept: a task edited many times must not grow the file for ever.
+DURATION_VERSIONS_KEPT = 3
+
 #: Durations waiting to be written, at most (a cache that cannot be written must not grow memory).
 DURATIONS_PENDING_MAX = 10_000
 
 DurationKey = tuple[str, str, str]
+
+PRUNE_VERSIONS = ("DELETE FROM durations WHERE workflow=? AND task=? AND version NOT IN (SELECT version FROM durations "
+                  "WHERE workflow=? AND task=? GROUP BY version ORDER BY MAX(at) DESC LIMIT ?)")
 
 #: Filesystems on which SQLite's WAL (shared memory beside the file) is unsafe across hosts.
 NETWORK_FILESYSTEMS = frozenset({
@@ -332,10 +340,14 @@ class CacheStore:
             try:
                 rows = await anyio.to_thread.run_sync(_with_fingerprints, list(batch.values()))
                 with anyio.CancelScope(shield=True):
-                    await self._write(rows)
-            except (sqlite3.Error, ValueError, OverflowError) as exc:
+                    async with self._transaction():
+                        await self._db.executemany(INSERT, rows)
+            except BaseException as exc:
+                # not written (failed, or cancelled while fingerprinting): keep the batch for close()
                 self._pending = {**batch, **self._pending}
                 self._wake.set()
+                if not isinstance(exc, (sqlite3.Error, ValueError, OverflowError)):
+                    raise
                 self.write_error = str(exc)
                 raise CacheError(f"cannot write the result cache {self.path}: {exc}") from exc
             finally:
@@ -352,32 +364,29 @@ class CacheStore:
                  "FROM durations WHERE workflow=? AND task=? AND version=? ORDER BY at DESC, rowid DESC LIMIT ?)")
         try:
             with anyio.CancelScope(shield=True):
-                await self._db.execute("BEGIN IMMEDIATE")
-                try:
+                async with self._transaction():
                     await self._db.executemany("INSERT INTO durations VALUES (?,?,?,?,?)", batch)
                     await self._db.executemany(prune, [(*k, *k, DURATIONS_KEPT) for k in keys])
-                    await self._db.execute("COMMIT")
-                except BaseException:
-                    try:
-                        await self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    raise
+                    await self._db.executemany(PRUNE_VERSIONS, [(*k[:2], *k[:2], DURATION_VERSIONS_KEPT)
+                                                                for k in sorted({k[:2] for k in keys})])
         except (sqlite3.Error, ValueError, OverflowError) as exc:
             log.warning("cannot write task durations to the result cache; dropped (they only size packed jobs)",
                         durations=len(batch), error=str(exc))
 
-    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """``BEGIN IMMEDIATE`` .. ``COMMIT``, rolled back (shielded) on any error or cancellation."""
         assert self._db is not None
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            await self._db.executemany(INSERT, rows)
+            yield
             await self._db.execute("COMMIT")
         except BaseException:
-            try:
-                await self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
 
     # ------------------------------------------------------------------ reading
@@ -431,19 +440,10 @@ class CacheStore:
                     return 0
             legacy = await anyio.to_thread.run_sync(_legacy_rows, Path(database))
             rows = await anyio.to_thread.run_sync(_with_fingerprints, legacy)
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 await self._db.executemany(INSERT.replace("OR REPLACE", "OR IGNORE"), rows)
                 await self._db.execute("INSERT OR IGNORE INTO adopted VALUES (?,?,?,?)",
                                        (database_id, str(database), len(rows), time.time()))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
         if rows:
             log.info("moved cached results into the shared cache", source=str(database), entries=len(rows),
                      cache=str(self.path))

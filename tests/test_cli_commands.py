@@ -122,8 +122,8 @@ def test_reflowd_in_an_unwritable_directory() -> None:
         os.chmod(base, 0o755)
         (base / "locked").mkdir(mode=0o755)
         (base / "config.toml").write_text("")
-        code = (  # the interpreter lives under /root: import first, then become nobody
-            "import os, sys, anyio, reflowd.__main__ as m, reflowd.engine.engine, reflowd.logging, reflowd.systemd\n"
+        code = (  # the interpreter lives under /root: import first (argparse imports shutil late), then become nobody
+            "import os, shutil, sys, anyio, reflowd.__main__ as m, reflowd.engine.engine, reflowd.logging, reflowd.systemd\n"
             "os.setgid(65534); os.setuid(65534)\n"
             f"sys.exit(m.main(['--socket', {str(base / 'locked' / 's.sock')!r}, '--state-dir', '/tmp/x-nobody']))\n"
         )

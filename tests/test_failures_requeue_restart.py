@@ -16,20 +16,17 @@ import random
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from reflow_client import jobfiles
 from reflowd import world
-from reflowd.engine.engine import Engine, EngineSettings
+from reflowd.engine.engine import Engine
 from reflowd.engine.states import RunState, State
-from reflowd.store import Store
 
 from .sim.cluster import Faults, SimCluster
-from .sim.harness import START, TICK, manifest, scratch_dir, sim_runtime, wait_until
+from .sim.harness import START, engine_life, manifest, scratch_dir, wait_until
 from .sim.loop import VirtualLoop, abandon, deterministic_anyio
 from .sim.quiet import quiet_logs
-from .sim.sqlite_inline import Connector, inline
 
 
 @pytest.fixture(autouse=True)
@@ -47,34 +44,9 @@ def lives(cluster: SimCluster, db: Path, *bodies: Any) -> list[Any]:
         loop = VirtualLoop(start=clock)
         world.install(world.World(now=lambda loop=loop: loop.virtual, monotonic=lambda loop=loop: loop.virtual,
                                   token_hex=lambda n: f"{ids.getrandbits(8 * n):0{2 * n}x}"))
-
-        async def main(body: Any = body, loop: VirtualLoop = loop) -> Any:
-            store = Store(db, connect=Connector(), offload=inline)
-            await store.open()
-            engine = Engine(store, {"sim": sim_runtime(cluster, lambda: loop.virtual)},
-                            EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(store.run_writer)
-                    await tg.start(engine.run)
-
-                    async def tick() -> None:
-                        while True:
-                            await anyio.sleep(TICK)
-                            cluster.tick(loop.virtual)
-
-                    tg.start_soon(tick)
-                    result = await body(engine, cluster)
-                    tg.cancel_scope.cancel()
-                return result
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await engine.close()
-                    await store.close()
-
         try:
             with deterministic_anyio():
-                results.append(loop.run_until_complete(main()))
+                results.append(loop.run_until_complete(engine_life(db, cluster, loop, body)))
         finally:
             clock = loop.virtual + 5.0  # the daemon is down for a moment
             world.install(None)

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from reflow.loader import load_workflow
-from reflowd.cache_store import CACHE_FILE, DURATIONS_KEPT, CacheStore
+from reflowd.cache_store import CACHE_FILE, DURATION_VERSIONS_KEPT, DURATIONS_KEPT, CacheStore
 
 from .support import ROOT
 
@@ -99,6 +99,28 @@ def test_an_old_cache_file_opens_and_a_foreign_durations_table_fails_nothing(sta
     # Again in the same directory (the run directory is part of each result's identity here).
     assert load_workflow(COUNTING).run_local(tmp_path / "a", max_workers=2, n=4).ok
     assert (tmp_path / "a" / "executions.txt").read_text().count("work") == 4, "the cached results were reused"
+
+
+def test_only_the_newest_versions_of_a_task_keep_their_durations(tmp_path: Path) -> None:
+    """A task edited again and again (a new ``version`` each time) must not grow the shared file for ever."""
+    async def versions() -> dict[str, list[float]]:
+        cache = CacheStore(tmp_path / CACHE_FILE, origin="embedded")
+        await cache.open()
+        try:
+            for version in range(1, 7):
+                cache.record_duration("w", "t", str(version), float(version))
+                cache.record_duration("w", "other", "1", float(version))
+                await cache.commit()  # one commit per version: they are written at different times
+            return {v: await cache.durations("w", "t", v) for v in map(str, range(1, 7))}
+        finally:
+            await cache.close()
+
+    kept = anyio.run(versions)
+    newest = [str(v) for v in range(6, 6 - DURATION_VERSIONS_KEPT, -1)]
+    assert {v for v, seconds in kept.items() if seconds} == set(newest)
+    with sqlite3.connect(tmp_path / CACHE_FILE) as db:
+        assert db.execute("SELECT COUNT(*) FROM durations WHERE task='other'").fetchone()[0] == 6, \
+            "another task's single version keeps all its rows"
 
 
 def test_a_damaged_cache_file_fails_no_run(state: Path, tmp_path: Path) -> None:

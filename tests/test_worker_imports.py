@@ -10,7 +10,7 @@ import reflow
 
 #: Modules a worker never uses before it runs the user's function: the configuration (TOML parsing)
 #: and the client's async stack. They must load on first use only.
-_NOT_IN_WORKER = ("reflow_client.config", "tomllib", "anyio", "reflow.run", "reflow_client.client")
+_NOT_IN_WORKER = ("reflow_client.config", "tomllib", "anyio", "reflow.run", "reflow_client.client", "tempfile")
 
 
 def _loaded_after(code: str) -> set[str]:

@@ -224,6 +224,15 @@ start() {
     if [ "$mode" = accounting ]; then
         wait_until 60 "sacct" sacct -n -X -S now-1hour
     fi
+    # Jobs slurmctld restored from its state directory belong to nobody now (an earlier, interrupted run of
+    # the tests or a previous machine set-up): they would hold the node's slots, so they go.
+    local stale
+    stale=$(squeue -h -o %i 2>/dev/null | sort -u | tr '\n' ' ')
+    if [ -n "${stale// /}" ]; then
+        say "cancelling jobs left from an earlier run: $stale"
+        # shellcheck disable=SC2086
+        scancel $stale || true
+    fi
     say "running in $mode mode"
 }
 

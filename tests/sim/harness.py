@@ -551,6 +551,33 @@ def run_seed(seed: int, workdir: Path | None = None) -> Report:
         return Harness(seed, Path(tmp)).run()
 
 
+async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any) -> Any:
+    """One daemon life on *path*: a real store, engine and driver on the simulated *cluster*; ``await body(engine,
+    cluster)``, then the engine and store closed as reflowd closes them."""
+    store = Store(path, connect=Connector(), offload=inline)
+    await store.open()
+    engine = Engine(store, {"sim": sim_runtime(cluster, lambda: loop.virtual)},
+                    EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run_writer)
+            await tg.start(engine.run)
+
+            async def tick() -> None:
+                while True:
+                    await anyio.sleep(TICK)
+                    cluster.tick(loop.virtual)
+
+            tg.start_soon(tick)
+            result = await body(engine, cluster)
+            tg.cancel_scope.cancel()
+        return result
+    finally:
+        with anyio.CancelScope(shield=True):
+            await engine.close()
+            await store.close()
+
+
 def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir: Path | None = None,
              db: Path | None = None) -> Any:
     """Run ``await body(engine, cluster)`` against a simulated cluster on virtual time; return its result.
@@ -566,33 +593,9 @@ def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir:
     holder = scratch_dir()
     path = db or Path(workdir or holder.name) / "sim.sqlite"
 
-    async def main() -> Any:
-        store = Store(path, connect=Connector(), offload=inline)
-        await store.open()
-        engine = Engine(store, {"sim": sim_runtime(cluster, lambda: loop.virtual)},
-                        EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(store.run_writer)
-                await tg.start(engine.run)
-
-                async def tick() -> None:
-                    while True:
-                        await anyio.sleep(TICK)
-                        cluster.tick(loop.virtual)
-
-                tg.start_soon(tick)
-                result = await body(engine, cluster)
-                tg.cancel_scope.cancel()
-            return result
-        finally:
-            with anyio.CancelScope(shield=True):
-                await engine.close()
-                await store.close()
-
     try:
         with deterministic_anyio():
-            return loop.run_until_complete(main())
+            return loop.run_until_complete(engine_life(path, cluster, loop, body))
     finally:
         world.install(None)
         abandon(loop)
