@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections import Counter
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +136,84 @@ class Instance:
         return self.state in SUCCESS
 
 
+class Elements(MutableMapping[int | None, Instance]):
+    """A task's instances by index, as a list: 8 bytes an element where a dict entry costs 40 to 80
+    (a million held instances). ``None`` is a singleton's one key. Reads like a dict; ``values()``
+    and ``items()`` are lists (taken at the call), in index order."""
+
+    __slots__ = ("_items", "_count", "_single")
+
+    def __init__(self, items: Mapping[int | None, Instance] | None = None) -> None:
+        self._items: list[Instance | None] = []
+        self._count = 0
+        self._single: Instance | None = None
+        for key, value in (items or {}).items():
+            self[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key is None:
+            return default if self._single is None else self._single
+        if type(key) is int and key >= 0:
+            try:
+                value = self._items[key]
+            except IndexError:
+                return default
+            return default if value is None else value
+        return default
+
+    def __getitem__(self, key: Any) -> Instance:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None
+
+    def __setitem__(self, key: int | None, value: Instance) -> None:
+        if key is None:
+            self._single = value
+            return
+        if type(key) is not int or key < 0:
+            raise KeyError(f"an element index is an int >= 0, not {key!r}")
+        items = self._items
+        if key >= len(items):
+            items.extend([None] * (key + 1 - len(items)))
+        if items[key] is None:
+            self._count += 1
+        items[key] = value
+
+    def __delitem__(self, key: int | None) -> None:
+        if key not in self:
+            raise KeyError(key)
+        if key is None:
+            self._single = None
+        else:
+            self._items[key] = None
+            self._count -= 1
+
+    def __iter__(self) -> Iterator[int | None]:
+        if self._single is not None:
+            yield None
+        for i, value in enumerate(self._items):
+            if value is not None:
+                yield i
+
+    def __len__(self) -> int:
+        return self._count + (self._single is not None)
+
+    def values(self) -> list[Instance]:  # type: ignore[override]
+        out = [v for v in self._items if v is not None] if self._count else []
+        return [self._single, *out] if self._single is not None else out
+
+    def items(self) -> list[tuple[int | None, Instance]]:  # type: ignore[override]
+        out: list[tuple[int | None, Instance]] = [(i, v) for i, v in enumerate(self._items) if v is not None]
+        return [(None, self._single), *out] if self._single is not None else out
+
+    def __repr__(self) -> str:
+        return f"Elements({len(self)} instances)"
+
+
 @dataclass(eq=False)
 class TaskRun:
     """A task within one run: its manifest, its own state and its instances."""
@@ -146,10 +225,12 @@ class TaskRun:
     state: TaskState = enum_column(TaskState, default=TaskState.PENDING)
     size: int | None = column("INTEGER", default=None)
     reason: str | None = column("TEXT", default=None)  # why the task is blocked
-    instances: dict[int | None, Instance] = field(default_factory=dict)
+    instances: Elements = field(default_factory=Elements)
     counts: Counter[State] = field(default_factory=Counter, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.instances, Elements):  # (a dict given: kept as the list it stands for)
+            self.instances = Elements(self.instances)
         self.name = self.name or self.manifest.name
         if not self.manifest.is_array and self.state is TaskState.PENDING:
             self.state = TaskState.EXPANDED
