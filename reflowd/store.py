@@ -126,34 +126,56 @@ def _escape_surrogates(value: Any) -> Any:
 
 @dataclass
 class _Batch:
-    """Changes taken out of the queue for one commit; put back whole if the commit fails."""
+    """Changes taken out of the queue for one commit; put back whole if the commit fails.
+
+    Taken on the event loop as snapshots (each record's field values, ``Table.snapshot``: cheap);
+    ``encode`` turns them into SQLite rows (JSON and all) in the writer's thread, off the loop.
+    """
 
     runs: dict[str, tuple[Any, ...]]
     tasks: dict[tuple[str, str], tuple[Any, ...]]
     instances: dict[tuple[str, str, int], tuple[Any, ...]]
-    transitions: list[tuple[Any, ...]]
+    transitions: list[tuple[Any, ...]]  # evidence still a dict (or its text)
     jobs: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
     generation: int
     failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
+    encoded: list[tuple[str, list[tuple[Any, ...]]]] | None = None
 
     @property
     def rows(self) -> int:
         return (len(self.runs) + len(self.tasks) + len(self.instances) + len(self.transitions) + len(self.jobs)
                 + len(self.cache) + len(self.failures))
 
-    def statements(self) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        return [
-            (RUNS.insert, list(self.runs.values())),
-            (TASKS.insert, list(self.tasks.values())),
-            (INSTANCES.insert, list(self.instances.values())),
+    def encode(self) -> None:
+        """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed)."""
+        texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
+
+        def evidence(ev: Any) -> str:
+            if isinstance(ev, str):
+                return ev
+            text = texts.get(id(ev))
+            if text is None:
+                text = texts[id(ev)] = dump_json(ev)
+            return text
+
+        self.encoded = [
+            (RUNS.insert, [RUNS.encode(v) for v in self.runs.values()]),
+            (TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
+            (INSTANCES.insert, [INSTANCES.encode(v) for v in self.instances.values()]),
             ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)",
-             self.transitions),
-            (JOBS.insert, list(self.jobs.values())),
+             [(*t[:5], evidence(t[5]), t[6]) for t in self.transitions]),
+            (JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),
             ("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
             ("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", list(self.failures.values())),
         ]
+
+    def statements(self) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        if self.encoded is None:
+            self.encode()
+        assert self.encoded is not None
+        return self.encoded
 
 
 # ---------------------------------------------------------------------- integrity at start
@@ -253,11 +275,11 @@ class Store:
         self._writing_cache: dict[str, tuple[Any, ...]] = {}
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        # Pending changes hold the records themselves (or rows put back after a failed commit): a record
-        # changed many times before a commit is encoded once, when the batch is taken.
+        # Pending changes hold the records themselves (or snapshots put back after a failed commit): a
+        # record changed many times before a commit is read once, when the batch is taken.
         self._runs: dict[str, Run | tuple[Any, ...]] = {}
         self._tasks: dict[tuple[str, str], TaskRun | tuple[Any, ...]] = {}
-        self._instances: dict[tuple[str, str, int], Instance | tuple[Any, ...]] = {}
+        self._instances: dict[tuple[str, str, int], tuple[Any, ...]] = {}
         self._transitions: list[tuple[Any, ...]] = []  # evidence still a dict until the batch is taken
         self._jobs: dict[str, JobRecord | tuple[Any, ...]] = {}
         self._cache: dict[str, tuple[Any, ...]] = {}
@@ -470,7 +492,10 @@ class Store:
         self._enqueued_one()
 
     def put_instance(self, inst: Instance) -> None:
-        self._instances[inst.key] = inst
+        # Snapshot now (its field values: a C attribute getter, no encoding): taking a batch of 10^4
+        # changed instances is then no work for the loop. Every change of an instance is followed by
+        # this call (``Ledger.instance``, ``Engine.update``), so the latest snapshot is what memory holds.
+        self._instances[inst.key] = INSTANCES.snapshot(inst)
         self._enqueued_one()
 
     def add_transition(
@@ -542,25 +567,16 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def _take_batch(self) -> _Batch:
-        """Everything pending, encoded now: the rows are what memory holds at this moment."""
+        """Everything pending, as snapshots taken now: the rows are what memory holds at this moment
+        (encoding them is left to the writer's thread, ``_Batch.encode``)."""
         taken, self._taken = self._taken, anyio.Event()
         taken.set()
-        evidence: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
-
-        def encode(ev: Any) -> str:
-            if isinstance(ev, str):
-                return ev
-            text = evidence.get(id(ev))
-            if text is None:
-                text = evidence[id(ev)] = dump_json(ev)
-            return text
-
         batch = _Batch(
-            {k: RUNS.row(v) if isinstance(v, Run) else v for k, v in self._runs.items()},
-            {k: TASKS.row(v) if isinstance(v, TaskRun) else v for k, v in self._tasks.items()},
-            {k: INSTANCES.row(v) if isinstance(v, Instance) else v for k, v in self._instances.items()},
-            [(*t[:5], encode(t[5]), t[6]) for t in self._transitions],
-            {k: JOBS.row(v) if isinstance(v, JobRecord) else v for k, v in self._jobs.items()},
+            {k: RUNS.snapshot(v) if isinstance(v, Run) else v for k, v in self._runs.items()},
+            {k: TASKS.snapshot(v) if isinstance(v, TaskRun) else v for k, v in self._tasks.items()},
+            self._instances,  # (snapshots already: ``put_instance``)
+            self._transitions,
+            {k: JOBS.snapshot(v) if isinstance(v, JobRecord) else v for k, v in self._jobs.items()},
             self._cache, self._pending, self._enqueued, self._run_failures)
         self._runs, self._tasks, self._instances = {}, {}, {}
         self._transitions, self._jobs, self._cache, self._run_failures = [], {}, {}, {}
@@ -590,8 +606,9 @@ class Store:
         self._writing_cache = batch.cache
         try:
             with anyio.CancelScope(shield=True):
+                await self._offload(batch.encode)
                 written = await self._write(self._db, batch)
-        except (sqlite3.Error, ValueError, OverflowError) as exc:
+        except (sqlite3.Error, ValueError, OverflowError, TypeError) as exc:  # (TypeError: a value JSON cannot encode)
             self._restore_batch(batch)
             raise StoreWriteError(describe_write_error(exc, self.path)) from exc
         finally:

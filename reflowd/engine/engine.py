@@ -70,7 +70,27 @@ CANCEL_SEND_WAIT = 10.0
 #: (``gc.freeze``), which collections skip; instances hold no reference cycles and are freed by their
 #: counts. The janitor unfreezes when it drops runs, so cycles left among frozen objects are collected.
 FREEZE_AFTER = 4096
-FREEZE_EVERY = 65536
+FREEZE_EVERY = 8192  # (a full collection walks what is not frozen yet: at most this many, a few ms)
+#: Upstream values from which resolving a task's inputs and encoding its identity plan (pure functions
+#: of immutable views) run in a worker thread: a gather of 10^5 values is 100 ms of CPU in one piece.
+OFFLOAD_AT = 4096
+
+
+def _values_in(views_: dict[str, UpstreamView]) -> int:
+    """How many upstream values a resolution walks (a singleton's list output counts its elements)."""
+    n = 0
+    for v in views_.values():
+        n += len(v.outputs)
+        if not v.is_array and v.outputs and isinstance(v.outputs[0], (list, tuple, dict)):
+            n += len(v.outputs[0])
+    return n
+
+
+async def _compute(big: bool, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``: in a worker thread when *big* (off the event loop), else right here."""
+    if big:
+        return await anyio.to_thread.run_sync(fn, *args)
+    return fn(*args)
 
 
 class EngineError(Exception):
@@ -464,8 +484,11 @@ class Engine:
         if not all(d.settled for d in deps) or not (tr.open or tr.counts.get(State.PENDING)):
             return  # changed while the views were built (a retry, a cancel): the next evaluation sees it anew
         pending = [i for i in tr.instances.values() if i.state is State.PENDING] if tr.expanded else []
+        big = _values_in(views_) >= OFFLOAD_AT
         try:
-            res = resolve(tr.manifest, views_, run.params, run.run_dir)
+            res = await _compute(big, resolve, tr.manifest, views_, run.params, run.run_dir)
+            if not all(d.settled for d in deps) or not (tr.open or tr.counts.get(State.PENDING)):
+                return  # (as above: changed while the thread worked)
         except ResolveError as exc:
             if tr.open:
                 self.ledger.task(run, tr, TaskState.FAILED, {"source": "resolve", "error": str(exc)}, reason=str(exc))
@@ -491,11 +514,16 @@ class Engine:
                 self.transition(run, inst, State.UPSTREAM_FAILED, {"source": "dependencies"}, reason=blocked)
                 continue
             if res.plan is None:
-                prepare_identities(run.workflow, tr.manifest, res)
+                await _compute(big, prepare_identities, run.workflow, tr.manifest, res)
                 await anyio.sleep(0)  # (a step of its own: a gather's plan encodes 10^5 upstream hashes)
                 if inst.state is not State.PENDING:
                     continue
-            identity = identity_for(run.workflow, tr.manifest, res, inst.index)
+            if big and inst.index is None:  # a gather's one identity hashes 10^5 upstream hashes
+                identity = await _compute(big, identity_for, run.workflow, tr.manifest, res, inst.index)
+                if inst.state is not State.PENDING:
+                    continue
+            else:
+                identity = identity_for(run.workflow, tr.manifest, res, inst.index)
             if self.transition(run, inst, State.READY, {"source": "dependencies"}, identity=identity):
                 ready.append(inst)
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -73,11 +74,94 @@ def enum_column(kind: type, sql: str = "TEXT NOT NULL", **kw: Any) -> Any:
     return column(sql, decode=lambda v: None if v is None else kind(v), **kw)
 
 
-def _columns(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Column]]:
+@dataclass(frozen=True)
+class Rare:
+    """A field most records leave at its default (an error, a retry's history, absence bookkeeping).
+
+    Such fields share one slot, a dict holding only the values that differ from their defaults, so
+    a million instances do not each carry a slot per field (see :func:`rare_fields`). They are still
+    fields of the record: ``Table`` stores a persisted one like any other column.
+    """
+
+    name: str
+    default: Any = None
+    column: Column | None = None  # None: kept in memory only
+    reset: bool = False  # cleared when the record is tried again
+
+
+def rare(name: str, sql: str | None = None, *, default: Any = None, reset: bool = False,
+         encode: Callable[[Any], Any] | None = None, decode: Callable[[Any], Any] | None = None) -> Rare:
+    """A rare field: persisted when *sql* is given (a column like :func:`column`), else transient."""
+    col = Column(sql, None, False, reset, encode, decode) if sql is not None else None
+    return Rare(name, default, col, reset)
+
+
+def rare_json(name: str, *, reset: bool = False) -> Rare:
+    """A rare field stored as JSON text (None stays NULL), like :func:`json_column`."""
+    return rare(name, "TEXT", reset=reset, encode=lambda v: None if v is None else dump_json(v),
+                decode=lambda v: None if v is None else json.loads(v))
+
+
+def rare_fields(*rares: Rare) -> Callable[[type[T]], type[T]]:
+    """Class decorator (above ``@dataclass(slots=True)`` with a ``rare: dict | None`` field): each of
+    *rares* becomes a property over that dict, and ``__init__`` accepts them as keywords."""
+
+    def apply(cls: type[T]) -> type[T]:
+        for r in rares:
+            setattr(cls, r.name, _rare_property(r.name, r.default))
+        cls.__rare__ = rares  # type: ignore[attr-defined]
+        names = frozenset(r.name for r in rares)
+        base_init = cls.__init__
+
+        def __init__(self: Any, *args: Any, **kw: Any) -> None:
+            given = {k: kw.pop(k) for k in names.intersection(kw)} if kw else None
+            base_init(self, *args, **kw)
+            if given:
+                for k, v in given.items():
+                    setattr(self, k, v)
+
+        __init__.__doc__ = base_init.__doc__
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return apply
+
+
+def _rare_property(name: str, default: Any) -> property:
+    def get(self: Any) -> Any:
+        values = self.rare
+        return default if values is None else values.get(name, default)
+
+    def put(self: Any, value: Any) -> None:
+        values = self.rare
+        if value is default or (value == default and type(value) is type(default)):
+            if values is not None and name in values:
+                del values[name]
+                if not values:
+                    self.rare = None
+            return
+        if values is None:
+            self.rare = {name: value}
+        else:
+            values[name] = value
+
+    return property(get, put, doc=f"a rare field (kept in ``rare`` while it differs from {default!r})")
+
+
+class _Named(NamedTuple):
+    """A persisted field as tables see it: its name (a dataclass field or a rare one)."""
+
+    name: str
+
+
+def _columns(cls: type) -> Iterator[tuple[_Named, Column]]:
     for f in dataclasses.fields(cls):
         col = f.metadata.get("column")
         if col is not None:
-            yield f, col
+            yield _Named(f.name), col
+    for r in getattr(cls, "__rare__", ()):
+        if r.column is not None:
+            yield _Named(r.name), r.column
 
 
 class Table:
@@ -92,6 +176,14 @@ class Table:
         self.indexes = indexes
         self._encoders = [(f.name, col.encode) for f, col in self.fields]
         self._decoders = [(f.name, col.name or f.name, col.decode) for f, col in self.fields]
+        #: ``snapshot(record) -> tuple``: the fields' values as they are now (no encoding: cheap, done on
+        #: the event loop when a batch is taken); ``encode(snapshot) -> row`` encodes them for SQLite (the
+        #: store's writer does it off the loop). JSON-encoded values are replaced, never changed in place,
+        #: so a snapshot's values still say what the record held when it was taken.
+        getter = operator.attrgetter(*[f.name for f, _ in self.fields])
+        self.snapshot: Callable[[Any], tuple[Any, ...]] = (
+            getter if len(self.fields) > 1 else (lambda o: (getter(o),)))
+        self.encode = self._compile_encode()
         self.row = self._compile_row()
         self.values = self._compile_values()
         self.insert = (f"INSERT OR REPLACE INTO {name} ({', '.join(self.names)}) "
@@ -128,6 +220,21 @@ class Table:
         exec(f"def row(o):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
         return scope["row"]  # type: ignore[no-any-return]
 
+    def _compile_encode(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+        """``encode(snapshot) -> tuple``: a snapshot's values encoded for SQLite (for INSERT)."""
+        if all(encode is None for _, encode in self._encoders):
+            return lambda values: values
+        scope: dict[str, Any] = {}
+        parts = []
+        for i, (_, encode) in enumerate(self._encoders):
+            if encode is None:
+                parts.append(f"v[{i}]")
+            else:
+                scope[f"encode{i}"] = encode
+                parts.append(f"encode{i}(v[{i}])")
+        exec(f"def encode(v):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
+        return scope["encode"]  # type: ignore[no-any-return]
+
     def _compile_values(self) -> Callable[[Any], dict[str, Any]]:
         """``values(row) -> {field: value}`` from an ``sqlite3.Row`` (or a mapping)."""
         scope: dict[str, Any] = {}
@@ -153,6 +260,9 @@ def reset_values(cls: type) -> dict[str, Any]:
         col = f.metadata.get("column")
         if (col is not None and col.reset) or f.metadata.get("transient_reset"):
             out[f.name] = f.default_factory() if f.default_factory is not _MISSING else f.default
+    for r in getattr(cls, "__rare__", ()):
+        if r.reset:
+            out[r.name] = r.default
     return out
 
 
