@@ -210,6 +210,9 @@ def serve(socket: str, state_dir: str) -> None:
     traced = os.environ.get("REFLOW_BENCH_TRACEMALLOC")
     if traced:  # debugging aid: where the held instances' memory is (lines allocating most, once they are held)
         _trace_memory(Path(state_dir) / "callbacks.pause", traced)
+    collections = os.environ.get("REFLOW_BENCH_GC")
+    if collections:  # debugging aid: every garbage collection over 20 ms (generation, objects walked)
+        _time_collections(collections)
     stalls = os.environ.get("REFLOW_BENCH_STALLS")
     if stalls:  # debugging aid: where the event loop was when it stalled for more than 200 ms
         _watch_stalls(stalls)
@@ -322,6 +325,24 @@ def _profile_idle(marker: Path, out: str) -> None:
         holder["loop"].call_soon_threadsafe(lambda: (profiler.disable(), profiler.dump_stats(out)))
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _time_collections(path: str) -> None:
+    import gc
+
+    out = open(path, "w", buffering=1)
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        spent = time.perf_counter() - started[0]
+        if spent > 0.02:
+            out.write(f"{time.strftime('%H:%M:%S')} gen {info['generation']} {spent * 1000:.0f} ms "
+                      f"collected {info['collected']} frozen {gc.get_freeze_count()} tracked {len(gc.get_objects())}\n")
+
+    gc.callbacks.append(callback)
 
 
 def _watch_stalls(path: str) -> None:
