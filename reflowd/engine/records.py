@@ -209,31 +209,27 @@ class Table:
 
     def _compile_row(self) -> Callable[[Any], tuple[Any, ...]]:
         """``row(record) -> tuple`` in column order (for INSERT)."""
-        scope: dict[str, Any] = {}
-        parts = []
-        for i, (name, encode) in enumerate(self._encoders):
-            if encode is None:
-                parts.append(f"o.{name}")
-            else:
-                scope[f"encode{i}"] = encode
-                parts.append(f"encode{i}(o.{name})")
-        exec(f"def row(o):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
-        return scope["row"]  # type: ignore[no-any-return]
+        return self._compile_tuple("row", "o", lambda i, name: f"o.{name}")
 
     def _compile_encode(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
         """``encode(snapshot) -> tuple``: a snapshot's values encoded for SQLite (for INSERT)."""
         if all(encode is None for _, encode in self._encoders):
             return lambda values: values
+        return self._compile_tuple("encode", "v", lambda i, name: f"v[{i}]")
+
+    def _compile_tuple(self, fn: str, arg: str, access: Callable[[int, str], str]) -> Callable[[Any], tuple[Any, ...]]:
+        """``fn(arg) -> tuple`` of every column's value (``access``: how the i-th is read), encoded."""
         scope: dict[str, Any] = {}
         parts = []
-        for i, (_, encode) in enumerate(self._encoders):
+        for i, (name, encode) in enumerate(self._encoders):
+            value = access(i, name)
             if encode is None:
-                parts.append(f"v[{i}]")
+                parts.append(value)
             else:
                 scope[f"encode{i}"] = encode
-                parts.append(f"encode{i}(v[{i}])")
-        exec(f"def encode(v):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
-        return scope["encode"]  # type: ignore[no-any-return]
+                parts.append(f"encode{i}({value})")
+        exec(f"def {fn}({arg}):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
+        return scope[fn]  # type: ignore[no-any-return]
 
     def _compile_values(self) -> Callable[[Any], dict[str, Any]]:
         """``values(row) -> {field: value}`` from an ``sqlite3.Row`` (or a mapping)."""
