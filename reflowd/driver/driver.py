@@ -102,6 +102,11 @@ class Driver:
         self.due_times: list[tuple[float, int, Instance]] = []
         self._seq = 0
         self.tracks: dict[str, JobTrack] = {}
+        #: Indices over ``tracks`` (kept by :meth:`follow`, :meth:`unfollow`, :meth:`quiet`), so that a cycle's
+        #: work follows what changed, not how many jobs wait: the tracks whose files the file clock looks at
+        #: (``JobTrack.waiting`` false), and tracks by job id.
+        self.awake: dict[str, JobTrack] = {}
+        self.by_job: dict[str, JobTrack] = {}
         self.unresolved: dict[str, JobTrack] = {}
         self.cancels: dict[str, None] = {}  # job keys to cancel (ordered)
         self.staged: set[str] = set()  # run ids whose workflow file is on the cluster
@@ -223,7 +228,7 @@ class Driver:
         if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
             self.unresolved[record.tag] = track
         else:
-            self.tracks[record.tag] = track
+            self.follow(track)
             await self.cluster.scheduler.reattach(record.request, record.job_id)
         if track.packed:
             self.packer.recovered(track)
@@ -260,6 +265,37 @@ class Driver:
         # (polls are few: the command budget): look often for a few checks (``FileClock.expect``).
         clock.expect(world.monotonic())
         return JobTrack(record, run, dict(insts), clock)
+
+    def follow(self, track: JobTrack) -> None:
+        """Observe *track* (its job is known to the scheduler)."""
+        self.tracks[track.tag] = track
+        if track.record.job_id:
+            self.by_job[track.record.job_id] = track
+        if track.waiting:
+            self.awake.pop(track.tag, None)
+        else:
+            self.awake[track.tag] = track
+
+    def unfollow(self, tag: str) -> JobTrack | None:
+        """Stop observing *tag*'s job."""
+        track = self.tracks.pop(tag, None)
+        self.awake.pop(tag, None)
+        self.held_tags.pop(tag, None)
+        if track is not None and track.record.job_id and self.by_job.get(track.record.job_id) is track:
+            del self.by_job[track.record.job_id]
+        return track
+
+    def quiet(self, track: JobTrack, answer: Any, live: int, active: bool) -> None:
+        """The scheduler's *answer* for *track* changed nothing: an equal answer next time is skipped whole."""
+        track.quiet_answer, track.quiet_live, track.quiet_active = answer, live, active
+        if track.waiting:
+            self.awake.pop(track.tag, None)
+
+    def unquiet(self, track: JobTrack) -> None:
+        """Something changed for *track*: its elements and files are looked at again."""
+        track.quiet_answer = None
+        if self.tracks.get(track.tag) is track:
+            self.awake[track.tag] = track
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

@@ -22,6 +22,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from reflow_client import jobfiles
@@ -48,11 +49,15 @@ FILE_CONCURRENCY = 16
 YIELD_EVERY = 256
 
 
+#: Tracks handled between two yields when a poll answers for very many jobs (an idle one costs a comparison).
+TRACKS_PER_STEP = 64
+
+
 def waiting_in_queue(track: JobTrack) -> bool:
     """The scheduler's unchanged answer says none of the job's elements has started: no result can be
     there to find, so its files are not looked at. The next poll that shows one running or finished
     ends this (the job's answer changes) and hurries its file clock."""
-    return track.quiet_answer is not None and not track.quiet_active
+    return track.waiting
 
 
 class Observer:
@@ -95,7 +100,7 @@ class Observer:
                         d.query_due = False
                         await self.query()
                         next_query = world.monotonic() + max(d.policy.interval, d.health.interval())
-                self.prune()
+                await self.prune()
             except Exception:  # a cycle must survive anything a cluster throws at it
                 log.exception("observer cycle failed", cluster=d.name)
                 d.count("observer_errors")
@@ -116,9 +121,7 @@ class Observer:
         due = next_query - now_m
         if self.cluster.budget.wait_time() > 0 or not d.health.allows(now_m):
             due = min(due, max(self.cluster.budget.wait_time(), d.health.next_probe_at - now_m))
-        for track in d.tracks.values():
-            if waiting_in_queue(track):
-                continue
+        for track in d.awake.values():  # (those waiting in a queue have no file clock running)
             due = min(due, track.files.next_at - now_m)
             if due <= base:
                 return base
@@ -132,7 +135,7 @@ class Observer:
 
     async def check_files(self) -> None:
         now = world.monotonic()
-        due = [t for t in self.d.tracks.values() if t.files.due(now) and not waiting_in_queue(t)]
+        due = [t for t in self.d.awake.values() if t.files.due(now)]
         if not due:
             return
         limiter = anyio.CapacityLimiter(FILE_CONCURRENCY)
@@ -290,7 +293,11 @@ class Observer:
         changed = False
         if d.lingering.observed(observations, world.now()) and d.ready:
             d.ready_wake.set()  # those elements ended at the scheduler: their queue slots are free
-        for track in tracks:
+        for n, track in enumerate(tracks):
+            if n and n % TRACKS_PER_STEP == 0:
+                await anyio.lowlevel.checkpoint()  # 10^3 jobs' answers: let the loop answer clients meanwhile
+            if self.d.tracks.get(track.tag) is not track:
+                continue  # pruned meanwhile
             try:
                 changed |= await self.apply_observations(track, observations)
             except (TransportError, TimeoutError):
@@ -299,8 +306,10 @@ class Observer:
                 self.track_failed(track, "applying the scheduler's answer", exc)
                 changed = True
         # Poll promptly for the held results that are young; one held while its job still runs waits its turn.
+        # (Only tags that held something can: a result is held where its tag is added to ``held_tags``.)
         hold_until = world.now() - d.settings.hold_max
-        d.held_tags = {t: None for t, tr in d.tracks.items() if any(since > hold_until for _, since in tr.held.values())}
+        d.held_tags = {t: None for t in d.held_tags
+                       if (tr := d.tracks.get(t)) is not None and any(since > hold_until for _, since in tr.held.values())}
         d.policy.after_query(world.monotonic() - started, changed)
 
     async def apply_observations(self, track: JobTrack, observations: dict[str, Observation] | None) -> bool:
@@ -336,7 +345,7 @@ class Observer:
                 else:
                     changed = True
         if observations is None:
-            track.quiet_answer = None
+            d.unquiet(track)
             return changed
         # A scheduler answering job by job (``Answers``): the same answer as last time, when that one
         # changed nothing, changes nothing now either -- skip the job without looking at its elements.
@@ -347,7 +356,7 @@ class Observer:
                 track.files.hurry()
             d.count("unchanged_jobs_skipped")
             return changed
-        track.quiet_answer = None
+        d.unquiet(track)
         finished: list[Instance] = []
         concluding: list[tuple[Instance, decide.Decision]] = []
         active = False
@@ -390,7 +399,7 @@ class Observer:
             if track.packed and not track.seen_started:  # its worker is starting: its first element is near
                 track.files.expect(world.monotonic())
         if quiet and answer is not None:
-            track.quiet_answer, track.quiet_live, track.quiet_active = answer, len(track.live), active
+            d.quiet(track, answer, len(track.live), active)
         # Before concluding a failure from the scheduler alone, look once more for a result file.
         look = {id(i): i for i in finished} | {id(i): i for i, _ in concluding}
         if look:
@@ -442,15 +451,18 @@ class Observer:
 
     # ------------------------------------------------------------------ housekeeping
 
-    def prune(self) -> None:
+    async def prune(self) -> None:
         d = self.d
-        for tag in list(d.emptied):
+        for n, tag in enumerate(list(d.emptied)):
+            if n and n % TRACKS_PER_STEP == 0:
+                await anyio.lowlevel.checkpoint()  # (each writes its job's row)
+            if tag not in d.emptied:
+                continue  # (taken meanwhile)
             del d.emptied[tag]
             track = d.tracks.get(tag)
             if track is None or track.live:
                 continue
-            del d.tracks[tag]
-            d.held_tags.pop(tag, None)
+            d.unfollow(tag)
             d.packer.skips.pop(tag, None)
             track.record.state = "done"
             d.store.put_job(track.record)

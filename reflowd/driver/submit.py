@@ -431,7 +431,7 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
     track.record.job_id = job_id
     track.record.state = "submitted"
     d.store.put_job(track.record)
-    d.tracks[track.tag] = track
+    d.follow(track)
     for n, inst in enumerate(track.members()):
         if n and n % YIELD_EVERY == 0:
             await anyio.sleep(0)

@@ -46,6 +46,12 @@ class JobTrack:
                 self.slots[index] = k
 
     @property
+    def waiting(self) -> bool:
+        """The scheduler's unchanged answer says none of the job's elements has started: no result can be
+        there to find, so its files are not looked at (``Driver.awake`` holds the tracks where this is false)."""
+        return self.quiet_answer is not None and not self.quiet_active
+
+    @property
     def packed(self) -> bool:
         return self.record.request.slices is not None
 

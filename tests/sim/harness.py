@@ -351,6 +351,8 @@ class Harness:
         self._moved = moved
         driver = engine.drivers["sim"]
         followed = {(id(i)) for t in [*driver.tracks.values(), *driver.unresolved.values()] for i in t.live.values()}
+        for problem in driver_index_problems(driver):
+            self.violation(problem)
         for run in engine.runs.values():
             for tr in run.tasks.values():
                 actual = Counter(i.state for i in tr.instances.values())
@@ -507,6 +509,18 @@ def run_rows(run: Run) -> dict[tuple[str, Any], tuple[Any, ...]]:
         for inst in tr.instances.values():
             rows[("instances", INSTANCES.key_of(inst))] = INSTANCES.row(inst)
     return rows
+
+
+def driver_index_problems(driver: Any) -> list[str]:
+    """The driver's indices over its tracks must say what a walk over every track says (they replace it)."""
+    problems = []
+    awake = {tag for tag, t in driver.tracks.items() if not t.waiting}
+    if set(driver.awake) != awake or any(driver.awake[tag] is not driver.tracks[tag] for tag in awake & set(driver.awake)):
+        problems.append(f"awake index {sorted(driver.awake)[:5]} but tracks not waiting {sorted(awake)[:5]}")
+    by_job = {t.record.job_id: t for t in driver.tracks.values() if t.record.job_id}
+    if driver.by_job != by_job:
+        problems.append(f"job index {sorted(driver.by_job)[:5]} but tracked jobs {sorted(by_job)[:5]}")
+    return problems
 
 
 def memory_rows(engine: Engine) -> dict[tuple[str, Any], tuple[Any, ...]]:
