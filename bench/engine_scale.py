@@ -219,6 +219,8 @@ def serve(socket: str, state_dir: str) -> None:
     collections = os.environ.get("REFLOW_BENCH_GC")
     if collections:  # debugging aid: every garbage collection over 20 ms (generation, objects walked)
         _time_collections(collections)
+    if os.environ.get("REFLOW_BENCH_HEAP"):  # bench/engine_heap.py: what the frozen heap holds, on request
+        _answer_heap(Path(state_dir) / "heap")
     stalls = os.environ.get("REFLOW_BENCH_STALLS")
     if stalls:  # debugging aid: where the event loop was when it stalled for more than 200 ms
         _watch_stalls(stalls)
@@ -350,18 +352,54 @@ def _time_collections(path: str) -> None:
     import gc
 
     out = open(path, "w", buffering=1)
-    started = [0.0]
+    started = [0.0, 0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            started[:] = time.perf_counter(), time.thread_time()
             return
         spent = time.perf_counter() - started[0]
-        if spent > 0.02:
-            out.write(f"{time.strftime('%H:%M:%S')} gen {info['generation']} {spent * 1000:.0f} ms "
+        if spent > 0.02:  # (wall clock; the CPU figure is what the collection itself cost, load aside)
+            cpu = time.thread_time() - started[1]
+            out.write(f"{time.strftime('%H:%M:%S')} gen {info['generation']} {spent * 1000:.0f} ms (cpu {cpu * 1000:.0f}) "
                       f"collected {info['collected']} frozen {gc.get_freeze_count()} tracked {len(gc.get_objects())}\n")
 
     gc.callbacks.append(callback)
+
+
+def _answer_heap(base: Path) -> None:
+    """On ``heap.ask``, on the loop's thread: how many objects are frozen and how much of that is garbage
+    (collected now, with the time it took), and the RSS; written to ``heap.json``."""
+    import asyncio
+    import gc
+
+    holder: dict[str, Any] = {"loop": None}
+    original = asyncio.events.Handle._run
+
+    def run(self: Any) -> None:
+        holder["loop"] = holder["loop"] or asyncio.get_running_loop()
+        return original(self)
+
+    asyncio.events.Handle._run = run  # type: ignore[method-assign]
+
+    def answer() -> None:
+        frozen = gc.get_freeze_count()
+        started = time.thread_time()
+        gc.unfreeze()
+        found = gc.collect()
+        spent = time.thread_time() - started
+        gc.freeze()  # (as it was: what the daemon had frozen stays frozen)
+        base.with_suffix(".json").write_text(json.dumps({"frozen": frozen, "garbage": found, "collect_s": spent,
+                                                         "rss": rss(os.getpid())}))
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.2)
+            if base.with_suffix(".ask").exists() and holder["loop"] is not None:
+                base.with_suffix(".ask").unlink()
+                holder["loop"].call_soon_threadsafe(answer)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _watch_stalls(path: str) -> None:

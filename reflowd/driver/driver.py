@@ -290,6 +290,8 @@ class Driver:
         track.quiet_answer, track.quiet_live, track.quiet_active = answer, live, active
         if track.waiting:
             self.awake.pop(track.tag, None)
+        elif self.tracks.get(track.tag) is track:
+            self.awake[track.tag] = track
 
     def unquiet(self, track: JobTrack) -> None:
         """Something changed for *track*: its elements and files are looked at again."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from reflow_client import jobfiles
@@ -46,7 +47,7 @@ log = structlog.get_logger("reflowd.submitter")
 #: Seconds before job files that could not be written are tried again.
 WRITE_RETRY = 10.0
 #: Instances moved between two yields to the event loop (a batch can be a whole local array).
-YIELD_EVERY = 256
+YIELD_EVERY = 128
 #: READY instances formed into jobs per round of the submit loop, in arrays of the scheduler's largest size.
 TAKE_ARRAYS = 4
 
@@ -209,8 +210,9 @@ class Submitter:
             slices=slices,
         )
 
-    def job_files(self, run: Run, tr: TaskRun, insts: list[Instance], request: SubmitRequest,
-                  plan: packing.Plan | None = None) -> dict[str, bytes]:
+    async def job_files(self, run: Run, tr: TaskRun, insts: list[Instance], request: SubmitRequest,
+                        plan: packing.Plan | None = None) -> dict[str, bytes]:
+        """The job's files (a thousand inputs files for an array: formed with yields between, ~15 us each)."""
         res = self.host.resolution(run, tr)
         job: dict[str, Any] = {
             "run_id": run.id,
@@ -233,10 +235,14 @@ class Submitter:
         if request.slices is not None:  # one inputs file per slice, not per element (jobfiles.slice_inputs_path)
             by_index = {inst.index: inst for inst in insts}
             for slot, piece in enumerate(request.slices):
+                if slot and slot % (YIELD_EVERY // 8) == 0:
+                    await anyio.lowlevel.checkpoint()
                 files[jobfiles.slice_inputs_path(request.job_dir, slot)] = jobfiles.dumps(
                     {"elements": {str(i): inputs(by_index[i]) for i in piece if i in by_index}})
             return files
-        for inst in insts:
+        for n, inst in enumerate(insts):
+            if n and n % YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
             files[jobfiles.inputs_path(request.job_dir, inst.index)] = jobfiles.dumps(inputs(inst))
         return files
 
@@ -287,7 +293,7 @@ class Submitter:
         tag = new_tag()
         try:
             request = self.build_request(run, tr, insts, tag, plan)
-            files = self.job_files(run, tr, insts, request, plan)
+            files = await self.job_files(run, tr, insts, request, plan)
         except ResolveError as exc:
             for inst in insts:
                 host.transition(run, inst, State.FAILED, {"source": "resolve"}, error=str(exc))

@@ -16,7 +16,6 @@ status; it never stops the daemon or another run.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from ..schedulers.base import OptionError
 from ..store import Store
 from . import retry_policy, views
 from .events import EventHub, Subscription
+from .heap import Heap
 from .ledger import Ledger
 from .model import ON_ERROR, Instance, Run, RunOptions, TaskRun
 from .records import column_fields, reset_values
@@ -61,14 +61,16 @@ from .verify import verify_outputs
 log = structlog.get_logger("reflowd.engine")
 
 #: Instances handled between two yields to the event loop in long loops (expansion, whole-run scans):
-#: a few milliseconds of work, so clients are answered and the store's commits stay near its batch size.
-YIELD_EVERY = 256
+#: a few milliseconds of work (an identity and a transition to READY are 100-200 us each on a loaded
+#: machine), so clients are answered and the store's commits stay near its batch size.
+YIELD_EVERY = 64
 #: How long a cancel request waits for its kills and packed jobs' markers to go out before it answers.
 CANCEL_SEND_WAIT = 10.0
 #: Python's full garbage collection walks every object the daemon holds (0.5 s and more with 10^6
 #: instances, a loop stall). A large expansion moves what exists to the permanent generation
 #: (``gc.freeze``), which collections skip; instances hold no reference cycles and are freed by their
-#: counts. The janitor unfreezes when it drops runs, so cycles left among frozen objects are collected.
+#: counts. Each freeze first collects what is not frozen yet, and the janitor collects the frozen heap
+#: once that is cheap (``heap.Heap``): cycles left among frozen objects are collected then.
 #: Large containers made later (the list of instances turned READY, the driver's queue they are handed
 #: to) are frozen too: one of 10^6 entries made each full collection 0.1-0.9 s during a hand-over.
 #: So is what every 8,192 transitions leave behind (job tracks, their ``live`` maps, requests): at 10^5
@@ -200,6 +202,7 @@ class Engine:
         self._evaluating: set[str] = set()
         self._resolutions: dict[tuple[str, str], Resolution] = {}
         self._changed_since_freeze = 0  # transitions since the last gc.freeze (see FREEZE_AFTER)
+        self.heap = Heap()
         #: READY instances that have not been through the cache check yet, per run.
         self._to_check: dict[str, list[Instance]] = {}
 
@@ -230,7 +233,7 @@ class Engine:
         """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed."""
         runs, broken = await self.store.load_active_runs()
         if sum(len(tr.instances) for r in runs for tr in r.tasks.values()) >= FREEZE_AFTER:
-            gc.freeze()  # (see FREEZE_AFTER)
+            self.heap.freeze(collect=False)  # (see FREEZE_AFTER; what it loaded is 10^6 objects to walk)
         for run_id, why in broken:
             log.error("run cannot be recovered; marking it failed", run_id=run_id, error=why)
             self.store.fail_run_row(run_id, why)
@@ -278,7 +281,7 @@ class Engine:
         self._changed_since_freeze += 1
         if self._changed_since_freeze >= FREEZE_EVERY:
             self._changed_since_freeze = 0
-            gc.freeze()  # (see FREEZE_AFTER: what submissions of 10^5 elements leave behind)
+            self.heap.freeze()  # (see FREEZE_AFTER: what submissions of 10^5 elements leave behind)
         driver = self.drivers.get(run.cluster)
         if old is State.READY:
             inst.handed = False
@@ -517,7 +520,7 @@ class Engine:
         for n, inst in enumerate(pending):
             await self._pace(n)
             if n and n % FREEZE_EVERY == 0:
-                gc.freeze()  # (see FREEZE_AFTER: ``ready`` grows to 10^6 entries)
+                self.heap.freeze()  # (see FREEZE_AFTER: ``ready`` grows to 10^6 entries)
             if inst.state is not State.PENDING:
                 continue  # cancelled while we yielded
             blocked = res.element_blocked[inst.index] if inst.index is not None else None
@@ -559,16 +562,16 @@ class Engine:
             self.store.put_instance(inst)
             created.append(inst)
             if (i + 1) % FREEZE_EVERY == 0:
-                gc.freeze()
+                self.heap.freeze()
         if size >= FREEZE_AFTER:
-            gc.freeze()
+            self.heap.freeze()
         self.ledger.task(run, tr, TaskState.EXPANDED, {"elements": size}, size=size)
         return created
 
     async def _cache_phase(self, run: Run, instances: list[Instance]) -> None:
         large = len(instances) >= FREEZE_AFTER
         if large:
-            gc.freeze()  # (see FREEZE_AFTER: the list of 10^6 READY instances, walked by every full collection)
+            self.heap.freeze()  # (see FREEZE_AFTER: the list of 10^6 READY instances, walked by every full collection)
         options = run.options
         force_tasks = set(options.force_tasks)
         lookup: list[Instance] = []
@@ -585,7 +588,7 @@ class Engine:
                 lookup.append(inst)
         await self._hand_over_paced(run, direct)
         if large:
-            gc.freeze()  # (the driver's queue now holds them: a dict of 10^6 entries, 0.1-0.9 s a full collection)
+            self.heap.freeze()  # (the driver's queue now holds them: a dict of 10^6 entries, 0.1-0.9 s a full collection)
         if not lookup:
             return
         hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
@@ -614,7 +617,7 @@ class Engine:
                 missed.append(inst)
         self._hand_over(run, [i for i in missed if i.state is State.READY and not i.handed])
         if large:
-            gc.freeze()  # (as above)
+            self.heap.freeze()  # (as above)
 
     async def _verify_outputs(self, run: Run, items: list[tuple[Instance, Any]]) -> dict[str, str | None]:
         """``{identity: None (ok) | problem}``: paths must exist; custom ``verify`` runs in a worker."""
@@ -857,6 +860,7 @@ class Engine:
                       "transitions": self.store.transitions_written},
             "counters": dict(self.counters),
             "watchers": self.events.count,
+            "heap": self.heap.to_dict(),
             "clusters": {n: d.status() for n, d in self.drivers.items()},
             "pid": os.getpid(),
         }
@@ -895,10 +899,12 @@ class Engine:
         """Drop long-finished runs from memory (the store keeps them)."""
         while True:
             await anyio.sleep(60)
+            if not any(r.state is RunState.RUNNING for r in self.runs.values()):
+                self.heap.tidy()  # (idle, a freeze since the last one, and the heap small: 20-50 ms at most)
             cutoff = world.now() - self.settings.keep_finished
             for run_id, run in list(self.runs.items()):
                 if run.state in RUN_TERMINAL and (run.ended_at or 0) < cutoff and not run.active:
-                    gc.unfreeze()  # (see FREEZE_AFTER)
+                    self.heap.owed = True  # its cycles among frozen objects: collected once that is cheap
                     del self.runs[run_id]
                     self._to_check.pop(run_id, None)
                     for key in [k for k in self._resolutions if k[0] == run_id]:

@@ -1,0 +1,101 @@
+"""The driver's indices over its tracks, and the engine's heap policy (issue #13: work follows change).
+
+The observer no longer walks every track each cycle: ``Driver.awake`` holds the tracks whose files
+it looks at and ``Driver.by_job`` finds a job's track. Whatever happens, they must say what a walk
+over every track says (the simulation checks the same after each of its steps:
+``tests/sim/harness.driver_index_problems``).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reflow_client.config import ClusterConfig
+from reflowd.budget import Budget
+from reflowd.driver.driver import Driver
+from reflowd.driver.policy import FileClock
+from reflowd.driver.track import JobTrack
+from reflowd.engine.heap import Heap
+from tests.sim.harness import driver_index_problems
+
+
+def driver() -> Driver:
+    config = ClusterConfig(name="c", scheduler="instant")
+    cluster = SimpleNamespace(name="c", config=config, scheduler=SimpleNamespace(), budget=Budget(60.0),
+                              result_interval=0.5)
+    return Driver(cluster, store=None, host=None)  # type: ignore[arg-type]  # (the indices touch neither)
+
+
+def track(tag: str, job_id: str | None) -> JobTrack:
+    record = SimpleNamespace(tag=tag, job_id=job_id, request=SimpleNamespace(slices=None))
+    return JobTrack(record, run=None, live={}, files=FileClock(0.5, 60.0))  # type: ignore[arg-type]
+
+
+operation = st.tuples(st.sampled_from(["follow", "quiet", "unquiet", "unfollow"]), st.integers(0, 5),
+                      st.booleans(), st.sampled_from([None, "same", "other"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(operation, max_size=40))
+def test_the_indices_say_what_a_walk_over_every_track_says(ops: list[tuple[str, int, bool, Any]]) -> None:
+    d = driver()
+    made: dict[str, JobTrack] = {}
+    for kind, k, active, answer in ops:
+        tag = f"t{k}"
+        if kind == "follow":
+            made[tag] = track(tag, f"{100 + k}" if k % 3 else None)
+            d.follow(made[tag])
+        elif kind == "unfollow":
+            d.unfollow(tag)
+        elif tag in made:
+            if kind == "quiet":
+                d.quiet(made[tag], None if answer is None else ("answer", answer), 0, active)
+            else:
+                d.unquiet(made[tag])
+        assert driver_index_problems(d) == [], (kind, tag)
+    # What the file clock looks at: exactly the tracks not waiting in a queue.
+    assert set(d.awake) == {tag for tag, t in d.tracks.items() if not t.waiting}
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_freeze_first_collects_the_garbage_it_would_keep_forever() -> None:
+    heap = Heap()
+    garbage = Cycle()
+    dead = weakref.ref(garbage)
+    del garbage  # (a cycle: only a collection frees it)
+    try:
+        heap.freeze()
+        assert dead() is None
+        assert heap.owed and heap.freezes == 1
+    finally:
+        gc.unfreeze()
+
+
+def test_what_dies_frozen_is_collected_once_the_heap_is_small() -> None:
+    heap = Heap()
+    alive = Cycle()
+    dead = weakref.ref(alive)
+    try:
+        heap.freeze()
+        del alive  # garbage now, but frozen: no collection of Python's own finds it
+        gc.collect()
+        assert dead() is not None
+        assert not heap.tidy(small=0)  # a large frozen heap is not walked (that would be the stall freezing avoids)
+        assert dead() is not None and heap.owed
+        assert heap.tidy(small=10**9)
+        assert dead() is None
+        assert not heap.owed and heap.last_found >= 1 and gc.get_freeze_count() == 0
+        assert not heap.tidy(small=10**9)  # nothing froze since: nothing owed
+        assert heap.to_dict()["tidies"] == 1
+    finally:
+        gc.unfreeze()
