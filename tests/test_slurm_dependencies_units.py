@@ -141,3 +141,127 @@ def test_an_early_sbatch_only_takes_a_token_the_next_poll_does_not_need() -> Non
     budget.charge_command("sbatch")
     assert not spare_token(budget)
     assert spare_token(Budget(600))
+
+
+# ---------------------------------------------------------------------- element-wise chains (aftercorr)
+
+ELEMENTWISE = Path(__file__).resolve().parent / "engine_workflows" / "early_elementwise.py"
+
+
+def elementwise_tasks() -> dict[str, Any]:
+    from reflow.loader import load_workflow
+
+    return {t.name: t for t in Manifest.from_dict(load_workflow(ELEMENTWISE).describe()).tasks}
+
+
+def test_only_an_array_mapped_element_by_element_over_one_array_is_a_chain() -> None:
+    tasks = elementwise_tasks()
+    assert deferred.chain_source(tasks["double"]) == "work"
+    assert deferred.chain_source(tasks["work"]) is None  # a fan-out: its size is its upstream's output
+    assert deferred.chain_source(tasks["total"]) is None  # a gather (the single early path's)
+    both = tasks["double"].to_dict()  # the same upstream also feeding a whole-value parameter
+    both["inputs"]["all"] = [{"step": "work", "mode": "broadcast"}]
+    from reflow_client.manifest import TaskManifest
+    assert deferred.chain_source(TaskManifest.from_dict(both, "t")) is None
+
+
+def test_a_chained_element_resolves_the_engines_arguments_and_identity_from_its_upstream_element_alone(
+        tmp_path: Path) -> None:
+    double = elementwise_tasks()["double"]
+    outputs = [result(i * i) for i in range(5)]
+    params = {"offset": codec.encode(7)}
+    view = UpstreamView(is_array=True, outputs=[r["output"] for r in outputs],
+                        hashes=[r["output_hash"] for r in outputs], ok=[True] * 5)
+    res = resolve(double, {"work": view}, params, str(tmp_path))  # the engine's, once every element is done
+    recipe = json.loads(json.dumps(deferred.chain_recipe("early_elementwise", double, params, str(tmp_path), {},
+                                                         "work", 5, "/jobs/up")))
+    assert deferred.chain_file(recipe, 3) == "/jobs/up/results/3.json"
+    # element 3 alone is known (the others may still run), element 4 failed, element 1 left nothing
+    shared, found = deferred.resolve_chain(recipe, {3: outputs[3], 4: result(None, "failed"), 1: None})
+    assert shared == res.shared
+    assert found[3] == (dict(res.elements[3]), identity_for("early_elementwise", double, res, 3))
+    assert "element 4 did not succeed" in str(found[4]) and "element 1 left no result" in str(found[1])
+    with pytest.raises(deferred.DeferredError, match="does not map"):
+        deferred.resolve_chain({**recipe, "chain": {**recipe["chain"], "dep": "prepare"}}, {})
+
+
+def test_a_chained_recipe_matches_only_its_first_attempt_and_the_upstream_job_it_reads() -> None:
+    recipe = {"format": 1, "attempt": 1, "chain": {"dep": "work", "size": 4, "job_dir": "/jobs/a"}}
+    assert deferred.chain_matches(recipe, 1, 2, "/jobs/a/results/2.json") is None
+    assert "attempt" in (deferred.chain_matches(recipe, 2, 2, "/jobs/a/results/2.json") or "")
+    assert "did not succeed in" in (deferred.chain_matches(recipe, 1, 2, "/jobs/b/results/2.json") or "")  # retried
+    assert "did not succeed in" in (deferred.chain_matches(recipe, 1, 2, None) or "")
+
+
+def test_a_chain_goes_early_only_when_both_arrays_run_the_same_elements_per_array_task() -> None:
+    from reflowd.driver.packing import Plan, aligned
+    from reflowd.schedulers.base import SubmitRequest
+
+    def request(indices: list[int] | None, slices: list[list[int]] | None = None) -> SubmitRequest:
+        return SubmitRequest(tag="t", run_id="r", task="a", job_dir="/j", log_dir="/l", workdir="/w",
+                             worker_argv=["w"], indices=indices, slices=slices)
+
+    unpacked = request([0, 1, 2, 3])
+    packed = request([0, 1], [[0, 1], [2, 3]])
+    assert aligned(unpacked, None)
+    assert not aligned(unpacked, Plan([[0, 1], [2, 3]], 1, "pack=2"))
+    assert aligned(packed, Plan([[0, 1], [2, 3]], 1, "pack=2"))
+    assert aligned(packed, Plan([[0, 1], [2, 3]], 2, "pack=2"))  # (how many run at once inside does not matter)
+    assert not aligned(packed, Plan([[0, 1, 2], [3]], 1, "pack=3"))
+    assert not aligned(packed, None)
+    assert not aligned(request(None), None)  # a singleton has no array tasks to correspond to
+
+
+def chained_job(tmp_path: Path, up: Path, size: int, slices: list[list[int]] | None = None) -> Path:
+    double = elementwise_tasks()["double"]
+    job_dir = tmp_path / "jobs" / "early"
+    job: dict[str, Any] = {
+        "run_id": "run-1", "workflow": "early_elementwise", "task": "double", "entrypoint": str(ELEMENTWISE),
+        "run_dir": str(tmp_path), "tag": "early", "kwargs": {},
+        deferred.JOB_KEY: deferred.chain_recipe("early_elementwise", double, {"offset": codec.encode(1)},
+                                                str(tmp_path), {}, "work", size, str(up))}
+    if slices is not None:
+        job.update(slices=slices, width=1)
+    jobfiles.write_json_atomic(str(job_dir / jobfiles.JOB_FILE), job)
+    return job_dir
+
+
+def worker(job_dir: Path, *args: str) -> int:
+    return subprocess.run([sys.executable, "-m", "reflow.worker", str(job_dir), *args], capture_output=True,
+                          text=True, timeout=120).returncode
+
+
+def test_the_worker_runs_a_chained_element_from_its_upstream_elements_result_unpacked_and_packed(
+        tmp_path: Path) -> None:
+    up = tmp_path / "jobs" / "up"
+    for i in (0, 2, 3):
+        jobfiles.write_json_atomic(jobfiles.result_path(str(up), i), result(i * i))
+    jobfiles.write_json_atomic(jobfiles.result_path(str(up), 1), result(None, "failed"))
+    double = elementwise_tasks()["double"]
+    view = UpstreamView(is_array=True, outputs=[codec.encode(i * i) for i in range(4)],
+                        hashes=[codec.value_hash(codec.encode(i * i)) for i in range(4)], ok=[True] * 4)
+
+    def identity(run_dir: Path, index: int) -> str:  # the engine's, once every element is done
+        res = resolve(double, {"work": view}, {"offset": codec.encode(1)}, str(run_dir))
+        return identity_for("early_elementwise", double, res, index)
+
+    unpacked = chained_job(tmp_path / "u", up, 4)
+    assert worker(unpacked, "--index", "2") == 0
+    out = json.loads((unpacked / "results" / "2.json").read_text())
+    assert out["state"] == "succeeded" and codec.decode(out["output"]) == 2 * 4 + 1
+    assert out["resolved_inputs"] is True and out["identity"] == identity(tmp_path / "u", 2)
+    assert worker(unpacked, "--index", "1") == 2  # its upstream element failed: not run
+    assert "did not succeed" in json.loads((unpacked / "results" / "1.json").read_text())["error"]
+    assert (tmp_path / "u" / "executions.txt").read_text().count("double") == 1
+
+    packed = chained_job(tmp_path / "p", up, 4, slices=[[0, 1], [2, 3]])
+    jobfiles.write_json_atomic(jobfiles.cancel_path(str(packed), 3), {})  # withdrawn by the daemon
+    assert worker(packed, "--packed", "--index", "1") == 0
+    out = json.loads((packed / "results" / "2.json").read_text())
+    assert out["identity"] == identity(tmp_path / "p", 2) and out["resolved_inputs"] is True
+    assert not (packed / "results" / "3.json").exists()
+    assert worker(packed, "--packed", "--index", "0") != 0  # element 1's upstream failed; element 0 still runs
+    assert json.loads((packed / "results" / "0.json").read_text())["state"] == "succeeded"
+    assert "did not succeed" in json.loads((packed / "results" / "1.json").read_text())["error"]
+    lines = (tmp_path / "p" / "executions.txt").read_text().splitlines()
+    assert sorted(line.split(" pid=")[0] for line in lines) == ["double 0", "double 4"]
