@@ -265,3 +265,21 @@ def test_the_worker_runs_a_chained_element_from_its_upstream_elements_result_unp
     assert "did not succeed" in json.loads((packed / "results" / "1.json").read_text())["error"]
     lines = (tmp_path / "p" / "executions.txt").read_text().splitlines()
     assert sorted(line.split(" pid=")[0] for line in lines) == ["double 0", "double 4"]
+
+
+def test_an_early_array_task_is_adopted_for_its_wanted_elements_only_where_slurm_runs_or_ran_it() -> None:
+    from reflowd.driver.chains import verdict
+
+    piece = [4, 5]
+    # waiting in the queue on an upstream task that succeeded whole: adopted
+    assert verdict(piece, {4, 5}, {4, 5}, started=False, alive=True) == [4, 5]
+    # element 5 is a cache hit (not wanted): 4 alone is adopted, 5 is skipped by its marker
+    assert verdict(piece, {4}, {4, 5}, started=False, alive=True) == [4]
+    # upstream element 5 failed (or was retried elsewhere): Slurm cancels the task; element 4 goes out again
+    assert verdict(piece, {4}, {4}, started=False, alive=True) == []
+    # gone from the queue without starting (cancelled for its dependency, or by hand)
+    assert verdict(piece, {4, 5}, {4, 5}, started=False, alive=False) == []
+    # it has started: whatever is wanted is adopted (an element whose upstream failed did not run: its
+    # worker found the failed result), so nothing the early job ran runs again
+    assert verdict(piece, {4}, {4}, started=True, alive=False) == [4]
+    assert verdict(piece, set(), {4, 5}, started=True, alive=True) == []

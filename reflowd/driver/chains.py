@@ -360,16 +360,16 @@ class ChainJobs:
         claims = self._claims.pop(record.tag, {})
         self._forget(record)
         try:
-            keep = await self._adoptable(run, record, claims)
+            chosen = await self._adoptable(run, record, claims)
         except Exception:  # never lose an element: the normal way instead
             log.exception("cannot check an early array; its elements go out the usual way", run_id=run.id,
                           tag=record.tag)
             d.count("early_errors")
-            keep = []
-        request = record.request
-        pieces = request.slices or [[i] for i in request.indices or ()]
-        keep = [t for t in keep if all(claims[i].state is State.READY and not claims[i].tag for i in pieces[t])]
-        if not keep:
+            chosen = {}
+        chosen = {t: [i for i in picked if claims[i].state is State.READY and not claims[i].tag]
+                  for t, picked in chosen.items()}
+        chosen = {t: picked for t, picked in chosen.items() if picked}
+        if not chosen:
             log.info("early array not adopted; its elements go out the usual way", run_id=run.id, task=record.task,
                      tag=record.tag)
             d.count("early_dropped")
@@ -378,22 +378,38 @@ class ChainJobs:
             finally:
                 self._give_back(run, claims.values())
             return
-        kept = set(keep)
-        dropped = [t for t in range(len(pieces)) if t not in kept]
+        request = record.request
+        pieces = request.slices or [[i] for i in request.indices or ()]
+        dropped = [t for t in range(len(pieces)) if t not in chosen]
+        # elements of an adopted array task that are not adopted: the worker must skip them (markers)
+        skipped = [i for t, picked in chosen.items() for i in pieces[t] if i not in picked]
+        if skipped:
+            try:
+                await d.cluster.metered.write_files({jobfiles.cancel_path(request.job_dir, i): b"{}" for i in skipped},
+                                                    timeout=d.cluster.config.command_timeout * 2)
+            except (TransportError, OSError, TimeoutError) as exc:  # they must not run twice: drop it all
+                log.warning("cannot mark an early array's elements withdrawn; dropping it", tag=record.tag,
+                            error=str(exc))
+                try:
+                    await self.drop(record, None)
+                finally:
+                    self._give_back(run, claims.values())
+                return
         job_id = record.job_id or ""
         record.state = "submitting"
         d.store.put_job(record)
         now = world.now()
         adopted: dict[int | None, Instance] = {}
         evidence = {"source": "early", "tag": record.tag, "job_id": job_id, "chain": True}
-        for t in keep:
-            for i in pieces[t]:
+        for picked in chosen.values():
+            for i in picked:
                 inst = claims[i]
                 if d.host.transition(run, inst, State.SUBMITTING, evidence, tag=record.tag, submitted_at=now,
                                      not_before=None):
                     adopted[i] = inst
         d.count("early_adopted")
         d.count("chain_adopted_elements", len(adopted))
+        self._give_back(run, [claims[i] for i in skipped if i in claims])
         if dropped:
             d.count("chain_dropped_tasks", len(dropped))
             try:
@@ -403,8 +419,8 @@ class ChainJobs:
         track = d.new_track(record, run, adopted)
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
-    async def _adoptable(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> list[int]:
-        """The array tasks of an early array that can be adopted (see the module's docstring)."""
+    async def _adoptable(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> dict[int, list[int]]:
+        """The elements to adopt, by array task (see :func:`verdict`)."""
         d, cluster = self.d, self.d.cluster
         timeout = cluster.config.command_timeout
         request = record.request
@@ -412,57 +428,84 @@ class ChainJobs:
         if not record.job_id:
             record.job_id = await self.early._find(record)  # noqa: SLF001 (the owner's look-up by tag)
             if not record.job_id:
-                return []
+                return {}
             record.state = "early"
             d.store.put_job(record)
         path = f"{request.job_dir}/{jobfiles.JOB_FILE}"
         raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
         if raw is None:
-            return []
+            return {}
         recipe = _loads(raw)[deferred.JOB_KEY]
         dep = recipe["chain"]["dep"]
         atr = run.tasks.get(dep)
         if atr is None or (atr.size or 0) != recipe["chain"]["size"]:
-            return []
+            return {}
 
         def current_value(name: str, n: int) -> tuple[str | None, str | None] | None:
             dtr = run.tasks[name]
             u = dtr.instances.get(n if dtr.manifest.is_array else None)
             return (None, u.output_hash) if u is not None and u.state in SUCCESS else None
 
-        def element_ok(i: int) -> bool:
-            inst = claims.get(i)
-            if inst is None or inst.state is not State.READY or inst.tag:
-                return False
-            if deferred.matches({**recipe, "attempt": inst.attempt}, inst.attempt, current_value) is not None:
-                return False  # (the other upstreams' values; the attempt is checked below)
+        def upstream_ok(i: int) -> bool:  # A[i] succeeded in the very file the recipe reads
             u = atr.instances.get(i)
             found = jobfiles.result_path(jobfiles.job_dir(run.run_dir, run.id, u.tag), i) \
                 if u is not None and u.state is State.SUCCEEDED and u.tag else None
-            return deferred.chain_matches(recipe, inst.attempt, i, found) is None
+            return deferred.chain_matches(recipe, recipe.get("attempt", 0), i, found) is None
 
-        candidates = [t for t, piece in enumerate(pieces) if all(element_ok(i) for i in piece)]
+        def wanted(i: int) -> bool:  # claimed, at the recipe's attempt, the other upstreams unchanged
+            inst = claims.get(i)
+            return inst is not None and inst.state is State.READY and not inst.tag \
+                and inst.attempt == recipe.get("attempt") \
+                and deferred.matches(recipe, inst.attempt, current_value) is None
+
+        a_ok = {i for piece in pieces for i in piece if upstream_ok(i)}
+        ok = {i for piece in pieces for i in piece if i in a_ok and wanted(i)}
+        candidates = [t for t, piece in enumerate(pieces) if any(i in ok for i in piece)]
         if not candidates:
-            return []
-        withdrawn = [jobfiles.cancel_path(request.job_dir, i) for t in candidates for i in pieces[t]]
+            return {}
+        withdrawn = {t: [jobfiles.cancel_path(request.job_dir, i) for i in pieces[t]] for t in candidates}
         marks = {t: [p for i in pieces[t] for p in (jobfiles.started_path(request.job_dir, i),
                                                     jobfiles.result_path(request.job_dir, i))] for t in candidates}
-        seen = await cluster.metered.exists([*withdrawn, *(p for ps in marks.values() for p in ps)], timeout=timeout)
-        candidates = [t for t in candidates if not any(seen[jobfiles.cancel_path(request.job_dir, i)]
-                                                       for i in pieces[t])]
-        waiting = [t for t in candidates if not any(seen[p] for p in marks[t])]
-        if not waiting:
-            return candidates
-        answers = await cluster.scheduler.query([record.job_id])
-        gone = []
-        for t in waiting:
-            obs = answers.get(packing.job_key(request, record.job_id, pieces[t][0]))
-            if obs is None or obs.presence is not Presence.PRESENT or obs.phase is Phase.DONE:
-                gone.append(t)
-        if gone:  # (it may have started and ended between the two looks)
-            again = await cluster.metered.exists([p for t in gone for p in marks[t]], timeout=timeout)
-            gone = [t for t in gone if not any(again[p] for p in marks[t])]
-        return [t for t in candidates if t not in gone]
+        seen = await cluster.metered.exists([p for t in candidates for p in (*withdrawn[t], *marks[t])],
+                                            timeout=timeout)
+        started = {t for t in candidates if any(seen[p] for p in marks[t])}
+        alive: set[int] = set()
+        waiting = [t for t in candidates if t not in started]
+        if waiting:
+            answers = await cluster.scheduler.query([record.job_id])
+            for t in waiting:
+                obs = answers.get(packing.job_key(request, record.job_id, pieces[t][0]))
+                if obs is not None and obs.presence is Presence.PRESENT and obs.phase is not Phase.DONE:
+                    alive.add(t)
+            gone = [t for t in waiting if t not in alive]
+            if gone:  # (it may have started and ended between the two looks)
+                again = await cluster.metered.exists([p for t in gone for p in marks[t]], timeout=timeout)
+                started |= {t for t in gone if any(again[p] for p in marks[t])}
+        out = {}
+        for t in candidates:
+            if any(seen[p] for p in withdrawn[t]):
+                continue  # a daemon began dropping it
+            picked = verdict(pieces[t], ok, a_ok, t in started, t in alive)
+            if picked:
+                out[t] = picked
+        return out
+
+
+def verdict(piece: list[int], ok: set[int], upstream_ok: set[int], started: bool, alive: bool) -> list[int]:
+    """The elements of one array task of an early array to adopt (empty: drop the task).
+
+    *ok*: elements wanted (claimed, unchanged) whose upstream element succeeded where the recipe reads it;
+    *upstream_ok*: elements whose upstream element did. A task that has started is adopted for its *ok*
+    elements (the others are skipped by their markers, or failed without running: their upstream result
+    says so). One that has not must be alive in the queue and wait on an upstream task that succeeded
+    whole (else Slurm cancels it, or the worker would find a failed upstream element); then too only its
+    *ok* elements are adopted."""
+    chosen = [i for i in piece if i in ok]
+    if not chosen or started:
+        return chosen
+    if not alive or not all(i in upstream_ok for i in piece):
+        return []
+    return chosen
 
 
 def _loads(raw: bytes) -> dict[str, Any]:
