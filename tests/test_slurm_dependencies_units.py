@@ -283,3 +283,117 @@ def test_an_early_array_task_is_adopted_for_its_wanted_elements_only_where_slurm
     # worker found the failed result), so nothing the early job ran runs again
     assert verdict(piece, {4}, {4}, started=True, alive=False) == [4]
     assert verdict(piece, set(), {4, 5}, started=True, alive=True) == []
+
+
+def test_the_driver_mirrors_an_upstream_array_job_and_adopts_the_early_array_task_by_task(tmp_path: Path) -> None:
+    """ChainJobs' bookkeeping behind fakes of the driver's seams (the real Slurm tests run it for real): which
+    upstream job it mirrors, and how an early array is split between adoption and the normal way."""
+    import os
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import anyio
+
+    from reflowd.driver.chains import ChainJobs
+    from reflowd.driver.policy import FileClock
+    from reflowd.driver.track import JobTrack
+    from reflowd.engine.model import Instance, JobRecord, Run, TaskRun, TaskState
+    from reflowd.engine.states import State
+    from reflowd.schedulers.base import Observation, Phase, Presence, SubmitRequest
+
+    tasks = elementwise_tasks()
+    manifest = Manifest(workflow="early_elementwise", tasks=list(tasks.values()), cli_params=[],
+                        entrypoint=str(ELEMENTWISE), python=sys.executable, working_dir="/")
+    run = Run(id="r1", manifest=manifest, params={}, run_dir=str(tmp_path), cluster="hpc")
+    for name, task in tasks.items():
+        run.tasks[name] = TaskRun(manifest=task, run_id="r1", name=name)
+    done = result(list(range(4)))
+    run.tasks["prepare"].add(Instance(run_id="r1", task="prepare", index=None, state=State.SUCCEEDED,
+                                      output=done["output"], output_hash=done["output_hash"]))
+    work = run.tasks["work"]
+    work.state, work.size = TaskState.EXPANDED, 4
+    for i in range(4):
+        work.add(Instance(run_id="r1", task="work", index=i, state=State.QUEUED, tag="rfA"))
+
+    def request(tag: str, indices: list[int], options: dict[str, Any] | None = None) -> SubmitRequest:
+        return SubmitRequest(tag=tag, run_id="r1", task="x", job_dir=jobfiles.job_dir(str(tmp_path), "r1", tag),
+                             log_dir="/l", workdir="/w", worker_argv=["w"], indices=indices, options=options or {})
+
+    class Files:
+        async def read_files(self, paths: list[str], timeout: float = 0) -> dict[str, bytes | None]:
+            return {p: Path(p).read_bytes() if os.path.exists(p) else None for p in paths}
+
+        async def exists(self, paths: list[str], timeout: float = 0) -> dict[str, bool]:
+            return {p: os.path.exists(p) for p in paths}
+
+        async def write_files(self, files: dict[str, bytes], timeout: float = 0) -> None:
+            for p, data in files.items():
+                jobfiles.write_json_atomic(p, json.loads(data))
+
+    async def query(job_ids: list[str]) -> dict[str, Observation]:
+        pending = Observation(Presence.PRESENT, Phase.QUEUED, None, "PENDING", "Dependency")
+        return {"101_1": pending, "101_3": pending}  # 101_2: cancelled by Slurm (its upstream task failed)
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    def transition(run: Run, inst: Instance, new: State, evidence: dict[str, Any], **fields: Any) -> bool:
+        inst.state = new
+        for key, value in fields.items():
+            setattr(inst, key, value)
+        return True
+
+    counters: Counter[str] = Counter()
+    given_back: list[Instance] = []
+    upstream = JobTrack(JobRecord("rfA", "r1", "work", "hpc", request("rfA", [0, 1, 2, 3]), job_id="100"), run,
+                        dict(work.instances.items()), FileClock(1.0, 2.0))
+    d = SimpleNamespace(
+        cluster=SimpleNamespace(config=SimpleNamespace(command_timeout=5.0, submit_options={}), metered=Files(),
+                                scheduler=SimpleNamespace(query=query)),
+        store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing),
+        host=SimpleNamespace(transition=transition), tracks={"rfA": upstream}, cancels={}, emptied={},
+        query_due=False, wake=lambda: None, count=lambda name, n=1: counters.update({name: n}),
+        submit=lambda run, insts: given_back.extend(insts),
+        new_track=lambda record, run, insts: JobTrack(record, run, dict(insts), FileClock(1.0, 2.0)),
+        packer=SimpleNamespace(keep_job=lambda key: False),
+        early=SimpleNamespace(upstream_submitted=lambda run: None, _find=nothing))
+    chains = ChainJobs(SimpleNamespace(d=d))  # type: ignore[arg-type]
+
+    # while work's job is queued, double (not expanded) mirrors it
+    [(tr, dep, values, track)] = chains.eligible(run)
+    assert (tr.name, dep, values, track) == ("double", "work", {}, upstream)
+
+    # the early array (as submit leaves it), and what happened meanwhile: work[2] failed and succeeded in a
+    # retry's job; double[0] ran early; double[1] is a cache hit; the others were handed over READY
+    early = JobRecord("rfB", "r1", "double", "hpc", request("rfB", [0, 1, 2, 3], {"dependency": "aftercorr:100"}),
+                      job_id="101", state="early")
+    jobfiles.write_json_atomic(str(Path(early.request.job_dir) / jobfiles.JOB_FILE), {deferred.JOB_KEY: deferred.chain_recipe(
+        "early_elementwise", tasks["double"], {}, str(tmp_path), {}, "work", 4, upstream.request.job_dir)})
+    jobfiles.write_json_atomic(jobfiles.started_path(early.request.job_dir, 0), {})
+    chains.records[("r1", "double")] = {"rfB": early}
+    chains.runs["r1"] = run
+    for i, inst in work.instances.items():
+        inst.state, inst.tag = State.SUCCEEDED, "rfA2" if i == 2 else "rfA"
+    double = run.tasks["double"]
+    double.state, double.size = TaskState.EXPANDED, 4
+    for i in range(4):
+        double.add(Instance(run_id="r1", task="double", index=i, state=State.CACHED if i == 1 else State.READY))
+    assert chains.claim(run, double.instances[0]) and chains.claim(run, double.instances[2])
+    chains.left(run, double.instances[1])
+    anyio.run(chains.step)
+    assert "rfB" in chains.records[("r1", "double")], "decided while double[3] was not past the cache check"
+    assert chains.claim(run, double.instances[3])
+    anyio.run(chains.step)
+    assert chains.records == {}
+    # task 0 started: adopted; task 3 waits on work[3], which succeeded in the job it reads: adopted;
+    # task 2 reads a work[2] that failed there (Slurm cancelled it): dropped, double[2] goes the usual way;
+    # task 1 holds only a cache hit: dropped
+    states = {i: (inst.state, inst.tag, inst.job_id) for i, inst in double.instances.items()}
+    assert states == {0: (State.QUEUED, "rfB", "101"), 1: (State.CACHED, None, None), 2: (State.READY, None, None),
+                      3: (State.QUEUED, "rfB", "101")}
+    assert given_back == [double.instances[2]]
+    assert set(d.cancels) == {"101_1", "101_2"}
+    withdrawn = {i for i in range(4) if os.path.exists(jobfiles.cancel_path(early.request.job_dir, i))}
+    assert withdrawn == {1, 2}
+    assert set(d.tracks["rfB"].live) == {0, 3}
+    assert counters["chain_adopted_elements"] == 2 and counters["chain_dropped_tasks"] == 2
