@@ -12,6 +12,9 @@ measured in the same run three ways:
 
     flock /tmp/reflow-cluster.lock sudo .venv/bin/python bench/packing_slurm.py [--elements 100 1000]
 
+With ``--chain`` it is an element-wise chain instead (items -> work[] -> double[] -> total, both arrays
+unpacked), with Slurm-side dependencies (``aftercorr``: double's elements start as work's end) and without.
+
 With ``--seconds S`` it is the timed-elements benchmark instead: N elements that each sleep S seconds,
 packed toward ``--target`` (default one minute of work per job, after a 10-element run that leaves
 history) and with packing off, printing the number of jobs, the makespan against the ideal (total work
@@ -166,6 +169,45 @@ def timed_elements(n: int, seconds: float, target: str, fast: bool, history: int
               f"against {off[0]['array_tasks'] + 2}")
 
 
+def chain_spans(run_dir: Path) -> tuple[float, int]:
+    """An element-wise chain's run: seconds from work's last element ending to double's last ending (worker
+    clocks), and how many double elements started before work's last element ended (early, on aftercorr)."""
+    started: dict[str, list[float]] = {"work": [], "double": []}
+    ended: dict[str, list[float]] = {"work": [], "double": []}
+    for job in run_dir.glob(".reflow/*/jobs/*/job.json"):
+        task = json.loads(job.read_text())["task"]
+        if task not in started:
+            continue
+        for path in job.parent.glob("results/*.json"):
+            r = json.loads(path.read_text())
+            if r.get("state") == "succeeded":
+                started[task].append(r["started_at"])
+                ended[task].append(r["ended_at"])
+    last_work = max(ended["work"])
+    return max(ended["double"]) - last_work, sum(1 for t in started["double"] if t < last_work)
+
+
+def chain_benchmark(n: int, repeat: int, fast: bool) -> None:
+    """items -> work[] -> double[] (element-wise) -> total, unpacked (``pack = "off"``: so that double can
+    mirror work's array job on ``aftercorr``), with Slurm-side dependencies and without."""
+    print(f"local Slurm (2 cores), element-wise chain of tiny tasks, {n} elements, unpacked, "
+          f"{'fast' if fast else 'default'} polling, medians of {repeat}")
+    with tempfile.TemporaryDirectory(prefix="reflow-bench-chain-") as tmp:
+        base = Path(tmp)
+        rows = {}
+        for name, deps in (("with", True), ("without", False)):
+            runs = fanout_runs(base / name, config("off", fast, dependencies=deps), "slurm", n, repeat,
+                               workflow="chain_workflow.py")
+            spans = [chain_spans(base / name / f"run{k}") for k in range(repeat)]
+            rows[name] = (statistics.median(r["wall"] for r in runs), statistics.median(s[0] for s in spans),
+                          statistics.median(s[1] for s in spans), runs[-1]["submits"])
+    for name, (wall, tail, early, submits) in rows.items():
+        print(f"  {name:<7} Slurm-side dependencies {wall:6.1f} s   work's end -> double's end {tail:5.2f} s, "
+              f"double elements started before work ended: {early:g} of {n} ({submits} submissions)")
+    print(f"  with / without = {rows['with'][0] / rows['without'][0]:.2f}   "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--elements", type=int, nargs="+", default=[100])
@@ -178,6 +220,9 @@ def main() -> None:
     parser.add_argument("--target", default="1m", help="with --seconds: the pack target (default 1m)")
     parser.add_argument("--off-elements", type=int, default=None,
                         help="with --seconds: elements of the packing-off run (default: as many; 0 skips it)")
+    parser.add_argument("--chain", action="store_true",
+                        help="the element-wise chain benchmark (items -> work[] -> double[] -> total), with "
+                             "Slurm-side dependencies (aftercorr) and without")
     parser.add_argument("--calls-per-minute", type=float, default=None,
                         help="the clusters' command budget (max_calls_per_minute; default the configuration's, 12)")
     args = parser.parse_args()
@@ -185,6 +230,10 @@ def main() -> None:
         CALLS.append(args.calls_per_minute)
     start_cluster()
     fast = not args.user_polling
+    if args.chain:
+        for n in args.elements:
+            chain_benchmark(n, args.repeat, fast)
+        return
     if args.seconds:
         for n in args.elements:
             timed_elements(n, args.seconds, args.target, fast, min(args.history, 10), args.off_elements)

@@ -16,7 +16,8 @@ from bench_util import ROOT, Daemon, cpu_seconds
 
 
 def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int,
-                history: int | None = None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                history: int | None = None, extra: dict[str, Any] | None = None,
+                workflow: str = "fanout_workflow.py") -> list[dict[str, Any]]:
     """*runs* runs of bench/fanout_workflow.py one after another (fresh salt each: no cache hits);
     with *history*, the first of them has only that many elements (it is there to leave durations)."""
     from reflow.loader import load_workflow
@@ -24,7 +25,7 @@ def fanout_runs(base: Path, config: str, cluster: str, elements: int, runs: int,
     daemon = Daemon(base / "daemon", config)
     out = []
     try:
-        wf = load_workflow(ROOT / "bench" / "fanout_workflow.py")
+        wf = load_workflow(ROOT / "bench" / workflow)
         with daemon.client() as client:
             for k in range(runs):
                 n = history if history and k == 0 else elements

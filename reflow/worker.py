@@ -210,6 +210,44 @@ def _deferred_inputs(job: dict[str, Any]) -> dict[str, Any]:
     return {"index": None, "identity": identity, "attempt": recipe.get("attempt"), "kwargs": {}}
 
 
+def _chained_inputs(job: dict[str, Any], indices: list[int]) -> dict[str, dict[str, Any] | str]:
+    """Elements of an element-wise chain (``aftercorr``): each one's inputs and identity, resolved from its
+    upstream element's result file alone (or why it cannot run). The shared arguments go into *job*."""
+    from reflowd.engine import deferred
+
+    recipe = job["deferred"]
+    results: dict[int, Any] = {}
+    try:
+        for index in indices:
+            path = deferred.chain_file(recipe, index)
+            try:
+                with open(path, "rb") as fh:
+                    raw = fh.read()
+            except FileNotFoundError:
+                results[index] = None
+                continue
+            try:
+                results[index] = jobfiles.parse_result(raw, f"upstream result {path}")
+            except ValueError as exc:
+                results[index] = {"state": f"unreadable: {exc}"}
+        shared, resolved = deferred.resolve_chain(recipe, results)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"the job's input recipe is corrupt: {type(exc).__name__}: {exc}") from None
+    job["kwargs"] = shared
+    out: dict[str, dict[str, Any] | str] = {}
+    for index, found in resolved.items():
+        out[str(index)] = found if isinstance(found, str) else {
+            "index": index, "identity": found[1], "attempt": recipe.get("attempt"), "kwargs": found[0]}
+    return out
+
+
+def _chained_element(job: dict[str, Any], index: int) -> dict[str, Any]:
+    found = _chained_inputs(job, [index])[str(index)]
+    if isinstance(found, str):
+        raise ValueError(found)
+    return found
+
+
 def run_instance(job_dir: str, index: int | None) -> int:
     """Run one element; always leaves ``results/<key>.json``. Returns the exit code."""
     started = _now()
@@ -226,7 +264,7 @@ def run_instance(job_dir: str, index: int | None) -> int:
                 if os.path.exists(jobfiles.cancel_path(job_dir, index)):
                     print("reflow worker: this early job was withdrawn by reflowd; not running it", file=sys.stderr)
                     return EXIT_OK
-                element = _deferred_inputs(job)
+                element = _deferred_inputs(job) if index is None else _chained_element(job, index)
                 base.update(resolved_inputs=True)
             else:
                 element = _read_json(jobfiles.inputs_path(job_dir, index), "inputs")
@@ -433,6 +471,8 @@ class _Slice:
         self.cancelled = 0
         self.watch = _CancelWatch(job_dir, self._stop_running)
         self._cancel: int | None = None  # the running element the watch asked to stop (sequential mode)
+        #: The slice resolved its own inputs (an element-wise chain submitted early): results say so.
+        self.resolved = False
 
     def _stop_running(self, index: int) -> None:
         """Called by the watch thread: stop element *index*, which the main thread is running.
@@ -466,8 +506,24 @@ class _Slice:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
             raise ValueError(f"job file in {self.job_dir} is corrupt: slice {self.slot} is not a list of indices")
         self.job = job
-        self.read_inputs()
+        if "deferred" in job:  # an element-wise chain submitted early: inputs from the upstream's results
+            self.read_chained(indices)
+        else:
+            self.read_inputs()
         return indices
+
+    def read_chained(self, indices: list[int]) -> None:
+        """Resolve the slice's elements from their upstream elements' results (any that cannot run fails,
+        unrun, as with a broken inputs file). A withdrawn element (cancel marker) is skipped anyway."""
+        try:
+            resolved = _chained_inputs(self.job, [i for i in indices if not self.skip(i)])
+        except ValueError as exc:
+            self.inputs_error = str(exc)
+            return
+        self.resolved = True
+        self.inputs = {}
+        for key, found in resolved.items():
+            self.inputs[key] = found if isinstance(found, dict) else {"error": found}
 
     def read_inputs(self) -> None:
         """The slice's inputs file, if the daemon wrote one (else each element has its own file, as a
@@ -491,6 +547,8 @@ class _Slice:
         if self.inputs is None:
             return _read_json(jobfiles.inputs_path(self.job_dir, index), "inputs")
         element = self.inputs.get(str(index))
+        if isinstance(element, dict) and "error" in element:  # an element-wise chain's failed upstream element
+            raise ValueError(str(element["error"]))
         if not isinstance(element, dict):
             raise ValueError(f"inputs file {jobfiles.slice_inputs_path(self.job_dir, self.slot)} has no "
                              f"element {index}")
@@ -511,6 +569,8 @@ class _Slice:
     def element(self, index: int) -> int:
         """Run one element and write its result; returns its exit code."""
         base = _base_result(self.job.get("task"), index, self.job.get("run_id"), _now())
+        if self.resolved:
+            base.update(resolved_inputs=True)
         try:
             element = self.inputs_of(index)
         except ValueError as exc:

@@ -183,3 +183,102 @@ def test_the_readme_pipeline_with_its_merge_submitted_early_gives_the_same_resul
         assert logs.returncode == 0, logs.stdout + logs.stderr
     finally:
         kill(d)
+
+
+# ---------------------------------------------------------------------- element-wise chains (aftercorr)
+
+ELEMENTWISE = Path(__file__).parent / "engine_workflows" / "early_elementwise.py"
+
+
+def submit_elementwise(d: DaemonProcess, run_dir: Path, pack: int | None = None, **params: Any) -> str:
+    manifest, resolved = manifest_of(ELEMENTWISE, **params)
+    for task in manifest["tasks"]:
+        if pack is not None and task["name"] in ("work", "double"):
+            task["config"]["pack"] = pack
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with d.client() as c:
+        return c.submit(manifest, resolved, str(run_dir), options=None).run_id
+
+
+def early_double(run_dir: Path, run_id: str) -> tuple[str, str] | None:
+    """The early ``double`` array once Slurm has it: (tag, job id)."""
+    early = [tag for tag, deferred in job_dirs(run_dir, run_id, "double") if deferred]
+    found = job_named(early[0]) if early else None
+    return (early[0], found[0].split("_")[0]) if found else None
+
+
+def outputs(d: DaemonProcess, run_id: str, task: str) -> dict[int, int]:
+    return {i.index: int(i.output) for i in status(d, run_id, task).instances  # type: ignore[union-attr]
+            if i.output is not None}
+
+
+@SLURM_PLAIN
+def test_an_elementwise_chain_waits_on_aftercorr_runs_each_element_once_and_skips_a_failed_upstream_element(
+        wlm: WLM, tmp_path: Path) -> None:
+    d = start(wlm, tmp_path / "d")
+    gate = tmp_path / "gate"
+    try:
+        plain = submit_elementwise(d, tmp_path / "plain", n=4, gate=str(gate))
+        packed = submit_elementwise(d, tmp_path / "packed", pack=2, n=6)
+        failing = submit_elementwise(d, tmp_path / "failing", n=4, fail=2)
+
+        # double[0] runs on Slurm's own aftercorr while work[1..3] are still held by the gate
+        wait_for(lambda: executions(tmp_path / "plain")["double 0"] == 1, timeout=120,
+                 what="double[0] to run while work still runs")
+        assert states(d, plain)["work"].get("succeeded", 0) <= 1  # the others wait for the gate
+        gate.touch()
+        assert wait_state(d, plain) == "succeeded", status(d, plain).raw
+        assert outputs(d, plain, "double") == {0: 0, 1: 2, 2: 8, 3: 18}
+        assert int(status(d, plain, "total").instances[0].output) == 28  # type: ignore[index]
+        assert executions(tmp_path / "plain") == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "work 3": 1,
+                                                  "double 0": 1, "double 1": 1, "double 4": 1, "double 9": 1,
+                                                  "total": 1}
+        dirs = job_dirs(tmp_path / "plain", plain, "double")
+        assert len(dirs) == 1 and dirs[0][1], f"one sbatch for double, the early one: {dirs}"
+
+        # packed alike (2 elements per array task on both sides): mirrored slice by slice
+        assert wait_state(d, packed) == "succeeded", status(d, packed).raw
+        assert outputs(d, packed, "double") == {i: 2 * i * i for i in range(6)}
+        dirs = job_dirs(tmp_path / "packed", packed, "double")
+        assert len(dirs) == 1 and dirs[0][1], dirs
+        job = json.loads((tmp_path / "packed" / ".reflow" / packed / "jobs" / dirs[0][0] / "job.json").read_text())
+        assert job["slices"] == [[0, 1], [2, 3], [4, 5]]
+        assert set(executions(tmp_path / "packed").values()) == {1}
+
+        # work[2] fails both attempts: Slurm cancels double's array task 2 (invalid dependency); the others run once
+        assert wait_state(d, failing) == "failed"
+        assert states(d, failing)["double"] == {"succeeded": 3, "upstream_failed": 1}
+        assert outputs(d, failing, "double") == {0: 0, 1: 2, 3: 18}
+        assert executions(tmp_path / "failing") == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 2, "work 3": 1,
+                                                    "double 0": 1, "double 1": 1, "double 9": 1}
+        assert all(deferred for _, deferred in job_dirs(tmp_path / "failing", failing, "double"))
+        counters = driver_counters(d)
+        assert counters.get("chain_submitted", 0) >= 3 and counters.get("chain_unaligned", 0) == 0, counters
+        wlm.tags_used_once()
+    finally:
+        gate.touch()
+        kill(d)
+
+
+@SLURM_PLAIN
+def test_a_daemon_killed_mid_chain_adopts_the_early_array_on_restart(wlm: WLM, tmp_path: Path) -> None:
+    d = start(wlm, tmp_path / "d")
+    gate = tmp_path / "gate"
+    run_dir = tmp_path / "run"
+    try:
+        run_id = submit_elementwise(d, run_dir, n=3, gate=str(gate))
+        tag, job_id = wait_for(lambda: early_double(run_dir, run_id), timeout=120,
+                               what="the early double array in Slurm's queue")
+        kill(d)
+        gate.touch()  # work ends while no daemon runs: Slurm starts double's tasks by itself
+        d.start()
+        assert wait_state(d, run_id) == "succeeded", status(d, run_id).raw
+        assert outputs(d, run_id, "double") == {0: 0, 1: 2, 2: 8}
+        assert {i.job_id.split("_")[0] for i in status(d, run_id, "double").instances} == {job_id}  # type: ignore[union-attr]
+        assert job_dirs(run_dir, run_id, "double") == [(tag, True)]
+        assert executions(run_dir) == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "double 0": 1,
+                                       "double 1": 1, "double 4": 1, "total": 1}
+        wlm.tags_used_once()
+    finally:
+        gate.touch()
+        kill(d)

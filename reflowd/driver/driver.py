@@ -151,7 +151,7 @@ class Driver:
         the submit loop is woken by the last slice, so it forms whole arrays."""
         now = world.now()
         for inst in insts:
-            if self.early.jobs and self.early.claim(run, inst):
+            if self.early.watching and self.early.claim(run, inst):
                 continue  # it has an early job: adopted (or dropped) there
             if inst.not_before is not None and inst.not_before > now:
                 self.waiting[inst] = run

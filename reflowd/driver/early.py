@@ -19,12 +19,16 @@ early job belongs to this module until the engine makes the instance READY:
 Every early job is a ``jobs`` record (states ``early_submitting``, ``early``; ``dropped`` once
 dropped) written before its sbatch, so a restarted daemon finds it (``recovered``) and adopts or
 drops it: never a second submission of the same instance.
+
+Element-wise chains (an array mapped over an array, ``aftercorr``) are ``chains.py``'s: this class hands
+them their hooks and runs their steps in its loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -40,6 +44,7 @@ from ..engine.states import SUCCESS, RunState, State
 from ..schedulers.base import Phase, Presence, SubmitError
 from ..schedulers.slurm_commands import dependency_options, option_flag
 from ..transports.base import TransportError
+from .chains import ChainJobs
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
@@ -57,6 +62,8 @@ MAX_ELEMENTS = 10_000
 SPARE_TOKENS = 2.0
 #: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
 _OWN = ("dependency", "kill-on-invalid-dep")
+#: Seconds between two looks at undecided early arrays whose run may have stopped without telling.
+SWEEP = 5.0
 
 
 class EarlyJobs:
@@ -71,6 +78,13 @@ class EarlyJobs:
         self._claims: dict[Instance, tuple[Run, JobRecord]] = {}
         self._drops: list[JobRecord] = []
         self._wake = anyio.Event()
+        #: Element-wise chains (``aftercorr``) submitted early.
+        self.chains = ChainJobs(self)
+
+    @property
+    def watching(self) -> bool:
+        """Whether any early job waits for the engine (its hooks have something to do)."""
+        return bool(self.jobs) or self.chains.active
 
     @property
     def enabled(self) -> bool:
@@ -87,7 +101,12 @@ class EarlyJobs:
 
     def claim(self, run: Run, inst: Instance) -> bool:
         """A READY instance handed to the driver: True if its early job will be adopted (or dropped) here."""
-        record = self.jobs.get((run.id, inst.task)) if inst.index is None else None
+        if inst.index is not None:
+            if self.chains.claim(run, inst):
+                self._wake.set()
+                return True
+            return False
+        record = self.jobs.get((run.id, inst.task))
         if record is None:
             return False
         self._claims[inst] = (run, record)
@@ -96,6 +115,9 @@ class EarlyJobs:
 
     def left(self, run: Run, inst: Instance, new: State) -> None:
         """The engine changed *inst*'s state: an early job it no longer waits for is dropped."""
+        if self.chains.active and new not in (State.PENDING, State.READY):
+            self.chains.left(run, inst)
+            self._wake.set()
         key = (run.id, inst.task)
         record = self.jobs.get(key)
         if record is None or inst.index is not None or new in (State.PENDING, State.READY):
@@ -108,6 +130,12 @@ class EarlyJobs:
 
     def recovered(self, record: JobRecord, run: Run) -> None:
         """An early job an earlier daemon made: keep it for adoption while the instance waits, else drop it."""
+        if record.request.indices is not None:  # an element-wise chain
+            if self.chains.recovered(record, run):
+                self._wake.set()
+            else:
+                self._drop(record)
+            return
         tr = run.tasks.get(record.task)
         inst = tr.instances.get(None) if tr is not None else None
         if inst is not None and inst.state in (State.PENDING, State.READY) and run.state is RunState.RUNNING:
@@ -125,12 +153,21 @@ class EarlyJobs:
     async def loop(self) -> None:
         while True:
             wake = self._wake
-            await wake.wait()
+            with anyio.move_on_after(SWEEP if self.chains.active else math.inf):
+                await wake.wait()
+            if not wake.is_set():
+                self.chains.sweep()
             self._wake = anyio.Event()
             runs, self._runs = self._runs, {}
             for run in runs.values():
                 for tr, inst, upstream, job_ids in self.eligible(run):
                     await self._guard(self.submit(run, tr, inst, upstream, job_ids), run, tr.name)
+                if self.may_submit(run, count=False):
+                    for ctr, dep, values, track in self.chains.eligible(run):
+                        if not self.may_submit(run):
+                            break
+                        await self._guard(self.chains.submit(run, ctr, dep, values, track), run, ctr.name)
+            await self._guard(self.chains.step(), None, "(element-wise chains)")
             drops, self._drops = self._drops, []
             for record in drops:
                 await self._guard(self.drop(record), None, record.task)
@@ -161,11 +198,7 @@ class EarlyJobs:
     def eligible(self, run: Run) -> list[tuple[TaskRun, Instance, dict[str, tuple[bool, list[list[Any]]]], set[str]]]:
         """Singleton tasks of *run* whose upstream elements are all done or queued under a known job id."""
         d = self.d
-        if run.cancel_requested or run.error or run.state is not RunState.RUNNING \
-                or d.queue_limit.cap(world.now()) is not None:  # early jobs would not be counted under a cap
-            return []
-        if not spare_token(d.cluster.budget):
-            d.count("early_skipped_budget")
+        if not self.may_submit(run):
             return []
         out = []
         for tr in run.tasks.values():
@@ -185,6 +218,19 @@ class EarlyJobs:
             if found is not None:
                 out.append((tr, inst, *found))
         return out
+
+    def may_submit(self, run: Run, count: bool = True) -> bool:
+        """An early sbatch for *run* now? Not under a queue cap (it would not be counted), and only with a
+        command token to spare (:func:`spare_token`)."""
+        d = self.d
+        if run.cancel_requested or run.error or run.state is not RunState.RUNNING \
+                or d.queue_limit.cap(world.now()) is not None:
+            return False
+        if not spare_token(d.cluster.budget):
+            if count:
+                d.count("early_skipped_budget")
+            return False
+        return True
 
     def _upstream(self, run: Run, deps: list[str]) -> tuple[dict[str, tuple[bool, list[list[Any]]]], set[str]] | None:
         upstream: dict[str, tuple[bool, list[list[Any]]]] = {}
@@ -389,6 +435,9 @@ class EarlyJobs:
 
     async def drop(self, record: JobRecord) -> None:
         """Withdraw an early job: the marker that stops its worker, then ``scancel``; recorded ``dropped``."""
+        if record.request.indices is not None:  # an element-wise chain: a marker per element
+            await self.chains.drop(record, None)
+            return
         d, cluster = self.d, self.d.cluster
         timeout = cluster.config.command_timeout
         try:

@@ -193,6 +193,17 @@ def jobs_of(groups: list[tuple[list[Instance], Plan | None]]) -> int:
     return sum(len(found.slices) if found is not None else len(group) for group, found in groups)
 
 
+def aligned(upstream: SubmitRequest, downstream: Plan | None) -> bool:
+    """Can a chained array mirror the upstream's job (``aftercorr``: its array task ``t`` waits for the
+    upstream's task ``t``)? Only if both run the same elements per array task: both unpacked, or packed
+    into the very same slices. (Another packing would make a task wait for the wrong elements.)"""
+    if upstream.indices is None:
+        return False
+    if upstream.slices is None:
+        return downstream is None
+    return downstream is not None and [list(p) for p in downstream.slices] == [list(p) for p in upstream.slices]
+
+
 def slot_map(request: SubmitRequest) -> dict[int, int]:
     """Element index -> array task (slice number) of a packed request."""
     return {index: k for k, piece in enumerate(request.slices or ()) for index in piece}
@@ -282,23 +293,11 @@ class Packer:
         task = tr.manifest
         if not task.is_array or len(insts) < 2:
             return [(insts, None)]
-        spec, own = task_spec(task.config, self.d.cluster.config.pack)
-        if spec.off:
+        if task_spec(task.config, self.d.cluster.config.pack)[0].off:
             return [(insts, None)]
         alone = [i for i in insts if runs_alone(i)]
         packable = [i for i in insts if not runs_alone(i)]
-        cpus = int(task.config.get("cpus", 1) or 1)
-        width = cpus if own else 1
-        est = await self.estimate(run, tr)
-        local = getattr(self.d.cluster.scheduler, "max_workers", None) is not None
-        queue = queue_of(self.d.cluster.config.submit_options, task.config.get("submit_options"))
-        parallel = self.parallel(task.array_parallelism, cpus, width, queue)
-        # A batch scheduler's job costs more than a fork: a spread job keeps a floor of work (half its target
-        # at most), and without history the packing stands as it is.
-        floor = MIN_SLOT_WORK if local else min(MIN_BATCH_WORK, (spec.target or MIN_BATCH_WORK * 2) / 2)
-        found = plan([i.index for i in packable if i.index is not None], spec, est,
-                     time_limit=time_limit(str(task.config.get("time", "00:30:00"))), width=width, parallel=parallel,
-                     min_work=floor, blind=local)
+        found = await self.plan_for(run, tr, [i.index for i in packable if i.index is not None])
         out: list[tuple[list[Instance], Plan | None]] = []
         if found is None:
             return [(insts, None)]
@@ -311,6 +310,25 @@ class Packer:
         if alone:
             out.append((alone, None))
         return out
+
+    async def plan_for(self, run: Run, tr: TaskRun, indices: list[int]) -> Plan | None:
+        """How these elements of *tr* would be sliced if they went out together now (None: one per job).
+        Also asked for an array that has no instances yet (an element-wise chain submitted early)."""
+        task = tr.manifest
+        spec, own = task_spec(task.config, self.d.cluster.config.pack)
+        if spec.off or len(indices) < 2:
+            return None
+        cpus = int(task.config.get("cpus", 1) or 1)
+        width = cpus if own else 1
+        est = await self.estimate(run, tr)
+        local = getattr(self.d.cluster.scheduler, "max_workers", None) is not None
+        queue = queue_of(self.d.cluster.config.submit_options, task.config.get("submit_options"))
+        parallel = self.parallel(task.array_parallelism, cpus, width, queue)
+        # A batch scheduler's job costs more than a fork: a spread job keeps a floor of work (half its target
+        # at most), and without history the packing stands as it is.
+        floor = MIN_SLOT_WORK if local else min(MIN_BATCH_WORK, (spec.target or MIN_BATCH_WORK * 2) / 2)
+        return plan(indices, spec, est, time_limit=time_limit(str(task.config.get("time", "00:30:00"))), width=width,
+                    parallel=parallel, min_work=floor, blind=local)
 
     def may_pack(self, tr: TaskRun, insts: list[Instance]) -> bool:
         """Whether this batch might go out packed (then a queue limit is applied to its slices, not elements)."""
@@ -456,6 +474,6 @@ def explains(result: dict[str, Any]) -> bool:
     return bool(result.get("signal"))
 
 
-__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "array_id", "died_packed", "elements",
+__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "aligned", "array_id", "died_packed", "elements",
            "even_slices", "fit_groups", "job_key", "jobs_of", "plan", "runs_alone", "slot_map", "spread", "task_spec",
            "time_limit"]

@@ -166,11 +166,13 @@ class Submitter:
                 self.d.submitting -= len(insts)
 
     def build_request(self, run: Run, tr: TaskRun, insts: list[Instance], tag: str,
-                      plan: packing.Plan | None = None) -> SubmitRequest:
+                      plan: packing.Plan | None = None, *, indices: list[int] | None = None) -> SubmitRequest:
+        """The submission of *insts* (or, for an array that has no instances yet, of its *indices*)."""
         cluster = self.cluster
         task = tr.manifest
         job_dir = jobfiles.job_dir(run.run_dir, run.id, tag)
-        indices = None if not task.is_array else [i.index for i in insts if i.index is not None]
+        if indices is None:
+            indices = None if not task.is_array else [i.index for i in insts if i.index is not None]
         offset = 0
         if indices and max(indices) >= cluster.scheduler.max_array_size:
             offset = min(indices)

@@ -14,6 +14,15 @@ Recipe (JSON)::
     {"format": 1, "workflow": ..., "task": <TaskManifest.to_dict()>, "params": {key: encoded},
      "run_dir": ..., "attempt": n,
      "upstream": {dep: {"is_array": bool, "elements": [["file", path] | ["value", output, hash], ...]}}}
+
+An **element-wise chain** (array task B mapped over array task A, ``B[i]`` from ``A[i]`` alone, submitted
+with ``aftercorr`` on A's array job) carries one recipe for the whole array: its other upstream tasks
+(done, as values) under ``upstream`` and, under ``chain``, A's name and size and the job directory whose
+``results/<i>.json`` holds ``A[i]``'s output. Element ``i`` resolves with only ``A[i]`` known (the other
+elements of A may still run): its arguments and identity depend on ``A[i]`` alone (:func:`chain_source`
+admits only such tasks), so they are the engine's to the digit (tests compare them)::
+
+    {..., "upstream": {dep: ... values only ...}, "chain": {"dep": A, "size": n, "job_dir": A's job dir}}
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from reflow_client.manifest import TaskManifest
+from reflow_client import jobfiles
+from reflow_client.manifest import ELEMENT_MODES, TaskManifest
 
 from .resolve import UpstreamView, identity_for, resolve
 
@@ -114,4 +124,107 @@ def matches(data: Mapping[str, Any], attempt: int,
     return None
 
 
-__all__ = ["DeferredError", "FORMAT", "JOB_KEY", "RESULT_KEY", "files", "matches", "recipe", "resolve_recipe"]
+# ---------------------------------------------------------------------- element-wise chains
+
+#: The attempt a task's instances start at (``Instance.attempt``): a chained array goes out before it expands.
+FIRST_ATTEMPT = 1
+
+
+def chain_source(task: TaskManifest) -> str | None:
+    """The array task *task* maps element by element (every element-wise parameter fed by ``chain`` from
+    that one task, which feeds nothing else), or None: only then does element ``i`` need ``A[i]`` alone."""
+    if not task.is_array:
+        return None
+    sources = {(s.step, s.mode) for srcs in task.inputs.values() for s in srcs if s.mode in ELEMENT_MODES}
+    if len(sources) != 1:
+        return None
+    (dep, mode), = sources
+    if mode != "chain":
+        return None
+    for srcs in task.inputs.values():
+        if any(s.step == dep for s in srcs) and (len(srcs) != 1 or srcs[0].mode != "chain"):
+            return None  # A also feeds a whole-value parameter (or shares one with another step)
+    return dep
+
+
+def chain_recipe(workflow: str, task: TaskManifest, params: Mapping[str, Any], run_dir: str,
+                 values: Mapping[str, tuple[bool, list[list[Any]]]], dep: str, size: int,
+                 job_dir: str) -> dict[str, Any]:
+    """The recipe of a chained array (every element at its first attempt): *values* holds the other
+    upstream tasks' outputs (``["value", output, hash]`` elements), *job_dir* the job of *dep* whose
+    ``results/<i>.json`` element ``i`` reads."""
+    data = recipe(workflow, task, params, run_dir, FIRST_ATTEMPT, values)
+    data["chain"] = {"dep": dep, "size": size, "job_dir": job_dir}
+    return data
+
+
+def chain_file(data: Mapping[str, Any], index: int) -> str:
+    """The result file element *index* of a chained array reads."""
+    return jobfiles.result_path(data["chain"]["job_dir"], index)
+
+
+def resolve_chain(data: Mapping[str, Any], results: Mapping[int, Mapping[str, Any] | None]
+                  ) -> tuple[dict[str, Any], dict[int, tuple[dict[str, Any], str] | str]]:
+    """A chained array's shared keyword arguments, and for each element of *results* (its upstream
+    element's parsed result, None: missing) its own arguments and identity -- or why it cannot run."""
+    if data.get("format") != FORMAT:
+        raise DeferredError(f"recipe format {data.get('format')!r} is not {FORMAT} (a newer reflowd wrote it)")
+    task = TaskManifest.from_dict(data["task"], "deferred.task")
+    chain = data["chain"]
+    dep, size = chain["dep"], int(chain["size"])
+    if not task.is_array or chain_source(task) != dep:
+        raise DeferredError(f"task {task.name!r} does not map {dep!r} element by element")
+    outputs: list[Any] = [None] * size
+    hashes: list[str | None] = [""] * size
+    ok = [False] * size
+    why: dict[int, str] = {}
+    for index, result in results.items():
+        if not 0 <= index < size:
+            why[index] = f"element {index} is outside upstream {dep} ({size} elements)"
+        elif result is None:
+            why[index] = f"upstream {dep} element {index} left no result ({chain_file(data, index)})"
+        elif result.get("state") != "succeeded":
+            why[index] = f"upstream {dep} element {index} did not succeed ({chain_file(data, index)})"
+        else:
+            outputs[index], hashes[index], ok[index] = result.get("output"), result.get("output_hash"), True
+    views = {name: _value_view(name, up) for name, up in data["upstream"].items()}
+    views[dep] = UpstreamView(is_array=True, outputs=outputs, hashes=hashes, ok=ok)
+    missing = [d for d in task.dependencies if d not in views]
+    if missing:
+        raise DeferredError(f"recipe has no upstream {', '.join(missing)}")
+    res = resolve(task, views, data["params"], data["run_dir"])
+    if res.blocked:
+        raise DeferredError(res.blocked)
+    if res.size != size:
+        raise DeferredError(f"the task resolves to {res.size} elements, the recipe was written for {size}")
+    out: dict[int, tuple[dict[str, Any], str] | str] = {}
+    for index in results:
+        if index in why:
+            out[index] = why[index]
+        else:
+            out[index] = (dict(res.elements[index]), identity_for(data["workflow"], task, res, index))
+    return dict(res.shared), out
+
+
+def _value_view(dep: str, up: Mapping[str, Any]) -> UpstreamView:
+    if any(e[0] != "value" for e in up["elements"]):
+        raise DeferredError(f"a chained array's other upstream {dep} must be known (values, not files)")
+    return UpstreamView(is_array=bool(up["is_array"]), outputs=[e[1] for e in up["elements"]],
+                        hashes=[e[2] for e in up["elements"]], ok=[True] * len(up["elements"]))
+
+
+def chain_matches(data: Mapping[str, Any], attempt: int, index: int, result_path: str | None) -> str | None:
+    """Does a chained array's recipe still describe element *index*? None if so, else why not.
+    *result_path*: where the engine's upstream element ``index`` succeeded (None: it has not, or not in a job)."""
+    if data.get("format") != FORMAT or "chain" not in data:
+        return f"recipe format {data.get('format')!r}"
+    if data.get("attempt") != attempt:
+        return f"written for attempt {data.get('attempt')}, element {index} is at {attempt}"
+    want = chain_file(data, index)
+    if result_path != want:
+        return f"upstream {data['chain']['dep']} element {index} did not succeed in {want}"
+    return None
+
+
+__all__ = ["DeferredError", "FIRST_ATTEMPT", "FORMAT", "JOB_KEY", "RESULT_KEY", "chain_file", "chain_matches",
+           "chain_recipe", "chain_source", "files", "matches", "recipe", "resolve_chain", "resolve_recipe"]

@@ -289,7 +289,7 @@ class Engine:
                 driver.withdraw(inst)
         if old in IN_FLIGHT and (new not in IN_FLIGHT or inst.tag != old_tag) and driver is not None:
             driver.instance_left(inst, old_tag)
-        if driver is not None and driver.early.jobs and inst.index is None:
+        if driver is not None and driver.early.watching:
             driver.early.left(run, inst, new)  # an early job it no longer waits for is dropped
         if new in TERMINAL:
             try:
