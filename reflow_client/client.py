@@ -218,6 +218,10 @@ class AsyncClient:
             raise DaemonNotRunning(self.path, str(exc)) from None
         self._reader = BufferedByteReceiveStream(self._stream)
 
+    async def _reconnect(self) -> None:
+        await self.aclose()
+        await self.connect()
+
     async def aclose(self) -> None:
         if self._stream is not None:
             await self._stream.aclose()
@@ -236,8 +240,16 @@ class AsyncClient:
             await self.connect()
         assert self._stream is not None
         msg_id = next(self._ids)
+        data = encode_message(protocol.request(method, params, msg_id))
         with anyio.fail_after(self.timeout):
-            await self._stream.send(encode_message(protocol.request(method, params, msg_id)))
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._reconnect()  # see Client.call: a failed send reached no daemon
+                try:
+                    await self._stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                    raise DaemonNotRunning(self.path, f"connection lost: {exc!r}") from None
             while True:
                 reply = await self._read()
                 if reply.get("id") == msg_id or (reply.get("id") is None and "error" in reply):
@@ -377,11 +389,21 @@ class Client:
         if self._sock is None:
             self.connect()
         msg_id = next(self._ids)
+        data = encode_message(protocol.request(method, params, msg_id))
         try:
-            self._sock.sendall(encode_message(protocol.request(method, params, msg_id)))
-        except OSError as exc:
+            self._sock.sendall(data)
+        except OSError:
+            # The daemon closes a connection left idle (after its idle timeout, or to make room at its
+            # connection cap), e.g. while a script waited for a long run on its own watch. A send that failed
+            # reached no daemon (a cut-off request is never acted on), so it is sent once more, freshly
+            # connected; with no daemon there, connect() says so.
             self.close()
-            raise DaemonNotRunning(self.path, str(exc)) from None
+            self.connect()
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self.close()
+                raise DaemonNotRunning(self.path, str(exc)) from None
         while True:
             reply = self._read(self.timeout)
             if reply.get("id") == msg_id or (reply.get("id") is None and "error" in reply):

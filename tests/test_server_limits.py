@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from reflow_client.client import Client
 from reflowd import commands
@@ -321,3 +322,45 @@ def test_a_refused_second_daemon_leaves_the_first_ones_socket_alone(tmp_path: Pa
         assert d.socket.exists() and d.answers()
     finally:
         d.stop()
+
+
+_ASYNC_CLIENT = """
+import sys, anyio
+from reflow_client.client import AsyncClient
+
+async def main():
+    async with AsyncClient(sys.argv[1], timeout=30) as conn:
+        print((await conn.ping())["pong"], flush=True)
+        sys.stdin.readline()  # the test says: the daemon has closed this connection
+        print((await conn.ping())["pong"], flush=True)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_client_whose_idle_connection_the_daemon_closed_reconnects(tmp_path: Path) -> None:
+    """A script that submits, waits longer than the daemon's idle timeout on its own watch, then asks for the
+    status used to fail with "no reflowd is running" (the 10,000-element benchmark's 77-minute run did).
+    The async client runs in its own process, as it would against a real daemon."""
+    daemon = _Daemon()
+    path = tmp_path / "s.sock"
+    server = Server(daemon, idle_timeout=0.2, idle_grace=0.0)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, await anyio.create_unix_listener(path))
+        sync = Client(path, timeout=30)
+        assert (await anyio.to_thread.run_sync(sync.ping))["pong"]
+        await wait_for_async(lambda: not server.live)  # the daemon closed the idle connection
+        assert (await anyio.to_thread.run_sync(sync.ping))["pong"]
+        assert (await anyio.to_thread.run_sync(sync.ping))["pong"], "a live connection is kept and used"
+        sync.close()
+        async with await anyio.open_process([sys.executable, "-c", _ASYNC_CLIENT, str(path)], cwd=ROOT) as child:
+            assert child.stdin is not None and child.stdout is not None
+            lines = BufferedByteReceiveStream(child.stdout)
+            with anyio.fail_after(60):
+                assert await lines.receive_until(b"\n", 100) == b"True"
+                await wait_for_async(lambda: not server.live)
+                await child.stdin.send(b"go\n")
+                assert await lines.receive_until(b"\n", 100) == b"True"
+                assert await child.wait() == 0
+        tg.cancel_scope.cancel()
