@@ -69,8 +69,8 @@ CANCEL_SEND_WAIT = 10.0
 #: Python's full garbage collection walks every object the daemon holds (0.5 s and more with 10^6
 #: instances, a loop stall). A large expansion moves what exists to the permanent generation
 #: (``gc.freeze``), which collections skip; instances hold no reference cycles and are freed by their
-#: counts. Each freeze first collects what is not frozen yet, and the janitor collects the frozen heap
-#: once that is cheap (``heap.Heap``): cycles left among frozen objects are collected then.
+#: counts. The janitor collects the frozen heap once that is cheap (``heap.Heap``): cycles left among
+#: frozen objects are collected then.
 #: Large containers made later (the list of instances turned READY, the driver's queue they are handed
 #: to) are frozen too: one of 10^6 entries made each full collection 0.1-0.9 s during a hand-over.
 #: So is what every 8,192 transitions leave behind (job tracks, their ``live`` maps, requests): at 10^5
@@ -233,7 +233,7 @@ class Engine:
         """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed."""
         runs, broken = await self.store.load_active_runs()
         if sum(len(tr.instances) for r in runs for tr in r.tasks.values()) >= FREEZE_AFTER:
-            self.heap.freeze(collect=False)  # (see FREEZE_AFTER; what it loaded is 10^6 objects to walk)
+            self.heap.freeze()  # (see FREEZE_AFTER)
         for run_id, why in broken:
             log.error("run cannot be recovered; marking it failed", run_id=run_id, error=why)
             self.store.fail_run_row(run_id, why)

@@ -6,9 +6,9 @@ which collections skip (see ``engine.FREEZE_AFTER`` for when the engine freezes)
 costs, and this module bounds both:
 
 * Garbage that exists at the moment of freezing (reference cycles not collected yet) would stay
-  forever. :meth:`Heap.freeze` first collects the two young generations (at most ~7,700 objects, a
-  few milliseconds; a collection of all that is not frozen yet -- what 8,192 transitions left -- was a
-  20-30 ms step at 10^5, and the cycles that matter die young).
+  until the frozen heap is collected. :meth:`Heap.freeze` does not collect first: even a young
+  collection walks the large containers the engine freezes right after making them (a list and a
+  dict of 3x10^5 instances: 50 ms), and ``bench/engine_heap.py`` found no such garbage.
 * Objects alive at a freeze that later die in a cycle (a finished task group, an exception and its
   frames) stay until the permanent generation is collected, which walks the whole heap. So that is
   done only when it is cheap (:meth:`Heap.tidy`, from the janitor while no run is running): when a
@@ -41,11 +41,8 @@ class Heap:
         self.last_found = 0
         self.last_seconds = 0.0
 
-    def freeze(self, *, collect: bool = True) -> None:
-        """Freeze what exists, after collecting the garbage among what is not frozen yet (*collect* False:
-        when that part is known to be large, e.g. a recovery that loaded 10^6 instances)."""
-        if collect:
-            gc.collect(1)
+    def freeze(self) -> None:
+        """Freeze what exists (collections skip it from now on); a collection of it is owed."""
         gc.freeze()
         self.freezes += 1
         self.owed = True
