@@ -137,3 +137,17 @@ def slurm_job_names(accounting: bool) -> Counter[str]:
             masters.setdefault(job_id.split("_")[0], name)
         names.update(masters.values())
     return names
+
+
+def open_and_close_store(path: Path) -> None:
+    """Open the store at *path* (creating it with the current schema, or upgrading it) and close it."""
+    import anyio
+
+    from reflowd.store import Store
+
+    async def main() -> None:
+        store = Store(path)
+        await store.open()
+        await store.close()
+
+    anyio.run(main)

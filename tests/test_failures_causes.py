@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import anyio
 import pytest
 
 from reflow_client.client import InstanceStatus
@@ -21,7 +20,9 @@ from reflowd.engine.model import Instance
 from reflowd.engine.states import State
 from reflowd.schedulers import slurm_commands as sc
 from reflowd.schedulers.base import Observation, Outcome, Phase, Presence
-from reflowd.store import INSTANCES, SCHEMA_VERSION, Store
+from reflowd.store import INSTANCES, SCHEMA_VERSION
+
+from .support import open_and_close_store
 
 
 def done(outcome: Outcome, native: str, reason: str | None = None, exit_code: str | None = None,
@@ -127,12 +128,7 @@ def test_sacct_lines_carry_the_node_of_a_finished_job() -> None:
 def test_a_schema_2_database_is_upgraded_keeping_its_instances(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
 
-    async def main() -> None:
-        store = Store(path)
-        await store.open()
-        await store.close()
-
-    anyio.run(main)
+    open_and_close_store(path)
     # Make it look like a schema-2 database: no cause/resources/attempts columns.
     with sqlite3.connect(path) as db:
         cols = [r[1] for r in db.execute("PRAGMA table_info(instances)")]
@@ -142,7 +138,7 @@ def test_a_schema_2_database_is_upgraded_keeping_its_instances(tmp_path: Path) -
             f"ALTER TABLE old RENAME TO instances; UPDATE meta SET value='2' WHERE key='schema_version';"
             f"INSERT INTO instances (run_id, task, idx, state, attempt, updated_at) VALUES ('r', 't', -1, 'failed', 1, 0);"
         )
-    anyio.run(main)
+    open_and_close_store(path)
     with sqlite3.connect(path) as db:
         cols = {r[1] for r in db.execute("PRAGMA table_info(instances)")}
         assert {"cause", "resources", "attempts"} <= cols

@@ -17,15 +17,14 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
-import anyio
 
 from reflowd.driver import packing
 from reflowd.engine.decide import Decision
 from reflowd.engine.model import Instance
 from reflowd.engine.states import State
-from reflowd.store import INSTANCES, SCHEMA_VERSION, Store
+from reflowd.store import INSTANCES, SCHEMA_VERSION
 
-from .support import ROOT, DaemonProcess, wait_for
+from .support import ROOT, DaemonProcess, open_and_close_store, wait_for
 
 COUNTING = ROOT / "tests" / "engine_workflows" / "counting.py"
 
@@ -44,19 +43,14 @@ def test_the_attempt_after_a_packed_death_runs_alone() -> None:
 def test_a_schema_3_database_gets_the_column(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
 
-    async def main() -> None:
-        store = Store(path)
-        await store.open()
-        await store.close()
-
-    anyio.run(main)
+    open_and_close_store(path)
     with sqlite3.connect(path) as db:  # as schema 3 left it: no `alone` column
         keep = [r[1] for r in db.execute("PRAGMA table_info(instances)") if r[1] != "alone"]
         db.executescript(
             f"CREATE TABLE old AS SELECT {', '.join(keep)} FROM instances; DROP TABLE instances; "
             f"ALTER TABLE old RENAME TO instances; UPDATE meta SET value='3' WHERE key='schema_version';"
             f"INSERT INTO instances (run_id, task, idx, state, attempt, updated_at) VALUES ('r', 't', 2, 'failed', 1, 0);")
-    anyio.run(main)
+    open_and_close_store(path)
     with sqlite3.connect(path) as db:
         assert set(INSTANCES.names) <= {r[1] for r in db.execute("PRAGMA table_info(instances)")}
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
