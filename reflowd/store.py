@@ -12,13 +12,14 @@ exactly-once across crashes.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiosqlite
 import anyio
@@ -35,12 +36,20 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
 INSTANCES = Table(Instance, "instances", upsert=True)  # the hot table: update in place, no secondary index
 JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
+
+#: The transition log: append-only, so the rowid ``seq`` (max + 1 for each row; nothing is ever deleted)
+#: orders it without AUTOINCREMENT's extra write per row; evidence is NULL when there is none (read as {}).
+TRANSITIONS_TABLE = """CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
+    from_state TEXT, to_state TEXT NOT NULL, evidence TEXT, at REAL NOT NULL
+);"""
+INSERT_TRANSITION = "INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)"
 
 SCHEMA = "\n".join([
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);",
@@ -49,10 +58,7 @@ SCHEMA = "\n".join([
     INSTANCES.create(),
     JOBS.create(),
     "DROP INDEX IF EXISTS instances_tag;",  # schema 1 had it; nothing looks instances up by tag
-    """CREATE TABLE IF NOT EXISTS transitions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
-    from_state TEXT, to_state TEXT NOT NULL, evidence TEXT NOT NULL, at REAL NOT NULL
-);
+    TRANSITIONS_TABLE + """
 CREATE INDEX IF NOT EXISTS transitions_run ON transitions(run_id, seq);
 CREATE TABLE IF NOT EXISTS cache (
     identity TEXT PRIMARY KEY, output TEXT NOT NULL, output_hash TEXT NOT NULL, workflow TEXT NOT NULL,
@@ -82,6 +88,23 @@ ALTER TABLE instances ADD COLUMN attempts TEXT;
 MIGRATE_3_TO_4 = """
 ALTER TABLE instances ADD COLUMN alone INTEGER;
 """
+
+
+#: Schema 4 -> 5: the transition log loses AUTOINCREMENT (a write to ``sqlite_sequence`` per row) and
+#: stores no evidence as NULL. Copied in ``seq`` order with the same numbers.
+MIGRATE_4_TO_5 = """
+DROP INDEX IF EXISTS transitions_run;
+ALTER TABLE transitions RENAME TO transitions_v4;
+""" + TRANSITIONS_TABLE + """
+INSERT INTO transitions (seq, run_id, task, idx, from_state, to_state, evidence, at)
+    SELECT seq, run_id, task, idx, from_state, to_state, NULLIF(evidence, '{}'), at FROM transitions_v4 ORDER BY seq;
+DROP TABLE transitions_v4;
+"""
+
+#: ``put_instance`` without a list of changed fields: the whole row (an upsert).
+WHOLE_ROW = -1
+
+_instance_key = operator.attrgetter("run_id", "task", "index")  # (pending changes by row; index None: singleton)
 
 
 class StoreError(RuntimeError):
@@ -124,6 +147,15 @@ def _escape_surrogates(value: Any) -> Any:
     return value
 
 
+class _Statement(NamedTuple):
+    """One statement of a commit and its rows; ``whole``: for an instance ``UPDATE``, the snapshots to
+    write as whole rows should a row be missing (it never should: every instance is put whole first)."""
+
+    sql: str
+    rows: list[tuple[Any, ...]]
+    whole: list[tuple[Any, ...]] | None = None
+
+
 @dataclass
 class _Batch:
     """Changes taken out of the queue for one commit; put back whole if the commit fails.
@@ -134,14 +166,14 @@ class _Batch:
 
     runs: dict[str, tuple[Any, ...]]
     tasks: dict[tuple[str, str], tuple[Any, ...]]
-    instances: dict[tuple[str, str, int], tuple[Any, ...]]
+    instances: dict[tuple[str, str, int | None], tuple[int, tuple[Any, ...]]]  # (columns changed, snapshot)
     transitions: list[tuple[Any, ...]]  # evidence still a dict (or its text)
     jobs: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
     generation: int
     failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
-    encoded: list[tuple[str, list[tuple[Any, ...]]]] | None = None
+    encoded: list[_Statement] | None = None
 
     @property
     def rows(self) -> int:
@@ -160,18 +192,30 @@ class _Batch:
                 text = texts[id(ev)] = dump_json(ev)
             return text
 
+        whole: list[tuple[Any, ...]] = []
+        changed: dict[int, list[tuple[Any, ...]]] = {}  # by the set of columns changed: one UPDATE each
+        for mask, snapshot in self.instances.values():
+            if mask == WHOLE_ROW:
+                whole.append(INSTANCES.encode(snapshot))
+            else:
+                changed.setdefault(mask, []).append(snapshot)
+        updates = []
+        for mask, snapshots in changed.items():
+            sql, encode = INSTANCES.update(mask)
+            updates.append(_Statement(sql, [encode(v) for v in snapshots], snapshots))
         self.encoded = [
-            (RUNS.insert, [RUNS.encode(v) for v in self.runs.values()]),
-            (TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
-            (INSTANCES.insert, [INSTANCES.encode(v) for v in self.instances.values()]),
-            ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)",
-             [(*t[:5], evidence(t[5]), t[6]) for t in self.transitions]),
-            (JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),
-            ("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
-            ("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?", list(self.failures.values())),
+            _Statement(RUNS.insert, [RUNS.encode(v) for v in self.runs.values()]),
+            _Statement(TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
+            _Statement(INSTANCES.insert, whole),
+            *updates,
+            _Statement(INSERT_TRANSITION, [(*t[:5], evidence(t[5]) if t[5] else None, t[6]) for t in self.transitions]),
+            _Statement(JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),
+            _Statement("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
+            _Statement("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?",
+                       list(self.failures.values())),
         ]
 
-    def statements(self) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    def statements(self) -> list[_Statement]:
         if self.encoded is None:
             self.encode()
         assert self.encoded is not None
@@ -279,7 +323,7 @@ class Store:
         # record changed many times before a commit is read once, when the batch is taken.
         self._runs: dict[str, Run | tuple[Any, ...]] = {}
         self._tasks: dict[tuple[str, str], TaskRun | tuple[Any, ...]] = {}
-        self._instances: dict[tuple[str, str, int], tuple[Any, ...]] = {}
+        self._instances: dict[tuple[str, str, int | None], tuple[int, tuple[Any, ...]]] = {}  # (columns, snapshot)
         self._transitions: list[tuple[Any, ...]] = []  # evidence still a dict until the batch is taken
         self._jobs: dict[str, JobRecord | tuple[Any, ...]] = {}
         self._cache: dict[str, tuple[Any, ...]] = {}
@@ -321,11 +365,12 @@ class Store:
                 + (MIGRATE_1_TO_2 if version == 1 else "")
                 + (MIGRATE_2_TO_3 if version in (1, 2) else "")
                 + (MIGRATE_3_TO_4 if version in (1, 2, 3) else "")
+                + (MIGRATE_4_TO_5 if version in (1, 2, 3, 4) else "")
                 + SCHEMA
                 + f"\nINSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
                 + f"\nINSERT OR IGNORE INTO meta VALUES ('database_id', '{os.urandom(8).hex()}');\nCOMMIT;"
             )
-            if version in (1, 2, 3):
+            if version in (1, 2, 3, 4):
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
             async with self._db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
                 database_id = str((await cur.fetchone())[0])
@@ -476,11 +521,11 @@ class Store:
     # ------------------------------------------------------------------ enqueue (synchronous)
 
     def _enqueued_one(self) -> None:
-        self._pending += 1
+        pending = self._pending = self._pending + 1
         self._enqueued += 1
-        if self._pending == 1:  # (the writer's events are renewed only when a batch is taken: pending 0)
+        if pending == 1:  # (the writer's events are renewed only when a batch is taken: pending 0)
             self._wake.set()
-        if self._pending >= self.max_batch and not self._urgent.is_set():
+        elif pending == self.max_batch:
             self._urgent.set()
 
     def put_run(self, run: Run) -> None:
@@ -491,11 +536,22 @@ class Store:
         self._tasks[(run_id, task.name)] = task
         self._enqueued_one()
 
-    def put_instance(self, inst: Instance) -> None:
-        # Snapshot now (its field values: a C attribute getter, no encoding): taking a batch of 10^4
-        # changed instances is then no work for the loop. Every change of an instance is followed by
-        # this call (``Ledger.instance``, ``Engine.update``), so the latest snapshot is what memory holds.
-        self._instances[inst.key] = INSTANCES.snapshot(inst)
+    def put_instance(self, inst: Instance, changed: tuple[str, ...] | None = None) -> None:
+        """Enqueue *inst*'s row: whole (a new instance, or *changed* not given), or only the columns of the
+        fields named in *changed* (a state change: ``Ledger.instance``), an ``UPDATE`` of a few columns.
+
+        The snapshot is taken now (its field values: a C attribute getter, no encoding): taking a batch of
+        10^4 changed instances is then no work for the loop. Every change of an instance is followed by
+        this call, so the latest snapshot is what memory holds; changes to one instance before a commit
+        collapse to one row with the union of their columns.
+        """
+        key = _instance_key(inst)
+        mask = WHOLE_ROW if changed is None else INSTANCES.mask(changed)
+        if mask != WHOLE_ROW:
+            earlier = self._instances.get(key)
+            if earlier is not None:
+                mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]
+        self._instances[key] = (mask, INSTANCES.snapshot(inst))
         self._enqueued_one()
 
     def add_transition(
@@ -589,7 +645,13 @@ class Store:
         """Put a failed batch back in front of what was enqueued meanwhile (the newer version of a row wins)."""
         self._runs = {**batch.runs, **self._runs}
         self._tasks = {**batch.tasks, **self._tasks}
-        self._instances = {**batch.instances, **self._instances}
+        instances = dict(batch.instances)
+        for key, (mask, snapshot) in self._instances.items():  # (a whole row still to write stays whole)
+            earlier = instances.get(key)
+            if earlier is not None and mask != WHOLE_ROW:
+                mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]
+            instances[key] = (mask, snapshot)
+        self._instances = instances
         self._transitions = batch.transitions + self._transitions
         self._jobs = {**batch.jobs, **self._jobs}
         self._run_failures = {**batch.failures, **self._run_failures}
@@ -637,22 +699,27 @@ class Store:
         log.error("a change could not be stored as it was; writing row by row", error=str(error))
         return await self._write_rows(db, batch)
 
-    async def _execute_batch(self, db: aiosqlite.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]) \
-            -> None:
-        for sql, rows in statements:
+    async def _execute_batch(self, db: aiosqlite.Connection, statements: list[_Statement]) -> None:
+        for sql, rows, whole in statements:
             if rows:
-                await db.executemany(sql, rows)
+                cursor = await db.executemany(sql, rows)
+                if whole is not None and cursor.rowcount != len(rows):
+                    log.error("instance rows missing for a change; writing them whole", missing=len(rows) - cursor.rowcount)
+                    await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for v in whole])
         await db.commit()
 
     async def _write_rows(self, db: aiosqlite.Connection, batch: _Batch) -> int:
         """Escape undecodable text (Linux paths arrive as lone surrogates); drop, loudly, a row still refused."""
         written = 0
         try:
-            for sql, rows in batch.statements():
-                for row in rows:
+            for sql, rows, whole in batch.statements():
+                for i, row in enumerate(rows):
                     clean = tuple(_escape_surrogates(v) for v in row)
                     try:
-                        await db.execute(sql, clean)
+                        cursor = await db.execute(sql, clean)
+                        if whole is not None and cursor.rowcount == 0:  # (see _execute_batch)
+                            await db.execute(INSTANCES.insert, tuple(_escape_surrogates(v)
+                                                                     for v in INSTANCES.encode(whole[i])))
                     except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
                         if not _is_data_error(exc):
                             raise
@@ -853,7 +920,7 @@ class Store:
         out = []
         for r in rows:
             d = dict(r)
-            d["evidence"] = json.loads(d["evidence"])
+            d["evidence"] = {} if d["evidence"] is None else json.loads(d["evidence"])
             d["index"] = None if d["idx"] is None or d["idx"] < 0 else d["idx"]
             out.append(d)
         return out

@@ -75,7 +75,7 @@ class _FakeStore:
         self.instances: list[Instance] = []
         self.transitions: list[tuple] = []
 
-    def put_instance(self, inst: Instance) -> None:
+    def put_instance(self, inst: Instance, changed: tuple[str, ...] | None = None) -> None:
         self.instances.append(inst)
 
     def add_transition(self, *args: object) -> None:

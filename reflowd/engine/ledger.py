@@ -51,10 +51,15 @@ def _debugging() -> bool:
     return enabled
 
 
+#: The fields every instance transition changes (and the store then writes: ``Store.put_instance``).
+_CHANGED = ("state", "updated_at")
+_CHANGED_ENDED = ("state", "updated_at", "ended_at")
+
+
 class Recorder(Protocol):
     """What the ledger needs of a store: enqueue rows (synchronously)."""
 
-    def put_instance(self, inst: Instance) -> None: ...
+    def put_instance(self, inst: Instance, changed: tuple[str, ...] | None = None) -> None: ...
 
     def put_task(self, run_id: str, task: TaskRun) -> None: ...
 
@@ -85,13 +90,17 @@ class Ledger:
             setattr(inst, name, value)
         inst.state = new
         inst.updated_at = now
+        changed = _CHANGED
         if new in TERMINAL and inst.ended_at is None:
             inst.ended_at = now
+            changed = _CHANGED_ENDED
+        if fields:
+            changed = (*changed, *fields)
         tr = run.tasks.get(inst.task)
         if tr is not None:
             tr.counts[old] -= 1
             tr.counts[new] += 1
-        self.store.put_instance(inst)
+        self.store.put_instance(inst, changed)  # (only these columns are written: an UPDATE, not the whole row)
         self.store.add_transition(run.id, inst.task, inst.index, old, new, evidence, now)  # (str enums: stored as text)
         self.counters["transitions"] += 1
         if self.events.wants(run.id):

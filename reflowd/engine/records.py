@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -23,8 +23,11 @@ T = TypeVar("T")
 _MISSING: Any = dataclasses.MISSING
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # (built once: json.dumps builds one per call)
+
+
 def dump_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _JSON.encode(value)
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,25 @@ class Table:
         #: ``snapshot(record) -> tuple``: the fields' values as they are now (no encoding: cheap, done on
         #: the event loop when a batch is taken); ``encode(snapshot) -> row`` encodes them for SQLite (the
         #: store's writer does it off the loop). JSON-encoded values are replaced, never changed in place,
-        #: so a snapshot's values still say what the record held when it was taken.
-        getter = operator.attrgetter(*[f.name for f, _ in self.fields])
-        self.snapshot: Callable[[Any], tuple[Any, ...]] = (
-            getter if len(self.fields) > 1 else (lambda o: (getter(o),)))
+        #: so a snapshot's values still say what the record held when it was taken. A record with rare
+        #: fields is snapshot as ``(its other fields' values, a copy of its rare dict or None)``: reading
+        #: each rare field through its property would cost a Python call per field and snapshot.
+        self._rare = {r.name: r.default for r in getattr(cls, "__rare__", ()) if r.column is not None}
+        plain = [f.name for f, _ in self.fields if f.name not in self._rare]
+        getter = operator.attrgetter(*plain)
+        self.snapshot: Callable[[Any], tuple[Any, ...]]
+        if self._rare:
+            def snapshot(o: Any) -> tuple[Any, ...]:
+                rare = o.rare
+                return (getter(o), rare.copy() if rare else None)
+            self.snapshot = snapshot
+        else:
+            self.snapshot = getter if len(plain) > 1 else (lambda o: (getter(o),))
         self.encode = self._compile_encode()
         self.row = self._compile_row()
         self.values = self._compile_values()
+        self._masks: dict[tuple[str, ...], int] = {}
+        self._updates: dict[int, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
         self.insert = (f"INSERT OR REPLACE INTO {name} ({', '.join(self.names)}) "
                        f"VALUES ({','.join('?' * len(self.names))})")
         if upsert and self.keys:  # update in place (REPLACE deletes and re-inserts): cheaper for a hot table
@@ -213,22 +228,46 @@ class Table:
 
     def _compile_encode(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
         """``encode(snapshot) -> tuple``: a snapshot's values encoded for SQLite (for INSERT)."""
-        if all(encode is None for _, encode in self._encoders):
+        if not self._rare and all(encode is None for _, encode in self._encoders):
             return lambda values: values
-        return self._compile_tuple("encode", "v", lambda i, name: f"v[{i}]")
+        return self._compile_snapshot_tuple("encode", range(len(self.fields)))
 
-    def _compile_tuple(self, fn: str, arg: str, access: Callable[[int, str], str]) -> Callable[[Any], tuple[Any, ...]]:
-        """``fn(arg) -> tuple`` of every column's value (``access``: how the i-th is read), encoded."""
-        scope: dict[str, Any] = {}
+    def _snapshot_access(self) -> tuple[str, Callable[[int, str], str], dict[str, Any]]:
+        """How compiled code reads the i-th field from a snapshot ``v``: (prologue, access, scope)."""
+        if not self._rare:
+            return "", lambda i, name: f"v[{i}]", {}
+        position = {}
+        for f, _ in self.fields:
+            if f.name not in self._rare:
+                position[f.name] = len(position)
+        scope = {"_EMPTY": {}, **{f"default_{name}": d for name, d in self._rare.items()}}
+
+        def access(i: int, name: str) -> str:
+            if name in self._rare:
+                return f"r.get({name!r}, default_{name})"
+            return f"p[{position[name]}]"
+
+        return "    p = v[0]\n    r = v[1] or _EMPTY\n", access, scope
+
+    def _compile_snapshot_tuple(self, fn: str, columns: Iterable[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+        """``fn(snapshot) -> tuple`` of *columns*' values (by position in ``fields``), encoded."""
+        prologue, access, scope = self._snapshot_access()
+        return self._compile_tuple(fn, "v", access, columns, prologue, scope)
+
+    def _compile_tuple(self, fn: str, arg: str, access: Callable[[int, str], str], columns: Iterable[int] | None = None,
+                       prologue: str = "", scope: dict[str, Any] | None = None) -> Callable[[Any], tuple[Any, ...]]:
+        """``fn(arg) -> tuple`` of the columns' values (``access``: how the i-th is read), encoded."""
+        scope = dict(scope or {})
         parts = []
-        for i, (name, encode) in enumerate(self._encoders):
+        for i in range(len(self.fields)) if columns is None else columns:
+            name, encode = self._encoders[i]
             value = access(i, name)
             if encode is None:
                 parts.append(value)
             else:
                 scope[f"encode{i}"] = encode
                 parts.append(f"encode{i}({value})")
-        exec(f"def {fn}({arg}):\n    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - built from field names
+        exec(f"def {fn}({arg}):\n{prologue}    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - from field names
         return scope[fn]  # type: ignore[no-any-return]
 
     def _compile_values(self) -> Callable[[Any], dict[str, Any]]:
@@ -243,6 +282,32 @@ class Table:
                 parts.append(f"{attr!r}: decode{i}(r[{col!r}])")
         exec(f"def values(r):\n    return {{{', '.join(parts)}}}\n", scope)  # noqa: S102 - built from field names
         return scope["values"]  # type: ignore[no-any-return]
+
+    def mask(self, names: tuple[str, ...]) -> int:
+        """The bit set of the columns that hold fields *names* (fields that are not columns are left out)."""
+        mask = self._masks.get(names)
+        if mask is None:
+            wanted = set(names)
+            mask = self._masks[names] = sum(1 << i for i, (f, col) in enumerate(self.fields)
+                                            if f.name in wanted and not col.key)
+        return mask
+
+    def update(self, mask: int) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
+        """``UPDATE`` of the columns in *mask* by key, and ``encode(snapshot) -> row`` for it.
+
+        Writing only what a change touched binds and encodes a few values where an upsert of the whole
+        row binds them all (the store's hot path: a state change of an instance).
+        """
+        hit = self._updates.get(mask)
+        if hit is not None:
+            return hit
+        chosen = [i for i in range(len(self.fields)) if mask >> i & 1] or [
+            i for i, (_, col) in enumerate(self.fields) if not col.key]
+        keys = [i for i, (_, col) in enumerate(self.fields) if col.key]
+        sql = (f"UPDATE {self.name} SET {', '.join(f'{self.names[i]}=?' for i in chosen)} "
+               f"WHERE {' AND '.join(f'{self.names[i]}=?' for i in keys)}")
+        hit = self._updates[mask] = (sql, self._compile_snapshot_tuple("encode", chosen + keys))
+        return hit
 
     def key_of(self, obj: Any) -> tuple[Any, ...]:
         return tuple(enc(getattr(obj, f.name)) if enc else getattr(obj, f.name)

@@ -1,0 +1,182 @@
+"""The store's hot write path: a state change writes the instance's changed columns and one compact
+transition row; what is reloaded is what memory held, whatever mix of whole rows and changes a batch had.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from reflow_client.manifest import Manifest, TaskManifest
+from reflowd.engine.events import EventHub
+from reflowd.engine.ledger import Ledger
+from reflowd.engine.model import Instance, Run, TaskRun
+from reflowd.engine.states import State
+from reflowd.store import INSTANCES, SCHEMA_VERSION, Store, StoreWriteError
+
+
+def _run(size: int = 3) -> Run:
+    task = TaskManifest(name="a", is_array=True, config={}, dependencies=[])
+    manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
+    run = Run(id="r1", manifest=manifest, params={}, run_dir="/tmp", cluster="local")
+    tr = TaskRun(manifest=task, run_id=run.id, size=size)
+    for i in range(size):
+        tr.add(Instance(run_id=run.id, task="a", index=i))
+    run.tasks["a"] = tr
+    return run
+
+
+def _rows(run: Run) -> dict[int | None, tuple[object, ...]]:
+    return {inst.index: INSTANCES.row(inst) for inst in run.tasks["a"].instances.values()}
+
+
+async def _flush(store: Store) -> None:
+    """Commit what is queued, with the writer running as the daemon runs it."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.run_writer)
+        with anyio.fail_after(60):
+            await store.flush()
+        tg.cancel_scope.cancel()
+
+
+async def _reloaded(path: Path) -> tuple[Run, list[dict[str, object]]]:
+    store = Store(path)
+    await store.open()
+    try:
+        run = await store.load_run("r1")
+        assert run is not None
+        return run, await store.transitions("r1")
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_changes_write_only_their_columns_and_reload_as_memory_held(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    await store.open()
+    run = _run()
+    ledger = Ledger(store, EventHub(), Counter())
+    a, b, c = run.tasks["a"].instances.values()
+    store.put_run(run)
+    store.put_task(run.id, run.tasks["a"])
+    for inst in (a, b, c):
+        store.put_instance(inst)
+    await _flush(store)  # the rows exist: what follows are changes
+    executed: list[str] = []
+    assert store._db is not None
+    await store._db.set_trace_callback(executed.append)
+    ledger.instance(run, a, State.READY, {"source": "test"}, {"identity": "i" * 64})
+    ledger.instance(run, a, State.SUBMITTING, {}, {"tag": "t1", "submitted_at": 5.0})  # (same batch: one row)
+    ledger.instance(run, b, State.READY, {"source": "test"}, {"identity": "j" * 64})
+    ledger.instance(run, b, State.FAILED, {"source": "test", "error": "x"}, {"error": "boom", "cause": {"kind": "x"}})
+    await _flush(store)
+    await store._db.set_trace_callback(None)
+    updates = [sql for sql in executed if sql.startswith("UPDATE instances")]
+    assert len(updates) == 2, "one UPDATE per instance changed, however often it changed"
+    assert not any(sql.startswith("INSERT INTO instances") for sql in executed), "no whole row for a change"
+    assert all("output" not in sql and "host" not in sql for sql in updates), "only the columns that changed"
+    await store.close()
+
+    again, log = await _reloaded(path)
+    assert _rows(again) == _rows(run)
+    assert [(t["index"], t["from_state"], t["to_state"]) for t in log] == [
+        (0, "pending", "ready"), (0, "ready", "submitting"), (1, "pending", "ready"), (1, "ready", "failed")]
+    assert log[1]["evidence"] == {} and log[3]["evidence"] == {"source": "test", "error": "x"}
+    assert [t["seq"] for t in log] == sorted(t["seq"] for t in log)
+    with sqlite3.connect(path) as db:  # no evidence is stored as NULL, not as '{}'
+        assert db.execute("SELECT evidence FROM transitions WHERE to_state='submitting'").fetchone() == (None,)
+
+
+@pytest.mark.anyio
+async def test_a_new_instance_changed_before_its_first_commit_is_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    await store.open()
+    run = _run(2)
+    ledger = Ledger(store, EventHub(), Counter())
+    a, b = run.tasks["a"].instances.values()
+    store.put_run(run)
+    store.put_task(run.id, run.tasks["a"])
+    store.put_instance(a)
+    ledger.instance(run, a, State.READY, {}, {"identity": "i" * 64})  # whole + change in one batch: whole
+    ledger.instance(run, b, State.READY, {}, {"identity": "k" * 64})  # never put whole: the UPDATE finds no row
+    await _flush(store)
+    await store.close()
+    again, _ = await _reloaded(path)
+    assert _rows(again) == _rows(run)
+
+
+@pytest.mark.anyio
+async def test_a_failed_commit_keeps_a_whole_row_whole_when_changes_follow(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    await store.open()
+    run = _run(1)
+    ledger = Ledger(store, EventHub(), Counter())
+    (a,) = run.tasks["a"].instances.values()
+    store.put_run(run)
+    store.put_task(run.id, run.tasks["a"])
+    store.put_instance(a)
+
+    async def refuse(db: object, statements: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    real, store._execute_batch = store._execute_batch, refuse  # type: ignore[method-assign]
+    with pytest.raises(StoreWriteError):
+        await store._commit_pending()
+    ledger.instance(run, a, State.READY, {}, {"identity": "i" * 64})  # a change queued behind the failed whole row
+    store._execute_batch = real  # type: ignore[method-assign]
+    await store._commit_pending()
+    await store.close()
+    again, log = await _reloaded(path)
+    assert _rows(again) == _rows(run)
+    assert [t["to_state"] for t in log] == ["ready"]
+
+
+def test_a_schema_4_transition_log_is_carried_over(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+
+    async def open_close(put: bool) -> None:
+        store = Store(path)
+        await store.open()
+        if put:
+            store.add_transition("r1", "a", 2, "ready", "submitting", {}, 3.0)
+            await _flush(store)
+        await store.close()
+
+    anyio.run(open_close, False)
+    with sqlite3.connect(path) as db:  # the log as schema 4 kept it: AUTOINCREMENT, evidence never NULL
+        db.executescript(
+            "DROP TABLE transitions; CREATE TABLE transitions (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,"
+            " task TEXT, idx INTEGER, from_state TEXT, to_state TEXT NOT NULL, evidence TEXT NOT NULL, at REAL NOT NULL);"
+            "CREATE INDEX transitions_run ON transitions(run_id, seq);"
+            "INSERT INTO transitions VALUES (7, 'r1', 'a', 2, 'pending', 'ready', '{}', 1.0);"
+            "INSERT INTO transitions VALUES (9, 'r1', NULL, NULL, NULL, 'running', '{\"source\":\"client\"}', 0.5);"
+            "UPDATE meta SET value='4' WHERE key='schema_version';")
+    anyio.run(open_close, True)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name='transitions'").fetchone()[0]
+        assert "AUTOINCREMENT" not in sql
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='transitions_run'").fetchone() == (1,)
+        rows = db.execute("SELECT seq, to_state, evidence FROM transitions ORDER BY seq").fetchall()
+    assert rows == [(7, "ready", None), (9, "running", json.dumps({"source": "client"}, separators=(",", ":"))),
+                    (10, "submitting", None)], "numbers kept, the next one after them"
+
+    async def read() -> list[dict[str, object]]:
+        store = Store(path)
+        await store.open()
+        try:
+            return await store.transitions("r1")
+        finally:
+            await store.close()
+
+    log = anyio.run(read)
+    assert [(t["seq"], t["index"], t["evidence"]) for t in log] == [
+        (7, 2, {}), (9, None, {"source": "client"}), (10, 2, {})]
