@@ -53,22 +53,22 @@ async def _healthy_run(engine: Engine) -> None:
 
 
 def test_an_evaluation_error_fails_the_run_with_the_error_shown(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = engine_module.identity_for
+    real = engine_module.identity_digest
 
-    def broken(workflow: str, task: Any, res: Any, index: Any) -> str:
+    def broken(workflow: str, task: Any, res: Any, index: Any) -> bytes:
         if task.name == "bump":
             raise RuntimeError("identity exploded")
         return real(workflow, task, res, index)
 
     async def body(engine: Engine, cluster: SimCluster) -> None:
-        monkeypatch.setattr(engine_module, "identity_for", broken)
+        monkeypatch.setattr(engine_module, "identity_digest", broken)
         status = await _finish(engine, await _submit(engine))
         assert status["run"]["state"] == "failed"
         assert "internal error while resolving bump: RuntimeError: identity exploded" in status["run"]["error"] or \
             any("identity exploded" in (f["error"] or "") for f in status["failures"]), status
         bump = next(t for t in status["tasks"] if t["name"] == "bump")
         assert bump["counts"] == {"failed": 3}
-        monkeypatch.setattr(engine_module, "identity_for", real)
+        monkeypatch.setattr(engine_module, "identity_digest", real)
         await _healthy_run(engine)
 
     simulate(body)

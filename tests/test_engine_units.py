@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import Any
 from pathlib import Path
@@ -16,7 +17,8 @@ from reflow_client.manifest import InputSource, Manifest, TaskManifest
 from reflowd.budget import RateLimiter
 from reflowd.driver.policy import PollPolicy
 from reflowd.engine import decide
-from reflowd.engine.engine import Engine
+from reflowd.engine import views
+from reflowd.engine.engine import Engine, cleared
 from reflowd.engine.model import Instance, Run, TaskRun
 from reflowd.engine.resolve import ResolveError, UpstreamView, identity_for, resolve
 from reflowd.engine.states import (
@@ -90,8 +92,8 @@ def test_engine_transition_records_evidence_and_refuses_illegal_changes() -> Non
     assert not engine.transition(run, inst, State.RUNNING, {"source": "test"})
     assert inst.state is State.PENDING and store.transitions == []
     assert engine.counters["illegal_transitions"] == 1
-    assert engine.transition(run, inst, State.READY, {"source": "test", "why": "deps"}, identity="abc")
-    assert inst.state is State.READY and inst.identity == "abc"
+    assert engine.transition(run, inst, State.READY, {"source": "test", "why": "deps"}, identity=b"abc")
+    assert inst.state is State.READY and inst.identity == b"abc"
     (run_id, task, index, old, new, evidence, at) = store.transitions[-1]
     assert (run_id, task, index, old, new) == ("r1", "a", None, "pending", "ready")
     assert evidence == {"source": "test", "why": "deps"} and at > 0
@@ -272,6 +274,51 @@ async def test_store_group_commit_and_reload(tmp_path: Path) -> None:
     assert [r["id"] for r in await again.list_runs(states=["running"])] == ["r1"]
     assert await again.list_runs(states=["failed"]) == []
     await again.close()
+
+
+@pytest.mark.anyio
+async def test_identity_digest_and_shared_job_keys_are_stored_as_hex_and_key_text(tmp_path: Path) -> None:
+    """An instance keeps its identity as 32 bytes and its job key as the job's shared ``ElementKeys``
+    (memory: issue #13); the store still holds the hex identity and the key text, and a reload gives
+    the same answers."""
+    import anyio
+
+    from reflowd.driver.packing import ElementKeys, job_key
+
+    run, inst = _tiny_run()
+    digest = bytes(range(32))
+    request = SubmitRequest(tag="t", run_id=run.id, task="a", job_dir="/j", log_dir="/l", workdir="/w",
+                            worker_argv=["python"], indices=[5, 6, 7], index_offset=5)
+    packed = SubmitRequest(tag="p", run_id=run.id, task="a", job_dir="/j", log_dir="/l", workdir="/w",
+                           worker_argv=["python"], indices=[0, 1], slices=[[5, 6], [7]])
+    keys, packed_keys = ElementKeys(request, "42"), ElementKeys(packed, "43")
+    assert [keys(i) for i in (5, 7)] == ["42_0", "42_2"] == [job_key(request, "42", i) for i in (5, 7)]
+    assert [packed_keys(i) for i in (5, 6, 7)] == ["43_0", "43_0", "43_1"]
+    inst.index, inst.identity, inst.job_id, inst.job_key = 7, digest, "42", keys
+    assert inst.job_key == "42_2" and inst.job_keys is keys and inst.identity_hex == digest.hex()
+    store = Store(tmp_path / "s.sqlite", commit_interval=0.05)
+    await store.open()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.run_writer)
+        store.put_run(run)
+        store.put_task(run.id, run.tasks["a"])
+        store.put_instance(inst)
+        await store.flush()
+        tg.cancel_scope.cancel()
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        assert db.execute("SELECT identity, job_key FROM instances").fetchall() == [(digest.hex(), "42_2")]
+    again = Store(tmp_path / "s.sqlite")
+    await again.open()
+    loaded = await again.load_run("r1")
+    await again.close()
+    assert loaded is not None
+    back = loaded.tasks["a"].instances[7]
+    assert (back.identity, back.job_key, back.job_id) == (digest, "42_2", "42")
+    assert views.instance_view(back, full=False)["job_id"] == views.instance_view(inst, full=False)["job_id"] == "42_2"
+    for name, value in cleared().items():
+        setattr(back, name, value)
+    assert back.job_key is None and back.job_keys is None and back.identity == digest  # (a retry keeps the identity)
 
 
 # ---------------------------------------------------------------------- rate limit and poll clock

@@ -235,6 +235,24 @@ def job_key(request: SubmitRequest, job_id: str, index: int | None, slots: dict[
     return request.element_key(job_id, slots[index])
 
 
+class ElementKeys:
+    """The keys one job's elements are reported under (:func:`job_key`), made when asked for. The job's
+    instances share this one object (``Instance.job_keys``) instead of each keeping a key string."""
+
+    __slots__ = ("request", "job_id", "slots")
+
+    def __init__(self, request: SubmitRequest, job_id: str, slots: dict[int, int] | None = None) -> None:
+        self.request = request
+        self.job_id = job_id
+        self.slots = slots if slots is not None or request.slices is None else slot_map(request)
+
+    def __call__(self, index: int | None) -> str:
+        return job_key(self.request, self.job_id, index, self.slots)
+
+    def __repr__(self) -> str:
+        return f"ElementKeys({self.job_id!r})"
+
+
 def time_limit(request_time: str | None) -> float | None:
     try:
         limit = parse_time(request_time) if request_time else None
@@ -474,6 +492,7 @@ def explains(result: dict[str, Any]) -> bool:
     return bool(result.get("signal"))
 
 
-__all__ = ["PACKED_FLAG", "Packer", "Plan", "after_death", "aligned", "array_id", "died_packed", "elements",
-           "even_slices", "fit_groups", "job_key", "jobs_of", "plan", "runs_alone", "slot_map", "spread", "task_spec",
+__all__ = ["PACKED_FLAG", "ElementKeys", "Packer", "Plan", "after_death", "aligned", "array_id", "died_packed",
+           "elements", "even_slices", "fit_groups", "job_key", "jobs_of", "plan", "runs_alone", "slot_map", "spread",
+           "task_spec",
            "time_limit"]

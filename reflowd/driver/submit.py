@@ -232,7 +232,7 @@ class Submitter:
 
         def inputs(inst: Instance) -> dict[str, Any]:
             element = res.elements[inst.index] if inst.index is not None else {}
-            return {"index": inst.index, "identity": inst.identity, "attempt": inst.attempt, "kwargs": element}
+            return {"index": inst.index, "identity": inst.identity_hex, "attempt": inst.attempt, "kwargs": element}
 
         if request.slices is not None:  # one inputs file per slice, not per element (jobfiles.slice_inputs_path)
             by_index = {inst.index: inst for inst in insts}
@@ -440,17 +440,19 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
     track.record.state = "submitted"
     d.store.put_job(track.record)
     d.follow(track)
+    keys = packing.ElementKeys(track.request, job_id, track.slots)  # (one for the job's instances)
     for n, inst in enumerate(track.members()):
         if n and n % YIELD_EVERY == 0:
             await anyio.sleep(0)
         await d.store.pace()
         if inst.tag != track.tag:
             continue
-        key = packing.job_key(track.request, job_id, inst.index, track.slots)
         if inst.state is State.SUBMITTING:
-            d.host.transition(track.run, inst, State.QUEUED, evidence, job_id=job_id, job_key=key)
-        elif inst.state is State.CANCELLED and not (track.packed and d.packer.keep_job(key)):
-            d.cancels[key] = None  # cancelled while the submission was under way
+            d.host.transition(track.run, inst, State.QUEUED, evidence, job_id=job_id, job_key=keys)
+        elif inst.state is State.CANCELLED:
+            key = keys(inst.index)
+            if not (track.packed and d.packer.keep_job(key)):
+                d.cancels[key] = None  # cancelled while the submission was under way
     if not track.live:
         d.emptied[track.tag] = None
     d.query_due = True

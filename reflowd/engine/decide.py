@@ -75,10 +75,10 @@ def from_result(inst: Instance, result: dict[str, Any], obs: Observation | None)
         "started_at": result.get("started_at") or inst.started_at,
     }
     evidence: dict[str, Any] = {"source": "result_file", "state": result.get("state")}
-    if result.get("resolved_inputs") and inst.identity and result.get("identity") != inst.identity:
+    if result.get("resolved_inputs") and inst.identity and result.get("identity") != inst.identity_hex:
         # A job that resolved its own inputs (Slurm-side dependencies) saw other inputs than the engine's.
         error = (f"the job resolved inputs of identity {str(result.get('identity'))[:16]}, the engine's are "
-                 f"{inst.identity[:16]}: its output is not kept")
+                 f"{inst.identity.hex()[:16]}: its output is not kept")
         fields.update(error=error, traceback=None, cause=causes.from_result({"error": error}))
         return Decision(State.FAILED, {**evidence, "identity_mismatch": True}, fields)
     if result.get("state") == "succeeded":

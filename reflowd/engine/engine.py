@@ -42,7 +42,7 @@ from .ledger import Ledger
 from .model import ON_ERROR, Instance, Run, RunOptions, TaskRun
 from .records import column_fields, reset_values
 
-from .resolve import Resolution, ResolveError, UpstreamView, identity_for, prepare_identities, resolve
+from .resolve import Resolution, ResolveError, UpstreamView, identity_digest, prepare_identities, resolve
 from .states import (
     ACTIVE,
     AUTO_RETRIABLE,
@@ -336,7 +336,7 @@ class Engine:
     def _on_terminal(self, run: Run, inst: Instance) -> None:
         task = run.tasks[inst.task].manifest
         if inst.state is State.SUCCEEDED and task.cache and inst.identity and inst.output_hash:
-            self.store.put_cache(inst.identity, inst.output, inst.output_hash, run.workflow, inst.task, run.id, inst.index)
+            self.store.put_cache(inst.identity.hex(), inst.output, inst.output_hash, run.workflow, inst.task, run.id, inst.index)
         if inst.state is State.SUCCEEDED and inst.started_at is not None and inst.ended_at is not None:
             self.store.put_duration(run.workflow, inst.task, task.version, inst.ended_at - inst.started_at)
         if run.error:
@@ -533,11 +533,11 @@ class Engine:
                 if inst.state is not State.PENDING:
                     continue
             if big and inst.index is None:  # a gather's one identity hashes 10^5 upstream hashes
-                identity = await _compute(big, identity_for, run.workflow, tr.manifest, res, inst.index)
+                identity = await _compute(big, identity_digest, run.workflow, tr.manifest, res, inst.index)
                 if inst.state is not State.PENDING:
                     continue
             else:
-                identity = identity_for(run.workflow, tr.manifest, res, inst.index)
+                identity = identity_digest(run.workflow, tr.manifest, res, inst.index)
             if self.transition(run, inst, State.READY, {"source": "dependencies"}, identity=identity):
                 ready.append(inst)
 
@@ -591,22 +591,22 @@ class Engine:
             self.heap.freeze()  # (the driver's queue now holds them: a dict of 10^6 entries, 0.1-0.9 s a full collection)
         if not lookup:
             return
-        hits = await self.store.cache_lookup(i.identity for i in lookup if i.identity)
+        hits = await self.store.cache_lookup(i.identity.hex() for i in lookup if i.identity)
         verified: dict[str, str | None] = {}
         if options.verify and hits:
-            verified = await self._verify_outputs(run, [(i, hits[i.identity]["output"]) for i in lookup
-                                                        if i.identity in hits])
+            verified = await self._verify_outputs(run, [(i, hits[i.identity_hex]["output"]) for i in lookup
+                                                        if i.identity_hex in hits])
         missed: list[Instance] = []
         for n, inst in enumerate(lookup):
             await self._pace(n)
             if inst.state is not State.READY or inst.handed:
                 continue  # cancelled while we looked
-            hit = hits.get(inst.identity or "")
-            problem = verified.get(inst.identity or "") if hit else None
+            hit = hits.get(inst.identity_hex or "")
+            problem = verified.get(inst.identity_hex or "") if hit else None
             if hit and problem is None:
                 self.transition(
                     run, inst, State.CACHED,
-                    {"source": "cache", "identity": inst.identity, "from_run": hit["run_id"],
+                    {"source": "cache", "identity": inst.identity_hex, "from_run": hit["run_id"],
                      "verified": options.verify},
                     output=hit["output"], output_hash=hit["output_hash"], cached_from=hit["run_id"],
                 )
@@ -827,7 +827,7 @@ class Engine:
             return
         problems = await self._verify_outputs(run, items)
         for inst, _ in items:
-            problem = problems.get(inst.identity or "")
+            problem = problems.get(inst.identity_hex or "")
             if problem and inst.state in SUCCESS:
                 if self.transition(run, inst, State.READY, {"source": "verify", "problem": problem},
                                    **{**cleared(), "attempt": inst.attempt + 1}):

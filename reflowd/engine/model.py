@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,8 @@ from reflow_client.manifest import Manifest, TaskManifest
 
 from .. import world
 from ..schedulers.base import SubmitRequest
-from .records import column, dump_json, enum_column, index_column, json_column, rare, rare_fields, rare_json, transient
+from .records import (column, derived, dump_json, enum_column, index_column, json_column, rare, rare_fields, rare_json,
+                      transient)
 from .states import ACTIVE, IN_FLIGHT, SUCCESS, TASK_BLOCKED, RunState, State, TaskState
 
 ON_ERROR = ("continue", "stop")
@@ -53,6 +54,14 @@ class RunOptions:
                 "on_error": self.on_error}
 
 
+def _hex(digest: bytes | None) -> str | None:
+    return None if digest is None else digest.hex()
+
+
+def _unhex(text: str | None) -> bytes | None:
+    return None if text is None else bytes.fromhex(text)
+
+
 def _options_column() -> Any:
     return column("TEXT NOT NULL", default_factory=RunOptions, encode=lambda o: dump_json(o.to_dict()),
                   decode=lambda v: RunOptions.from_dict(json.loads(v)))
@@ -73,6 +82,8 @@ def _options_column() -> Any:
     rare("absent_since", reset=True),
     rare("absent_count", default=0, reset=True),
     rare("done_seen_at", reset=True),
+    # The key a scheduler's answers report this instance under ("123_4"): a property over ``job_keys``.
+    derived("job_key", "TEXT", after="job_id", reset=True),
 )
 @dataclass(slots=True, eq=False)
 class Instance:
@@ -87,10 +98,13 @@ class Instance:
     index: int | None = index_column()
     state: State = enum_column(State, default=State.PENDING)
     attempt: int = column("INTEGER NOT NULL", default=1)
-    identity: str | None = column("TEXT", default=None)
+    #: The Merkle identity (``resolve.identity_digest``) as its 32 bytes; stored and shown as hex.
+    identity: bytes | None = column("TEXT", default=None, encode=_hex, decode=_unhex)
     tag: str | None = column("TEXT", default=None, reset=True)  # submission tag of the current attempt
     job_id: str | None = column("TEXT", default=None, reset=True)
-    job_key: str | None = column("TEXT", default=None, reset=True)  # key in scheduler observations ("123_4")
+    #: What ``job_key`` is made from: the key itself, or the job's ``packing.ElementKeys`` (shared by its
+    #: instances, a key made when asked for: a million queued elements hold no million key strings).
+    job_keys: str | Callable[[int | None], str] | None = transient(default=None, reset=True)
     output: Any = json_column(default=None, reset=True)
     output_hash: str | None = column("TEXT", default=None, reset=True)
     reason: str | None = column("TEXT", default=None, reset=True)  # scheduler's reason (why pending, how it ended)
@@ -116,6 +130,21 @@ class Instance:
         absent_since: float | None
         absent_count: int
         done_seen_at: float | None
+
+    @property
+    def job_key(self) -> str | None:
+        """The key a scheduler's answers report this instance under ("123_4"; a column of its own)."""
+        keys = self.job_keys
+        return keys if keys is None or type(keys) is str else keys(self.index)  # type: ignore[operator]
+
+    @job_key.setter
+    def job_key(self, value: str | Callable[[int | None], str] | None) -> None:
+        self.job_keys = value
+
+    @property
+    def identity_hex(self) -> str | None:
+        """The identity as the cache, job files and workers spell it."""
+        return None if self.identity is None else self.identity.hex()
 
     @property
     def key(self) -> tuple[str, str, int]:

@@ -90,6 +90,8 @@ class Rare:
     default: Any = None
     column: Column | None = None  # None: kept in memory only
     reset: bool = False  # cleared when the record is tried again
+    own: bool = False  # the class defines the property itself (:func:`derived`), not kept in ``rare``
+    after: str | None = None  # a derived column's place in the table: after this field's column
 
 
 def rare(name: str, sql: str | None = None, *, default: Any = None, reset: bool = False,
@@ -105,12 +107,27 @@ def rare_json(name: str, *, reset: bool = False) -> Rare:
                 decode=lambda v: None if v is None else json.loads(v))
 
 
+def derived(name: str, sql: str, *, after: str, reset: bool = False, encode: Callable[[Any], Any] | None = None,
+            decode: Callable[[Any], Any] | None = None) -> Rare:
+    """A persisted field the class keeps its own way, as a property it defines (e.g. worked out from a
+    value its instances share when read, rather than a value kept per record). Given to
+    :func:`rare_fields`: ``Table`` stores it as a column (placed after field *after*'s, where it was
+    when it was a plain field), ``__init__`` takes it as a keyword (the property's setter), a retry
+    clears it (to None) when *reset*."""
+    return Rare(name, None, Column(sql, None, False, reset, encode, decode), reset, own=True, after=after)
+
+
 def rare_fields(*rares: Rare) -> Callable[[type[T]], type[T]]:
     """Class decorator (above ``@dataclass(slots=True)`` with a ``rare: dict | None`` field): each of
-    *rares* becomes a property over that dict, and ``__init__`` accepts them as keywords."""
+    *rares* becomes a property over that dict (a :func:`derived` one is the class's own property), and
+    ``__init__`` accepts them as keywords."""
 
     def apply(cls: type[T]) -> type[T]:
         for r in rares:
+            if r.own:
+                if not isinstance(getattr(cls, r.name, None), property):
+                    raise TypeError(f"{cls.__name__}.{r.name} is declared derived but is not a property")
+                continue
             setattr(cls, r.name, _rare_property(r.name, r.default))
         cls.__rare__ = rares  # type: ignore[attr-defined]
         names = frozenset(r.name for r in rares)
@@ -158,13 +175,18 @@ class _Named(NamedTuple):
 
 
 def _columns(cls: type) -> Iterator[tuple[_Named, Column]]:
+    rares = [r for r in getattr(cls, "__rare__", ()) if r.column is not None]
+    placed = {r.after: r for r in rares if r.after is not None}
     for f in dataclasses.fields(cls):
         col = f.metadata.get("column")
         if col is not None:
             yield _Named(f.name), col
-    for r in getattr(cls, "__rare__", ()):
-        if r.column is not None:
-            yield _Named(r.name), r.column
+        r = placed.get(f.name)
+        if r is not None:
+            yield _Named(r.name), r.column  # type: ignore[misc]
+    for r in rares:
+        if r.after is None:
+            yield _Named(r.name), r.column  # type: ignore[misc]
 
 
 class Table:

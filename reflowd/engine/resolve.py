@@ -8,7 +8,9 @@ of each element. Nothing here imports user code or does I/O.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,14 +94,16 @@ def resolve(
     for pname in task.run_dir_params:
         res.shared[pname] = {codec.TAG: "path", "value": run_dir}
 
-    element_lists: dict[str, list[Any]] = {}
-    element_hash_lists: dict[str, list[str]] = {}
-    element_ok_lists: dict[str, list[bool]] = {}
+    element_lists: dict[str, Sequence[Any]] = {}
+    element_hash_lists: dict[str, Sequence[str]] = {}
+    element_ok_lists: dict[str, Sequence[bool]] = {}
     for pname, sources in task.inputs.items():
         if task.is_array and sources[0].mode in ELEMENT_MODES:
-            values: list[Any] = []
-            hashes: list[str] = []
-            oks: list[bool] = []
+            # Each source's column as it is (the upstream's own list; a repeated value as one): joined
+            # without copying, since a million-element fan-out would hold each copy for the run's life.
+            values: list[Sequence[Any]] = []
+            hashes: list[Sequence[str]] = []
+            oks: list[Sequence[bool]] = []
             for src in sources:
                 view = upstream[src.step]
                 what = f"output of {src.step!r} (for {task.name}.{pname})"
@@ -108,25 +112,25 @@ def resolve(
                         res.blocked = f"upstream task {src.step} did not succeed"
                         return res
                     items = _elements(view.outputs[0], what)
-                    values.extend(items)
+                    values.append(items)
                     # The upstream's whole output hash, not the element's: a path can name new content.
-                    hashes.extend([view.hashes[0] or ""] * len(items))
-                    oks.extend([True] * len(items))
+                    hashes.append(_Repeat(view.hashes[0] or "", len(items)))
+                    oks.append(_Repeat(True, len(items)))
                 elif src.mode == "chain_flatten":
                     if not view.all_ok:
                         res.blocked = f"upstream task {src.step} did not fully succeed (needed to flatten)"
                         return res
                     items = _safe(lambda v=view, w=what: _gathered(v, True, w))
-                    values.extend(items)
-                    hashes.extend([view.combined_hash] * len(items))
-                    oks.extend([True] * len(items))
+                    values.append(items)
+                    hashes.append(_Repeat(view.combined_hash, len(items)))
+                    oks.append(_Repeat(True, len(items)))
                 else:  # chain
-                    values.extend(view.outputs)
-                    hashes.extend(h or "" for h in view.hashes)
-                    oks.extend(view.ok)
-            element_lists[pname] = values
-            element_hash_lists[pname] = hashes
-            element_ok_lists[pname] = oks
+                    values.append(view.outputs)
+                    hashes.append([h or "" for h in view.hashes])
+                    oks.append(view.ok)
+            element_lists[pname] = _joined(values)
+            element_hash_lists[pname] = _joined(hashes)
+            element_ok_lists[pname] = _joined(oks)
             continue
         contribution: list[Any] = []
         single: Any = None
@@ -170,11 +174,61 @@ def resolve(
     return res
 
 
+class _Repeat(Sequence[Any]):
+    """One value *size* times (a fan-out's upstream hash for each of its elements), kept once."""
+
+    __slots__ = ("value", "size")
+
+    def __init__(self, value: Any, size: int) -> None:
+        self.value = value
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.value] * len(range(*i.indices(self.size)))
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        return self.value
+
+
+class _Chain(Sequence[Any]):
+    """Sequences one after another, read in place (the sources of one element parameter)."""
+
+    __slots__ = ("parts", "starts", "size")
+
+    def __init__(self, parts: list[Sequence[Any]]) -> None:
+        self.parts = parts
+        self.starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
+        self.size = self.starts[-1]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.size))]
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        i %= self.size
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[k][i - self.starts[k]]
+
+
+def _joined(parts: list[Sequence[Any]]) -> Sequence[Any]:
+    """*parts* read as one sequence, without copying them."""
+    if len(parts) == 1:
+        return parts[0]
+    return _Chain(parts)
+
+
 class _Columns(Sequence[Any]):
     """Per-element values kept as one list per parameter (shared with the upstream's outputs), each
     element's row built when asked for: a million-element fan-out holds no million dicts."""
 
-    def __init__(self, columns: dict[str, list[Any]], size: int) -> None:
+    def __init__(self, columns: dict[str, Sequence[Any]], size: int) -> None:
         self.columns = columns
         self.size = size
 
@@ -252,6 +306,8 @@ def _is_element_dep(task: TaskManifest, dep: str) -> bool:
 
 
 def _elements(value: Any, what: str) -> list[Any]:
+    if type(value) is list:  # the upstream's own output, read in place (outputs are replaced, never edited)
+        return value
     try:
         return codec.elements(value, what)
     except codec.CodecError as exc:
@@ -278,6 +334,16 @@ def identity_for(
     index: int | None,
 ) -> str:
     """Merkle identity of one instance from its resolution (``instance_identity``, digit for digit)."""
+    return identity_digest(workflow, task, res, index).hex()
+
+
+def identity_digest(
+    workflow: str,
+    task: TaskManifest,
+    res: Resolution,
+    index: int | None,
+) -> bytes:
+    """:func:`identity_for` as its 32 bytes (what an instance keeps: 65 bytes, not a 113-byte string)."""
     prepare_identities(workflow, task, res)
     return res.plan.identity(index)  # type: ignore[union-attr]
 
@@ -306,7 +372,7 @@ class _IdentityPlan:
         self.wired = wired
         self.workflow, self.task = workflow, task
 
-    def identity(self, index: int | None) -> str:
+    def identity(self, index: int | None) -> bytes:
         inputs = dict(self.shared_inputs)
         upstream = self.upstream_head
         if index is not None:
@@ -314,12 +380,12 @@ class _IdentityPlan:
                 if k in self.wired:
                     inputs[k] = _canon(v)
                 else:  # an element value that is not a wired input: resolve() makes none, but stay exact
-                    return _identity_slow(self.workflow, self.task, self.res, index)
+                    return bytes.fromhex(_identity_slow(self.workflow, self.task, self.res, index))
             own = _canon_items(self.res.element_hashes[index])
             upstream = f"{upstream},{own}" if upstream and own else upstream or own
         text = ('{"inputs":{' + ",".join(_canon(k) + ":" + inputs[k] for k in sorted(inputs)) + "}"
                 + self.after_inputs + "[" + upstream + "]" + self.tail)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def _identity_slow(

@@ -35,10 +35,10 @@ async def verify_outputs(cluster: ClusterRuntime, run: Run, items: list[tuple[In
         try:
             exists = await cluster.metered.exists(paths, timeout=timeout)
         except (TransportError, TimeoutError) as exc:
-            return {inst.identity or "": f"cannot check output files: {exc}" for inst, _ in items}
+            return {inst.identity_hex or "": f"cannot check output files: {exc}" for inst, _ in items}
     custom = []
     for inst, output in items:
-        key = inst.identity or ""
+        key = inst.identity_hex or ""
         missing = [p for p in codec.encoded_paths(output) if not exists.get(p, False)]
         problems[key] = f"output file {missing[0]} is missing" if missing else None
         if not missing and run.tasks[inst.task].manifest.has_verify:
@@ -47,7 +47,7 @@ async def verify_outputs(cluster: ClusterRuntime, run: Run, items: list[tuple[In
         answers = await _run_custom(cluster, run, custom)
         for (inst, _), answer in zip(custom, answers):
             if answer is not None:
-                problems[inst.identity or ""] = answer
+                problems[inst.identity_hex or ""] = answer
     return problems
 
 
