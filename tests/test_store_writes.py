@@ -71,9 +71,9 @@ async def test_changes_write_only_their_columns_and_reload_as_memory_held(tmp_pa
     executed: list[str] = []
     assert store._db is not None
     await store._db.set_trace_callback(executed.append)
-    ledger.instance(run, a, State.READY, {"source": "test"}, {"identity": "i" * 64})
+    ledger.instance(run, a, State.READY, {"source": "test"}, {"identity": b"i" * 32})
     ledger.instance(run, a, State.SUBMITTING, {}, {"tag": "t1", "submitted_at": 5.0})  # (same batch: one row)
-    ledger.instance(run, b, State.READY, {"source": "test"}, {"identity": "j" * 64})
+    ledger.instance(run, b, State.READY, {"source": "test"}, {"identity": b"j" * 32})
     ledger.instance(run, b, State.FAILED, {"source": "test", "error": "x"}, {"error": "boom", "cause": {"kind": "x"}})
     await _flush(store)
     await store._db.set_trace_callback(None)
@@ -104,8 +104,8 @@ async def test_a_new_instance_changed_before_its_first_commit_is_written_whole(t
     store.put_run(run)
     store.put_task(run.id, run.tasks["a"])
     store.put_instance(a)
-    ledger.instance(run, a, State.READY, {}, {"identity": "i" * 64})  # whole + change in one batch: whole
-    ledger.instance(run, b, State.READY, {}, {"identity": "k" * 64})  # never put whole: the UPDATE finds no row
+    ledger.instance(run, a, State.READY, {}, {"identity": b"i" * 32})  # whole + change in one batch: whole
+    ledger.instance(run, b, State.READY, {}, {"identity": b"k" * 32})  # never put whole: the UPDATE finds no row
     await _flush(store)
     await store.close()
     again, _ = await _reloaded(path)
@@ -130,7 +130,7 @@ async def test_a_failed_commit_keeps_a_whole_row_whole_when_changes_follow(tmp_p
     real, store._execute_batch = store._execute_batch, refuse  # type: ignore[method-assign]
     with pytest.raises(StoreWriteError):
         await store._commit_pending()
-    ledger.instance(run, a, State.READY, {}, {"identity": "i" * 64})  # a change queued behind the failed whole row
+    ledger.instance(run, a, State.READY, {}, {"identity": b"i" * 32})  # a change queued behind the failed whole row
     store._execute_batch = real  # type: ignore[method-assign]
     await store._commit_pending()
     await store.close()

@@ -207,7 +207,8 @@ class Table:
         #: so a snapshot's values still say what the record held when it was taken. A record with rare
         #: fields is snapshot as ``(its other fields' values, a copy of its rare dict or None)``: reading
         #: each rare field through its property would cost a Python call per field and snapshot.
-        self._rare = {r.name: r.default for r in getattr(cls, "__rare__", ()) if r.column is not None}
+        # (A derived field is the class's own property, not kept in the rare dict: read like a plain one.)
+        self._rare = {r.name: r.default for r in getattr(cls, "__rare__", ()) if r.column is not None and not r.own}
         plain = [f.name for f, _ in self.fields if f.name not in self._rare]
         getter = operator.attrgetter(*plain)
         self.snapshot: Callable[[Any], tuple[Any, ...]]
