@@ -352,6 +352,7 @@ def test_the_driver_mirrors_an_upstream_array_job_and_adopts_the_early_array_tas
                                 scheduler=SimpleNamespace(query=query)),
         store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing),
         host=SimpleNamespace(transition=transition), tracks={"rfA": upstream}, cancels={}, emptied={},
+        follow=lambda track: d.tracks.__setitem__(track.tag, track),  # (the driver's: indexes it too)
         query_due=False, wake=lambda: None, count=lambda name, n=1: counters.update({name: n}),
         submit=lambda run, insts: given_back.extend(insts),
         new_track=lambda record, run, insts: JobTrack(record, run, dict(insts), FileClock(1.0, 2.0)),

@@ -118,6 +118,9 @@ class Driver:
         self.last_query_error: str | None = None
         #: The per-user queue limit (config, probe, refusals) and elements in batches being submitted now.
         self.queue_limit = QueueLimit(config.max_queued)
+        #: Set once the first probe has answered (or failed): the first submissions wait for it (bounded), so a
+        #: per-user queue limit the probe reads is known before a fan-out goes out, not after.
+        self.first_probe = anyio.Event()
         #: Elements done here that the scheduler may still count toward a queue limit.
         self.lingering = Lingering()
         self.submitting = 0
@@ -385,9 +388,11 @@ class Driver:
                 with anyio.fail_after(cluster.config.command_timeout * 2):
                     cluster.probe = await cluster.scheduler.probe()
                     self.queue_limit.probed = cluster.probe.get("max_queued")
+                self.first_probe.set()
                 log.info("cluster ready", cluster=cluster.name, scheduler=cluster.scheduler.kind, **cluster.probe)
                 return
             except Exception as exc:  # probing is advisory; observation shows the cluster's health meanwhile
+                self.first_probe.set()  # submissions go on without what it would have said
                 attempt += 1
                 delay = min(120.0, 5.0 * 2 ** min(attempt - 1, 5))
                 log.warning("cluster probe failed; will try again", cluster=cluster.name, error=str(exc),

@@ -128,6 +128,8 @@ class Submitter:
 
     async def loop(self) -> None:
         limiter = anyio.CapacityLimiter(self.d.settings.submit_concurrency)
+        with anyio.move_on_after(self.cluster.config.command_timeout * 2):  # the probe's own bound
+            await self.d.first_probe.wait()  # (a fan-out ready at once went out before a probed queue limit was known)
         async with anyio.create_task_group() as tg:
             while True:
                 wake = self.d.ready_wake = anyio.Event()
