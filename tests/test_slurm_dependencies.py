@@ -219,8 +219,15 @@ def test_an_elementwise_chain_waits_on_aftercorr_runs_each_element_once_and_skip
     gate = tmp_path / "gate"
     try:
         plain = submit_elementwise(d, tmp_path / "plain", n=4, gate=str(gate))
-        packed = submit_elementwise(d, tmp_path / "packed", pack=2, n=6)
-        failing = submit_elementwise(d, tmp_path / "failing", n=4, fail=2)
+        # the other two are gated as well until their early array is in Slurm's queue: an upstream that ends (or
+        # fails) before the driver's chain step looks at it leaves nothing to submit early (then it goes the
+        # usual way, correctly, but this test is about the early way)
+        packed = submit_elementwise(d, tmp_path / "packed", pack=2, n=6, gate=str(tmp_path / "gate_packed"))
+        failing = submit_elementwise(d, tmp_path / "failing", n=4, fail=2, gate=str(tmp_path / "gate_failing"))
+        for name, run_id in (("packed", packed), ("failing", failing)):
+            wait_for(lambda: early_double(tmp_path / name, run_id), timeout=120,  # noqa: B023 (called at once)
+                     what=f"the {name} run's early double array in Slurm's queue")
+            (tmp_path / f"gate_{name}").touch()
 
         # double[0] runs on Slurm's own aftercorr while work[1..3] are still held by the gate
         wait_for(lambda: executions(tmp_path / "plain")["double 0"] == 1, timeout=120,
@@ -256,7 +263,8 @@ def test_an_elementwise_chain_waits_on_aftercorr_runs_each_element_once_and_skip
         assert counters.get("chain_submitted", 0) >= 3 and counters.get("chain_unaligned", 0) == 0, counters
         wlm.tags_used_once()
     finally:
-        gate.touch()
+        for name in ("gate", "gate_packed", "gate_failing"):
+            (tmp_path / name).touch()
         kill(d)
 
 
