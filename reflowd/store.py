@@ -107,6 +107,39 @@ WHOLE_ROW = -1
 _instance_key = operator.attrgetter("run_id", "task", "index")  # (pending changes by row; index None: singleton)
 
 
+class ArrayKeys:
+    """The job keys ``<job id>_<index - offset>`` of a reloaded array job's elements, made when asked for
+    (``Instance.job_keys``; a fresh run's instances share ``packing.ElementKeys`` the same way)."""
+
+    __slots__ = ("job_id", "offset")
+
+    def __init__(self, job_id: str, offset: int) -> None:
+        self.job_id = job_id
+        self.offset = offset
+
+    def __call__(self, index: int | None) -> str:
+        return self.job_id if index is None else f"{self.job_id}_{index - self.offset}"
+
+    def __repr__(self) -> str:
+        return f"ArrayKeys({self.job_id!r}, {self.offset})"
+
+
+def shared_job_key(key: str, job_id: str | None, index: int | None, memo: dict[Any, Any],
+                   keys: dict[tuple[str, int], ArrayKeys]) -> str | ArrayKeys:
+    """A stored job key as a reloaded instance keeps it: one ``ArrayKeys`` per job (and offset) when the
+    key is its array element's ``<job id>_<n>``, else the key string (equal ones shared through *memo*)."""
+    if job_id is not None and index is not None and key.startswith(job_id) and key[len(job_id):len(job_id) + 1] == "_":
+        tail = key[len(job_id) + 1:]
+        if tail.isdigit():
+            offset = index - int(tail)
+            made = keys.get((job_id, offset))
+            if made is None:
+                made = keys[(job_id, offset)] = ArrayKeys(job_id, offset)
+            if made(index) == key:  # (not, say, a zero-padded number)
+                return made
+    return memo.setdefault(key, key)  # type: ignore[no-any-return]
+
+
 class StoreError(RuntimeError):
     """The state database cannot be used."""
 
@@ -182,16 +215,6 @@ class _Batch:
 
     def encode(self) -> None:
         """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed)."""
-        texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
-
-        def evidence(ev: Any) -> str:
-            if isinstance(ev, str):
-                return ev
-            text = texts.get(id(ev))
-            if text is None:
-                text = texts[id(ev)] = dump_json(ev)
-            return text
-
         whole: list[tuple[Any, ...]] = []
         changed: dict[int, list[tuple[Any, ...]]] = {}  # by the set of columns changed: one UPDATE each
         for mask, snapshot in self.instances.values():
@@ -208,12 +231,29 @@ class _Batch:
             _Statement(TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
             _Statement(INSTANCES.insert, whole),
             *updates,
-            _Statement(INSERT_TRANSITION, [(*t[:5], evidence(t[5]) if t[5] else None, t[6]) for t in self.transitions]),
+            _Statement(INSERT_TRANSITION, self._transition_rows()),
             _Statement(JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),
             _Statement("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
             _Statement("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?",
                        list(self.failures.values())),
         ]
+
+    def _transition_rows(self) -> list[tuple[Any, ...]]:
+        """The transition rows, evidence as JSON text (NULL when empty). A loop, not a call per row: this
+        runs once per transition."""
+        texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        for run_id, task, idx, old, new, ev, at in self.transitions:
+            if not ev:
+                ev = None
+            elif type(ev) is not str:
+                text = texts.get(id(ev))  # (the batch holds every evidence dict: ids are not reused meanwhile)
+                if text is None:
+                    text = texts[id(ev)] = dump_json(ev)
+                ev = text
+            append((run_id, task, idx, old, new, ev, at))
+        return rows
 
     def statements(self) -> list[_Statement]:
         if self.encoded is None:
@@ -762,9 +802,17 @@ class Store:
                 tr = run.tasks.get(values["name"])
                 if tr is not None:
                     tr.state, tr.size, tr.reason = values["state"], values["size"], values["reason"]
+        # Equal strings read back as one object (names, tags, job ids; ``Column.shared``) and array job
+        # keys made when asked (``ArrayKeys``), as in a run made in memory: a reloaded run is no bigger.
+        memo: dict[Any, Any] = {run.id: run.id, **{name: name for name in run.tasks}}
+        keys: dict[tuple[str, int], ArrayKeys] = {}
         async with self._r.execute("SELECT * FROM instances WHERE run_id=?", (run.id,)) as cur:
             async for r in cur:
-                inst = Instance(**INSTANCES.values(r))
+                values = INSTANCES.values(r, memo)
+                key = values["job_key"]
+                if key is not None:
+                    values["job_key"] = shared_job_key(key, values["job_id"], values["index"], memo, keys)
+                inst = Instance(**values)
                 tr = run.tasks.get(inst.task)
                 if tr is not None:
                     tr.add(inst)
@@ -905,12 +953,13 @@ class Store:
         if not ids:
             return []
         out: list[JobRecord] = []
+        memo: dict[Any, Any] = {}  # (a run's jobs share their run id, task names and cluster: ``Column.shared``)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             sql = f"SELECT * FROM jobs WHERE run_id IN ({','.join('?' * len(chunk))})"
             async with self._r.execute(sql, chunk) as cur:
                 async for r in cur:
-                    out.append(JobRecord(**JOBS.values(r)))
+                    out.append(JobRecord(**JOBS.values(r, memo)))
         return out
 
     async def transitions(self, run_id: str, *, after_seq: int = 0, limit: int = 10000) -> list[dict[str, Any]]:

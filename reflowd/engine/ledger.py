@@ -35,10 +35,17 @@ log = structlog.get_logger("reflowd.ledger")
 
 
 _DEBUG_BY_WRAPPER: dict[type, bool] = {}
+#: How often the log level is looked at again (structlog's ``get_config`` builds a dict: 1.4 us, as much
+#: as a fifth of a transition): a changed level is seen within this many seconds (of ``world.now``).
+DEBUG_RECHECK_S = 1.0
+_debug_checked: list[Any] = [float("-inf"), False]  # (when, the answer)
 
 
-def _debugging() -> bool:
+def _debugging(now: float) -> bool:
     """Would a debug line be written? (Building one costs more than the rest of a transition.)"""
+    checked = _debug_checked
+    if -DEBUG_RECHECK_S < now - checked[0] < DEBUG_RECHECK_S:
+        return checked[1]  # type: ignore[no-any-return]
     wrapper = structlog.get_config()["wrapper_class"]
     enabled = _DEBUG_BY_WRAPPER.get(wrapper)
     if enabled is None:
@@ -48,6 +55,7 @@ def _debugging() -> bool:
         except Exception:  # a wrapper class that cannot tell without an instance: assume it writes
             enabled = True
         _DEBUG_BY_WRAPPER[wrapper] = enabled
+    checked[0], checked[1] = now, enabled
     return enabled
 
 
@@ -118,7 +126,7 @@ class Ledger:
             })
         # Debug level (a line per transition is too dear at 10^5 elements); failures are worth a warning.
         loud = new in FAILURE and new is not State.UPSTREAM_FAILED and new is not State.CANCELLED
-        if loud or _debugging():
+        if loud or _debugging(now):
             (log.warning if loud else log.debug)(
                 "task state", run_id=run.id, task=inst.task, index=inst.index, job_id=inst.job_key or inst.job_id,
                 cluster=run.cluster, old=old.value, new=new.value, attempt=inst.attempt)

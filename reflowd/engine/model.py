@@ -70,10 +70,10 @@ def _options_column() -> Any:
 @rare_fields(
     # Fields most instances never set share one slot (``rare``, a dict of what differs from the
     # defaults): 10 fewer slots per instance, 80 bytes of each of a million held instances.
-    rare("error", "TEXT", reset=True),
+    rare("error", "TEXT", reset=True, shared=True),
     rare("traceback", "TEXT", reset=True),
     rare("not_before", "REAL"),  # earliest submission time (retry back-off)
-    rare("cached_from", "TEXT", reset=True),  # run id whose result stands in
+    rare("cached_from", "TEXT", reset=True, shared=True),  # run id whose result stands in
     rare_json("cause", reset=True),  # why the attempt ended (``causes.py``), a dict
     rare_json("resources"),  # escalated {"mem", "time"} for this attempt (None: the task's)
     rare_json("attempts"),  # earlier attempts: [{"attempt", "state", "cause", ...}]
@@ -93,26 +93,27 @@ class Instance:
     store's table has them all (``records.Table``).
     """
 
-    run_id: str = column("TEXT NOT NULL", key=True)
-    task: str = column("TEXT NOT NULL", key=True)
+    run_id: str = column("TEXT NOT NULL", key=True, shared=True)
+    task: str = column("TEXT NOT NULL", key=True, shared=True)
     index: int | None = index_column()
     state: State = enum_column(State, default=State.PENDING)
     attempt: int = column("INTEGER NOT NULL", default=1)
     #: The Merkle identity (``resolve.identity_digest``) as its 32 bytes; stored and shown as hex.
     identity: bytes | None = column("TEXT", default=None, encode=_hex, decode=_unhex)
-    tag: str | None = column("TEXT", default=None, reset=True)  # submission tag of the current attempt
-    job_id: str | None = column("TEXT", default=None, reset=True)
+    tag: str | None = column("TEXT", default=None, reset=True, shared=True)  # submission tag of the current attempt
+    job_id: str | None = column("TEXT", default=None, reset=True, shared=True)
     #: What ``job_key`` is made from: the key itself, or the job's ``packing.ElementKeys`` (shared by its
     #: instances, a key made when asked for: a million queued elements hold no million key strings).
     job_keys: str | Callable[[int | None], str] | None = transient(default=None, reset=True)
     output: Any = json_column(default=None, reset=True)
     output_hash: str | None = column("TEXT", default=None, reset=True)
-    reason: str | None = column("TEXT", default=None, reset=True)  # scheduler's reason (why pending, how it ended)
-    submitted_at: float | None = column("REAL", default=None, reset=True)
-    started_at: float | None = column("REAL", default=None, reset=True)
-    ended_at: float | None = column("REAL", default=None, reset=True)
-    updated_at: float = column("REAL NOT NULL", default_factory=world.now)
-    host: str | None = column("TEXT", default=None, reset=True)
+    reason: str | None = column("TEXT", default=None, reset=True, shared=True)  # scheduler's reason (why pending, how it ended)
+    # (``world.now`` gives a burst of changes one float object: shared when read back too)
+    submitted_at: float | None = column("REAL", default=None, reset=True, shared=True)
+    started_at: float | None = column("REAL", default=None, reset=True, shared=True)
+    ended_at: float | None = column("REAL", default=None, reset=True, shared=True)
+    updated_at: float = column("REAL NOT NULL", default_factory=world.now, shared=True)
+    host: str | None = column("TEXT", default=None, reset=True, shared=True)
     observed: Any = transient(default=None, reset=True)  # the scheduler's last Observation of this instance
     handed: bool = transient(default=False)  # READY and given to the cluster's driver (past the cache check)
     #: The rare fields' values that differ from their defaults (None: all at their defaults).
@@ -397,9 +398,9 @@ class JobRecord:
     """One submission (its tag) and the request that made it, so a restart can re-attach."""
 
     tag: str = column("TEXT NOT NULL", key=True)
-    run_id: str = column("TEXT NOT NULL")
-    task: str = column("TEXT NOT NULL")
-    cluster: str = column("TEXT NOT NULL")
+    run_id: str = column("TEXT NOT NULL", shared=True)
+    task: str = column("TEXT NOT NULL", shared=True)
+    cluster: str = column("TEXT NOT NULL", shared=True)
     request: SubmitRequest = column("TEXT NOT NULL", encode=_encode_request,
                                     decode=lambda v: _request_from_dict(json.loads(v)))
     job_id: str | None = column("TEXT", default=None)

@@ -24,10 +24,25 @@ _MISSING: Any = dataclasses.MISSING
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # (built once: json.dumps builds one per call)
+#: The C encoder ``_JSON.encode`` builds afresh on every call (with a closure): built once it costs a
+#: third as much, and the store encodes an evidence dict or an output per transition. It has no circular
+#: check (markers): a cycle ends in RecursionError, reported as json's own ValueError.
+_ENCODE: Callable[[Any, int], Any] | None = (
+    json.encoder.c_make_encoder(None, _JSON.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    if json.encoder.c_make_encoder is not None else None)
+_ENCODE_STR = json.encoder.encode_basestring
 
 
 def dump_json(value: Any) -> str:
-    return _JSON.encode(value)
+    """*value* as compact JSON text (non-ASCII kept as it is), as ``json.dumps`` would write it."""
+    if type(value) is str:
+        return _ENCODE_STR(value)  # type: ignore[no-any-return]
+    if _ENCODE is None:
+        return _JSON.encode(value)
+    try:
+        return "".join(_ENCODE(value, 0))
+    except RecursionError:
+        raise ValueError("Circular reference detected (or nested too deeply to store)") from None
 
 
 @dataclass(frozen=True)
@@ -40,13 +55,16 @@ class Column:
     reset: bool = False  # cleared when the record is tried again (instances)
     encode: Callable[[Any], Any] | None = None  # Python value -> SQLite value
     decode: Callable[[Any], Any] | None = None  # SQLite value -> Python value
+    #: Many records hold equal values (a task name, a job's tag, a cluster): rows read back share one
+    #: string per value (``Table.values`` with a memo), as records made in memory do.
+    shared: bool = False
 
 
 def column(sql: str, *, default: Any = _MISSING, default_factory: Any = _MISSING, name: str | None = None,
            key: bool = False, reset: bool = False, encode: Callable[[Any], Any] | None = None,
-           decode: Callable[[Any], Any] | None = None) -> Any:
-    """A persisted dataclass field."""
-    meta = {"column": Column(sql, name, key, reset, encode, decode)}
+           decode: Callable[[Any], Any] | None = None, shared: bool = False) -> Any:
+    """A persisted dataclass field (*shared*: its values repeat across records; see ``Column.shared``)."""
+    meta = {"column": Column(sql, name, key, reset, encode, decode, shared)}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -95,9 +113,10 @@ class Rare:
 
 
 def rare(name: str, sql: str | None = None, *, default: Any = None, reset: bool = False,
-         encode: Callable[[Any], Any] | None = None, decode: Callable[[Any], Any] | None = None) -> Rare:
+         encode: Callable[[Any], Any] | None = None, decode: Callable[[Any], Any] | None = None,
+         shared: bool = False) -> Rare:
     """A rare field: persisted when *sql* is given (a column like :func:`column`), else transient."""
-    col = Column(sql, None, False, reset, encode, decode) if sql is not None else None
+    col = Column(sql, None, False, reset, encode, decode, shared) if sql is not None else None
     return Rare(name, default, col, reset)
 
 
@@ -293,17 +312,21 @@ class Table:
         exec(f"def {fn}({arg}):\n{prologue}    return ({', '.join(parts)},)\n", scope)  # noqa: S102 - from field names
         return scope[fn]  # type: ignore[no-any-return]
 
-    def _compile_values(self) -> Callable[[Any], dict[str, Any]]:
-        """``values(row) -> {field: value}`` from an ``sqlite3.Row`` (or a mapping)."""
-        scope: dict[str, Any] = {}
+    def _compile_values(self) -> Callable[..., dict[str, Any]]:
+        """``values(row, memo=None) -> {field: value}`` from an ``sqlite3.Row`` (or a mapping). With a *memo*
+        dict (one per load), a shared column's equal values come out as one object (see ``Column.shared``)."""
+        scope: dict[str, Any] = {"_keep": lambda value, same: same}
         parts = []
-        for i, (attr, col, decode) in enumerate(self._decoders):
-            if decode is None:
-                parts.append(f"{attr!r}: r[{col!r}]")
-            else:
+        for i, ((_, c), (attr, col, decode)) in enumerate(zip(self.fields, self._decoders)):
+            read = f"r[{col!r}]"
+            if decode is not None:
                 scope[f"decode{i}"] = decode
-                parts.append(f"{attr!r}: decode{i}(r[{col!r}])")
-        exec(f"def values(r):\n    return {{{', '.join(parts)}}}\n", scope)  # noqa: S102 - built from field names
+                read = f"decode{i}({read})"
+            if c.shared:
+                read = f"s(v{i} := {read}, v{i})"
+            parts.append(f"{attr!r}: {read}")
+        exec(f"def values(r, memo=None):\n    s = _keep if memo is None else memo.setdefault\n"  # noqa: S102
+             f"    return {{{', '.join(parts)}}}\n", scope)  # (built from field names)
         return scope["values"]  # type: ignore[no-any-return]
 
     def mask(self, names: tuple[str, ...]) -> int:

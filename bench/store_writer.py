@@ -1,0 +1,188 @@
+"""The store's writer alone: persisted transitions per second (issue #13's goal: 50,000/s).
+
+Usage::
+
+    python bench/store_writer.py                          # this tree, 10^5 instances
+    python bench/store_writer.py --against /tmp/wt-before # and another checkout, side by side
+    python bench/store_writer.py -n 100000 --repeat 3 --profile
+
+*n* instances of one array task are taken through four states by the engine's ledger
+(``Ledger.instance``, as the engine calls it: the changed fields and a transition row per change,
+the producer pacing on the writer) until all is committed. Each batch holds each instance once (no
+two changes of one instance collapse), so every transition is a row write. Printed per tree:
+transitions/s of wall-clock time, and per CPU-second of the process (event loop and writer thread
+together: what the machine's load changes least). Each tree is measured in its own subprocess with
+that tree first on ``sys.path``, alternating, so "before" and "after" see the same minutes of load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL = 50_000
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each of this process's threads (Linux ``/proc``; empty elsewhere)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            out[tid] = (int(fields[11]) + int(fields[12])) / tick
+    except OSError:
+        return {}
+    return out
+
+
+def measure(n: int, directory: Path, profile: bool = False, inline: bool = False) -> dict[str, float]:
+    """One measurement in this process (with whatever ``reflowd`` is first on ``sys.path``); *inline*: SQLite
+    on the event loop's thread (the simulation's connection), so a profile sees all of the work."""
+    from collections import Counter
+
+    import anyio
+
+    from reflow_client.manifest import Manifest
+    from reflowd.engine.events import EventHub
+    from reflowd.engine.ledger import Ledger
+    from reflowd.engine.model import Instance, Run, TaskRun
+    from reflowd.engine.states import State
+    from reflowd.logging import configure
+    from reflowd.store import Store
+
+    configure("info", stream=sys.stderr)  # (as the daemon runs: a transition's debug line is not written)
+    def task(name: str, is_array: bool, deps: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "is_array": is_array, "config": {"version": "1", "cache": False}, "dependencies": deps,
+                "inputs": inputs, "params": {}}
+
+    manifest = {"version": 1, "workflow": "bench", "working_dir": "/tmp", "python": sys.executable,
+                "entrypoint": str(ROOT / "bench" / "store_writer.py"), "cli_params": [],
+                "tasks": [task("make", False, [], {}),
+                          task("square", True, ["make"], {"x": [{"step": "make", "mode": "fanout"}]})]}
+
+    async def go() -> dict[str, float]:
+        if inline:
+            sys.path.insert(0, str(ROOT))
+            from tests.sim.sqlite_inline import Connector, inline as run_inline
+            store = Store(directory / "writer.sqlite", connect=Connector(), offload=run_inline)
+        else:
+            store = Store(directory / "writer.sqlite")
+        await store.open()
+        m = Manifest.from_dict(manifest)
+        run = Run(manifest=m, id="writer-run", cluster="bench", run_dir=str(directory))
+        tr = TaskRun(manifest=m.tasks[1], run_id=run.id)
+        run.tasks[tr.name] = tr
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run_writer)
+            store.put_run(run)
+            store.put_task(run.id, tr)
+            insts = [Instance(run_id=run.id, task=tr.name, index=i) for i in range(n)]
+            for inst in insts:
+                tr.add(inst)
+                store.put_instance(inst)
+                if len(tr.instances) % 1000 == 0:
+                    await store.pace()
+            ledger = Ledger(store, EventHub(), Counter())
+            await store.flush()
+            before = store.transitions_written
+            prof = None
+            if profile:
+                import cProfile
+                prof = cProfile.Profile()
+                prof.enable()
+            threads0 = thread_cpu()
+            started, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
+            steps = [State.READY, State.SUBMITTING, State.QUEUED, State.SUCCEEDED]
+            for new in steps:  # (the fields each change sets, as the engine's callers pass them)
+                shared = {"source": "bench", "to": new.value}
+                for k, inst in enumerate(insts):
+                    if k % 1000 == 0:
+                        await anyio.sleep(0)
+                        await store.pace()
+                    if new is State.READY:
+                        ledger.instance(run, inst, new, shared, {"identity": bytes.fromhex(f"{k:064x}")})
+                    elif new is State.SUBMITTING:
+                        ledger.instance(run, inst, new, shared, {"tag": f"t{k // 1000}", "submitted_at": time.time()})
+                    elif new is State.QUEUED:
+                        ledger.instance(run, inst, new, {"source": "bench", "job": f"{k // 1000}_{k % 1000}"},
+                                        {"job_id": str(k // 1000), "job_key": f"{k // 1000}_{k % 1000}"})
+                    else:
+                        ledger.instance(run, inst, new, {"source": "bench", "job": f"{k // 1000}_{k % 1000}"},
+                                        {"output": k * k, "output_hash": "h" * 64})
+            await store.flush()
+            elapsed, cpu, loop = time.perf_counter() - started, time.process_time() - cpu0, time.thread_time() - loop0
+            threads = {t: c - threads0.get(t, 0.0) for t, c in thread_cpu().items()}
+            if prof is not None:
+                import pstats
+                prof.disable()
+                pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+            written = store.transitions_written - before
+            tg.cancel_scope.cancel()
+        await store.close()
+        return {"transitions": written, "wall_s": elapsed, "cpu_s": cpu, "per_s": written / elapsed,
+                "per_cpu_s": written / cpu, "loop_us": loop / written * 1e6,
+                "writer_us": (cpu - loop) / written * 1e6,
+                "threads_us": sorted((round(c / written * 1e6, 1) for c in threads.values() if c), reverse=True),
+                "db_bytes": (directory / "writer.sqlite").stat().st_size}
+
+    return anyio.run(go)
+
+
+def in_subprocess(root: Path, n: int, profile: bool) -> dict[str, float]:
+    """Measure *root*'s store in a fresh interpreter with *root* first on its path."""
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
+            f"import json, pathlib, tempfile, store_writer as w\n"
+            f"with tempfile.TemporaryDirectory(prefix='reflow-writer-') as d:\n"
+            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile})))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, text=True, stdout=subprocess.PIPE)
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=100_000, help="instances (each makes four transitions)")
+    parser.add_argument("--against", type=Path, help="another checkout (e.g. main) measured alternately, as 'before'")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="cProfile the transitions (to stderr; slows them)")
+    parser.add_argument("--inline", action="store_true", help="SQLite on the loop's thread (to profile all the work)")
+    args = parser.parse_args()
+    trees = [("before", args.against)] if args.against else []
+    trees.append(("this tree", ROOT))
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in trees}
+    if not args.against:
+        with tempfile.TemporaryDirectory(prefix="reflow-writer-") as d:
+            results["this tree"].extend(measure(args.n, Path(d), args.profile, args.inline) for _ in range(args.repeat))
+    else:
+        for _ in range(args.repeat):
+            for label, root in trees:
+                results[label].append(in_subprocess(root.resolve(), args.n, args.profile))
+    print(f"store writer alone, n={args.n:,} instances x 4 transitions (best of {args.repeat}); goal >= {GOAL:,}/s")
+    best: dict[str, dict[str, Any]] = {}
+    for label, runs in results.items():
+        b = best[label] = max(runs, key=lambda r: r["per_cpu_s"])
+        print(f"  {label:10} {b['per_s']:>10,.0f} transitions/s wall  {b['per_cpu_s']:>10,.0f} per CPU-second"
+              f"  ({b['wall_s']:.1f} s wall, {b['cpu_s']:.1f} s CPU;"
+              f" per transition {b['loop_us']:.1f} us on the loop + {b['writer_us']:.1f} us in the writer's thread;"
+              f" database {b['db_bytes'] / 1e6:.0f} MB)")
+        print(f"  {'':10} per transition by thread (us): {b['threads_us']}")
+    if args.against:
+        ratio = best["this tree"]["per_cpu_s"] / best["before"]["per_cpu_s"]
+        print(f"  per CPU-second: {ratio:.2f}x the 'before' tree")
+    print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
