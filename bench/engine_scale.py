@@ -585,73 +585,15 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, float, dict[
 
 
 def store_capacity(n: int, directory: Path) -> tuple[float, float]:
-    """Transitions per second the store's writer persists when fed as fast as it takes them: *n*
-    instances each taken through four states by the engine's ledger (``Ledger.instance``: the
-    instance's changed columns and a transition row per change, the producer pacing on the writer),
-    until all is committed. Each batch holds each instance once (no two changes of one instance
-    collapse). This is the group commit's own rate; the fan-out's rate above is bounded by the
-    engine's work per element. Returns transitions per second of wall-clock time and per CPU-second
-    of this process (loop and writer thread together: what a machine's load does not change)."""
-    from collections import Counter
+    """Transitions per second the store's writer persists when fed as fast as it takes them
+    (``bench/store_writer.py``: *n* instances each taken through four states by the engine's ledger).
+    This is the group commit's own rate; the fan-out's rate above is bounded by the engine's work per
+    element. Returns transitions per second of wall-clock time and per CPU-second of this process."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import store_writer
 
-    import anyio
-
-    from reflow_client.manifest import Manifest
-    from reflowd.engine.events import EventHub
-    from reflowd.engine.ledger import Ledger
-    from reflowd.engine.model import Instance, Run, TaskRun
-    from reflowd.engine.states import State
-    from reflowd.logging import configure
-    from reflowd.store import Store
-
-    configure("info", stream=sys.stderr)  # (as the daemon runs: a transition's debug line is not written)
-
-    async def go() -> tuple[float, float]:
-        store = Store(directory / "capacity.sqlite")
-        await store.open()
-        m = Manifest.from_dict(manifest(True))
-        run = Run(manifest=m, id="capacity-run", cluster="bench", run_dir=str(directory))
-        tr = TaskRun(manifest=m.tasks[1], run_id=run.id)
-        run.tasks[tr.name] = tr
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(store.run_writer)
-            store.put_run(run)
-            store.put_task(run.id, tr)
-            insts = [Instance(run_id=run.id, task=tr.name, index=i) for i in range(n)]
-            for inst in insts:
-                tr.add(inst)
-                store.put_instance(inst)
-                if len(tr.instances) % 1000 == 0:
-                    await store.pace()
-            ledger = Ledger(store, EventHub(), Counter())
-            await store.flush()
-            before = store.transitions_written
-            started, cpu0 = time.perf_counter(), time.process_time()
-            steps = [State.READY, State.SUBMITTING, State.QUEUED, State.SUCCEEDED]
-            for new in steps:  # (the fields each change sets, as the engine's callers pass them)
-                shared = {"source": "bench", "to": new.value}
-                for k, inst in enumerate(insts):
-                    if k % 1000 == 0:
-                        await anyio.sleep(0)
-                        await store.pace()
-                    if new is State.READY:
-                        ledger.instance(run, inst, new, shared, {"identity": f"{k:064x}"})
-                    elif new is State.SUBMITTING:
-                        ledger.instance(run, inst, new, shared, {"tag": f"t{k // 1000}", "submitted_at": time.time()})
-                    elif new is State.QUEUED:
-                        ledger.instance(run, inst, new, {"source": "bench", "job": f"{k // 1000}_{k % 1000}"},
-                                        {"job_id": str(k // 1000), "job_key": f"{k // 1000}_{k % 1000}"})
-                    else:
-                        ledger.instance(run, inst, new, {"source": "bench", "job": f"{k // 1000}_{k % 1000}"},
-                                        {"output": k * k, "output_hash": "h" * 64})
-            await store.flush()
-            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
-            written = store.transitions_written - before
-            tg.cancel_scope.cancel()
-        await store.close()
-        return written / elapsed, written / cpu
-
-    return anyio.run(go)
+    result = store_writer.measure(n, directory)
+    return result["per_s"], result["per_cpu_s"]
 
 
 class _SkipIdle(Exception):
