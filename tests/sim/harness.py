@@ -565,13 +565,16 @@ def run_seed(seed: int, workdir: Path | None = None) -> Report:
         return Harness(seed, Path(tmp)).run()
 
 
-async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any) -> Any:
+async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None) -> Any:
     """One daemon life on *path*: a real store, engine and driver on the simulated *cluster*; ``await body(engine,
-    cluster)``, then the engine and store closed as reflowd closes them."""
+    cluster)``, then the engine and store closed as reflowd closes them. ``adjust(runtime)``, if given, changes the
+    cluster's runtime (its config, its scheduler) before the engine starts."""
     store = Store(path, connect=Connector(), offload=inline)
     await store.open()
-    engine = Engine(store, {"sim": sim_runtime(cluster, lambda: loop.virtual)},
-                    EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
+    runtime = sim_runtime(cluster, lambda: loop.virtual)
+    if adjust is not None:
+        adjust(runtime)
+    engine = Engine(store, {"sim": runtime}, EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.run_writer)
@@ -593,7 +596,7 @@ async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: 
 
 
 def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir: Path | None = None,
-             db: Path | None = None) -> Any:
+             db: Path | None = None, adjust: Any = None) -> Any:
     """Run ``await body(engine, cluster)`` against a simulated cluster on virtual time; return its result.
 
     For tests that want one situation, not a random scenario: the engine, store and driver are real.
@@ -609,7 +612,7 @@ def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir:
 
     try:
         with deterministic_anyio():
-            return loop.run_until_complete(engine_life(path, cluster, loop, body))
+            return loop.run_until_complete(engine_life(path, cluster, loop, body, adjust))
     finally:
         world.install(None)
         abandon(loop)
