@@ -520,7 +520,25 @@ def driver_index_problems(driver: Any) -> list[str]:
     by_job = {t.record.job_id: t for t in driver.tracks.values() if t.record.job_id}
     if driver.by_job != by_job:
         problems.append(f"job index {sorted(driver.by_job)[:5]} but tracked jobs {sorted(by_job)[:5]}")
+    # What a queue limit counts: the count kept as tracks come, go and lose instances, against a walk.
+    walked = sum(queued_jobs_walked(t) for t in {id(t): t for t in [*driver.unresolved.values(),
+                                                                       *driver.tracks.values()]}.values())
+    if driver.queued_count != walked:
+        problems.append(f"queued count {driver.queued_count} but the tracks hold {walked} queued jobs")
+    # Every awake track's file clock is in the heap of due clocks, at the time it says (or being checked).
+    entered = {id(t) for at, _, t in driver.file_due if driver.awake.get(t.tag) is t and t.files.next_at == at}
+    entered |= {id(t) for t in driver.in_check.values()}
+    missing = [tag for tag, t in driver.awake.items() if id(t) not in entered]
+    if missing:
+        problems.append(f"awake tracks {sorted(missing)[:5]} have no file clock entry due when their clock says")
     return problems
+
+
+def queued_jobs_walked(track: Any) -> int:
+    """``JobTrack.queued_jobs`` by a walk over its live elements (what the kept counts replace)."""
+    if not track.slots:
+        return len(track.live)
+    return len({track.slots.get(i) for i in track.live})
 
 
 def memory_rows(engine: Engine) -> dict[tuple[str, Any], tuple[Any, ...]]:
