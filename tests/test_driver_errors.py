@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from reflow_client.client import RunStatus
+from reflow_client.render import format_status
 from reflowd.driver import packing, queue_limits
 from reflowd.driver.early import EarlyJobs
 from reflowd.driver.observe import Observer
@@ -119,7 +121,11 @@ def test_an_observer_step_that_raises_is_shown_on_the_cluster_and_the_runs_go_on
         assert status["run"]["state"] == "succeeded", "a housekeeping step concerns no run: none is failed"
         shown = engine.stats()["clusters"]["sim"]["internal_errors"]
         assert shown["where"] == "pruning finished jobs" and shown["error"] == "RuntimeError: prune broke"
+        text = format_status(RunStatus.from_dict(status), width=200)
+        assert "INTERNAL ERROR at " in text and "while pruning finished jobs: RuntimeError: prune broke" in text
         await settled(engine)  # pruned by a later cycle
+        later = await finish(engine, n=1)  # a run that began after the error does not show it
+        assert "INTERNAL ERROR" not in format_status(RunStatus.from_dict(later), width=200)
 
     simulate(body)
 
