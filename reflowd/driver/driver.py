@@ -290,9 +290,10 @@ class Driver:
         # Until the scheduler first answers for it, a new job may start and a short one end at any moment
         # (polls are few: the command budget): look often for a few checks (``FileClock.expect``).
         clock.expect(world.monotonic())
-        track = JobTrack(record, run, dict(insts), clock)
-        clock.on_change = functools.partial(self._files_moved, track)
-        return track
+        # (by tag, not the track: a clock that referred to its track would make every track a reference cycle,
+        # freed only by a collection -- and the heap policy freezes what the collector would look at)
+        clock.on_change = functools.partial(self._files_moved, record.tag)
+        return JobTrack(record, run, dict(insts), clock)
 
     def follow(self, track: JobTrack) -> None:
         """Observe *track* (its job is known to the scheduler)."""
@@ -374,9 +375,10 @@ class Driver:
             self.awake[track.tag] = track
             self._push_files(track, track.files.next_at)
 
-    def _files_moved(self, track: JobTrack, at: float) -> None:
-        """*track*'s file clock moved to *at* (``FileClock.on_change``)."""
-        if self.awake.get(track.tag) is track:
+    def _files_moved(self, tag: str, at: float) -> None:
+        """*tag*'s file clock moved to *at* (``FileClock.on_change``)."""
+        track = self.awake.get(tag)
+        if track is not None and track.files.next_at == at:
             self._push_files(track, at)
 
     def _push_files(self, track: JobTrack, at: float) -> None:
