@@ -12,6 +12,8 @@ virtual time; the last one injects the fault into a real reflowd process and loo
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from reflowd.engine.engine import Engine
 from reflowd.engine.states import RunState
 
 from .sim.cluster import SimCluster
-from .sim.harness import manifest, simulate, wait_until
+from .sim.harness import manifest, scratch_dir, simulate, wait_until
 from .sim.quiet import quiet_logs
 from .support import ROOT, DaemonProcess, wait_for
 
@@ -176,3 +178,22 @@ def test_a_fault_in_a_real_daemon_fails_the_run_with_the_error_shown_and_the_dae
         assert d.proc is not None and d.proc.poll() is None, "the daemon is still up"
     finally:
         d.stop()
+
+
+BUGGY_SCENARIOS = int(os.environ.get("REFLOW_SIM_BUGGY_SCENARIOS", "40"))
+
+
+@pytest.mark.simulation
+def test_seeded_scenarios_with_adapter_bugs_keep_every_invariant() -> None:
+    """The simulation's scenarios (crashes, lost answers, ...) on an adapter that now and then raises what it
+    never should, after creating a job or on a poll (tests/sim/buggy.py). Before errors were shown and tracks
+    failed, such a scenario left an instance SUBMITTING for ever and its run never ended."""
+    from .sim.buggy import run_buggy_seed
+
+    with scratch_dir() as tmp:
+        reports = [run_buggy_seed(seed, Path(tmp)) for seed in range(BUGGY_SCENARIOS)]
+    failed = [r for r in reports if not r.ok]
+    assert not failed, "\n".join(f"seed {r.seed}: {r.violations[0]}\n    replay: {sys.executable} -m tests.sim.buggy "
+                                 f"{r.seed}" for r in failed[:10])
+    if len(reports) >= 20:
+        assert sum(r.shown for r in reports) >= len(reports) // 2, "the bugs must happen, and be shown"
