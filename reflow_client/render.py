@@ -69,6 +69,7 @@ def format_status(status: RunStatus, *, width: int | None = None, outputs: dict[
     if health and not health.get("reachable", True):
         lines.append(f"Cluster   UNREACHABLE since {when(health.get('down_since'))}: {health.get('last_error')}")
     lines.extend(scheduler_health_lines(status.cluster))
+    lines.extend(internal_error_lines(status.cluster, run.created_at, run.ended_at))
     store = status.raw.get("store") or {}
     if not store.get("writable", True):
         lines.append(f"Store     UNWRITABLE since {when(store.get('since'))}: {store.get('error')}")
@@ -110,6 +111,17 @@ def scheduler_health_lines(cluster: dict[str, Any] | None) -> list[str]:
                      f"{accounting.get('last_error')}; using {accounting.get('fallback') or 'the controller'} "
                      "instead (jobs that ended long ago may be unknown until it answers)")
     return lines
+
+
+def internal_error_lines(cluster: dict[str, Any] | None, since: float, until: float | None) -> list[str]:
+    """The cluster driver's last unexpected error, when it came while this run was active (a run it concerned
+    shows it as its own error as well)."""
+    errors = (cluster or {}).get("internal_errors") or {}
+    at = errors.get("at") or 0.0
+    if not errors or at < since or (until is not None and at > until):
+        return []
+    return [f"Cluster   INTERNAL ERROR at {when(at)} while {errors.get('where')}: {errors.get('error')} "
+            f"({errors.get('count')} so far; the daemon went on, see its log)"]
 
 
 def instance_lines(instances: Iterable[InstanceStatus], outputs: dict[Any, str] | None = None,

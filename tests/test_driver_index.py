@@ -37,6 +37,14 @@ def track(tag: str, job_id: str | None) -> JobTrack:
     return JobTrack(record, run=None, live={}, files=FileClock(0.5, 60.0))  # type: ignore[arg-type]
 
 
+def made_track(d: Driver, tag: str, job_id: str | None, size: int, packed: bool) -> JobTrack:
+    """A track as the driver makes it (its file clock tells the driver when it moves), with *size* live
+    elements; packed: two per array task."""
+    slices = [list(range(k, min(k + 2, size))) for k in range(0, size, 2)] if packed else None
+    record = SimpleNamespace(tag=tag, job_id=job_id, request=SimpleNamespace(slices=slices))
+    return d.new_track(record, None, {i: SimpleNamespace(index=i) for i in range(size)})  # type: ignore[arg-type]
+
+
 operation = st.tuples(st.sampled_from(["follow", "quiet", "unquiet", "unfollow"]), st.integers(0, 5),
                       st.booleans(), st.sampled_from([None, "same", "other"]))
 
@@ -61,6 +69,66 @@ def test_the_indices_say_what_a_walk_over_every_track_says(ops: list[tuple[str, 
         assert driver_index_problems(d) == [], (kind, tag)
     # What the file clock looks at: exactly the tracks not waiting in a queue.
     assert set(d.awake) == {tag for tag, t in d.tracks.items() if not t.waiting}
+
+
+change = st.tuples(st.sampled_from(["follow", "unresolved", "resolved", "unfollow", "leave", "quiet", "unquiet",
+                                    "hurry", "check", "expect", "due"]),
+                   st.integers(0, 4), st.integers(0, 5), st.booleans(), st.floats(0.0, 100.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(change, max_size=60))
+def test_the_kept_queue_count_and_due_file_clocks_say_what_a_walk_says(
+        ops: list[tuple[str, int, int, bool, float]]) -> None:
+    """``Driver.queued_count`` (what a queue limit counts) and ``Driver.file_due`` (which file clocks are due)
+    replace walks over every track in each submit round and observer cycle: after any sequence of what
+    happens to tracks, they must say what the walks say."""
+    d = driver()
+    made: dict[str, JobTrack] = {}
+    now = 0.0
+    for kind, k, n, flag, when in ops:
+        tag = f"t{k}"
+        t = made.get(tag)
+        if kind in ("follow", "unresolved") and (t is None or flag):
+            t = made[tag] = made_track(d, tag, f"{100 + k}" if kind == "follow" else None, n, packed=flag)
+        if t is None:
+            continue
+        if kind == "follow":
+            d.follow(t)
+        elif kind == "unresolved":
+            d.add_unresolved(t)
+        elif kind == "resolved":
+            d.drop_unresolved(tag)
+        elif kind == "unfollow":
+            d.unfollow(tag)
+        elif kind == "leave" and t.live:
+            d.left_track(t, sorted(t.live)[n % len(t.live)])  # type: ignore[type-var]
+        elif kind == "quiet":
+            d.quiet(t, ("answer", n), len(t.live), flag)
+        elif kind == "unquiet":
+            d.unquiet(t)
+        elif kind == "hurry":
+            t.files.hurry()
+        elif kind == "check":
+            now += when
+            t.files.after_check(now, flag)
+        elif kind == "expect":
+            t.files.expect(now + when)
+        elif kind == "due":
+            now += when
+            expected = {tag for tag, x in d.awake.items() if x.files.due(now)}
+            earliest = min((x.files.next_at for x in d.awake.values()), default=float("inf"))
+            assert d.next_file_check() == earliest
+            due = d.files_due(now)
+            assert sorted(x.tag for x in due) == sorted(expected)
+            for x in due:  # (as the observer's file check does: each clock moves on, unless the check is cut short)
+                if not flag:
+                    x.files.after_check(now, False)
+            d.files_checked(due)
+            assert not d.in_check
+        assert driver_index_problems(d) == [], (kind, tag)
+        assert d.queued_elements() == d.queued_count
+    assert len(d.file_due) <= 2 * len(d.awake) + 64 + 1, "stale entries are dropped"
 
 
 class Cycle:

@@ -16,11 +16,12 @@ touches these queues.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
 from dataclasses import dataclass
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -49,6 +50,12 @@ log = structlog.get_logger("reflowd.driver")
 
 #: Seconds between asking a degraded accounting whether it is back while nothing is tracked.
 ACCOUNTING_CHECK = 30.0
+#: Seconds before a driver loop that raised is started again (a bug that raises at once must not spin).
+LOOP_RESTART = 5.0
+
+
+class InjectedFault(RuntimeError):
+    """Test-only: raised at a ``raise:POINT`` fault point (the daemon must show it and go on)."""
 
 
 class Host(Protocol):
@@ -74,7 +81,8 @@ class Host(Protocol):
 @dataclass
 class DriverSettings:
     submit_concurrency: int = 4
-    #: Test-only crash points, e.g. {"after_submit"}: the daemon exits hard there.
+    #: Test-only crash points, e.g. {"after_submit"}: the daemon exits hard there; "raise:POINT" raises
+    #: :class:`InjectedFault` there instead, once (an unexpected exception the daemon must show and survive).
     fault_points: frozenset[str] = frozenset()
     #: Seconds before an unknown submission outcome is looked up by tag.
     resolve_delay: float = 5.0
@@ -107,7 +115,17 @@ class Driver:
         #: (``JobTrack.waiting`` false), and tracks by job id.
         self.awake: dict[str, JobTrack] = {}
         self.by_job: dict[str, JobTrack] = {}
+        #: The awake tracks' file clocks by when they are due (``(next_at, seq, track)``; an entry whose track
+        #: is no longer awake or whose clock moved since is stale and dropped when met): the file clock and the
+        #: observer's sleep look at what is due, not at every awake track.
+        self.file_due: list[tuple[float, int, JobTrack]] = []
+        #: Tracks whose entry ``files_due`` took, until their check is over (``files_checked``).
+        self.in_check: dict[str, JobTrack] = {}
+        #: Submissions whose outcome is unknown (changed through :meth:`add_unresolved`, :meth:`drop_unresolved`).
         self.unresolved: dict[str, JobTrack] = {}
+        #: What a per-user queue limit counts of the tracks in ``tracks`` and ``unresolved`` (the ``queued_jobs``
+        #: of each, once), kept as they come, go and lose instances: no walk per submit round.
+        self.queued_count = 0
         self.cancels: dict[str, None] = {}  # job keys to cancel (ordered)
         self.staged: set[str] = set()  # run ids whose workflow file is on the cluster
         self.deadlines: list[tuple[float, str]] = []  # (when a running job passes its limit, tag)
@@ -116,6 +134,11 @@ class Driver:
         self.query_due = True
         self.unrecognised: dict[str, int] = {}  # native scheduler states we could not map
         self.last_query_error: str | None = None
+        #: Unexpected exceptions inside this driver's loops (``loop_failed``): how many, and the last one, shown
+        #: in ``status``/``stats`` (besides failing the run concerned, when there is one).
+        self.internal_errors = 0
+        self.last_internal_error: dict[str, Any] | None = None
+        self._raised: set[str] = set()  # "raise:POINT" fault points already used (each raises once)
         #: The per-user queue limit (config, probe, refusals) and elements in batches being submitted now.
         self.queue_limit = QueueLimit(config.max_queued)
         #: Set once the first probe has answered (or failed): the first submissions wait for it (bounded), so a
@@ -209,7 +232,7 @@ class Driver:
         if track is None:
             return
         if track.live.get(inst.index) is inst:
-            del track.live[inst.index]
+            self.left_track(track, inst.index)
             if self.queue_limit.cap(world.now()) is not None and inst.job_key and track.record.job_id and not (
                     inst.observed is not None and inst.observed.phase is Phase.DONE) and not track.slot_busy(inst.index):
                 self.lingering.add(inst.job_key, track.record.job_id, world.now())  # counted until it ends there
@@ -229,7 +252,7 @@ class Driver:
         track = self.new_track(record, run, insts)
         track.stale_loaded = False  # requeue marks an earlier daemon kept: read before its first result
         if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
-            self.unresolved[record.tag] = track
+            self.add_unresolved(track)
         else:
             self.follow(track)
             await self.cluster.scheduler.reattach(record.request, record.job_id)
@@ -267,26 +290,68 @@ class Driver:
         # Until the scheduler first answers for it, a new job may start and a short one end at any moment
         # (polls are few: the command budget): look often for a few checks (``FileClock.expect``).
         clock.expect(world.monotonic())
+        # (by tag, not the track: a clock that referred to its track would make every track a reference cycle,
+        # freed only by a collection -- and the heap policy freezes what the collector would look at)
+        clock.on_change = functools.partial(self._files_moved, record.tag)
         return JobTrack(record, run, dict(insts), clock)
 
     def follow(self, track: JobTrack) -> None:
         """Observe *track* (its job is known to the scheduler)."""
+        replaced = self.tracks.get(track.tag)
         self.tracks[track.tag] = track
+        self._count_in(track)
+        if replaced is not None and replaced is not track:
+            self._count_out(replaced)
+            if replaced.record.job_id and self.by_job.get(replaced.record.job_id) is replaced:
+                del self.by_job[replaced.record.job_id]
         if track.record.job_id:
             self.by_job[track.record.job_id] = track
         if track.waiting:
             self.awake.pop(track.tag, None)
         else:
-            self.awake[track.tag] = track
+            self._wake_files(track)
 
     def unfollow(self, tag: str) -> JobTrack | None:
         """Stop observing *tag*'s job."""
         track = self.tracks.pop(tag, None)
         self.awake.pop(tag, None)
         self.held_tags.pop(tag, None)
-        if track is not None and track.record.job_id and self.by_job.get(track.record.job_id) is track:
-            del self.by_job[track.record.job_id]
+        if track is not None:
+            self._count_out(track)
+            if track.record.job_id and self.by_job.get(track.record.job_id) is track:
+                del self.by_job[track.record.job_id]
         return track
+
+    def add_unresolved(self, track: JobTrack) -> None:
+        """*track*'s submission has an unknown outcome (or is under way): its tag decides (``resolve_unresolved``)."""
+        replaced = self.unresolved.get(track.tag)
+        self.unresolved[track.tag] = track
+        self._count_in(track)
+        if replaced is not None and replaced is not track:
+            self._count_out(replaced)
+
+    def drop_unresolved(self, tag: str) -> JobTrack | None:
+        """*tag*'s outcome is known (or given up on)."""
+        track = self.unresolved.pop(tag, None)
+        if track is not None:
+            self._count_out(track)
+        return track
+
+    def left_track(self, track: JobTrack, index: int | None) -> None:
+        """Element *index* is no longer in flight under *track* (the only way ``track.live`` shrinks)."""
+        fewer = track.leave(index)
+        if track.counted:
+            self.queued_count -= fewer
+
+    def _count_in(self, track: JobTrack) -> None:
+        if not track.counted:
+            track.counted = True
+            self.queued_count += track.queued_jobs()
+
+    def _count_out(self, track: JobTrack) -> None:
+        if track.counted and self.tracks.get(track.tag) is not track and self.unresolved.get(track.tag) is not track:
+            track.counted = False
+            self.queued_count -= track.queued_jobs()
 
     def quiet(self, track: JobTrack, answer: Any, live: int, active: bool) -> None:
         """The scheduler's *answer* for *track* changed nothing: an equal answer next time is skipped whole."""
@@ -294,13 +359,67 @@ class Driver:
         if track.waiting:
             self.awake.pop(track.tag, None)
         elif self.tracks.get(track.tag) is track:
-            self.awake[track.tag] = track
+            self._wake_files(track)
 
     def unquiet(self, track: JobTrack) -> None:
         """Something changed for *track*: its elements and files are looked at again."""
         track.quiet_answer = None
         if self.tracks.get(track.tag) is track:
+            self._wake_files(track)
+
+    # ------------------------------------------------------------------ file clocks due
+
+    def _wake_files(self, track: JobTrack) -> None:
+        """*track*'s files are looked at (again): its clock joins the heap of those due."""
+        if self.awake.get(track.tag) is not track:
             self.awake[track.tag] = track
+            self._push_files(track, track.files.next_at)
+
+    def _files_moved(self, tag: str, at: float) -> None:
+        """*tag*'s file clock moved to *at* (``FileClock.on_change``)."""
+        track = self.awake.get(tag)
+        if track is not None and track.files.next_at == at:
+            self._push_files(track, at)
+
+    def _push_files(self, track: JobTrack, at: float) -> None:
+        self._seq += 1
+        heapq.heappush(self.file_due, (at, self._seq, track))
+        if len(self.file_due) > 2 * len(self.awake) + 64:  # stale entries: rebuilt from what is awake (amortised)
+            self.file_due = [(t.files.next_at, self._seq + n, t) for n, t in enumerate(self.awake.values(), 1)]
+            self._seq += len(self.file_due)
+            heapq.heapify(self.file_due)
+
+    def _stale(self, entry: tuple[float, int, JobTrack]) -> bool:
+        at, _, track = entry
+        return self.awake.get(track.tag) is not track or track.files.next_at != at
+
+    def files_due(self, now: float) -> list[JobTrack]:
+        """The awake tracks whose file clock is due at *now*, their entries taken until :meth:`files_checked`
+        (the check moves each clock, which puts it back)."""
+        due: dict[int, JobTrack] = {}
+        heap = self.file_due
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if not self._stale(entry):
+                due[id(entry[2])] = entry[2]
+        for track in due.values():
+            self.in_check[track.tag] = track
+        return list(due.values())
+
+    def files_checked(self, tracks: Iterable[JobTrack]) -> None:
+        """The check of *tracks* is over (done, or cut short): each awake one's clock is in the heap again."""
+        for track in tracks:
+            if self.in_check.get(track.tag) is track:
+                del self.in_check[track.tag]
+            if self.awake.get(track.tag) is track:
+                self._push_files(track, track.files.next_at)  # (a duplicate of a moved clock's entry is harmless)
+
+    def next_file_check(self) -> float:
+        """When the earliest awake file clock is due (``inf``: none)."""
+        heap = self.file_due
+        while heap and self._stale(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else float("inf")
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -325,8 +444,7 @@ class Driver:
     def queued_elements(self) -> int:
         """Jobs (array elements) this daemon has in the cluster's queue (or about to): what a per-user limit
         counts. A packed slice is one array element however many instances it runs."""
-        tracks = {**self.unresolved, **self.tracks}
-        return sum(t.queued_jobs() for t in tracks.values()) + self.submitting + len(self.lingering)
+        return self.queued_count + self.submitting + len(self.lingering)
 
     def scheduler_failed(self, what: str, error: str) -> None:
         """A scheduler command (*what*) got no answer: count it toward the circuit breaker."""
@@ -351,21 +469,72 @@ class Driver:
             self.observer_wake.set()
 
     def fault(self, point: str) -> None:
-        """Test-only crash point: die like ``kill -9`` exactly here."""
+        """Test-only crash point: die like ``kill -9`` exactly here (or raise here once: ``raise:POINT``)."""
         if point in self.settings.fault_points:
             log.warning("fault point reached, exiting hard", point=point)
             os._exit(137)
+        if f"raise:{point}" in self.settings.fault_points and point not in self._raised:
+            self._raised.add(point)
+            raise InjectedFault(f"injected fault at {point}")
+
+    # ------------------------------------------------------------------ errors inside the loops
+
+    def loop_failed(self, where: str, exc: Exception, run: Run | None = None) -> None:
+        """An unexpected exception in a loop step: shown, never only logged -- on *run* (failed, with the error
+        in its status) when it concerns one, and on the cluster (``status``, ``stats``) in any case. The loop
+        goes on."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("internal error in the cluster driver", cluster=self.name, where=where, error=error, exc_info=exc)
+        self.internal_errors += 1
+        self.last_internal_error = {"where": where, "error": error[:500], "at": world.now()}
+        if run is not None:
+            self.host.internal_error(run, where, exc)
+
+    def track_failed(self, track: JobTrack, where: str, exc: Exception) -> None:
+        """Something raised while handling one submission: fail what is in flight under it with the error, and
+        its run; stop following it and cancel its job (looked up by its tag first when its id is not known)."""
+        error = f"internal error while {where}: {type(exc).__name__}: {exc}"
+        for inst in list(track.live.values()):
+            if inst.in_flight and inst.tag == track.tag:
+                self.host.transition(track.run, inst, State.FAILED, {"source": "driver", "error": error[:500]},
+                                     error=error)
+        for index in list(track.live):
+            self.left_track(track, index)
+        self.loop_failed(where, exc, track.run)
+        if track.record.job_id:
+            self.cancel_jobs([track.record.job_id])
+        elif not track.failed:  # the job may exist: find it by its tag, then cancel it (``adopt``), once
+            track.resolve_after = world.now()
+            self.add_unresolved(track)
+        else:
+            self.drop_unresolved(track.tag)
+        track.failed = True
+        if self.tracks.get(track.tag) is track:
+            self.emptied[track.tag] = None
+        self.wake()
 
     # ------------------------------------------------------------------ loops
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._probe)
-            tg.start_soon(Submitter(self).loop)
-            tg.start_soon(Observer(self).loop)
-            tg.start_soon(self._watch_accounting)
-            tg.start_soon(self.early.loop)
+            tg.start_soon(self._kept, "probing the cluster", self._probe)
+            tg.start_soon(self._kept, "the submit loop", Submitter(self).loop)
+            tg.start_soon(self._kept, "the observe loop", Observer(self).loop)
+            tg.start_soon(self._kept, "checking accounting", self._watch_accounting)
+            tg.start_soon(self._kept, "the early-submission loop", self.early.loop)
             task_status.started()
+
+    async def _kept(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run *loop*; if it raises (a bug its own steps did not catch), show the error and start it again:
+        an exception must neither end the daemon (it would end every run) nor stop this cluster's work.
+        Cancellation is not an ``Exception``: it goes through."""
+        while True:
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                self.loop_failed(name, exc)
+            await anyio.sleep(LOOP_RESTART)
 
     async def _watch_accounting(self) -> None:
         """A degraded accounting is asked now and then whether it is back when no poll would ask it (nothing is
@@ -416,6 +585,8 @@ class Driver:
             out["unrecognised_states"] = dict(self.unrecognised)
         if self.last_query_error:
             out["last_query_error"] = self.last_query_error
+        if self.last_internal_error is not None:
+            out["internal_errors"] = {"count": self.internal_errors, **self.last_internal_error}
         out["scheduler_health"] = self.health.to_dict(world.monotonic())
         if self.cluster.probe.get("accounting") or self.accounting.episodes:
             out["accounting_health"] = self.accounting.to_dict()

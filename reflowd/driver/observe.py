@@ -19,6 +19,7 @@ not seen before.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -90,23 +91,34 @@ class Observer:
         next_query = 0.0
         while True:
             d.observer_wake = wake = anyio.Event()
+            # Each step on its own: one that raises is shown (``Driver.loop_failed``) and the others still run.
+            await self.step("delivering cancellations", self.deliver_cancels)
+            await self.step("resolving submissions by their tag", self.resolve_unresolved)
+            if d.tracks or d.lingering:
+                await self.step("checking job files", self.check_files)
+                now = world.monotonic()
+                due = d.query_due or next_query <= now or d.deadline_due() or bool(d.held_tags)
+                if due and d.health.allows(now) and self.cluster.budget.wait_time() == 0:
+                    d.query_due = False
+                    await self.step("polling the scheduler", self.query)
+                    next_query = world.monotonic() + max(d.policy.interval, d.health.interval())
+            await self.step("pruning finished jobs", self.prune)
             try:
-                await self.deliver_cancels()
-                await self.resolve_unresolved()
-                if d.tracks or d.lingering:
-                    await self.check_files()
-                    now = world.monotonic()
-                    due = d.query_due or next_query <= now or d.deadline_due() or bool(d.held_tags)
-                    if due and d.health.allows(now) and self.cluster.budget.wait_time() == 0:
-                        d.query_due = False
-                        await self.query()
-                        next_query = world.monotonic() + max(d.policy.interval, d.health.interval())
-                await self.prune()
-            except Exception:  # a cycle must survive anything a cluster throws at it
-                log.exception("observer cycle failed", cluster=d.name)
-                d.count("observer_errors")
-            with anyio.move_on_after(self.sleep_time(next_query)):
+                sleep = self.sleep_time(next_query)
+            except Exception as exc:
+                d.loop_failed("timing the observe loop", exc)
+                sleep = self.cluster.result_interval
+            with anyio.move_on_after(sleep):
                 await wake.wait()
+
+    async def step(self, where: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """One step of a cycle; an exception a cluster throws at it is shown on the cluster, never only logged,
+        and the cycle goes on (one tied to a job is handled where it happens: ``Driver.track_failed``)."""
+        try:
+            await fn()
+        except Exception as exc:
+            self.d.count("observer_errors")
+            self.d.loop_failed(where, exc)
 
     def sleep_time(self, next_query: float) -> float:
         """Until something is due: the next file check, poll, deadline or look-up (never sooner than the
@@ -122,10 +134,9 @@ class Observer:
         due = next_query - now_m
         if self.cluster.budget.wait_time() > 0 or not d.health.allows(now_m):
             due = min(due, max(self.cluster.budget.wait_time(), d.health.next_probe_at - now_m))
-        for track in d.awake.values():  # (those waiting in a queue have no file clock running)
-            due = min(due, track.files.next_at - now_m)
-            if due <= base:
-                return base
+        due = min(due, d.next_file_check() - now_m)  # (those waiting in a queue have no file clock running)
+        if due <= base:
+            return base
         for track in d.unresolved.values():
             due = min(due, track.resolve_after - now)
         if d.deadlines:
@@ -136,9 +147,15 @@ class Observer:
 
     async def check_files(self) -> None:
         now = world.monotonic()
-        due = [t for t in self.d.awake.values() if t.files.due(now)]
+        due = self.d.files_due(now)
         if not due:
             return
+        try:
+            await self.check_due_files(due)
+        finally:
+            self.d.files_checked(due)
+
+    async def check_due_files(self, due: list[JobTrack]) -> None:
         limiter = anyio.CapacityLimiter(FILE_CONCURRENCY)
 
         async def one(track: JobTrack) -> None:
@@ -441,14 +458,9 @@ class Observer:
             self.host.update(inst, reason=reason)
 
     def track_failed(self, track: JobTrack, where: str, exc: Exception) -> None:
-        """Something raised while handling one job: fail its instances with the error, keep going."""
-        log.error("error while following a job", cluster=self.d.name, tag=track.tag, where=where,
-                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        """Something raised while handling one job: its instances and run fail with the error; keep going."""
         self.d.count("observer_errors")
-        error = f"internal error while {where}: {type(exc).__name__}: {exc}"
-        for inst in list(track.live.values()):
-            self.host.transition(track.run, inst, State.FAILED, {"source": "observer", "error": error}, error=error)
-        self.host.internal_error(track.run, where, exc)
+        self.d.track_failed(track, where, exc)
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -525,7 +537,7 @@ class Observer:
             except (TransportError, TimeoutError):
                 track.resolve_after = now + d.settings.resolve_delay
             except Exception as exc:
-                d.unresolved.pop(track.tag, None)
+                d.drop_unresolved(track.tag)
                 self.track_failed(track, "resolving a submission by its tag", exc)
 
     async def resolve_one(self, track: JobTrack, jobs: list, now: float) -> None:
@@ -535,7 +547,7 @@ class Observer:
                 log.error("several jobs carry one tag; adopting the first, cancelling the rest",
                           tag=track.tag, jobs=[j.job_id for j in jobs])
                 d.cancel_jobs([j.job_id for j in jobs[1:]])
-            d.unresolved.pop(track.tag, None)
+            d.drop_unresolved(track.tag)
             await adopt(d, track, jobs[0].job_id, {"source": "recovery", "found_by_tag": track.tag,
                                                    "job_id": jobs[0].job_id})
             await cluster.scheduler.reattach(track.request, jobs[0].job_id)
@@ -546,7 +558,7 @@ class Observer:
             track.resolve_after = now + d.settings.resolve_delay
             return
         await self.conclude_unsubmitted(track)
-        d.unresolved.pop(track.tag, None)
+        d.drop_unresolved(track.tag)
 
     async def conclude_unsubmitted(self, track: JobTrack) -> None:
         """No job carries the tag: use the job directory's traces, else submit again."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class PollPolicy:
     """The scheduler clock: short after a submission or a change, growing while nothing happens,
@@ -57,6 +59,12 @@ class FileClock:
         self.next_at = 0.0
         #: The window (monotonic) in which a result is expected: checks stay at the minimum interval.
         self.hot_from = self.hot_until = float("-inf")
+        #: Told the new ``next_at`` after every change (the driver keeps its due clocks in a heap).
+        self.on_change: Callable[[float], None] | None = None
+
+    def _moved(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.next_at)
 
     def due(self, now: float) -> bool:
         return now >= self.next_at
@@ -69,13 +77,16 @@ class FileClock:
             self.hot_from = self.hot_until = float("-inf")  # the window is over (an expected one stays)
         elif self.hot_from > now:
             self.next_at = min(self.next_at, self.hot_from)
+        self._moved()
 
     def hurry(self) -> None:
         self.interval = self.minimum
         self.next_at = 0.0
+        self._moved()
 
     def expect(self, at: float) -> None:
         """A result is likely from *at* (monotonic) on: look then, and often for a little while. A later
         expectation moves the window (one element's start in a packed slice follows the other's end)."""
         self.hot_from, self.hot_until = at, at + self.HOT * self.minimum
         self.next_at = min(self.next_at, at)
+        self._moved()

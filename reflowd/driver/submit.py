@@ -32,7 +32,7 @@ from reflow_client.resources import format_mem
 from .. import world
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.resolve import ResolveError
-from ..engine.states import State
+from ..engine.states import FAILURE, State
 from ..schedulers.base import SubmitError, SubmitRequest, log_path
 from ..transports.base import TransportError
 from . import queue_limits
@@ -50,6 +50,8 @@ WRITE_RETRY = 10.0
 YIELD_EVERY = 128
 #: READY instances formed into jobs per round of the submit loop, in arrays of the scheduler's largest size.
 TAKE_ARRAYS = 4
+#: Seconds before a submit round whose bookkeeping raised is tried again.
+ROUND_RETRY = 5.0
 
 
 def new_tag() -> str:
@@ -93,11 +95,33 @@ class Submitter:
 
     def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
         """Batches to submit now (taken off the queue), and when the next back-off expires."""
-        groups: dict[tuple[str, str, str], list[Instance]] = defaultdict(list)
-        runs: dict[str, Run] = {}
         # Whole arrays' worth at a time (a slice of a 10^5 hand-over), so no step runs long.
         taken, next_due = self.d.take_ready(now, TAKE_ARRAYS * max(1, self.cluster.scheduler.max_array_size))
         self.more = bool(self.d.ready)  # left for the next round (unless a queue limit holds it back, below)
+        try:
+            return self.batches_of(taken, now), next_due
+        except Exception as exc:  # what was taken off the queue would be lost: fail it, with its runs
+            self.taken_failed(taken, exc)
+            return [], next_due
+
+    def taken_failed(self, taken: dict[Instance, Run], exc: Exception) -> None:
+        """Forming jobs raised: the instances taken off the queue fail with the error, and so do their runs."""
+        self.d.count("submit_errors")
+        runs = {run.id: run for run in taken.values()}
+        for inst, run in taken.items():
+            if inst.state is State.READY:
+                error = f"internal error while forming jobs: {type(exc).__name__}: {exc}"
+                self.host.transition(run, inst, State.FAILED, {"source": "submitter", "error": error[:500]},
+                                     error=error)
+        for run in runs.values():
+            self.d.loop_failed("forming jobs", exc, run)
+        if not runs:
+            self.d.loop_failed("forming jobs", exc)
+
+    def batches_of(self, taken: dict[Instance, Run], now: float) -> list[tuple[Run, TaskRun, list[Instance]]]:
+        """*taken* (READY instances off the queue) formed into batches; what a queue limit holds back goes back."""
+        groups: dict[tuple[str, str, str], list[Instance]] = defaultdict(list)
+        runs: dict[str, Run] = {}
         for inst, run in taken.items():
             if inst.state is not State.READY:
                 continue
@@ -124,7 +148,7 @@ class Submitter:
             for run, _, insts in leftover:
                 for inst in insts:
                     self.d.ready[inst] = run
-        return batches, next_due
+        return batches
 
     async def loop(self) -> None:
         limiter = anyio.CapacityLimiter(self.d.settings.submit_concurrency)
@@ -139,7 +163,11 @@ class Submitter:
                         await wake.wait()
                     continue
                 now = world.now()
-                batches, next_due = self.form_batches(now)
+                try:
+                    batches, next_due = self.form_batches(now)
+                except Exception as exc:  # the queue's own bookkeeping raised: show it, try again in a while
+                    self.d.loop_failed("the submit loop", exc)
+                    batches, next_due, self.more = [], now + ROUND_RETRY, False
                 for run, tr, insts in batches:
                     self.d.submitting += len(insts)  # counted toward a queue limit until the batch is tracked
                     tg.start_soon(self.guarded_batch, run, tr, insts, limiter)
@@ -334,8 +362,20 @@ class Submitter:
             insts = [i for i in insts if i.state is State.READY]
             if not insts:
                 return
-        now = world.now()
-        record = JobRecord(tag, run.id, tr.name, cluster.name, request, state="submitting", submitted_at=now)
+        record = JobRecord(tag, run.id, tr.name, cluster.name, request, state="submitting", submitted_at=world.now())
+        try:
+            await self.send(run, tr, insts, record, plan)
+        except Exception as exc:  # past this point instances may be in flight: fail them (and the job) by their tag
+            d.count("submit_errors")
+            track = d.unresolved.get(tag) or d.tracks.get(tag) or d.new_track(
+                record, run, {i.index: i for i in insts if i.in_flight and i.tag == tag})
+            d.track_failed(track, f"submitting {tr.name}", exc)
+
+    async def send(self, run: Run, tr: TaskRun, insts: list[Instance], record: JobRecord,
+                   plan: packing.Plan | None) -> None:
+        """Record the instances as SUBMITTING under the job's tag, call the scheduler, adopt the job."""
+        d, cluster, host = self.d, self.cluster, self.host
+        request, tag, now = record.request, record.tag, record.submitted_at
         d.store.put_job(record)
         evidence: dict[str, Any] = {"source": "submitter", "tag": tag, "elements": len(insts)}
         if request.slices is not None:
@@ -349,7 +389,7 @@ class Submitter:
             if inst.state is State.READY:  # (a cancel may come while we yield)
                 host.transition(run, inst, State.SUBMITTING, evidence, tag=tag, submitted_at=now, not_before=None)
         track = d.new_track(record, run, {i.index: i for i in insts if i.state is State.SUBMITTING and i.tag == tag})
-        d.unresolved[tag] = track  # until the scheduler answers: a crash or a cancel finds it here
+        d.add_unresolved(track)  # until the scheduler answers: a crash or a cancel finds it here
         track.resolve_after = float("inf")
         await d.store.flush()
         d.fault("before_submit")
@@ -358,13 +398,13 @@ class Submitter:
             job_id = await cluster.scheduler.submit(request)
         except SubmitError as exc:
             if queue_limits.is_limit_refusal(str(exc)):
-                d.unresolved.pop(tag, None)
+                d.drop_unresolved(tag)
                 wait_for_room(d, run, track, str(exc))
                 return
             if not exc.permanent:
                 d.scheduler_failed("submit", str(exc))
             if exc.permanent:
-                d.unresolved.pop(tag, None)
+                d.drop_unresolved(tag)
                 log.warning("submission refused", run_id=run.id, task=tr.name, cluster=d.name, error=str(exc))
                 for inst in list(track.live.values()):
                     host.transition(run, inst, State.SUBMIT_FAILED, {"source": "scheduler", "error": str(exc)},
@@ -380,7 +420,8 @@ class Submitter:
             return
         d.scheduler_answered()
         d.fault("after_submit")
-        d.unresolved.pop(tag, None)
+        d.drop_unresolved(tag)
+        d.fault("before_adopt")
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id})
         d.policy.after_submit()
 
@@ -432,12 +473,15 @@ def unresolved(d: Driver, track: JobTrack, error: str) -> None:
     log.warning("submission outcome unknown; will resolve by tag", run_id=track.run.id, task=track.request.task,
                 tag=track.tag, cluster=d.name, error=error)
     track.resolve_after = world.now() + d.settings.resolve_delay
-    d.unresolved[track.tag] = track
+    d.add_unresolved(track)
     d.wake()
 
 
 async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any]) -> None:
-    """The scheduler has job *job_id* for this track: record it and start observing."""
+    """The scheduler has job *job_id* for this track: record it and start observing.
+
+    An element whose instance ended before its job was known (cancelled, or failed by an error while
+    submitting it) is cancelled: nothing will read what it would do."""
     track.record.job_id = job_id
     track.record.state = "submitted"
     d.store.put_job(track.record)
@@ -451,7 +495,7 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
             continue
         if inst.state is State.SUBMITTING:
             d.host.transition(track.run, inst, State.QUEUED, evidence, job_id=job_id, job_key=keys)
-        elif inst.state is State.CANCELLED:
+        elif inst.state in FAILURE:
             key = keys(inst.index)
             if not (track.packed and d.packer.keep_job(key)):
                 d.cancels[key] = None  # cancelled while the submission was under way

@@ -39,11 +39,36 @@ class JobTrack:
     quiet_active: bool = False
     #: How many elements the submission covers (``packing.elements``), counted once.
     element_count: int = -1
+    #: Something raised while handling it (``Driver.track_failed``): its instances were failed.
+    failed: bool = False
+    #: Packed: live elements per array task (slot), so that what a queue limit counts of it is known without
+    #: a walk over its elements (``queued_jobs``); kept by :meth:`leave`.
+    slot_live: dict[int | None, int] = field(default_factory=dict)
+    #: Counted in its driver's ``queued_count`` (it is in the driver's ``tracks`` or ``unresolved``).
+    counted: bool = False
 
     def __post_init__(self) -> None:
         for k, piece in enumerate(self.record.request.slices or ()):
             for index in piece:
                 self.slots[index] = k
+        if self.slots:
+            for index in self.live:
+                slot = self.slots.get(index)  # type: ignore[arg-type]
+                self.slot_live[slot] = self.slot_live.get(slot, 0) + 1
+
+    def leave(self, index: int | None) -> int:
+        """*index* is no longer in flight here: how many fewer jobs a queue limit counts of this submission."""
+        if self.live.pop(index, None) is None:
+            return 0
+        if not self.slots:
+            return 1
+        slot = self.slots.get(index)  # type: ignore[arg-type]
+        left = self.slot_live.get(slot, 0) - 1
+        if left > 0:
+            self.slot_live[slot] = left
+            return 0
+        self.slot_live.pop(slot, None)
+        return 1
 
     @property
     def waiting(self) -> bool:
@@ -66,14 +91,12 @@ class JobTrack:
     def queued_jobs(self) -> int:
         """What a per-user queue limit counts of this submission: its live elements, or, packed, the array
         tasks (slices) that still run one of them -- the scheduler sees one job per slice."""
-        if not self.slots:
-            return len(self.live)
-        return len({self.slots.get(i) for i in self.live})
+        return len(self.slot_live) if self.slots else len(self.live)
 
     def slot_busy(self, index: int | None) -> bool:
         """Packed: another element of *index*'s slice is still live (its array task is still counted)."""
         slot = self.slots.get(index) if index is not None else None
-        return slot is not None and any(self.slots.get(i) == slot for i in self.live if i != index)
+        return slot is not None and self.slot_live.get(slot, 0) > (1 if index in self.live else 0)
 
     def has_result(self, index: int | None) -> bool:
         return f"{element_key(index)}.json" in self.seen_results

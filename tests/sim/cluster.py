@@ -60,6 +60,9 @@ class Faults:
     late_visibility: float = 0.0  # a new job is invisible to look-ups for a moment
     max_delay: float = 3.0
     fail_tasks: tuple[str, ...] = ()  # these tasks always raise
+    #: Not drawn (opt-in, so seeds replay as before): a scheduler call raises an exception no adapter should
+    #: (a bug, e.g. output it cannot parse) -- a submission after its job was created, or a whole poll.
+    internal_errors: float = 0.0
 
     @classmethod
     def draw(cls, rng: random.Random, level: float) -> Faults:
@@ -382,6 +385,8 @@ class SimScheduler(Scheduler):
         await self._delay()
         job_id = self.cluster.submit(request, self.clock())
         self.cluster.trace.append((self.clock(), "submit", request.tag, job_id))
+        if f.internal_errors and self._roll(f.internal_errors):
+            raise RuntimeError(f"simulated bug: cannot read the answer for job {job_id}")
         if self._roll(f.submit_lost_answer):
             raise CommandTimeout("simulated: sbatch's answer was lost")
         return job_id
@@ -389,6 +394,8 @@ class SimScheduler(Scheduler):
     async def query(self, job_ids: Collection[str]) -> dict[str, Observation]:
         await self.transport.run(["squeue", *sorted(job_ids)])
         await self._delay()
+        if self.cluster.faults.internal_errors and self._roll(self.cluster.faults.internal_errors):
+            raise RuntimeError("simulated bug: squeue output not understood")
         if self._roll(self.cluster.faults.query_fails):
             raise TransportError("simulated: squeue failed")
         out = self.cluster.observe(job_ids)

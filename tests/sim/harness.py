@@ -520,7 +520,25 @@ def driver_index_problems(driver: Any) -> list[str]:
     by_job = {t.record.job_id: t for t in driver.tracks.values() if t.record.job_id}
     if driver.by_job != by_job:
         problems.append(f"job index {sorted(driver.by_job)[:5]} but tracked jobs {sorted(by_job)[:5]}")
+    # What a queue limit counts: the count kept as tracks come, go and lose instances, against a walk.
+    walked = sum(queued_jobs_walked(t) for t in {id(t): t for t in [*driver.unresolved.values(),
+                                                                       *driver.tracks.values()]}.values())
+    if driver.queued_count != walked:
+        problems.append(f"queued count {driver.queued_count} but the tracks hold {walked} queued jobs")
+    # Every awake track's file clock is in the heap of due clocks, at the time it says (or being checked).
+    entered = {id(t) for at, _, t in driver.file_due if driver.awake.get(t.tag) is t and t.files.next_at == at}
+    entered |= {id(t) for t in driver.in_check.values()}
+    missing = [tag for tag, t in driver.awake.items() if id(t) not in entered]
+    if missing:
+        problems.append(f"awake tracks {sorted(missing)[:5]} have no file clock entry due when their clock says")
     return problems
+
+
+def queued_jobs_walked(track: Any) -> int:
+    """``JobTrack.queued_jobs`` by a walk over its live elements (what the kept counts replace)."""
+    if not track.slots:
+        return len(track.live)
+    return len({track.slots.get(i) for i in track.live})
 
 
 def memory_rows(engine: Engine) -> dict[tuple[str, Any], tuple[Any, ...]]:
@@ -565,13 +583,16 @@ def run_seed(seed: int, workdir: Path | None = None) -> Report:
         return Harness(seed, Path(tmp)).run()
 
 
-async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any) -> Any:
+async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None) -> Any:
     """One daemon life on *path*: a real store, engine and driver on the simulated *cluster*; ``await body(engine,
-    cluster)``, then the engine and store closed as reflowd closes them."""
+    cluster)``, then the engine and store closed as reflowd closes them. ``adjust(runtime)``, if given, changes the
+    cluster's runtime (its config, its scheduler) before the engine starts."""
     store = Store(path, connect=Connector(), offload=inline)
     await store.open()
-    engine = Engine(store, {"sim": sim_runtime(cluster, lambda: loop.virtual)},
-                    EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
+    runtime = sim_runtime(cluster, lambda: loop.virtual)
+    if adjust is not None:
+        adjust(runtime)
+    engine = Engine(store, {"sim": runtime}, EngineSettings(retry_backoff=1.0, retry_backoff_max=8.0))
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.run_writer)
@@ -593,7 +614,7 @@ async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: 
 
 
 def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir: Path | None = None,
-             db: Path | None = None) -> Any:
+             db: Path | None = None, adjust: Any = None) -> Any:
     """Run ``await body(engine, cluster)`` against a simulated cluster on virtual time; return its result.
 
     For tests that want one situation, not a random scenario: the engine, store and driver are real.
@@ -609,7 +630,7 @@ def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir:
 
     try:
         with deterministic_anyio():
-            return loop.run_until_complete(engine_life(path, cluster, loop, body))
+            return loop.run_until_complete(engine_life(path, cluster, loop, body, adjust))
     finally:
         world.install(None)
         abandon(loop)
