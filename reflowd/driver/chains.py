@@ -27,7 +27,6 @@ so a restarted daemon adopts or drops it the same way: never a second submission
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -38,10 +37,11 @@ from .. import world
 from ..engine import deferred
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.states import SUCCESS, RunState, State
-from ..schedulers.base import Phase, Presence, SubmitError
+from ..schedulers.base import Phase, Presence
 from ..schedulers.slurm_commands import dependency_options, master_id, option_flag
 from ..transports.base import TransportError
 from . import packing
+from .early import OWN_OPTIONS, REFUSED, load_job, submit_early, write_job
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
@@ -52,8 +52,6 @@ log = structlog.get_logger("reflowd.early")
 
 #: Upstream array sizes a chain may be submitted early for (its worker resolves a view of that many).
 MAX_ELEMENTS = 10_000
-#: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
-_OWN = ("dependency", "kill-on-invalid-dep")
 
 
 def upstream_job(record: JobRecord) -> str | None:
@@ -144,7 +142,7 @@ class ChainJobs:
             if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
                 continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
             options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in _OWN for k in options):
+            if any(option_flag(k) in OWN_OPTIONS for k in options):
                 continue
             atr = run.tasks.get(dep)
             if atr is None or not atr.expanded or not 2 <= (atr.size or 0) <= MAX_ELEMENTS:
@@ -208,15 +206,7 @@ class ChainJobs:
         if request.slices is not None and plan is not None:
             job["slices"] = [list(piece) for piece in request.slices]
             job["width"] = plan.width
-        timeout = cluster.config.command_timeout * 2
-        try:
-            await submitter.stage_entrypoint(run)
-            await cluster.metered.makedirs([request.log_dir, request.job_dir], timeout=timeout)
-            await cluster.metered.write_files({f"{request.job_dir}/{jobfiles.JOB_FILE}": jobfiles.dumps(job)},
-                                              timeout=timeout)
-        except (TransportError, OSError, TimeoutError) as exc:
-            log.info("cannot write an early array's files; it goes out the usual way", run_id=run.id, task=tr.name,
-                     error=str(exc))
+        if not await write_job(submitter, run, tr.name, request, job):
             return
         if not tr.open or run.state is not RunState.RUNNING or run.cancel_requested or run.error:
             return  # moved on while we wrote (nothing was submitted)
@@ -227,32 +217,9 @@ class ChainJobs:
         self.runs[run.id] = run
         self._busy.add(tag)
         try:
-            await d.store.flush()  # the tag is durable before Slurm hears of it: a restart finds the job
-            d.fault("before_early_submit")
-            cluster.count("submit")
-            d.count("early_submitted")
-            d.count("chain_submitted")
-            try:
-                job_id = await cluster.scheduler.submit(request)
-            except SubmitError as exc:
-                if not exc.permanent:
-                    log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
-                                error=str(exc))
-                    return
-                log.info("early array refused; it goes out the usual way", run_id=run.id, task=tr.name, error=str(exc))
-                record.state = "refused"
-                d.store.put_job(record)
+            if await submit_early(d, record, "chain_submitted") is None and record.state == REFUSED:
                 self._forget(record)
                 self._give_back(run, self._claims.pop(tag, {}).values())
-                return
-            except (TransportError, TimeoutError) as exc:
-                log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
-                            error=str(exc) or type(exc).__name__)
-                return
-            record.job_id, record.state = job_id, "early"
-            d.store.put_job(record)
-            log.info("submitted early", run_id=run.id, task=tr.name, tag=tag, job_id=job_id,
-                     dependency=request.options.get("dependency"), packed=request.slices is not None)
         finally:
             self._busy.discard(tag)
             self._check[run.id] = run
@@ -435,7 +402,7 @@ class ChainJobs:
         raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
         if raw is None:
             return {}
-        recipe = _loads(raw)[deferred.JOB_KEY]
+        recipe = load_job(raw)[deferred.JOB_KEY]
         dep = recipe["chain"]["dep"]
         atr = run.tasks.get(dep)
         if atr is None or (atr.size or 0) != recipe["chain"]["size"]:
@@ -507,9 +474,3 @@ def verdict(piece: list[int], ok: set[int], upstream_ok: set[int], started: bool
         return []
     return chosen
 
-
-def _loads(raw: bytes) -> dict[str, Any]:
-    data = json.loads(raw)
-    if not isinstance(data, dict):
-        raise ValueError("job file is not a JSON object")
-    return data
