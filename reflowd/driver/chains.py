@@ -27,6 +27,7 @@ so a restarted daemon adopts or drops it the same way: never a second submission
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -76,6 +77,8 @@ class ChainJobs:
         self._busy: set[str] = set()  # tags of early arrays whose sbatch is under way
         self._check: dict[str, Run] = {}  # runs with something to decide
         self.runs: dict[str, Run] = {}  # the runs of the records
+        #: Elements cancelled while their early array is undecided: markers to write at once (tag -> indices).
+        self._marks: dict[str, set[int]] = {}
 
     @property
     def active(self) -> bool:
@@ -105,11 +108,14 @@ class ChainJobs:
 
     def left(self, run: Run, inst: Instance) -> None:
         """Any instance of a run with early arrays changed: look at them again (an element left, the run
-        stopped)."""
+        stopped). A cancelled element gets its marker at once: Slurm may start its array task before the
+        array is decided (its upstream task ended), and the worker must skip it then."""
         if inst.index is not None:
             record = self._covering(run, inst)
             if record is not None and inst.tag != record.tag:
                 (self._claims.get(record.tag) or {}).pop(inst.index, None)
+                if inst.state is State.CANCELLED:
+                    self._marks.setdefault(record.tag, set()).add(inst.index)
         self._check[run.id] = run
 
     def recovered(self, record: JobRecord, run: Run) -> bool:
@@ -228,6 +234,7 @@ class ChainJobs:
 
     async def step(self) -> None:
         """Decide what can be decided: early arrays whose task expanded (or can no longer use them)."""
+        await self._write_marks()
         runs, self._check = self._check, {}
         for run in runs.values():
             for key in [k for k in self.records if k[0] == run.id]:
@@ -240,6 +247,28 @@ class ChainJobs:
                         await self._drop_all(run, record)
                     elif what == "decide":
                         await self._decide(run, record)
+
+    async def _write_marks(self) -> None:
+        """The markers of elements cancelled while their early array waits for a decision (the decision skips
+        them anyway: an element with a marker is not wanted, and only a wanted one's marker means dropped)."""
+        marks, self._marks = self._marks, {}
+        files = {jobfiles.cancel_path(record.request.job_dir, i): b"{}" for tag, indices in marks.items()
+                 if (record := self._record(tag)) is not None for i in indices}
+        if not files:
+            return
+        cluster = self.d.cluster
+        try:
+            await cluster.metered.write_files(files, timeout=cluster.config.command_timeout * 2)
+        except (TransportError, OSError, TimeoutError) as exc:
+            log.warning("cannot mark cancelled elements of an early array; will retry", error=str(exc))
+            for tag, indices in marks.items():
+                self._marks.setdefault(tag, set()).update(indices)
+
+    def _record(self, tag: str) -> JobRecord | None:
+        for records in self.records.values():
+            if tag in records:
+                return records[tag]
+        return None
 
     def sweep(self) -> None:
         """Look at every early array again (a run that stopped without an instance changing)."""
@@ -376,14 +405,21 @@ class ChainJobs:
                     adopted[i] = inst
         d.count("early_adopted")
         d.count("chain_adopted_elements", len(adopted))
-        self._give_back(run, [claims[i] for i in skipped if i in claims])
-        if dropped:
-            d.count("chain_dropped_tasks", len(dropped))
-            try:
-                await self.drop(record, dropped)
-            finally:
-                self._give_back(run, [claims[i] for t in dropped for i in pieces[t] if i in claims])
         track = d.new_track(record, run, adopted)
+        # Until it is adopted, a cancel of one of its elements finds the track where a submission under way
+        # is (``packing.Packer.left`` writes the element's marker); the job id is known: nothing to look up.
+        track.resolve_after = math.inf
+        d.unresolved[record.tag] = track
+        try:
+            self._give_back(run, [claims[i] for i in skipped if i in claims])
+            if dropped:
+                d.count("chain_dropped_tasks", len(dropped))
+                try:
+                    await self.drop(record, dropped)
+                finally:
+                    self._give_back(run, [claims[i] for t in dropped for i in pieces[t] if i in claims])
+        finally:
+            d.unresolved.pop(record.tag, None)
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
     async def _adoptable(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> dict[int, list[int]]:
@@ -430,7 +466,9 @@ class ChainJobs:
         candidates = [t for t, piece in enumerate(pieces) if any(i in ok for i in piece)]
         if not candidates:
             return {}
-        withdrawn = {t: [jobfiles.cancel_path(request.job_dir, i) for i in pieces[t]] for t in candidates}
+        # a wanted element's marker means a daemon began dropping the task (another's only skips that element:
+        # cancelled while the array waited, or not adopted by an earlier decision)
+        withdrawn = {t: [jobfiles.cancel_path(request.job_dir, i) for i in pieces[t] if i in ok] for t in candidates}
         marks = {t: [p for i in pieces[t] for p in (jobfiles.started_path(request.job_dir, i),
                                                     jobfiles.result_path(request.job_dir, i))] for t in candidates}
         seen = await cluster.metered.exists([p for t in candidates for p in (*withdrawn[t], *marks[t])],

@@ -38,8 +38,10 @@ from reflow_client import jobfiles
 
 from .. import world
 from ..budget import Budget
-from ..engine import deferred
+from ..engine import causes, deferred
+from ..engine.decide import Decision
 from ..engine.model import Instance, JobRecord, Run, TaskRun
+from ..engine.records import reset_values
 from ..engine.states import SUCCESS, RunState, State
 from ..schedulers.base import Phase, Presence, SubmitError, SubmitRequest
 from ..schedulers.slurm_commands import dependency_options, option_flag
@@ -146,6 +148,16 @@ class EarlyJobs:
             self.jobs[(run.id, record.task)] = record
         else:
             self._drop(record)
+
+    def made(self, record: JobRecord, run: Run) -> bool:
+        """Whether *record* is one of ours: its dependency options are reflowd's, not the task's own (a task
+        that sets its own never goes out early)."""
+        options = record.request.options
+        if "dependency" not in options or options.get("kill-on-invalid-dep") != "yes":
+            return False
+        tr = run.tasks.get(record.task)
+        own = {**self.d.cluster.config.submit_options, **(tr.manifest.config.get("submit_options", {}) if tr else {})}
+        return not any(option_flag(k) in OWN_OPTIONS for k in own)
 
     def _drop(self, record: JobRecord) -> None:
         self.d.count("early_dropped")
@@ -485,6 +497,30 @@ async def submit_early(d: Driver, record: JobRecord, *counters: str) -> str | No
     log.info("submitted early", run_id=record.run_id, task=record.task, tag=record.tag, job_id=job_id,
              dependency=request.options.get("dependency"), packed=request.slices is not None)
     return job_id
+
+
+def never_started(concluding: list[tuple[Instance, Decision]], started: set[str]
+                  ) -> list[tuple[Instance, Decision]]:
+    """What the adopted elements of an early job that ended without a result become: one that never
+    started (no ``started`` marker) and that the scheduler cancelled or lost goes back to READY, its attempt
+    unchanged -- no failure, and it runs once, the usual way.
+
+    Adoption checks that the upstream elements succeeded, but an upstream job can still end badly after its
+    elements wrote their results (killed, a failing epilogue): Slurm then cancels the early job for its
+    dependency (``--kill-on-invalid-dep=yes``) while reflowd already holds it as the elements' submission.
+    Other ends (a node that failed at boot, say) keep the scheduler's verdict, as for any job."""
+    out = []
+    for inst, decision in concluding:
+        cause = decision.fields.get("cause") or {}
+        if f"{jobfiles.element_key(inst.index)}.json" in started or not (
+                decision.state is State.CANCELLED or cause.get("kind") == causes.LOST):
+            out.append((inst, decision))
+            continue
+        evidence = {"source": "early", "note": "its early job ended before it started (its dependency failed)",
+                    "job_state": decision.evidence.get("scheduler_state") or decision.evidence.get("presence"),
+                    "tag": inst.tag}
+        out.append((inst, Decision(State.READY, evidence, reset_values(Instance))))
+    return out
 
 
 def spare_token(budget: Budget) -> bool:
