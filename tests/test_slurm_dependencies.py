@@ -290,3 +290,37 @@ def test_a_daemon_killed_mid_chain_adopts_the_early_array_on_restart(wlm: WLM, t
     finally:
         gate.touch()
         kill(d)
+
+
+@SLURM_PLAIN
+def test_an_adopted_early_task_slurm_cancels_for_an_upstream_job_that_ended_badly_runs_the_usual_way(
+        wlm: WLM, tmp_path: Path) -> None:
+    """work's elements all succeed (their results read), then each work job exits 3 (``exit_gate``): Slurm
+    cancels double's tasks waiting on ``aftercorr`` (``--kill-on-invalid-dep``) although reflowd has already
+    adopted them. None of them started: each element goes back to ready, runs once the usual way, and the run
+    succeeds."""
+    d = start(wlm, tmp_path / "d")
+    exit_gate = tmp_path / "exit_gate"
+    run_dir = tmp_path / "run"
+    try:
+        run_id = submit_elementwise(d, run_dir, n=3, exit_gate=str(exit_gate))
+        tag, job_id = wait_for(lambda: early_double(run_dir, run_id), timeout=120,
+                               what="the early double array in Slurm's queue")
+        # work succeeded (results read) while its jobs still run; double adopted its early array
+        wait_for(lambda: states(d, run_id).get("work") == {"succeeded": 3}
+                 and states(d, run_id).get("double") == {"queued": 3}, timeout=120,
+                 what="work succeeded and double's early tasks adopted")
+        assert {i.job_id.split("_")[0] for i in status(d, run_id, "double").instances} == {job_id}  # type: ignore[union-attr]
+        exit_gate.touch()
+        assert wait_state(d, run_id) == "succeeded", status(d, run_id).raw
+        assert outputs(d, run_id, "double") == {0: 0, 1: 2, 2: 8}
+        assert executions(run_dir) == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 1, "double 0": 1,
+                                       "double 1": 1, "double 4": 1, "total": 1}
+        double = status(d, run_id, "double").instances
+        assert all(i.attempt == 1 for i in double), "no failure counted"  # type: ignore[union-attr]
+        assert job_id not in {i.job_id.split("_")[0] for i in double}, "they ran in jobs of their own"  # type: ignore[union-attr]
+        assert driver_counters(d).get("early_requeued") == 3, driver_counters(d)
+        wlm.tags_used_once()
+    finally:
+        exit_gate.touch()
+        kill(d)

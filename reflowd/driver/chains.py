@@ -27,7 +27,7 @@ so a restarted daemon adopts or drops it the same way: never a second submission
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -38,10 +38,11 @@ from .. import world
 from ..engine import deferred
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.states import SUCCESS, RunState, State
-from ..schedulers.base import Phase, Presence, SubmitError
+from ..schedulers.base import Phase, Presence
 from ..schedulers.slurm_commands import dependency_options, master_id, option_flag
 from ..transports.base import TransportError
 from . import packing
+from .early import OWN_OPTIONS, REFUSED, load_job, submit_early, write_job
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
@@ -52,8 +53,6 @@ log = structlog.get_logger("reflowd.early")
 
 #: Upstream array sizes a chain may be submitted early for (its worker resolves a view of that many).
 MAX_ELEMENTS = 10_000
-#: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
-_OWN = ("dependency", "kill-on-invalid-dep")
 
 
 def upstream_job(record: JobRecord) -> str | None:
@@ -78,6 +77,8 @@ class ChainJobs:
         self._busy: set[str] = set()  # tags of early arrays whose sbatch is under way
         self._check: dict[str, Run] = {}  # runs with something to decide
         self.runs: dict[str, Run] = {}  # the runs of the records
+        #: Elements cancelled while their early array is undecided: markers to write at once (tag -> indices).
+        self._marks: dict[str, set[int]] = {}
 
     @property
     def active(self) -> bool:
@@ -107,11 +108,14 @@ class ChainJobs:
 
     def left(self, run: Run, inst: Instance) -> None:
         """Any instance of a run with early arrays changed: look at them again (an element left, the run
-        stopped)."""
+        stopped). A cancelled element gets its marker at once: Slurm may start its array task before the
+        array is decided (its upstream task ended), and the worker must skip it then."""
         if inst.index is not None:
             record = self._covering(run, inst)
             if record is not None and inst.tag != record.tag:
                 (self._claims.get(record.tag) or {}).pop(inst.index, None)
+                if inst.state is State.CANCELLED:
+                    self._marks.setdefault(record.tag, set()).add(inst.index)
         self._check[run.id] = run
 
     def recovered(self, record: JobRecord, run: Run) -> bool:
@@ -144,7 +148,7 @@ class ChainJobs:
             if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
                 continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
             options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in _OWN for k in options):
+            if any(option_flag(k) in OWN_OPTIONS for k in options):
                 continue
             atr = run.tasks.get(dep)
             if atr is None or not atr.expanded or not 2 <= (atr.size or 0) <= MAX_ELEMENTS:
@@ -208,15 +212,7 @@ class ChainJobs:
         if request.slices is not None and plan is not None:
             job["slices"] = [list(piece) for piece in request.slices]
             job["width"] = plan.width
-        timeout = cluster.config.command_timeout * 2
-        try:
-            await submitter.stage_entrypoint(run)
-            await cluster.metered.makedirs([request.log_dir, request.job_dir], timeout=timeout)
-            await cluster.metered.write_files({f"{request.job_dir}/{jobfiles.JOB_FILE}": jobfiles.dumps(job)},
-                                              timeout=timeout)
-        except (TransportError, OSError, TimeoutError) as exc:
-            log.info("cannot write an early array's files; it goes out the usual way", run_id=run.id, task=tr.name,
-                     error=str(exc))
+        if not await write_job(submitter, run, tr.name, request, job):
             return
         if not tr.open or run.state is not RunState.RUNNING or run.cancel_requested or run.error:
             return  # moved on while we wrote (nothing was submitted)
@@ -227,32 +223,9 @@ class ChainJobs:
         self.runs[run.id] = run
         self._busy.add(tag)
         try:
-            await d.store.flush()  # the tag is durable before Slurm hears of it: a restart finds the job
-            d.fault("before_early_submit")
-            cluster.count("submit")
-            d.count("early_submitted")
-            d.count("chain_submitted")
-            try:
-                job_id = await cluster.scheduler.submit(request)
-            except SubmitError as exc:
-                if not exc.permanent:
-                    log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
-                                error=str(exc))
-                    return
-                log.info("early array refused; it goes out the usual way", run_id=run.id, task=tr.name, error=str(exc))
-                record.state = "refused"
-                d.store.put_job(record)
+            if await submit_early(d, record, "chain_submitted") is None and record.state == REFUSED:
                 self._forget(record)
                 self._give_back(run, self._claims.pop(tag, {}).values())
-                return
-            except (TransportError, TimeoutError) as exc:
-                log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
-                            error=str(exc) or type(exc).__name__)
-                return
-            record.job_id, record.state = job_id, "early"
-            d.store.put_job(record)
-            log.info("submitted early", run_id=run.id, task=tr.name, tag=tag, job_id=job_id,
-                     dependency=request.options.get("dependency"), packed=request.slices is not None)
         finally:
             self._busy.discard(tag)
             self._check[run.id] = run
@@ -261,6 +234,7 @@ class ChainJobs:
 
     async def step(self) -> None:
         """Decide what can be decided: early arrays whose task expanded (or can no longer use them)."""
+        await self._write_marks()
         runs, self._check = self._check, {}
         for run in runs.values():
             for key in [k for k in self.records if k[0] == run.id]:
@@ -273,6 +247,28 @@ class ChainJobs:
                         await self._drop_all(run, record)
                     elif what == "decide":
                         await self._decide(run, record)
+
+    async def _write_marks(self) -> None:
+        """The markers of elements cancelled while their early array waits for a decision (the decision skips
+        them anyway: an element with a marker is not wanted, and only a wanted one's marker means dropped)."""
+        marks, self._marks = self._marks, {}
+        files = {jobfiles.cancel_path(record.request.job_dir, i): b"{}" for tag, indices in marks.items()
+                 if (record := self._record(tag)) is not None for i in indices}
+        if not files:
+            return
+        cluster = self.d.cluster
+        try:
+            await cluster.metered.write_files(files, timeout=cluster.config.command_timeout * 2)
+        except (TransportError, OSError, TimeoutError) as exc:
+            log.warning("cannot mark cancelled elements of an early array; will retry", error=str(exc))
+            for tag, indices in marks.items():
+                self._marks.setdefault(tag, set()).update(indices)
+
+    def _record(self, tag: str) -> JobRecord | None:
+        for records in self.records.values():
+            if tag in records:
+                return records[tag]
+        return None
 
     def sweep(self) -> None:
         """Look at every early array again (a run that stopped without an instance changing)."""
@@ -409,14 +405,21 @@ class ChainJobs:
                     adopted[i] = inst
         d.count("early_adopted")
         d.count("chain_adopted_elements", len(adopted))
-        self._give_back(run, [claims[i] for i in skipped if i in claims])
-        if dropped:
-            d.count("chain_dropped_tasks", len(dropped))
-            try:
-                await self.drop(record, dropped)
-            finally:
-                self._give_back(run, [claims[i] for t in dropped for i in pieces[t] if i in claims])
         track = d.new_track(record, run, adopted)
+        # Until it is adopted, a cancel of one of its elements finds the track where a submission under way
+        # is (``packing.Packer.left`` writes the element's marker); the job id is known: nothing to look up.
+        track.resolve_after = math.inf
+        d.unresolved[record.tag] = track
+        try:
+            self._give_back(run, [claims[i] for i in skipped if i in claims])
+            if dropped:
+                d.count("chain_dropped_tasks", len(dropped))
+                try:
+                    await self.drop(record, dropped)
+                finally:
+                    self._give_back(run, [claims[i] for t in dropped for i in pieces[t] if i in claims])
+        finally:
+            d.unresolved.pop(record.tag, None)
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
     async def _adoptable(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> dict[int, list[int]]:
@@ -435,7 +438,7 @@ class ChainJobs:
         raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
         if raw is None:
             return {}
-        recipe = _loads(raw)[deferred.JOB_KEY]
+        recipe = load_job(raw)[deferred.JOB_KEY]
         dep = recipe["chain"]["dep"]
         atr = run.tasks.get(dep)
         if atr is None or (atr.size or 0) != recipe["chain"]["size"]:
@@ -463,7 +466,9 @@ class ChainJobs:
         candidates = [t for t, piece in enumerate(pieces) if any(i in ok for i in piece)]
         if not candidates:
             return {}
-        withdrawn = {t: [jobfiles.cancel_path(request.job_dir, i) for i in pieces[t]] for t in candidates}
+        # a wanted element's marker means a daemon began dropping the task (another's only skips that element:
+        # cancelled while the array waited, or not adopted by an earlier decision)
+        withdrawn = {t: [jobfiles.cancel_path(request.job_dir, i) for i in pieces[t] if i in ok] for t in candidates}
         marks = {t: [p for i in pieces[t] for p in (jobfiles.started_path(request.job_dir, i),
                                                     jobfiles.result_path(request.job_dir, i))] for t in candidates}
         seen = await cluster.metered.exists([p for t in candidates for p in (*withdrawn[t], *marks[t])],
@@ -507,9 +512,3 @@ def verdict(piece: list[int], ok: set[int], upstream_ok: set[int], started: bool
         return []
     return chosen
 
-
-def _loads(raw: bytes) -> dict[str, Any]:
-    data = json.loads(raw)
-    if not isinstance(data, dict):
-        raise ValueError("job file is not a JSON object")
-    return data

@@ -38,16 +38,18 @@ from reflow_client import jobfiles
 
 from .. import world
 from ..budget import Budget
-from ..engine import deferred
+from ..engine import causes, deferred
+from ..engine.decide import Decision
 from ..engine.model import Instance, JobRecord, Run, TaskRun
+from ..engine.records import reset_values
 from ..engine.states import SUCCESS, RunState, State
-from ..schedulers.base import Phase, Presence, SubmitError
+from ..schedulers.base import Phase, Presence, SubmitError, SubmitRequest
 from ..schedulers.slurm_commands import dependency_options, option_flag
 from ..transports.base import TransportError
-from .chains import ChainJobs
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
+    from .chains import ChainJobs
     from .driver import Driver
 
 log = structlog.get_logger("reflowd.early")
@@ -55,13 +57,15 @@ log = structlog.get_logger("reflowd.early")
 #: Record states of an early job the engine has not adopted (yet).
 EARLY_STATES = ("early_submitting", "early")
 DROPPED = "dropped"
+#: An early sbatch the scheduler refused outright (nothing was queued): the normal way instead.
+REFUSED = "refused"
 #: Upstream elements a recipe may name: a larger gather goes out the normal way (its recipe and the
 #: worker's reads would cost more than the hand-over saves).
 MAX_ELEMENTS = 10_000
 #: Tokens the cluster's command budget must hold for an early sbatch (it leaves one for the next poll).
 SPARE_TOKENS = 2.0
 #: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
-_OWN = ("dependency", "kill-on-invalid-dep")
+OWN_OPTIONS = ("dependency", "kill-on-invalid-dep")
 #: Seconds between two looks at undecided early arrays whose run may have stopped without telling.
 SWEEP = 5.0
 
@@ -78,8 +82,10 @@ class EarlyJobs:
         self._claims: dict[Instance, tuple[Run, JobRecord]] = {}
         self._drops: list[JobRecord] = []
         self._wake = anyio.Event()
+        from .chains import ChainJobs  # (chains.py builds on this module's helpers)
+
         #: Element-wise chains (``aftercorr``) submitted early.
-        self.chains = ChainJobs(self)
+        self.chains: ChainJobs = ChainJobs(self)
 
     @property
     def watching(self) -> bool:
@@ -142,6 +148,16 @@ class EarlyJobs:
             self.jobs[(run.id, record.task)] = record
         else:
             self._drop(record)
+
+    def made(self, record: JobRecord, run: Run) -> bool:
+        """Whether *record* is one of ours: its dependency options are reflowd's, not the task's own (a task
+        that sets its own never goes out early)."""
+        options = record.request.options
+        if "dependency" not in options or options.get("kill-on-invalid-dep") != "yes":
+            return False
+        tr = run.tasks.get(record.task)
+        own = {**self.d.cluster.config.submit_options, **(tr.manifest.config.get("submit_options", {}) if tr else {})}
+        return not any(option_flag(k) in OWN_OPTIONS for k in own)
 
     def _drop(self, record: JobRecord) -> None:
         self.d.count("early_dropped")
@@ -212,7 +228,7 @@ class EarlyJobs:
             if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
                 continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
             options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in _OWN for k in options):
+            if any(option_flag(k) in OWN_OPTIONS for k in options):
                 continue
             found = self._upstream(run, task.dependencies)
             if found is not None:
@@ -274,15 +290,7 @@ class EarlyJobs:
             job = {"run_id": run.id, "workflow": run.workflow, "task": tr.name,
                    "entrypoint": entrypoint(run, cluster.remote), "run_dir": run.run_dir, "tag": tag, "kwargs": {},
                    deferred.JOB_KEY: recipe}
-            timeout = cluster.config.command_timeout * 2
-            try:
-                await submitter.stage_entrypoint(run)
-                await cluster.metered.makedirs([request.log_dir, request.job_dir], timeout=timeout)
-                await cluster.metered.write_files({f"{request.job_dir}/{jobfiles.JOB_FILE}": jobfiles.dumps(job)},
-                                                  timeout=timeout)
-            except (TransportError, OSError, TimeoutError) as exc:
-                log.info("cannot write an early job's files; the task goes out the usual way", run_id=run.id,
-                         task=tr.name, error=str(exc))
+            if not await write_job(submitter, run, tr.name, request, job):
                 return
             if inst.state is not State.PENDING or inst.attempt != recipe["attempt"] or run.state is not RunState.RUNNING:
                 return  # moved on while we wrote (nothing was submitted)
@@ -290,35 +298,14 @@ class EarlyJobs:
                                submitted_at=world.now())
             d.store.put_job(record)
             self.jobs[key] = record
-            await d.store.flush()  # the tag is durable before Slurm hears of it: a restart finds the job
-            d.fault("before_early_submit")
-            cluster.count("submit")
-            d.count("early_submitted")
-            try:
-                job_id = await cluster.scheduler.submit(request)
-            except SubmitError as exc:
-                if not exc.permanent:
-                    log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
-                                error=str(exc))
-                    return
-                log.info("early submission refused; the task goes out the usual way", run_id=run.id, task=tr.name,
-                         error=str(exc))
-                record.state = "refused"
-                d.store.put_job(record)
-                if self.jobs.get(key) is record:
+            job_id = await submit_early(d, record)
+            if job_id is None:
+                if record.state == REFUSED and self.jobs.get(key) is record:
                     del self.jobs[key]
                     if inst in self._claims:
                         del self._claims[inst]
                         d.submit(run, [inst])
                 return
-            except (TransportError, TimeoutError) as exc:
-                log.warning("early submission outcome unknown; its tag will tell", run_id=run.id, tag=tag,
-                            error=str(exc) or type(exc).__name__)
-                return
-            record.job_id, record.state = job_id, "early"
-            d.store.put_job(record)
-            log.info("submitted early", run_id=run.id, task=tr.name, tag=tag, job_id=job_id,
-                     dependency=request.options.get("dependency"))
             if self.jobs.get(key) is not record:
                 self._drop(record)  # dropped while sbatch ran: cancel it now that it has an id
         finally:
@@ -373,7 +360,7 @@ class EarlyJobs:
             raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
             if raw is None:
                 return "its job file is gone"
-            recipe = _loads(raw)[deferred.JOB_KEY]
+            recipe = load_job(raw)[deferred.JOB_KEY]
             why = self._matches(run, inst, recipe)
             if why is not None:
                 return why
@@ -458,6 +445,84 @@ class EarlyJobs:
         log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)
 
 
+async def write_job(submitter: Submitter, run: Run, task: str, request: SubmitRequest, job: dict[str, Any]) -> bool:
+    """An early job's entry point, directories and ``job.json``, written before its record exists: False
+    (logged) if they cannot be, and the task goes out the usual way (nothing was submitted)."""
+    cluster = submitter.d.cluster
+    timeout = cluster.config.command_timeout * 2
+    try:
+        await submitter.stage_entrypoint(run)
+        await cluster.metered.makedirs([request.log_dir, request.job_dir], timeout=timeout)
+        await cluster.metered.write_files({f"{request.job_dir}/{jobfiles.JOB_FILE}": jobfiles.dumps(job)},
+                                          timeout=timeout)
+    except (TransportError, OSError, TimeoutError) as exc:
+        log.info("cannot write an early job's files; it goes out the usual way", run_id=run.id, task=task,
+                 error=str(exc))
+        return False
+    return True
+
+
+async def submit_early(d: Driver, record: JobRecord, *counters: str) -> str | None:
+    """The sbatch of an early job whose ``early_submitting`` record is written: the job id, or None.
+
+    The record is flushed first (its tag is durable before Slurm hears of it, so a restarted daemon finds
+    the job by tag); None with the record ``refused`` means nothing was queued (the caller sends its
+    instances the normal way), None otherwise means the outcome is unknown and the tag will tell (``_find``).
+    *counters* are counted with ``early_submitted``."""
+    cluster = d.cluster
+    await d.store.flush()
+    d.fault("before_early_submit")
+    cluster.count("submit")
+    for name in ("early_submitted", *counters):
+        d.count(name)
+    request = record.request
+    try:
+        job_id = await cluster.scheduler.submit(request)
+    except SubmitError as exc:
+        if not exc.permanent:
+            log.warning("early submission outcome unknown; its tag will tell", run_id=record.run_id, tag=record.tag,
+                        error=str(exc))
+            return None
+        log.info("early submission refused; it goes out the usual way", run_id=record.run_id, task=record.task,
+                 error=str(exc))
+        record.state = REFUSED
+        d.store.put_job(record)
+        return None
+    except (TransportError, TimeoutError) as exc:
+        log.warning("early submission outcome unknown; its tag will tell", run_id=record.run_id, tag=record.tag,
+                    error=str(exc) or type(exc).__name__)
+        return None
+    record.job_id, record.state = job_id, "early"
+    d.store.put_job(record)
+    log.info("submitted early", run_id=record.run_id, task=record.task, tag=record.tag, job_id=job_id,
+             dependency=request.options.get("dependency"), packed=request.slices is not None)
+    return job_id
+
+
+def never_started(concluding: list[tuple[Instance, Decision]], started: set[str]
+                  ) -> list[tuple[Instance, Decision]]:
+    """What the adopted elements of an early job that ended without a result become: one that never
+    started (no ``started`` marker) and that the scheduler cancelled or lost goes back to READY, its attempt
+    unchanged -- no failure, and it runs once, the usual way.
+
+    Adoption checks that the upstream elements succeeded, but an upstream job can still end badly after its
+    elements wrote their results (killed, a failing epilogue): Slurm then cancels the early job for its
+    dependency (``--kill-on-invalid-dep=yes``) while reflowd already holds it as the elements' submission.
+    Other ends (a node that failed at boot, say) keep the scheduler's verdict, as for any job."""
+    out = []
+    for inst, decision in concluding:
+        cause = decision.fields.get("cause") or {}
+        if f"{jobfiles.element_key(inst.index)}.json" in started or not (
+                decision.state is State.CANCELLED or cause.get("kind") == causes.LOST):
+            out.append((inst, decision))
+            continue
+        evidence = {"source": "early", "note": "its early job ended before it started (its dependency failed)",
+                    "job_state": decision.evidence.get("scheduler_state") or decision.evidence.get("presence"),
+                    "tag": inst.tag}
+        out.append((inst, Decision(State.READY, evidence, reset_values(Instance))))
+    return out
+
+
 def spare_token(budget: Budget) -> bool:
     """An early sbatch is charged like any command: only with a token to spare beyond the next poll, or it
     would delay the observation of the very upstream it waits for (measured: a 12-a-minute budget made
@@ -465,7 +530,8 @@ def spare_token(budget: Budget) -> bool:
     return budget.bucket.wait_time() == 0.0 and budget.bucket.tokens >= SPARE_TOKENS
 
 
-def _loads(raw: bytes) -> dict[str, Any]:
+def load_job(raw: bytes) -> dict[str, Any]:
+    """An early job's ``job.json`` as read back (its recipe is checked before adoption)."""
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("job file is not a JSON object")

@@ -36,6 +36,7 @@ from ..schedulers.base import Answers, Observation, Phase, Presence
 from ..transports.base import TransportError
 from . import requeue
 from . import packing
+from . import early
 from .submit import adopt
 from .track import JobTrack, index_of
 
@@ -425,10 +426,14 @@ class Observer:
             changed |= len(missing) < len(look)
             missing_ids = {id(i) for i in missing}
             concluding = [(i, dec) for i, dec in concluding if id(i) in missing_ids and i.in_flight]
-            if track.packed and concluding:
+            made_early = bool(concluding) and d.early.made(track.record, track.run)
+            if (track.packed or made_early) and concluding:
                 started = set(await self.cluster.metered.listdir(os.path.join(track.request.job_dir, "started"),
                                                                  timeout=self.cluster.config.command_timeout))
-                concluding = packing.after_death(track, concluding, started)
+                if track.packed:
+                    concluding = packing.after_death(track, concluding, started)
+                if made_early:  # cancelled by Slurm for a dependency that failed after adoption: not run yet
+                    concluding = early.never_started(concluding, started)
             for inst, decision in concluding:
                 if not inst.in_flight:
                     continue
@@ -437,7 +442,7 @@ class Observer:
                 ok = self.apply(track, inst, decision)
                 changed |= ok
                 if ok and decision.state is State.READY:
-                    self.d.count("packed_requeued")
+                    self.d.count("early_requeued" if decision.evidence.get("source") == "early" else "packed_requeued")
                     inst.handed = True
                     self.d.submit(track.run, [inst])  # never started: its attempt is still to come
         return changed

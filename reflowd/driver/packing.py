@@ -20,7 +20,10 @@ cache identity, retry count and log section. So:
   The element is CANCELLED in the store before the marker is written, so
   whatever its run leaves (even a success that raced the marker) is never taken
   for its outcome: it is exactly-once-safe. Only when no element of that array
-  task is still wanted is the job itself cancelled.
+  task is still wanted is the job itself cancelled -- and when that element is
+  cancelled on its own (not with its run) and not seen started, its marker is
+  still written first, in the same round as the ``scancel``: a job the scheduler
+  starts meanwhile (an early chained task whose upstream just ended) skips it.
 
 How elements are sliced (:func:`plan`) comes from the task's ``pack=`` (or its
 cluster's), and for automatic packing from the measured durations of earlier
@@ -270,8 +273,9 @@ class Packer:
     def __init__(self, driver: Driver) -> None:
         self.d = driver
         self._estimates: dict[tuple[str, str, str], tuple[Estimate | None, float]] = {}
-        #: Cancelled elements of packed jobs others still need, by tag: markers still to write.
-        self.skips: dict[str, dict[int, None]] = {}
+        #: Cancelled elements of packed jobs, by tag: markers still to write (True: even if nothing else of
+        #: its array task is wanted, whose ``scancel`` it precedes).
+        self.skips: dict[str, dict[int, bool]] = {}
 
     async def estimate(self, run: Run, tr: TaskRun) -> Estimate | None:
         key = (run.workflow, tr.name, tr.manifest.version)
@@ -379,21 +383,27 @@ class Packer:
             return
         slot = track.slots.get(inst.index)
         if slot is None or track.record.job_id is None:
-            self.skips.setdefault(track.tag, {})[inst.index] = None  # not submitted yet: the marker suffices
+            self.skips.setdefault(track.tag, {})[inst.index] = False  # not submitted yet: the marker suffices
             return
         key = job_key(track.request, track.record.job_id, inst.index, track.slots)
         others = [i for i in track.slot_members(slot) if i is not inst and i.tag == track.tag and i.in_flight]
         if others:  # queued or running: its marker makes the worker skip it, or stop it and go on
-            self.skips.setdefault(track.tag, {})[inst.index] = None
+            self.skips.setdefault(track.tag, {})[inst.index] = False
         elif f"{jobfiles.element_key(inst.index)}.json" in track.seen_started and not track.has_result(inst.index):
             self.d.cancels[key] = None  # running, the last of its slice still wanted: stop its job
+        elif not track.run.cancel_requested:
+            # the last of its slice still wanted, not seen started: the engine's cancel ``scancel``s the array
+            # task, and this marker goes out first in that round, so a worker the scheduler starts meanwhile (an
+            # early chained task whose upstream just ended) never runs the element. (A whole run's cancel needs
+            # none: a marker per array task would only cost writes.)
+            self.skips.setdefault(track.tag, {})[inst.index] = True
         self.d.wake()
 
     def recovered(self, track: JobTrack) -> None:
         """After a restart: the cancel markers of this job's cancelled elements may never have been written."""
         for inst in track.members():
             if inst.state is State.CANCELLED and inst.tag == track.tag and inst.index is not None:
-                self.skips.setdefault(track.tag, {})[inst.index] = None
+                self.skips.setdefault(track.tag, {})[inst.index] = False
         if self.skips.get(track.tag):
             self.d.wake()
 
@@ -407,7 +417,7 @@ class Packer:
             return any(i.in_flight and i.tag == track.tag for i in track.slot_members(int(slot)))
         return False
 
-    def markers(self) -> tuple[dict[str, bytes], dict[str, dict[int, None]]]:
+    def markers(self) -> tuple[dict[str, bytes], dict[str, dict[int, bool]]]:
         """Cancel markers to write now, and the skips they were made from (taken off ``skips``: a cancel that
         comes while they are written is kept for the next round; :meth:`unwritten` puts them back)."""
         taken, self.skips = self.skips, {}
@@ -416,16 +426,16 @@ class Packer:
             track = self.d.tracks.get(tag) or self.d.unresolved.get(tag)
             if track is None:
                 continue
-            for index in indices:
+            for index, firm in indices.items():
                 slot = track.slots.get(index)
-                if slot is not None and track.record.job_id is not None and not any(
+                if not firm and slot is not None and track.record.job_id is not None and not any(
                         i.in_flight and i.tag == tag for i in track.slot_members(slot)):
                     continue  # nothing else left in that job: it is cancelled whole
                 files[jobfiles.cancel_path(track.request.job_dir, index)] = jobfiles.dumps(
                     {"at": world.now(), "by": "reflowd"})
         return files, taken
 
-    def unwritten(self, taken: dict[str, dict[int, None]]) -> None:
+    def unwritten(self, taken: dict[str, dict[int, bool]]) -> None:
         """Markers that could not be written: try again next round."""
         for tag, indices in taken.items():
             self.skips.setdefault(tag, {}).update(indices)

@@ -33,7 +33,7 @@ from typing import Any
 from reflow_client import jobfiles
 from reflow_client.manifest import ELEMENT_MODES, TaskManifest
 
-from .resolve import UpstreamView, identity_for, resolve
+from .resolve import Resolution, UpstreamView, identity_for, resolve
 
 FORMAT = 1
 #: The key of ``job.json`` that holds the recipe (and marks a job that resolves its own inputs).
@@ -93,13 +93,20 @@ def resolve_recipe(data: Mapping[str, Any], results: Mapping[str, Mapping[str, A
             hashes.append(result.get("output_hash"))
         views[dep] = UpstreamView(is_array=bool(up["is_array"]), outputs=outputs, hashes=hashes,
                                   ok=[True] * len(outputs))
+    res = _resolved(task, views, data)
+    return dict(res.shared), identity_for(data["workflow"], task, res, None)
+
+
+def _resolved(task: TaskManifest, views: Mapping[str, UpstreamView], data: Mapping[str, Any]) -> Resolution:
+    """The engine's own :func:`resolve` on the views a recipe gave, so worker and daemon agree to the
+    digit; a recipe that names too few upstreams, or inputs that block the task, cannot run."""
     missing = [d for d in task.dependencies if d not in views]
     if missing:
         raise DeferredError(f"recipe has no upstream {', '.join(missing)}")
     res = resolve(task, views, data["params"], data["run_dir"])
     if res.blocked:
         raise DeferredError(res.blocked)
-    return dict(res.shared), identity_for(data["workflow"], task, res, None)
+    return res
 
 
 def matches(data: Mapping[str, Any], attempt: int,
@@ -189,12 +196,7 @@ def resolve_chain(data: Mapping[str, Any], results: Mapping[int, Mapping[str, An
             outputs[index], hashes[index], ok[index] = result.get("output"), result.get("output_hash"), True
     views = {name: _value_view(name, up) for name, up in data["upstream"].items()}
     views[dep] = UpstreamView(is_array=True, outputs=outputs, hashes=hashes, ok=ok)
-    missing = [d for d in task.dependencies if d not in views]
-    if missing:
-        raise DeferredError(f"recipe has no upstream {', '.join(missing)}")
-    res = resolve(task, views, data["params"], data["run_dir"])
-    if res.blocked:
-        raise DeferredError(res.blocked)
+    res = _resolved(task, views, data)
     if res.size != size:
         raise DeferredError(f"the task resolves to {res.size} elements, the recipe was written for {size}")
     out: dict[int, tuple[dict[str, Any], str] | str] = {}

@@ -174,45 +174,54 @@ def resolve(
     return res
 
 
-class _Repeat(Sequence[Any]):
-    """One value *size* times (a fan-out's upstream hash for each of its elements), kept once."""
+class _Lazy(Sequence[Any]):
+    """A read-only sequence whose elements are computed from shared storage when asked for (a
+    million-element fan-out keeps no million copies). Subclasses set ``size`` and give ``_element``;
+    bounds, negative indices and slices are handled here once."""
 
-    __slots__ = ("value", "size")
+    __slots__ = ("size",)
 
-    def __init__(self, value: Any, size: int) -> None:
-        self.value = value
-        self.size = size
+    size: int
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
-            return [self.value] * len(range(*i.indices(self.size)))
+            return [self._element(j) for j in range(*i.indices(self.size))]
         if not -self.size <= i < self.size:
             raise IndexError(i)
+        return self._element(i % self.size)
+
+    def _element(self, i: int) -> Any:
+        """Element *i*, with ``0 <= i < size``."""
+        raise NotImplementedError
+
+
+class _Repeat(_Lazy):
+    """One value *size* times (a fan-out's upstream hash for each of its elements), kept once."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any, size: int) -> None:
+        self.value = value
+        self.size = size
+
+    def _element(self, i: int) -> Any:
         return self.value
 
 
-class _Chain(Sequence[Any]):
+class _Chain(_Lazy):
     """Sequences one after another, read in place (the sources of one element parameter)."""
 
-    __slots__ = ("parts", "starts", "size")
+    __slots__ = ("parts", "starts")
 
     def __init__(self, parts: list[Sequence[Any]]) -> None:
         self.parts = parts
         self.starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
         self.size = self.starts[-1]
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.size))]
-        if not -self.size <= i < self.size:
-            raise IndexError(i)
-        i %= self.size
+    def _element(self, i: int) -> Any:
         k = bisect.bisect_right(self.starts, i) - 1
         return self.parts[k][i - self.starts[k]]
 
@@ -224,40 +233,35 @@ def _joined(parts: list[Sequence[Any]]) -> Sequence[Any]:
     return _Chain(parts)
 
 
-class _Columns(Sequence[Any]):
+class _Columns(_Lazy):
     """Per-element values kept as one list per parameter (shared with the upstream's outputs), each
     element's row built when asked for: a million-element fan-out holds no million dicts."""
+
+    __slots__ = ("columns",)
 
     def __init__(self, columns: dict[str, Sequence[Any]], size: int) -> None:
         self.columns = columns
         self.size = size
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.size))]
-        if not -self.size <= i < self.size:
-            raise IndexError(i)
-        return self.row(i % self.size)
-
-    def row(self, i: int) -> Any:
-        raise NotImplementedError
-
 
 class _Elements(_Columns):
-    def row(self, i: int) -> dict[str, Any]:
+    __slots__ = ()
+
+    def _element(self, i: int) -> dict[str, Any]:
         return {p: col[i] for p, col in self.columns.items()}
 
 
 class _ElementHashes(_Columns):
-    def row(self, i: int) -> list[str]:
+    __slots__ = ()
+
+    def _element(self, i: int) -> list[str]:
         return [col[i] for col in self.columns.values()]
 
 
 class _ElementBlocks(_Columns):
-    def row(self, i: int) -> str | None:
+    __slots__ = ()
+
+    def _element(self, i: int) -> str | None:
         bad = [p for p, oks in self.columns.items() if not oks[i]]
         return f"upstream element {i} feeding {', '.join(bad)} did not succeed" if bad else None
 

@@ -2,7 +2,9 @@
 
 The line count proves how often each task really ran (exactly-once checks).
 ``fail_on`` makes one element raise until a file ``fixed`` exists in the run
-directory; ``delay`` keeps elements running long enough to interrupt them.
+directory; ``delay`` keeps elements running long enough to interrupt them. ``gate`` holds every element
+from ``gate_from`` on (after its line is written) until that file exists: a test that must catch an
+element running waits on the line, not on a duration a loaded machine may not honour.
 """
 
 from __future__ import annotations
@@ -31,8 +33,13 @@ def prepare(run_dir: Annotated[Path, RunDir()], n: Annotated[int, Param(help="el
 
 @wf.array_job()
 def work(x: Annotated[int, Result(step="prepare")], run_dir: Annotated[Path, RunDir()], delay: float = 0.0,
-         fail_on: int = -1) -> int:
+         fail_on: int = -1, gate: str = "", gate_from: int = 0) -> int:
     record(run_dir, f"work {x}")
+    deadline = time.monotonic() + 600
+    while gate and x >= gate_from and not Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} never opened")
+        time.sleep(0.05)
     if delay:
         time.sleep(delay)
     if x == fail_on and not (run_dir / "fixed").exists():
