@@ -377,6 +377,9 @@ class Driver:
 
     def _files_moved(self, tag: str, at: float) -> None:
         """*tag*'s file clock moved to *at* (``FileClock.on_change``)."""
+        checked = self.in_check.get(tag)
+        if checked is not None and checked.files.next_at == at:
+            del self.in_check[tag]  # its check moved it: back in the heap below (if awake), nothing left to do
         track = self.awake.get(tag)
         if track is not None and track.files.next_at == at:
             self._push_files(track, at)
@@ -407,12 +410,12 @@ class Driver:
         return list(due.values())
 
     def files_checked(self, tracks: Iterable[JobTrack]) -> None:
-        """The check of *tracks* is over (done, or cut short): each awake one's clock is in the heap again."""
+        """The check of *tracks* is over: one cut short before its clock moved goes back in the heap as it was."""
         for track in tracks:
             if self.in_check.get(track.tag) is track:
                 del self.in_check[track.tag]
-            if self.awake.get(track.tag) is track:
-                self._push_files(track, track.files.next_at)  # (a duplicate of a moved clock's entry is harmless)
+                if self.awake.get(track.tag) is track:
+                    self._push_files(track, track.files.next_at)
 
     def next_file_check(self) -> float:
         """When the earliest awake file clock is due (``inf``: none)."""
