@@ -713,6 +713,12 @@ class Store:
         except (sqlite3.Error, ValueError, OverflowError, TypeError) as exc:  # (TypeError: a value JSON cannot encode)
             self._restore_batch(batch)
             raise StoreWriteError(describe_write_error(exc, self.path)) from exc
+        except Exception as exc:  # a bug encoding a change: keep the batch and show it, never end the writer
+            self._restore_batch(batch)
+            log.exception("internal error while writing the state database", path=str(self.path))
+            raise StoreWriteError(f"internal error writing the state database {self.path} "
+                                  f"({type(exc).__name__}: {exc}); changes are kept in memory; please report this"
+                                  ) from exc
         finally:
             self._writing_cache = {}
         self._note_success()

@@ -240,3 +240,44 @@ def test_daemon_on_a_full_tmpfs_refuses_submissions_keeps_reading_and_loses_noth
             d.proc.wait(timeout=30)
         subprocess.run(["umount", "-l", str(state)], capture_output=True, timeout=60)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_while_encoding_keeps_the_batch_and_is_shown(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A programming error while a batch is encoded (not a data error) must not end the writer and lose the batch:
+    it is reported like an unwritable database, and the batch is committed once the fault is gone."""
+    import reflowd.store as store_module
+
+    store = Store(tmp_path / "s.sqlite", commit_interval=0.01, retry_initial=0.02, retry_max=0.1)
+    await store.open()
+    run, inst = _run()
+    original = store_module._Batch.encode
+    broken = {"on": True}
+
+    def encode(self: object) -> None:
+        if broken["on"]:
+            raise AttributeError("'NoneType' object has no attribute 'hex'")
+        original(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module._Batch, "encode", encode)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.run_writer)
+        store.put_run(run)
+        store.put_instance(inst)
+        store.add_transition(run.id, "a", None, "pending", "ready", {"n": 1}, time.time())
+        await _wait(lambda: not store.writable)
+        assert store.write_error is not None and "AttributeError" in store.write_error, store.write_error
+        failures = store.write_failures
+        await _wait(lambda: store.write_failures >= failures + 2)  # the writer is alive and keeps trying
+        broken["on"] = False
+        with anyio.fail_after(30):
+            await store.flush()
+        assert store.writable
+        tg.cancel_scope.cancel()
+    await store.close()
+    again = Store(tmp_path / "s.sqlite")
+    await again.open()
+    assert [r["evidence"] for r in await again.transitions("r1")] == [{"n": 1}]
+    assert (await again.load_run("r1")) is not None
+    await again.close()
