@@ -23,7 +23,7 @@ import pytest
 
 from reflowd.cache_store import CACHE_FILE, filesystem_type, journal_mode_for
 
-from .support import ROOT, DaemonProcess
+from .support import ROOT, DaemonProcess, wait_for
 
 WF = ROOT / "tests" / "workflows" / "shared_cache.py"
 CONFIG = '[clusters.local]\nscheduler = "local"\nmax_workers = 4\n'
@@ -134,8 +134,14 @@ def test_embedded_run_and_daemon_write_the_cache_at_once(daemon: DaemonProcess, 
     assert remote["state"] == "succeeded" and json.loads(out)["state"] == "succeeded"
 
     per_run = 3 + int(n)  # make, read, total and the squares
-    rows = cache_rows(daemon.state_dir)
-    assert len(rows) == before + 2 * per_run, "no entry lost"
+    # (the daemon's last cache entries reach its database with its next commit, which may come just after the run
+    # is reported done: wait, bounded, for every entry, then check there is not one too many)
+    def all_there() -> list[tuple[str, str]] | None:
+        found = cache_rows(daemon.state_dir)
+        return found if len(found) >= before + 2 * per_run else None
+
+    rows = wait_for(all_there, timeout=30, what="every cache entry of both runs")
+    assert len(rows) == before + 2 * per_run, "no entry lost, none twice"
     with sqlite3.connect(daemon.state_dir / CACHE_FILE, timeout=30) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     counts = {rd: executions(rd) for rd in (by_daemon, by_local)}
