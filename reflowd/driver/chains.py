@@ -242,11 +242,14 @@ class ChainJobs:
                     if record.tag in self._busy:
                         self._check[run.id] = run  # its sbatch has not answered yet: later
                         continue
-                    what = self._ready(run, record)
-                    if what == "drop":
-                        await self._drop_all(run, record)
-                    elif what == "decide":
-                        await self._decide(run, record)
+                    try:
+                        what = self._ready(run, record)
+                        if what == "drop":
+                            await self._drop_all(run, record)
+                        elif what == "decide":
+                            await self._decide(run, record)
+                    except Exception as exc:  # (each decision on its own: the others still go on)
+                        self.early.shown(f"deciding the early array of {record.task} (run {run.id})", exc)
 
     async def _write_marks(self) -> None:
         """The markers of elements cancelled while their early array waits for a decision (the decision skips
@@ -313,9 +316,7 @@ class ChainJobs:
         self._forget(record)
         claims = self._claims.pop(record.tag, {})
         self.d.count("early_dropped")
-        try:
-            await self.drop(record, None)
-        finally:
+        if await self.early.withdraw(record, run, claims.values()):
             self._give_back(run, claims.values())
 
     async def drop(self, record: JobRecord, slots: list[int] | None) -> None:
@@ -355,13 +356,13 @@ class ChainJobs:
         d = self.d
         claims = self._claims.pop(record.tag, {})
         self._forget(record)
+        where = f"adopting the early array of {record.task}"
         try:
             chosen = await self._adoptable(run, record, claims)
-        except Exception:  # never lose an element: the normal way instead
-            log.exception("cannot check an early array; its elements go out the usual way", run_id=run.id,
-                          tag=record.tag)
-            d.count("early_errors")
-            chosen = {}
+        except Exception as exc:  # its tasks may have started (finding out is what raised): none goes out again
+            self.early.failed(run, claims.values(), where, exc, record)
+            await self.early.withdraw(record)
+            return
         chosen = {t: [i for i in picked if claims[i].state is State.READY and not claims[i].tag]
                   for t, picked in chosen.items()}
         chosen = {t: picked for t, picked in chosen.items() if picked}
@@ -369,9 +370,7 @@ class ChainJobs:
             log.info("early array not adopted; its elements go out the usual way", run_id=run.id, task=record.task,
                      tag=record.tag)
             d.count("early_dropped")
-            try:
-                await self.drop(record, None)
-            finally:
+            if await self.early.withdraw(record, run, claims.values()):
                 self._give_back(run, claims.values())
             return
         request = record.request
@@ -386,9 +385,7 @@ class ChainJobs:
             except (TransportError, OSError, TimeoutError) as exc:  # they must not run twice: drop it all
                 log.warning("cannot mark an early array's elements withdrawn; dropping it", tag=record.tag,
                             error=str(exc))
-                try:
-                    await self.drop(record, None)
-                finally:
+                if await self.early.withdraw(record, run, claims.values()):
                     self._give_back(run, claims.values())
                 return
         job_id = record.job_id or ""
@@ -406,6 +403,18 @@ class ChainJobs:
         d.count("early_adopted")
         d.count("chain_adopted_elements", len(adopted))
         track = d.new_track(record, run, adopted)
+        try:
+            await self._hand_over(run, record, track, claims, pieces, skipped, dropped)
+        except Exception as exc:  # its elements are in flight under the early array: that submission failed
+            d.count("early_errors")
+            d.track_failed(d.tracks.get(record.tag) or track, where, exc)
+
+    async def _hand_over(self, run: Run, record: JobRecord, track: JobTrack, claims: dict[int, Instance],
+                         pieces: list[list[int]], skipped: list[int], dropped: list[int]) -> None:
+        """The adopted elements (SUBMITTING under the early array's tag) become that job's: the rest go the
+        usual way (the array tasks that hold none of them withdrawn first), then the job is adopted."""
+        d = self.d
+        job_id = record.job_id or ""
         # Until it is adopted, a cancel of one of its elements finds the track where a submission under way
         # is (``packing.Packer.left`` writes the element's marker); the job id is known: nothing to look up.
         track.resolve_after = math.inf

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -66,8 +67,11 @@ MAX_ELEMENTS = 10_000
 SPARE_TOKENS = 2.0
 #: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
 OWN_OPTIONS = ("dependency", "kill-on-invalid-dep")
-#: Seconds between two looks at undecided early arrays whose run may have stopped without telling.
+#: Seconds between two looks at undecided early arrays whose run may have stopped without telling (and
+#: between two tries of a drop that raised).
 SWEEP = 5.0
+#: Tries of a drop that raises (a bug): then it is left to the next daemon start (its record says early).
+DROP_TRIES = 5
 
 
 class EarlyJobs:
@@ -81,6 +85,8 @@ class EarlyJobs:
         self._runs: dict[str, Run] = {}  # runs whose upstream went out: look for downstream tasks
         self._claims: dict[Instance, tuple[Run, JobRecord]] = {}
         self._drops: list[JobRecord] = []
+        #: Drops that raised, tried again later: tag -> (record, tries so far, when the next is due).
+        self._redrops: dict[str, tuple[JobRecord, int, float]] = {}
         self._wake = anyio.Event()
         from .chains import ChainJobs  # (chains.py builds on this module's helpers)
 
@@ -91,6 +97,11 @@ class EarlyJobs:
     def watching(self) -> bool:
         """Whether any early job waits for the engine (its hooks have something to do)."""
         return bool(self.jobs) or self.chains.active
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to do: no early job waits for the engine, none is being withdrawn or to be again."""
+        return not (self.jobs or self.chains.active or self._drops or self._redrops or self._claims)
 
     @property
     def enabled(self) -> bool:
@@ -169,45 +180,109 @@ class EarlyJobs:
     async def loop(self) -> None:
         while True:
             wake = self._wake
-            with anyio.move_on_after(SWEEP if self.chains.active else math.inf):
+            now = world.monotonic()
+            retry = min((due for _, _, due in self._redrops.values()), default=math.inf) - now
+            with anyio.move_on_after(min(SWEEP if self.chains.active else math.inf, max(0.0, retry))):
                 await wake.wait()
             if not wake.is_set():
                 self.chains.sweep()
+            now = world.monotonic()
+            for record, _, due in list(self._redrops.values()):
+                if due <= now:
+                    self._drops.append(record)
             self._wake = anyio.Event()
             runs, self._runs = self._runs, {}
             for run in runs.values():
-                for tr, inst, upstream, job_ids in self.eligible(run):
-                    await self._guard(self.submit(run, tr, inst, upstream, job_ids), run, tr.name)
-                if self.may_submit(run, count=False):
-                    for ctr, dep, values, track in self.chains.eligible(run):
-                        if not self.may_submit(run):
-                            break
-                        await self._guard(self.chains.submit(run, ctr, dep, values, track), run, ctr.name)
-            await self._guard(self.chains.step(), None, "(element-wise chains)")
+                await self._guard(self._submit_for(run), f"submitting early for run {run.id}")
+            await self._guard(self.chains.step(), "deciding early element-wise arrays")
             drops, self._drops = self._drops, []
             for record in drops:
-                await self._guard(self.drop(record), None, record.task)
+                await self.withdraw(record)
             claims = {i: c for i, c in self._claims.items() if (c[0].id, i.task) not in self._busy}
             for inst in claims:
                 del self._claims[inst]
             for inst, (run, record) in claims.items():
                 try:
                     await self.adopt(run, inst, record)
-                except Exception:  # never lose the instance: the normal way instead
-                    log.exception("cannot adopt an early job; submitting the usual way", run_id=run.id, tag=record.tag)
-                    self.d.count("early_errors")
-                    await self._give_up(run, inst, record)
+                except Exception as exc:
+                    await self._adopt_failed(run, inst, record, exc)
             if self._claims:  # waiting for an early sbatch to answer
                 await anyio.sleep(0.05)
                 self._wake.set()
 
-    async def _guard(self, step: Any, run: Run | None, task: str) -> None:
+    async def _submit_for(self, run: Run) -> None:
+        """The early submissions *run* may make now (its upstream jobs have ids)."""
+        for tr, inst, upstream, job_ids in self.eligible(run):
+            await self._guard(self.submit(run, tr, inst, upstream, job_ids),
+                              f"submitting {tr.name} early (run {run.id})")
+        if self.may_submit(run, count=False):
+            for ctr, dep, values, track in self.chains.eligible(run):
+                if not self.may_submit(run):
+                    break
+                await self._guard(self.chains.submit(run, ctr, dep, values, track),
+                                  f"submitting {ctr.name} early, element-wise (run {run.id})")
+
+    async def _guard(self, step: Any, where: str) -> None:
+        """A step that concerns no instance in flight yet: an exception is shown on the cluster (``status``,
+        ``stats``) and the instance goes the usual way. That is safe: the early job's record, written before
+        its sbatch, is adopted by its tag or withdrawn when the instance is handed over -- never run twice."""
         try:
             await step
-        except Exception:  # an early job is an optimisation: its failure only means the normal way
-            log.exception("early submission step failed", run_id=run.id if run else None, task=task,
-                          cluster=self.d.name)
-            self.d.count("early_errors")
+        except Exception as exc:
+            self.shown(where, exc)
+
+    def shown(self, where: str, exc: Exception, run: Run | None = None) -> None:
+        """An unexpected exception on the early path, shown (on *run* too, failed, when given)."""
+        self.d.count("early_errors")
+        self.d.loop_failed(where, exc, run)
+
+    def failed(self, run: Run, insts: Iterable[Instance], where: str, exc: Exception, record: JobRecord) -> None:
+        """An exception that leaves *insts* no safe way out (their early job may run them): those still waiting
+        fail with the error, and so does their run; with none waiting any more, it is shown on the cluster."""
+        if fail(self.d, run, insts, where, exc, record.tag):
+            self.shown(where, exc, run)
+        else:
+            self.shown(f"{where} (run {run.id}, tag {record.tag})", exc)
+
+    async def _adopt_failed(self, run: Run, inst: Instance, record: JobRecord, exc: Exception) -> None:
+        """Adopting *record* for *inst* raised: an error tied to the run, which fails with it (as any submission
+        that raises). After the instance went out under the early job's tag, that submission failed
+        (``Driver.track_failed``: the job is cancelled). Before, the instance cannot go the usual way either: the
+        early job may have started it already (finding out is what raised), so it fails, and the early job is
+        withdrawn."""
+        d = self.d
+        where = f"adopting the early job of {inst.task}"
+        if inst.tag == record.tag and inst.in_flight:
+            track = d.tracks.get(record.tag) or d.unresolved.get(record.tag) or d.new_track(record, run, {None: inst})
+            d.count("early_errors")
+            d.track_failed(track, where, exc)
+            return
+        self.jobs.pop((run.id, inst.task), None)
+        self.failed(run, [inst], where, exc, record)
+        await self.withdraw(record)
+
+    async def withdraw(self, record: JobRecord, run: Run | None = None, insts: Iterable[Instance] = ()) -> bool:
+        """:meth:`drop`, with an exception shown. The drop is tried again later (every :data:`SWEEP` seconds, at
+        most :data:`DROP_TRIES` times); *insts*, which were to go the usual way, fail with the error instead (with
+        their run): while their early job may still run, a second submission could run them twice."""
+        try:
+            await self.drop(record)
+            self._redrops.pop(record.tag, None)
+            return True
+        except Exception as exc:
+            what = "array" if record.request.indices is not None else "job"
+            where = f"withdrawing the early {what} of {record.task}"
+            if run is not None:
+                self.failed(run, insts, where, exc, record)
+            else:
+                self.shown(f"{where} (run {record.run_id}, tag {record.tag})", exc)
+            tries = self._redrops.get(record.tag, (record, 0, 0.0))[1] + 1
+            if tries < DROP_TRIES:
+                self._redrops[record.tag] = (record, tries, world.monotonic() + SWEEP)
+            else:
+                self._redrops.pop(record.tag, None)
+                log.error("giving up withdrawing an early job (the next daemon start tries again)", tag=record.tag)
+            return False
 
     # ------------------------------------------------------------------ early submission
 
@@ -413,11 +488,7 @@ class EarlyJobs:
         """Drop the early job (its worker will not run the task) before the instance goes out the usual way."""
         self.jobs.pop((run.id, inst.task), None)
         self.d.count("early_dropped")
-        try:
-            await self.drop(record)
-        except Exception:
-            log.exception("cannot drop an early job", tag=record.tag)
-        if inst.state is State.READY and not inst.tag:
+        if await self.withdraw(record, run, [inst]) and inst.state is State.READY and not inst.tag:
             self.d.submit(run, [inst])
 
     async def drop(self, record: JobRecord) -> None:
@@ -443,6 +514,15 @@ class EarlyJobs:
         record.state = DROPPED
         d.store.put_job(record)
         log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)
+
+
+def fail(d: Driver, run: Run, insts: Iterable[Instance], where: str, exc: Exception, tag: str) -> bool:
+    """*insts* that wait for a submission (PENDING, READY) fail with the error; False if none did."""
+    error = f"internal error while {where}: {type(exc).__name__}: {exc}"
+    waiting = [i for i in insts if i.state in (State.PENDING, State.READY)]
+    for inst in waiting:
+        d.host.transition(run, inst, State.FAILED, {"source": "early", "error": error[:500], "tag": tag}, error=error)
+    return bool(waiting)
 
 
 async def write_job(submitter: Submitter, run: Run, task: str, request: SubmitRequest, job: dict[str, Any]) -> bool:

@@ -614,13 +614,14 @@ async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: 
 
 
 def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir: Path | None = None,
-             db: Path | None = None, adjust: Any = None) -> Any:
+             db: Path | None = None, adjust: Any = None, cluster_type: type[SimCluster] = SimCluster) -> Any:
     """Run ``await body(engine, cluster)`` against a simulated cluster on virtual time; return its result.
 
     For tests that want one situation, not a random scenario: the engine, store and driver are real.
+    *cluster_type*: a subclass of :class:`SimCluster` (one that simulates more of a scheduler).
     """
     rng = random.Random(seed)
-    cluster = SimCluster(random.Random(rng.getrandbits(64)), faults or Faults())
+    cluster = cluster_type(random.Random(rng.getrandbits(64)), faults or Faults())
     ids = random.Random(rng.getrandbits(64))
     loop = VirtualLoop(start=START)
     world.install(world.World(now=lambda: loop.virtual, monotonic=lambda: loop.virtual,
