@@ -52,6 +52,9 @@ log = structlog.get_logger("reflowd.driver")
 ACCOUNTING_CHECK = 30.0
 #: Seconds before a driver loop that raised is started again (a bug that raises at once must not spin).
 LOOP_RESTART = 5.0
+#: A job row's state for a submission that failed inside the daemon before its job id was known: its tag is
+#: looked up, the job cancelled if found (``Driver.conclude_failed``).
+FAILED_JOB = "failed"
 
 
 class InjectedFault(RuntimeError):
@@ -251,6 +254,11 @@ class Driver:
         """Follow a submission an earlier daemon made (after a restart)."""
         track = self.new_track(record, run, insts)
         track.stale_loaded = False  # requeue marks an earlier daemon kept: read before its first result
+        if record.state == FAILED_JOB:  # failed before its job was known: looked up and cancelled, not followed
+            track.failed = True
+            self.add_unresolved(track)
+            self.query_due = True
+            return
         if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
             self.add_unresolved(track)
         else:
@@ -495,8 +503,23 @@ class Driver:
 
     def track_failed(self, track: JobTrack, where: str, exc: Exception) -> None:
         """Something raised while handling one submission: fail what is in flight under it with the error, and
-        its run; stop following it and cancel its job (looked up by its tag first when its id is not known)."""
+        its run; stop following it and cancel its job.
+
+        A job whose id is not known may exist all the same (its sbatch may have run): its instances stay
+        SUBMITTING -- in flight, so their run stays open and a daemon that dies now recovers them -- and its
+        row says ``failed``, until its tag is looked up; then the job, if any, is cancelled and they fail with
+        the error (:meth:`conclude_failed`). Failed at once, a crash before the look-up would leave the job
+        running with nobody following it (a finished run is not recovered)."""
         error = f"internal error while {where}: {type(exc).__name__}: {exc}"
+        if not track.record.job_id and not track.failed:
+            track.failed, track.error = True, error
+            track.record.state = FAILED_JOB
+            self.store.put_job(track.record)
+            self.loop_failed(where, exc, track.run)
+            track.resolve_after = world.now()
+            self.add_unresolved(track)
+            self.wake()
+            return
         for inst in list(track.live.values()):
             if inst.in_flight and inst.tag == track.tag:
                 self.host.transition(track.run, inst, State.FAILED, {"source": "driver", "error": error[:500]},
@@ -506,15 +529,44 @@ class Driver:
         self.loop_failed(where, exc, track.run)
         if track.record.job_id:
             self.cancel_jobs([track.record.job_id])
-        elif not track.failed:  # the job may exist: find it by its tag, then cancel it (``adopt``), once
-            track.resolve_after = world.now()
-            self.add_unresolved(track)
-        else:
+        else:  # (its look-up by tag raised: the job, if any, is left to the scheduler)
             self.drop_unresolved(track.tag)
         track.failed = True
         if self.tracks.get(track.tag) is track:
             self.emptied[track.tag] = None
         self.wake()
+
+    async def conclude_failed(self, track: JobTrack, job_ids: list[str], now: float) -> None:
+        """A failed submission (:meth:`track_failed`) whose tag was looked up: *job_ids* carry it. They are
+        cancelled, and only then do its instances fail with the error (a crash before leaves them SUBMITTING,
+        to be done again). None found: asked once more (a job may show up late), then they fail all the same
+        -- never submitted again, their run has failed."""
+        ids = job_ids or ([track.record.job_id] if track.record.job_id else [])
+        if not ids:
+            track.resolve_attempts += 1
+            if track.resolve_attempts < 2:
+                track.resolve_after = now + self.settings.resolve_delay
+                return
+        else:
+            if track.record.job_id != ids[0]:
+                track.record.job_id = ids[0]
+                self.store.put_job(track.record)
+            self.cluster.count("cancel")
+            await self.cluster.scheduler.cancel(ids)  # (a transport error: tried again at the next look-up)
+            self.scheduler_answered()
+        self.drop_unresolved(track.tag)
+        error = track.error or (track.run.error if (track.run.error or "").startswith("internal error") else None) \
+            or "internal error while submitting (before the daemon restarted)"
+        for inst in list(track.live.values()):
+            if inst.in_flight and inst.tag == track.tag:
+                self.host.transition(track.run, inst, State.FAILED,
+                                     {"source": "driver", "error": error[:500], "cancelled_jobs": ids},
+                                     error=error)
+        for index in list(track.live):
+            self.left_track(track, index)
+        track.record.state = "done" if ids else "not_submitted"
+        self.store.put_job(track.record)
+        log.info("failed submission concluded", cluster=self.name, tag=track.tag, cancelled=ids)
 
     # ------------------------------------------------------------------ loops
 

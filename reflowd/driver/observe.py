@@ -538,6 +538,9 @@ class Observer:
         d.scheduler_answered()
         for track in due:
             try:
+                if track.failed:  # failed inside the daemon: its job, if any, is cancelled (never adopted)
+                    await d.conclude_failed(track, [j.job_id for j in found.get(track.tag, [])], now)
+                    continue
                 await self.resolve_one(track, found.get(track.tag, []), now)
             except (TransportError, TimeoutError):
                 track.resolve_after = now + d.settings.resolve_delay
