@@ -39,10 +39,10 @@ from ..engine import deferred
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.states import SUCCESS, RunState, State
 from ..schedulers.base import Phase, Presence
-from ..schedulers.slurm_commands import dependency_options, master_id, option_flag
+from ..schedulers.slurm_commands import dependency_options, master_id
 from ..transports.base import TransportError
 from . import packing
-from .early import OWN_OPTIONS, REFUSED, load_job, submit_early, write_job
+from .early import REFUSED, load_job, may_go_early, submit_early, write_job
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
@@ -145,10 +145,7 @@ class ChainJobs:
             dep = deferred.chain_source(task) if task.is_array and tr.open else None
             if dep is None:
                 continue
-            if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
-                continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
-            options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in OWN_OPTIONS for k in options):
+            if not may_go_early(d, run, task):
                 continue
             atr = run.tasks.get(dep)
             if atr is None or not atr.expanded or not 2 <= (atr.size or 0) <= MAX_ELEMENTS:

@@ -36,6 +36,7 @@ import anyio
 import structlog
 
 from reflow_client import jobfiles
+from reflow_client.manifest import TaskManifest
 
 from .. import world
 from ..budget import Budget
@@ -167,8 +168,7 @@ class EarlyJobs:
         if "dependency" not in options or options.get("kill-on-invalid-dep") != "yes":
             return False
         tr = run.tasks.get(record.task)
-        own = {**self.d.cluster.config.submit_options, **(tr.manifest.config.get("submit_options", {}) if tr else {})}
-        return not any(option_flag(k) in OWN_OPTIONS for k in own)
+        return tr is None or not sets_own_dependency(self.d, tr.manifest)
 
     def _drop(self, record: JobRecord) -> None:
         self.d.count("early_dropped")
@@ -300,10 +300,7 @@ class EarlyJobs:
             inst = tr.instances.get(None)
             if inst is None or inst.state is not State.PENDING or inst.tag or inst.resources:
                 continue
-            if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
-                continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
-            options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in OWN_OPTIONS for k in options):
+            if not may_go_early(d, run, task):
                 continue
             found = self._upstream(run, task.dependencies)
             if found is not None:
@@ -514,6 +511,21 @@ class EarlyJobs:
         record.state = DROPPED
         d.store.put_job(record)
         log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)
+
+
+def sets_own_dependency(d: Driver, task: TaskManifest) -> bool:
+    """Does *task* (or its cluster) set sbatch's dependency options itself? Then reflowd never adds its own."""
+    options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
+    return any(option_flag(k) in OWN_OPTIONS for k in options)
+
+
+def may_go_early(d: Driver, run: Run, task: TaskManifest) -> bool:
+    """May *task* of *run* go out before its upstream ended (a single task or an element-wise chain)? Not when
+    it sets its own dependency options, nor when it is cached and its upstream is forced: the forced
+    upstream most likely makes the same outputs again, and the task will be a cache hit."""
+    if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
+        return False
+    return not sets_own_dependency(d, task)
 
 
 def fail(d: Driver, run: Run, insts: Iterable[Instance], where: str, exc: Exception, tag: str) -> bool:
