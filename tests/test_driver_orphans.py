@@ -141,3 +141,47 @@ def test_a_failed_submission_that_made_no_job_fails_its_instances_after_a_restar
     with scratch_dir() as tmp:
         lives(cluster, Path(tmp) / "sim.sqlite", first_life, second)
     assert not any(j.request.task == "square" for j in cluster.jobs.values()), "nothing was sent again"
+
+
+def test_a_followed_job_whose_handling_raised_is_cancelled_after_a_restart_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job id is known (applying the scheduler's answer to square's queued job raised), but scancel does not
+    get through before the daemon dies. Before, the instances failed at once and the cancel lived in memory
+    only: the run ended, and the job ran on after the restart."""
+    from reflowd.driver.observe import Observer
+
+    from .test_driver_errors import once
+
+    raised = once(monkeypatch, Observer, "apply_observations", lambda self, track, obs: track.record.task == "square"
+                  and obs is not None and any(i.state is State.QUEUED for i in track.live.values()))
+    scancel = {"works": False}
+    cancel = SimScheduler.cancel
+
+    async def cancelling(self: SimScheduler, keys: Any) -> None:
+        if not scancel["works"]:
+            raise TransportError("scancel does not get through in this life")
+        await cancel(self, keys)
+
+    monkeypatch.setattr(SimScheduler, "cancel", cancelling)
+    error = "internal error while applying the scheduler's answer: RuntimeError: apply_observations broke"
+    job: dict[str, Any] = {}
+
+    async def first(engine: Engine, cluster: SimCluster) -> None:
+        run = await engine.submit_run(manifest(0), {"n": 3}, "/sim/run", "sim", {})
+        await wait_until(lambda: raised and run.error, what="the error")
+        assert run.error == error
+        (square,) = [j for j in cluster.jobs.values() if j.request.task == "square"]
+        job["id"] = square.job_id
+        await engine.store.flush()
+
+    async def second(engine: Engine, cluster: SimCluster) -> None:
+        scancel["works"] = True
+        (run,) = engine.runs.values()
+        await wait_until(lambda: cancelled(cluster, job["id"]), what="the job to be cancelled")
+        await wait_until(lambda: run.state is not RunState.RUNNING, what="the run to end")
+        assert run.state is RunState.FAILED and run.error == error
+        assert {(i.state, i.error) for i in run.tasks["square"].instances.values()} <= {
+            (State.FAILED, error), (State.SUCCEEDED, None)}, "what had not ended failed with the error"
+
+    cluster = SimCluster(random.Random(5), Faults())
+    with scratch_dir() as tmp:
+        lives(cluster, Path(tmp) / "sim.sqlite", first, second)

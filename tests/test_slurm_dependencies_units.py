@@ -376,6 +376,9 @@ class ChainWorld:
 
         from reflowd.driver.track import JobTrack
 
+        def add_unresolved(track: JobTrack) -> None:  # (the driver's: counts it toward a queue limit too)
+            d.unresolved[track.tag] = track
+
         config = SimpleNamespace(command_timeout=5.0, submit_options={})
         d = self.d = SimpleNamespace(
             name="hpc", cluster=SimpleNamespace(config=config, metered=Files(), timing=Timing(),
@@ -384,6 +387,7 @@ class ChainWorld:
             store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing),
             host=SimpleNamespace(transition=transition, update=update), tracks={}, unresolved={}, by_job={},
             cancels={}, emptied={}, held_tags={}, follow=follow, query_due=False, wake=lambda: None,
+            add_unresolved=add_unresolved, drop_unresolved=lambda tag: d.unresolved.pop(tag, None),
             count=lambda name, n=1: self.counters.update({name: n}), submit=lambda run, insts: self.given_back.extend(insts),
             new_track=lambda record, run, insts: JobTrack(record, run, dict(insts), FileClock(1.0, 2.0)),
             settings=SimpleNamespace(hold_max=60.0), unquiet=lambda track: None, scheduler_answered=lambda: None,

@@ -42,7 +42,7 @@ from ..schedulers.base import Phase, Presence
 from ..schedulers.slurm_commands import dependency_options, master_id
 from ..transports.base import TransportError
 from . import packing
-from .early import REFUSED, load_job, may_go_early, submit_early, write_job
+from .early import RECHECK, REFUSED, CheckLater, load_job, may_go_early, resolve_by_tag, submit_early, write_job
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ class ChainJobs:
         self.runs: dict[str, Run] = {}  # the runs of the records
         #: Elements cancelled while their early array is undecided: markers to write at once (tag -> indices).
         self._marks: dict[str, set[int]] = {}
+        #: Early arrays whose check got no answer: when to decide them again (tag -> monotonic time).
+        self._recheck: dict[str, float] = {}
 
     @property
     def active(self) -> bool:
@@ -236,9 +238,10 @@ class ChainJobs:
         for run in runs.values():
             for key in [k for k in self.records if k[0] == run.id]:
                 for record in list((self.records.get(key) or {}).values()):
-                    if record.tag in self._busy:
-                        self._check[run.id] = run  # its sbatch has not answered yet: later
+                    if record.tag in self._busy or self._recheck.get(record.tag, 0.0) > world.monotonic():
+                        self._check[run.id] = run  # its sbatch (or the cluster) has not answered yet: later
                         continue
+                    self._recheck.pop(record.tag, None)
                     try:
                         what = self._ready(run, record)
                         if what == "drop":
@@ -300,6 +303,7 @@ class ChainJobs:
             if not recs:
                 del self.records[key]
         self._elements.pop(record.tag, None)
+        self._recheck.pop(record.tag, None)
         if not any(k[0] == record.run_id for k in self.records):
             self.runs.pop(record.run_id, None)
 
@@ -356,6 +360,11 @@ class ChainJobs:
         where = f"adopting the early array of {record.task}"
         try:
             chosen = await self._adoptable(run, record, claims)
+        except (TransportError, TimeoutError, OSError, CheckLater) as exc:  # its tasks may have started: again later
+            log.info("cannot check an early array yet; will try again", run_id=run.id, task=record.task,
+                     tag=record.tag, error=str(exc) or type(exc).__name__)
+            self._later(run, record, claims)
+            return
         except Exception as exc:  # its tasks may have started (finding out is what raised): none goes out again
             self.early.failed(run, claims.values(), where, exc, record)
             await self.early.withdraw(record)
@@ -406,6 +415,15 @@ class ChainJobs:
             d.count("early_errors")
             d.track_failed(d.tracks.get(record.tag) or track, where, exc)
 
+    def _later(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> None:
+        """*record* stays undecided (its check got no answer): decided again after ``early.RECHECK`` s."""
+        self.records.setdefault((record.run_id, record.task), {})[record.tag] = record
+        self.runs[run.id] = run
+        kept = {i: inst for i, inst in claims.items() if inst.state is State.READY and not inst.tag}
+        self._claims[record.tag] = {**kept, **self._claims.get(record.tag, {})}
+        self._recheck[record.tag] = world.monotonic() + RECHECK
+        self._check[run.id] = run
+
     async def _hand_over(self, run: Run, record: JobRecord, track: JobTrack, claims: dict[int, Instance],
                          pieces: list[list[int]], skipped: list[int], dropped: list[int]) -> None:
         """The adopted elements (SUBMITTING under the early array's tag) become that job's: the rest go the
@@ -415,7 +433,7 @@ class ChainJobs:
         # Until it is adopted, a cancel of one of its elements finds the track where a submission under way
         # is (``packing.Packer.left`` writes the element's marker); the job id is known: nothing to look up.
         track.resolve_after = math.inf
-        d.unresolved[record.tag] = track
+        d.add_unresolved(track)
         try:
             self._give_back(run, [claims[i] for i in skipped if i in claims])
             if dropped:
@@ -425,7 +443,10 @@ class ChainJobs:
                 finally:
                     self._give_back(run, [claims[i] for t in dropped for i in pieces[t] if i in claims])
         finally:
-            d.unresolved.pop(record.tag, None)
+            d.drop_unresolved(record.tag)
+        if not job_id:
+            resolve_by_tag(d, track)
+            return
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
     async def _adoptable(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> dict[int, list[int]]:
@@ -436,10 +457,9 @@ class ChainJobs:
         pieces = request.slices or [[i] for i in request.indices or ()]
         if not record.job_id:
             record.job_id = await self.early._find(record)  # noqa: SLF001 (the owner's look-up by tag)
-            if not record.job_id:
-                return {}
-            record.state = "early"
-            d.store.put_job(record)
+            if record.job_id:
+                record.state = "early"
+                d.store.put_job(record)
         path = f"{request.job_dir}/{jobfiles.JOB_FILE}"
         raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
         if raw is None:
@@ -482,7 +502,9 @@ class ChainJobs:
         started = {t for t in candidates if any(seen[p] for p in marks[t])}
         alive: set[int] = set()
         waiting = [t for t in candidates if t not in started]
-        if waiting:
+        if not record.job_id:  # no job carries its tag (yet): its tag decides later (``early.resolve_by_tag``)
+            alive = set(waiting)
+        elif waiting:
             answers = await cluster.scheduler.query([record.job_id])
             for t in waiting:
                 obs = answers.get(packing.job_key(request, record.job_id, pieces[t][0]))

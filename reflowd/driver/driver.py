@@ -502,46 +502,48 @@ class Driver:
             self.host.internal_error(run, where, exc)
 
     def track_failed(self, track: JobTrack, where: str, exc: Exception) -> None:
-        """Something raised while handling one submission: fail what is in flight under it with the error, and
-        its run; stop following it and cancel its job.
+        """Something raised while handling one submission: its run fails with the error, the driver stops
+        following it, its job is cancelled, and what was in flight under it fails with the error.
 
-        A job whose id is not known may exist all the same (its sbatch may have run): its instances stay
-        SUBMITTING -- in flight, so their run stays open and a daemon that dies now recovers them -- and its
-        row says ``failed``, until its tag is looked up; then the job, if any, is cancelled and they fail with
-        the error (:meth:`conclude_failed`). Failed at once, a crash before the look-up would leave the job
-        running with nobody following it (a finished run is not recovered)."""
+        In that order, and durably: the row says ``failed`` (``FAILED_JOB``) and the instances stay in flight
+        until the job is cancelled -- looked up by its tag first, since a job whose id is not known may exist
+        all the same (its sbatch may have run) -- and only then fail (:meth:`conclude_failed`, the next
+        cycle of the observe loop). Their run stays open meanwhile, so a daemon that dies before recovers it
+        and does the same (``recover``). Failed at once, as before, the run could end and a crash leave the
+        job running with nobody following it (a finished run is not recovered)."""
         error = f"internal error while {where}: {type(exc).__name__}: {exc}"
-        if not track.record.job_id and not track.failed:
+        if not track.failed:
             track.failed, track.error = True, error
             track.record.state = FAILED_JOB
             self.store.put_job(track.record)
+            if self.tracks.get(track.tag) is track:
+                self.unfollow(track.tag)
+                self.packer.skips.pop(track.tag, None)  # (its markers: the whole job is cancelled)
             self.loop_failed(where, exc, track.run)
             track.resolve_after = world.now()
             self.add_unresolved(track)
             self.wake()
             return
+        # Concluding the failed submission raised in turn: fail what is left now, cancel what is known.
         for inst in list(track.live.values()):
             if inst.in_flight and inst.tag == track.tag:
                 self.host.transition(track.run, inst, State.FAILED, {"source": "driver", "error": error[:500]},
                                      error=error)
         for index in list(track.live):
             self.left_track(track, index)
+        self.drop_unresolved(track.tag)
+        self.unfollow(track.tag)
         self.loop_failed(where, exc, track.run)
         if track.record.job_id:
             self.cancel_jobs([track.record.job_id])
-        else:  # (its look-up by tag raised: the job, if any, is left to the scheduler)
-            self.drop_unresolved(track.tag)
-        track.failed = True
-        if self.tracks.get(track.tag) is track:
-            self.emptied[track.tag] = None
         self.wake()
 
     async def conclude_failed(self, track: JobTrack, job_ids: list[str], now: float) -> None:
-        """A failed submission (:meth:`track_failed`) whose tag was looked up: *job_ids* carry it. They are
-        cancelled, and only then do its instances fail with the error (a crash before leaves them SUBMITTING,
-        to be done again). None found: asked once more (a job may show up late), then they fail all the same
-        -- never submitted again, their run has failed."""
-        ids = job_ids or ([track.record.job_id] if track.record.job_id else [])
+        """A failed submission (:meth:`track_failed`) whose tag was looked up: *job_ids* carry it (and its own
+        job id, if known). They are cancelled, and only then do its instances fail with the error (a crash
+        before leaves them in flight, to be done again). None found: asked once more (a job may show up late),
+        then they fail all the same -- never submitted again, their run has failed."""
+        ids = list(dict.fromkeys([*([track.record.job_id] if track.record.job_id else []), *job_ids]))
         if not ids:
             track.resolve_attempts += 1
             if track.resolve_attempts < 2:
@@ -554,6 +556,8 @@ class Driver:
             self.cluster.count("cancel")
             await self.cluster.scheduler.cancel(ids)  # (a transport error: tried again at the next look-up)
             self.scheduler_answered()
+            for job_id in ids:
+                self.cluster.scheduler.forget(job_id)
         self.drop_unresolved(track.tag)
         error = track.error or (track.run.error if (track.run.error or "").startswith("internal error") else None) \
             or "internal error while submitting (before the daemon restarted)"

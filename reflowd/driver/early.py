@@ -53,6 +53,7 @@ from .submit import Submitter, adopt, entrypoint, new_tag
 if TYPE_CHECKING:
     from .chains import ChainJobs
     from .driver import Driver
+    from .track import JobTrack
 
 log = structlog.get_logger("reflowd.early")
 
@@ -75,6 +76,14 @@ SWEEP = 5.0
 DROP_TRIES = 5
 
 
+#: Seconds before an early job whose check got no answer from the cluster is checked again.
+RECHECK = 5.0
+
+
+class CheckLater(Exception):
+    """An early job's check got no answer from the cluster: try again (never give the job up for that)."""
+
+
 class EarlyJobs:
     """A cluster driver's early (dependency) submissions."""
 
@@ -85,6 +94,8 @@ class EarlyJobs:
         self._busy: set[tuple[str, str]] = set()  # an early sbatch in progress
         self._runs: dict[str, Run] = {}  # runs whose upstream went out: look for downstream tasks
         self._claims: dict[Instance, tuple[Run, JobRecord]] = {}
+        #: Claims whose check could not be made (the cluster did not answer): when to try again.
+        self._recheck: dict[Instance, float] = {}
         self._drops: list[JobRecord] = []
         #: Drops that raised, tried again later: tag -> (record, tries so far, when the next is due).
         self._redrops: dict[str, tuple[JobRecord, int, float]] = {}
@@ -142,6 +153,7 @@ class EarlyJobs:
             return
         del self.jobs[key]
         self._claims.pop(inst, None)
+        self._recheck.pop(inst, None)
         if new is State.SUBMITTING and inst.tag == record.tag:
             return  # adopted
         self._drop(record)
@@ -181,8 +193,8 @@ class EarlyJobs:
         while True:
             wake = self._wake
             now = world.monotonic()
-            retry = min((due for _, _, due in self._redrops.values()), default=math.inf) - now
-            with anyio.move_on_after(min(SWEEP if self.chains.active else math.inf, max(0.0, retry))):
+            due = min([*(due for _, _, due in self._redrops.values()), *self._recheck.values()], default=math.inf)
+            with anyio.move_on_after(min(SWEEP if self.chains.active else math.inf, max(0.0, due - now))):
                 await wake.wait()
             if not wake.is_set():
                 self.chains.sweep()
@@ -198,16 +210,18 @@ class EarlyJobs:
             drops, self._drops = self._drops, []
             for record in drops:
                 await self.withdraw(record)
-            claims = {i: c for i, c in self._claims.items() if (c[0].id, i.task) not in self._busy}
+            claims = {i: c for i, c in self._claims.items()
+                      if (c[0].id, i.task) not in self._busy and self._recheck.get(i, 0.0) <= now}
             for inst in claims:
                 del self._claims[inst]
+                self._recheck.pop(inst, None)
             for inst, (run, record) in claims.items():
                 try:
                     await self.adopt(run, inst, record)
                 except Exception as exc:
                     await self._adopt_failed(run, inst, record, exc)
-            if self._claims:  # waiting for an early sbatch to answer
-                await anyio.sleep(0.05)
+            if any((run.id, inst.task) in self._busy for inst, (run, _) in self._claims.items()):
+                await anyio.sleep(0.05)  # waiting for an early sbatch to answer
                 self._wake.set()
 
     async def _submit_for(self, run: Run) -> None:
@@ -394,7 +408,15 @@ class EarlyJobs:
             if inst.state is State.READY and not inst.tag:
                 d.submit(run, [inst])
             return
-        why = await self._check(run, inst, record)
+        try:
+            why = await self._check(run, inst, record)
+        except CheckLater as exc:  # the job may have started: never give it up for want of an answer
+            if inst.state is State.READY and self.jobs.get(key) is record:
+                log.info("cannot check an early job yet; will try again", run_id=run.id, task=inst.task,
+                         tag=record.tag, error=str(exc))
+                self._claims[inst] = (run, record)
+                self._recheck[inst] = world.monotonic() + RECHECK
+            return
         if inst.state is not State.READY or self.jobs.get(key) is not record:
             return  # changed meanwhile (left() dropped it)
         if why is not None:
@@ -413,20 +435,23 @@ class EarlyJobs:
             return
         track = d.new_track(record, run, {None: inst})
         d.count("early_adopted")
+        if not job_id:
+            resolve_by_tag(d, track)
+            return
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
     async def _check(self, run: Run, inst: Instance, record: JobRecord) -> str | None:
         """Why the early job cannot be adopted, or None. Its job id is resolved by tag if the sbatch's answer
-        was lost."""
+        was lost. Raises :class:`CheckLater` if the cluster does not answer: the job may well have started
+        (Slurm starts it the moment its upstream ends), and giving it up would run the task twice."""
         d, cluster = self.d, self.d.cluster
         timeout = cluster.config.command_timeout
         try:
             if not record.job_id:
                 record.job_id = await self._find(record)
-                if not record.job_id:
-                    return "its sbatch left no job"
-                record.state = "early"
-                d.store.put_job(record)
+                if record.job_id:
+                    record.state = "early"
+                    d.store.put_job(record)
             job_dir = record.request.job_dir
             path = f"{job_dir}/{jobfiles.JOB_FILE}"
             raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
@@ -441,8 +466,11 @@ class EarlyJobs:
             seen = await cluster.metered.exists([withdrawn, *marks], timeout=timeout)
             if seen[withdrawn]:
                 return "it was withdrawn (a daemon began dropping it)"
-            if any(seen[m] for m in marks):
-                return None  # it started: the observer follows what it does
+            if any(seen[m] for m in marks) or not record.job_id:
+                # It started: the observer follows what it does. Or no job carries its tag (yet): a new job can
+                # be invisible to look-ups for a moment, and one that ran must not be given up (the task would
+                # run twice): its tag decides, as for any submission whose sbatch's answer was lost.
+                return None
             answers = await cluster.scheduler.query([record.job_id])
             obs = answers.get(record.job_id)
             if obs is not None and obs.presence is Presence.PRESENT and obs.phase is not Phase.DONE:
@@ -451,7 +479,9 @@ class EarlyJobs:
                 return None  # (it started and ended between the two looks)
             state = (obs.native_state or "") if obs is not None else "unknown to Slurm"
             return f"job {record.job_id} ended without starting ({state})"
-        except (TransportError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (TransportError, TimeoutError, OSError) as exc:
+            raise CheckLater(f"{type(exc).__name__}: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
             return f"cannot check it: {type(exc).__name__}: {exc}"
 
     def _matches(self, run: Run, inst: Instance, recipe: dict[str, Any]) -> str | None:
@@ -513,6 +543,15 @@ class EarlyJobs:
         log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)
 
 
+def resolve_by_tag(d: Driver, track: JobTrack) -> None:
+    """An adopted early job whose id no look-up found yet: an unresolved submission like any other, which the
+    observer looks up by its tag (``Observer.resolve_unresolved``: adopted once found; after two looks, its job
+    directory's traces decide)."""
+    track.resolve_after = world.now()
+    d.add_unresolved(track)
+    d.wake()
+
+
 def sets_own_dependency(d: Driver, task: TaskManifest) -> bool:
     """Does *task* (or its cluster) set sbatch's dependency options itself? Then reflowd never adds its own."""
     options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
@@ -533,7 +572,9 @@ def fail(d: Driver, run: Run, insts: Iterable[Instance], where: str, exc: Except
     error = f"internal error while {where}: {type(exc).__name__}: {exc}"
     waiting = [i for i in insts if i.state in (State.PENDING, State.READY)]
     for inst in waiting:
-        d.host.transition(run, inst, State.FAILED, {"source": "early", "error": error[:500], "tag": tag}, error=error)
+        if inst.state in (State.PENDING, State.READY):  # (failing one can stop the others: on_error=stop)
+            d.host.transition(run, inst, State.FAILED, {"source": "early", "error": error[:500], "tag": tag},
+                              error=error)
     return bool(waiting)
 
 
