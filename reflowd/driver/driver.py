@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Iterable
@@ -126,6 +127,13 @@ class Driver:
         self.in_check: dict[str, JobTrack] = {}
         #: Submissions whose outcome is unknown (changed through :meth:`add_unresolved`, :meth:`drop_unresolved`).
         self.unresolved: dict[str, JobTrack] = {}
+        #: Their look-ups by when they are due (``(resolve_after, seq, track)``; an entry whose track left
+        #: ``unresolved`` or was given another time since is stale, dropped when met): the observer's look-ups and
+        #: its sleep cost what is due, not a walk over every unresolved submission. Times change through
+        #: :meth:`resolve_at` (or before :meth:`add_unresolved`).
+        self.resolve_due: list[tuple[float, int, JobTrack]] = []
+        #: Tracks whose entry ``resolves_due`` took, until their look-up is handled (``resolves_handled``).
+        self.resolving: dict[str, JobTrack] = {}
         #: What a per-user queue limit counts of the tracks in ``tracks`` and ``unresolved`` (the ``queued_jobs``
         #: of each, once), kept as they come, go and lose instances: no walk per submit round.
         self.queued_count = 0
@@ -331,12 +339,65 @@ class Driver:
         return track
 
     def add_unresolved(self, track: JobTrack) -> None:
-        """*track*'s submission has an unknown outcome (or is under way): its tag decides (``resolve_unresolved``)."""
+        """*track*'s submission has an unknown outcome (or is under way): its tag decides (``resolve_unresolved``),
+        from ``track.resolve_after`` on."""
         replaced = self.unresolved.get(track.tag)
         self.unresolved[track.tag] = track
         self._count_in(track)
         if replaced is not None and replaced is not track:
             self._count_out(replaced)
+        self._push_resolve(track)
+
+    def resolve_at(self, track: JobTrack, at: float) -> None:
+        """Look *track*'s tag up (again) from *at* on."""
+        track.resolve_after = at
+        if self.resolving.get(track.tag) is track:
+            del self.resolving[track.tag]  # (handled: its next entry follows)
+        if self.unresolved.get(track.tag) is track:
+            self._push_resolve(track)
+
+    def _push_resolve(self, track: JobTrack) -> None:
+        if track.resolve_after == math.inf:
+            return  # (its sbatch is under way: nothing to look up)
+        self._seq += 1
+        heapq.heappush(self.resolve_due, (track.resolve_after, self._seq, track))
+        if len(self.resolve_due) > 2 * len(self.unresolved) + 64:  # stale entries: rebuilt (amortised)
+            self.resolve_due = [(t.resolve_after, self._seq + n, t) for n, t in enumerate(self.unresolved.values(), 1)
+                                if t.resolve_after != math.inf]
+            self._seq += len(self.unresolved)
+            heapq.heapify(self.resolve_due)
+
+    def _resolve_stale(self, entry: tuple[float, int, JobTrack]) -> bool:
+        at, _, track = entry
+        return self.unresolved.get(track.tag) is not track or track.resolve_after != at
+
+    def resolves_due(self, now: float) -> list[JobTrack]:
+        """The unresolved submissions whose look-up is due at *now*, their entries taken: whoever handles one
+        gives it its next time (:meth:`resolve_at`) or drops it (:meth:`drop_unresolved`)."""
+        due: dict[int, JobTrack] = {}
+        heap = self.resolve_due
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if not self._resolve_stale(entry):
+                due[id(entry[2])] = entry[2]
+        for track in due.values():
+            self.resolving[track.tag] = track
+        return list(due.values())
+
+    def resolves_handled(self, tracks: Iterable[JobTrack]) -> None:
+        """The look-ups of *tracks* are over: one still unresolved that got no next time goes back as it was."""
+        for track in tracks:
+            if self.resolving.get(track.tag) is track:
+                del self.resolving[track.tag]
+                if self.unresolved.get(track.tag) is track:
+                    self._push_resolve(track)
+
+    def next_resolve(self) -> float:
+        """When the earliest look-up by tag is due (``inf``: none)."""
+        heap = self.resolve_due
+        while heap and self._resolve_stale(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
 
     def drop_unresolved(self, tag: str) -> JobTrack | None:
         """*tag*'s outcome is known (or given up on)."""
@@ -547,7 +608,7 @@ class Driver:
         if not ids:
             track.resolve_attempts += 1
             if track.resolve_attempts < 2:
-                track.resolve_after = now + self.settings.resolve_delay
+                self.resolve_at(track, now + self.settings.resolve_delay)
                 return
         else:
             if track.record.job_id != ids[0]:

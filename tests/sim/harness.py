@@ -531,6 +531,14 @@ def driver_index_problems(driver: Any) -> list[str]:
     missing = [tag for tag, t in driver.awake.items() if id(t) not in entered]
     if missing:
         problems.append(f"awake tracks {sorted(missing)[:5]} have no file clock entry due when their clock says")
+    # Every unresolved submission with a look-up to come has an entry in the heap of look-ups due, at its time
+    # (or is being looked up now: taken by ``resolves_due``, given its next time or dropped once handled).
+    due = {id(t) for at, _, t in getattr(driver, "resolve_due", ()) if driver.unresolved.get(t.tag) is t
+           and t.resolve_after == at}
+    lost = [tag for tag, t in driver.unresolved.items() if t.resolve_after != math.inf and id(t) not in due
+            and t is not getattr(driver, "resolving", {}).get(tag)]
+    if hasattr(driver, "resolve_due") and lost:
+        problems.append(f"unresolved submissions {sorted(lost)[:5]} have no look-up due when they say")
     return problems
 
 
