@@ -120,6 +120,22 @@ class ChainJobs:
                     self._marks.setdefault(record.tag, set()).add(inst.index)
         self._check[run.id] = run
 
+    def upstream_left(self, run: Run, inst: Instance) -> None:
+        """An element of an upstream array left flight otherwise than by succeeding (``EarlyJobs._upstream_left``):
+        the element it feeds in an undecided early array is withdrawn at once (its marker), since Slurm starts
+        it as soon as the element's array task there ends well -- which it may yet do after the daemon gave up
+        on it (taken for lost) and sent it out again."""
+        if inst.index is None:
+            return
+        for key, records in list(self.records.items()):
+            tr = run.tasks.get(key[1]) if key[0] == run.id else None
+            if tr is None or deferred.chain_source(tr.manifest) != inst.task:
+                continue
+            for record in records.values():
+                if inst.index in self.elements(record):
+                    self._marks.setdefault(record.tag, set()).add(inst.index)
+                    self._check[run.id] = run
+
     def recovered(self, record: JobRecord, run: Run) -> bool:
         """An early array an earlier daemon made: kept if its task may still use it (False: drop it)."""
         tr = run.tasks.get(record.task)

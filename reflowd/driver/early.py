@@ -44,7 +44,7 @@ from ..engine import causes, deferred
 from ..engine.decide import Decision
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.records import reset_values
-from ..engine.states import SUCCESS, RunState, State
+from ..engine.states import IN_FLIGHT, SUCCESS, RunState, State
 from ..schedulers.base import Phase, Presence, SubmitError, SubmitRequest
 from ..schedulers.slurm_commands import dependency_options, option_flag
 from ..transports.base import TransportError
@@ -147,6 +147,8 @@ class EarlyJobs:
         if self.chains.active and new not in (State.PENDING, State.READY):
             self.chains.left(run, inst)
             self._wake.set()
+        if new not in IN_FLIGHT and new not in SUCCESS:
+            self._upstream_left(run, inst)
         key = (run.id, inst.task)
         record = self.jobs.get(key)
         if record is None or inst.index is not None or new in (State.PENDING, State.READY):
@@ -157,6 +159,24 @@ class EarlyJobs:
         if new is State.SUBMITTING and inst.tag == record.tag:
             return  # adopted
         self._drop(record)
+
+    def _upstream_left(self, run: Run, inst: Instance) -> None:
+        """*inst* left flight (or success) otherwise than by succeeding -- failed, lost, retried, cancelled: an
+        early job that reads it from its job's result file is withdrawn at once. Waiting for the hand-over to
+        notice would be too late if the daemon gave up on an element that then ended well after all (taken
+        for lost, say): Slurm would start the early job on it while the element runs again elsewhere."""
+        for key, record in list(self.jobs.items()):
+            tr = run.tasks.get(key[1]) if key[0] == run.id else None
+            if tr is not None and inst.task in tr.manifest.dependencies:
+                del self.jobs[key]
+                for claimed in [i for i, (_, r) in self._claims.items() if r is record]:
+                    del self._claims[claimed]
+                    self._recheck.pop(claimed, None)
+                    if claimed.state is State.READY and not claimed.tag:
+                        self.d.submit(run, [claimed])  # (no longer claimed: the usual way)
+                self._drop(record)
+        if self.chains.active:
+            self.chains.upstream_left(run, inst)
 
     def recovered(self, record: JobRecord, run: Run) -> None:
         """An early job an earlier daemon made: keep it for adoption while the instance waits, else drop it."""
