@@ -36,6 +36,17 @@ def test_seeded_scenarios_with_early_submissions_keep_every_invariant() -> None:
 
 
 @pytest.mark.simulation
+def test_seeded_early_scenarios_on_an_adapter_with_bugs_keep_every_invariant() -> None:
+    """An sbatch (early or not) that raises after its job exists, a poll that raises: shown, and nothing runs
+    twice, nothing is left in flight, every run ends."""
+    with quiet_logs(), scratch_dir() as tmp:
+        reports = [run_early_seed(seed, Path(tmp), buggy=True) for seed in range(SCENARIOS // 2)]
+    failed = [r for r in reports if not r.ok]
+    assert not failed, "\n".join(f"seed {r.seed}: {r.violations[0]}\n    replay: {sys.executable} -m tests.sim.early "
+                                 f"--buggy {r.seed}" for r in failed[:10])
+
+
+@pytest.mark.simulation
 @pytest.mark.parametrize("seed", [110, 253, 297, 425])
 def test_seeds_that_found_bugs_on_the_early_path(seed: int) -> None:
     """110: a chained array's hand-over track was not counted toward a queue limit; 253, 297: an early job no

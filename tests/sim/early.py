@@ -172,24 +172,34 @@ class EarlyHarness(Harness):
         return runtime
 
 
-def run_early_seed(seed: int, workdir: Path | None = None) -> Report:
+class BuggyEarlyHarness(EarlyHarness):
+    """The same, on an adapter with bugs (``Faults.internal_errors``, as ``tests/sim/buggy.py``): an sbatch --
+    early or not -- that raises after its job exists, a poll that raises."""
+
+    def __init__(self, seed: int, workdir: Path) -> None:
+        super().__init__(seed, workdir)
+        self.faults.internal_errors = 0.15
+
+
+def run_early_seed(seed: int, workdir: Path | None = None, buggy: bool = False) -> Report:
+    harness = BuggyEarlyHarness if buggy else EarlyHarness
     if workdir is not None:
-        report = EarlyHarness(seed, workdir).run()
+        report = harness(seed, workdir).run()
         for leftover in workdir.glob(f"sim-{seed}.sqlite*"):
             leftover.unlink(missing_ok=True)
         return report
     with scratch_dir() as tmp:
-        return EarlyHarness(seed, Path(tmp)).run()
+        return harness(seed, Path(tmp)).run()
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tests.sim.early SEED [SEED...]``: replay scenarios with early submissions."""
+    """``python -m tests.sim.early [--buggy] SEED [SEED...]``: replay scenarios with early submissions."""
     from .quiet import quiet_logs
 
     failed = 0
     with quiet_logs(verbose="-v" in argv):
-        for arg in (a for a in argv if a != "-v"):
-            report = run_early_seed(int(arg))
+        for arg in (a for a in argv if not a.startswith("-")):
+            report = run_early_seed(int(arg), buggy="--buggy" in argv)
             print(f"seed {report.seed}: {'ok' if report.ok else 'FAILED'}; {report.lives} lives, {report.runs} runs "
                   f"{dict(report.states)}")
             for v in report.violations:
