@@ -10,9 +10,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from reflow_client.client import Client, DaemonNotRunning
+
+if TYPE_CHECKING:
+    from reflowd.engine.model import Run
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +154,19 @@ def open_and_close_store(path: Path) -> None:
         await store.close()
 
     anyio.run(main)
+
+
+def one_task_run(size: int | None = 3, *, cluster: str = "local", run_id: str = "r1") -> Run:
+    """A run (id *run_id*) of workflow ``w`` with one task ``a`` and no upstream: an array of *size* PENDING
+    instances (indices 0..size-1), or, *size* None, a single instance -- rows for store and engine tests."""
+    from reflow_client.manifest import Manifest, TaskManifest
+    from reflowd.engine.model import Instance, Run, TaskRun
+
+    task = TaskManifest(name="a", is_array=size is not None, config={}, dependencies=[])
+    manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
+    run = Run(id=run_id, manifest=manifest, params={}, run_dir="/tmp", cluster=cluster)
+    tr = TaskRun(manifest=task, run_id=run_id, size=size)
+    for i in range(size) if size is not None else [None]:
+        tr.add(Instance(run_id=run_id, task="a", index=i))
+    run.tasks["a"] = tr
+    return run

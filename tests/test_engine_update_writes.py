@@ -11,21 +11,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from reflow_client.manifest import Manifest, TaskManifest
 from reflowd.engine.engine import Engine
-from reflowd.engine.model import Instance, Run, TaskRun
 from reflowd.store import INSTANCES, Store
 
-
-def _run(size: int) -> Run:
-    task = TaskManifest(name="a", is_array=True, config={}, dependencies=[])
-    manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
-    run = Run(id="r1", manifest=manifest, params={}, run_dir="/tmp", cluster="none")
-    tr = TaskRun(manifest=task, run_id=run.id, size=size)
-    for i in range(size):
-        tr.add(Instance(run_id=run.id, task="a", index=i))
-    run.tasks["a"] = tr
-    return run
+from .support import one_task_run
 
 
 async def _flush(store: Store) -> None:
@@ -43,7 +32,7 @@ async def test_a_reason_update_writes_only_the_reason_and_its_time(tmp_path: Pat
     await store.open()
     try:
         engine = Engine(store, {})
-        run = _run(2)
+        run = one_task_run(2, cluster="none")
         a, b = run.tasks["a"].instances.values()
         store.put_run(run)
         store.put_task(run.id, run.tasks["a"])
@@ -82,7 +71,7 @@ async def test_an_update_of_fields_that_are_not_columns_writes_nothing(tmp_path:
     await store.open()
     try:
         engine = Engine(store, {})
-        run = _run(1)
+        run = one_task_run(1, cluster="none")
         (a,) = run.tasks["a"].instances.values()
         engine.update(a, handed=True)  # memory only: the driver's bookkeeping
         assert a.handed

@@ -376,6 +376,9 @@ class ChainWorld:
 
         from reflowd.driver.track import JobTrack
 
+        def add_unresolved(track: JobTrack) -> None:  # (the driver's: counts it toward a queue limit too)
+            d.unresolved[track.tag] = track
+
         config = SimpleNamespace(command_timeout=5.0, submit_options={})
         d = self.d = SimpleNamespace(
             name="hpc", cluster=SimpleNamespace(config=config, metered=Files(), timing=Timing(),
@@ -384,6 +387,7 @@ class ChainWorld:
             store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing),
             host=SimpleNamespace(transition=transition, update=update), tracks={}, unresolved={}, by_job={},
             cancels={}, emptied={}, held_tags={}, follow=follow, query_due=False, wake=lambda: None,
+            add_unresolved=add_unresolved, drop_unresolved=lambda tag: d.unresolved.pop(tag, None),
             count=lambda name, n=1: self.counters.update({name: n}), submit=lambda run, insts: self.given_back.extend(insts),
             new_track=lambda record, run, insts: JobTrack(record, run, dict(insts), FileClock(1.0, 2.0)),
             settings=SimpleNamespace(hold_max=60.0), unquiet=lambda track: None, scheduler_answered=lambda: None,
@@ -679,3 +683,33 @@ def test_one_early_sbatch_sequence_for_single_tasks_and_chains() -> None:
     assert attempt(SubmitError("socket timed out", permanent=False)) == (None, "early_submitting")
     assert attempt(TransportError("connection lost")) == (None, "early_submitting")
     assert "put" not in " ".join(steps)
+
+
+def test_one_rule_says_whether_a_single_task_or_a_chain_may_go_early() -> None:
+    """``early.may_go_early`` (used by ``EarlyJobs.eligible`` and ``ChainJobs.eligible`` alike): not a task that sets
+    its own dependency options (or whose cluster does), nor a cached task whose upstream is forced."""
+    from types import SimpleNamespace
+
+    from reflow_client.manifest import TaskManifest
+    from reflowd.driver.early import may_go_early
+    from reflowd.engine.model import RunOptions
+
+    def task(cache: bool = False, **options: Any) -> TaskManifest:
+        return TaskManifest(name="t", is_array=False, config={"submit_options": options, "cache": cache},
+                            dependencies=["up"])
+
+    def d(**cluster_options: Any) -> Any:
+        return SimpleNamespace(cluster=SimpleNamespace(config=SimpleNamespace(submit_options=cluster_options)))
+
+    def run(**options: Any) -> Any:
+        return SimpleNamespace(options=RunOptions(**options))
+
+    assert may_go_early(d(), run(), task())
+    assert not may_go_early(d(), run(), task(dependency="singleton"))
+    assert not may_go_early(d(), run(), task(**{"--kill_on_invalid_dep": "no"}))
+    assert not may_go_early(d(**{"kill-on-invalid-dep": "no"}), run(), task())
+    assert may_go_early(d(partition="x"), run(), task(account="y"))
+    assert not may_go_early(d(), run(force=True), task(cache=True))
+    assert not may_go_early(d(), run(force_tasks=("up",)), task(cache=True))
+    assert may_go_early(d(), run(force_tasks=("other",)), task(cache=True))
+    assert may_go_early(d(), run(force=True), task(cache=False)), "not cached: forcing changes nothing for it"

@@ -12,23 +12,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from reflow_client.manifest import Manifest, TaskManifest
 from reflowd.engine.events import EventHub
 from reflowd.engine.ledger import Ledger
-from reflowd.engine.model import Instance, Run, TaskRun
+from reflowd.engine.model import Run
 from reflowd.engine.states import State
 from reflowd.store import INSTANCES, SCHEMA_VERSION, Store, StoreWriteError
 
-
-def _run(size: int = 3) -> Run:
-    task = TaskManifest(name="a", is_array=True, config={}, dependencies=[])
-    manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
-    run = Run(id="r1", manifest=manifest, params={}, run_dir="/tmp", cluster="local")
-    tr = TaskRun(manifest=task, run_id=run.id, size=size)
-    for i in range(size):
-        tr.add(Instance(run_id=run.id, task="a", index=i))
-    run.tasks["a"] = tr
-    return run
+from .support import one_task_run
 
 
 def _rows(run: Run) -> dict[int | None, tuple[object, ...]]:
@@ -60,7 +50,7 @@ async def test_changes_write_only_their_columns_and_reload_as_memory_held(tmp_pa
     path = tmp_path / "s.sqlite"
     store = Store(path)
     await store.open()
-    run = _run()
+    run = one_task_run()
     ledger = Ledger(store, EventHub(), Counter())
     a, b, c = run.tasks["a"].instances.values()
     store.put_run(run)
@@ -98,7 +88,7 @@ async def test_a_new_instance_changed_before_its_first_commit_is_written_whole(t
     path = tmp_path / "s.sqlite"
     store = Store(path)
     await store.open()
-    run = _run(2)
+    run = one_task_run(2)
     ledger = Ledger(store, EventHub(), Counter())
     a, b = run.tasks["a"].instances.values()
     store.put_run(run)
@@ -117,7 +107,7 @@ async def test_a_failed_commit_keeps_a_whole_row_whole_when_changes_follow(tmp_p
     path = tmp_path / "s.sqlite"
     store = Store(path)
     await store.open()
-    run = _run(1)
+    run = one_task_run(1)
     ledger = Ledger(store, EventHub(), Counter())
     (a,) = run.tasks["a"].instances.values()
     store.put_run(run)

@@ -39,10 +39,10 @@ from ..engine import deferred
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.states import SUCCESS, RunState, State
 from ..schedulers.base import Phase, Presence
-from ..schedulers.slurm_commands import dependency_options, master_id, option_flag
+from ..schedulers.slurm_commands import dependency_options, master_id
 from ..transports.base import TransportError
 from . import packing
-from .early import OWN_OPTIONS, REFUSED, load_job, submit_early, write_job
+from .early import RECHECK, REFUSED, CheckLater, load_job, may_go_early, resolve_by_tag, submit_early, write_job
 from .submit import Submitter, adopt, entrypoint, new_tag
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ class ChainJobs:
         self.runs: dict[str, Run] = {}  # the runs of the records
         #: Elements cancelled while their early array is undecided: markers to write at once (tag -> indices).
         self._marks: dict[str, set[int]] = {}
+        #: Early arrays whose check got no answer: when to decide them again (tag -> monotonic time).
+        self._recheck: dict[str, float] = {}
 
     @property
     def active(self) -> bool:
@@ -118,6 +120,22 @@ class ChainJobs:
                     self._marks.setdefault(record.tag, set()).add(inst.index)
         self._check[run.id] = run
 
+    def upstream_left(self, run: Run, inst: Instance) -> None:
+        """An element of an upstream array left flight otherwise than by succeeding (``EarlyJobs._upstream_left``):
+        the element it feeds in an undecided early array is withdrawn at once (its marker), since Slurm starts
+        it as soon as the element's array task there ends well -- which it may yet do after the daemon gave up
+        on it (taken for lost) and sent it out again."""
+        if inst.index is None:
+            return
+        for key, records in list(self.records.items()):
+            tr = run.tasks.get(key[1]) if key[0] == run.id else None
+            if tr is None or deferred.chain_source(tr.manifest) != inst.task:
+                continue
+            for record in records.values():
+                if inst.index in self.elements(record):
+                    self._marks.setdefault(record.tag, set()).add(inst.index)
+                    self._check[run.id] = run
+
     def recovered(self, record: JobRecord, run: Run) -> bool:
         """An early array an earlier daemon made: kept if its task may still use it (False: drop it)."""
         tr = run.tasks.get(record.task)
@@ -145,10 +163,7 @@ class ChainJobs:
             dep = deferred.chain_source(task) if task.is_array and tr.open else None
             if dep is None:
                 continue
-            if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
-                continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
-            options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in OWN_OPTIONS for k in options):
+            if not may_go_early(d, run, task):
                 continue
             atr = run.tasks.get(dep)
             if atr is None or not atr.expanded or not 2 <= (atr.size or 0) <= MAX_ELEMENTS:
@@ -239,14 +254,18 @@ class ChainJobs:
         for run in runs.values():
             for key in [k for k in self.records if k[0] == run.id]:
                 for record in list((self.records.get(key) or {}).values()):
-                    if record.tag in self._busy:
-                        self._check[run.id] = run  # its sbatch has not answered yet: later
+                    if record.tag in self._busy or self._recheck.get(record.tag, 0.0) > world.monotonic():
+                        self._check[run.id] = run  # its sbatch (or the cluster) has not answered yet: later
                         continue
-                    what = self._ready(run, record)
-                    if what == "drop":
-                        await self._drop_all(run, record)
-                    elif what == "decide":
-                        await self._decide(run, record)
+                    self._recheck.pop(record.tag, None)
+                    try:
+                        what = self._ready(run, record)
+                        if what == "drop":
+                            await self._drop_all(run, record)
+                        elif what == "decide":
+                            await self._decide(run, record)
+                    except Exception as exc:  # (each decision on its own: the others still go on)
+                        self.early.shown(f"deciding the early array of {record.task} (run {run.id})", exc)
 
     async def _write_marks(self) -> None:
         """The markers of elements cancelled while their early array waits for a decision (the decision skips
@@ -300,6 +319,7 @@ class ChainJobs:
             if not recs:
                 del self.records[key]
         self._elements.pop(record.tag, None)
+        self._recheck.pop(record.tag, None)
         if not any(k[0] == record.run_id for k in self.records):
             self.runs.pop(record.run_id, None)
 
@@ -313,9 +333,7 @@ class ChainJobs:
         self._forget(record)
         claims = self._claims.pop(record.tag, {})
         self.d.count("early_dropped")
-        try:
-            await self.drop(record, None)
-        finally:
+        if await self.early.withdraw(record, run, claims.values()):
             self._give_back(run, claims.values())
 
     async def drop(self, record: JobRecord, slots: list[int] | None) -> None:
@@ -355,13 +373,18 @@ class ChainJobs:
         d = self.d
         claims = self._claims.pop(record.tag, {})
         self._forget(record)
+        where = f"adopting the early array of {record.task}"
         try:
             chosen = await self._adoptable(run, record, claims)
-        except Exception:  # never lose an element: the normal way instead
-            log.exception("cannot check an early array; its elements go out the usual way", run_id=run.id,
-                          tag=record.tag)
-            d.count("early_errors")
-            chosen = {}
+        except (TransportError, TimeoutError, OSError, CheckLater) as exc:  # its tasks may have started: again later
+            log.info("cannot check an early array yet; will try again", run_id=run.id, task=record.task,
+                     tag=record.tag, error=str(exc) or type(exc).__name__)
+            self._later(run, record, claims)
+            return
+        except Exception as exc:  # its tasks may have started (finding out is what raised): none goes out again
+            self.early.failed(run, claims.values(), where, exc, record)
+            await self.early.withdraw(record)
+            return
         chosen = {t: [i for i in picked if claims[i].state is State.READY and not claims[i].tag]
                   for t, picked in chosen.items()}
         chosen = {t: picked for t, picked in chosen.items() if picked}
@@ -369,9 +392,7 @@ class ChainJobs:
             log.info("early array not adopted; its elements go out the usual way", run_id=run.id, task=record.task,
                      tag=record.tag)
             d.count("early_dropped")
-            try:
-                await self.drop(record, None)
-            finally:
+            if await self.early.withdraw(record, run, claims.values()):
                 self._give_back(run, claims.values())
             return
         request = record.request
@@ -386,9 +407,7 @@ class ChainJobs:
             except (TransportError, OSError, TimeoutError) as exc:  # they must not run twice: drop it all
                 log.warning("cannot mark an early array's elements withdrawn; dropping it", tag=record.tag,
                             error=str(exc))
-                try:
-                    await self.drop(record, None)
-                finally:
+                if await self.early.withdraw(record, run, claims.values()):
                     self._give_back(run, claims.values())
                 return
         job_id = record.job_id or ""
@@ -406,10 +425,31 @@ class ChainJobs:
         d.count("early_adopted")
         d.count("chain_adopted_elements", len(adopted))
         track = d.new_track(record, run, adopted)
+        try:
+            await self._hand_over(run, record, track, claims, pieces, skipped, dropped)
+        except Exception as exc:  # its elements are in flight under the early array: that submission failed
+            d.count("early_errors")
+            d.track_failed(d.tracks.get(record.tag) or track, where, exc)
+
+    def _later(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> None:
+        """*record* stays undecided (its check got no answer): decided again after ``early.RECHECK`` s."""
+        self.records.setdefault((record.run_id, record.task), {})[record.tag] = record
+        self.runs[run.id] = run
+        kept = {i: inst for i, inst in claims.items() if inst.state is State.READY and not inst.tag}
+        self._claims[record.tag] = {**kept, **self._claims.get(record.tag, {})}
+        self._recheck[record.tag] = world.monotonic() + RECHECK
+        self._check[run.id] = run
+
+    async def _hand_over(self, run: Run, record: JobRecord, track: JobTrack, claims: dict[int, Instance],
+                         pieces: list[list[int]], skipped: list[int], dropped: list[int]) -> None:
+        """The adopted elements (SUBMITTING under the early array's tag) become that job's: the rest go the
+        usual way (the array tasks that hold none of them withdrawn first), then the job is adopted."""
+        d = self.d
+        job_id = record.job_id or ""
         # Until it is adopted, a cancel of one of its elements finds the track where a submission under way
         # is (``packing.Packer.left`` writes the element's marker); the job id is known: nothing to look up.
         track.resolve_after = math.inf
-        d.unresolved[record.tag] = track
+        d.add_unresolved(track)
         try:
             self._give_back(run, [claims[i] for i in skipped if i in claims])
             if dropped:
@@ -419,7 +459,10 @@ class ChainJobs:
                 finally:
                     self._give_back(run, [claims[i] for t in dropped for i in pieces[t] if i in claims])
         finally:
-            d.unresolved.pop(record.tag, None)
+            d.drop_unresolved(record.tag)
+        if not job_id:
+            resolve_by_tag(d, track)
+            return
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
     async def _adoptable(self, run: Run, record: JobRecord, claims: dict[int, Instance]) -> dict[int, list[int]]:
@@ -430,10 +473,9 @@ class ChainJobs:
         pieces = request.slices or [[i] for i in request.indices or ()]
         if not record.job_id:
             record.job_id = await self.early._find(record)  # noqa: SLF001 (the owner's look-up by tag)
-            if not record.job_id:
-                return {}
-            record.state = "early"
-            d.store.put_job(record)
+            if record.job_id:
+                record.state = "early"
+                d.store.put_job(record)
         path = f"{request.job_dir}/{jobfiles.JOB_FILE}"
         raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
         if raw is None:
@@ -476,7 +518,9 @@ class ChainJobs:
         started = {t for t in candidates if any(seen[p] for p in marks[t])}
         alive: set[int] = set()
         waiting = [t for t in candidates if t not in started]
-        if waiting:
+        if not record.job_id:  # no job carries its tag (yet): its tag decides later (``early.resolve_by_tag``)
+            alive = set(waiting)
+        elif waiting:
             answers = await cluster.scheduler.query([record.job_id])
             for t in waiting:
                 obs = answers.get(packing.job_key(request, record.job_id, pieces[t][0]))

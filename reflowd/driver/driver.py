@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Iterable
@@ -52,6 +53,9 @@ log = structlog.get_logger("reflowd.driver")
 ACCOUNTING_CHECK = 30.0
 #: Seconds before a driver loop that raised is started again (a bug that raises at once must not spin).
 LOOP_RESTART = 5.0
+#: A job row's state for a submission that failed inside the daemon before its job id was known: its tag is
+#: looked up, the job cancelled if found (``Driver.conclude_failed``).
+FAILED_JOB = "failed"
 
 
 class InjectedFault(RuntimeError):
@@ -123,6 +127,13 @@ class Driver:
         self.in_check: dict[str, JobTrack] = {}
         #: Submissions whose outcome is unknown (changed through :meth:`add_unresolved`, :meth:`drop_unresolved`).
         self.unresolved: dict[str, JobTrack] = {}
+        #: Their look-ups by when they are due (``(resolve_after, seq, track)``; an entry whose track left
+        #: ``unresolved`` or was given another time since is stale, dropped when met): the observer's look-ups and
+        #: its sleep cost what is due, not a walk over every unresolved submission. Times change through
+        #: :meth:`resolve_at` (or before :meth:`add_unresolved`).
+        self.resolve_due: list[tuple[float, int, JobTrack]] = []
+        #: Tracks whose entry ``resolves_due`` took, until their look-up is handled (``resolves_handled``).
+        self.resolving: dict[str, JobTrack] = {}
         #: What a per-user queue limit counts of the tracks in ``tracks`` and ``unresolved`` (the ``queued_jobs``
         #: of each, once), kept as they come, go and lose instances: no walk per submit round.
         self.queued_count = 0
@@ -251,6 +262,11 @@ class Driver:
         """Follow a submission an earlier daemon made (after a restart)."""
         track = self.new_track(record, run, insts)
         track.stale_loaded = False  # requeue marks an earlier daemon kept: read before its first result
+        if record.state == FAILED_JOB:  # failed before its job was known: looked up and cancelled, not followed
+            track.failed = True
+            self.add_unresolved(track)
+            self.query_due = True
+            return
         if record.job_id is None or any(i.state is State.SUBMITTING for i in insts.values()):
             self.add_unresolved(track)
         else:
@@ -323,12 +339,65 @@ class Driver:
         return track
 
     def add_unresolved(self, track: JobTrack) -> None:
-        """*track*'s submission has an unknown outcome (or is under way): its tag decides (``resolve_unresolved``)."""
+        """*track*'s submission has an unknown outcome (or is under way): its tag decides (``resolve_unresolved``),
+        from ``track.resolve_after`` on."""
         replaced = self.unresolved.get(track.tag)
         self.unresolved[track.tag] = track
         self._count_in(track)
         if replaced is not None and replaced is not track:
             self._count_out(replaced)
+        self._push_resolve(track)
+
+    def resolve_at(self, track: JobTrack, at: float) -> None:
+        """Look *track*'s tag up (again) from *at* on."""
+        track.resolve_after = at
+        if self.resolving.get(track.tag) is track:
+            del self.resolving[track.tag]  # (handled: its next entry follows)
+        if self.unresolved.get(track.tag) is track:
+            self._push_resolve(track)
+
+    def _push_resolve(self, track: JobTrack) -> None:
+        if track.resolve_after == math.inf:
+            return  # (its sbatch is under way: nothing to look up)
+        self._seq += 1
+        heapq.heappush(self.resolve_due, (track.resolve_after, self._seq, track))
+        if len(self.resolve_due) > 2 * len(self.unresolved) + 64:  # stale entries: rebuilt (amortised)
+            self.resolve_due = [(t.resolve_after, self._seq + n, t) for n, t in enumerate(self.unresolved.values(), 1)
+                                if t.resolve_after != math.inf]
+            self._seq += len(self.unresolved)
+            heapq.heapify(self.resolve_due)
+
+    def _resolve_stale(self, entry: tuple[float, int, JobTrack]) -> bool:
+        at, _, track = entry
+        return self.unresolved.get(track.tag) is not track or track.resolve_after != at
+
+    def resolves_due(self, now: float) -> list[JobTrack]:
+        """The unresolved submissions whose look-up is due at *now*, their entries taken: whoever handles one
+        gives it its next time (:meth:`resolve_at`) or drops it (:meth:`drop_unresolved`)."""
+        due: dict[int, JobTrack] = {}
+        heap = self.resolve_due
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if not self._resolve_stale(entry):
+                due[id(entry[2])] = entry[2]
+        for track in due.values():
+            self.resolving[track.tag] = track
+        return list(due.values())
+
+    def resolves_handled(self, tracks: Iterable[JobTrack]) -> None:
+        """The look-ups of *tracks* are over: one still unresolved that got no next time goes back as it was."""
+        for track in tracks:
+            if self.resolving.get(track.tag) is track:
+                del self.resolving[track.tag]
+                if self.unresolved.get(track.tag) is track:
+                    self._push_resolve(track)
+
+    def next_resolve(self) -> float:
+        """When the earliest look-up by tag is due (``inf``: none)."""
+        heap = self.resolve_due
+        while heap and self._resolve_stale(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
 
     def drop_unresolved(self, tag: str) -> JobTrack | None:
         """*tag*'s outcome is known (or given up on)."""
@@ -494,27 +563,75 @@ class Driver:
             self.host.internal_error(run, where, exc)
 
     def track_failed(self, track: JobTrack, where: str, exc: Exception) -> None:
-        """Something raised while handling one submission: fail what is in flight under it with the error, and
-        its run; stop following it and cancel its job (looked up by its tag first when its id is not known)."""
+        """Something raised while handling one submission: its run fails with the error, the driver stops
+        following it, its job is cancelled, and what was in flight under it fails with the error.
+
+        In that order, and durably: the row says ``failed`` (``FAILED_JOB``) and the instances stay in flight
+        until the job is cancelled -- looked up by its tag first, since a job whose id is not known may exist
+        all the same (its sbatch may have run) -- and only then fail (:meth:`conclude_failed`, the next
+        cycle of the observe loop). Their run stays open meanwhile, so a daemon that dies before recovers it
+        and does the same (``recover``). Failed at once, as before, the run could end and a crash leave the
+        job running with nobody following it (a finished run is not recovered)."""
         error = f"internal error while {where}: {type(exc).__name__}: {exc}"
+        if not track.failed:
+            track.failed, track.error = True, error
+            track.record.state = FAILED_JOB
+            self.store.put_job(track.record)
+            if self.tracks.get(track.tag) is track:
+                self.unfollow(track.tag)
+                self.packer.skips.pop(track.tag, None)  # (its markers: the whole job is cancelled)
+            self.loop_failed(where, exc, track.run)
+            track.resolve_after = world.now()
+            self.add_unresolved(track)
+            self.wake()
+            return
+        # Concluding the failed submission raised in turn: fail what is left now, cancel what is known.
         for inst in list(track.live.values()):
             if inst.in_flight and inst.tag == track.tag:
                 self.host.transition(track.run, inst, State.FAILED, {"source": "driver", "error": error[:500]},
                                      error=error)
         for index in list(track.live):
             self.left_track(track, index)
+        self.drop_unresolved(track.tag)
+        self.unfollow(track.tag)
         self.loop_failed(where, exc, track.run)
         if track.record.job_id:
             self.cancel_jobs([track.record.job_id])
-        elif not track.failed:  # the job may exist: find it by its tag, then cancel it (``adopt``), once
-            track.resolve_after = world.now()
-            self.add_unresolved(track)
-        else:
-            self.drop_unresolved(track.tag)
-        track.failed = True
-        if self.tracks.get(track.tag) is track:
-            self.emptied[track.tag] = None
         self.wake()
+
+    async def conclude_failed(self, track: JobTrack, job_ids: list[str], now: float) -> None:
+        """A failed submission (:meth:`track_failed`) whose tag was looked up: *job_ids* carry it (and its own
+        job id, if known). They are cancelled, and only then do its instances fail with the error (a crash
+        before leaves them in flight, to be done again). None found: asked once more (a job may show up late),
+        then they fail all the same -- never submitted again, their run has failed."""
+        ids = list(dict.fromkeys([*([track.record.job_id] if track.record.job_id else []), *job_ids]))
+        if not ids:
+            track.resolve_attempts += 1
+            if track.resolve_attempts < 2:
+                self.resolve_at(track, now + self.settings.resolve_delay)
+                return
+        else:
+            if track.record.job_id != ids[0]:
+                track.record.job_id = ids[0]
+                self.store.put_job(track.record)
+            self.cluster.count("cancel")
+            await self.cluster.scheduler.cancel(ids)  # (a transport error: tried again at the next look-up)
+            self.scheduler_answered()
+            for job_id in ids:
+                self.cluster.scheduler.forget(job_id)
+        self.drop_unresolved(track.tag)
+        error = track.error or (track.run.error if (track.run.error or "").startswith("internal error") else None) \
+            or "internal error while submitting (before the daemon restarted)"
+        for inst in list(track.live.values()):
+            if inst.in_flight and inst.tag == track.tag:
+                self.host.transition(track.run, inst, State.FAILED,
+                                     {"source": "driver", "error": error[:500], "cancelled_jobs": ids},
+                                     error=error)
+        for index in list(track.live):
+            self.left_track(track, index)
+        track.record.state = "done" if ids else "not_submitted"
+        self.store.put_job(track.record)
+        log.info("failed submission concluded", cluster=self.name, tag=track.tag, cancelled=ids)
 
     # ------------------------------------------------------------------ loops
 

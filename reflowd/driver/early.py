@@ -29,12 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
 from reflow_client import jobfiles
+from reflow_client.manifest import TaskManifest
 
 from .. import world
 from ..budget import Budget
@@ -42,7 +44,7 @@ from ..engine import causes, deferred
 from ..engine.decide import Decision
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.records import reset_values
-from ..engine.states import SUCCESS, RunState, State
+from ..engine.states import IN_FLIGHT, SUCCESS, RunState, State
 from ..schedulers.base import Phase, Presence, SubmitError, SubmitRequest
 from ..schedulers.slurm_commands import dependency_options, option_flag
 from ..transports.base import TransportError
@@ -51,6 +53,7 @@ from .submit import Submitter, adopt, entrypoint, new_tag
 if TYPE_CHECKING:
     from .chains import ChainJobs
     from .driver import Driver
+    from .track import JobTrack
 
 log = structlog.get_logger("reflowd.early")
 
@@ -66,8 +69,19 @@ MAX_ELEMENTS = 10_000
 SPARE_TOKENS = 2.0
 #: sbatch options that say how a job depends on others: a task that sets its own keeps the normal path.
 OWN_OPTIONS = ("dependency", "kill-on-invalid-dep")
-#: Seconds between two looks at undecided early arrays whose run may have stopped without telling.
+#: Seconds between two looks at undecided early arrays whose run may have stopped without telling (and
+#: between two tries of a drop that raised).
 SWEEP = 5.0
+#: Tries of a drop that raises (a bug): then it is left to the next daemon start (its record says early).
+DROP_TRIES = 5
+
+
+#: Seconds before an early job whose check got no answer from the cluster is checked again.
+RECHECK = 5.0
+
+
+class CheckLater(Exception):
+    """An early job's check got no answer from the cluster: try again (never give the job up for that)."""
 
 
 class EarlyJobs:
@@ -80,7 +94,11 @@ class EarlyJobs:
         self._busy: set[tuple[str, str]] = set()  # an early sbatch in progress
         self._runs: dict[str, Run] = {}  # runs whose upstream went out: look for downstream tasks
         self._claims: dict[Instance, tuple[Run, JobRecord]] = {}
+        #: Claims whose check could not be made (the cluster did not answer): when to try again.
+        self._recheck: dict[Instance, float] = {}
         self._drops: list[JobRecord] = []
+        #: Drops that raised, tried again later: tag -> (record, tries so far, when the next is due).
+        self._redrops: dict[str, tuple[JobRecord, int, float]] = {}
         self._wake = anyio.Event()
         from .chains import ChainJobs  # (chains.py builds on this module's helpers)
 
@@ -91,6 +109,11 @@ class EarlyJobs:
     def watching(self) -> bool:
         """Whether any early job waits for the engine (its hooks have something to do)."""
         return bool(self.jobs) or self.chains.active
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to do: no early job waits for the engine, none is being withdrawn or to be again."""
+        return not (self.jobs or self.chains.active or self._drops or self._redrops or self._claims)
 
     @property
     def enabled(self) -> bool:
@@ -124,15 +147,36 @@ class EarlyJobs:
         if self.chains.active and new not in (State.PENDING, State.READY):
             self.chains.left(run, inst)
             self._wake.set()
+        if new not in IN_FLIGHT and new not in SUCCESS:
+            self._upstream_left(run, inst)
         key = (run.id, inst.task)
         record = self.jobs.get(key)
         if record is None or inst.index is not None or new in (State.PENDING, State.READY):
             return
         del self.jobs[key]
         self._claims.pop(inst, None)
+        self._recheck.pop(inst, None)
         if new is State.SUBMITTING and inst.tag == record.tag:
             return  # adopted
         self._drop(record)
+
+    def _upstream_left(self, run: Run, inst: Instance) -> None:
+        """*inst* left flight (or success) otherwise than by succeeding -- failed, lost, retried, cancelled: an
+        early job that reads it from its job's result file is withdrawn at once. Waiting for the hand-over to
+        notice would be too late if the daemon gave up on an element that then ended well after all (taken
+        for lost, say): Slurm would start the early job on it while the element runs again elsewhere."""
+        for key, record in list(self.jobs.items()):
+            tr = run.tasks.get(key[1]) if key[0] == run.id else None
+            if tr is not None and inst.task in tr.manifest.dependencies:
+                del self.jobs[key]
+                for claimed in [i for i, (_, r) in self._claims.items() if r is record]:
+                    del self._claims[claimed]
+                    self._recheck.pop(claimed, None)
+                    if claimed.state is State.READY and not claimed.tag:
+                        self.d.submit(run, [claimed])  # (no longer claimed: the usual way)
+                self._drop(record)
+        if self.chains.active:
+            self.chains.upstream_left(run, inst)
 
     def recovered(self, record: JobRecord, run: Run) -> None:
         """An early job an earlier daemon made: keep it for adoption while the instance waits, else drop it."""
@@ -156,8 +200,7 @@ class EarlyJobs:
         if "dependency" not in options or options.get("kill-on-invalid-dep") != "yes":
             return False
         tr = run.tasks.get(record.task)
-        own = {**self.d.cluster.config.submit_options, **(tr.manifest.config.get("submit_options", {}) if tr else {})}
-        return not any(option_flag(k) in OWN_OPTIONS for k in own)
+        return tr is None or not sets_own_dependency(self.d, tr.manifest)
 
     def _drop(self, record: JobRecord) -> None:
         self.d.count("early_dropped")
@@ -169,45 +212,111 @@ class EarlyJobs:
     async def loop(self) -> None:
         while True:
             wake = self._wake
-            with anyio.move_on_after(SWEEP if self.chains.active else math.inf):
+            now = world.monotonic()
+            due = min([*(due for _, _, due in self._redrops.values()), *self._recheck.values()], default=math.inf)
+            with anyio.move_on_after(min(SWEEP if self.chains.active else math.inf, max(0.0, due - now))):
                 await wake.wait()
             if not wake.is_set():
                 self.chains.sweep()
+            now = world.monotonic()
+            for record, _, due in list(self._redrops.values()):
+                if due <= now:
+                    self._drops.append(record)
             self._wake = anyio.Event()
             runs, self._runs = self._runs, {}
             for run in runs.values():
-                for tr, inst, upstream, job_ids in self.eligible(run):
-                    await self._guard(self.submit(run, tr, inst, upstream, job_ids), run, tr.name)
-                if self.may_submit(run, count=False):
-                    for ctr, dep, values, track in self.chains.eligible(run):
-                        if not self.may_submit(run):
-                            break
-                        await self._guard(self.chains.submit(run, ctr, dep, values, track), run, ctr.name)
-            await self._guard(self.chains.step(), None, "(element-wise chains)")
+                await self._guard(self._submit_for(run), f"submitting early for run {run.id}")
+            await self._guard(self.chains.step(), "deciding early element-wise arrays")
             drops, self._drops = self._drops, []
             for record in drops:
-                await self._guard(self.drop(record), None, record.task)
-            claims = {i: c for i, c in self._claims.items() if (c[0].id, i.task) not in self._busy}
+                await self.withdraw(record)
+            claims = {i: c for i, c in self._claims.items()
+                      if (c[0].id, i.task) not in self._busy and self._recheck.get(i, 0.0) <= now}
             for inst in claims:
                 del self._claims[inst]
+                self._recheck.pop(inst, None)
             for inst, (run, record) in claims.items():
                 try:
                     await self.adopt(run, inst, record)
-                except Exception:  # never lose the instance: the normal way instead
-                    log.exception("cannot adopt an early job; submitting the usual way", run_id=run.id, tag=record.tag)
-                    self.d.count("early_errors")
-                    await self._give_up(run, inst, record)
-            if self._claims:  # waiting for an early sbatch to answer
-                await anyio.sleep(0.05)
+                except Exception as exc:
+                    await self._adopt_failed(run, inst, record, exc)
+            if any((run.id, inst.task) in self._busy for inst, (run, _) in self._claims.items()):
+                await anyio.sleep(0.05)  # waiting for an early sbatch to answer
                 self._wake.set()
 
-    async def _guard(self, step: Any, run: Run | None, task: str) -> None:
+    async def _submit_for(self, run: Run) -> None:
+        """The early submissions *run* may make now (its upstream jobs have ids)."""
+        for tr, inst, upstream, job_ids in self.eligible(run):
+            await self._guard(self.submit(run, tr, inst, upstream, job_ids),
+                              f"submitting {tr.name} early (run {run.id})")
+        if self.may_submit(run, count=False):
+            for ctr, dep, values, track in self.chains.eligible(run):
+                if not self.may_submit(run):
+                    break
+                await self._guard(self.chains.submit(run, ctr, dep, values, track),
+                                  f"submitting {ctr.name} early, element-wise (run {run.id})")
+
+    async def _guard(self, step: Any, where: str) -> None:
+        """A step that concerns no instance in flight yet: an exception is shown on the cluster (``status``,
+        ``stats``) and the instance goes the usual way. That is safe: the early job's record, written before
+        its sbatch, is adopted by its tag or withdrawn when the instance is handed over -- never run twice."""
         try:
             await step
-        except Exception:  # an early job is an optimisation: its failure only means the normal way
-            log.exception("early submission step failed", run_id=run.id if run else None, task=task,
-                          cluster=self.d.name)
-            self.d.count("early_errors")
+        except Exception as exc:
+            self.shown(where, exc)
+
+    def shown(self, where: str, exc: Exception, run: Run | None = None) -> None:
+        """An unexpected exception on the early path, shown (on *run* too, failed, when given)."""
+        self.d.count("early_errors")
+        self.d.loop_failed(where, exc, run)
+
+    def failed(self, run: Run, insts: Iterable[Instance], where: str, exc: Exception, record: JobRecord) -> None:
+        """An exception that leaves *insts* no safe way out (their early job may run them): those still waiting
+        fail with the error, and so does their run; with none waiting any more, it is shown on the cluster."""
+        if fail(self.d, run, insts, where, exc, record.tag):
+            self.shown(where, exc, run)
+        else:
+            self.shown(f"{where} (run {run.id}, tag {record.tag})", exc)
+
+    async def _adopt_failed(self, run: Run, inst: Instance, record: JobRecord, exc: Exception) -> None:
+        """Adopting *record* for *inst* raised: an error tied to the run, which fails with it (as any submission
+        that raises). After the instance went out under the early job's tag, that submission failed
+        (``Driver.track_failed``: the job is cancelled). Before, the instance cannot go the usual way either: the
+        early job may have started it already (finding out is what raised), so it fails, and the early job is
+        withdrawn."""
+        d = self.d
+        where = f"adopting the early job of {inst.task}"
+        if inst.tag == record.tag and inst.in_flight:
+            track = d.tracks.get(record.tag) or d.unresolved.get(record.tag) or d.new_track(record, run, {None: inst})
+            d.count("early_errors")
+            d.track_failed(track, where, exc)
+            return
+        self.jobs.pop((run.id, inst.task), None)
+        self.failed(run, [inst], where, exc, record)
+        await self.withdraw(record)
+
+    async def withdraw(self, record: JobRecord, run: Run | None = None, insts: Iterable[Instance] = ()) -> bool:
+        """:meth:`drop`, with an exception shown. The drop is tried again later (every :data:`SWEEP` seconds, at
+        most :data:`DROP_TRIES` times); *insts*, which were to go the usual way, fail with the error instead (with
+        their run): while their early job may still run, a second submission could run them twice."""
+        try:
+            await self.drop(record)
+            self._redrops.pop(record.tag, None)
+            return True
+        except Exception as exc:
+            what = "array" if record.request.indices is not None else "job"
+            where = f"withdrawing the early {what} of {record.task}"
+            if run is not None:
+                self.failed(run, insts, where, exc, record)
+            else:
+                self.shown(f"{where} (run {record.run_id}, tag {record.tag})", exc)
+            tries = self._redrops.get(record.tag, (record, 0, 0.0))[1] + 1
+            if tries < DROP_TRIES:
+                self._redrops[record.tag] = (record, tries, world.monotonic() + SWEEP)
+            else:
+                self._redrops.pop(record.tag, None)
+                log.error("giving up withdrawing an early job (the next daemon start tries again)", tag=record.tag)
+            return False
 
     # ------------------------------------------------------------------ early submission
 
@@ -225,10 +334,7 @@ class EarlyJobs:
             inst = tr.instances.get(None)
             if inst is None or inst.state is not State.PENDING or inst.tag or inst.resources:
                 continue
-            if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
-                continue  # a forced upstream most likely makes the same outputs again: a cache hit to come
-            options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
-            if any(option_flag(k) in OWN_OPTIONS for k in options):
+            if not may_go_early(d, run, task):
                 continue
             found = self._upstream(run, task.dependencies)
             if found is not None:
@@ -322,7 +428,15 @@ class EarlyJobs:
             if inst.state is State.READY and not inst.tag:
                 d.submit(run, [inst])
             return
-        why = await self._check(run, inst, record)
+        try:
+            why = await self._check(run, inst, record)
+        except CheckLater as exc:  # the job may have started: never give it up for want of an answer
+            if inst.state is State.READY and self.jobs.get(key) is record:
+                log.info("cannot check an early job yet; will try again", run_id=run.id, task=inst.task,
+                         tag=record.tag, error=str(exc))
+                self._claims[inst] = (run, record)
+                self._recheck[inst] = world.monotonic() + RECHECK
+            return
         if inst.state is not State.READY or self.jobs.get(key) is not record:
             return  # changed meanwhile (left() dropped it)
         if why is not None:
@@ -341,20 +455,23 @@ class EarlyJobs:
             return
         track = d.new_track(record, run, {None: inst})
         d.count("early_adopted")
+        if not job_id:
+            resolve_by_tag(d, track)
+            return
         await adopt(d, track, job_id, {"source": "scheduler", "job_id": job_id, "early": True})
 
     async def _check(self, run: Run, inst: Instance, record: JobRecord) -> str | None:
         """Why the early job cannot be adopted, or None. Its job id is resolved by tag if the sbatch's answer
-        was lost."""
+        was lost. Raises :class:`CheckLater` if the cluster does not answer: the job may well have started
+        (Slurm starts it the moment its upstream ends), and giving it up would run the task twice."""
         d, cluster = self.d, self.d.cluster
         timeout = cluster.config.command_timeout
         try:
             if not record.job_id:
                 record.job_id = await self._find(record)
-                if not record.job_id:
-                    return "its sbatch left no job"
-                record.state = "early"
-                d.store.put_job(record)
+                if record.job_id:
+                    record.state = "early"
+                    d.store.put_job(record)
             job_dir = record.request.job_dir
             path = f"{job_dir}/{jobfiles.JOB_FILE}"
             raw = (await cluster.metered.read_files([path], timeout=timeout)).get(path)
@@ -369,8 +486,11 @@ class EarlyJobs:
             seen = await cluster.metered.exists([withdrawn, *marks], timeout=timeout)
             if seen[withdrawn]:
                 return "it was withdrawn (a daemon began dropping it)"
-            if any(seen[m] for m in marks):
-                return None  # it started: the observer follows what it does
+            if any(seen[m] for m in marks) or not record.job_id:
+                # It started: the observer follows what it does. Or no job carries its tag (yet): a new job can
+                # be invisible to look-ups for a moment, and one that ran must not be given up (the task would
+                # run twice): its tag decides, as for any submission whose sbatch's answer was lost.
+                return None
             answers = await cluster.scheduler.query([record.job_id])
             obs = answers.get(record.job_id)
             if obs is not None and obs.presence is Presence.PRESENT and obs.phase is not Phase.DONE:
@@ -379,7 +499,9 @@ class EarlyJobs:
                 return None  # (it started and ended between the two looks)
             state = (obs.native_state or "") if obs is not None else "unknown to Slurm"
             return f"job {record.job_id} ended without starting ({state})"
-        except (TransportError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (TransportError, TimeoutError, OSError) as exc:
+            raise CheckLater(f"{type(exc).__name__}: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
             return f"cannot check it: {type(exc).__name__}: {exc}"
 
     def _matches(self, run: Run, inst: Instance, recipe: dict[str, Any]) -> str | None:
@@ -413,11 +535,7 @@ class EarlyJobs:
         """Drop the early job (its worker will not run the task) before the instance goes out the usual way."""
         self.jobs.pop((run.id, inst.task), None)
         self.d.count("early_dropped")
-        try:
-            await self.drop(record)
-        except Exception:
-            log.exception("cannot drop an early job", tag=record.tag)
-        if inst.state is State.READY and not inst.tag:
+        if await self.withdraw(record, run, [inst]) and inst.state is State.READY and not inst.tag:
             self.d.submit(run, [inst])
 
     async def drop(self, record: JobRecord) -> None:
@@ -443,6 +561,41 @@ class EarlyJobs:
         record.state = DROPPED
         d.store.put_job(record)
         log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)
+
+
+def resolve_by_tag(d: Driver, track: JobTrack) -> None:
+    """An adopted early job whose id no look-up found yet: an unresolved submission like any other, which the
+    observer looks up by its tag (``Observer.resolve_unresolved``: adopted once found; after two looks, its job
+    directory's traces decide)."""
+    track.resolve_after = world.now()
+    d.add_unresolved(track)
+    d.wake()
+
+
+def sets_own_dependency(d: Driver, task: TaskManifest) -> bool:
+    """Does *task* (or its cluster) set sbatch's dependency options itself? Then reflowd never adds its own."""
+    options = {**d.cluster.config.submit_options, **task.config.get("submit_options", {})}
+    return any(option_flag(k) in OWN_OPTIONS for k in options)
+
+
+def may_go_early(d: Driver, run: Run, task: TaskManifest) -> bool:
+    """May *task* of *run* go out before its upstream ended (a single task or an element-wise chain)? Not when
+    it sets its own dependency options, nor when it is cached and its upstream is forced: the forced
+    upstream most likely makes the same outputs again, and the task will be a cache hit."""
+    if task.cache and (run.options.force or set(task.dependencies) & set(run.options.force_tasks)):
+        return False
+    return not sets_own_dependency(d, task)
+
+
+def fail(d: Driver, run: Run, insts: Iterable[Instance], where: str, exc: Exception, tag: str) -> bool:
+    """*insts* that wait for a submission (PENDING, READY) fail with the error; False if none did."""
+    error = f"internal error while {where}: {type(exc).__name__}: {exc}"
+    waiting = [i for i in insts if i.state in (State.PENDING, State.READY)]
+    for inst in waiting:
+        if inst.state in (State.PENDING, State.READY):  # (failing one can stop the others: on_error=stop)
+            d.host.transition(run, inst, State.FAILED, {"source": "early", "error": error[:500], "tag": tag},
+                              error=error)
+    return bool(waiting)
 
 
 async def write_job(submitter: Submitter, run: Run, task: str, request: SubmitRequest, job: dict[str, Any]) -> bool:

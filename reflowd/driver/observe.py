@@ -138,8 +138,7 @@ class Observer:
         due = min(due, d.next_file_check() - now_m)  # (those waiting in a queue have no file clock running)
         if due <= base:
             return base
-        for track in d.unresolved.values():
-            due = min(due, track.resolve_after - now)
+        due = min(due, d.next_resolve() - now)
         if d.deadlines:
             due = min(due, d.deadlines[0][0] - now)
         return min(max(base, due), max(base, d.policy.maximum))
@@ -519,28 +518,40 @@ class Observer:
             d.cancels.pop(key, None)
 
     async def resolve_unresolved(self) -> None:
-        """Decide submissions whose outcome is unknown by looking their tag up."""
-        d, cluster = self.d, self.cluster
+        """Decide submissions whose outcome is unknown by looking their tag up (those due: ``Driver.resolves_due``)."""
+        d = self.d
         now = world.now()
-        due = [t for t in d.unresolved.values() if t.resolve_after <= now]
-        if not due or not d.health.allows(world.monotonic()):
+        if not d.unresolved or not d.health.allows(world.monotonic()):
             return
+        due = d.resolves_due(now)
+        if not due:
+            return
+        try:
+            await self._resolve(due, now)
+        finally:
+            d.resolves_handled(due)
+
+    async def _resolve(self, due: list[JobTrack], now: float) -> None:
+        d, cluster = self.d, self.cluster
         cluster.count("find_tags")
         try:
             found = await cluster.scheduler.find_tags([t.tag for t in due])
         except (TransportError, TimeoutError) as exc:
             for track in due:
                 track.resolve_attempts += 1
-                track.resolve_after = now + min(60.0, d.settings.resolve_delay * 2 ** min(track.resolve_attempts, 4))
+                d.resolve_at(track, now + min(60.0, d.settings.resolve_delay * 2 ** min(track.resolve_attempts, 4)))
             log.info("cannot look submissions up yet", cluster=d.name, error=str(exc))
             d.scheduler_failed("find_tags", str(exc) or type(exc).__name__)
             return
         d.scheduler_answered()
         for track in due:
             try:
+                if track.failed:  # failed inside the daemon: its job, if any, is cancelled (never adopted)
+                    await d.conclude_failed(track, [j.job_id for j in found.get(track.tag, [])], now)
+                    continue
                 await self.resolve_one(track, found.get(track.tag, []), now)
             except (TransportError, TimeoutError):
-                track.resolve_after = now + d.settings.resolve_delay
+                d.resolve_at(track, now + d.settings.resolve_delay)
             except Exception as exc:
                 d.drop_unresolved(track.tag)
                 self.track_failed(track, "resolving a submission by its tag", exc)
@@ -560,7 +571,7 @@ class Observer:
             return
         track.resolve_attempts += 1
         if track.resolve_attempts < 2:  # a job may show up late: ask once more before concluding
-            track.resolve_after = now + d.settings.resolve_delay
+            d.resolve_at(track, now + d.settings.resolve_delay)
             return
         await self.conclude_unsubmitted(track)
         d.drop_unresolved(track.tag)

@@ -389,8 +389,8 @@ class Submitter:
             if inst.state is State.READY:  # (a cancel may come while we yield)
                 host.transition(run, inst, State.SUBMITTING, evidence, tag=tag, submitted_at=now, not_before=None)
         track = d.new_track(record, run, {i.index: i for i in insts if i.state is State.SUBMITTING and i.tag == tag})
+        track.resolve_after = float("inf")  # (looked up by tag only once its sbatch's outcome is unknown)
         d.add_unresolved(track)  # until the scheduler answers: a crash or a cancel finds it here
-        track.resolve_after = float("inf")
         await d.store.flush()
         d.fault("before_submit")
         cluster.count("submit")

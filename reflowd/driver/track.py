@@ -39,8 +39,10 @@ class JobTrack:
     quiet_active: bool = False
     #: How many elements the submission covers (``packing.elements``), counted once.
     element_count: int = -1
-    #: Something raised while handling it (``Driver.track_failed``): its instances were failed.
+    #: Something raised while handling it (``Driver.track_failed``): its instances were failed (or, its job id
+    #: unknown, fail once its tag is looked up), with ``error``.
     failed: bool = False
+    error: str | None = None
     #: Packed: live elements per array task (slot), so that what a queue limit counts of it is known without
     #: a walk over its elements (``queued_jobs``); kept by :meth:`leave`.
     slot_live: dict[int | None, int] = field(default_factory=dict)

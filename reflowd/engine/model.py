@@ -385,8 +385,8 @@ def _request_from_dict(data: dict[str, Any]) -> SubmitRequest:
     return SubmitRequest(**{**data, "indices": data.get("indices"), "worker_argv": list(data["worker_argv"])})
 
 
-JOB_STATES = ("submitting", "submitted", "done", "refused", "not_submitted", "vanished",
-              "early_submitting", "early", "dropped")  # (the last three: driver/early.py)
+JOB_STATES = ("submitting", "submitted", "done", "refused", "not_submitted", "vanished", "failed",
+              "early_submitting", "early", "dropped")  # (failed: driver.FAILED_JOB; the last three: driver/early.py)
 
 
 def _encode_request(request: SubmitRequest | dict[str, Any]) -> str:

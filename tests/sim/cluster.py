@@ -242,7 +242,7 @@ class SimCluster:
             self.duplicates.append(f"tag submitted twice: {request.tag}")
         n = self._next
         self._next += 1
-        job_id = f"ƒ{n:03d}" if n % 2 else f"{n}.sim"  # opaque ids: never int()
+        job_id = self._new_id(n)
         indices: list[int | None] = list(request.indices) if request.indices is not None else [None]
         elements = {i: SimElement(request.element_key(job_id, i), i) for i in indices}
         late = self.rng.random() < self.faults.late_visibility
@@ -252,6 +252,9 @@ class SimCluster:
         if self.woken is not None:
             self.woken.set()
         return job_id
+
+    def _new_id(self, n: int) -> str:
+        return f"ƒ{n:03d}" if n % 2 else f"{n}.sim"  # opaque ids: never int()
 
     def observe(self, job_ids: Collection[str]) -> dict[str, Observation]:
         out: dict[str, Observation] = {}

@@ -531,6 +531,14 @@ def driver_index_problems(driver: Any) -> list[str]:
     missing = [tag for tag, t in driver.awake.items() if id(t) not in entered]
     if missing:
         problems.append(f"awake tracks {sorted(missing)[:5]} have no file clock entry due when their clock says")
+    # Every unresolved submission with a look-up to come has an entry in the heap of look-ups due, at its time
+    # (or is being looked up now: taken by ``resolves_due``, given its next time or dropped once handled).
+    due = {id(t) for at, _, t in getattr(driver, "resolve_due", ()) if driver.unresolved.get(t.tag) is t
+           and t.resolve_after == at}
+    lost = [tag for tag, t in driver.unresolved.items() if t.resolve_after != math.inf and id(t) not in due
+            and t is not getattr(driver, "resolving", {}).get(tag)]
+    if hasattr(driver, "resolve_due") and lost:
+        problems.append(f"unresolved submissions {sorted(lost)[:5]} have no look-up due when they say")
     return problems
 
 
@@ -614,13 +622,14 @@ async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: 
 
 
 def simulate(body: Any, *, faults: Faults | None = None, seed: int = 0, workdir: Path | None = None,
-             db: Path | None = None, adjust: Any = None) -> Any:
+             db: Path | None = None, adjust: Any = None, cluster_type: type[SimCluster] = SimCluster) -> Any:
     """Run ``await body(engine, cluster)`` against a simulated cluster on virtual time; return its result.
 
     For tests that want one situation, not a random scenario: the engine, store and driver are real.
+    *cluster_type*: a subclass of :class:`SimCluster` (one that simulates more of a scheduler).
     """
     rng = random.Random(seed)
-    cluster = SimCluster(random.Random(rng.getrandbits(64)), faults or Faults())
+    cluster = cluster_type(random.Random(rng.getrandbits(64)), faults or Faults())
     ids = random.Random(rng.getrandbits(64))
     loop = VirtualLoop(start=START)
     world.install(world.World(now=lambda: loop.virtual, monotonic=lambda: loop.virtual,
