@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
@@ -45,11 +45,20 @@ JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
 
 #: The transition log: append-only, so the rowid ``seq`` (max + 1 for each row; nothing is ever deleted)
 #: orders it without AUTOINCREMENT's extra write per row; evidence is NULL when there is none (read as {}).
+#: A row with ``idx_last`` stands for a group: elements ``idx`` to ``idx_last`` of one task made the same
+#: move at the same moment with the same evidence, in that order (``_Batch._transition_rows``; read back
+#: one transition per element by ``Store.transitions``). NULL: one transition.
 TRANSITIONS_TABLE = """CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
+    from_state TEXT, to_state TEXT NOT NULL, evidence TEXT, at REAL NOT NULL, idx_last INTEGER
+);"""
+#: The log as schema 5 made it (``MIGRATE_4_TO_5`` builds it; ``MIGRATE_5_TO_6`` then adds ``idx_last``).
+TRANSITIONS_TABLE_5 = """CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
     from_state TEXT, to_state TEXT NOT NULL, evidence TEXT, at REAL NOT NULL
 );"""
-INSERT_TRANSITION = "INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)"
+INSERT_TRANSITION = ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at, idx_last) "
+                     "VALUES (?,?,?,?,?,?,?,?)")
 
 SCHEMA = "\n".join([
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);",
@@ -95,10 +104,15 @@ ALTER TABLE instances ADD COLUMN alone INTEGER;
 MIGRATE_4_TO_5 = """
 DROP INDEX IF EXISTS transitions_run;
 ALTER TABLE transitions RENAME TO transitions_v4;
-""" + TRANSITIONS_TABLE + """
+""" + TRANSITIONS_TABLE_5 + """
 INSERT INTO transitions (seq, run_id, task, idx, from_state, to_state, evidence, at)
     SELECT seq, run_id, task, idx, from_state, to_state, NULLIF(evidence, '{}'), at FROM transitions_v4 ORDER BY seq;
 DROP TABLE transitions_v4;
+"""
+
+#: Schema 5 -> 6: a transition row can stand for a group of elements (``idx_last``; NULL: one element).
+MIGRATE_5_TO_6 = """
+ALTER TABLE transitions ADD COLUMN idx_last INTEGER;
 """
 
 #: ``put_instance`` without a list of changed fields: the whole row (an upsert).
@@ -181,12 +195,89 @@ def _escape_surrogates(value: Any) -> Any:
 
 
 class _Statement(NamedTuple):
-    """One statement of a commit and its rows; ``whole``: for an instance ``UPDATE``, the snapshots to
-    write as whole rows should a row be missing (it never should: every instance is put whole first)."""
+    """One statement of a commit and its rows; ``whole``: for an instance ``UPDATE``, for each row the
+    snapshots it stands for (one, or a group's), to write as whole rows should a row be missing (it never
+    should: every instance is put whole first)."""
 
     sql: str
     rows: list[tuple[Any, ...]]
-    whole: list[tuple[Any, ...]] | None = None
+    whole: list[list[tuple[Any, ...]]] | None = None
+
+
+def _same_types(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal values of one type each (``1 == 1.0 == True``, but SQLite keeps them apart in a TEXT column)."""
+    return all(x is y or type(x) is type(y) for x, y in zip(a, b))
+
+
+def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]]
+                  ) -> tuple[list[tuple[Any, ...]], list[list[tuple[Any, ...]]],
+                             list[tuple[Any, ...]], list[list[tuple[Any, ...]]]]:
+    """Instance ``UPDATE`` rows (``Table.update``'s: the values set, then run id, task, index) split into
+    single rows and groups: consecutive rows of one task setting identical values on consecutive indices
+    become one row ``(values..., run_id, task, first index, last index)`` for a range ``UPDATE``. Returns
+    (single rows, their snapshots, range rows, their snapshots)."""
+    singles: list[tuple[Any, ...]] = []
+    single_whole: list[list[tuple[Any, ...]]] = []
+    ranges: list[tuple[Any, ...]] = []
+    range_whole: list[list[tuple[Any, ...]]] = []
+    n = len(rows)
+    i = 0
+    while i < n:
+        row = rows[i]
+        head = row[:-1]
+        last = row[-1]
+        j = i + 1
+        if last >= 0:
+            while j < n:
+                nxt = rows[j]
+                if nxt[-1] != last + 1:
+                    break
+                same = nxt[:-1]
+                if same != head or not _same_types(same, head):
+                    break
+                last += 1
+                j += 1
+        if j - i > 1:
+            ranges.append((*head, row[-1], last))
+            range_whole.append(snapshots[i:j])
+        else:
+            singles.append(row)
+            single_whole.append([snapshots[i]])
+        i = j
+    return singles, single_whole, ranges, range_whole
+
+
+def group_transitions(transitions: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Transition rows, evidence as JSON text (NULL when empty), each ending with ``idx_last``: consecutive
+    transitions of one run's task from one state to one state at one moment with the same evidence, on
+    consecutive element indices, become one row for the group (``idx_last`` its last index; NULL for a
+    row of one). A loop, not a call per transition: this runs once per transition."""
+    texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    first: tuple[Any, ...] | None = None  # the open group's first transition (evidence encoded)
+    last = -10  # its last index (-10: the open row cannot grow)
+    g_run = g_task = g_old = g_new = g_ev = g_at = None
+    for run_id, task, idx, old, new, ev, at in transitions:
+        if not ev:
+            ev = None
+        elif type(ev) is not str:
+            text = texts.get(id(ev))  # (the batch holds every evidence dict: ids are not reused meanwhile)
+            if text is None:
+                text = texts[id(ev)] = dump_json(ev)
+            ev = text
+        if (idx == last + 1 and ev == g_ev and new == g_new and old == g_old and at == g_at and task == g_task
+                and run_id == g_run):
+            last = idx
+            continue
+        if first is not None:
+            append((*first, None if last == first[2] or last == -10 else last))
+        first = (run_id, task, idx, old, new, ev, at)
+        g_run, g_task, g_old, g_new, g_ev, g_at = run_id, task, old, new, ev, at
+        last = idx if idx is not None and idx >= 0 else -10
+    if first is not None:
+        append((*first, None if last == first[2] or last == -10 else last))
+    return rows
 
 
 @dataclass
@@ -207,6 +298,7 @@ class _Batch:
     generation: int
     failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
     encoded: list[_Statement] | None = None
+    transition_rows: int = 0  # rows of the transitions table (a group is one)
 
     @property
     def rows(self) -> int:
@@ -214,7 +306,11 @@ class _Batch:
                 + len(self.cache) + len(self.failures))
 
     def encode(self) -> None:
-        """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed)."""
+        """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed).
+
+        Instance changes of one set of columns are one ``UPDATE`` by key each, or one by a range of
+        indices for consecutive elements given identical values (``group_updates``); transitions are
+        grouped likewise (``group_transitions``)."""
         whole: list[tuple[Any, ...]] = []
         changed: dict[int, list[tuple[Any, ...]]] = {}  # by the set of columns changed: one UPDATE each
         for mask, snapshot in self.instances.values():
@@ -225,35 +321,24 @@ class _Batch:
         updates = []
         for mask, snapshots in changed.items():
             sql, encode = INSTANCES.update(mask)
-            updates.append(_Statement(sql, [encode(v) for v in snapshots], snapshots))
+            singles, single_whole, ranges, range_whole = group_updates([encode(v) for v in snapshots], snapshots)
+            if singles:
+                updates.append(_Statement(sql, singles, single_whole))
+            if ranges:
+                updates.append(_Statement(INSTANCES.update_range(mask), ranges, range_whole))
+        transitions = group_transitions(self.transitions)
+        self.transition_rows = len(transitions)
         self.encoded = [
             _Statement(RUNS.insert, [RUNS.encode(v) for v in self.runs.values()]),
             _Statement(TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
             _Statement(INSTANCES.insert, whole),
             *updates,
-            _Statement(INSERT_TRANSITION, self._transition_rows()),
+            _Statement(INSERT_TRANSITION, transitions),
             _Statement(JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),
             _Statement("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
             _Statement("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?",
                        list(self.failures.values())),
         ]
-
-    def _transition_rows(self) -> list[tuple[Any, ...]]:
-        """The transition rows, evidence as JSON text (NULL when empty). A loop, not a call per row: this
-        runs once per transition."""
-        texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
-        rows: list[tuple[Any, ...]] = []
-        append = rows.append
-        for run_id, task, idx, old, new, ev, at in self.transitions:
-            if not ev:
-                ev = None
-            elif type(ev) is not str:
-                text = texts.get(id(ev))  # (the batch holds every evidence dict: ids are not reused meanwhile)
-                if text is None:
-                    text = texts[id(ev)] = dump_json(ev)
-                ev = text
-            append((run_id, task, idx, old, new, ev, at))
-        return rows
 
     def statements(self) -> list[_Statement]:
         if self.encoded is None:
@@ -379,7 +464,8 @@ class Store:
         self._closed = False
         self.commits = 0
         self.rows_written = 0
-        self.transitions_written = 0
+        self.transitions_written = 0  # transitions, each element of a group counted
+        self.transition_rows_written = 0  # rows of the transition log (a group is one)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -406,11 +492,12 @@ class Store:
                 + (MIGRATE_2_TO_3 if version in (1, 2) else "")
                 + (MIGRATE_3_TO_4 if version in (1, 2, 3) else "")
                 + (MIGRATE_4_TO_5 if version in (1, 2, 3, 4) else "")
+                + (MIGRATE_5_TO_6 if version in (1, 2, 3, 4, 5) else "")
                 + SCHEMA
                 + f"\nINSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
                 + f"\nINSERT OR IGNORE INTO meta VALUES ('database_id', '{os.urandom(8).hex()}');\nCOMMIT;"
             )
-            if version in (1, 2, 3, 4):
+            if version is not None and version < SCHEMA_VERSION:
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
             async with self._db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
                 database_id = str((await cur.fetchone())[0])
@@ -724,6 +811,7 @@ class Store:
         self._note_success()
         self.commits += 1
         self.transitions_written += len(batch.transitions)
+        self.transition_rows_written += batch.transition_rows
         self.rows_written += written
         self._committed = batch.generation
         done, self._committed_event = self._committed_event, anyio.Event()
@@ -749,9 +837,12 @@ class Store:
         for sql, rows, whole in statements:
             if rows:
                 cursor = await db.executemany(sql, rows)
-                if whole is not None and cursor.rowcount != len(rows):
-                    log.error("instance rows missing for a change; writing them whole", missing=len(rows) - cursor.rowcount)
-                    await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for v in whole])
+                if whole is not None:
+                    expected = sum(map(len, whole))  # (instances: a range row stands for several)
+                    if cursor.rowcount != expected:
+                        log.error("instance rows missing for a change; writing them whole",
+                                  missing=expected - cursor.rowcount)
+                        await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for group in whole for v in group])
         await db.commit()
 
     async def _write_rows(self, db: aiosqlite.Connection, batch: _Batch) -> int:
@@ -763,9 +854,10 @@ class Store:
                     clean = tuple(_escape_surrogates(v) for v in row)
                     try:
                         cursor = await db.execute(sql, clean)
-                        if whole is not None and cursor.rowcount == 0:  # (see _execute_batch)
-                            await db.execute(INSTANCES.insert, tuple(_escape_surrogates(v)
-                                                                     for v in INSTANCES.encode(whole[i])))
+                        if whole is not None and cursor.rowcount != len(whole[i]):  # (see _execute_batch)
+                            await db.executemany(INSTANCES.insert, [tuple(_escape_surrogates(v) for v in
+                                                                          INSTANCES.encode(snapshot))
+                                                                    for snapshot in whole[i]])
                     except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
                         if not _is_data_error(exc):
                             raise
@@ -969,13 +1061,23 @@ class Store:
         return out
 
     async def transitions(self, run_id: str, *, after_seq: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM transitions WHERE run_id=? AND seq>? ORDER BY seq LIMIT ?"
+        """The run's transition log after *after_seq*, one entry per transition: a group's row (``idx_last``)
+        comes out as one entry per element, each with the row's ``seq``. *limit* counts rows, so a group is
+        never split between two pages (page on with the last ``seq`` seen)."""
+        sql = ("SELECT seq, run_id, task, idx, from_state, to_state, evidence, at, idx_last FROM transitions "
+               "WHERE run_id=? AND seq>? ORDER BY seq LIMIT ?")
         async with self._r.execute(sql, (run_id, after_seq, limit)) as cur:
             rows = await cur.fetchall()
         out = []
         for r in rows:
             d = dict(r)
-            d["evidence"] = {} if d["evidence"] is None else json.loads(d["evidence"])
+            last = d.pop("idx_last")
+            evidence = d["evidence"]
+            d["evidence"] = {} if evidence is None else json.loads(evidence)
             d["index"] = None if d["idx"] is None or d["idx"] < 0 else d["idx"]
             out.append(d)
+            if last is not None:
+                for index in range(d["idx"] + 1, last + 1):
+                    out.append({**d, "idx": index, "index": index,
+                                "evidence": {} if evidence is None else json.loads(evidence)})
         return out

@@ -355,6 +355,16 @@ class Table:
         hit = self._updates[mask] = (sql, self._compile_snapshot_tuple("encode", chosen + keys))
         return hit
 
+    def update_range(self, mask: int) -> str:
+        """``update(mask)``'s ``UPDATE`` for a range of records: those whose last key column lies between two
+        values (one task's consecutive elements given identical values). Its rows are ``update``'s with the
+        range's first and last value in place of the last key's one (``store.group_updates``)."""
+        sql, _ = self.update(mask)
+        last = self.keys[-1]
+        head, tail = sql.rsplit(f"{last}=?", 1)
+        assert not tail, sql
+        return f"{head}{last} BETWEEN ? AND ?"
+
     def key_of(self, obj: Any) -> tuple[Any, ...]:
         return tuple(enc(getattr(obj, f.name)) if enc else getattr(obj, f.name)
                      for (f, col), (_, enc) in zip(self.fields, self._encoders) if col.key)
