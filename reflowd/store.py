@@ -209,25 +209,47 @@ def _same_types(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return all(x is y or type(x) is type(y) for x, y in zip(a, b))
 
 
-def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]]
-                  ) -> tuple[list[tuple[Any, ...]], list[list[tuple[Any, ...]]],
-                             list[tuple[Any, ...]], list[list[tuple[Any, ...]]]]:
-    """Instance ``UPDATE`` rows (``Table.update``'s: the values set, then run id, task, index) split into
-    single rows and groups: consecutive rows of one task setting identical values on consecutive indices
-    become one row ``(values..., run_id, task, first index, last index)`` for a range ``UPDATE``. Returns
-    (single rows, their snapshots, range rows, their snapshots)."""
-    singles: list[tuple[Any, ...]] = []
-    single_whole: list[list[tuple[Any, ...]]] = []
-    ranges: list[tuple[Any, ...]] = []
-    range_whole: list[list[tuple[Any, ...]]] = []
+def _key_pattern(key: Any, index: int) -> tuple[str, int] | None:
+    """``(prefix, offset)`` when *key* is ``prefix + str(index - offset)`` (an array element's job key,
+    "123_4"), else None."""
+    if type(key) is not str:
+        return None
+    digits = len(key) - len(key.rstrip("0123456789"))
+    if not digits:
+        return None
+    tail = key[-digits:]
+    number = int(tail)
+    if str(number) != tail:  # (zero-padded: SQL would not write it back so)
+        return None
+    return key[:-digits], index - number
+
+
+class Grouped(NamedTuple):
+    """``group_updates``' answer: rows by statement, with the snapshots each row stands for."""
+
+    singles: list[tuple[Any, ...]]
+    single_whole: list[list[tuple[Any, ...]]]
+    ranges: list[tuple[Any, ...]]  # (values..., run_id, task, first index, last index)
+    range_whole: list[list[tuple[Any, ...]]]
+    keyed: list[tuple[Any, ...]]  # as ranges, the key column's value given as (prefix, offset)
+    keyed_whole: list[list[tuple[Any, ...]]]
+
+
+def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]], key: int | None = None) -> Grouped:
+    """Instance ``UPDATE`` rows (``Table.update``'s: the values set, then run id, task, index) grouped:
+    consecutive rows of one task setting identical values on consecutive indices become one row for a
+    range ``UPDATE`` (``Table.update_range``); so do rows that differ only in the job key (column *key* of
+    the row, if set) when each is the same prefix followed by its index less one offset ("123_0",
+    "123_1", ...: an array job's elements), written as ``prefix || (idx - offset)``."""
+    out = Grouped([], [], [], [], [], [])
     n = len(rows)
     i = 0
     while i < n:
         row = rows[i]
-        head = row[:-1]
         last = row[-1]
         j = i + 1
         if last >= 0:
+            head = row[:-1]
             while j < n:
                 nxt = rows[j]
                 if nxt[-1] != last + 1:
@@ -237,14 +259,33 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]]
                     break
                 last += 1
                 j += 1
+            if j == i + 1 and key is not None and j < n:
+                pattern = _key_pattern(row[key], last)
+                if pattern is not None:
+                    prefix, offset = pattern
+                    before, after = row[:key], row[key + 1:-1]
+                    while j < n:
+                        nxt = rows[j]
+                        if nxt[-1] != last + 1 or nxt[key] != prefix + str(last + 1 - offset):
+                            break
+                        a, b = nxt[:key], nxt[key + 1:-1]
+                        if a != before or b != after or not (_same_types(a, before) and _same_types(b, after)):
+                            break
+                        last += 1
+                        j += 1
+                    if j - i > 1:
+                        out.keyed.append((*before, prefix, offset, *after, row[-1], last))
+                        out.keyed_whole.append(snapshots[i:j])
+                        i = j
+                        continue
         if j - i > 1:
-            ranges.append((*head, row[-1], last))
-            range_whole.append(snapshots[i:j])
+            out.ranges.append((*head, row[-1], last))
+            out.range_whole.append(snapshots[i:j])
         else:
-            singles.append(row)
-            single_whole.append([snapshots[i]])
+            out.singles.append(row)
+            out.single_whole.append([snapshots[i]])
         i = j
-    return singles, single_whole, ranges, range_whole
+    return out
 
 
 def group_transitions(transitions: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -321,11 +362,14 @@ class _Batch:
         updates = []
         for mask, snapshots in changed.items():
             sql, encode = INSTANCES.update(mask)
-            singles, single_whole, ranges, range_whole = group_updates([encode(v) for v in snapshots], snapshots)
-            if singles:
-                updates.append(_Statement(sql, singles, single_whole))
-            if ranges:
-                updates.append(_Statement(INSTANCES.update_range(mask), ranges, range_whole))
+            key = INSTANCES.position(mask, "job_key")
+            g = group_updates([encode(v) for v in snapshots], snapshots, key)
+            if g.singles:
+                updates.append(_Statement(sql, g.singles, g.single_whole))
+            if g.ranges:
+                updates.append(_Statement(INSTANCES.update_range(mask), g.ranges, g.range_whole))
+            if g.keyed:
+                updates.append(_Statement(INSTANCES.update_range(mask, "job_key"), g.keyed, g.keyed_whole))
         transitions = group_transitions(self.transitions)
         self.transition_rows = len(transitions)
         self.encoded = [

@@ -355,15 +355,24 @@ class Table:
         hit = self._updates[mask] = (sql, self._compile_snapshot_tuple("encode", chosen + keys))
         return hit
 
-    def update_range(self, mask: int) -> str:
+    def update_range(self, mask: int, numbered: str | None = None) -> str:
         """``update(mask)``'s ``UPDATE`` for a range of records: those whose last key column lies between two
         values (one task's consecutive elements given identical values). Its rows are ``update``'s with the
-        range's first and last value in place of the last key's one (``store.group_updates``)."""
+        range's first and last value in place of the last key's one (``store.group_updates``). A
+        *numbered* column is set to ``? || (<last key> - ?)`` (a prefix, then the key less an offset:
+        an array element's job key), its value given as those two parameters."""
         sql, _ = self.update(mask)
         last = self.keys[-1]
         head, tail = sql.rsplit(f"{last}=?", 1)
         assert not tail, sql
+        if numbered is not None:
+            head = head.replace(f" {numbered}=?", f" {numbered}=? || ({last} - ?)", 1)
         return f"{head}{last} BETWEEN ? AND ?"
+
+    def position(self, mask: int, name: str) -> int | None:
+        """Where column *name* is in ``update(mask)``'s rows (None: not set by it)."""
+        chosen = [self.names[i] for i in range(len(self.fields)) if mask >> i & 1]
+        return chosen.index(name) if name in chosen else None
 
     def key_of(self, obj: Any) -> tuple[Any, ...]:
         return tuple(enc(getattr(obj, f.name)) if enc else getattr(obj, f.name)
