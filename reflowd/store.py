@@ -119,6 +119,7 @@ ALTER TABLE transitions ADD COLUMN idx_last INTEGER;
 WHOLE_ROW = -1
 
 _instance_key = operator.attrgetter("run_id", "task", "index")  # (pending changes by row; index None: singleton)
+_snapshot = INSTANCES.snapshot
 
 
 class ArrayKeys:
@@ -204,9 +205,10 @@ class _Statement(NamedTuple):
     whole: list[list[tuple[Any, ...]]] | None = None
 
 
-def _same_types(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Equal values of one type each (``1 == 1.0 == True``, but SQLite keeps them apart in a TEXT column)."""
-    return all(x is y or type(x) is type(y) for x, y in zip(a, b))
+def _types(row: tuple[Any, ...]) -> tuple[type, ...]:
+    """Equal values must also be of one type to be written as one (``1 == 1.0 == True``, but SQLite keeps
+    them apart in a TEXT column)."""
+    return tuple(map(type, row))
 
 
 def _key_pattern(key: Any, index: int) -> tuple[str, int] | None:
@@ -250,12 +252,17 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]],
         j = i + 1
         if last >= 0:
             head = row[:-1]
+            types = None
             while j < n:
                 nxt = rows[j]
                 if nxt[-1] != last + 1:
                     break
                 same = nxt[:-1]
-                if same != head or not _same_types(same, head):
+                if same != head:
+                    break
+                if types is None:
+                    types = _types(head)
+                if _types(same) != types:
                     break
                 last += 1
                 j += 1
@@ -264,12 +271,13 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]],
                 if pattern is not None:
                     prefix, offset = pattern
                     before, after = row[:key], row[key + 1:-1]
+                    types = (_types(before), _types(after))
                     while j < n:
                         nxt = rows[j]
                         if nxt[-1] != last + 1 or nxt[key] != prefix + str(last + 1 - offset):
                             break
                         a, b = nxt[:key], nxt[key + 1:-1]
-                        if a != before or b != after or not (_same_types(a, before) and _same_types(b, after)):
+                        if a != before or b != after or (_types(a), _types(b)) != types:
                             break
                         last += 1
                         j += 1
@@ -724,6 +732,25 @@ class Store:
                 mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]
         self._instances[key] = (mask, INSTANCES.snapshot(inst))
         self._enqueued_one()
+
+    def change_instance(self, inst: Instance, changed: tuple[str, ...], old: str, new: str, evidence: dict[str, Any],
+                        at: float) -> None:
+        """``put_instance(inst, changed)`` and ``add_transition`` of its state change, in one call: the
+        ledger's hot path (a transition of every element of every array), where each call counts."""
+        run_id, task, index = inst.run_id, inst.task, inst.index
+        key = (run_id, task, index)
+        mask = INSTANCES.mask(changed)
+        earlier = self._instances.get(key)
+        if earlier is not None:
+            mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]
+        self._instances[key] = (mask, _snapshot(inst))
+        self._transitions.append((run_id, task, -1 if index is None else index, old, new, evidence, at))
+        self._enqueued += 2
+        pending = self._pending = self._pending + 2
+        if pending == 2:  # (as ``_enqueued_one``: the writer's events are renewed when a batch is taken)
+            self._wake.set()
+        elif self.max_batch <= pending < self.max_batch + 2:
+            self._urgent.set()
 
     def add_transition(
         self, run_id: str, task: str | None, index: int | None, old: str | None, new: str, evidence: dict[str, Any], at: float
