@@ -150,13 +150,13 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
     return anyio.run(go)
 
 
-def in_subprocess(root: Path, n: int, profile: bool) -> dict[str, float]:
+def in_subprocess(root: Path, n: int, profile: bool, inline: bool = False) -> dict[str, float]:
     """Measure *root*'s store in a fresh interpreter with *root* first on its path."""
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
             f"import json, pathlib, tempfile, store_writer as w\n"
             f"with tempfile.TemporaryDirectory(prefix='reflow-writer-') as d:\n"
-            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile})))")
+            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile}, {inline})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, text=True, stdout=subprocess.PIPE)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -179,7 +179,7 @@ def main() -> int:
     else:
         for _ in range(args.repeat):
             for label, root in trees:
-                results[label].append(in_subprocess(root.resolve(), args.n, args.profile))
+                results[label].append(in_subprocess(root.resolve(), args.n, args.profile, args.inline))
     print(f"store writer alone, n={args.n:,} instances x 4 transitions (best of {args.repeat}); goal >= {GOAL:,}/s")
     best: dict[str, dict[str, Any]] = {}
     for label, runs in results.items():

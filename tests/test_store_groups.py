@@ -350,3 +350,23 @@ def test_the_ledgers_stamp_is_shared_within_a_millisecond_and_moves_on_after_it(
     assert stamps[3] == 100.0011 and stamps[4] is stamps[3]
     assert stamps[5] == 100.5
     assert stamps == sorted(stamps)
+
+
+def test_a_snapshot_keeps_the_job_key_maker_and_the_writer_makes_the_key() -> None:
+    """The job key is made when the row is encoded (the writer's thread), not when the snapshot is taken on
+    the event loop; the snapshot still says what the instance held when it was taken."""
+    made: list[int | None] = []
+
+    def keys(index: int | None) -> str:
+        made.append(index)
+        return f"9_{index}"
+
+    inst = Instance(run_id="r", task="a", index=4)
+    inst.job_key = keys
+    snapshot = INSTANCES.snapshot(inst)
+    assert made == []
+    inst.job_key = "other"
+    assert INSTANCES.encode(snapshot)[INSTANCES.names.index("job_key")] == "9_4"
+    assert made == [4]
+    _, encode = INSTANCES.update(INSTANCES.mask(("state", "job_key")))
+    assert "9_4" in encode(snapshot) and INSTANCES.row(inst)[INSTANCES.names.index("job_key")] == "other"
