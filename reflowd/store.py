@@ -197,12 +197,22 @@ def _escape_surrogates(value: Any) -> Any:
 
 class _Statement(NamedTuple):
     """One statement of a commit and its rows; ``whole``: for an instance ``UPDATE``, for each row the
-    snapshots it stands for (one, or a group's), to write as whole rows should a row be missing (it never
-    should: every instance is put whole first)."""
+    snapshot it stands for (*grouped*: the list of a group's), to write as whole rows should a row be
+    missing (it never should: every instance is put whole first)."""
 
     sql: str
     rows: list[tuple[Any, ...]]
-    whole: list[list[tuple[Any, ...]]] | None = None
+    whole: list[Any] | None = None
+    grouped: bool = False
+
+    def snapshots(self, i: int) -> list[tuple[Any, ...]]:
+        """The snapshots row *i* stands for."""
+        assert self.whole is not None
+        return self.whole[i] if self.grouped else [self.whole[i]]  # type: ignore[no-any-return]
+
+    def all_snapshots(self) -> list[tuple[Any, ...]]:
+        assert self.whole is not None
+        return [v for group in self.whole for v in group] if self.grouped else self.whole
 
 
 def _types(row: tuple[Any, ...]) -> tuple[type, ...]:
@@ -230,7 +240,7 @@ class Grouped(NamedTuple):
     """``group_updates``' answer: rows by statement, with the snapshots each row stands for."""
 
     singles: list[tuple[Any, ...]]
-    single_whole: list[list[tuple[Any, ...]]]
+    single_whole: list[tuple[Any, ...]]  # (a snapshot each)
     ranges: list[tuple[Any, ...]]  # (values..., run_id, task, first index, last index)
     range_whole: list[list[tuple[Any, ...]]]
     keyed: list[tuple[Any, ...]]  # as ranges, the key column's value given as (prefix, offset)
@@ -261,8 +271,8 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]],
                 if same != head:
                     break
                 if types is None:
-                    types = _types(head)
-                if _types(same) != types:
+                    types = tuple(map(type, head))
+                if tuple(map(type, same)) != types:  # (see ``_types``)
                     break
                 last += 1
                 j += 1
@@ -291,41 +301,51 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]],
             out.range_whole.append(snapshots[i:j])
         else:
             out.singles.append(row)
-            out.single_whole.append([snapshots[i]])
+            out.single_whole.append(snapshots[i])
         i = j
     return out
 
 
 def group_transitions(transitions: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Transition rows, evidence as JSON text (NULL when empty), each ending with ``idx_last``: consecutive
-    transitions of one run's task from one state to one state at one moment with the same evidence, on
-    consecutive element indices, become one row for the group (``idx_last`` its last index; NULL for a
-    row of one). A loop, not a call per transition: this runs once per transition."""
-    texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
+    """Transition rows from pending transitions (``(run_id, task, from, to, evidence, at, idx)``: the index
+    last, so the rest compares as one tuple), evidence as JSON text (NULL when empty), each row ending with
+    ``idx_last``: consecutive transitions of one run's task from one state to one state at one moment with
+    equal evidence (the same dict, or an equal one: the engine makes one per element where it decides per
+    element), on consecutive element indices, become one row for the group (``idx_last`` its last index;
+    NULL for a row of one). A loop, not a call per transition: this runs once per transition."""
+    texts: dict[int, str | None] = {}  # one evidence dict is often shared by a whole array's transitions
     rows: list[tuple[Any, ...]] = []
     append = rows.append
-    first: tuple[Any, ...] | None = None  # the open group's first transition (evidence encoded)
-    last = -10  # its last index (-10: the open row cannot grow)
-    g_run = g_task = g_old = g_new = g_ev = g_at = None
-    for run_id, task, idx, old, new, ev, at in transitions:
+    head: tuple[Any, ...] | None = None  # the open row's transition without its index
+    first = last = -10  # its first and last index (-10: the open row cannot grow)
+
+    def row() -> tuple[Any, ...]:
+        assert head is not None
+        run_id, task, old, new, ev, at = head
         if not ev:
-            ev = None
-        elif type(ev) is not str:
+            text = None
+        elif type(ev) is str:
+            text = ev
+        else:
             text = texts.get(id(ev))  # (the batch holds every evidence dict: ids are not reused meanwhile)
             if text is None:
                 text = texts[id(ev)] = dump_json(ev)
-            ev = text
-        if (idx == last + 1 and ev == g_ev and new == g_new and old == g_old and at == g_at and task == g_task
-                and run_id == g_run):
-            last = idx
-            continue
-        if first is not None:
-            append((*first, None if last == first[2] or last == -10 else last))
-        first = (run_id, task, idx, old, new, ev, at)
-        g_run, g_task, g_old, g_new, g_ev, g_at = run_id, task, old, new, ev, at
+        return (run_id, task, first, old, new, text, at, None if last == first or last == -10 else last)
+
+    for t in transitions:
+        idx = t[6]
+        if idx == last + 1:
+            same = t[:6]
+            if same == head:
+                last = idx
+                continue
+        if head is not None:
+            append(row())
+        head = t[:6]
+        first = idx
         last = idx if idx is not None and idx >= 0 else -10
-    if first is not None:
-        append((*first, None if last == first[2] or last == -10 else last))
+    if head is not None:
+        append(row())
     return rows
 
 
@@ -340,7 +360,7 @@ class _Batch:
     runs: dict[str, tuple[Any, ...]]
     tasks: dict[tuple[str, str], tuple[Any, ...]]
     instances: dict[tuple[str, str, int | None], tuple[int, tuple[Any, ...]]]  # (columns changed, snapshot)
-    transitions: list[tuple[Any, ...]]  # evidence still a dict (or its text)
+    transitions: list[tuple[Any, ...]]  # (run_id, task, from, to, evidence, at, idx); evidence a dict or its text
     jobs: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
@@ -375,9 +395,9 @@ class _Batch:
             if g.singles:
                 updates.append(_Statement(sql, g.singles, g.single_whole))
             if g.ranges:
-                updates.append(_Statement(INSTANCES.update_range(mask), g.ranges, g.range_whole))
+                updates.append(_Statement(INSTANCES.update_range(mask), g.ranges, g.range_whole, True))
             if g.keyed:
-                updates.append(_Statement(INSTANCES.update_range(mask, "job_key"), g.keyed, g.keyed_whole))
+                updates.append(_Statement(INSTANCES.update_range(mask, "job_key"), g.keyed, g.keyed_whole, True))
         transitions = group_transitions(self.transitions)
         self.transition_rows = len(transitions)
         self.encoded = [
@@ -744,7 +764,7 @@ class Store:
         if earlier is not None:
             mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]
         self._instances[key] = (mask, _snapshot(inst))
-        self._transitions.append((run_id, task, -1 if index is None else index, old, new, evidence, at))
+        self._transitions.append((run_id, task, old, new, evidence, at, -1 if index is None else index))
         self._enqueued += 2
         pending = self._pending = self._pending + 2
         if pending == 2:  # (as ``_enqueued_one``: the writer's events are renewed when a batch is taken)
@@ -755,8 +775,8 @@ class Store:
     def add_transition(
         self, run_id: str, task: str | None, index: int | None, old: str | None, new: str, evidence: dict[str, Any], at: float
     ) -> None:
-        self._transitions.append((run_id, task, None if task is None else (-1 if index is None else index), old, new,
-                                  evidence, at))
+        self._transitions.append((run_id, task, old, new, evidence, at,
+                                  None if task is None else (-1 if index is None else index)))
         self._enqueued_one()
 
     def put_job(self, job: JobRecord) -> None:
@@ -905,30 +925,32 @@ class Store:
         return await self._write_rows(db, batch)
 
     async def _execute_batch(self, db: aiosqlite.Connection, statements: list[_Statement]) -> None:
-        for sql, rows, whole in statements:
+        for statement in statements:
+            sql, rows, whole, grouped = statement
             if rows:
                 cursor = await db.executemany(sql, rows)
                 if whole is not None:
-                    expected = sum(map(len, whole))  # (instances: a range row stands for several)
+                    expected = sum(map(len, whole)) if grouped else len(rows)  # (a range row stands for several)
                     if cursor.rowcount != expected:
                         log.error("instance rows missing for a change; writing them whole",
                                   missing=expected - cursor.rowcount)
-                        await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for group in whole for v in group])
+                        await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for v in statement.all_snapshots()])
         await db.commit()
 
     async def _write_rows(self, db: aiosqlite.Connection, batch: _Batch) -> int:
         """Escape undecodable text (Linux paths arrive as lone surrogates); drop, loudly, a row still refused."""
         written = 0
         try:
-            for sql, rows, whole in batch.statements():
+            for statement in batch.statements():
+                sql, rows, whole, _ = statement
                 for i, row in enumerate(rows):
                     clean = tuple(_escape_surrogates(v) for v in row)
                     try:
                         cursor = await db.execute(sql, clean)
-                        if whole is not None and cursor.rowcount != len(whole[i]):  # (see _execute_batch)
+                        if whole is not None and cursor.rowcount != len(statement.snapshots(i)):  # (see _execute_batch)
                             await db.executemany(INSTANCES.insert, [tuple(_escape_surrogates(v) for v in
                                                                           INSTANCES.encode(snapshot))
-                                                                    for snapshot in whole[i]])
+                                                                    for snapshot in statement.snapshots(i)])
                     except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
                         if not _is_data_error(exc):
                             raise

@@ -122,22 +122,24 @@ def test_transitions_read_back_as_written_whatever_groups_formed(tmp_path: Path,
 
 def test_consecutive_elements_with_one_move_are_one_row_and_others_are_not() -> None:
     ev = {"source": "submitter"}
-    rows = group_transitions([
-        ("r", "a", 0, "ready", "submitting", ev, 5.0),
-        ("r", "a", 1, "ready", "submitting", {"source": "submitter"}, 5.0),  # an equal copy
-        ("r", "a", 2, "ready", "submitting", ev, 5.0),
-        ("r", "a", 4, "ready", "submitting", ev, 5.0),  # not the next index
-        ("r", "a", 5, "ready", "submitting", ev, 5.5),  # another moment
-        ("r", "a", 6, "ready", "submitting", {"source": "other"}, 5.5),  # other evidence
-        ("r", "a", 7, "ready", "queued", {"source": "other"}, 5.5),  # another move
-        ("r", "a", -1, "ready", "queued", {"source": "other"}, 5.5),  # a singleton
-        ("r", "a", 0, "ready", "queued", {"source": "other"}, 5.5),  # (never after -1: that is no index)
-        ("r", None, None, "running", "succeeded", {}, 5.5),  # run level
-        ("r", None, None, "running", "succeeded", {}, 5.5),
+    rows = group_transitions([  # (as the store keeps them pending: the index last)
+        ("r", "a", "ready", "submitting", ev, 5.0, 0),
+        ("r", "a", "ready", "submitting", {"source": "submitter"}, 5.0, 1),  # an equal copy
+        ("r", "a", "ready", "submitting", ev, 5.0, 2),
+        ("r", "a", "ready", "submitting", ev, 5.0, 4),  # not the next index
+        ("r", "a", "ready", "submitting", ev, 5.5, 5),  # another moment
+        ("r", "a", "ready", "submitting", {"source": "other"}, 5.5, 6),  # other evidence
+        ("r", "a", "ready", "queued", {"source": "other"}, 5.5, 7),  # another move
+        ("r", "b", "ready", "queued", {"source": "other"}, 5.5, 8),  # another task
+        ("r", "a", "ready", "queued", {"source": "other"}, 5.5, -1),  # a singleton
+        ("r", "a", "ready", "queued", {"source": "other"}, 5.5, 0),  # (never after -1: that is no index)
+        ("r", None, "running", "succeeded", {}, 5.5, None),  # run level
+        ("r", None, "running", "succeeded", {}, 5.5, None),
     ])
-    assert [(r[2], r[-1]) for r in rows] == [(0, 2), (4, None), (5, None), (6, None), (7, None), (-1, None),
-                                             (0, None), (None, None), (None, None)]
-    assert rows[0][5] == '{"source":"submitter"}'
+    assert [(r[2], r[-1]) for r in rows] == [(0, 2), (4, None), (5, None), (6, None), (7, None), (8, None),
+                                             (-1, None), (0, None), (None, None), (None, None)]
+    assert rows[0][:8] == ("r", "a", 0, "ready", "submitting", '{"source":"submitter"}', 5.0, 2)
+    assert rows[-1] == ("r", None, None, "running", "succeeded", None, 5.5, None)
 
 
 # ---------------------------------------------------------------------- instance rows
