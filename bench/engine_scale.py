@@ -580,6 +580,9 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, dict[str, fl
             pings = pinger.reset()
             worst_step = d.worst_step()
             transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
+            if "transition_rows" in stats1["store"]:  # (schema 6: a group of elements is one row)
+                rows = stats1["store"]["transition_rows"] - stats0["store"]["transition_rows"]
+                print(f"  (n={n:,}: {transitions:,.0f} transitions persisted in {rows:,} log rows)", file=sys.stderr)
             peak = rss(d.proc.pid, "VmHWM")
     finally:
         pinger.stop.set()

@@ -9,9 +9,13 @@ Usage::
 *n* instances of one array task are taken through four states by the engine's ledger
 (``Ledger.instance``, as the engine calls it: the changed fields and a transition row per change,
 the producer pacing on the writer) until all is committed. Each batch holds each instance once (no
-two changes of one instance collapse), so every transition is a row write. Printed per tree:
+two changes of one instance collapse). Evidence and fields are what the engine passes: one evidence
+dict shared by a job's 1,000 elements when it submits and adopts them, a fresh but equal one per
+element when they become ready and when their results are read; one tag, submission time and job id
+per job, per-element identities, job keys and outputs. Printed per tree:
 transitions/s of wall-clock time, and per CPU-second of the process (event loop and writer thread
-together: what the machine's load changes least). Each tree is measured in its own subprocess with
+together: what the machine's load changes least), and transition-log rows per transition (a row
+stands for a group of elements since schema 6). Each tree is measured in its own subprocess with
 that tree first on ``sys.path``, alternating, so "before" and "after" see the same minutes of load.
 """
 
@@ -58,7 +62,7 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
     from reflowd.engine.model import Instance, Run, TaskRun
     from reflowd.engine.states import State
     from reflowd.logging import configure
-    from reflowd.store import Store
+    from reflowd.store import ArrayKeys, Store
 
     configure("info", stream=sys.stderr)  # (as the daemon runs: a transition's debug line is not written)
     def task(name: str, is_array: bool, deps: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +99,7 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
             ledger = Ledger(store, EventHub(), Counter())
             await store.flush()
             before = store.transitions_written
+            rows_before = getattr(store, "transition_rows_written", before)  # (older trees: a row each)
             prof = None
             if profile:
                 import cProfile
@@ -103,22 +108,28 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
             threads0 = thread_cpu()
             started, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
             steps = [State.READY, State.SUBMITTING, State.QUEUED, State.SUCCEEDED]
-            for new in steps:  # (the fields each change sets, as the engine's callers pass them)
-                shared = {"source": "bench", "to": new.value}
+            job = 1000  # elements per array job
+            for new in steps:  # (the evidence and fields each change carries, as the engine's callers pass them)
                 for k, inst in enumerate(insts):
-                    if k % 1000 == 0:
+                    if k % job == 0:
                         await anyio.sleep(0)
                         await store.pace()
-                    if new is State.READY:
-                        ledger.instance(run, inst, new, shared, {"identity": bytes.fromhex(f"{k:064x}")})
+                        tag, job_id, now = f"t{k // job}", str(k // job), time.time()
+                        # One evidence dict for a job's elements (``submit.send``, ``submit.adopt``) ...
+                        submitted = {"source": "submitter", "tag": tag, "elements": job}
+                        adopted = {"source": "scheduler", "job_id": job_id}
+                        keys = ArrayKeys(job_id, k)  # (the job's one key maker, as ``packing.ElementKeys``)
+                    if new is State.READY:  # ... a fresh but equal one per element elsewhere (``Engine``, ``decide``)
+                        ledger.instance(run, inst, new, {"source": "dependencies"},
+                                        {"identity": bytes.fromhex(f"{k:064x}")})
                     elif new is State.SUBMITTING:
-                        ledger.instance(run, inst, new, shared, {"tag": f"t{k // 1000}", "submitted_at": time.time()})
+                        ledger.instance(run, inst, new, submitted, {"tag": tag, "submitted_at": now, "not_before": None})
                     elif new is State.QUEUED:
-                        ledger.instance(run, inst, new, {"source": "bench", "job": f"{k // 1000}_{k % 1000}"},
-                                        {"job_id": str(k // 1000), "job_key": f"{k // 1000}_{k % 1000}"})
+                        ledger.instance(run, inst, new, adopted, {"job_id": job_id, "job_key": keys})
                     else:
-                        ledger.instance(run, inst, new, {"source": "bench", "job": f"{k // 1000}_{k % 1000}"},
-                                        {"output": k * k, "output_hash": "h" * 64})
+                        ledger.instance(run, inst, new, {"source": "result_file", "state": "succeeded"},
+                                        {"ended_at": now + 1.0, "host": "node1", "started_at": now + 0.5,
+                                         "output": k * k, "output_hash": "h" * 64, "error": None, "traceback": None})
             await store.flush()
             elapsed, cpu, loop = time.perf_counter() - started, time.process_time() - cpu0, time.thread_time() - loop0
             threads = {t: c - threads0.get(t, 0.0) for t, c in thread_cpu().items()}
@@ -127,24 +138,25 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
                 prof.disable()
                 pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
             written = store.transitions_written - before
+            rows = getattr(store, "transition_rows_written", store.transitions_written) - rows_before
             tg.cancel_scope.cancel()
         await store.close()
         return {"transitions": written, "wall_s": elapsed, "cpu_s": cpu, "per_s": written / elapsed,
                 "per_cpu_s": written / cpu, "loop_us": loop / written * 1e6,
                 "writer_us": (cpu - loop) / written * 1e6,
                 "threads_us": sorted((round(c / written * 1e6, 1) for c in threads.values() if c), reverse=True),
-                "db_bytes": (directory / "writer.sqlite").stat().st_size}
+                "db_bytes": (directory / "writer.sqlite").stat().st_size, "rows_per_transition": rows / written}
 
     return anyio.run(go)
 
 
-def in_subprocess(root: Path, n: int, profile: bool) -> dict[str, float]:
+def in_subprocess(root: Path, n: int, profile: bool, inline: bool = False) -> dict[str, float]:
     """Measure *root*'s store in a fresh interpreter with *root* first on its path."""
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
             f"import json, pathlib, tempfile, store_writer as w\n"
             f"with tempfile.TemporaryDirectory(prefix='reflow-writer-') as d:\n"
-            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile})))")
+            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile}, {inline})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, text=True, stdout=subprocess.PIPE)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -167,7 +179,7 @@ def main() -> int:
     else:
         for _ in range(args.repeat):
             for label, root in trees:
-                results[label].append(in_subprocess(root.resolve(), args.n, args.profile))
+                results[label].append(in_subprocess(root.resolve(), args.n, args.profile, args.inline))
     print(f"store writer alone, n={args.n:,} instances x 4 transitions (best of {args.repeat}); goal >= {GOAL:,}/s")
     best: dict[str, dict[str, Any]] = {}
     for label, runs in results.items():
@@ -176,7 +188,8 @@ def main() -> int:
               f"  ({b['wall_s']:.1f} s wall, {b['cpu_s']:.1f} s CPU;"
               f" per transition {b['loop_us']:.1f} us on the loop + {b['writer_us']:.1f} us in the writer's thread;"
               f" database {b['db_bytes'] / 1e6:.0f} MB)")
-        print(f"  {'':10} per transition by thread (us): {b['threads_us']}")
+        print(f"  {'':10} per transition by thread (us): {b['threads_us']};"
+              f" transition rows per transition {b.get('rows_per_transition', 1.0):.3f}")
     if args.against:
         ratio = best["this tree"]["per_cpu_s"] / best["before"]["per_cpu_s"]
         print(f"  per CPU-second: {ratio:.2f}x the 'before' tree")

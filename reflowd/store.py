@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
@@ -45,11 +45,20 @@ JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
 
 #: The transition log: append-only, so the rowid ``seq`` (max + 1 for each row; nothing is ever deleted)
 #: orders it without AUTOINCREMENT's extra write per row; evidence is NULL when there is none (read as {}).
+#: A row with ``idx_last`` stands for a group: elements ``idx`` to ``idx_last`` of one task made the same
+#: move at the same moment with the same evidence, in that order (``_Batch._transition_rows``; read back
+#: one transition per element by ``Store.transitions``). NULL: one transition.
 TRANSITIONS_TABLE = """CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
+    from_state TEXT, to_state TEXT NOT NULL, evidence TEXT, at REAL NOT NULL, idx_last INTEGER
+);"""
+#: The log as schema 5 made it (``MIGRATE_4_TO_5`` builds it; ``MIGRATE_5_TO_6`` then adds ``idx_last``).
+TRANSITIONS_TABLE_5 = """CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, task TEXT, idx INTEGER,
     from_state TEXT, to_state TEXT NOT NULL, evidence TEXT, at REAL NOT NULL
 );"""
-INSERT_TRANSITION = "INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at) VALUES (?,?,?,?,?,?,?)"
+INSERT_TRANSITION = ("INSERT INTO transitions (run_id, task, idx, from_state, to_state, evidence, at, idx_last) "
+                     "VALUES (?,?,?,?,?,?,?,?)")
 
 SCHEMA = "\n".join([
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);",
@@ -95,16 +104,22 @@ ALTER TABLE instances ADD COLUMN alone INTEGER;
 MIGRATE_4_TO_5 = """
 DROP INDEX IF EXISTS transitions_run;
 ALTER TABLE transitions RENAME TO transitions_v4;
-""" + TRANSITIONS_TABLE + """
+""" + TRANSITIONS_TABLE_5 + """
 INSERT INTO transitions (seq, run_id, task, idx, from_state, to_state, evidence, at)
     SELECT seq, run_id, task, idx, from_state, to_state, NULLIF(evidence, '{}'), at FROM transitions_v4 ORDER BY seq;
 DROP TABLE transitions_v4;
+"""
+
+#: Schema 5 -> 6: a transition row can stand for a group of elements (``idx_last``; NULL: one element).
+MIGRATE_5_TO_6 = """
+ALTER TABLE transitions ADD COLUMN idx_last INTEGER;
 """
 
 #: ``put_instance`` without a list of changed fields: the whole row (an upsert).
 WHOLE_ROW = -1
 
 _instance_key = operator.attrgetter("run_id", "task", "index")  # (pending changes by row; index None: singleton)
+_snapshot = INSTANCES.snapshot
 
 
 class ArrayKeys:
@@ -181,12 +196,157 @@ def _escape_surrogates(value: Any) -> Any:
 
 
 class _Statement(NamedTuple):
-    """One statement of a commit and its rows; ``whole``: for an instance ``UPDATE``, the snapshots to
-    write as whole rows should a row be missing (it never should: every instance is put whole first)."""
+    """One statement of a commit and its rows; ``whole``: for an instance ``UPDATE``, for each row the
+    snapshot it stands for (*grouped*: the list of a group's), to write as whole rows should a row be
+    missing (it never should: every instance is put whole first)."""
 
     sql: str
     rows: list[tuple[Any, ...]]
-    whole: list[tuple[Any, ...]] | None = None
+    whole: list[Any] | None = None
+    grouped: bool = False
+
+    def snapshots(self, i: int) -> list[tuple[Any, ...]]:
+        """The snapshots row *i* stands for."""
+        assert self.whole is not None
+        return self.whole[i] if self.grouped else [self.whole[i]]  # type: ignore[no-any-return]
+
+    def all_snapshots(self) -> list[tuple[Any, ...]]:
+        assert self.whole is not None
+        return [v for group in self.whole for v in group] if self.grouped else self.whole
+
+
+def _types(row: tuple[Any, ...]) -> tuple[type, ...]:
+    """Equal values must also be of one type to be written as one (``1 == 1.0 == True``, but SQLite keeps
+    them apart in a TEXT column)."""
+    return tuple(map(type, row))
+
+
+def _key_pattern(key: Any, index: int) -> tuple[str, int] | None:
+    """``(prefix, offset)`` when *key* is ``prefix + str(index - offset)`` (an array element's job key,
+    "123_4"), else None."""
+    if type(key) is not str:
+        return None
+    digits = len(key) - len(key.rstrip("0123456789"))
+    if not digits:
+        return None
+    tail = key[-digits:]
+    number = int(tail)
+    if str(number) != tail:  # (zero-padded: SQL would not write it back so)
+        return None
+    return key[:-digits], index - number
+
+
+class Grouped(NamedTuple):
+    """``group_updates``' answer: rows by statement, with the snapshots each row stands for."""
+
+    singles: list[tuple[Any, ...]]
+    single_whole: list[tuple[Any, ...]]  # (a snapshot each)
+    ranges: list[tuple[Any, ...]]  # (values..., run_id, task, first index, last index)
+    range_whole: list[list[tuple[Any, ...]]]
+    keyed: list[tuple[Any, ...]]  # as ranges, the key column's value given as (prefix, offset)
+    keyed_whole: list[list[tuple[Any, ...]]]
+
+
+def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]], key: int | None = None) -> Grouped:
+    """Instance ``UPDATE`` rows (``Table.update``'s: the values set, then run id, task, index) grouped:
+    consecutive rows of one task setting identical values on consecutive indices become one row for a
+    range ``UPDATE`` (``Table.update_range``); so do rows that differ only in the job key (column *key* of
+    the row, if set) when each is the same prefix followed by its index less one offset ("123_0",
+    "123_1", ...: an array job's elements), written as ``prefix || (idx - offset)``."""
+    out = Grouped([], [], [], [], [], [])
+    n = len(rows)
+    i = 0
+    while i < n:
+        row = rows[i]
+        last = row[-1]
+        j = i + 1
+        if last >= 0:
+            head = row[:-1]
+            types = None
+            while j < n:
+                nxt = rows[j]
+                if nxt[-1] != last + 1:
+                    break
+                same = nxt[:-1]
+                if same != head:
+                    break
+                if types is None:
+                    types = tuple(map(type, head))
+                if tuple(map(type, same)) != types:  # (see ``_types``)
+                    break
+                last += 1
+                j += 1
+            if j == i + 1 and key is not None and j < n:
+                pattern = _key_pattern(row[key], last)
+                if pattern is not None:
+                    prefix, offset = pattern
+                    before, after = row[:key], row[key + 1:-1]
+                    types = (_types(before), _types(after))
+                    while j < n:
+                        nxt = rows[j]
+                        if nxt[-1] != last + 1 or nxt[key] != prefix + str(last + 1 - offset):
+                            break
+                        a, b = nxt[:key], nxt[key + 1:-1]
+                        if a != before or b != after or (_types(a), _types(b)) != types:
+                            break
+                        last += 1
+                        j += 1
+                    if j - i > 1:
+                        out.keyed.append((*before, prefix, offset, *after, row[-1], last))
+                        out.keyed_whole.append(snapshots[i:j])
+                        i = j
+                        continue
+        if j - i > 1:
+            out.ranges.append((*head, row[-1], last))
+            out.range_whole.append(snapshots[i:j])
+        else:
+            out.singles.append(row)
+            out.single_whole.append(snapshots[i])
+        i = j
+    return out
+
+
+def group_transitions(transitions: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Transition rows from pending transitions (``(run_id, task, from, to, evidence, at, idx)``: the index
+    last, so the rest compares as one tuple), evidence as JSON text (NULL when empty), each row ending with
+    ``idx_last``: consecutive transitions of one run's task from one state to one state at one moment with
+    equal evidence (the same dict, or an equal one: the engine makes one per element where it decides per
+    element), on consecutive element indices, become one row for the group (``idx_last`` its last index;
+    NULL for a row of one). A loop, not a call per transition: this runs once per transition."""
+    texts: dict[int, str | None] = {}  # one evidence dict is often shared by a whole array's transitions
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    head: tuple[Any, ...] | None = None  # the open row's transition without its index
+    first = last = -10  # its first and last index (-10: the open row cannot grow)
+
+    def row() -> tuple[Any, ...]:
+        assert head is not None
+        run_id, task, old, new, ev, at = head
+        if not ev:
+            text = None
+        elif type(ev) is str:
+            text = ev
+        else:
+            text = texts.get(id(ev))  # (the batch holds every evidence dict: ids are not reused meanwhile)
+            if text is None:
+                text = texts[id(ev)] = dump_json(ev)
+        return (run_id, task, first, old, new, text, at, None if last == first or last == -10 else last)
+
+    for t in transitions:
+        idx = t[6]
+        if idx == last + 1:
+            same = t[:6]
+            if same == head:
+                last = idx
+                continue
+        if head is not None:
+            append(row())
+        head = t[:6]
+        first = idx
+        last = idx if idx is not None and idx >= 0 else -10
+    if head is not None:
+        append(row())
+    return rows
 
 
 @dataclass
@@ -200,13 +360,14 @@ class _Batch:
     runs: dict[str, tuple[Any, ...]]
     tasks: dict[tuple[str, str], tuple[Any, ...]]
     instances: dict[tuple[str, str, int | None], tuple[int, tuple[Any, ...]]]  # (columns changed, snapshot)
-    transitions: list[tuple[Any, ...]]  # evidence still a dict (or its text)
+    transitions: list[tuple[Any, ...]]  # (run_id, task, from, to, evidence, at, idx); evidence a dict or its text
     jobs: dict[str, tuple[Any, ...]]
     cache: dict[str, tuple[Any, ...]]
     count: int
     generation: int
     failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
     encoded: list[_Statement] | None = None
+    transition_rows: int = 0  # rows of the transitions table (a group is one)
 
     @property
     def rows(self) -> int:
@@ -214,7 +375,11 @@ class _Batch:
                 + len(self.cache) + len(self.failures))
 
     def encode(self) -> None:
-        """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed)."""
+        """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed).
+
+        Instance changes of one set of columns are one ``UPDATE`` by key each, or one by a range of
+        indices for consecutive elements given identical values (``group_updates``); transitions are
+        grouped likewise (``group_transitions``)."""
         whole: list[tuple[Any, ...]] = []
         changed: dict[int, list[tuple[Any, ...]]] = {}  # by the set of columns changed: one UPDATE each
         for mask, snapshot in self.instances.values():
@@ -225,35 +390,27 @@ class _Batch:
         updates = []
         for mask, snapshots in changed.items():
             sql, encode = INSTANCES.update(mask)
-            updates.append(_Statement(sql, [encode(v) for v in snapshots], snapshots))
+            key = INSTANCES.position(mask, "job_key")
+            g = group_updates([encode(v) for v in snapshots], snapshots, key)
+            if g.singles:
+                updates.append(_Statement(sql, g.singles, g.single_whole))
+            if g.ranges:
+                updates.append(_Statement(INSTANCES.update_range(mask), g.ranges, g.range_whole, True))
+            if g.keyed:
+                updates.append(_Statement(INSTANCES.update_range(mask, "job_key"), g.keyed, g.keyed_whole, True))
+        transitions = group_transitions(self.transitions)
+        self.transition_rows = len(transitions)
         self.encoded = [
             _Statement(RUNS.insert, [RUNS.encode(v) for v in self.runs.values()]),
             _Statement(TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
             _Statement(INSTANCES.insert, whole),
             *updates,
-            _Statement(INSERT_TRANSITION, self._transition_rows()),
+            _Statement(INSERT_TRANSITION, transitions),
             _Statement(JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),
             _Statement("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
             _Statement("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?",
                        list(self.failures.values())),
         ]
-
-    def _transition_rows(self) -> list[tuple[Any, ...]]:
-        """The transition rows, evidence as JSON text (NULL when empty). A loop, not a call per row: this
-        runs once per transition."""
-        texts: dict[int, str] = {}  # one evidence dict is often shared by a whole array's transitions
-        rows: list[tuple[Any, ...]] = []
-        append = rows.append
-        for run_id, task, idx, old, new, ev, at in self.transitions:
-            if not ev:
-                ev = None
-            elif type(ev) is not str:
-                text = texts.get(id(ev))  # (the batch holds every evidence dict: ids are not reused meanwhile)
-                if text is None:
-                    text = texts[id(ev)] = dump_json(ev)
-                ev = text
-            append((run_id, task, idx, old, new, ev, at))
-        return rows
 
     def statements(self) -> list[_Statement]:
         if self.encoded is None:
@@ -379,7 +536,8 @@ class Store:
         self._closed = False
         self.commits = 0
         self.rows_written = 0
-        self.transitions_written = 0
+        self.transitions_written = 0  # transitions, each element of a group counted
+        self.transition_rows_written = 0  # rows of the transition log (a group is one)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -406,11 +564,12 @@ class Store:
                 + (MIGRATE_2_TO_3 if version in (1, 2) else "")
                 + (MIGRATE_3_TO_4 if version in (1, 2, 3) else "")
                 + (MIGRATE_4_TO_5 if version in (1, 2, 3, 4) else "")
+                + (MIGRATE_5_TO_6 if version in (1, 2, 3, 4, 5) else "")
                 + SCHEMA
                 + f"\nINSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
                 + f"\nINSERT OR IGNORE INTO meta VALUES ('database_id', '{os.urandom(8).hex()}');\nCOMMIT;"
             )
-            if version in (1, 2, 3, 4):
+            if version is not None and version < SCHEMA_VERSION:
                 log.info("state database upgraded", path=str(self.path), schema=SCHEMA_VERSION)
             async with self._db.execute("SELECT value FROM meta WHERE key='database_id'") as cur:
                 database_id = str((await cur.fetchone())[0])
@@ -594,11 +753,30 @@ class Store:
         self._instances[key] = (mask, INSTANCES.snapshot(inst))
         self._enqueued_one()
 
+    def change_instance(self, inst: Instance, changed: tuple[str, ...], old: str, new: str, evidence: dict[str, Any],
+                        at: float) -> None:
+        """``put_instance(inst, changed)`` and ``add_transition`` of its state change, in one call: the
+        ledger's hot path (a transition of every element of every array), where each call counts."""
+        run_id, task, index = inst.run_id, inst.task, inst.index
+        key = (run_id, task, index)
+        mask = INSTANCES.mask(changed)
+        earlier = self._instances.get(key)
+        if earlier is not None:
+            mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]
+        self._instances[key] = (mask, _snapshot(inst))
+        self._transitions.append((run_id, task, old, new, evidence, at, -1 if index is None else index))
+        self._enqueued += 2
+        pending = self._pending = self._pending + 2
+        if pending == 2:  # (as ``_enqueued_one``: the writer's events are renewed when a batch is taken)
+            self._wake.set()
+        elif self.max_batch <= pending < self.max_batch + 2:
+            self._urgent.set()
+
     def add_transition(
         self, run_id: str, task: str | None, index: int | None, old: str | None, new: str, evidence: dict[str, Any], at: float
     ) -> None:
-        self._transitions.append((run_id, task, None if task is None else (-1 if index is None else index), old, new,
-                                  evidence, at))
+        self._transitions.append((run_id, task, old, new, evidence, at,
+                                  None if task is None else (-1 if index is None else index)))
         self._enqueued_one()
 
     def put_job(self, job: JobRecord) -> None:
@@ -724,6 +902,7 @@ class Store:
         self._note_success()
         self.commits += 1
         self.transitions_written += len(batch.transitions)
+        self.transition_rows_written += batch.transition_rows
         self.rows_written += written
         self._committed = batch.generation
         done, self._committed_event = self._committed_event, anyio.Event()
@@ -746,26 +925,32 @@ class Store:
         return await self._write_rows(db, batch)
 
     async def _execute_batch(self, db: aiosqlite.Connection, statements: list[_Statement]) -> None:
-        for sql, rows, whole in statements:
+        for statement in statements:
+            sql, rows, whole, grouped = statement
             if rows:
                 cursor = await db.executemany(sql, rows)
-                if whole is not None and cursor.rowcount != len(rows):
-                    log.error("instance rows missing for a change; writing them whole", missing=len(rows) - cursor.rowcount)
-                    await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for v in whole])
+                if whole is not None:
+                    expected = sum(map(len, whole)) if grouped else len(rows)  # (a range row stands for several)
+                    if cursor.rowcount != expected:
+                        log.error("instance rows missing for a change; writing them whole",
+                                  missing=expected - cursor.rowcount)
+                        await db.executemany(INSTANCES.insert, [INSTANCES.encode(v) for v in statement.all_snapshots()])
         await db.commit()
 
     async def _write_rows(self, db: aiosqlite.Connection, batch: _Batch) -> int:
         """Escape undecodable text (Linux paths arrive as lone surrogates); drop, loudly, a row still refused."""
         written = 0
         try:
-            for sql, rows, whole in batch.statements():
+            for statement in batch.statements():
+                sql, rows, whole, _ = statement
                 for i, row in enumerate(rows):
                     clean = tuple(_escape_surrogates(v) for v in row)
                     try:
                         cursor = await db.execute(sql, clean)
-                        if whole is not None and cursor.rowcount == 0:  # (see _execute_batch)
-                            await db.execute(INSTANCES.insert, tuple(_escape_surrogates(v)
-                                                                     for v in INSTANCES.encode(whole[i])))
+                        if whole is not None and cursor.rowcount != len(statement.snapshots(i)):  # (see _execute_batch)
+                            await db.executemany(INSTANCES.insert, [tuple(_escape_surrogates(v) for v in
+                                                                          INSTANCES.encode(snapshot))
+                                                                    for snapshot in statement.snapshots(i)])
                     except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
                         if not _is_data_error(exc):
                             raise
@@ -969,13 +1154,23 @@ class Store:
         return out
 
     async def transitions(self, run_id: str, *, after_seq: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM transitions WHERE run_id=? AND seq>? ORDER BY seq LIMIT ?"
+        """The run's transition log after *after_seq*, one entry per transition: a group's row (``idx_last``)
+        comes out as one entry per element, each with the row's ``seq``. *limit* counts rows, so a group is
+        never split between two pages (page on with the last ``seq`` seen)."""
+        sql = ("SELECT seq, run_id, task, idx, from_state, to_state, evidence, at, idx_last FROM transitions "
+               "WHERE run_id=? AND seq>? ORDER BY seq LIMIT ?")
         async with self._r.execute(sql, (run_id, after_seq, limit)) as cur:
             rows = await cur.fetchall()
         out = []
         for r in rows:
             d = dict(r)
-            d["evidence"] = {} if d["evidence"] is None else json.loads(d["evidence"])
+            last = d.pop("idx_last")
+            evidence = d["evidence"]
+            d["evidence"] = {} if evidence is None else json.loads(evidence)
             d["index"] = None if d["idx"] is None or d["idx"] < 0 else d["idx"]
             out.append(d)
+            if last is not None:
+                for index in range(d["idx"] + 1, last + 1):
+                    out.append({**d, "idx": index, "index": index,
+                                "evidence": {} if evidence is None else json.loads(evidence)})
         return out

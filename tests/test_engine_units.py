@@ -83,6 +83,10 @@ class _FakeStore:
     def add_transition(self, *args: object) -> None:
         self.transitions.append(args)
 
+    def change_instance(self, inst: Instance, changed: tuple[str, ...], *transition: object) -> None:
+        self.put_instance(inst, changed)
+        self.add_transition(inst.run_id, inst.task, inst.index, *transition)
+
 
 def test_engine_transition_records_evidence_and_refuses_illegal_changes() -> None:
     store = _FakeStore()

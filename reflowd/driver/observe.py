@@ -56,6 +56,10 @@ YIELD_EVERY = 64
 TRACKS_PER_STEP = 64
 
 
+def _by_index(inst: Instance) -> int:
+    return -1 if inst.index is None else inst.index
+
+
 def waiting_in_queue(track: JobTrack) -> bool:
     """The scheduler's unchanged answer says none of the job's elements has started: no result can be
     there to find, so its files are not looked at. The next poll that shows one running or finished
@@ -195,12 +199,16 @@ class Observer:
                 track.seen_results.add(name)  # not ours to act on (any more): never look at it again
         changed = False
         if done:
+            # In index order (a directory lists in no order): a job's elements ending together are then
+            # consecutive transitions, which the store writes as one row (``store.group_transitions``).
+            done.sort(key=_by_index)
             await self.read_results(track, done)
             changed = True
         if track.element_count < 0:
             track.element_count = len(packing.elements(track.request))
         if track.live and len(track.seen_started) < track.element_count:
             started = await transport.listdir(os.path.join(track.request.job_dir, "started"), timeout=timeout)
+            begun = []
             for name in started:
                 if name in track.seen_started:
                     continue
@@ -208,6 +216,10 @@ class Observer:
                 index = index_of(name)
                 inst = track.live.get(index) if index is not False else None  # type: ignore[arg-type]
                 if inst is not None and inst.state is State.QUEUED:
+                    begun.append(inst)
+            begun.sort(key=_by_index)  # (in index order, as results above)
+            for inst in begun:
+                if inst.state is State.QUEUED:
                     changed = True
                     self.apply(track, inst, decide.Decision(State.RUNNING, {"source": "started_file"},
                                                             {"started_at": world.now(), "reason": None}))

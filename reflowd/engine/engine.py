@@ -861,7 +861,8 @@ class Engine:
             "instances": dict(states),
             "tracked_jobs": {n: d.tracked for n, d in self.drivers.items()},
             "store": {"backlog": self.store.backlog, "commits": self.store.commits, "rows": self.store.rows_written,
-                      "transitions": self.store.transitions_written},
+                      "transitions": self.store.transitions_written,
+                      "transition_rows": self.store.transition_rows_written},  # (a group of elements: one row)
             "counters": dict(self.counters),
             "watchers": self.events.count,
             "heap": self.heap.to_dict(),

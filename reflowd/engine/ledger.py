@@ -69,6 +69,10 @@ class Recorder(Protocol):
 
     def put_instance(self, inst: Instance, changed: tuple[str, ...] | None = None) -> None: ...
 
+    def change_instance(self, inst: Instance, changed: tuple[str, ...], old: str, new: str, evidence: dict[str, Any],
+                        at: float) -> None:
+        """``put_instance(inst, changed)`` and ``add_transition`` for its change, in one call."""
+
     def put_task(self, run_id: str, task: TaskRun) -> None: ...
 
     def put_run(self, run: Run) -> None: ...
@@ -108,8 +112,8 @@ class Ledger:
         if tr is not None:
             tr.counts[old] -= 1
             tr.counts[new] += 1
-        self.store.put_instance(inst, changed)  # (only these columns are written: an UPDATE, not the whole row)
-        self.store.add_transition(run.id, inst.task, inst.index, old, new, evidence, now)  # (str enums: stored as text)
+        # Only these columns are written (an UPDATE, not the whole row), and the transition (str enums: as text).
+        self.store.change_instance(inst, changed, old, new, evidence, now)
         self.counters["transitions"] += 1
         if self.events.wants(run.id):
             self.events.publish({

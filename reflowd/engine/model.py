@@ -62,6 +62,11 @@ def _unhex(text: str | None) -> bytes | None:
     return None if text is None else bytes.fromhex(text)
 
 
+def _element_key(keys: str | Callable[[int | None], str] | None, index: int | None) -> str | None:
+    """``Instance.job_key`` from what it is made of (the key, or its job's key maker) and the index."""
+    return keys if keys is None or type(keys) is str else keys(index)
+
+
 def _options_column() -> Any:
     return column("TEXT NOT NULL", default_factory=RunOptions, encode=lambda o: dump_json(o.to_dict()),
                   decode=lambda v: RunOptions.from_dict(json.loads(v)))
@@ -83,7 +88,8 @@ def _options_column() -> Any:
     rare("absent_count", default=0, reset=True),
     rare("done_seen_at", reset=True),
     # The key a scheduler's answers report this instance under ("123_4"): a property over ``job_keys``.
-    derived("job_key", "TEXT", after="job_id", reset=True),
+    # (A snapshot keeps ``job_keys`` and the index: the writer makes the key off the event loop.)
+    derived("job_key", "TEXT", after="job_id", reset=True, made_from=("job_keys", "index"), make=_element_key),
 )
 @dataclass(slots=True, eq=False)
 class Instance:

@@ -110,6 +110,10 @@ class Rare:
     reset: bool = False  # cleared when the record is tried again
     own: bool = False  # the class defines the property itself (:func:`derived`), not kept in ``rare``
     after: str | None = None  # a derived column's place in the table: after this field's column
+    #: A derived field whose value is made off the event loop: a snapshot keeps these fields' values
+    #: (what it is made from), and ``make(*values)`` makes it when the row is encoded (``derived``).
+    made_from: tuple[str, ...] = ()
+    make: Callable[..., Any] | None = None
 
 
 def rare(name: str, sql: str | None = None, *, default: Any = None, reset: bool = False,
@@ -127,13 +131,18 @@ def rare_json(name: str, *, reset: bool = False) -> Rare:
 
 
 def derived(name: str, sql: str, *, after: str, reset: bool = False, encode: Callable[[Any], Any] | None = None,
-            decode: Callable[[Any], Any] | None = None) -> Rare:
+            decode: Callable[[Any], Any] | None = None, made_from: tuple[str, ...] = (),
+            make: Callable[..., Any] | None = None) -> Rare:
     """A persisted field the class keeps its own way, as a property it defines (e.g. worked out from a
     value its instances share when read, rather than a value kept per record). Given to
     :func:`rare_fields`: ``Table`` stores it as a column (placed after field *after*'s, where it was
     when it was a plain field), ``__init__`` takes it as a keyword (the property's setter), a retry
-    clears it (to None) when *reset*."""
-    return Rare(name, None, Column(sql, None, False, reset, encode, decode), reset, own=True, after=after)
+    clears it (to None) when *reset*. With *make*, a snapshot keeps the attributes *made_from* (the
+    first one in the field's place; the others must be plain fields) and the value is ``make(*them)``,
+    made when the row is encoded, in the writer's thread: the property is not read on the event loop
+    (*make* must then only read what it is given, which nobody changes in place)."""
+    return Rare(name, None, Column(sql, None, False, reset, encode, decode), reset, own=True, after=after,
+                made_from=made_from, make=make)
 
 
 def rare_fields(*rares: Rare) -> Callable[[type[T]], type[T]]:
@@ -228,8 +237,9 @@ class Table:
         #: each rare field through its property would cost a Python call per field and snapshot.
         # (A derived field is the class's own property, not kept in the rare dict: read like a plain one.)
         self._rare = {r.name: r.default for r in getattr(cls, "__rare__", ()) if r.column is not None and not r.own}
+        self._made = {r.name: r for r in getattr(cls, "__rare__", ()) if r.make is not None}
         plain = [f.name for f, _ in self.fields if f.name not in self._rare]
-        getter = operator.attrgetter(*plain)
+        getter = operator.attrgetter(*(self._made[n].made_from[0] if n in self._made else n for n in plain))
         self.snapshot: Callable[[Any], tuple[Any, ...]]
         if self._rare:
             def snapshot(o: Any) -> tuple[Any, ...]:
@@ -270,26 +280,31 @@ class Table:
 
     def _compile_encode(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
         """``encode(snapshot) -> tuple``: a snapshot's values encoded for SQLite (for INSERT)."""
-        if not self._rare and all(encode is None for _, encode in self._encoders):
+        if not self._rare and not self._made and all(encode is None for _, encode in self._encoders):
             return lambda values: values
         return self._compile_snapshot_tuple("encode", range(len(self.fields)))
 
     def _snapshot_access(self) -> tuple[str, Callable[[int, str], str], dict[str, Any]]:
         """How compiled code reads the i-th field from a snapshot ``v``: (prologue, access, scope)."""
-        if not self._rare:
-            return "", lambda i, name: f"v[{i}]", {}
         position = {}
         for f, _ in self.fields:
             if f.name not in self._rare:
                 position[f.name] = len(position)
-        scope = {"_EMPTY": {}, **{f"default_{name}": d for name, d in self._rare.items()}}
+        scope: dict[str, Any] = {"_EMPTY": {}, **{f"default_{name}": d for name, d in self._rare.items()}}
+        p = "p" if self._rare else "v"
+        for name, r in self._made.items():
+            scope[f"make_{name}"] = r.make
 
         def access(i: int, name: str) -> str:
             if name in self._rare:
                 return f"r.get({name!r}, default_{name})"
-            return f"p[{position[name]}]"
+            made = self._made.get(name)
+            if made is not None:
+                args = [f"{p}[{position[name]}]", *(f"{p}[{position[a]}]" for a in made.made_from[1:])]
+                return f"make_{name}({', '.join(args)})"
+            return f"{p}[{position[name]}]"
 
-        return "    p = v[0]\n    r = v[1] or _EMPTY\n", access, scope
+        return ("    p = v[0]\n    r = v[1] or _EMPTY\n" if self._rare else ""), access, scope
 
     def _compile_snapshot_tuple(self, fn: str, columns: Iterable[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
         """``fn(snapshot) -> tuple`` of *columns*' values (by position in ``fields``), encoded."""
@@ -354,6 +369,25 @@ class Table:
                f"WHERE {' AND '.join(f'{self.names[i]}=?' for i in keys)}")
         hit = self._updates[mask] = (sql, self._compile_snapshot_tuple("encode", chosen + keys))
         return hit
+
+    def update_range(self, mask: int, numbered: str | None = None) -> str:
+        """``update(mask)``'s ``UPDATE`` for a range of records: those whose last key column lies between two
+        values (one task's consecutive elements given identical values). Its rows are ``update``'s with the
+        range's first and last value in place of the last key's one (``store.group_updates``). A
+        *numbered* column is set to ``? || (<last key> - ?)`` (a prefix, then the key less an offset:
+        an array element's job key), its value given as those two parameters."""
+        sql, _ = self.update(mask)
+        last = self.keys[-1]
+        head, tail = sql.rsplit(f"{last}=?", 1)
+        assert not tail, sql
+        if numbered is not None:
+            head = head.replace(f" {numbered}=?", f" {numbered}=? || ({last} - ?)", 1)
+        return f"{head}{last} BETWEEN ? AND ?"
+
+    def position(self, mask: int, name: str) -> int | None:
+        """Where column *name* is in ``update(mask)``'s rows (None: not set by it)."""
+        chosen = [self.names[i] for i in range(len(self.fields)) if mask >> i & 1]
+        return chosen.index(name) if name in chosen else None
 
     def key_of(self, obj: Any) -> tuple[Any, ...]:
         return tuple(enc(getattr(obj, f.name)) if enc else getattr(obj, f.name)
