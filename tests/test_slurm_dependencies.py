@@ -98,7 +98,9 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
         assert int(total.output) == 0 + 1 + 4 + 9 + 16 + 25
         dirs = job_dirs(tmp_path / "plain", plain, "total")
         assert len(dirs) == 1 and dirs[0][1], f"one sbatch for total, the early one: {dirs}"
-        assert job_named(dirs[0][0]) == (total.job_id, "COMPLETED")
+        # (the run's result is read as soon as the worker writes it: Slurm may show the job RUNNING a moment more)
+        wait_for(lambda: job_named(dirs[0][0]) == (total.job_id, "COMPLETED"), timeout=60,
+                 what=f"total's early job {total.job_id} to complete: {job_named(dirs[0][0])}")
         assert executions(tmp_path / "plain")["total"] == 1
 
         # cancelled with its run while it waits in the queue: scancel, and the task never runs
@@ -111,17 +113,24 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
         wait_for(lambda: (job_named(tag) or ("", ""))[1] == "CANCELLED", timeout=60,
                  what=f"early job {job_id} to be cancelled")
 
-        # an upstream element that fails once: Slurm kills the early job (invalid dependency), the element is
-        # retried, and total goes out the usual way, after it: each element ran once per attempt
+        # an upstream element that fails once: its early job is withdrawn (or Slurm kills it: invalid dependency),
+        # the element is retried, and total goes out once more -- early again on the retried element's job, or
+        # the usual way after it, as the timing falls: either way one job ran it, and each element ran once per
+        # attempt
         assert wait_state(d, retry) == "succeeded", status(d, retry).raw
         assert int(status(d, retry, "total").instances[0].output) == 0 + 1 + 4 + 9  # type: ignore[index]
         assert executions(tmp_path / "retry") == {"prepare": 1, "work 0": 1, "work 1": 1, "work 2": 2, "work 3": 1,
                                                   "total": 1}
         dirs = job_dirs(tmp_path / "retry", retry, "total")
-        assert [deferred for _, deferred in dirs].count(False) == 1, dirs
-        for tag, deferred in dirs:
-            if deferred:
-                assert job_named(tag)[1] == "CANCELLED", tag  # type: ignore[index]
+
+        def job_states() -> dict[str, str]:
+            return {tag: (job_named(tag) or ("", ""))[1] for tag, _ in dirs}
+
+        wait_for(lambda: sorted(job_states().values()) == ["CANCELLED", "COMPLETED"], timeout=60,  # withdrawn, one ran
+                 what=f"one of total's jobs withdrawn and one completed: {dirs}")
+        ended = job_states()
+        assert all(deferred for tag, deferred in dirs if ended[tag] == "CANCELLED"), (dirs, ended)
+        retry_early = sum(deferred for tag, deferred in dirs if ended[tag] == "COMPLETED")  # (went early again)
 
         # a cache hit: the upstream ran again (its cache entries gone) with the same outputs; the early job
         # (held in the queue here, so that it cannot start first) is cancelled and total is cached
@@ -137,7 +146,8 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
                  what=f"early job {job_id} to be cancelled")
         assert executions(tmp_path / "plain")["total"] == 1
         counters = driver_counters(d)
-        assert counters["early_adopted"] == 1 and counters["early_submitted"] == 4, counters
+        assert counters["early_adopted"] == 1 + retry_early, counters
+        assert counters["early_submitted"] == 4 + retry_early, counters
         wlm.tags_used_once()
     finally:
         gate.touch()
