@@ -21,6 +21,25 @@ from collections.abc import Callable, Iterator
 import pyte
 
 
+#: Signals a command in a terminal must receive as a user's would (Ctrl-C, a closed window, Ctrl-\\).
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM)
+
+
+def _default_signals() -> None:
+    """In the forked child, before exec: a signal the test process ignores or blocks would be ignored or
+    blocked in the command too (both survive exec), and a typed Ctrl-C would then do nothing. A user's
+    shell starts commands with default dispositions and nothing blocked; so do we. (What the pytest
+    worker inherited is written to $REFLOW_TERMINAL_SIGNALS_LOG, if set, to tell which test left it.)"""
+    ignored = [s.name for s in TERMINAL_SIGNALS if signal.getsignal(s) is signal.SIG_IGN]
+    blocked = sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    if (ignored or blocked) and os.environ.get("REFLOW_TERMINAL_SIGNALS_LOG"):
+        with open(os.environ["REFLOW_TERMINAL_SIGNALS_LOG"], "a") as log:
+            log.write(f"pid {os.getppid()}: ignored {ignored} blocked {blocked}\n")
+    for s in TERMINAL_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 class Terminal:
     def __init__(self, argv: list[str], *, cols: int, rows: int, env: dict[str, str] | None = None,
                  cwd: str | None = None) -> None:
@@ -34,6 +53,7 @@ class Terminal:
         if pid == 0:  # the child: size the terminal before anything asks for it
             try:
                 fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                _default_signals()
                 if cwd:
                     os.chdir(cwd)
                 os.execvpe(argv[0], argv, env)
