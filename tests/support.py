@@ -16,6 +16,7 @@ from reflow_client.client import Client, DaemonNotRunning
 
 if TYPE_CHECKING:
     from reflowd.engine.model import Run
+    from reflowd.store import Store
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +171,38 @@ def one_task_run(size: int | None = 3, *, cluster: str = "local", run_id: str = 
         tr.add(Instance(run_id=run_id, task="a", index=i))
     run.tasks["a"] = tr
     return run
+
+
+# ---------------------------------------------------------------------------- store tests
+
+
+def instance_rows(run: Run) -> dict[int | None, tuple[object, ...]]:
+    """Task ``a``'s instances as the store writes them (``INSTANCES.row``), by index: what memory holds."""
+    from reflowd.store import INSTANCES
+
+    return {inst.index: INSTANCES.row(inst) for inst in run.tasks["a"].instances.values()}
+
+
+async def flush_store(store: Store) -> None:
+    """Commit what is queued, with the writer running as the daemon runs it."""
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.run_writer)
+        with anyio.fail_after(60):
+            await store.flush()
+        tg.cancel_scope.cancel()
+
+
+async def reloaded_run(path: Path, run_id: str = "r1") -> tuple[Run, list[dict[str, Any]]]:
+    """Run *run_id* and its transition log as a fresh store reads them back from *path*."""
+    from reflowd.store import Store
+
+    store = Store(path)
+    await store.open()
+    try:
+        run = await store.load_run(run_id)
+        assert run is not None
+        return run, await store.transitions(run_id)
+    finally:
+        await store.close()

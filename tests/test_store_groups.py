@@ -16,47 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reflow_client.manifest import Manifest, TaskManifest
 from reflowd import world
 from reflowd.engine.events import EventHub
 from reflowd.engine.ledger import Ledger
-from reflowd.engine.model import Instance, Run, TaskRun
+from reflowd.engine.model import Instance
 from reflowd.engine.states import State
 from reflowd.store import INSTANCES, SCHEMA_VERSION, ArrayKeys, Store, group_transitions, group_updates
 
-
-def _run(size: int, run_id: str = "r1") -> Run:
-    task = TaskManifest(name="a", is_array=True, config={}, dependencies=[])
-    manifest = Manifest(workflow="w", tasks=[task], cli_params=[], entrypoint="/x.py", python="python", working_dir="/")
-    run = Run(id=run_id, manifest=manifest, params={}, run_dir="/tmp", cluster="local")
-    tr = TaskRun(manifest=task, run_id=run.id, size=size)
-    for i in range(size):
-        tr.add(Instance(run_id=run.id, task="a", index=i))
-    run.tasks["a"] = tr
-    return run
+from .support import flush_store
+from .support import instance_rows
+from .support import one_task_run
+from .support import reloaded_run
 
 
-def _rows(run: Run) -> dict[int | None, tuple[object, ...]]:
-    return {inst.index: INSTANCES.row(inst) for inst in run.tasks["a"].instances.values()}
-
-
-async def _flush(store: Store) -> None:
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.run_writer)
-        with anyio.fail_after(60):
-            await store.flush()
-        tg.cancel_scope.cancel()
-
-
-async def _reloaded(path: Path, run_id: str = "r1") -> tuple[Run, list[dict[str, Any]]]:
-    store = Store(path)
-    await store.open()
-    try:
-        run = await store.load_run(run_id)
-        assert run is not None
-        return run, await store.transitions(run_id)
-    finally:
-        await store.close()
 
 
 def _count(path: Path, sql: str) -> int:
@@ -104,7 +76,7 @@ def test_transitions_read_back_as_written_whatever_groups_formed(tmp_path: Path,
         await store.open()
         for t in logged:
             store.add_transition(*t)
-        await _flush(store)
+        await flush_store(store)
         assert store.transitions_written == len(logged)
         assert store.transition_rows_written == _count(path, "SELECT count(*) FROM transitions")
         read = [*await store.transitions("r1"), *await store.transitions("r2")]
@@ -184,46 +156,46 @@ async def test_an_array_taken_through_its_states_by_the_ledger_is_few_rows_and_r
     store = Store(path)
     await store.open()
     n = 300
-    run = _run(n)
+    run = one_task_run(n)
     ledger = Ledger(store, EventHub(), Counter())
     store.put_run(run)
     store.put_task(run.id, run.tasks["a"])
     insts = list(run.tasks["a"].instances.values())
     for inst in insts:
         store.put_instance(inst)
-    await _flush(store)
+    await flush_store(store)
     clock = [1000.0]
     world.install(world.World(now=lambda: clock[0]))
     try:
         for k, inst in enumerate(insts):
             ledger.instance(run, inst, State.READY, {"source": "dependencies"}, {"identity": bytes([k % 256]) * 32})
-        await _flush(store)
+        await flush_store(store)
         clock[0] += 1
         submitted = {"source": "submitter", "tag": "t1"}
         for inst in insts:
             ledger.instance(run, inst, State.SUBMITTING, submitted, {"tag": "t1", "submitted_at": clock[0],
                                                                     "not_before": None})
-        await _flush(store)
+        await flush_store(store)
         clock[0] += 1
         keys = ArrayKeys("55", 0)
         for inst in insts:
             ledger.instance(run, inst, State.QUEUED, {"source": "scheduler", "job_id": "55"},
                             {"job_id": "55", "job_key": keys})
         rows_before = store.transition_rows_written
-        await _flush(store)
+        await flush_store(store)
         clock[0] += 1
         for k, inst in enumerate(insts):
             ledger.instance(run, inst, State.SUCCEEDED, {"source": "result_file", "state": "succeeded"},
                             {"output": k, "output_hash": "h", "host": "n1", "ended_at": clock[0]})
-        await _flush(store)
+        await flush_store(store)
     finally:
         world.install(None)
     await store.close()
     assert store.transitions_written == 4 * n
     assert store.transition_rows_written <= 4 * 3, "a few rows per move (a batch may split a group)"
     assert store.transition_rows_written > rows_before
-    again, log = await _reloaded(path)
-    assert _rows(again) == _rows(run)
+    again, log = await reloaded_run(path)
+    assert instance_rows(again) == instance_rows(run)
     assert again.tasks["a"].instances[7].job_key == "55_7"
     assert len(log) == 4 * n
     assert [(t["index"], t["to_state"]) for t in log] == [(i, s) for s in ("ready", "submitting", "queued", "succeeded")
@@ -236,25 +208,25 @@ async def test_a_range_update_that_finds_rows_missing_writes_the_group_whole(tmp
     path = tmp_path / "s.sqlite"
     store = Store(path)
     await store.open()
-    run = _run(6)
+    run = one_task_run(6)
     ledger = Ledger(store, EventHub(), Counter())
     insts = list(run.tasks["a"].instances.values())
     store.put_run(run)
     store.put_task(run.id, run.tasks["a"])
     for inst in insts[:2]:  # elements 2.. are never put whole: the range UPDATE misses them
         store.put_instance(inst)
-    await _flush(store)
+    await flush_store(store)
     world.install(world.World(now=lambda: 50.0))
     try:
         for inst in insts:
             ledger.instance(run, inst, State.CANCELLED, {"source": "client"}, {})
     finally:
         world.install(None)
-    await _flush(store)
+    await flush_store(store)
     await store.close()
     assert _count(path, "SELECT count(*) FROM instances") == 6
-    again, log = await _reloaded(path)
-    assert _rows(again) == _rows(run)
+    again, log = await reloaded_run(path)
+    assert instance_rows(again) == instance_rows(run)
     assert [t["index"] for t in log] == list(range(6))
 
 
@@ -263,14 +235,14 @@ async def test_a_refused_group_is_escaped_or_dropped_without_blocking_the_rest(t
     path = tmp_path / "s.sqlite"
     store = Store(path)
     await store.open()
-    run = _run(6)
+    run = one_task_run(6)
     ledger = Ledger(store, EventHub(), Counter())
     insts = list(run.tasks["a"].instances.values())
     store.put_run(run)
     store.put_task(run.id, run.tasks["a"])
     for inst in insts:
         store.put_instance(inst)
-    await _flush(store)
+    await flush_store(store)
     world.install(world.World(now=lambda: 60.0))
     try:
         bad = {"source": "submitter", "tag": "t\udcff"}  # lone surrogate: escaped when written row by row
@@ -281,11 +253,11 @@ async def test_a_refused_group_is_escaped_or_dropped_without_blocking_the_rest(t
         store.put_cache("huge", [1], "h", "w", "a", run.id, 10**30)  # refused even escaped: dropped alone
     finally:
         world.install(None)
-    await _flush(store)
+    await flush_store(store)
     assert store.writable
     assert store.rows_dropped == 1 and store.rows_escaped >= 2
     await store.close()
-    again, log = await _reloaded(path)
+    again, log = await reloaded_run(path)
     assert [i.reason for i in again.tasks["a"].instances.values()] == ["r\\udcff"] * 3 + [None] * 3
     assert [i.state for i in again.tasks["a"].instances.values()] == [State.READY] * 6
     assert [t["evidence"]["source"] for t in log] == ["submitter"] * 3 + ["ok"] * 3
@@ -303,7 +275,7 @@ def test_a_schema_5_database_is_upgraded_and_its_log_kept(tmp_path: Path) -> Non
         if put:
             for i in range(3):
                 store.add_transition("r1", "a", i, "ready", "submitting", {"s": 1}, 3.0)
-            await _flush(store)
+            await flush_store(store)
         await store.close()
 
     anyio.run(open_close, False)

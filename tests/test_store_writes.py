@@ -14,35 +14,13 @@ import pytest
 
 from reflowd.engine.events import EventHub
 from reflowd.engine.ledger import Ledger
-from reflowd.engine.model import Run
 from reflowd.engine.states import State
-from reflowd.store import INSTANCES, SCHEMA_VERSION, Store, StoreWriteError
+from reflowd.store import SCHEMA_VERSION, Store, StoreWriteError
 
+from .support import flush_store
+from .support import instance_rows
 from .support import one_task_run
-
-
-def _rows(run: Run) -> dict[int | None, tuple[object, ...]]:
-    return {inst.index: INSTANCES.row(inst) for inst in run.tasks["a"].instances.values()}
-
-
-async def _flush(store: Store) -> None:
-    """Commit what is queued, with the writer running as the daemon runs it."""
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.run_writer)
-        with anyio.fail_after(60):
-            await store.flush()
-        tg.cancel_scope.cancel()
-
-
-async def _reloaded(path: Path) -> tuple[Run, list[dict[str, object]]]:
-    store = Store(path)
-    await store.open()
-    try:
-        run = await store.load_run("r1")
-        assert run is not None
-        return run, await store.transitions("r1")
-    finally:
-        await store.close()
+from .support import reloaded_run
 
 
 @pytest.mark.anyio
@@ -57,7 +35,7 @@ async def test_changes_write_only_their_columns_and_reload_as_memory_held(tmp_pa
     store.put_task(run.id, run.tasks["a"])
     for inst in (a, b, c):
         store.put_instance(inst)
-    await _flush(store)  # the rows exist: what follows are changes
+    await flush_store(store)  # the rows exist: what follows are changes
     executed: list[str] = []
     assert store._db is not None
     await store._db.set_trace_callback(executed.append)
@@ -65,7 +43,7 @@ async def test_changes_write_only_their_columns_and_reload_as_memory_held(tmp_pa
     ledger.instance(run, a, State.SUBMITTING, {}, {"tag": "t1", "submitted_at": 5.0})  # (same batch: one row)
     ledger.instance(run, b, State.READY, {"source": "test"}, {"identity": b"j" * 32})
     ledger.instance(run, b, State.FAILED, {"source": "test", "error": "x"}, {"error": "boom", "cause": {"kind": "x"}})
-    await _flush(store)
+    await flush_store(store)
     await store._db.set_trace_callback(None)
     updates = [sql for sql in executed if sql.startswith("UPDATE instances")]
     assert len(updates) == 2, "one UPDATE per instance changed, however often it changed"
@@ -73,8 +51,8 @@ async def test_changes_write_only_their_columns_and_reload_as_memory_held(tmp_pa
     assert all("output" not in sql and "host" not in sql for sql in updates), "only the columns that changed"
     await store.close()
 
-    again, log = await _reloaded(path)
-    assert _rows(again) == _rows(run)
+    again, log = await reloaded_run(path)
+    assert instance_rows(again) == instance_rows(run)
     assert [(t["index"], t["from_state"], t["to_state"]) for t in log] == [
         (0, "pending", "ready"), (0, "ready", "submitting"), (1, "pending", "ready"), (1, "ready", "failed")]
     assert log[1]["evidence"] == {} and log[3]["evidence"] == {"source": "test", "error": "x"}
@@ -96,10 +74,10 @@ async def test_a_new_instance_changed_before_its_first_commit_is_written_whole(t
     store.put_instance(a)
     ledger.instance(run, a, State.READY, {}, {"identity": b"i" * 32})  # whole + change in one batch: whole
     ledger.instance(run, b, State.READY, {}, {"identity": b"k" * 32})  # never put whole: the UPDATE finds no row
-    await _flush(store)
+    await flush_store(store)
     await store.close()
-    again, _ = await _reloaded(path)
-    assert _rows(again) == _rows(run)
+    again, _ = await reloaded_run(path)
+    assert instance_rows(again) == instance_rows(run)
 
 
 @pytest.mark.anyio
@@ -124,8 +102,8 @@ async def test_a_failed_commit_keeps_a_whole_row_whole_when_changes_follow(tmp_p
     store._execute_batch = real  # type: ignore[method-assign]
     await store._commit_pending()
     await store.close()
-    again, log = await _reloaded(path)
-    assert _rows(again) == _rows(run)
+    again, log = await reloaded_run(path)
+    assert instance_rows(again) == instance_rows(run)
     assert [t["to_state"] for t in log] == ["ready"]
 
 
@@ -137,7 +115,7 @@ def test_a_schema_4_transition_log_is_carried_over(tmp_path: Path) -> None:
         await store.open()
         if put:
             store.add_transition("r1", "a", 2, "ready", "submitting", {}, 3.0)
-            await _flush(store)
+            await flush_store(store)
         await store.close()
 
     anyio.run(open_close, False)
