@@ -8,22 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anyio
 import pytest
 
 from reflowd.engine.engine import Engine
 from reflowd.store import INSTANCES, Store
 
-from .support import one_task_run
-
-
-async def _flush(store: Store) -> None:
-    """Commit what is queued, with the writer running as the daemon runs it."""
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.run_writer)
-        with anyio.fail_after(60):
-            await store.flush()
-        tg.cancel_scope.cancel()
+from .support import flush_store, one_task_run
 
 
 @pytest.mark.anyio
@@ -38,13 +28,13 @@ async def test_a_reason_update_writes_only_the_reason_and_its_time(tmp_path: Pat
         store.put_task(run.id, run.tasks["a"])
         for inst in (a, b):
             store.put_instance(inst)
-        await _flush(store)  # the rows exist: what follows are changes
+        await flush_store(store)  # the rows exist: what follows are changes
         executed: list[str] = []
         assert store._db is not None
         await store._db.set_trace_callback(executed.append)
         engine.update(a, reason="Priority")
         engine.update(b, reason=None)  # unchanged: nothing written
-        await _flush(store)
+        await flush_store(store)
         await store._db.set_trace_callback(None)
         writes = [sql for sql in executed if sql.startswith(("UPDATE instances", "INSERT INTO instances"))]
         assert len(writes) == 1 and writes[0].startswith("UPDATE instances"), writes
