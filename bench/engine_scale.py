@@ -558,7 +558,7 @@ class BenchDaemon:
             self.proc.wait()
 
 
-def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, dict[str, float], dict[str, Any]]:
+def _fanout(tmp: Path, n: int) -> tuple[float, float, tuple[float, float], float, dict[str, float], dict[str, Any]]:
     """The whole fan-out ``make -> square[n] -> total``, as fast as the daemon can."""
     d = BenchDaemon(tmp / "run")
     pinger = Pinger(d.socket)
@@ -567,7 +567,7 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, dict[str, fl
         with Client(d.socket, timeout=600) as client:
             stats0 = client.stats()
             d.reset_steps()
-            cpu0 = cpu_seconds(d.proc.pid)
+            cpu0, loop0 = cpu_seconds(d.proc.pid), cpu_seconds(d.proc.pid, d.proc.pid)
             pinger.reset()
             started = time.monotonic()
             run_id = client.submit(manifest(False), {"n": n}, str(d.base / "work"), cluster="bench").run_id
@@ -577,6 +577,7 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, dict[str, fl
             client.runs()  # (the daemon flushes its store before listing runs)
             stats1 = client.stats()
             cpu_run = cpu_seconds(d.proc.pid) - cpu0
+            cpu_loop = cpu_seconds(d.proc.pid, d.proc.pid) - loop0  # the event loop's thread; the rest: the store's writer
             pings = pinger.reset()
             worst_step = d.worst_step()
             transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
@@ -587,7 +588,7 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, float, float, dict[str, fl
     finally:
         pinger.stop.set()
         d.stop()
-    return elapsed, transitions, cpu_run, peak, pings, worst_step
+    return elapsed, transitions, (cpu_run, cpu_loop), peak, pings, worst_step
 
 
 def store_capacity(n: int, directory: Path) -> tuple[float, float]:
@@ -608,13 +609,13 @@ class _SkipIdle(Exception):
 
 def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
     nan = float("nan")
-    elapsed = transitions = cpu_run = peak = nan
+    elapsed = transitions = cpu_run = cpu_loop = peak = nan
     pings: list[dict[str, float]] = []
     worst_step: dict[str, Any] = {"cpu_s": 0.0, "where": ""}
     with tempfile.TemporaryDirectory(prefix="reflow-bench-") as tmp:  # (removed on Ctrl-C and SIGTERM too: main)
         capacity, capacity_cpu = store_capacity(min(n, 100_000), Path(tmp))  # 0. The store's writer alone (a rate: 10^5 will do).
         if fanout:  # 1. The whole fan-out, as fast as the daemon can.
-            elapsed, transitions, cpu_run, peak, fanout_pings, worst_step = _fanout(Path(tmp), n)
+            elapsed, transitions, (cpu_run, cpu_loop), peak, fanout_pings, worst_step = _fanout(Path(tmp), n)
             pings.append(fanout_pings)
         # 2. In a fresh daemon, N instances held queued: memory, then CPU while nothing changes.
         d = BenchDaemon(Path(tmp) / "held")
@@ -673,6 +674,7 @@ def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
         "store_transitions_per_s": capacity,
         "store_transitions_per_cpu_s": capacity_cpu,
         "cpu_per_element_ms": cpu_run / n * 1000,
+        "loop_cpu_per_element_ms": cpu_loop / n * 1000,
         "peak_rss_mb": peak / 1e6,
         "worst_ping_ms": max((p["worst"] for p in pings), default=0.0) * 1000,
         "p99_ping_ms": max((p["p99"] for p in pings), default=0.0) * 1000,
@@ -694,6 +696,7 @@ def report(results: list[dict[str, Any]]) -> None:
         ("  store writer alone", "store_transitions_per_s", "{:,.0f}", f">= {GOAL_TRANSITIONS_PER_S:,}"),
         ("  per CPU-second", "store_transitions_per_cpu_s", "{:,.0f}", "(the writer alone; load-independent)"),
         ("daemon CPU per element", "cpu_per_element_ms", "{:.3f} ms", "flat (linear)"),
+        ("  of it the loop thread", "loop_cpu_per_element_ms", "{:.3f} ms", "(the rest: the store's writer, file-reading threads)"),
         ("peak RSS", "peak_rss_mb", "{:,.0f} MB", None),
         ("slowest ping meanwhile", "worst_ping_ms", "{:,.0f} ms", f"<= {GOAL_PING_S * 1000:.0f} ms"),
         ("  99th percentile", "p99_ping_ms", "{:,.0f} ms", "(of the pings every 20 ms, fan-out and held phases)"),
