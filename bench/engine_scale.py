@@ -351,7 +351,8 @@ def _profile_idle(marker: Path, out: str) -> None:
 def _time_collections(path: str) -> None:
     import gc
 
-    out = open(path, "w", buffering=1)
+    out = open(path, "a", buffering=1)  # (one file for the bench's daemons: appended)
+    out.write(f"=== daemon {os.getpid()}\n")
     started = [0.0, 0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -410,20 +411,30 @@ def _watch_stalls(path: str) -> None:
     main = threading.get_ident()
     beat = [time.monotonic()]
 
+    # A stall: the loop's thread spent this much CPU since the last heartbeat (CPU, not wall clock: on a
+    # loaded machine a thread waiting for a core is not the loop's doing). One stack sample inside each.
+    threshold = float(os.environ.get("REFLOW_BENCH_STALL_MS", "200")) / 1000
+    clock = time.pthread_getcpuclockid(main)
+    beat.append(time.clock_gettime(clock))
+
     def watch() -> None:
-        with open(path, "w") as out:
+        with open(path, "a") as out:  # (one file for the bench's daemons: appended)
+            out.write(f"=== daemon {os.getpid()}\n")
+            last = 0.0
             while True:
-                time.sleep(0.05)
-                late = time.monotonic() - beat[0]
-                if late > 0.2:
+                time.sleep(threshold / 4)
+                at, cpu_at = beat
+                spent = time.clock_gettime(clock) - cpu_at
+                if spent > threshold and at != last:
+                    last = at
                     frame = sys._current_frames().get(main)
-                    out.write(f"--- loop stalled {late * 1000:.0f} ms\n" + "".join(traceback.format_stack(frame)[-12:]))
+                    out.write(f"--- loop stalled {spent * 1000:.0f} ms CPU ({(time.monotonic() - at) * 1000:.0f} ms)\n"
+                              + "".join(traceback.format_stack(frame)[-14:]))
                     out.flush()
-                    beat[0] = time.monotonic()
 
     async def heartbeat() -> None:
         while True:
-            beat[0] = time.monotonic()
+            beat[:] = time.monotonic(), time.clock_gettime(clock)
             await anyio.sleep(0.01)
 
     threading.Thread(target=watch, daemon=True).start()
