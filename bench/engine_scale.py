@@ -258,23 +258,32 @@ def _measure_callbacks(path: Path) -> None:
     original = asyncio.events.Handle._run
     measuring = [True]
 
+    def suspended_at(owner: Any) -> str:
+        """The innermost await of ours a task is stopped at ("" when none)."""
+        coro, line = owner.get_coro(), ""
+        while coro is not None and getattr(coro, "cr_frame", None) is not None:
+            frame = coro.cr_frame
+            if "/reflowd/" in frame.f_code.co_filename:  # (not anyio's or asyncio's)
+                line = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+            coro = getattr(coro, "cr_await", None)
+        return line
+
+    # With REFLOW_BENCH_STEPS, also where each long step began (costs a walk per callback: debugging only).
+    starts = bool(os.environ.get("REFLOW_BENCH_STEPS"))
+
     def run(self: Any) -> None:
         if not measuring[0]:
             return original(self)
+        owner = getattr(getattr(self, "_callback", None), "__self__", None)
+        began = suspended_at(owner) if starts and hasattr(owner, "get_coro") else ""
         started = time.thread_time()
         original(self)
         spent = time.thread_time() - started
         if spent > min(worst["cpu_s"], 0.02):
-            owner = getattr(getattr(self, "_callback", None), "__self__", None)
             where = owner.get_name() if hasattr(owner, "get_name") else repr(self)[:300]
             if hasattr(owner, "get_coro"):  # where the step ended: the innermost await it stopped at
-                coro, line = owner.get_coro(), ""
-                while coro is not None and getattr(coro, "cr_frame", None) is not None:
-                    frame = coro.cr_frame
-                    if "/reflowd/" in frame.f_code.co_filename:  # (not anyio's or asyncio's)
-                        line = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-                    coro = getattr(coro, "cr_await", None)
-                where += f" (until {line})" if line else ""
+                line = suspended_at(owner)
+                where += f" (from {began or '?'} until {line})" if starts else f" (until {line})" if line else ""
             longest[where] = max(longest.get(where, 0.0), spent)
             if spent > worst["cpu_s"]:
                 worst["cpu_s"], worst["where"] = spent, where
