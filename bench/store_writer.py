@@ -207,11 +207,17 @@ def main() -> int:
               f"  ({b['wall_s']:.1f} s wall, {b['cpu_s']:.1f} s CPU;"
               f" per transition {b['loop_us']:.1f} us on the loop + {b['writer_us']:.1f} us in the writer's thread;"
               f" database {b['db_bytes'] / 1e6:.0f} MB)")
+        rates = sorted(r["per_cpu_s"] for r in runs)
+        if len(rates) > 2:  # (the best of a few runs on a loaded machine can be one lucky minute)
+            print(f"  {'':10} per CPU-second by run: {', '.join(f'{r:,.0f}' for r in rates)}"
+                  f" (median {rates[len(rates) // 2]:,.0f})")
         print(f"  {'':10} per transition by thread (us): {b['threads_us']};"
               f" transition rows per transition {b.get('rows_per_transition', 1.0):.3f}")
     if args.against:
         ratio = best["this tree"]["per_cpu_s"] / best["before"]["per_cpu_s"]
-        print(f"  per CPU-second: {ratio:.2f}x the 'before' tree")
+        medians = {label: sorted(r["per_cpu_s"] for r in runs)[len(runs) // 2] for label, runs in results.items()}
+        print(f"  per CPU-second: {ratio:.2f}x the 'before' tree (best of each);"
+              f" {medians['this tree'] / medians['before']:.2f}x (medians)")
     print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 
