@@ -49,9 +49,14 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def measure(n: int, directory: Path, profile: bool = False, inline: bool = False) -> dict[str, float]:
+def measure(n: int, directory: Path, profile: bool = False, inline: bool = False, freeze: bool = True
+            ) -> dict[str, float]:
     """One measurement in this process (with whatever ``reflowd`` is first on ``sys.path``); *inline*: SQLite
-    on the event loop's thread (the simulation's connection), so a profile sees all of the work."""
+    on the event loop's thread (the simulation's connection), so a profile sees all of the work. *freeze*:
+    ``gc.freeze()`` as the engine does (``engine.FREEZE_EVERY``: every so many new instances and every so
+    many transitions), so Python's full collections do not walk the *n* instances (without it, they cost
+    the loop and the encoding thread 2-3 us a transition at 3x10^5, growing with *n*)."""
+    import gc
     from collections import Counter
 
     import anyio
@@ -64,6 +69,10 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
     from reflowd.logging import configure
     from reflowd.store import ArrayKeys, Store
 
+    try:
+        from reflowd.engine.engine import FREEZE_EVERY
+    except ImportError:  # (older trees)
+        FREEZE_EVERY = 8192
     configure("info", stream=sys.stderr)  # (as the daemon runs: a transition's debug line is not written)
     def task(name: str, is_array: bool, deps: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "is_array": is_array, "config": {"version": "1", "cache": False}, "dependencies": deps,
@@ -96,6 +105,10 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
                 store.put_instance(inst)
                 if len(tr.instances) % 1000 == 0:
                     await store.pace()
+                if freeze and len(tr.instances) % FREEZE_EVERY == 0:
+                    gc.freeze()  # (as the engine expanding a task)
+            if freeze:
+                gc.freeze()
             ledger = Ledger(store, EventHub(), Counter())
             await store.flush()
             before = store.transitions_written
@@ -109,8 +122,12 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
             started, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
             steps = [State.READY, State.SUBMITTING, State.QUEUED, State.SUCCEEDED]
             job = 1000  # elements per array job
+            changed = 0
             for new in steps:  # (the evidence and fields each change carries, as the engine's callers pass them)
                 for k, inst in enumerate(insts):
+                    changed += 1
+                    if freeze and changed % FREEZE_EVERY == 0:
+                        gc.freeze()  # (as ``Engine.transition``: what the last transitions left behind)
                     if k % job == 0:
                         await anyio.sleep(0)
                         await store.pace()
@@ -150,13 +167,13 @@ def measure(n: int, directory: Path, profile: bool = False, inline: bool = False
     return anyio.run(go)
 
 
-def in_subprocess(root: Path, n: int, profile: bool, inline: bool = False) -> dict[str, float]:
+def in_subprocess(root: Path, n: int, profile: bool, inline: bool = False, freeze: bool = True) -> dict[str, float]:
     """Measure *root*'s store in a fresh interpreter with *root* first on its path."""
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
             f"import json, pathlib, tempfile, store_writer as w\n"
             f"with tempfile.TemporaryDirectory(prefix='reflow-writer-') as d:\n"
-            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile}, {inline})))")
+            f"    print(json.dumps(w.measure({n}, pathlib.Path(d), {profile}, {inline}, {freeze})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, text=True, stdout=subprocess.PIPE)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -169,17 +186,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="cProfile the transitions (to stderr; slows them)")
     parser.add_argument("--inline", action="store_true", help="SQLite on the loop's thread (to profile all the work)")
+    parser.add_argument("--no-freeze", dest="freeze", action="store_false",
+                        help="no gc.freeze() as the engine does (full collections then walk every instance)")
     args = parser.parse_args()
     trees = [("before", args.against)] if args.against else []
     trees.append(("this tree", ROOT))
     results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in trees}
     if not args.against:
         with tempfile.TemporaryDirectory(prefix="reflow-writer-") as d:
-            results["this tree"].extend(measure(args.n, Path(d), args.profile, args.inline) for _ in range(args.repeat))
+            results["this tree"].extend(measure(args.n, Path(d), args.profile, args.inline, args.freeze) for _ in range(args.repeat))
     else:
         for _ in range(args.repeat):
             for label, root in trees:
-                results[label].append(in_subprocess(root.resolve(), args.n, args.profile, args.inline))
+                results[label].append(in_subprocess(root.resolve(), args.n, args.profile, args.inline, args.freeze))
     print(f"store writer alone, n={args.n:,} instances x 4 transitions (best of {args.repeat}); goal >= {GOAL:,}/s")
     best: dict[str, dict[str, Any]] = {}
     for label, runs in results.items():
@@ -188,11 +207,17 @@ def main() -> int:
               f"  ({b['wall_s']:.1f} s wall, {b['cpu_s']:.1f} s CPU;"
               f" per transition {b['loop_us']:.1f} us on the loop + {b['writer_us']:.1f} us in the writer's thread;"
               f" database {b['db_bytes'] / 1e6:.0f} MB)")
+        rates = sorted(r["per_cpu_s"] for r in runs)
+        if len(rates) > 2:  # (the best of a few runs on a loaded machine can be one lucky minute)
+            print(f"  {'':10} per CPU-second by run: {', '.join(f'{r:,.0f}' for r in rates)}"
+                  f" (median {rates[len(rates) // 2]:,.0f})")
         print(f"  {'':10} per transition by thread (us): {b['threads_us']};"
               f" transition rows per transition {b.get('rows_per_transition', 1.0):.3f}")
     if args.against:
         ratio = best["this tree"]["per_cpu_s"] / best["before"]["per_cpu_s"]
-        print(f"  per CPU-second: {ratio:.2f}x the 'before' tree")
+        medians = {label: sorted(r["per_cpu_s"] for r in runs)[len(runs) // 2] for label, runs in results.items()}
+        print(f"  per CPU-second: {ratio:.2f}x the 'before' tree (best of each);"
+              f" {medians['this tree'] / medians['before']:.2f}x (medians)")
     print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 

@@ -256,22 +256,28 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]],
     out = Grouped([], [], [], [], [], [])
     n = len(rows)
     i = 0
+    head: tuple[Any, ...] = ()
+    #: A column that differed between the last two rows that could not be grouped: the next pair is
+    #: compared on it first, without slicing either row (rows that set per-element values, an identity
+    #: or an output, differ there row after row). Only ever rejects, so any column will do.
+    probe = 0
     while i < n:
         row = rows[i]
         last = row[-1]
         j = i + 1
         if last >= 0:
-            head = row[:-1]
             types = None
             while j < n:
                 nxt = rows[j]
-                if nxt[-1] != last + 1:
-                    break
-                same = nxt[:-1]
-                if same != head:
+                if nxt[-1] != last + 1 or nxt[probe] != row[probe]:
                     break
                 if types is None:
+                    head = row[:-1]
                     types = tuple(map(type, head))
+                same = nxt[:-1]
+                if same != head:
+                    probe = next((c for c, (a, b) in enumerate(zip(same, head)) if a != b), 0)
+                    break
                 if tuple(map(type, same)) != types:  # (see ``_types``)
                     break
                 last += 1
@@ -281,13 +287,12 @@ def group_updates(rows: list[tuple[Any, ...]], snapshots: list[tuple[Any, ...]],
                 if pattern is not None:
                     prefix, offset = pattern
                     before, after = row[:key], row[key + 1:-1]
-                    types = (_types(before), _types(after))
+                    row_types = tuple(map(type, row))  # (the key column's is str in every row compared)
                     while j < n:
                         nxt = rows[j]
                         if nxt[-1] != last + 1 or nxt[key] != prefix + str(last + 1 - offset):
                             break
-                        a, b = nxt[:key], nxt[key + 1:-1]
-                        if a != before or b != after or (_types(a), _types(b)) != types:
+                        if nxt[:key] != before or nxt[key + 1:-1] != after or tuple(map(type, nxt)) != row_types:
                             break
                         last += 1
                         j += 1
@@ -528,6 +533,7 @@ class Store:
         self._pending = 0
         self._enqueued = 0
         self._committed = 0
+        self._masks: dict[int, tuple[tuple[str, ...], int]] = {}  # ``change_instance``: columns by names
         self._wake = anyio.Event()
         self._urgent = anyio.Event()
         self._committed_event = anyio.Event()
@@ -759,7 +765,13 @@ class Store:
         ledger's hot path (a transition of every element of every array), where each call counts."""
         run_id, task, index = inst.run_id, inst.task, inst.index
         key = (run_id, task, index)
-        mask = INSTANCES.mask(changed)
+        known = self._masks.get(id(changed))  # (by identity: the ledger passes one tuple per set of names)
+        if known is not None and known[0] is changed:
+            mask = known[1]
+        else:
+            mask = INSTANCES.mask(changed)
+            if len(self._masks) < 1024:  # (the tuple is kept with its mask, so its id is not reused meanwhile)
+                self._masks[id(changed)] = (changed, mask)
         earlier = self._instances.get(key)
         if earlier is not None:
             mask = WHOLE_ROW if earlier[0] == WHOLE_ROW else mask | earlier[0]

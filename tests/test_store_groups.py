@@ -147,6 +147,39 @@ def test_equal_values_of_another_type_are_not_grouped() -> None:
     assert not g.ranges and len(g.singles) == 3
 
 
+def _ungrouped(g: Any, key: int | None) -> list[tuple[Any, ...]]:
+    """The rows ``group_updates``' answer stands for, one per index, as the SQL would write them."""
+    out = list(g.singles)
+    for r in g.ranges:
+        out.extend((*r[:-2], i) for i in range(r[-2], r[-1] + 1))
+    for r in g.keyed:
+        assert key is not None
+        prefix, offset = r[key], r[key + 1]
+        out.extend((*r[:key], prefix + str(i - offset), *r[key + 2:-2], i) for i in range(r[-2], r[-1] + 1))
+    return sorted(out, key=lambda r: r[-1])
+
+
+_value = st.sampled_from([None, 1, 1.0, True, "1", "x", "y"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_value, _value, st.sampled_from(["7_", "8_", None]), st.integers(0, 2), st.booleans()),
+                max_size=30))
+def test_grouped_updates_stand_for_exactly_the_rows_given(specs: list[tuple[Any, ...]]) -> None:
+    """Whatever groups form (ranges, job-key patterns, per-element values that differ row after row: the
+    column compared first), the rows they stand for are the rows given, values and types alike."""
+    rows, index = [], 0
+    for a, b, prefix, offset, gap in specs:
+        index += 2 if gap else 1
+        key = None if prefix is None else prefix + str(index - offset)
+        rows.append(("queued", a, key, b, "r", "t", index))
+    g = group_updates(rows, rows, 2)
+    got = _ungrouped(g, 2)
+    assert got == rows
+    assert [tuple(map(type, r)) for r in got] == [tuple(map(type, r)) for r in rows]
+    assert len(g.singles) + len(g.ranges) + len(g.keyed) <= len(rows)
+
+
 @pytest.mark.anyio
 async def test_an_array_taken_through_its_states_by_the_ledger_is_few_rows_and_reloads_as_memory_held(
         tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ def _debugging(now: float) -> bool:
 #: The fields every instance transition changes (and the store then writes: ``Store.put_instance``).
 _CHANGED = ("state", "updated_at")
 _CHANGED_ENDED = ("state", "updated_at", "ended_at")
+#: The fields changed, by the names of the fields a caller set: ``(not ending, ending)``. One tuple object
+#: per set of names (callers pass the same few), so the store finds its columns by the tuple's identity.
+_CHANGED_BY: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {(): (_CHANGED, _CHANGED_ENDED)}
 
 
 class Recorder(Protocol):
@@ -102,12 +105,17 @@ class Ledger:
             setattr(inst, name, value)
         inst.state = new
         inst.updated_at = now
-        changed = _CHANGED
+        names = tuple(fields)
+        both = _CHANGED_BY.get(names)
+        if both is None:
+            both = ((*_CHANGED, *names), (*_CHANGED_ENDED, *names))
+            if len(_CHANGED_BY) < 512:  # (bounded, should callers ever vary their names without end)
+                _CHANGED_BY[names] = both
         if new in TERMINAL and inst.ended_at is None:
             inst.ended_at = now
-            changed = _CHANGED_ENDED
-        if fields:
-            changed = (*changed, *fields)
+            changed = both[1]
+        else:
+            changed = both[0]
         tr = run.tasks.get(inst.task)
         if tr is not None:
             tr.counts[old] -= 1
@@ -130,7 +138,8 @@ class Ledger:
             })
         # Debug level (a line per transition is too dear at 10^5 elements); failures are worth a warning.
         loud = new in FAILURE and new is not State.UPSTREAM_FAILED and new is not State.CANCELLED
-        if loud or _debugging(now):
+        checked = _debug_checked  # (``_debugging``'s answer while it holds, without the call)
+        if loud or (checked[1] if -DEBUG_RECHECK_S < now - checked[0] < DEBUG_RECHECK_S else _debugging(now)):
             (log.warning if loud else log.debug)(
                 "task state", run_id=run.id, task=inst.task, index=inst.index, job_id=inst.job_key or inst.job_id,
                 cluster=run.cluster, old=old.value, new=new.value, attempt=inst.attempt)
