@@ -170,3 +170,28 @@ def test_what_dies_frozen_is_collected_once_the_heap_is_small() -> None:
         assert heap.to_dict()["tidies"] == 1
     finally:
         gc.unfreeze()
+
+
+def test_elements_starting_together_share_one_time_limit_deadline(monkeypatch: Any) -> None:
+    """10^4 elements of one job starting within a few seconds: a couple of deadline entries, not 10^4;
+    the poll after the limit still comes (at most ``DEADLINE_STEP`` late), for that job only while tracked."""
+    from reflowd import world
+    from reflowd.driver import driver as driver_module
+
+    d = driver()
+    t = made_track(d, "t1", "1", 0, packed=False)
+    t.record.request.time = "00:10:00"
+    d.follow(t)
+    for i in range(10_000):
+        d.add_deadline(t, SimpleNamespace(started_at=1000.0 + i * 0.0004))  # type: ignore[arg-type]
+    assert 1 <= len(d.deadlines) <= 2 and d.deadline_entries == set(d.deadlines)
+    last = 1000.0 + 600 + 5.0 + 4.0
+    monkeypatch.setattr(world, "now", lambda: 1000.0 + 600)
+    assert not d.deadline_due()
+    monkeypatch.setattr(world, "now", lambda: last + driver_module.DEADLINE_STEP)
+    assert d.deadline_due()
+    assert not d.deadlines and not d.deadline_entries
+    d.add_deadline(t, SimpleNamespace(started_at=2000.0))  # type: ignore[arg-type]
+    d.unfollow("t1")
+    monkeypatch.setattr(world, "now", lambda: 3000.0)
+    assert not d.deadline_due()  # (its job is no longer tracked: nothing to poll for)
