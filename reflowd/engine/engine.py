@@ -410,6 +410,11 @@ class Engine:
         await _checkpoint(i)
         await self.store.pace()
 
+    def _pace_due(self, i: int) -> bool:
+        """Would ``_pace(i)`` do anything (yield, or wait for the store's writer)? Loops over every element
+        ask first: two coroutines made and awaited per element for nothing cost more than the check."""
+        return bool(i and i % YIELD_EVERY == 0) or self.store.backlog >= self.store.max_batch
+
     def set_run_state(self, run: Run, new: RunState, evidence: dict[str, Any]) -> None:
         self.ledger.run(run, new, evidence)
 
@@ -522,7 +527,8 @@ class Engine:
             pending = await self._expand(run, tr, res.size or 0)
         ready = self._to_check.setdefault(run.id, [])
         for n, inst in enumerate(pending):
-            await self._pace(n)
+            if self._pace_due(n):
+                await self._pace(n)
             if n and n % FREEZE_EVERY == 0:
                 self.heap.freeze()  # (see FREEZE_AFTER: ``ready`` grows to 10^6 entries)
             if inst.state is not State.PENDING:
@@ -560,7 +566,8 @@ class Engine:
         created = []
         now = world.now()
         for i in range(size):
-            await self._pace(i)
+            if self._pace_due(i):
+                await self._pace(i)
             inst = Instance(run_id=run.id, task=tr.name, index=i, updated_at=now)
             tr.add(inst)
             self.store.put_instance(inst)
@@ -602,7 +609,8 @@ class Engine:
                                                         if i.identity_hex in hits])
         missed: list[Instance] = []
         for n, inst in enumerate(lookup):
-            await self._pace(n)
+            if self._pace_due(n):
+                await self._pace(n)
             if inst.state is not State.READY or inst.handed:
                 continue  # cancelled while we looked
             hit = hits.get(inst.identity_hex or "")

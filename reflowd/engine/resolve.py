@@ -375,19 +375,42 @@ class _IdentityPlan:
         self.tail = ',"version":' + _canon(str(task.version)) + ',"workflow":' + _canon(workflow) + "}"
         self.wired = wired
         self.workflow, self.task = workflow, task
+        self.keys: dict[str, str] = {}  # an input's name as its JSON key text, ``"x":`` (the same for every element)
+        # Each element's values and hashes read straight from their columns (``_Elements``/``_ElementHashes``:
+        # what resolve() makes), not through a dict and a list built per element; None: through the sequences.
+        elements, hashes = res.elements, res.element_hashes
+        self.columns = list(elements.columns.items()) if type(elements) is _Elements else None
+        self.hash_columns = list(hashes.columns.values()) if type(hashes) is _ElementHashes else None
+        self.size = res.size
+
+    def _key(self, name: str) -> str:
+        text = self.keys.get(name)
+        if text is None:
+            text = self.keys[name] = _canon(name) + ":"
+        return text
 
     def identity(self, index: int | None) -> bytes:
-        inputs = dict(self.shared_inputs)
+        inputs = self.shared_inputs
         upstream = self.upstream_head
         if index is not None:
-            for k, v in self.res.elements[index].items():
-                if k in self.wired:
+            inputs = dict(inputs)
+            columns, hash_columns = self.columns, self.hash_columns
+            if columns is None or hash_columns is None or not 0 <= index < (self.size or 0):
+                row, hashes = self.res.elements[index], self.res.element_hashes[index]  # (raises as it did)
+                items: Any = row.items()
+            else:
+                items = [(k, col[index]) for k, col in columns]
+                hashes = [col[index] for col in hash_columns]
+            wired = self.wired
+            for k, v in items:
+                if k in wired:
                     inputs[k] = _canon(v)
                 else:  # an element value that is not a wired input: resolve() makes none, but stay exact
                     return bytes.fromhex(_identity_slow(self.workflow, self.task, self.res, index))
-            own = _canon_items(self.res.element_hashes[index])
+            own = _canon_items(hashes)
             upstream = f"{upstream},{own}" if upstream and own else upstream or own
-        text = ('{"inputs":{' + ",".join(_canon(k) + ":" + inputs[k] for k in sorted(inputs)) + "}"
+        key = self._key
+        text = ('{"inputs":{' + ",".join(key(k) + inputs[k] for k in sorted(inputs)) + "}"
                 + self.after_inputs + "[" + upstream + "]" + self.tail)
         return hashlib.sha256(text.encode("utf-8")).digest()
 
