@@ -83,3 +83,28 @@ def test_shared_encoder_and_decoder_equal_json_dumps_and_loads(value: dict[str, 
     text = data.decode("utf-8")
     expected = json.loads(text, parse_float=jobfiles._finite, parse_constant=jobfiles._no_constant)
     assert json.dumps(jobfiles._loads_plain(text)) == json.dumps(expected)
+
+
+def test_an_instance_made_by_position_is_the_one_made_by_keywords() -> None:
+    """``Engine._expand`` makes each element's instance from its key fields by position (cheaper)."""
+    import dataclasses
+
+    from reflowd.engine.model import Instance
+
+    by_position = Instance("r1", "square", 3)
+    by_position.updated_at = 5.0
+    by_keyword = Instance(run_id="r1", task="square", index=3, updated_at=5.0)
+    for f in dataclasses.fields(Instance):
+        assert getattr(by_position, f.name) == getattr(by_keyword, f.name), f.name
+
+
+def test_successes_share_one_evidence_and_failures_get_their_own() -> None:
+    from reflowd.engine import decide
+    from reflowd.engine.model import Instance
+
+    ok = {"state": "succeeded", "output": 1, "output_hash": "h"}
+    first = decide.from_result(Instance("r", "t", 0), ok, None)
+    second = decide.from_result(Instance("r", "t", 1), ok, None)
+    assert first.evidence is second.evidence and first.evidence == {"source": "result_file", "state": "succeeded"}
+    bad = decide.from_result(Instance("r", "t", 2), {"state": "failed", "error": "x"}, None)
+    assert bad.evidence == {"source": "result_file", "state": "failed"} and bad.evidence is not first.evidence

@@ -49,6 +49,10 @@ _EXPLAINING = {
 }
 
 
+#: The evidence of a result file that says the element succeeded (shared: never changed once given).
+_SUCCEEDED_EVIDENCE: dict[str, Any] = {"source": "result_file", "state": "succeeded"}
+
+
 @dataclass(frozen=True)
 class Timing:
     result_grace: float = 10.0
@@ -74,14 +78,18 @@ def from_result(inst: Instance, result: dict[str, Any], obs: Observation | None)
         # jobs from these), not the daemon's moment of noticing the start.
         "started_at": result.get("started_at") or inst.started_at,
     }
-    evidence: dict[str, Any] = {"source": "result_file", "state": result.get("state")}
+    claimed = result.get("state")
+    # Every element that succeeded shares one evidence dict (nothing changes evidence once given): the
+    # store's writer then groups a job's consecutive successes by identity, without comparing dicts.
+    evidence: dict[str, Any] = (
+        _SUCCEEDED_EVIDENCE if claimed == "succeeded" else {"source": "result_file", "state": claimed})
     if result.get("resolved_inputs") and inst.identity and result.get("identity") != inst.identity_hex:
         # A job that resolved its own inputs (Slurm-side dependencies) saw other inputs than the engine's.
         error = (f"the job resolved inputs of identity {str(result.get('identity'))[:16]}, the engine's are "
                  f"{inst.identity.hex()[:16]}: its output is not kept")
         fields.update(error=error, traceback=None, cause=causes.from_result({"error": error}))
         return Decision(State.FAILED, {**evidence, "identity_mismatch": True}, fields)
-    if result.get("state") == "succeeded":
+    if claimed == "succeeded":
         fields.update(output=result.get("output"), output_hash=result.get("output_hash"), error=None, traceback=None)
         return Decision(State.SUCCEEDED, evidence, fields)
     fields.update(error=result.get("error"), traceback=result.get("traceback"))
