@@ -108,3 +108,38 @@ def test_successes_share_one_evidence_and_failures_get_their_own() -> None:
     assert first.evidence is second.evidence and first.evidence == {"source": "result_file", "state": "succeeded"}
     bad = decide.from_result(Instance("r", "t", 2), {"state": "failed", "error": "x"}, None)
     assert bad.evidence == {"source": "result_file", "state": "failed"} and bad.evidence is not first.evidence
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json | st.floats(allow_nan=True, allow_infinity=True) | st.dictionaries(
+    st.text(max_size=3), st.floats(allow_nan=True), max_size=3))
+def test_the_prebuilt_c_encoders_write_and_refuse_what_json_does(value: Any) -> None:
+    """``jobfiles.dumps`` and ``resolve._canon`` call a C encoder built once instead of through
+    ``JSONEncoder.encode``: the same text, and the same refusals (NaN in an identity)."""
+    from reflowd.engine import resolve
+
+    assert jobfiles.dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True)
+    try:
+        expected: Any = plain.encode(value)
+    except ValueError as exc:
+        expected = ("refused", str(exc))
+    try:
+        got: Any = resolve._canon(value)
+    except ValueError as exc:
+        got = ("refused", str(exc))
+    assert got == expected
+
+
+def test_a_cycle_is_refused_as_json_refuses_it() -> None:
+    from reflowd.engine import resolve
+
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    for encode in (jobfiles.dumps, resolve._canon):
+        try:
+            encode(cycle)
+        except ValueError as exc:
+            assert "Circular reference" in str(exc)
+        else:
+            raise AssertionError("a cycle was encoded")

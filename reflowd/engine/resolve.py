@@ -268,6 +268,13 @@ class _ElementBlocks(_Columns):
 
 #: ``canonical_json``'s settings; it differs from plain JSON only inside encoded dicts with non-str keys.
 _encode_plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True).encode
+#: The C encoder ``_encode_plain`` builds afresh on every call, built once (an element's identity encodes
+#: its value: a third of the cost). No circular check: a cycle ends in RecursionError, and ``_encode_plain``
+#: then says what it says.
+_c_encode_plain: Any = (
+    json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+                                True, False, False)
+    if json.encoder.c_make_encoder is not None else None)
 _KEYED_DICT = f'"{codec.TAG}":"dict"'
 
 
@@ -276,7 +283,11 @@ def _canon(value: Any) -> str:
     is one call, not 10^5 Python steps). Only a value holding an encoded dict with non-str keys (whose
     items canonical_json sorts) takes the slow way; a string merely containing the marker's text shows
     escaped quotes there, so it never matches."""
-    text: str = _encode_plain(value)
+    text: str
+    try:
+        text = "".join(_c_encode_plain(value, 0)) if _c_encode_plain is not None else _encode_plain(value)
+    except RecursionError:
+        text = _encode_plain(value)
     if _KEYED_DICT in text:
         return codec.canonical_json(value)
     return text
