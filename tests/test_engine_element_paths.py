@@ -143,3 +143,15 @@ def test_a_cycle_is_refused_as_json_refuses_it() -> None:
             assert "Circular reference" in str(exc)
         else:
             raise AssertionError("a cycle was encoded")
+
+
+def test_a_fan_outs_elements_are_never_blocked_and_a_chains_are_asked() -> None:
+    """``_ElementBlocks.clear`` lets the engine skip asking each element of a fan-out; a chain from an
+    array with a failed element still blocks that element."""
+    fan = TaskManifest(name="t", is_array=True, config={}, dependencies=["a"], inputs={"x": [InputSource("a", "fanout")]})
+    res = resolve(fan, {"a": _view([[1, 2, 3]], False)}, {}, "/run")
+    assert res.element_blocked.clear and [res.element_blocked[i] for i in range(3)] == [None, None, None]  # type: ignore[attr-defined]
+    chain = TaskManifest(name="c", is_array=True, config={}, dependencies=["b"], inputs={"y": [InputSource("b", "chain")]})
+    res = resolve(chain, {"b": _view([10, 20], True, ok=[True, False])}, {}, "/run")
+    assert not res.element_blocked.clear  # type: ignore[attr-defined]
+    assert res.element_blocked[0] is None and "did not succeed" in (res.element_blocked[1] or "")

@@ -259,7 +259,13 @@ class _ElementHashes(_Columns):
 
 
 class _ElementBlocks(_Columns):
-    __slots__ = ()
+    __slots__ = ("clear",)
+
+    def __init__(self, columns: dict[str, Sequence[Any]], size: int) -> None:
+        super().__init__(columns, size)
+        #: Every column one repeated True (a fan-out's): no element is blocked, and the engine need not ask
+        #: element by element (``Engine._advance_task``).
+        self.clear = all(type(col) is _Repeat and col.value is True for col in columns.values())
 
     def _element(self, i: int) -> str | None:
         bad = [p for p, oks in self.columns.items() if not oks[i]]
