@@ -258,23 +258,32 @@ def _measure_callbacks(path: Path) -> None:
     original = asyncio.events.Handle._run
     measuring = [True]
 
+    def suspended_at(owner: Any) -> str:
+        """The innermost await of ours a task is stopped at ("" when none)."""
+        coro, line = owner.get_coro(), ""
+        while coro is not None and getattr(coro, "cr_frame", None) is not None:
+            frame = coro.cr_frame
+            if "/reflowd/" in frame.f_code.co_filename:  # (not anyio's or asyncio's)
+                line = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+            coro = getattr(coro, "cr_await", None)
+        return line
+
+    # With REFLOW_BENCH_STEPS, also where each long step began (costs a walk per callback: debugging only).
+    starts = bool(os.environ.get("REFLOW_BENCH_STEPS"))
+
     def run(self: Any) -> None:
         if not measuring[0]:
             return original(self)
+        owner = getattr(getattr(self, "_callback", None), "__self__", None)
+        began = suspended_at(owner) if starts and hasattr(owner, "get_coro") else ""
         started = time.thread_time()
         original(self)
         spent = time.thread_time() - started
         if spent > min(worst["cpu_s"], 0.02):
-            owner = getattr(getattr(self, "_callback", None), "__self__", None)
             where = owner.get_name() if hasattr(owner, "get_name") else repr(self)[:300]
             if hasattr(owner, "get_coro"):  # where the step ended: the innermost await it stopped at
-                coro, line = owner.get_coro(), ""
-                while coro is not None and getattr(coro, "cr_frame", None) is not None:
-                    frame = coro.cr_frame
-                    if "/reflowd/" in frame.f_code.co_filename:  # (not anyio's or asyncio's)
-                        line = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-                    coro = getattr(coro, "cr_await", None)
-                where += f" (until {line})" if line else ""
+                line = suspended_at(owner)
+                where += f" (from {began or '?'} until {line})" if starts else f" (until {line})" if line else ""
             longest[where] = max(longest.get(where, 0.0), spent)
             if spent > worst["cpu_s"]:
                 worst["cpu_s"], worst["where"] = spent, where
@@ -351,7 +360,8 @@ def _profile_idle(marker: Path, out: str) -> None:
 def _time_collections(path: str) -> None:
     import gc
 
-    out = open(path, "w", buffering=1)
+    out = open(path, "a", buffering=1)  # (one file for the bench's daemons: appended)
+    out.write(f"=== daemon {os.getpid()}\n")
     started = [0.0, 0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -410,20 +420,30 @@ def _watch_stalls(path: str) -> None:
     main = threading.get_ident()
     beat = [time.monotonic()]
 
+    # A stall: the loop's thread spent this much CPU since the last heartbeat (CPU, not wall clock: on a
+    # loaded machine a thread waiting for a core is not the loop's doing). One stack sample inside each.
+    threshold = float(os.environ.get("REFLOW_BENCH_STALL_MS", "200")) / 1000
+    clock = time.pthread_getcpuclockid(main)
+    beat.append(time.clock_gettime(clock))
+
     def watch() -> None:
-        with open(path, "w") as out:
+        with open(path, "a") as out:  # (one file for the bench's daemons: appended)
+            out.write(f"=== daemon {os.getpid()}\n")
+            last = 0.0
             while True:
-                time.sleep(0.05)
-                late = time.monotonic() - beat[0]
-                if late > 0.2:
+                time.sleep(threshold / 4)
+                at, cpu_at = beat
+                spent = time.clock_gettime(clock) - cpu_at
+                if spent > threshold and at != last:
+                    last = at
                     frame = sys._current_frames().get(main)
-                    out.write(f"--- loop stalled {late * 1000:.0f} ms\n" + "".join(traceback.format_stack(frame)[-12:]))
+                    out.write(f"--- loop stalled {spent * 1000:.0f} ms CPU ({(time.monotonic() - at) * 1000:.0f} ms)\n"
+                              + "".join(traceback.format_stack(frame)[-14:]))
                     out.flush()
-                    beat[0] = time.monotonic()
 
     async def heartbeat() -> None:
         while True:
-            beat[0] = time.monotonic()
+            beat[:] = time.monotonic(), time.clock_gettime(clock)
             await anyio.sleep(0.01)
 
     threading.Thread(target=watch, daemon=True).start()

@@ -48,8 +48,10 @@ log = structlog.get_logger("reflowd.submitter")
 WRITE_RETRY = 10.0
 #: Instances moved between two yields to the event loop (a batch can be a whole local array).
 YIELD_EVERY = 128
-#: READY instances formed into jobs per round of the submit loop, in arrays of the scheduler's largest size.
-TAKE_ARRAYS = 4
+#: READY instances formed into jobs per round of the submit loop (at least one array of the scheduler's
+#: largest size, so arrays go out whole), and between two yields while forming them.
+TAKE_ELEMENTS = 4096
+FORM_YIELD_EVERY = 1024
 #: Seconds before a submit round whose bookkeeping raised is tried again.
 ROUND_RETRY = 5.0
 
@@ -93,13 +95,13 @@ class Submitter:
         #: READY instances were left for the next round of the loop (``form_batches`` takes a slice).
         self.more = False
 
-    def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
+    async def form_batches(self, now: float) -> tuple[list[tuple[Run, TaskRun, list[Instance]]], float | None]:
         """Batches to submit now (taken off the queue), and when the next back-off expires."""
-        # Whole arrays' worth at a time (a slice of a 10^5 hand-over), so no step runs long.
-        taken, next_due = self.d.take_ready(now, TAKE_ARRAYS * max(1, self.cluster.scheduler.max_array_size))
+        # A slice of a 10^5 hand-over at a time, formed with yields between, so no step runs long.
+        taken, next_due = self.d.take_ready(now, max(TAKE_ELEMENTS, self.cluster.scheduler.max_array_size))
         self.more = bool(self.d.ready)  # left for the next round (unless a queue limit holds it back, below)
         try:
-            return self.batches_of(taken, now), next_due
+            return await self.batches_of(taken, now), next_due
         except Exception as exc:  # what was taken off the queue would be lost: fail it, with its runs
             self.taken_failed(taken, exc)
             return [], next_due
@@ -118,11 +120,14 @@ class Submitter:
         if not runs:
             self.d.loop_failed("forming jobs", exc)
 
-    def batches_of(self, taken: dict[Instance, Run], now: float) -> list[tuple[Run, TaskRun, list[Instance]]]:
-        """*taken* (READY instances off the queue) formed into batches; what a queue limit holds back goes back."""
+    async def batches_of(self, taken: dict[Instance, Run], now: float) -> list[tuple[Run, TaskRun, list[Instance]]]:
+        """*taken* (READY instances off the queue) formed into batches; what a queue limit holds back goes back.
+        (Each is checked READY again when its batch goes out: one cancelled while this yields is left out there.)"""
         groups: dict[tuple[str, str, str], list[Instance]] = defaultdict(list)
         runs: dict[str, Run] = {}
-        for inst, run in taken.items():
+        for n, (inst, run) in enumerate(taken.items()):
+            if n and n % FORM_YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
             if inst.state is not State.READY:
                 continue
             # Escalated retries (more memory or time) go out as their own job: one request has one size.
@@ -137,6 +142,7 @@ class Submitter:
                 continue
             by_index = {i.index: i for i in insts if i.index is not None}
             for chunk in chunk_indices(list(by_index), max(1, self.cluster.scheduler.max_array_size)):
+                await anyio.lowlevel.checkpoint()
                 batches.append((run, tr, [by_index[i] for i in chunk]))
         batches = queue_limits.retries_first(batches)  # under a queue cap, a retry takes the next free slot
 
@@ -164,7 +170,7 @@ class Submitter:
                     continue
                 now = world.now()
                 try:
-                    batches, next_due = self.form_batches(now)
+                    batches, next_due = await self.form_batches(now)
                 except Exception as exc:  # the queue's own bookkeeping raised: show it, try again in a while
                     self.d.loop_failed("the submit loop", exc)
                     batches, next_due, self.more = [], now + ROUND_RETRY, False
