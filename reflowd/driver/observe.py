@@ -33,6 +33,7 @@ from ..engine import decide
 from ..engine.model import Instance
 from ..engine.states import FAILURE, State
 from ..schedulers.base import Answers, Observation, Phase, Presence
+from ..steps import run_steps
 from ..transports.base import TransportError
 from . import requeue
 from . import packing
@@ -243,7 +244,9 @@ class Observer:
                 continue
             track.seen_results.add(os.path.basename(paths[inst.index]))
             try:
-                result = jobfiles.parse_result(raw, f"result file of {inst.label}")
+                where = f"result file of {inst.label}"
+                result = (jobfiles.parse_result(raw, where) if len(raw) < jobfiles.PIECES_FROM
+                          else await run_steps(jobfiles.parse_result_steps(raw, where)))
             except Exception as exc:  # ValueError, and RecursionError for absurd nesting: the instance fails
                 result = {"state": "failed", "error": f"unreadable result: {exc}"}
             if not (inst.in_flight and inst.tag == track.tag):

@@ -30,6 +30,7 @@ from reflow_client import jobfiles
 from reflow_client.resources import format_mem
 
 from .. import world
+from ..steps import run_steps
 from ..engine.model import Instance, JobRecord, Run, TaskRun
 from ..engine.resolve import ResolveError
 from ..engine.states import FAILURE, State
@@ -264,7 +265,7 @@ class Submitter:
         if request.slices is not None:
             job["slices"] = [list(piece) for piece in request.slices]
             job["width"] = plan.width if plan is not None else 1
-        files = {os.path.join(request.job_dir, jobfiles.JOB_FILE): jobfiles.dumps(job)}
+        files = {os.path.join(request.job_dir, jobfiles.JOB_FILE): await run_steps(jobfiles.dumps_steps(job))}
 
         def inputs(inst: Instance) -> dict[str, Any]:
             element = res.elements[inst.index] if inst.index is not None else {}

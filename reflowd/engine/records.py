@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from reflow_client import jsonpieces
+
 T = TypeVar("T")
 
 _MISSING: Any = dataclasses.MISSING
@@ -39,6 +41,10 @@ def dump_json(value: Any) -> str:
         return _ENCODE_STR(value)  # type: ignore[no-any-return]
     if _ENCODE is None:
         return _JSON.encode(value)
+    if type(value) in (list, dict) and len(value) > jsonpieces.SLICE:
+        # A fan-out's 10^6-element output: slices, so on the store's writer thread the GIL changes hands
+        # between them (one C call of 100-200 ms would hold the event loop that long).
+        return "".join(jsonpieces.encode(value))
     try:
         return "".join(_ENCODE(value, 0))
     except RecursionError:
