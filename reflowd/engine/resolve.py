@@ -259,7 +259,13 @@ class _ElementHashes(_Columns):
 
 
 class _ElementBlocks(_Columns):
-    __slots__ = ()
+    __slots__ = ("clear",)
+
+    def __init__(self, columns: dict[str, Sequence[Any]], size: int) -> None:
+        super().__init__(columns, size)
+        #: Every column one repeated True (a fan-out's): no element is blocked, and the engine need not ask
+        #: element by element (``Engine._advance_task``).
+        self.clear = all(type(col) is _Repeat and col.value is True for col in columns.values())
 
     def _element(self, i: int) -> str | None:
         bad = [p for p, oks in self.columns.items() if not oks[i]]
@@ -268,6 +274,13 @@ class _ElementBlocks(_Columns):
 
 #: ``canonical_json``'s settings; it differs from plain JSON only inside encoded dicts with non-str keys.
 _encode_plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True).encode
+#: The C encoder ``_encode_plain`` builds afresh on every call, built once (an element's identity encodes
+#: its value: a third of the cost). No circular check: a cycle ends in RecursionError, and ``_encode_plain``
+#: then says what it says.
+_c_encode_plain: Any = (
+    json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+                                True, False, False)
+    if json.encoder.c_make_encoder is not None else None)
 _KEYED_DICT = f'"{codec.TAG}":"dict"'
 
 
@@ -276,7 +289,11 @@ def _canon(value: Any) -> str:
     is one call, not 10^5 Python steps). Only a value holding an encoded dict with non-str keys (whose
     items canonical_json sorts) takes the slow way; a string merely containing the marker's text shows
     escaped quotes there, so it never matches."""
-    text: str = _encode_plain(value)
+    text: str
+    try:
+        text = "".join(_c_encode_plain(value, 0)) if _c_encode_plain is not None else _encode_plain(value)
+    except RecursionError:
+        text = _encode_plain(value)
     if _KEYED_DICT in text:
         return codec.canonical_json(value)
     return text
@@ -375,19 +392,42 @@ class _IdentityPlan:
         self.tail = ',"version":' + _canon(str(task.version)) + ',"workflow":' + _canon(workflow) + "}"
         self.wired = wired
         self.workflow, self.task = workflow, task
+        self.keys: dict[str, str] = {}  # an input's name as its JSON key text, ``"x":`` (the same for every element)
+        # Each element's values and hashes read straight from their columns (``_Elements``/``_ElementHashes``:
+        # what resolve() makes), not through a dict and a list built per element; None: through the sequences.
+        elements, hashes = res.elements, res.element_hashes
+        self.columns = list(elements.columns.items()) if type(elements) is _Elements else None
+        self.hash_columns = list(hashes.columns.values()) if type(hashes) is _ElementHashes else None
+        self.size = res.size
+
+    def _key(self, name: str) -> str:
+        text = self.keys.get(name)
+        if text is None:
+            text = self.keys[name] = _canon(name) + ":"
+        return text
 
     def identity(self, index: int | None) -> bytes:
-        inputs = dict(self.shared_inputs)
+        inputs = self.shared_inputs
         upstream = self.upstream_head
         if index is not None:
-            for k, v in self.res.elements[index].items():
-                if k in self.wired:
+            inputs = dict(inputs)
+            columns, hash_columns = self.columns, self.hash_columns
+            if columns is None or hash_columns is None or not 0 <= index < (self.size or 0):
+                row, hashes = self.res.elements[index], self.res.element_hashes[index]  # (raises as it did)
+                items: Any = row.items()
+            else:
+                items = [(k, col[index]) for k, col in columns]
+                hashes = [col[index] for col in hash_columns]
+            wired = self.wired
+            for k, v in items:
+                if k in wired:
                     inputs[k] = _canon(v)
                 else:  # an element value that is not a wired input: resolve() makes none, but stay exact
                     return bytes.fromhex(_identity_slow(self.workflow, self.task, self.res, index))
-            own = _canon_items(self.res.element_hashes[index])
+            own = _canon_items(hashes)
             upstream = f"{upstream},{own}" if upstream and own else upstream or own
-        text = ('{"inputs":{' + ",".join(_canon(k) + ":" + inputs[k] for k in sorted(inputs)) + "}"
+        key = self._key
+        text = ('{"inputs":{' + ",".join(key(k) + inputs[k] for k in sorted(inputs)) + "}"
                 + self.after_inputs + "[" + upstream + "]" + self.tail)
         return hashlib.sha256(text.encode("utf-8")).digest()
 
