@@ -124,24 +124,8 @@ def log_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "logs")
 
 
-#: ``json.dumps`` with these settings builds an encoder per call (a third of the cost of a small file):
-#: one, shared (``encode`` keeps no state between calls).
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-#: And the C encoder that ``encode`` builds afresh on every call, built once (half the cost again). It has
-#: no circular check: a cycle (or absurd nesting) ends in RecursionError, and ``encode`` then says what it says.
-_c_encode: Any = (
-    json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
-                                False, False, True)
-    if json.encoder.c_make_encoder is not None else None)
-
-
 def dumps(data: Any) -> bytes:
-    if _c_encode is not None:
-        try:
-            return "".join(_c_encode(data, 0)).encode("utf-8")
-        except RecursionError:
-            pass
-    return _encode(data).encode("utf-8")
+    return jsonpieces.compact(data).encode("utf-8")
 
 
 def dumps_steps(data: Any) -> Generator[None, None, bytes]:

@@ -34,17 +34,26 @@ ITEMS_PER_STEP = 512
 STRETCH = 64 * 1024
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-#: json's C encoder, built once (``_ENCODER.encode`` builds one per call: a large share of a slice's cost).
-#: No circular check: a cycle ends in RecursionError, as deep nesting does.
-_C_ENCODE = (json.encoder.c_make_encoder(None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",",
-                                         False, False, True)
-             if json.encoder.c_make_encoder is not None else None)
+#: json's C encoder, built once: ``json.dumps`` with options builds an encoder per call, and
+#: ``JSONEncoder.encode`` a C encoder per call (with a closure) -- half the cost of a small document.
+#: No circular check: a cycle ends in RecursionError, and ``compact`` then lets json say what it says.
+_C_ENCODE: Any = (json.encoder.c_make_encoder(None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",",
+                                              False, False, True)
+                  if json.encoder.c_make_encoder is not None else None)
 
 
-def _whole(value: Any) -> str:
+def compact(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"), ensure_ascii=False)``, in one C call: the daemon's one
+    way of writing JSON (job files, store columns). A cycle raises json's ValueError, absurd nesting
+    RecursionError."""
     if _C_ENCODE is None or type(value) is str:
         return _ENCODER.encode(value)
-    return "".join(_C_ENCODE(value, 0))
+    try:
+        return "".join(_C_ENCODE(value, 0))
+    except RecursionError:
+        return _ENCODER.encode(value)
+
+
 _WHITESPACE = json.decoder.WHITESPACE
 
 T = TypeVar("T")
@@ -71,7 +80,7 @@ def encode(value: Any, depth: int = 0) -> Iterator[str]:
     kept). A yield of ``""`` marks a point between two slices."""
     if depth >= CUT_DEPTH or type(value) not in _CONTAINERS or (
             type(value) is list and len(value) <= SLICE and _CONTAINERS.isdisjoint(map(type, value))):
-        yield _whole(value)
+        yield compact(value)
         return
     if type(value) is list:
         yield "["
@@ -85,7 +94,7 @@ def encode(value: Any, depth: int = 0) -> Iterator[str]:
                         yield ","
                     yield from encode(item, depth + 1)
             else:
-                yield _whole(piece)[1:-1]
+                yield compact(piece)[1:-1]
             yield ""
         yield "]"
         return

@@ -25,13 +25,6 @@ T = TypeVar("T")
 _MISSING: Any = dataclasses.MISSING
 
 
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # (built once: json.dumps builds one per call)
-#: The C encoder ``_JSON.encode`` builds afresh on every call (with a closure): built once it costs a
-#: third as much, and the store encodes an evidence dict or an output per transition. It has no circular
-#: check (markers): a cycle ends in RecursionError, reported as json's own ValueError.
-_ENCODE: Callable[[Any, int], Any] | None = (
-    json.encoder.c_make_encoder(None, _JSON.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-    if json.encoder.c_make_encoder is not None else None)
 _ENCODE_STR = json.encoder.encode_basestring
 
 
@@ -39,14 +32,12 @@ def dump_json(value: Any) -> str:
     """*value* as compact JSON text (non-ASCII kept as it is), as ``json.dumps`` would write it."""
     if type(value) is str:
         return _ENCODE_STR(value)  # type: ignore[no-any-return]
-    if _ENCODE is None:
-        return _JSON.encode(value)
     if type(value) in (list, dict) and len(value) > jsonpieces.SLICE:
         # A fan-out's 10^6-element output: slices, so on the store's writer thread the GIL changes hands
         # between them (one C call of 100-200 ms would hold the event loop that long).
         return "".join(jsonpieces.encode(value))
     try:
-        return "".join(_ENCODE(value, 0))
+        return jsonpieces.compact(value)
     except RecursionError:
         raise ValueError("Circular reference detected (or nested too deeply to store)") from None
 
