@@ -206,3 +206,16 @@ async def reloaded_run(path: Path, run_id: str = "r1") -> tuple[Run, list[dict[s
         return run, await store.transitions(run_id)
     finally:
         await store.close()
+
+
+def json_values(max_leaves: int = 12, *, width: int = 4, text: int = 8) -> Any:
+    """A hypothesis strategy for any JSON value (finite numbers), nested lists and objects of up to *width*
+    items and *max_leaves* leaves."""
+    from hypothesis import strategies as st
+
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=text)
+        | st.floats(allow_nan=False, allow_infinity=False),
+        lambda inner: st.lists(inner, max_size=width) | st.dictionaries(st.text(max_size=width + 1), inner, max_size=width),
+        max_leaves=max_leaves,
+    )

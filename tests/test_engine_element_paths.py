@@ -16,13 +16,9 @@ from hypothesis import strategies as st
 from reflow_client import codec, jobfiles
 from reflow_client.manifest import InputSource, TaskManifest
 from reflowd.engine.resolve import UpstreamView, _identity_slow, identity_digest, identity_for, resolve
+from tests.support import json_values
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=6)
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=8,
-)
+_json = json_values(8, width=3, text=6)
 _names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=5)
 
 

@@ -35,6 +35,7 @@ from reflowd.schedulers.base import Observation, Outcome, Phase, Presence
 from reflowd.engine.model import JobRecord
 from reflowd.schedulers.base import SubmitRequest
 from reflowd.store import Store
+from tests.support import json_values
 
 # ---------------------------------------------------------------------- states
 
@@ -358,12 +359,7 @@ def test_terminal_and_active_partition_the_states() -> None:
 
 # ---------------------------------------------------------------------- identities, fast and plain
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=8)
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
-    max_leaves=12,
-)
+_json = json_values(12, width=4, text=8)
 _names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=6)
 
 

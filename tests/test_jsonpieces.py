@@ -9,16 +9,13 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from reflow_client import jobfiles, jsonpieces
 from reflowd.engine.records import dump_json
 from reflowd.steps import run_steps
+from tests.support import json_values
 
-scalars = st.none() | st.booleans() | st.integers(-2**60, 2**60) | st.floats(allow_nan=False, allow_infinity=False) \
-    | st.text(max_size=8)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=4), inner, max_size=5),
-                      max_leaves=40)
+values = json_values(40, width=6)
 
 
 def compact(value: Any) -> str:
