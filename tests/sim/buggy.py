@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .harness import Harness, Report, scratch_dir
+from .harness import Harness, Report, run_seed
 
 #: Probability that a submission or a poll raises, during the scenario's faulty first part.
 BUG_RATE = 0.15
@@ -40,31 +40,18 @@ class BuggyHarness(Harness):
 
 
 def run_buggy_seed(seed: int, workdir: Path | None = None) -> BuggyReport:
-    if workdir is not None:
-        report = BuggyHarness(seed, workdir).run()
-        for leftover in workdir.glob(f"sim-{seed}.sqlite*"):
-            leftover.unlink(missing_ok=True)
-    else:
-        with scratch_dir() as tmp:
-            report = BuggyHarness(seed, Path(tmp)).run()
+    report = run_seed(seed, workdir, BuggyHarness)
     assert isinstance(report, BuggyReport)
     return report
 
 
 def main(argv: list[str]) -> int:
     """``python -m tests.sim.buggy SEED [SEED...]``: replay scenarios with adapter bugs, print what they found."""
-    from .quiet import quiet_logs
+    from .replay import replay
 
-    failed = 0
-    with quiet_logs(verbose="-v" in argv):
-        for arg in (a for a in argv if a != "-v"):
-            report = run_buggy_seed(int(arg))
-            print(f"seed {report.seed}: {'ok' if report.ok else 'FAILED'}; {report.lives} lives, {report.runs} runs "
-                  f"{dict(report.states)}, {report.shown} internal errors shown")
-            for v in report.violations:
-                print(f"  violation: {v}")
-            failed += not report.ok
-    return 1 if failed else 0
+    return replay(argv, lambda seed, _: run_buggy_seed(seed),
+                  lambda r: f"{r.runs} runs {dict(r.states)}, {r.shown} internal errors shown",
+                  "python -m tests.sim.buggy SEED [SEED...]")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,13 @@ class SimCluster:
             element.result_at = now
             self._held.append((job, element))
             return
-        attempt = int(inputs.get("attempt", 1))
+        self._execute(req, element, int(inputs.get("attempt", 1)),
+                      {**shared.get("kwargs", {}), **inputs.get("kwargs", {})}, now)
+
+    def _execute(self, req: SubmitRequest, element: SimElement, attempt: int, kwargs: dict[str, Any],
+                 now: float) -> None:
+        """The worker runs *element*'s task (its attempt *attempt*) with *kwargs*: each execution counted
+        (twice is a violation), its started file, its result (held until the element ends)."""
         key = (req.run_id, req.task, element.index, attempt)
         self.trace.append((now, "start", element.key, attempt))
         self.executions[key] += 1
@@ -205,11 +211,11 @@ class SimCluster:
         if self.rng.random() < self.faults.task_fails or req.task in self.faults.fail_tasks:
             element.result = jobfiles.dumps({"state": "failed", "error": "RuntimeError: simulated failure",
                                              "traceback": "Traceback (simulated)"})
-        else:
-            output = compute(req.task, {**shared.get("kwargs", {}), **inputs.get("kwargs", {})})
-            self.outputs[key] = output
-            element.result = jobfiles.dumps({"state": "succeeded", "output": output,
-                                             "output_hash": codec.value_hash(output), "host": "sim"})
+            return
+        output = compute(req.task, kwargs)
+        self.outputs[key] = output
+        element.result = jobfiles.dumps({"state": "succeeded", "output": output,
+                                         "output_hash": codec.value_hash(output), "host": "sim"})
 
     def _finish(self, job: SimJob, element: SimElement, now: float) -> None:
         self.trace.append((now, "end", element.key))

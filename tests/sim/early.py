@@ -20,13 +20,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-from reflow_client import codec, jobfiles
+from reflow_client import jobfiles
 from reflowd.clusters import ClusterRuntime
 from reflowd.engine import deferred
 from reflowd.schedulers.base import Outcome, Phase, SubmitRequest
 
-from .cluster import SimCluster, SimElement, SimJob, compute
-from .harness import Harness, Report, scratch_dir
+from .cluster import SimCluster, SimElement, SimJob
+from .harness import Harness, Report, run_seed
 
 
 class DependentCluster(SimCluster):
@@ -112,25 +112,12 @@ class DependentCluster(SimCluster):
         if jobfiles.cancel_path(req.job_dir, element.index) in self.fs:
             self.trace.append((now, "skipped (withdrawn)", element.key))
             return  # the daemon withdrew it: the worker exits at once, no result
-        attempt = int(recipe.get("attempt", 1))
-        key = (req.run_id, req.task, element.index, attempt)
         try:
             kwargs = self._resolve(recipe, element.index)
         except deferred.DeferredError as exc:  # the worker fails the element without running the task
             element.result = jobfiles.dumps({"state": "failed", "error": f"cannot resolve inputs: {exc}"})
             return
-        self.trace.append((now, "start", element.key, attempt))
-        self.executions[key] += 1
-        if self.executions[key] > 1:
-            self.duplicates.append(f"attempt executed twice: {key}")
-        self.fs[jobfiles.started_path(req.job_dir, element.index)] = jobfiles.dumps({"host": "sim", "pid": 1})
-        if self.rng.random() < self.faults.task_fails or req.task in self.faults.fail_tasks:
-            element.result = jobfiles.dumps({"state": "failed", "error": "RuntimeError: simulated failure"})
-            return
-        output = compute(req.task, kwargs)
-        self.outputs[key] = output
-        element.result = jobfiles.dumps({"state": "succeeded", "output": output,
-                                         "output_hash": codec.value_hash(output), "host": "sim"})
+        self._execute(req, element, int(recipe.get("attempt", 1)), kwargs, now)
 
     def _resolve(self, recipe: dict[str, Any], index: int | None) -> dict[str, Any]:
         def parsed(path: str) -> dict[str, Any] | None:
@@ -182,30 +169,15 @@ class BuggyEarlyHarness(EarlyHarness):
 
 
 def run_early_seed(seed: int, workdir: Path | None = None, buggy: bool = False) -> Report:
-    harness = BuggyEarlyHarness if buggy else EarlyHarness
-    if workdir is not None:
-        report = harness(seed, workdir).run()
-        for leftover in workdir.glob(f"sim-{seed}.sqlite*"):
-            leftover.unlink(missing_ok=True)
-        return report
-    with scratch_dir() as tmp:
-        return harness(seed, Path(tmp)).run()
+    return run_seed(seed, workdir, BuggyEarlyHarness if buggy else EarlyHarness)
 
 
 def main(argv: list[str]) -> int:
     """``python -m tests.sim.early [--buggy] SEED [SEED...]``: replay scenarios with early submissions."""
-    from .quiet import quiet_logs
+    from .replay import replay
 
-    failed = 0
-    with quiet_logs(verbose="-v" in argv):
-        for arg in (a for a in argv if not a.startswith("-")):
-            report = run_early_seed(int(arg), buggy="--buggy" in argv)
-            print(f"seed {report.seed}: {'ok' if report.ok else 'FAILED'}; {report.lives} lives, {report.runs} runs "
-                  f"{dict(report.states)}")
-            for v in report.violations:
-                print(f"  violation: {v}")
-            failed += not report.ok
-    return 1 if failed else 0
+    return replay(argv, lambda seed, flags: run_early_seed(seed, buggy="--buggy" in flags),
+                  lambda r: f"{r.runs} runs {dict(r.states)}", "python -m tests.sim.early [--buggy] SEED [SEED...]")
 
 
 if __name__ == "__main__":

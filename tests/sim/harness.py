@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,14 +582,17 @@ def scratch_dir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="reflow-sim-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
 
 
-def run_seed(seed: int, workdir: Path | None = None) -> Report:
+def run_seed(seed: int, workdir: Path | None = None, harness: Callable[[int, Path], Harness] | None = None) -> Report:
+    """One scenario of *harness* (the plain ``Harness`` unless given): in *workdir*, its store removed after,
+    or in a scratch directory of its own."""
+    make = harness or Harness
     if workdir is not None:
-        report = Harness(seed, workdir).run()
+        report = make(seed, workdir).run()
         for leftover in workdir.glob(f"sim-{seed}.sqlite*"):
             leftover.unlink(missing_ok=True)
         return report
     with scratch_dir() as tmp:
-        return Harness(seed, Path(tmp)).run()
+        return make(seed, Path(tmp)).run()
 
 
 async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None) -> Any:

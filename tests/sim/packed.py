@@ -34,7 +34,7 @@ from reflowd.engine.states import FAILURE, IN_FLIGHT, State
 from reflowd.schedulers.base import Outcome, Phase, SubmitRequest
 
 from .cluster import Faults, SimCluster, SimElement, SimJob, compute
-from .harness import Harness, Report, scratch_dir, sim_runtime
+from .harness import Harness, Report, run_seed, sim_runtime
 
 #: Elements per array task of a packed job (the simulated cluster's ``pack``).
 PACK = 3
@@ -345,13 +345,7 @@ def _left_flight(log: list[dict[str, Any]], task: str, index: int, since: float)
 
 
 def run_packed_seed(seed: int, workdir: Path | None = None) -> PackedReport:
-    if workdir is not None:
-        report = PackedHarness(seed, workdir).run()
-        for leftover in workdir.glob(f"sim-{seed}.sqlite*"):
-            leftover.unlink(missing_ok=True)
-    else:
-        with scratch_dir() as tmp:
-            report = PackedHarness(seed, Path(tmp)).run()
+    report = run_seed(seed, workdir, PackedHarness)
     assert isinstance(report, PackedReport)
     return report
 
@@ -369,19 +363,11 @@ class PackedSummary:
 
 def main(argv: list[str]) -> int:
     """``python -m tests.sim.packed SEED [SEED...]``: replay packed scenarios, print what they found."""
-    from .quiet import quiet_logs
+    from .replay import replay
 
-    failed = 0
-    with quiet_logs(verbose="-v" in argv):
-        for arg in (a for a in argv if a != "-v"):
-            report = run_packed_seed(int(arg))
-            print(f"seed {report.seed}: {'ok' if report.ok else 'FAILED'}; {report.lives} lives, {report.runs} runs "
-                  f"{dict(report.states)}, {report.packed_jobs} packed jobs, {report.kills} kills, "
-                  f"{report.watched} elements watched")
-            for v in report.violations:
-                print(f"  violation: {v}")
-            failed += not report.ok
-    return 1 if failed else 0
+    return replay(argv, lambda seed, _: run_packed_seed(seed),
+                  lambda r: (f"{r.runs} runs {dict(r.states)}, {r.packed_jobs} packed jobs, {r.kills} kills, "
+                             f"{r.watched} elements watched"), "python -m tests.sim.packed SEED [SEED...]")
 
 
 if __name__ == "__main__":
