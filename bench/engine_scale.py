@@ -412,6 +412,17 @@ def _answer_heap(base: Path) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _threads() -> list[int]:
+    return [int(t) for t in os.listdir("/proc/self/task")]
+
+
+def _thread_cpu(tid: int) -> float:
+    try:
+        return cpu_seconds(os.getpid(), tid)
+    except OSError:
+        return 0.0
+
+
 def _watch_stalls(path: str) -> None:
     import traceback
 
@@ -429,7 +440,8 @@ def _watch_stalls(path: str) -> None:
     def watch() -> None:
         with open(path, "a") as out:  # (one file for the bench's daemons: appended)
             out.write(f"=== daemon {os.getpid()}\n")
-            last = 0.0
+            last = seen_at = 0.0
+            cpu_then: dict[int, float] = {}
             while True:
                 time.sleep(threshold / 4)
                 at, cpu_at = beat
@@ -440,6 +452,21 @@ def _watch_stalls(path: str) -> None:
                     out.write(f"--- loop stalled {spent * 1000:.0f} ms CPU ({(time.monotonic() - at) * 1000:.0f} ms)\n"
                               + "".join(traceback.format_stack(frame)[-14:]))
                     out.flush()
+                waited = time.monotonic() - at
+                if waited > 4 * threshold and at != last and spent < waited / 4:
+                    # Late with little CPU of its own: the loop waited for the GIL or a core. Which thread ran
+                    # meanwhile (CPU of each since the last heartbeat) and where each thread is now.
+                    last = at
+                    ran = {t: round((_thread_cpu(t) - cpu_then.get(t, 0.0)) * 1000) for t in _threads()}
+                    names = {t.native_id: t.name for t in threading.enumerate()}
+                    out.write(f"--- loop waited {waited * 1000:.0f} ms with {spent * 1000:.0f} ms CPU; threads' CPU"
+                              f" meanwhile (ms): { {names.get(t, t): ms for t, ms in ran.items() if ms} }\n")
+                    for ident, frame in sys._current_frames().items():
+                        if ident != threading.get_ident():
+                            out.write(f"  thread {ident}:\n" + "".join(traceback.format_stack(frame)[-6:]))
+                    out.flush()
+                if at != seen_at:  # (a heartbeat came: the threads' CPU from here)
+                    seen_at, cpu_then = at, {t: _thread_cpu(t) for t in _threads()}
 
     async def heartbeat() -> None:
         while True:
