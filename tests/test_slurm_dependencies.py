@@ -104,8 +104,8 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
         assert executions(tmp_path / "plain")["total"] == 1
 
         # cancelled with its run while it waits in the queue: scancel, and the task never runs
-        tag, job_id = wait_for(lambda: early_waiting(tmp_path / "cancel", cancel), timeout=120,
-                               what="the cancel run's early job to wait on its dependency")
+        tag, job_id = wait_for_early(d, lambda: early_waiting(tmp_path / "cancel", cancel), cancel,
+                                     what="the cancel run's early job to wait on its dependency")
         with d.client() as c:
             c.cancel(cancel)
         assert wait_state(d, cancel) == "cancelled"
@@ -137,8 +137,8 @@ def test_a_gather_waits_in_slurms_queue_and_is_adopted_cached_cancelled_or_dropp
         with sqlite3.connect(d.state_dir / "cache.sqlite", timeout=30) as db:
             db.execute("DELETE FROM cache WHERE task = 'work'")
         again = submit(d, tmp_path / "plain", n=6)
-        tag, job_id = wait_for(lambda: early_waiting(tmp_path / "plain", again), timeout=120,
-                               what="the second run's early job")
+        tag, job_id = wait_for_early(d, lambda: early_waiting(tmp_path / "plain", again), again,
+                                     what="the second run's early job")
         subprocess.run(["scontrol", "hold", job_id], check=True, timeout=60)
         assert wait_state(d, again) == "succeeded", status(d, again).raw
         assert states(d, again) == {"prepare": {"cached": 1}, "work": {"succeeded": 6}, "total": {"cached": 1}}
@@ -162,8 +162,8 @@ def test_a_daemon_killed_while_the_early_job_waits_adopts_it_on_restart_and_subm
     run_dir = tmp_path / "run"
     try:
         run_id = submit(d, run_dir, n=3, gate=str(gate))
-        tag, job_id = wait_for(lambda: early_waiting(run_dir, run_id), timeout=120,
-                               what="the early job to wait on its dependency")
+        tag, job_id = wait_for_early(d, lambda: early_waiting(run_dir, run_id), run_id,
+                                     what="the early job to wait on its dependency")
         kill(d)
         gate.touch()  # the upstream ends while no daemon runs: Slurm starts the early job by itself
         d.start()
@@ -200,10 +200,13 @@ def test_the_readme_pipeline_with_its_merge_submitted_early_gives_the_same_resul
 ELEMENTWISE = Path(__file__).parent / "engine_workflows" / "early_elementwise.py"
 
 
-def submit_elementwise(d: DaemonProcess, run_dir: Path, pack: int | None = None, **params: Any) -> str:
+def submit_elementwise(d: DaemonProcess, run_dir: Path, pack: int | str = "off", **params: Any) -> str:
+    """A run of the element-wise chain, ``work`` and ``double`` packed by *pack* -- never automatically: a run
+    planned once another run's ``work`` has history but its ``double`` has none yet would pack ``work`` alone,
+    and the chain, unaligned, goes out the usual way (seen in CI under load: no early array for 120 s)."""
     manifest, resolved = manifest_of(ELEMENTWISE, **params)
     for task in manifest["tasks"]:
-        if pack is not None and task["name"] in ("work", "double"):
+        if task["name"] in ("work", "double"):
             task["config"]["pack"] = pack
     run_dir.mkdir(parents=True, exist_ok=True)
     with d.client() as c:
@@ -215,6 +218,22 @@ def early_double(run_dir: Path, run_id: str) -> tuple[str, str] | None:
     early = [tag for tag, deferred in job_dirs(run_dir, run_id, "double") if deferred]
     found = job_named(early[0]) if early else None
     return (early[0], found[0].split("_")[0]) if found else None
+
+
+def wait_for_early(d: DaemonProcess, probe: Any, run_id: str, what: str) -> Any:
+    """``wait_for(probe)``; on a timeout the failure also says what the daemon did about *run_id*'s early
+    jobs (its driver counters and log lines), so a failure in CI can be told apart from a slow cluster."""
+    try:
+        return wait_for(probe, timeout=120, what=what)
+    except AssertionError as exc:
+        lines = [line for line in d.log_path.read_text(errors="replace").splitlines()
+                 if run_id in line or '"reflowd.early"' in line or "early" in line]
+        try:
+            counters: Any = driver_counters(d)
+        except Exception as err:  # (the daemon may be what failed)
+            counters = f"unreadable: {err}"
+        raise AssertionError(f"{exc}\ndriver counters: {counters}\ndaemon log about it (last 40):\n"
+                             + "\n".join(lines[-40:])) from None
 
 
 def outputs(d: DaemonProcess, run_id: str, task: str) -> dict[int, int]:
@@ -235,8 +254,8 @@ def test_an_elementwise_chain_waits_on_aftercorr_runs_each_element_once_and_skip
         packed = submit_elementwise(d, tmp_path / "packed", pack=2, n=6, gate=str(tmp_path / "gate_packed"))
         failing = submit_elementwise(d, tmp_path / "failing", n=4, fail=2, gate=str(tmp_path / "gate_failing"))
         for name, run_id in (("packed", packed), ("failing", failing)):
-            wait_for(lambda: early_double(tmp_path / name, run_id), timeout=120,  # noqa: B023 (called at once)
-                     what=f"the {name} run's early double array in Slurm's queue")
+            wait_for_early(d, lambda: early_double(tmp_path / name, run_id), run_id,  # noqa: B023 (called at once)
+                           what=f"the {name} run's early double array in Slurm's queue")
             (tmp_path / f"gate_{name}").touch()
 
         # double[0] runs on Slurm's own aftercorr while work[1..3] are still held by the gate
@@ -285,8 +304,8 @@ def test_a_daemon_killed_mid_chain_adopts_the_early_array_on_restart(wlm: WLM, t
     run_dir = tmp_path / "run"
     try:
         run_id = submit_elementwise(d, run_dir, n=3, gate=str(gate))
-        tag, job_id = wait_for(lambda: early_double(run_dir, run_id), timeout=120,
-                               what="the early double array in Slurm's queue")
+        tag, job_id = wait_for_early(d, lambda: early_double(run_dir, run_id), run_id,
+                                     what="the early double array in Slurm's queue")
         kill(d)
         gate.touch()  # work ends while no daemon runs: Slurm starts double's tasks by itself
         d.start()
@@ -314,8 +333,8 @@ def test_an_adopted_early_task_slurm_cancels_for_an_upstream_job_that_ended_badl
     run_dir = tmp_path / "run"
     try:
         run_id = submit_elementwise(d, run_dir, n=3, exit_gate=str(exit_gate))
-        tag, job_id = wait_for(lambda: early_double(run_dir, run_id), timeout=120,
-                               what="the early double array in Slurm's queue")
+        tag, job_id = wait_for_early(d, lambda: early_double(run_dir, run_id), run_id,
+                                     what="the early double array in Slurm's queue")
         # work succeeded (results read) while its jobs still run; double adopted its early array
         wait_for(lambda: states(d, run_id).get("work") == {"succeeded": 3}
                  and states(d, run_id).get("double") == {"queued": 3}, timeout=120,
