@@ -224,6 +224,9 @@ def serve(socket: str, state_dir: str) -> None:
     stalls = os.environ.get("REFLOW_BENCH_STALLS")
     if stalls:  # debugging aid: where the event loop was when it stalled for more than 200 ms
         _watch_stalls(stalls)
+    store_calls = os.environ.get("REFLOW_BENCH_STORE_CALLS")
+    if store_calls:  # debugging aid: every call on an SQLite connection's thread over REFLOW_BENCH_STORE_MS of CPU
+        _time_store_calls(store_calls)
     profile = os.environ.get("REFLOW_BENCH_PROFILE")
     if profile:
         import cProfile
@@ -372,9 +375,55 @@ def _time_collections(path: str) -> None:
         if spent > 0.02:  # (wall clock; the CPU figure is what the collection itself cost, load aside)
             cpu = time.thread_time() - started[1]
             out.write(f"{time.strftime('%H:%M:%S')} gen {info['generation']} {spent * 1000:.0f} ms (cpu {cpu * 1000:.0f}) "
-                      f"collected {info['collected']} frozen {gc.get_freeze_count()} tracked {len(gc.get_objects())}\n")
+                      f"collected {info['collected']} frozen {gc.get_freeze_count()} tracked {len(gc.get_objects())} "
+                      f"in thread {threading.current_thread().name}\n")
 
     gc.callbacks.append(callback)
+
+
+def _time_store_calls(path: str) -> None:
+    """Each function run on aiosqlite's connection thread that took more than ``REFLOW_BENCH_STORE_MS`` of that
+    thread's CPU (default 20): when, how long (CPU and wall), what (the SQL and how many rows) and which store
+    method asked -- the calls that hold the GIL while the loop waits for it."""
+    import functools
+
+    import aiosqlite.core
+
+    threshold = float(os.environ.get("REFLOW_BENCH_STORE_MS", "20")) / 1000
+    out = open(path, "a", buffering=1)  # (one file for the bench's daemons: appended)
+    out.write(f"=== daemon {os.getpid()}\n")
+    original = aiosqlite.core.Connection._execute
+
+    def asker() -> str:
+        frame = sys._getframe(2)
+        names = []
+        while frame is not None and len(names) < 3:
+            if "aiosqlite" not in frame.f_code.co_filename:
+                names.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+            frame = frame.f_back
+        return " < ".join(names)
+
+    def what(fn: Any, args: tuple[Any, ...]) -> str:
+        name = getattr(fn, "__qualname__", repr(fn))
+        sql = next((a for a in args if isinstance(a, str)), "")
+        rows = next((len(a) for a in args if isinstance(a, list)), None)
+        return f"{name} {sql.split(chr(10))[0][:70]!r}" + (f" rows {rows}" if rows is not None else "")
+
+    async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        asked = asker()
+
+        def timed(*a: Any, **k: Any) -> Any:
+            cpu, wall = time.thread_time(), time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent = time.thread_time() - cpu
+                if spent > threshold:
+                    out.write(f"{time.strftime('%H:%M:%S')} {spent * 1000:.0f} ms CPU "
+                              f"({(time.perf_counter() - wall) * 1000:.0f} ms) {what(fn, a)} asked by {asked}\n")
+        return await original(self, functools.wraps(fn)(timed), *args, **kwargs)
+
+    aiosqlite.core.Connection._execute = _execute  # type: ignore[method-assign]
 
 
 def _answer_heap(base: Path) -> None:
@@ -449,7 +498,8 @@ def _watch_stalls(path: str) -> None:
                 if spent > threshold and at != last:
                     last = at
                     frame = sys._current_frames().get(main)
-                    out.write(f"--- loop stalled {spent * 1000:.0f} ms CPU ({(time.monotonic() - at) * 1000:.0f} ms)\n"
+                    out.write(f"--- {time.strftime('%H:%M:%S')} loop stalled {spent * 1000:.0f} ms CPU"
+                              f" ({(time.monotonic() - at) * 1000:.0f} ms)\n"
                               + "".join(traceback.format_stack(frame)[-14:]))
                     out.flush()
                 waited = time.monotonic() - at
@@ -459,7 +509,8 @@ def _watch_stalls(path: str) -> None:
                     last = at
                     ran = {t: round((_thread_cpu(t) - cpu_then.get(t, 0.0)) * 1000) for t in _threads()}
                     names = {t.native_id: t.name for t in threading.enumerate()}
-                    out.write(f"--- loop waited {waited * 1000:.0f} ms with {spent * 1000:.0f} ms CPU; threads' CPU"
+                    out.write(f"--- {time.strftime('%H:%M:%S')} loop waited "
+                              f"{waited * 1000:.0f} ms with {spent * 1000:.0f} ms CPU; threads' CPU"
                               f" meanwhile (ms): { {names.get(t, t): ms for t, ms in ran.items() if ms} }\n")
                     for ident, frame in sys._current_frames().items():
                         if ident != threading.get_ident():

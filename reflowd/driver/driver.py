@@ -256,7 +256,7 @@ class Driver:
             if track.packed:
                 self.packer.left(track, inst)
             if inst.state is State.SUCCEEDED:
-                self.packer.learned(inst.task)
+                self.packer.learned(track.run, inst)
             if not track.live:
                 self.emptied[tag] = None
                 self.observer_wake.set()  # prune it now (the observer may sleep long while jobs wait)

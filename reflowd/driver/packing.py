@@ -33,6 +33,7 @@ instances of the same task (:mod:`reflowd.engine.durations`).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -69,10 +70,11 @@ MIN_SLOT_WORK = 2.0
 #: cost a second or two on an idle test cluster and tens of seconds on a busy site, so a spread job keeps
 #: at least this much work (and half its target), and packing keeps most of its win over one job per element.
 MIN_BATCH_WORK = 30.0
-#: Seconds an estimate from the store is reused before it is read again.
+#: Seconds a task's durations read from the stores are kept before they are read again (meanwhile the
+#: driver adds each success it sees: history appears as a first run's elements succeed, with no read).
 HISTORY_TTL = 120.0
-#: ... and the absence of one (history appears as a first run's elements succeed).
-NO_HISTORY_TTL = 2.0
+#: Durations kept per task (the newest), as many as ``Store.task_durations`` reads.
+KEPT = 2000
 
 
 @dataclass(frozen=True)
@@ -267,48 +269,78 @@ def time_limit(request_time: str | None) -> float | None:
 # ---------------------------------------------------------------------- the driver's side
 
 
+class TaskHistory:
+    """A task's durations as the driver knows them: what the stores held when read, and each success since.
+
+    Successes are counted in memory, not read back: reading a run's durations scans its instances (140 ms
+    of SQLite's thread at 10^6 elements), and a fan-out whose first elements succeed asked for them at
+    every batch (measured: several times a second, half a core)."""
+
+    __slots__ = ("samples", "read_at", "found", "changed")
+
+    def __init__(self, durations: list[float], read_at: float) -> None:
+        self.samples: deque[float] = deque(reversed(durations), maxlen=KEPT)  # (newest last)
+        self.read_at = read_at
+        self.found: Estimate | None = None
+        self.changed = True
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        self.changed = True
+
+    def estimate(self) -> Estimate | None:
+        if self.changed:
+            self.found, self.changed = estimate(self.samples), False
+        return self.found
+
+
 class Packer:
     """A driver's packing state: duration estimates, elements to run alone, cancel markers to write."""
 
     def __init__(self, driver: Driver) -> None:
         self.d = driver
-        self._estimates: dict[tuple[str, str, str], tuple[Estimate | None, float]] = {}
+        self._history: dict[tuple[str, str, str], TaskHistory] = {}
         #: Cancelled elements of packed jobs, by tag: markers still to write (True: even if nothing else of
         #: its array task is wanted, whose ``scancel`` it precedes).
         self.skips: dict[str, dict[int, bool]] = {}
 
     async def estimate(self, run: Run, tr: TaskRun) -> Estimate | None:
         key = (run.workflow, tr.name, tr.manifest.version)
-        cached = self._estimates.get(key)
+        history = self._history.get(key)
         now = world.monotonic()
-        if cached is not None and now - cached[1] < (HISTORY_TTL if cached[0] is not None else NO_HISTORY_TTL):
-            return cached[0]
+        if history is None or now - history.read_at >= HISTORY_TTL:
+            history = self._history[key] = TaskHistory(await self._read(key, tr.name), now)
+        return history.estimate()
+
+    async def _read(self, key: tuple[str, str, str], task: str) -> list[float]:
+        """The task's durations in this run directory's store, else (too few to go by) the user's own cache."""
         try:
             durations = await self.d.store.task_durations(*key)
         except Exception as exc:  # history is advisory: without it, elements go one per job
-            log.warning("cannot read task durations; not packing automatically", task=tr.name, error=str(exc))
+            log.warning("cannot read task durations; not packing automatically", task=task, error=str(exc))
             durations = []
-        found = estimate(durations)
         cache = getattr(self.d.store, "cache", None)
-        if found is None and cache is not None:  # no history here (a new run directory): the user's own
+        if estimate(durations) is None and cache is not None:  # no history here (a new run directory)
             try:
-                found = estimate(await cache.durations(*key))
+                durations = await cache.durations(*key) or durations
             except Exception as exc:
                 log.warning("cannot read task durations from the shared cache; not packing automatically",
-                            task=tr.name, error=str(exc))
-        self._estimates[key] = (found, now)
-        return found
+                            task=task, error=str(exc))
+        return durations
 
     def known(self, workflow: str, task: str, version: str) -> Estimate | None:
-        """The estimate for a task as last read (no I/O; None if none was read or there is none)."""
-        cached = self._estimates.get((workflow, task, version))
-        return cached[0] if cached is not None else None
+        """The estimate for a task as last known (no I/O; None if it was never read or there is none)."""
+        history = self._history.get((workflow, task, version))
+        return history.estimate() if history is not None else None
 
-    def learned(self, task: str) -> None:
-        """An instance of *task* succeeded: a remembered "no history" for it is out of date (its duration
-        is history now), so the next batch of the task asks the store again instead of waiting out the TTL."""
-        for key in [k for k, (found, _) in self._estimates.items() if found is None and k[1] == task]:
-            del self._estimates[key]
+    def learned(self, run: Run, inst: Instance) -> None:
+        """An instance succeeded: its duration is history (for a task whose durations were read)."""
+        tr = run.tasks.get(inst.task)
+        if tr is None or inst.started_at is None or inst.ended_at is None:
+            return
+        history = self._history.get((run.workflow, inst.task, tr.manifest.version))
+        if history is not None:
+            history.add(max(0.0, inst.ended_at - inst.started_at))
 
     async def groups(self, run: Run, tr: TaskRun, insts: list[Instance]) -> list[tuple[list[Instance], Plan | None]]:
         """The batch as submissions: packed groups (with their plan) and unpacked ones (plan None)."""
