@@ -213,6 +213,7 @@ def serve(socket: str, state_dir: str) -> None:
     config = Config(default_cluster="bench")
     options = DaemonOptions(socket_path=Path(socket), state_dir=Path(state_dir), config=config)
     _measure_callbacks(Path(state_dir) / "callbacks.json")
+    _name_threads(Path(state_dir) / "threads.json")
     traced = os.environ.get("REFLOW_BENCH_TRACEMALLOC")
     if traced:  # debugging aid: where the held instances' memory is (lines allocating most, once they are held)
         _trace_memory(Path(state_dir) / "callbacks.pause", traced)
@@ -358,6 +359,48 @@ def _profile_idle(marker: Path, out: str) -> None:
         holder["loop"].call_soon_threadsafe(lambda: (profiler.disable(), profiler.dump_stats(out)))
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _name_threads(path: Path) -> None:
+    """Each thread's name by its kernel id, written every second: the measuring side reads each thread's CPU
+    from ``/proc`` and names it (the loop, the store's writer and reader, the worker threads)."""
+
+    def write() -> None:
+        while True:
+            names = {t.native_id: t.name for t in threading.enumerate()}
+            try:
+                path.with_suffix(".tmp").write_text(json.dumps(names))
+                path.with_suffix(".tmp").replace(path)
+            except OSError:
+                pass  # (the state directory is made once the daemon starts)
+            time.sleep(1.0)
+
+    threading.Thread(target=write, daemon=True, name="bench thread names").start()
+
+
+def threads_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of *pid* now (threads that ended are not there)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = cpu_seconds(pid, int(task.name))
+        except (OSError, ValueError, IndexError):
+            continue  # (ended meanwhile)
+    return out
+
+
+def by_thread(before: dict[int, float], after: dict[int, float], names_path: Path, n: int) -> str:
+    """The CPU each thread spent between two readings, in ms per element, busiest first."""
+    try:
+        names = {int(k): v for k, v in json.loads(names_path.read_text()).items()}
+    except (OSError, ValueError):
+        names = {}
+    spent: dict[str, float] = {}
+    for tid, cpu in after.items():
+        name = names.get(tid, f"thread {tid}")
+        spent[name] = spent.get(name, 0.0) + cpu - before.get(tid, 0.0)
+    busiest = sorted(spent.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} {ms * 1000 / n:.3f}" for name, ms in busiest if ms * 1000 / n >= 0.001)
 
 
 def _time_collections(path: str) -> None:
@@ -666,6 +709,7 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, tuple[float, float], float
             stats0 = client.stats()
             d.reset_steps()
             cpu0, loop0 = cpu_seconds(d.proc.pid), cpu_seconds(d.proc.pid, d.proc.pid)
+            threads0 = threads_cpu(d.proc.pid)
             pinger.reset()
             started = time.monotonic()
             run_id = client.submit(manifest(False), {"n": n}, str(d.base / "work"), cluster="bench").run_id
@@ -677,6 +721,9 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, tuple[float, float], float
             cpu_run = cpu_seconds(d.proc.pid) - cpu0
             cpu_loop = cpu_seconds(d.proc.pid, d.proc.pid) - loop0  # the event loop's thread; the rest: the store's writer
             pings = pinger.reset()
+            print(f"  (n={n:,}: CPU by thread during the fan-out, ms per element: "
+                  f"{by_thread(threads0, threads_cpu(d.proc.pid), d.callbacks.with_name('threads.json'), n)})",
+                  file=sys.stderr)
             worst_step = d.worst_step()
             transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
             if "transition_rows" in stats1["store"]:  # (schema 6: a group of elements is one row)

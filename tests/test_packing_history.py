@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import anyio
 import pytest
 
 from reflowd import world
@@ -109,3 +110,28 @@ async def test_a_success_of_a_task_never_estimated_or_without_times_is_not_histo
         packer.learned(run, SimpleNamespace(task="work", started_at=None, ended_at=5.0))
         packer.learned(run, SimpleNamespace(task="other", started_at=1.0, ended_at=5.0))
     assert await packer.estimate(run, run.tasks["work"]) is None
+
+
+async def test_batches_planned_together_wait_for_one_read(clock: list[float]) -> None:
+    store = Durations([4.0] * MIN_SAMPLES)
+    release = anyio.Event()
+    plain = store.task_durations
+
+    async def slow(*key: str) -> list[float]:
+        await release.wait()
+        return await plain(*key)
+
+    store.task_durations = slow  # type: ignore[method-assign]
+    packer, run = setup(store)
+    found: list[Any] = []
+
+    async def plan() -> None:
+        found.append(await packer.estimate(run, run.tasks["work"]))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(plan)
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert store.reads == 1 and len(found) == 5
+    assert all(f is not None and f.mean == pytest.approx(4.0) for f in found)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from reflow_client import jobfiles
@@ -300,6 +301,7 @@ class Packer:
     def __init__(self, driver: Driver) -> None:
         self.d = driver
         self._history: dict[tuple[str, str, str], TaskHistory] = {}
+        self._reading: dict[tuple[str, str, str], anyio.Event] = {}  # reads under way
         #: Cancelled elements of packed jobs, by tag: markers still to write (True: even if nothing else of
         #: its array task is wanted, whose ``scancel`` it precedes).
         self.skips: dict[str, dict[int, bool]] = {}
@@ -307,9 +309,20 @@ class Packer:
     async def estimate(self, run: Run, tr: TaskRun) -> Estimate | None:
         key = (run.workflow, tr.name, tr.manifest.version)
         history = self._history.get(key)
-        now = world.monotonic()
-        if history is None or now - history.read_at >= HISTORY_TTL:
+        if history is not None and world.monotonic() - history.read_at < HISTORY_TTL:
+            return history.estimate()
+        reading = self._reading.get(key)
+        if reading is not None:  # (batches planned together wait for one read, not one read each)
+            await reading.wait()
+            history = self._history.get(key)
+            return history.estimate() if history is not None else None
+        self._reading[key] = done = anyio.Event()
+        try:
+            now = world.monotonic()
             history = self._history[key] = TaskHistory(await self._read(key, tr.name), now)
+        finally:
+            del self._reading[key]
+            done.set()
         return history.estimate()
 
     async def _read(self, key: tuple[str, str, str], task: str) -> list[float]:
