@@ -40,7 +40,7 @@ def setup(store: Durations) -> tuple[packing.Packer, Any]:
     driver = SimpleNamespace(store=store, cluster=SimpleNamespace(config=SimpleNamespace(pack=None)))
     manifest = SimpleNamespace(name="work", version="1", config={}, is_array=True)
     tr = SimpleNamespace(name="work", manifest=manifest)
-    run = SimpleNamespace(workflow="wf", tasks={"work": tr})
+    run = SimpleNamespace(workflow="wf", tasks={"work": tr}, created_at=world.now() - 1)
     return packing.Packer(driver), run  # type: ignore[arg-type]
 
 
@@ -51,7 +51,7 @@ def success(seconds: float) -> Any:
 @pytest.fixture
 def clock() -> Any:
     now = [1000.0]
-    world.install(world.World(monotonic=lambda: now[0]))
+    world.install(world.World(monotonic=lambda: now[0], now=lambda: now[0] + 1.7e9))
     yield now
     world.install(None)
 
@@ -135,3 +135,20 @@ async def test_batches_planned_together_wait_for_one_read(clock: list[float]) ->
         release.set()
     assert store.reads == 1 and len(found) == 5
     assert all(f is not None and f.mean == pytest.approx(4.0) for f in found)
+
+
+async def test_a_newer_run_reads_again_where_too_little_was_found(clock: list[float]) -> None:
+    store = Durations([1.0])
+    packer, run = setup(store)
+    assert await packer.estimate(run, run.tasks["work"]) is None
+    clock[0] += 1
+    assert await packer.estimate(run, run.tasks["work"]) is None and store.reads == 1  # the same run: no read
+    store.stored = [6.0] * MIN_SAMPLES  # (measured meanwhile by another process: an embedded run, say)
+    newer = SimpleNamespace(workflow="wf", tasks=run.tasks, created_at=world.now())
+    clock[0] += 1
+    assert (await packer.estimate(newer, run.tasks["work"])).mean == pytest.approx(6.0)  # type: ignore[union-attr]
+    assert store.reads == 2
+    clock[0] += 1
+    another = SimpleNamespace(workflow="wf", tasks=run.tasks, created_at=world.now())
+    await packer.estimate(another, run.tasks["work"])
+    assert store.reads == 2, "history was found: a newer run reads again only after HISTORY_TTL"

@@ -277,11 +277,12 @@ class TaskHistory:
     of SQLite's thread at 10^6 elements), and a fan-out whose first elements succeed asked for them at
     every batch (measured: several times a second, half a core)."""
 
-    __slots__ = ("samples", "read_at", "found", "changed")
+    __slots__ = ("samples", "read_at", "read_wall", "found", "changed")
 
-    def __init__(self, durations: list[float], read_at: float) -> None:
+    def __init__(self, durations: list[float], read_at: float, read_wall: float) -> None:
         self.samples: deque[float] = deque(reversed(durations), maxlen=KEPT)  # (newest last)
-        self.read_at = read_at
+        self.read_at = read_at  # (monotonic)
+        self.read_wall = read_wall  # (wall clock, as a run's ``created_at``)
         self.found: Estimate | None = None
         self.changed = True
 
@@ -309,8 +310,10 @@ class Packer:
     async def estimate(self, run: Run, tr: TaskRun) -> Estimate | None:
         key = (run.workflow, tr.name, tr.manifest.version)
         history = self._history.get(key)
-        if history is not None and world.monotonic() - history.read_at < HISTORY_TTL:
-            return history.estimate()
+        if history is not None and world.monotonic() - history.read_at < HISTORY_TTL and not (
+                run.created_at > history.read_wall and history.estimate() is None):
+            return history.estimate()  # (a run newer than a read that found too little reads again: another
+                                       # process -- an embedded run, say -- may have measured the task since)
         reading = self._reading.get(key)
         if reading is not None:  # (batches planned together wait for one read, not one read each)
             await reading.wait()
@@ -318,8 +321,8 @@ class Packer:
             return history.estimate() if history is not None else None
         self._reading[key] = done = anyio.Event()
         try:
-            now = world.monotonic()
-            history = self._history[key] = TaskHistory(await self._read(key, tr.name), now)
+            now, wall = world.monotonic(), world.now()
+            history = self._history[key] = TaskHistory(await self._read(key, tr.name), now, wall)
         finally:
             del self._reading[key]
             done.set()
