@@ -13,7 +13,7 @@ import weakref
 from types import SimpleNamespace
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from reflow_client.config import ClusterConfig
@@ -78,6 +78,8 @@ change = st.tuples(st.sampled_from(["follow", "unresolved", "resolved", "unfollo
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(change, max_size=60))
+# (found in a suite run: a quiet track whose tag another, followed track holds took that one out of the index)
+@example([("follow", 0, 0, False, 0.0), ("unresolved", 0, 0, True, 0.0), ("quiet", 0, 0, False, 0.0)])
 def test_the_kept_queue_count_and_due_file_clocks_say_what_a_walk_says(
         ops: list[tuple[str, int, int, bool, float]]) -> None:
     """``Driver.queued_count`` (what a queue limit counts) and ``Driver.file_due`` (which file clocks are due)

@@ -431,7 +431,8 @@ class Driver:
         """The scheduler's *answer* for *track* changed nothing: an equal answer next time is skipped whole."""
         track.quiet_answer, track.quiet_live, track.quiet_active = answer, live, active
         if track.waiting:
-            self.awake.pop(track.tag, None)
+            if self.awake.get(track.tag) is track:  # (by identity, as everywhere here: not another track's tag)
+                del self.awake[track.tag]
         elif self.tracks.get(track.tag) is track:
             self._wake_files(track)
 
