@@ -180,10 +180,13 @@ class CacheStore:
         self.journal_mode = "WAL"
         self.write_error: str | None = None
         self.rejected = 0  # entries found but not reused (their files are gone or changed)
+        self.fingerprinted = 0  # entries whose files were fingerprinted as they were put (before their commit)
         self._db: aiosqlite.Connection | None = None
         self._pending: dict[str, tuple[Any, ...]] = {}
         self._writing: dict[str, tuple[Any, ...]] = {}
         self._wake = anyio.Event()
+        self._unprinted: list[str] = []  # entries put with file paths whose files are not fingerprinted yet
+        self._put = anyio.Event()
         self._lock = anyio.Lock()
         self._durations: list[tuple[str, str, str, float, float]] = []
         self.durations_error: str | None = None  # why durations cannot be kept here (None: they can)
@@ -277,7 +280,7 @@ class CacheStore:
         failures = 0
         while True:
             await self._wake.wait()
-            await anyio.sleep(self.commit_interval)
+            await self._settle()
             try:
                 await self.commit()
                 failures = 0
@@ -287,10 +290,35 @@ class CacheStore:
                     log.error("cannot write the result cache; keeping entries and retrying", error=str(exc))
                 await anyio.sleep(min(0.1 * 2 ** min(failures, 10), self.retry_max))
 
+    async def _settle(self) -> None:
+        """Wait out the commit interval, fingerprinting the files of each entry as it is put: the files as the
+        task left them, not as they are up to ``commit_interval`` later (a file rewritten meanwhile -- the user
+        editing it once the run is reported done -- would be recorded as the task's, and reused)."""
+        deadline = anyio.current_time() + self.commit_interval
+        while True:
+            self._put = anyio.Event()
+            await self._fingerprint_new()
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return
+            with anyio.move_on_after(remaining):
+                await self._put.wait()
+
+    async def _fingerprint_new(self) -> None:
+        identities, self._unprinted = self._unprinted, []
+        rows = [row for i in identities if (row := self._pending.get(i)) is not None and row[3] is None]
+        if not rows:
+            return
+        printed = await anyio.to_thread.run_sync(_with_fingerprints, rows)
+        for old, new in zip(rows, printed):
+            if self._pending.get(old[0]) is old:  # (not put again meanwhile)
+                self._pending[old[0]] = new
+                self.fingerprinted += 1
+
     def health(self) -> dict[str, Any]:
         """For ``stats``: where the cache is, how it is shared, whether it can be written."""
         return {"path": str(self.path), "journal_mode": self.journal_mode, "pending": len(self._pending),
-                "rejected": self.rejected, "error": self.write_error,
+                "rejected": self.rejected, "fingerprinted": self.fingerprinted, "error": self.write_error,
                 **({"durations_error": self.durations_error} if self.durations_error else {})}
 
     # ------------------------------------------------------------------ writing
@@ -298,8 +326,12 @@ class CacheStore:
     def put(self, identity: str, output: Any, output_hash: str, workflow: str, task: str, run_id: str,
             index: int | None) -> None:
         """Record a verified result (committed by the writer; visible to ``lookup`` at once)."""
-        self._pending[identity] = (identity, dump_json(output), output_hash, None, workflow, task, run_id,
+        text = dump_json(output)
+        self._pending[identity] = (identity, text, output_hash, None, workflow, task, run_id,
                                    -1 if index is None else index, time.time(), self.origin)
+        if '"path"' in text:  # (the encoded text cannot hold a path otherwise)
+            self._unprinted.append(identity)
+            self._put.set()
         self._wake.set()
 
     def record_duration(self, workflow: str, task: str, version: str, seconds: float) -> None:
@@ -484,7 +516,7 @@ def _with_fingerprints(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Record what each result's files look like now, just after the task made them."""
     out = []
     for row in rows:
-        if '"path"' not in row[1]:  # the encoded text cannot hold a path: skip parsing it
+        if row[3] is not None or '"path"' not in row[1]:  # fingerprinted already, or the text cannot hold a path
             out.append(row)
             continue
         files = fingerprints(json.loads(row[1]))

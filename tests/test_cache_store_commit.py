@@ -75,3 +75,31 @@ def test_a_failed_write_rolls_back_and_keeps_the_batch(tmp_path: Path) -> None:
     written, pending, error = anyio.run(main)
     assert pending == 1 and error is not None and "locked" in error
     assert written == {"a"}
+
+
+def test_result_files_are_fingerprinted_as_the_task_left_them_not_at_the_commit(tmp_path: Path) -> None:
+    """A file rewritten between the put and the commit (up to ``commit_interval`` later: the user editing it
+    once the run is reported done) is not recorded as the task's: CI once reused such a file."""
+    from reflow_client import codec
+
+    made = tmp_path / "made.txt"
+    made.write_text("0 1 2")
+    output = {codec.TAG: "path", "value": str(made)}
+
+    async def main() -> dict[str, Any]:
+        cache = CacheStore(tmp_path / "cache.sqlite", origin="test", commit_interval=3600.0)
+        await cache.open()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.run_writer)
+            cache.put("id-make", output, "h", "wf", "make", "run-1", None)
+            with anyio.fail_after(30):  # (the writer fingerprints at once, then waits out the commit interval)
+                while cache.health()["fingerprinted"] < 1:
+                    await anyio.sleep(0.01)
+            made.write_text("0 1 2 and some more")  # rewritten behind reflow's back before the commit
+            await cache.commit()
+            tg.cancel_scope.cancel()
+        stale = await cache.lookup(["id-make"])
+        await cache.close()
+        return stale
+
+    assert anyio.run(main) == {}, "the rewritten file was recorded as the task's and its result reused"
