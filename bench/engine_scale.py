@@ -248,7 +248,7 @@ def _exit_with_parent() -> None:
             time.sleep(1.0)
         os._exit(1)
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="bench exit watch").start()
 
 
 def _measure_callbacks(path: Path) -> None:
@@ -310,7 +310,7 @@ def _measure_callbacks(path: Path) -> None:
                 worst.pop("over_20ms", None)
                 longest.clear()
 
-    threading.Thread(target=dump, daemon=True).start()
+    threading.Thread(target=dump, daemon=True, name="bench callbacks").start()
     idle_profile = os.environ.get("REFLOW_BENCH_IDLE_PROFILE")
     if idle_profile:  # debugging aid: a profile of the loop thread while nothing changes (the idle window)
         _profile_idle(path.with_suffix(".idle"), idle_profile)
@@ -333,7 +333,7 @@ def _trace_memory(marker: Path, out: str) -> None:
                 for line in stat.traceback.format():
                     f.write(f"      {line}\n")
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="bench tracemalloc").start()
 
 
 def _profile_idle(marker: Path, out: str) -> None:
@@ -358,7 +358,7 @@ def _profile_idle(marker: Path, out: str) -> None:
             time.sleep(0.2)
         holder["loop"].call_soon_threadsafe(lambda: (profiler.disable(), profiler.dump_stats(out)))
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="bench idle profile").start()
 
 
 def _name_threads(path: Path) -> None:
@@ -366,13 +366,16 @@ def _name_threads(path: Path) -> None:
     from ``/proc`` and names it (the loop, the store's writer and reader, the worker threads)."""
 
     def write() -> None:
+        written: dict[int | None, str] = {}
         while True:
             names = {t.native_id: t.name for t in threading.enumerate()}
-            try:
-                path.with_suffix(".tmp").write_text(json.dumps(names))
-                path.with_suffix(".tmp").replace(path)
-            except OSError:
-                pass  # (the state directory is made once the daemon starts)
+            if names != written:  # (only when threads came or went: the idle CPU measured is the daemon's)
+                try:
+                    path.with_suffix(".tmp").write_text(json.dumps(names))
+                    path.with_suffix(".tmp").replace(path)
+                    written = names
+                except OSError:
+                    pass  # (the state directory is made once the daemon starts)
             time.sleep(1.0)
 
     threading.Thread(target=write, daemon=True, name="bench thread names").start()
@@ -389,8 +392,18 @@ def threads_cpu(pid: int) -> dict[int, float]:
     return out
 
 
-def by_thread(before: dict[int, float], after: dict[int, float], names_path: Path, n: int) -> str:
-    """The CPU each thread spent between two readings, in ms per element, busiest first."""
+def bench_own(before: dict[int, float], after: dict[int, float], names_path: Path) -> float:
+    """CPU seconds the bench's own threads in the daemon (named ``bench ...``) spent between two readings:
+    not the daemon's (on a VM whose timer wake-ups are dear, its half-second clocks were most of the idle figure)."""
+    try:
+        names = {int(k): v for k, v in json.loads(names_path.read_text()).items()}
+    except (OSError, ValueError):
+        return 0.0
+    return sum(cpu - before.get(tid, 0.0) for tid, cpu in after.items() if names.get(tid, "").startswith("bench "))
+
+
+def by_thread(before: dict[int, float], after: dict[int, float], names_path: Path, n: float) -> str:
+    """The CPU each thread spent between two readings, in ms per *n* (elements, minutes), busiest first."""
     try:
         names = {int(k): v for k, v in json.loads(names_path.read_text()).items()}
     except (OSError, ValueError):
@@ -501,7 +514,7 @@ def _answer_heap(base: Path) -> None:
                 base.with_suffix(".ask").unlink()
                 holder["loop"].call_soon_threadsafe(answer)
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="bench heap").start()
 
 
 def _threads() -> list[int]:
@@ -567,7 +580,7 @@ def _watch_stalls(path: str) -> None:
             beat[:] = time.monotonic(), time.clock_gettime(clock)
             await anyio.sleep(0.01)
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="bench stall watch").start()
     from reflowd.engine import engine as engine_module
 
     original = engine_module.Engine.run
@@ -718,11 +731,12 @@ def _fanout(tmp: Path, n: int) -> tuple[float, float, tuple[float, float], float
             assert status["run"]["state"] == "succeeded", status["run"]
             client.runs()  # (the daemon flushes its store before listing runs)
             stats1 = client.stats()
-            cpu_run = cpu_seconds(d.proc.pid) - cpu0
+            threads1 = threads_cpu(d.proc.pid)
+            cpu_run = cpu_seconds(d.proc.pid) - cpu0 - bench_own(threads0, threads1, d.callbacks.with_name("threads.json"))
             cpu_loop = cpu_seconds(d.proc.pid, d.proc.pid) - loop0  # the event loop's thread; the rest: the store's writer
             pings = pinger.reset()
             print(f"  (n={n:,}: CPU by thread during the fan-out, ms per element: "
-                  f"{by_thread(threads0, threads_cpu(d.proc.pid), d.callbacks.with_name('threads.json'), n)})",
+                  f"{by_thread(threads0, threads1, d.callbacks.with_name('threads.json'), n)})",
                   file=sys.stderr)
             worst_step = d.worst_step()
             transitions = stats1["store"]["transitions"] - stats0["store"]["transitions"]
@@ -799,10 +813,15 @@ def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
                               f" {MAX_POLL:.0f} s, not reached within {SETTLE_MAX:.0f} s)", flush=True)
                         break
                     time.sleep(2.0)
-                idle0 = cpu_seconds(d.proc.pid)
+                idle0, idle_threads = cpu_seconds(d.proc.pid), threads_cpu(d.proc.pid)
                 d.callbacks.with_suffix(".idle").touch()  # (only REFLOW_BENCH_IDLE_PROFILE looks at it)
                 time.sleep(idle_seconds)
-                idle_cpu = (cpu_seconds(d.proc.pid) - idle0) / idle_seconds * 60
+                idle1, idle_threads1 = cpu_seconds(d.proc.pid), threads_cpu(d.proc.pid)
+                names = d.callbacks.with_name("threads.json")
+                idle_cpu = (idle1 - idle0 - bench_own(idle_threads, idle_threads1, names)) / idle_seconds * 60
+                print(f"  (n={n:,}: CPU by thread while nothing changes, ms per minute: "
+                      f"{by_thread(idle_threads, idle_threads1, names, idle_seconds / 60)}; the bench's own not counted)",
+                      file=sys.stderr)
                 d.callbacks.with_suffix(".idle").unlink()
                 time.sleep(0.5)
         except _SkipIdle:
