@@ -595,11 +595,13 @@ def run_seed(seed: int, workdir: Path | None = None, harness: Callable[[int, Pat
         return make(seed, Path(tmp)).run()
 
 
-async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None) -> Any:
+async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None,
+                      connector: Connector | None = None) -> Any:
     """One daemon life on *path*: a real store, engine and driver on the simulated *cluster*; ``await body(engine,
     cluster)``, then the engine and store closed as reflowd closes them. ``adjust(runtime)``, if given, changes the
-    cluster's runtime (its config, its scheduler) before the engine starts."""
-    store = Store(path, connect=Connector(), offload=inline)
+    cluster's runtime (its config, its scheduler) before the engine starts. *connector*: the store's (a test that
+    crashes the life kills its connections with it, ``Connector.crash``)."""
+    store = Store(path, connect=connector or Connector(), offload=inline)
     await store.open()
     runtime = sim_runtime(cluster, lambda: loop.virtual)
     if adjust is not None:
