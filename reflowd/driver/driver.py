@@ -269,17 +269,15 @@ class Driver:
             self._release_kill(key)
 
     async def load_owed_kills(self) -> int:
-        """At start: the kills an earlier daemon owed on this cluster are sent like any cancel (budgeted, timed
-        out, retried until taken), whatever became of their runs -- a cancelled run is not even reloaded.
-        Runs first recovered (``Engine.recover``), so a packed job that still runs wanted elements is told
-        apart (``cancel_jobs``)."""
+        """At start, before anything changes (``Engine.recover``): the kills an earlier daemon owed on this
+        cluster. :meth:`run` sends them like any cancel (budgeted, timed out, retried until taken), whatever
+        became of their runs -- a cancelled run is not even reloaded."""
         kills = await self.store.owed_kills(self.name)
         for kill in kills:
             self.owed[kill.job_key] = None
-        self.cancel_jobs([kill.job_key for kill in kills])
         if kills:
             self.count("owed_kills_loaded", len(kills))
-            log.warning("sending kills an earlier daemon owed", cluster=self.name, jobs=len(kills),
+            log.warning("kills an earlier daemon owed are sent again", cluster=self.name, jobs=len(kills),
                         oldest=kills[0].owed_at)
         return len(kills)
 
@@ -690,7 +688,9 @@ class Driver:
     # ------------------------------------------------------------------ loops
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self.load_owed_kills()
+        # What an earlier daemon owed goes out first; runs are recovered by now, so a packed job that still
+        # runs wanted elements is told apart (``cancel_jobs``).
+        self.cancel_jobs(list(self.owed))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._kept, "probing the cluster", self._probe)
             tg.start_soon(self._kept, "the submit loop", Submitter(self).loop)

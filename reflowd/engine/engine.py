@@ -235,7 +235,10 @@ class Engine:
                     await cluster.transport.aclose()
 
     async def recover(self) -> None:
-        """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed."""
+        """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed.
+        First the kills an earlier daemon owed (its drivers send them once started, whatever their run)."""
+        for driver in self.drivers.values():
+            await driver.load_owed_kills()
         runs, broken = await self.store.load_active_runs()
         if sum(len(tr.instances) for r in runs for tr in r.tasks.values()) >= FREEZE_AFTER:
             self.heap.freeze()  # (see FREEZE_AFTER)
