@@ -276,3 +276,58 @@ def test_a_schema_6_database_gets_the_kills_table_and_keeps_its_runs(tmp_path: P
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         assert SCHEMA_VERSION == 7
         assert db.execute("SELECT value FROM meta WHERE key='kept'").fetchone() == ("yes",)
+
+
+def _cancel_crashing_after(k: int) -> str:
+    """A cancel during which the daemon dies *k* loop steps in, then a life that must finish it; what happened."""
+    with scratch_dir() as tmp:
+        lives = Lives(Path(tmp) / "kills.sqlite")
+        seen: dict[str, Any] = {}
+
+        async def first(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> None:
+            run_id = await _running_squares(engine, n=2)
+            seen["run_id"] = run_id
+            seen["keys"] = sorted(i.job_key for i in engine.runs[run_id].tasks["square"].instances.values())
+            loop.crash_at = loop.steps + k
+            await engine.cancel(run_id)
+            seen["answered"] = True
+            await anyio.sleep(3600.0)  # the crash comes first
+
+        _, crashed = lives.live(first)
+        assert crashed
+        killed_before = sum(e.cancelled for e in square_elements(lives.cluster))
+
+        async def second(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> tuple[bool, list[OwedKill]]:
+            stored = await engine.store.load_run(seen["run_id"])
+            assert stored is not None
+            cancelled = all(i.state is State.CANCELLED for i in stored.tasks["square"].instances.values())
+            if cancelled:
+                await wait_until(lambda: all(e.cancelled for e in square_elements(cluster))
+                                 and not engine.drivers["sim"].owed, what=f"the kills sent (crash at step {k})")
+                await engine.store.flush()
+            else:
+                assert not seen.get("answered"), "a cancel the client heard of is in the store"
+                await anyio.sleep(30.0)
+            return cancelled, await engine.store.owed_kills("sim")
+
+        (cancelled, left), crashed = lives.live(second)
+        assert not crashed and left == []
+        elements = square_elements(lives.cluster)
+        if not cancelled:
+            assert not any(e.cancelled for e in elements)
+            return "not committed"
+        assert all(e.cancelled for e in elements)
+        sent = [cancels_of(lives.cluster, key) for key in seen["keys"]]
+        assert all(n in (1, 2) for n in sent), sent
+        once = all(n == 1 for n in sent)
+        return "killed before the crash" if killed_before and once else \
+            "killed after the restart" if once else "sent in both lives"
+
+
+def test_a_crash_at_any_step_of_a_cancel_leaves_no_cancelled_job_running(long_squares: None) -> None:
+    """The daemon dies k loop steps into a cancel, for every k until the kills went out: whenever the store
+    says the instances were cancelled, the next life kills their jobs (each cancel command once per life at
+    most: a kill sent just before the crash, its row not yet dropped, goes again) and owes nothing after; a
+    cancel that was not committed killed nothing (the client was never told)."""
+    outcomes = {k: _cancel_crashing_after(k) for k in range(1, 40)}
+    assert {"not committed", "killed after the restart", "killed before the crash"} <= set(outcomes.values()), outcomes
