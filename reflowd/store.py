@@ -28,7 +28,7 @@ import structlog
 from reflow_client.jobfiles import write_bytes_atomic
 
 from . import world
-from .engine.model import Instance, JobRecord, Run, TaskRun
+from .engine.model import Instance, JobRecord, OwedKill, Run, TaskRun
 from .engine.records import Table, dump_json
 
 if TYPE_CHECKING:
@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reflowd.store")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 RUNS = Table(Run, "runs", (("runs_state", "state"), ("runs_created", "created_at")))
 TASKS = Table(TaskRun, "tasks")
 INSTANCES = Table(Instance, "instances", upsert=True)  # the hot table: update in place, no secondary index
 JOBS = Table(JobRecord, "jobs", (("jobs_run", "run_id"),))
+KILLS = Table(OwedKill, "kills")  # owed kills: a few rows at a time, gone once the scheduler took them
 
 #: The transition log: append-only, so the rowid ``seq`` (max + 1 for each row; nothing is ever deleted)
 #: orders it without AUTOINCREMENT's extra write per row; evidence is NULL when there is none (read as {}).
@@ -66,6 +67,7 @@ SCHEMA = "\n".join([
     TASKS.create(),
     INSTANCES.create(),
     JOBS.create(),
+    KILLS.create(),  # (schema 7: an older database gets it here, empty: nothing was owed durably then)
     "DROP INDEX IF EXISTS instances_tag;",  # schema 1 had it; nothing looks instances up by tag
     TRANSITIONS_TABLE + """
 CREATE INDEX IF NOT EXISTS transitions_run ON transitions(run_id, seq);
@@ -114,6 +116,8 @@ DROP TABLE transitions_v4;
 MIGRATE_5_TO_6 = """
 ALTER TABLE transitions ADD COLUMN idx_last INTEGER;
 """
+
+#: Schema 6 -> 7: owed kills (``KILLS``); ``SCHEMA`` creates the table, so there is nothing to move.
 
 #: ``put_instance`` without a list of changed fields: the whole row (an upsert).
 WHOLE_ROW = -1
@@ -371,13 +375,14 @@ class _Batch:
     count: int
     generation: int
     failures: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # runs that could not be recovered
+    kills: dict[tuple[str, str], tuple[Any, ...] | None] = field(default_factory=dict)  # None: taken, delete it
     encoded: list[_Statement] | None = None
     transition_rows: int = 0  # rows of the transitions table (a group is one)
 
     @property
     def rows(self) -> int:
         return (len(self.runs) + len(self.tasks) + len(self.instances) + len(self.transitions) + len(self.jobs)
-                + len(self.cache) + len(self.failures))
+                + len(self.cache) + len(self.failures) + len(self.kills))
 
     def encode(self) -> None:
         """The statements and their rows, encoded (in a worker thread: pure CPU, no shared state changed).
@@ -415,6 +420,8 @@ class _Batch:
             _Statement("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?,?)", list(self.cache.values())),
             _Statement("UPDATE runs SET state=?, error=?, ended_at=?, updated_at=? WHERE id=?",
                        list(self.failures.values())),
+            _Statement(KILLS.insert, [KILLS.encode(v) for v in self.kills.values() if v is not None]),
+            _Statement(KILLS.delete, [key for key, v in self.kills.items() if v is None]),
         ]
 
     def statements(self) -> list[_Statement]:
@@ -530,6 +537,7 @@ class Store:
         self._jobs: dict[str, JobRecord | tuple[Any, ...]] = {}
         self._cache: dict[str, tuple[Any, ...]] = {}
         self._run_failures: dict[str, tuple[Any, ...]] = {}
+        self._kills: dict[tuple[str, str], tuple[Any, ...] | None] = {}  # (cluster, job key): row, or None to delete
         self._pending = 0
         self._enqueued = 0
         self._committed = 0
@@ -795,6 +803,17 @@ class Store:
         self._jobs[job.tag] = job
         self._enqueued_one()
 
+    def put_kill(self, kill: OwedKill) -> None:
+        """A kill now owed: committed with (or before) whatever else is enqueued now -- the state change that
+        made it owed -- so no crash can keep the change and lose the kill."""
+        self._kills[(kill.cluster, kill.job_key)] = KILLS.snapshot(kill)
+        self._enqueued_one()
+
+    def drop_kill(self, cluster: str, job_key: str) -> None:
+        """The scheduler took the kill (or no longer knows the job): no longer owed."""
+        self._kills[(cluster, job_key)] = None
+        self._enqueued_one()
+
     def fail_run_row(self, run_id: str, error: str) -> None:
         """Mark a run that cannot even be loaded as failed, with the reason (recovery)."""
         now = world.now()
@@ -863,9 +882,9 @@ class Store:
             self._instances,  # (snapshots already: ``put_instance``)
             self._transitions,
             {k: JOBS.snapshot(v) if isinstance(v, JobRecord) else v for k, v in self._jobs.items()},
-            self._cache, self._pending, self._enqueued, self._run_failures)
+            self._cache, self._pending, self._enqueued, self._run_failures, self._kills)
         self._runs, self._tasks, self._instances = {}, {}, {}
-        self._transitions, self._jobs, self._cache, self._run_failures = [], {}, {}, {}
+        self._transitions, self._jobs, self._cache, self._run_failures, self._kills = [], {}, {}, {}, {}
         self._pending = 0
         self._wake = anyio.Event()
         self._urgent = anyio.Event()
@@ -885,6 +904,7 @@ class Store:
         self._transitions = batch.transitions + self._transitions
         self._jobs = {**batch.jobs, **self._jobs}
         self._run_failures = {**batch.failures, **self._run_failures}
+        self._kills = {**batch.kills, **self._kills}
         self._cache = {**batch.cache, **self._cache}
         self._pending += batch.count
         self._wake.set()
@@ -1150,6 +1170,11 @@ class Store:
             if len(out) >= limit:
                 break
         return out
+
+    async def owed_kills(self, cluster: str) -> list[OwedKill]:
+        """*cluster*'s committed owed kills, oldest first (read when its driver starts, before it owes any)."""
+        async with self._r.execute("SELECT * FROM kills WHERE cluster=? ORDER BY owed_at, job_key", (cluster,)) as cur:
+            return [OwedKill(**KILLS.values(r)) for r in await cur.fetchall()]
 
     async def jobs_for_runs(self, run_ids: Iterable[str]) -> list[JobRecord]:
         ids = list(run_ids)

@@ -161,6 +161,39 @@ def test_cancel_stops_processes_and_nothing_new_starts(daemon: DaemonProcess, tm
     assert len(after) == len(before) and not any(line.startswith("total") for line in after)
 
 
+def test_a_kill_owed_when_the_daemon_died_is_sent_when_it_starts_again(tmp_path: Path) -> None:
+    """The daemon dies (fault point ``before_kill``, like kill -9) after a cancel was committed and before its
+    kills went out: the workers run on, unknown to the next daemon (their instances are cancelled, so nothing
+    re-attaches them). It finds the kills owed in its store and stops them, each once."""
+    d = DaemonProcess(tmp_path / "d", config=LOCAL_CONFIG.format(workers=4))
+    d.start(extra_env={"REFLOW_FAULT_POINTS": "before_kill"})
+    run_dir, gate = tmp_path / "owed", tmp_path / "never-opened"
+    pids: list[int] = []
+    try:
+        run_id = submit(d, COUNTING, run_dir, "--n", "2", "--gate", str(gate))
+        wait_for(lambda: sum(v for k, v in executions(run_dir).items() if k.startswith("work")) >= 2, timeout=60,
+                 what="both elements to start")
+        lines = (run_dir / "executions.txt").read_text().splitlines()
+        pids = [int(line.rsplit("pid=", 1)[1]) for line in lines if line.startswith("work")]
+        d.cli("cancel", run_id)  # answered "cancelled", or cut off as the daemon dies sending the kills
+        assert d.proc is not None
+        d.proc.wait(timeout=60)
+        assert d.proc.returncode == 137, "the fault point ends the daemon like kill -9"
+        assert all(_alive(p) for p in pids), "nothing killed the workers yet"
+        d.start()
+        wait_for(lambda: not any(_alive(p) for p in pids), timeout=60, what="the owed kills to stop the workers")
+        with d.client() as c:
+            local = wait_for(lambda: (s := c.stats()["clusters"]["local"])["owed_kills"] == 0 and s, timeout=30,
+                             what="no kill owed")
+        assert local["driver"]["owed_kills_loaded"] == 2
+        assert d.log().count("stopping a worker an earlier daemon started") == 2
+        assert wait_state(d, run_id, ("cancelled",)) == "cancelled"
+        assert not any(line.startswith("total") for line in (run_dir / "executions.txt").read_text().splitlines())
+    finally:
+        gate.touch()  # (workers a failure left behind finish and exit)
+        d.stop()
+
+
 def test_kill9_midrun_every_task_runs_exactly_once(tmp_path: Path) -> None:
     d = DaemonProcess(tmp_path / "d", config=LOCAL_CONFIG.format(workers=2))
     d.start()

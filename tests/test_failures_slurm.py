@@ -20,7 +20,7 @@ import pytest
 
 from .cluster.wlm import WLM
 from .support import DaemonProcess, wait_for
-from .test_scheduler_engine import kill, start_daemon, status, submit, wait_state
+from .test_scheduler_engine import kill, start_daemon, started_work, status, submit, wait_state
 
 OVERTIME = Path(__file__).parent / "engine_workflows" / "overtime.py"
 
@@ -372,3 +372,44 @@ def test_slurmdbd_down_for_a_minute_mid_run_fails_nothing_and_shows_the_accounti
     finally:
         start_slurmdbd()
         kill(d)
+
+
+COUNTING = Path(__file__).parent / "engine_workflows" / "counting.py"
+
+
+def squeue_states(job_id: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                         timeout=60)
+    return out.stdout.split()
+
+
+@SLURM_PLAIN
+def test_a_kill_owed_when_reflowd_died_is_sent_by_the_next_one(wlm: WLM, tmp_path: Path) -> None:
+    """reflowd commits a cancel and dies (fault point ``before_kill``) before its scancel: the jobs run on.
+    The next reflowd finds the kills owed in its store and sends them in one scancel; nothing stays owed."""
+    d: DaemonProcess = start_daemon(wlm, tmp_path / "d", extra_env={"REFLOW_FAULT_POINTS": "before_kill"})
+    gate = tmp_path / "never-opened"
+    job_id = ""
+    try:
+        run_id = submit(d, COUNTING, tmp_path / "run", "--n", "2", "--gate", str(gate))
+        wait_for(lambda: started_work(tmp_path / "run", 2), timeout=300, interval=0.5, what="both elements running")
+        job_id = (status(d, run_id, "work").instances or [])[0].job_id.split("_")[0]  # type: ignore[union-attr]
+        d.cli("cancel", run_id)  # cut off (or answered) as reflowd dies sending the kills
+        assert d.proc is not None
+        d.proc.wait(timeout=120)
+        assert d.proc.returncode == 137, "the fault point ends reflowd like kill -9"
+        assert squeue_states(job_id) == ["RUNNING", "RUNNING"], "nothing cancelled the jobs yet"
+        d.start()
+        wait_for(lambda: not squeue_states(job_id), timeout=120, interval=0.5, what="the owed kills to end the jobs")
+        with d.client() as c:
+            hpc = wait_for(lambda: (s := c.stats()["clusters"]["hpc"])["owed_kills"] == 0 and s, timeout=60,
+                           what="no kill owed")
+        assert hpc["driver"]["owed_kills_loaded"] == 2
+        assert hpc["calls"].get("cancel") == 1, hpc["calls"]
+        assert wait_state(d, run_id, ("cancelled",)) == "cancelled"
+    finally:
+        gate.touch()
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+        kill(d)
+

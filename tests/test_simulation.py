@@ -47,6 +47,7 @@ def _summary(reports: list[Report], seconds: float) -> str:
         f"{len({r.seed for r in reports if r.crashes})} seeds, {len(sites)} distinct await points where a "
         f"daemon task was suspended at a crash; {sum(r.reloads_checked for r in reports)} reloads compared with "
         f"memory ({sum(r.reloads_unverified for r in reports)} too far from a watched commit); "
+        f"{sum(r.kills_owed_at_crash for r in reports)} kills owed at a crash, sent after it; "
         f"{sum(r.runs for r in reports)} runs ended {dict(states)}"
     )
 

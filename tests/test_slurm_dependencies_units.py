@@ -302,6 +302,7 @@ class ChainWorld:
         from types import SimpleNamespace
 
         from reflowd.driver.chains import ChainJobs
+        from reflowd.driver.driver import Driver
         from reflowd.driver.early import EarlyJobs
         from reflowd.driver.packing import Packer
         from reflowd.engine.decide import Timing
@@ -384,7 +385,9 @@ class ChainWorld:
             name="hpc", cluster=SimpleNamespace(config=config, metered=Files(), timing=Timing(),
                                                 scheduler=SimpleNamespace(query=query, cancel=cancel),
                                                 count=lambda name: None),
-            store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing),
+            store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing,
+                                  put_kill=lambda kill: self.owed_rows.append(kill.job_key),
+                                  drop_kill=lambda cluster, key: self.owed_rows.remove(key)),
             host=SimpleNamespace(transition=transition, update=update), tracks={}, unresolved={}, by_job={},
             cancels={}, emptied={}, held_tags={}, follow=follow, query_due=False, wake=lambda: None,
             add_unresolved=add_unresolved, drop_unresolved=lambda tag: d.unresolved.pop(tag, None),
@@ -393,6 +396,11 @@ class ChainWorld:
             settings=SimpleNamespace(hold_max=60.0), unquiet=lambda track: None, scheduler_answered=lambda: None,
             health=SimpleNamespace(allows=lambda now: True), cancel_round=SimpleNamespace(set=lambda: None))
         d.packer = Packer(d)  # type: ignore[arg-type]
+        # The driver's own bookkeeping of cancels and owed kills (the store's rows: ``owed_rows``).
+        self.owed_rows: list[str] = []
+        d.owed, d.fault = {}, lambda point: None
+        for name in ("cancel_jobs", "owe_kill", "_release_kill", "kills_taken"):
+            setattr(d, name, functools.partial(getattr(Driver, name), d))
         owner = SimpleNamespace(d=d, upstream_submitted=lambda run: None, _find=nothing)
         d.early = SimpleNamespace(upstream_submitted=lambda run: None, _find=nothing,
                                   made=functools.partial(EarlyJobs.made, owner))
@@ -586,8 +594,7 @@ def test_cancelling_the_last_wanted_element_of_a_packed_task_writes_its_marker_b
         inst = double.instances[i]
         key = inst.job_key
         w.d.host.transition(w.run, inst, State.CANCELLED, {"source": "client"})
-        if not w.d.packer.keep_job(key):
-            w.d.cancels[key] = None
+        w.d.cancel_jobs([key])
 
     cancel(1)
     cancel(2)
@@ -607,10 +614,11 @@ def test_cancelling_the_last_wanted_element_of_a_packed_task_writes_its_marker_b
     for inst in w3.run.tasks["double"].instances.values():
         key = inst.job_key
         w3.d.host.transition(w3.run, inst, State.CANCELLED, {"source": "client"})
-        if not w3.d.packer.keep_job(key):
-            w3.d.cancels[key] = None
+        w3.d.cancel_jobs([key])
+    assert w3.owed_rows == [w3.key(0), w3.key(2)], "owed durably until the scancel goes out"
     anyio.run(Observer(w3.d).deliver_cancels)  # type: ignore[arg-type]
     assert w3.calls == [("cancel", [w3.key(0), w3.key(2)])], w3.calls
+    assert w3.owed_rows == [] and w3.d.owed == {}
 
 
 def test_an_element_cancelled_while_its_early_array_is_being_adopted_gets_its_marker(tmp_path: Path) -> None:

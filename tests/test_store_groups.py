@@ -322,7 +322,7 @@ def test_a_schema_5_database_is_upgraded_and_its_log_kept(tmp_path: Path) -> Non
             "UPDATE meta SET value='5' WHERE key='schema_version';")
     anyio.run(open_close, True)
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "7"
         rows = db.execute("SELECT seq, idx, idx_last FROM transitions ORDER BY seq").fetchall()
     assert rows == [(4, 2, None), (5, None, None), (6, 0, 2)]
 

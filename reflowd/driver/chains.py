@@ -356,13 +356,11 @@ class ChainJobs:
             except (TransportError, TimeoutError) as exc:
                 log.warning("cannot look an early array up by tag; its markers stop it", tag=record.tag,
                             error=str(exc))
-        if record.job_id:
+        if record.job_id:  # (owed durably: a dropped record is not recovered)
             if slots is None:
-                d.cancels[record.job_id] = None
+                d.cancel_jobs([record.job_id])
             else:
-                for t in slots:
-                    d.cancels[packing.job_key(request, record.job_id, pieces[t][0])] = None
-            d.wake()
+                d.cancel_jobs([packing.job_key(request, record.job_id, pieces[t][0]) for t in slots])
         if slots is None:
             record.state = "dropped"
             d.store.put_job(record)

@@ -32,7 +32,7 @@ from reflow_client.resources import parse_time
 
 from .. import world
 from ..clusters import ClusterRuntime
-from ..engine.model import Instance, JobRecord, Run, TaskRun
+from ..engine.model import Instance, JobRecord, OwedKill, Run, TaskRun
 from ..engine.resolve import Resolution
 from ..engine.states import State
 from ..schedulers.base import Phase
@@ -142,6 +142,9 @@ class Driver:
         #: of each, once), kept as they come, go and lose instances: no walk per submit round.
         self.queued_count = 0
         self.cancels: dict[str, None] = {}  # job keys to cancel (ordered)
+        #: Job keys whose kill is owed durably (a row in the store's ``kills``, see :meth:`owe_kill`), until the
+        #: scheduler takes it (:meth:`kills_taken`); loaded at start (:meth:`load_owed_kills`).
+        self.owed: dict[str, None] = {}
         self.staged: set[str] = set()  # run ids whose workflow file is on the cluster
         self.deadlines: list[tuple[float, str]] = []  # (when a running job passes its limit, tag)
         self.deadline_entries: set[tuple[float, str]] = set()  # (the same: one entry each, see add_deadline)
@@ -228,17 +231,55 @@ class Driver:
         self.ready.pop(inst, None)
         self.waiting.pop(inst, None)
 
-    def cancel_jobs(self, keys: list[str]) -> None:
-        """Ask the scheduler to cancel these jobs or array elements (retried until delivered).
+    def owe_kill(self, key: str) -> None:
+        """*key*'s job must be killed, whatever happens to this process: recorded in the store now, so the
+        commit that holds the state change being made (an instance cancelled while its job was queued or
+        running) holds the kill too. Sent once :meth:`cancel_jobs` queues it (a cancel request waits for its
+        flush first, so no kill reaches the scheduler before the change is durable)."""
+        if key not in self.owed:
+            self.owed[key] = None
+            self.store.put_kill(OwedKill(self.name, key, world.now()))
+
+    def cancel_jobs(self, keys: Iterable[str]) -> None:
+        """Ask the scheduler to cancel these jobs or array elements (retried until delivered; owed durably,
+        so a crash meanwhile does not lose them: :meth:`load_owed_kills`).
 
         A packed job that still runs elements nobody cancelled is left alone: its cancelled
         elements get markers instead (see ``packing.Packer.left``)."""
+        queued = False
         for key in keys:
+            queued = True
             if self.packer.keep_job(key):
+                self._release_kill(key)  # (owed before it was known that the job runs others)
                 continue
+            self.owe_kill(key)
             self.cancels[key] = None
-        if keys:
+        if queued:
             self.wake()
+
+    def _release_kill(self, key: str) -> None:
+        if key in self.owed:
+            del self.owed[key]
+            self.store.drop_kill(self.name, key)
+
+    def kills_taken(self, keys: Iterable[str]) -> None:
+        """The scheduler took the cancel of *keys* (or no longer knows the jobs): no longer owed or queued."""
+        for key in keys:
+            self.cancels.pop(key, None)
+            self._release_kill(key)
+
+    async def load_owed_kills(self) -> int:
+        """At start, before anything changes (``Engine.recover``): the kills an earlier daemon owed on this
+        cluster. :meth:`run` sends them like any cancel (budgeted, timed out, retried until taken), whatever
+        became of their runs -- a cancelled run is not even reloaded."""
+        kills = await self.store.owed_kills(self.name)
+        for kill in kills:
+            self.owed[kill.job_key] = None
+        if kills:
+            self.count("owed_kills_loaded", len(kills))
+            log.warning("kills an earlier daemon owed are sent again", cluster=self.name, jobs=len(kills),
+                        oldest=kills[0].owed_at)
+        return len(kills)
 
     def instance_left(self, inst: Instance, tag: str | None) -> None:
         """*inst*, in flight under *tag*, has just left flight (or that tag)."""
@@ -648,6 +689,9 @@ class Driver:
     # ------------------------------------------------------------------ loops
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # What an earlier daemon owed goes out first; runs are recovered by now, so a packed job that still
+        # runs wanted elements is told apart (``cancel_jobs``).
+        self.cancel_jobs(list(self.owed))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._kept, "probing the cluster", self._probe)
             tg.start_soon(self._kept, "the submit loop", Submitter(self).loop)
@@ -713,6 +757,7 @@ class Driver:
         out["unresolved_submissions"] = len(self.unresolved)
         out["ready"] = len(self.ready) + len(self.waiting)
         out["pending_cancels"] = len(self.cancels)
+        out["owed_kills"] = len(self.owed)
         if self.unrecognised:
             out["unrecognised_states"] = dict(self.unrecognised)
         if self.last_query_error:

@@ -527,8 +527,7 @@ class EarlyJobs:
     async def _find(self, record: JobRecord) -> str | None:
         """The job an sbatch with an unknown answer made, by its tag (extra ones are cancelled)."""
         found = (await self.d.cluster.scheduler.find_tags([record.tag])).get(record.tag) or []
-        for extra in found[1:]:
-            self.d.cancels[extra.job_id] = None
+        self.d.cancel_jobs([extra.job_id for extra in found[1:]])  # (owed durably: nobody follows them)
         return found[0].job_id if found else None
 
     async def _give_up(self, run: Run, inst: Instance, record: JobRecord) -> None:
@@ -556,8 +555,7 @@ class EarlyJobs:
             except (TransportError, TimeoutError) as exc:
                 log.warning("cannot look an early job up by tag; its marker stops it", tag=record.tag, error=str(exc))
         if record.job_id:
-            d.cancels[record.job_id] = None
-            d.wake()
+            d.cancel_jobs([record.job_id])  # (owed durably: a dropped record is not recovered)
         record.state = DROPPED
         d.store.put_job(record)
         log.info("early job dropped", run_id=record.run_id, task=record.task, tag=record.tag, job_id=record.job_id)

@@ -521,6 +521,7 @@ class Observer:
         if not d.cancels or not d.health.allows(world.monotonic()):
             return
         batch = sorted(d.cancels)
+        d.fault("before_kill")  # (test-only: a crash with kills owed and not sent)
         cluster.count("cancel")
         try:
             await cluster.scheduler.cancel(batch)
@@ -529,8 +530,7 @@ class Observer:
             d.scheduler_failed("cancel", str(exc) or type(exc).__name__)
             return
         d.scheduler_answered()
-        for key in batch:
-            d.cancels.pop(key, None)
+        d.kills_taken(batch)  # (owed ones: their rows go with the next commit)
 
     async def resolve_unresolved(self) -> None:
         """Decide submissions whose outcome is unknown by looking their tag up (those due: ``Driver.resolves_due``)."""

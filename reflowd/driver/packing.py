@@ -438,7 +438,7 @@ class Packer:
         if others:  # queued or running: its marker makes the worker skip it, or stop it and go on
             self.skips.setdefault(track.tag, {})[inst.index] = False
         elif f"{jobfiles.element_key(inst.index)}.json" in track.seen_started and not track.has_result(inst.index):
-            self.d.cancels[key] = None  # running, the last of its slice still wanted: stop its job
+            self.d.cancel_jobs([key])  # running, the last of its slice still wanted: stop its job
         elif not track.run.cancel_requested:
             # the last of its slice still wanted, not seen started: the engine's cancel ``scancel``s the array
             # task, and this marker goes out first in that round, so a worker the scheduler starts meanwhile (an

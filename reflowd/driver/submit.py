@@ -503,9 +503,9 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
         if inst.state is State.SUBMITTING:
             d.host.transition(track.run, inst, State.QUEUED, evidence, job_id=job_id, job_key=keys)
         elif inst.state in FAILURE:
-            key = keys(inst.index)
-            if not (track.packed and d.packer.keep_job(key)):
-                d.cancels[key] = None  # cancelled while the submission was under way
+            # Cancelled (or failed) while the submission was under way: nothing follows it after a restart,
+            # so the kill is owed durably, with the job's row (a packed job running others: ``cancel_jobs``).
+            d.cancel_jobs([keys(inst.index)])
     if not track.live:
         d.emptied[track.tag] = None
     d.query_due = True

@@ -235,7 +235,10 @@ class Engine:
                     await cluster.transport.aclose()
 
     async def recover(self) -> None:
-        """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed."""
+        """Load every unfinished run and re-attach to its jobs; a run that cannot be recovered is failed.
+        First the kills an earlier daemon owed (its drivers send them once started, whatever their run)."""
+        for driver in self.drivers.values():
+            await driver.load_owed_kills()
         runs, broken = await self.store.load_active_runs()
         if sum(len(tr.instances) for r in runs for tr in r.tasks.values()) >= FREEZE_AFTER:
             self.heap.freeze()  # (see FREEZE_AFTER)
@@ -740,6 +743,7 @@ class Engine:
         if run.state in RUN_TERMINAL:
             return 0
         self.runs.setdefault(run.id, run)
+        driver = self.drivers.get(run.cluster)
         count = 0
         kill: list[str] = []
         if task is None:
@@ -763,9 +767,10 @@ class Engine:
                     count += 1
                     if had_job and key:
                         kill.append(key)
+                        if driver is not None:
+                            driver.owe_kill(key)  # (before the next await: in the commit that holds CANCELLED)
         if count:
             await self.store.flush()  # durable before the client hears it: a kill -9 right after must not undo it
-        driver = self.drivers.get(run.cluster)
         if driver is not None:
             driver.cancel_jobs(kill)
             if kill:
@@ -789,8 +794,10 @@ class Engine:
         key, had_job = inst.job_key, inst.state in (State.QUEUED, State.RUNNING)
         if not self.transition(run, inst, State.CANCELLED, {"source": "client", "request": "cancel", "index": index}):
             return 0
-        await self.store.flush()  # durable before the client hears it and before the worker is told (kill -9 safe)
         driver = self.drivers.get(run.cluster)
+        if driver is not None and had_job and key:
+            driver.owe_kill(key)  # (committed with the CANCELLED state: the flush below holds both)
+        await self.store.flush()  # durable before the client hears it and before the worker is told (kill -9 safe)
         if driver is not None and had_job and key:
             driver.cancel_jobs([key])
             await driver.cancels_sent(CANCEL_SEND_WAIT)

@@ -412,3 +412,15 @@ class JobRecord:
     job_id: str | None = column("TEXT", default=None)
     state: str = column("TEXT NOT NULL", default="submitting")  # one of JOB_STATES
     submitted_at: float = column("REAL NOT NULL", default=0.0)
+
+
+@dataclass(frozen=True)
+class OwedKill:
+    """A job (or array element) this daemon must still kill: recorded in the commit that made it owed (an
+    instance cancelled while its job was queued or running, a job dropped or found twice) and removed once
+    the scheduler took the cancel. Memory alone would lose it to a crash, and a cancelled run is not even
+    reloaded: the job would run on. Each driver sends its cluster's owed kills when it starts."""
+
+    cluster: str = column("TEXT NOT NULL", key=True)
+    job_key: str = column("TEXT NOT NULL", key=True)  # a job id, or ``<job id>_<k>`` for one array task
+    owed_at: float = column("REAL NOT NULL", default=0.0)

@@ -258,6 +258,11 @@ class Table:
                            f"ON CONFLICT({', '.join(self.keys)}) DO UPDATE SET "
                            + ", ".join(f"{n}=excluded.{n}" for n in changed))
 
+    @property
+    def delete(self) -> str:
+        """``DELETE`` of one record by its key (its parameters: ``key_of``'s values)."""
+        return f"DELETE FROM {self.name} WHERE {' AND '.join(f'{k}=?' for k in self.keys)}"
+
     def create(self) -> str:
         cols = [f"{n} {col.sql}" for n, (_, col) in zip(self.names, self.fields)]
         if self.keys:

@@ -6,7 +6,10 @@ limit (``max_workers``) and ``array_parallelism`` cap what runs at once, the
 task's time limit is enforced (TIMEOUT), ``cancel`` kills process groups.
 
 Workers run in their own session, so they survive a daemon restart like real
-batch jobs do. After a restart ``reattach`` finds each element again: a
+batch jobs do -- and, like a real batch system, ``cancel`` stops one that an
+earlier daemon started and this one never re-attached (a kill owed by a run
+that was cancelled before a crash): each worker carries its job id and key in
+its environment (``JOB_ID_ENV``, ``JOB_KEY_ENV``), where ``cancel`` finds it. After a restart ``reattach`` finds each element again: a
 result file means it ended, a live process (found in /proc by its job
 directory) is adopted, a ``started`` marker without a process means it
 crashed, and no trace at all means it never started -- and only this daemon
@@ -33,6 +36,11 @@ from reflow_client.resources import parse_time
 from .base import Observation, Outcome, Phase, Presence, Scheduler, SubmitError, SubmitRequest, TaggedJob, log_path
 
 log = structlog.get_logger("reflowd.local")
+
+#: Environment variables a local worker is started with: its job id and its element's key, by which
+#: ``cancel`` finds a worker of a job this scheduler does not know (started before a restart).
+JOB_ID_ENV = "REFLOW_LOCAL_JOB_ID"
+JOB_KEY_ENV = "REFLOW_LOCAL_JOB_KEY"
 
 
 @dataclass
@@ -179,6 +187,7 @@ class LocalScheduler(Scheduler):
             env = dict(os.environ)
             env.update(req.env)
             env["PYTHONUNBUFFERED"] = "1"
+            env[JOB_ID_ENV], env[JOB_KEY_ENV] = element.job_id, element.key
 
             def open_logs() -> tuple[Any, Any]:
                 os.makedirs(req.log_dir, exist_ok=True)
@@ -236,17 +245,40 @@ class LocalScheduler(Scheduler):
                 await element.process.wait()
             if element.process.returncode is not None:
                 return
-        else:
-            deadline = time.monotonic() + self.kill_grace
-            while time.monotonic() < deadline and await anyio.to_thread.run_sync(_pid_alive, element.pid,
-                                                                                 element.pid_start):
-                await anyio.sleep(0.1)
-            if not await anyio.to_thread.run_sync(_pid_alive, element.pid, element.pid_start):
-                return
+            try:
+                os.killpg(element.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        await self._kill_after_grace(element.pid, element.pid_start)
+
+    async def _kill_after_grace(self, pid: int, start: str | None) -> None:
+        """A process group we did not start and already sent SIGTERM: SIGKILL once the grace period is over."""
+        deadline = time.monotonic() + self.kill_grace
+        while time.monotonic() < deadline and await anyio.to_thread.run_sync(_pid_alive, pid, start):
+            await anyio.sleep(0.1)
+        if not await anyio.to_thread.run_sync(_pid_alive, pid, start):
+            return
         try:
-            os.killpg(element.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+    async def _terminate_unknown(self, keys: set[str]) -> None:
+        """Stop the workers of *keys* that belong to no job this scheduler knows: started by an earlier daemon
+        and never re-attached (their run ended, cancelled, before a crash). Found by the job id and key in
+        their environment; only a session leader of ours (the worker, whose group is signalled)."""
+        signalled = []
+        for pid, start in await anyio.to_thread.run_sync(_workers_of, keys):
+            log.info("stopping a worker an earlier daemon started", pid=pid)
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                continue
+            signalled.append((pid, start))
+        async with anyio.create_task_group() as tg:
+            for pid, start in signalled:
+                tg.start_soon(self._kill_after_grace, pid, start)
 
     # ------------------------------------------------------------------ scheduler API
 
@@ -329,7 +361,10 @@ class LocalScheduler(Scheduler):
         targets = [
             e for elements in self._jobs.values() for e in elements if e.key in keys or e.job_id in keys
         ]
+        unknown = keys - {e.key for e in targets} - {e.job_id for e in targets}
         async with anyio.create_task_group() as tg:
+            if unknown:
+                tg.start_soon(self._terminate_unknown, unknown)
             for element in targets:
                 if element.phase is Phase.DONE:
                     continue
@@ -371,6 +406,27 @@ def _covered(request: SubmitRequest, index: int | None) -> list[int | None]:
     if request.slices is not None and index is not None and 0 <= index < len(request.slices):
         return list(request.slices[index])
     return [index]
+
+
+def _workers_of(keys: Collection[str]) -> list[tuple[int, str | None]]:
+    """``(pid, start time)`` of each local worker (a session leader) whose job id or key is one of *keys*."""
+    wanted = set(keys)
+    out = []
+    for pid, argv in _proc_cmdlines().items():
+        if "reflow.worker" not in argv:
+            continue
+        try:
+            if os.getpgid(pid) != pid:
+                continue  # (a worker's child: its group goes with the worker's)
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue  # gone, or not ours
+        job_id = environ.get(JOB_ID_ENV.encode(), b"").decode("utf-8", "replace")
+        key = environ.get(JOB_KEY_ENV.encode(), b"").decode("utf-8", "replace")
+        if (job_id and job_id in wanted) or (key and key in wanted):
+            out.append((pid, _process_start(pid)))
+    return out
 
 
 def _process_start(pid: int) -> str | None:

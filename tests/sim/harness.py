@@ -14,7 +14,9 @@ Invariants are checked every simulated half second and at the end:
 * no illegal transition is attempted, and the persisted transition log holds only legal ones;
 * every instance in flight is followed by its cluster's driver (nothing orphaned);
 * the per-task state counts match the instances;
-* after a crash, the store reloads to exactly what memory held at the last commit;
+* after a crash, the store reloads to exactly what memory held at the last commit (owed kills too);
+* every kill owed at a crash (a row in the store's ``kills``) reaches the scheduler after the restart, its job
+  is not left queued or running, and the final store owes none;
 * every run terminates, and a run that succeeded has the right answer.
 """
 
@@ -52,6 +54,7 @@ from reflowd.engine.states import (
     is_legal_run,
     is_legal_task,
 )
+from reflowd.schedulers.base import Phase
 from reflowd.store import INSTANCES, JOBS, RUNS, TASKS, Store
 
 from .cluster import Faults, SimCluster, SimScheduler, SimTransport
@@ -115,6 +118,7 @@ class Report:
     violations: list[str] = field(default_factory=list)
     reloads_checked: int = 0
     reloads_unverified: int = 0
+    kills_owed_at_crash: int = 0  # owed kills a restarted life found in the store (each must go out)
     virtual_seconds: float = 0.0
     #: Everything observable, in order: the cluster's trace, each life's loop steps, the final store.
     trace: list[Any] = field(default_factory=list, repr=False)
@@ -168,6 +172,8 @@ class Harness:
         self.committed: dict[tuple[str, Any], tuple[Any, ...]] | None = None
         self.committing: dict[tuple[str, Any], tuple[Any, ...]] | None = None
         self.snapshot_from_step = 0
+        #: Job keys whose kill the store owed when a life began after a crash, and when that life began.
+        self.owed_after_crash: dict[str, float] = {}
         self._moved: tuple[int, ...] = ()
         self._ticks = 0
 
@@ -244,6 +250,9 @@ class Harness:
         await store.open()
         if life > 0:
             await self._check_reload(store)
+            for kill in await store.owed_kills("sim"):
+                self.owed_after_crash.setdefault(kill.job_key, self._now())
+                self.report.kills_owed_at_crash += 1
         self.committed = await db_rows(store)  # until the first commit of this life, the store holds this
         self.committing = None
         runtime = self._runtime()
@@ -309,6 +318,8 @@ class Harness:
                     else:
                         await engine.retry(run_id)
             except Exception as exc:  # the engine refused: that is an answer, not a violation
+                if self.engine is not engine:
+                    raise  # (the life died mid-request: its abandoned tasks' clean-up fails, which is no answer)
                 if "store" not in str(exc):
                     self.report.violations.append(f"client {action.kind} raised {type(exc).__name__}: {exc}")
 
@@ -323,7 +334,7 @@ class Harness:
             if len(self.done_actions) < len(self.plan):
                 continue
             if all(r.state in RUN_TERMINAL for r in engine.runs.values()) and not any(
-                    d.tracks or d.unresolved for d in engine.drivers.values()):
+                    d.tracks or d.unresolved or d.owed for d in engine.drivers.values()):
                 return
 
     # ------------------------------------------------------------------ invariants
@@ -378,13 +389,15 @@ class Harness:
             return
         found = await db_rows(store)
         for snap in candidates:
-            got = {k: v for k, v in found.items() if k[0] != "jobs" and (k[1][0] in _runs_of(snap))}
+            got = {k: v for k, v in found.items() if k[0] not in ("jobs", "kills") and (k[1][0] in _runs_of(snap))}
             got.update({k: found[k] for k in snap if k[0] == "jobs" and k in found})
+            got.update({k: v for k, v in found.items() if k[0] == "kills"})
             if got == snap:
                 self.report.reloads_checked += 1
                 return
         snap = candidates[0]
-        got = {k: v for k, v in found.items() if k[0] != "jobs" and (k[1][0] in _runs_of(snap))}
+        got = {k: v for k, v in found.items() if k[0] not in ("jobs", "kills") and (k[1][0] in _runs_of(snap))}
+        got.update({k: v for k, v in found.items() if k[0] == "kills"})
         keys = sorted(set(snap) ^ set(k for k in got), key=str)[:3] + \
             [k for k in snap if k in got and snap[k] != got[k]][:3]
         detail = [(k, snap.get(k), got.get(k)) for k in keys]
@@ -404,6 +417,9 @@ class Harness:
         store = Store(self.db, connect=Connector(), offload=inline)
         await store.open()
         try:
+            left = [k.job_key for k in await store.owed_kills("sim")]
+            if left:
+                self.violation(f"kills still owed at the end: {left[:5]}")
             rows = await store.list_runs(limit=1000)
             self.report.runs = len(rows)
             for row in rows:
@@ -417,12 +433,23 @@ class Harness:
                     self.report.trace.append(tuple(t.values()))
         finally:
             await store.close()
+        self._check_owed_kills()
         for key, n in self.cluster.executions.items():
             if n > 1:
                 self.violation(f"attempt executed {n} times: {key}")
         twice = [t for t, n in self.cluster.submissions.items() if n > 1]
         if twice:
             self.violation(f"tag(s) submitted twice: {twice}")
+
+    def _check_owed_kills(self) -> None:
+        """Every kill owed at a crash went out after the restart, and its job is not queued or running."""
+        for key, since in self.owed_after_crash.items():
+            if not any(e[1] == "cancel" and key in e[2] and e[0] >= since for e in self.cluster.trace):
+                self.violation(f"the kill of {key}, owed at a crash, never reached the scheduler after the restart")
+            alive = [e.key for job in self.cluster.jobs.values() for e in job.elements.values()
+                     if (e.key == key or job.job_id == key) and e.phase is not Phase.DONE]
+            if alive:
+                self.violation(f"the kill of {key} was owed at a crash, but {alive[:3]} still queue or run")
 
     def _check_final_run(self, run: Run) -> None:
         if run.state not in RUN_TERMINAL:
@@ -500,6 +527,8 @@ async def db_rows(store: Store) -> dict[tuple[str, Any], tuple[Any, ...]]:
             rows.update(run_rows(run))
     for job in await store.jobs_for_runs(ids):
         rows[("jobs", (job.tag,))] = JOBS.row(job)
+    for kill in await store.owed_kills("sim"):
+        rows[("kills", (kill.cluster, kill.job_key))] = ()
     return rows
 
 
@@ -557,6 +586,8 @@ def memory_rows(engine: Engine) -> dict[tuple[str, Any], tuple[Any, ...]]:
     for driver in engine.drivers.values():
         for track in [*driver.tracks.values(), *driver.unresolved.values()]:
             rows[("jobs", (track.tag,))] = JOBS.row(track.record)
+        for key in driver.owed:
+            rows[("kills", (driver.name, key))] = ()
     return rows
 
 
@@ -595,11 +626,13 @@ def run_seed(seed: int, workdir: Path | None = None, harness: Callable[[int, Pat
         return make(seed, Path(tmp)).run()
 
 
-async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None) -> Any:
+async def engine_life(path: Path, cluster: SimCluster, loop: VirtualLoop, body: Any, adjust: Any = None,
+                      connector: Connector | None = None) -> Any:
     """One daemon life on *path*: a real store, engine and driver on the simulated *cluster*; ``await body(engine,
     cluster)``, then the engine and store closed as reflowd closes them. ``adjust(runtime)``, if given, changes the
-    cluster's runtime (its config, its scheduler) before the engine starts."""
-    store = Store(path, connect=Connector(), offload=inline)
+    cluster's runtime (its config, its scheduler) before the engine starts. *connector*: the store's (a test that
+    crashes the life kills its connections with it, ``Connector.crash``)."""
+    store = Store(path, connect=connector or Connector(), offload=inline)
     await store.open()
     runtime = sim_runtime(cluster, lambda: loop.virtual)
     if adjust is not None:
