@@ -62,7 +62,9 @@ def test_a_packed_worker_whose_cancelled_element_will_not_stop_exits_and_its_sli
                  what="the worker to give up on its stuck element and exit")
         took = time.monotonic() - t0
         assert took >= CANCEL_GRACE, f"the element had {CANCEL_GRACE:g} s to stop, the worker left after {took:.1f} s"
-        assert executions(run_dir)["work 2"] == 0, "nothing ran after the stuck element in that worker"
+        # (by pid: the daemon may already have sent 2 and 3 out again in a new job -- CI once saw work 2 run
+        # there within the 0.2 s of the wait above)
+        assert pids(run_dir).get("work 2") != worker, "nothing ran after the stuck element in that worker"
 
         with d.client() as c:
             wait_for(lambda: c.status(run).state in ("failed", "cancelled"), timeout=300, interval=0.5,
