@@ -455,3 +455,16 @@ def test_resource_quota_sets_are_recorded_as_running_limits_only() -> None:
     """``qconf -srqs`` limits what runs (slots), not what is queued: nothing to cap submissions with."""
     assert "limit        users {*} to slots=4" in read("qconf_srqs.stdout")
     assert "maxujobs                          0" in read("qconf_ssconf.stdout")
+
+
+def test_a_cancel_of_10_5_elements_is_cut_into_commands_one_shell_argument_takes() -> None:
+    """Over SSH the whole command is one argument of the remote ``sh -c`` (128 KiB at most on Linux)."""
+    import shlex
+
+    from reflowd.schedulers.base import command_chunks
+
+    keys = [f"4242_{t}" for t in range(100_000)]
+    chunks = command_chunks(keys)
+    assert len(chunks) > 1 and [k for chunk in chunks for k in chunk] == keys  # (all, in order, once)
+    assert all(len(shlex.join(gc.render_qdel(chunk))) < 128 * 1024 for chunk in chunks)
+    assert command_chunks(["x" * 70_000, "y"]) == [["x" * 70_000], ["y"]]

@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reflowd.schedulers import slurm_commands as sc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
@@ -209,7 +211,46 @@ def test_option_validation() -> None:
 
 
 def test_scancel_takes_elements_and_jobs() -> None:
-    assert sc.render_scancel(["12", "13_4"]) == ["scancel", "12", "13_4"]
+    assert sc.render_scancel(["12", "13_4"]) == [["scancel", "12", "13_4"]]
+    assert sc.render_scancel(["13_5", "13_4", "13_6", "13_9", "14_0", "12", "12_3"]) == [
+        ["scancel", "12", "13_[4-6,9]", "14_0"]]  # (a job cancelled whole takes its tasks with it)
+    assert sc.render_scancel([]) == []
+
+
+def expand(commands: list[list[str]]) -> set[str]:
+    """The job keys *commands* cancel, ranges expanded (as scancel reads them)."""
+    out: set[str] = set()
+    for command in commands:
+        assert command[0] == "scancel"
+        for key in command[1:]:
+            job, _, tasks = key.partition("_")
+            if not tasks.startswith("["):
+                out.add(key)
+                continue
+            for span in tasks[1:-1].split(","):
+                a, _, b = span.partition("-")
+                out.update(f"{job}_{t}" for t in range(int(a), int(b or a) + 1))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.one_of(st.none(), st.integers(0, 3000))), max_size=300))
+def test_folded_scancel_commands_cancel_exactly_the_keys_given(keys: list[tuple[int, int | None]]) -> None:
+    given_keys = [str(job) if task is None else f"{job}_{task}" for job, task in keys]
+    whole = {k for k in given_keys if "_" not in k}
+    wanted = whole | {k for k in given_keys if k.split("_")[0] not in whole}
+    assert expand(sc.render_scancel(given_keys)) == wanted
+
+
+def test_a_cancel_of_10_5_scattered_elements_stays_within_what_one_shell_argument_takes() -> None:
+    """Over SSH the whole command is one argument of the remote ``sh -c`` (128 KiB at most on Linux): key by key,
+    10^5 elements were 1.3 MB in one command."""
+    keys = [f"4242_{t}" for t in range(0, 200_000, 2)]  # (every other task: no range folds more than one)
+    commands = sc.render_scancel(keys)
+    assert len(commands) > 1
+    assert all(len(shlex.join(command)) < 128 * 1024 for command in commands)
+    assert expand(commands) == set(keys)
+    assert sc.render_scancel([f"4242_{t}" for t in range(100_000)]) == [["scancel", "4242_[0-99999]"]]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("s*.txt") if p.name.startswith(("squeue", "sacct"))))

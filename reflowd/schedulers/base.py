@@ -319,6 +319,27 @@ class Scheduler(abc.ABC):
         """Stop background work; idempotent."""
 
 
+#: Characters of job keys in one cancel command: an SSH command reaches the remote shell as one argument,
+#: which Linux caps at 128 KiB ("Argument list too long": a cancel of 12,000 array elements key by key).
+COMMAND_CHARS = 60_000
+
+
+def command_chunks(words: Sequence[str], limit: int = COMMAND_CHARS) -> list[list[str]]:
+    """*words* cut into runs of at most *limit* characters (with a space each), in order; a longer word alone."""
+    chunks: list[list[str]] = []
+    chunk: list[str] = []
+    size = 0
+    for word in words:
+        if chunk and size + len(word) + 1 > limit:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(word)
+        size += len(word) + 1
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def log_path(log_dir: str, task: str, tag: str, array_task_id: int | str | None, stream: str) -> str:
     """Where a job's stdout/stderr goes; ``array_task_id`` may be a scheduler pattern like ``%a``."""
     if array_task_id is None:

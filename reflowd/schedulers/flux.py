@@ -21,7 +21,7 @@ from reflow_client.jobfiles import SCRIPT_FILE
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import flux_commands as fc
-from .base import Observation, SubmitRequest, TaggedJob
+from .base import Observation, SubmitRequest, TaggedJob, command_chunks
 from .batch import BatchScheduler
 from .job_script import ArrayLayout, Book, split_key
 
@@ -193,9 +193,10 @@ class FluxScheduler(BatchScheduler):
                 targets.add(sub.members[position])
         if not targets:
             return
-        result = await self._run(fc.render_cancel([str(v) for v in sorted(targets)]))
-        if not result.ok:
-            log.info("flux cancel reported", code=result.returncode, message=result.stderr.strip()[:300])
+        for chunk in command_chunks([str(v) for v in sorted(targets)]):  # (within what one shell argument takes)
+            result = await self._run(fc.render_cancel(chunk))
+            if not result.ok:
+                log.info("flux cancel reported", code=result.returncode, message=result.stderr.strip()[:300])
 
     def stats(self) -> dict[str, Any]:
         return {**self.capabilities(), "queries": self.queries, "listings": self.listings, "commands": self.commands}

@@ -17,7 +17,7 @@ import structlog
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import lsf_commands as lc
-from .base import Observation, SubmitRequest, TaggedJob
+from .base import Observation, SubmitRequest, TaggedJob, command_chunks
 from .batch import DenseArrayScheduler
 from .job_script import ArrayLayout, split_key
 
@@ -137,9 +137,11 @@ class LSFScheduler(DenseArrayScheduler):
                 targets.append(lc.element_id(job_id, position))
         if not targets:
             return
-        result = await self._run(lc.render_bkill(targets))
-        if not result.ok:
-            log.info("bkill reported", code=result.returncode, message=(result.stderr or result.stdout).strip()[:300])
+        for chunk in command_chunks(targets):  # (within what one shell argument takes: SSH)
+            result = await self._run(lc.render_bkill(chunk))
+            if not result.ok:
+                log.info("bkill reported", code=result.returncode,
+                         message=(result.stderr or result.stdout).strip()[:300])
 
     def stats(self) -> dict[str, Any]:
         return {**self.capabilities(), "queries": self.queries, "history_queries": self.history_queries,

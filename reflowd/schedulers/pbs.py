@@ -21,7 +21,7 @@ from reflow_client.jobfiles import SCRIPT_FILE
 
 from ..transports.base import Transport, TransportError
 from . import pbs_commands as pc
-from .base import Observation, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, SubmitError, SubmitRequest, TaggedJob, command_chunks
 from .batch import DenseArrayScheduler
 from .job_script import split_key
 
@@ -164,10 +164,11 @@ class PBSScheduler(DenseArrayScheduler):
             targets.append(job_id if len(layout.indices or ()) < 2 else pc.subjob_id(job_id, position))
         if not targets:
             return
-        result = await self._run(pc.render_qdel(sorted(set(targets))))
-        if not result.ok:
-            # A finished or unknown job makes qdel complain; that is not a failure to cancel.
-            log.info("qdel reported", code=result.returncode, message=result.stderr.strip()[:300])
+        for chunk in command_chunks(sorted(set(targets))):  # (within what one shell argument takes: SSH)
+            result = await self._run(pc.render_qdel(chunk))
+            if not result.ok:
+                # A finished or unknown job makes qdel complain; that is not a failure to cancel.
+                log.info("qdel reported", code=result.returncode, message=result.stderr.strip()[:300])
 
     def stats(self) -> dict[str, Any]:
         return {**self.capabilities(), "queries": self.queries, "commands": self.commands}

@@ -23,7 +23,7 @@ from reflow_client.jobfiles import SCRIPT_FILE
 
 from ..transports.base import Transport, TransportError
 from . import sge_commands as gc
-from .base import Observation, OptionError, Phase, SubmitError, SubmitRequest, TaggedJob
+from .base import Observation, OptionError, Phase, SubmitError, SubmitRequest, TaggedJob, command_chunks
 from .batch import BatchScheduler
 
 log = structlog.get_logger("reflowd.sge")
@@ -276,13 +276,15 @@ class SGEScheduler(BatchScheduler):
         keys = sorted(set(job_keys))
         if not keys:
             return
-        result = await self._run(gc.render_qdel(keys))
-        problem = gc.qdel_failed(result.stdout, result.stderr, result.returncode)
-        if problem is not None:
-            raise TransportError(f"qdel failed: {problem}")
-        if not result.ok:
-            # Jobs that already ended make qdel say "does not exist": not a failure to cancel.
-            log.info("qdel reported", code=result.returncode, message=(result.stdout + result.stderr).strip()[:300])
+        for chunk in command_chunks(keys):  # (one command line within what one shell argument takes: SSH)
+            result = await self._run(gc.render_qdel(chunk))
+            problem = gc.qdel_failed(result.stdout, result.stderr, result.returncode)
+            if problem is not None:
+                raise TransportError(f"qdel failed: {problem}")
+            if not result.ok:
+                # Jobs that already ended make qdel say "does not exist": not a failure to cancel.
+                log.info("qdel reported", code=result.returncode,
+                         message=(result.stdout + result.stderr).strip()[:300])
 
     def stats(self) -> dict[str, Any]:
         return {**self.capabilities(), "queries": self.queries, "qacct_calls": self.qacct_calls,

@@ -226,10 +226,11 @@ class SlurmScheduler(Scheduler):
         keys = sorted(set(job_keys))
         if not keys:
             return
-        result = await self._run(sc.render_scancel(keys))
-        if not result.ok:
-            # Already finished or unknown jobs make scancel complain; that is not a failure to cancel.
-            log.info("scancel reported", code=result.returncode, message=result.stderr.strip()[:300])
+        for command in sc.render_scancel(keys):
+            result = await self._run(command)
+            if not result.ok:
+                # Already finished or unknown jobs make scancel complain; that is not a failure to cancel.
+                log.info("scancel reported", code=result.returncode, message=result.stderr.strip()[:300])
 
     def stats(self) -> dict[str, Any]:
         return {"accounting": self.accounting, "max_array_size": self.max_array_size, "queries": self.queries,

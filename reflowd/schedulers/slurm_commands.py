@@ -28,6 +28,7 @@ from .base import (
     SubmitError,
     SubmitRequest,
     TaggedJob,
+    command_chunks,
     log_path,
     size_bytes,
     size_text,
@@ -478,8 +479,42 @@ def max_array_size(config: Mapping[str, str], default: int = 1001) -> int:
         return default
 
 
-def render_scancel(keys: Sequence[str]) -> list[str]:
-    return ["scancel", *keys]
+def fold_keys(keys: Iterable[str]) -> list[str]:
+    """Job keys as ``scancel`` takes them, each array's tasks folded into ranges (``123_4 123_5 123_6 124`` ->
+    ``124 123_[4-6]``); a job cancelled whole takes its tasks with it. A range list longer than
+    ``COMMAND_CHARS`` is cut into several keys of the same job."""
+    whole: dict[str, None] = {}
+    tasks: dict[str, set[int]] = {}
+    for key in keys:
+        job, sep, task = key.partition("_")
+        if sep and task.isdigit():
+            tasks.setdefault(job, set()).add(int(task))
+        else:
+            whole[key] = None
+    out = list(whole)
+    for job, found in tasks.items():
+        if job in whole:
+            continue
+        ordered = sorted(found)
+        if len(ordered) == 1:
+            out.append(f"{job}_{ordered[0]}")
+            continue
+        spans: list[str] = []
+        start = prev = ordered[0]
+        for t in [*ordered[1:], None]:
+            if t is not None and t == prev + 1:
+                prev = t
+                continue
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            if t is not None:
+                start = prev = t
+        out.extend(f"{job}_[{','.join(piece)}]" for piece in command_chunks(spans))
+    return out
+
+
+def render_scancel(keys: Sequence[str]) -> list[list[str]]:
+    """The ``scancel`` commands for *keys* (folded by :func:`fold_keys`), each within ``COMMAND_CHARS``."""
+    return [["scancel", *chunk] for chunk in command_chunks(fold_keys(keys))]
 
 
 # ---------------------------------------------------------------------- per-user queue limits (sacctmgr)
