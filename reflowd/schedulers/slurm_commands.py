@@ -495,19 +495,10 @@ def fold_keys(keys: Iterable[str]) -> list[str]:
     for job, found in tasks.items():
         if job in whole:
             continue
-        ordered = sorted(found)
-        if len(ordered) == 1:
-            out.append(f"{job}_{ordered[0]}")
+        if len(found) == 1:
+            out.append(f"{job}_{next(iter(found))}")
             continue
-        spans: list[str] = []
-        start = prev = ordered[0]
-        for t in [*ordered[1:], None]:
-            if t is not None and t == prev + 1:
-                prev = t
-                continue
-            spans.append(str(start) if start == prev else f"{start}-{prev}")
-            if t is not None:
-                start = prev = t
+        spans = compress_indices(found).split(",")
         out.extend(f"{job}_[{','.join(piece)}]" for piece in command_chunks(spans))
     return out
 
