@@ -20,7 +20,7 @@ from reflow_client.cli_errors import CliError
 from reflow_client.cli_parser import Parser
 from reflow_client.config import ConfigError, config_path, load_config, socket_path, state_dir
 
-from .daemon import VERSION, Daemon, DaemonError, DaemonOptions
+from .daemon import VERSION, Daemon, DaemonError, DaemonOptions, tune_interpreter
 
 PROG = "reflowd"
 #: sun_path holds 108 bytes on Linux, the terminating NUL included.
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         check_socket_free(options.socket_path)
     configure(args.log_level, json=None if args.log_format in ("auto", "journal") else args.log_format == "json",
               journal=True if args.log_format == "journal" else None)
+    tune_interpreter()
     try:
         return anyio.run(Daemon(options).run)
     except KeyboardInterrupt:

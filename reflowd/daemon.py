@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ from .store import Store, StoreError
 log = structlog.get_logger("reflowd")
 
 VERSION = "0.1.0"
+
+#: How long a thread holding the GIL runs before a waiting one is let in (CPython's default: 5 ms). The
+#: store's writer and the file readers release the GIL for their I/O and need it back to hand each result to
+#: the loop; behind a busy loop each hand-back waited up to the whole interval, and a commit takes four or
+#: five of them. At 1 ms a 10^5-element fan-out ran 5-9 % faster and pings' 99th percentile halved (10 ms).
+SWITCH_INTERVAL_S = 0.001
+
+
+def tune_interpreter() -> None:
+    """Settings of the daemon's own process (never of a user's script that embeds the engine)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 class DaemonError(RuntimeError):

@@ -422,7 +422,7 @@ class Engine:
     def _pace_due(self, i: int) -> bool:
         """Would ``_pace(i)`` do anything (yield, or wait for the store's writer)? Loops over every element
         ask first: two coroutines made and awaited per element for nothing cost more than the check."""
-        return bool(i and i % YIELD_EVERY == 0) or self.store.backlog >= self.store.max_batch
+        return bool(i and i % YIELD_EVERY == 0) or self.store.pace_due
 
     def set_run_state(self, run: Run, new: RunState, evidence: dict[str, Any]) -> None:
         self.ledger.run(run, new, evidence)
