@@ -148,3 +148,68 @@ def test_a_schema_4_transition_log_is_carried_over(tmp_path: Path) -> None:
     log = anyio.run(read)
     assert [(t["seq"], t["index"], t["evidence"]) for t in log] == [
         (7, 2, {}), (9, None, {"source": "client"}), (10, 2, {})]
+
+
+@pytest.mark.anyio
+async def test_producers_are_held_back_only_at_the_backlog_bound_and_a_commit_starts_at_max_batch(
+        tmp_path: Path) -> None:
+    """``max_batch`` changes start a commit at once (not after ``commit_interval``); producers pacing
+    themselves go on while the writer is busy, up to ``max_backlog``, and wait there until the writer
+    takes the backlog -- which the next commit then holds whole."""
+    store = Store(tmp_path / "s.sqlite", max_batch=10, commit_interval=3600.0)
+    assert store.max_backlog == 40
+    await store.open()
+    run = one_task_run(100)
+    insts = list(run.tasks["a"].instances.values())
+    gate = anyio.Event()
+    written: list[int] = []
+    real = store._execute_batch
+
+    async def slow_disk(db: object, statements: list) -> None:  # type: ignore[type-arg]
+        written.append(sum(len(s.rows) for s in statements))
+        await gate.wait()
+        await real(db, statements)  # type: ignore[arg-type]
+
+    store._execute_batch = slow_disk  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        try:
+            tg.start_soon(store.run_writer)
+            store.put_run(run)
+            store.put_task(run.id, run.tasks["a"])
+            for inst in insts[:8]:
+                store.put_instance(inst)
+            with anyio.fail_after(10):  # 10 changes: the writer takes them now, an hour before its interval
+                while not written:
+                    await anyio.sleep(0.01)
+            assert written == [10]
+            n = 8
+            with anyio.fail_after(10):  # the writer is stuck: producers are not held back below the bound
+                while True:
+                    store.put_instance(insts[n])
+                    n += 1
+                    if store.pace_due:
+                        break
+                    await store.pace()
+            assert store.backlog == 40
+            passed = anyio.Event()
+
+            async def producer() -> None:
+                await store.pace()
+                passed.set()
+
+            tg.start_soon(producer)
+            with anyio.fail_after(10):
+                await anyio.wait_all_tasks_blocked()
+            assert not passed.is_set()  # at the bound: held back while the writer is stuck
+            gate.set()
+            with anyio.fail_after(10):
+                await passed.wait()
+                await store.flush()
+            assert written == [10, 40]  # the backlog went in one commit, not in four of max_batch
+        finally:
+            gate.set()  # (a failed check must not leave the writer's shielded last commit waiting)
+            tg.cancel_scope.cancel()
+    with anyio.fail_after(10):
+        await store.close()
+    again, _ = await reloaded_run(tmp_path / "s.sqlite")
+    assert instance_rows(again) == {i: row for i, row in instance_rows(run).items() if i is not None and i < n}
