@@ -648,13 +648,19 @@ class Pinger(threading.Thread):
         self.socket = socket
         self.waits: list[float] = []  # (one float a ping: 50 a second, a few MB for the longest run)
         self.stop = threading.Event()
+        #: Debugging aid (REFLOW_BENCH_SLOW_PINGS): each ping over the goal, when, and how late the daemon answered.
+        self.explain = bool(os.environ.get("REFLOW_BENCH_SLOW_PINGS"))
 
     def run(self) -> None:
         with Client(self.socket, timeout=600) as client:
             while not self.stop.is_set():
-                started = time.perf_counter()
-                client.ping()
-                self.waits.append(time.perf_counter() - started)
+                started, sent = time.perf_counter(), time.time()
+                answer = client.ping()
+                wait = time.perf_counter() - started
+                self.waits.append(wait)
+                if wait > GOAL_PING_S and self.explain:  # was the wait in the daemon, or on the way back?
+                    print(f"  (slow ping at {time.strftime('%H:%M:%S')}: {wait * 1000:.0f} ms, answered by the daemon "
+                          f"{(answer['time'] - sent) * 1000:.0f} ms after it was sent)", file=sys.stderr, flush=True)
                 time.sleep(0.02)
 
     def reset(self) -> dict[str, float]:

@@ -151,3 +151,31 @@ def test_a_fan_outs_elements_are_never_blocked_and_a_chains_are_asked() -> None:
     res = resolve(chain, {"b": _view([10, 20], True, ok=[True, False])}, {}, "/run")
     assert not res.element_blocked.clear  # type: ignore[attr-defined]
     assert res.element_blocked[0] is None and "did not succeed" in (res.element_blocked[1] or "")
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(_json, min_size=0, max_size=12), fan=st.lists(_json, min_size=1, max_size=3),
+       piece=st.integers(1, 4), workflow=_names)
+def test_identities_hashed_in_pieces_equal_the_plain_identity(
+        values: list[Any], fan: list[Any], piece: int, workflow: str) -> None:
+    """A gather's long input and upstream hashes are hashed a piece at a time (so the hashing thread lets
+    the loop in between); the digest is the plain one: for the gather itself, and for the elements of an
+    array that also takes the long list whole (a broadcast)."""
+    import reflowd.engine.resolve as resolve_module
+
+    saved = resolve_module.PIECE_ITEMS
+    resolve_module.PIECE_ITEMS = piece  # (pieces of a few items: every boundary case with small lists)
+    try:
+        upstream = {"a": _view(values, True), "b": _view([fan], False)}
+        gather = TaskManifest(name="g", is_array=False, config={}, dependencies=["a"],
+                              inputs={"xs": [InputSource("a", "gather")]})
+        res = resolve(gather, upstream, {}, "/run")
+        assert identity_for(workflow, gather, res, None) == _identity_slow(workflow, gather, res, None)
+        assert res.plan.in_pieces == (len(values) > piece)
+        both = TaskManifest(name="t", is_array=True, config={}, dependencies=["a", "b"],
+                            inputs={"x": [InputSource("b", "fanout")], "xs": [InputSource("a", "gather")]})
+        res = resolve(both, upstream, {}, "/run")
+        for index in range(len(fan)):
+            assert identity_for(workflow, both, res, index) == _identity_slow(workflow, both, res, index)
+    finally:
+        resolve_module.PIECE_ITEMS = saved

@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,6 +318,55 @@ def _canon_items(values: Sequence[Any]) -> str:
     return f'"{joined}"'
 
 
+#: Items per piece of a long JSON array in an identity's text (a gather's 10^6 upstream hashes or values).
+#: The thread that hashes a gather's identity holds the GIL through each C call; as one text, a 64 MB join,
+#: encode and scan took 50-200 ms each, and the loop waited for them (pings of 200-500 ms at 10^6). A piece
+#: is about a millisecond's call, and the loop gets in between.
+PIECE_ITEMS = 8192
+#: Text gathered before it is hashed (``hashlib`` lets go of the GIL while it hashes more than 2 kB).
+_HASH_CHUNK = 1 << 19
+
+
+def _with_commas(pieces: list[str]) -> list[str]:
+    out: list[str] = []
+    for piece in pieces:
+        if out:
+            out.append(",")
+        out.append(piece)
+    return out
+
+
+def _canon_pieces(value: Any) -> str | list[str]:
+    """``_canon(value)``, a long list as pieces whose concatenation is that text (canonical JSON of a list
+    is its items' joined by commas, so slices encode the same)."""
+    if type(value) is not list or len(value) <= PIECE_ITEMS:
+        return _canon(value)
+    return ["[", *_with_commas([_canon(value[i:i + PIECE_ITEMS])[1:-1]
+                                for i in range(0, len(value), PIECE_ITEMS)]), "]"]
+
+
+def _canon_items_pieces(values: Sequence[Any]) -> list[str]:
+    """``_canon_items(values)`` as pieces (one for a short list)."""
+    if len(values) <= PIECE_ITEMS:
+        return [_canon_items(values)]
+    return _with_commas([_canon_items(values[i:i + PIECE_ITEMS]) for i in range(0, len(values), PIECE_ITEMS)])
+
+
+def _sha256_pieces(pieces: Iterable[str]) -> bytes:
+    """SHA-256 of the pieces' concatenation (UTF-8), never one call over the whole text."""
+    digest = hashlib.sha256()
+    held: list[str] = []
+    size = 0
+    for piece in pieces:
+        held.append(piece)
+        size += len(piece)
+        if size >= _HASH_CHUNK:
+            digest.update("".join(held).encode("utf-8"))
+            held, size = [], 0
+    digest.update("".join(held).encode("utf-8"))
+    return digest.digest()
+
+
 def _is_element_dep(task: TaskManifest, dep: str) -> bool:
     """Is *dep* only an element source of an array task (its failures block single elements)?"""
     if not task.is_array:
@@ -383,12 +432,18 @@ class _IdentityPlan:
         wired = set(task.inputs)
         self.res = res
         params = {k: v for k, v in res.shared.items() if k not in wired}
-        self.shared_inputs = {k: _canon(v) for k, v in res.shared.items() if k in wired}
+        shared = {k: _canon_pieces(v) for k, v in res.shared.items() if k in wired}
         self.after_inputs = (
             ',"params":' + _canon(params) + ',"scheme":' + _canon(IDENTITY_SCHEME) + ',"task":' + _canon(task.name)
             + ',"upstream":'
         )
-        self.upstream_head = _canon_items(res.shared_hashes)  # one text: a gather has 10^5 of them
+        head = _canon_items_pieces(res.shared_hashes)  # a gather has 10^5 of them
+        #: Long shared lists are kept in pieces (``PIECE_ITEMS``) and hashed piece by piece (``_pieces``);
+        #: otherwise each part is one text and an identity one SHA-256 of one string (the per-element path).
+        self.in_pieces = len(head) > 1 or any(type(v) is list for v in shared.values())
+        self.upstream_pieces = head
+        self.upstream_head = "" if self.in_pieces else head[0]
+        self.shared_inputs: dict[str, Any] = shared
         self.tail = ',"version":' + _canon(str(task.version)) + ',"workflow":' + _canon(workflow) + "}"
         self.wired = wired
         self.workflow, self.task = workflow, task
@@ -425,11 +480,33 @@ class _IdentityPlan:
                 else:  # an element value that is not a wired input: resolve() makes none, but stay exact
                     return bytes.fromhex(_identity_slow(self.workflow, self.task, self.res, index))
             own = _canon_items(hashes)
+            if self.in_pieces:
+                return _sha256_pieces(self._pieces(inputs, own))
             upstream = f"{upstream},{own}" if upstream and own else upstream or own
+        elif self.in_pieces:
+            return _sha256_pieces(self._pieces(inputs, ""))
         key = self._key
         text = ('{"inputs":{' + ",".join(key(k) + inputs[k] for k in sorted(inputs)) + "}"
                 + self.after_inputs + "[" + upstream + "]" + self.tail)
         return hashlib.sha256(text.encode("utf-8")).digest()
+
+    def _pieces(self, inputs: dict[str, Any], own: str) -> Iterator[str]:
+        """The text ``identity`` hashes, in pieces (a shared input or the shared upstream hashes are long)."""
+        yield '{"inputs":{'
+        for n, k in enumerate(sorted(inputs)):
+            yield ("," if n else "") + self._key(k)
+            value = inputs[k]
+            if type(value) is list:
+                yield from value
+            else:
+                yield value
+        yield "}" + self.after_inputs + "["
+        head = self.upstream_pieces
+        if head != [""]:
+            yield from head
+            if own:
+                yield ","
+        yield own + "]" + self.tail
 
 
 def _identity_slow(
