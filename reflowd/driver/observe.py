@@ -237,7 +237,8 @@ class Observer:
         for n, inst in enumerate(insts):
             if n and n % YIELD_EVERY == 0:
                 await anyio.sleep(0)
-            await self.d.store.pace()
+            if self.d.store.pace_due:  # (asked first: a coroutine per element for nothing costs more)
+                await self.d.store.pace()
             raw = data.get(paths[inst.index])
             if raw is None:
                 missing.append(inst)

@@ -392,7 +392,8 @@ class Submitter:
         for n, inst in enumerate(insts):
             if n and n % YIELD_EVERY == 0:
                 await anyio.sleep(0)
-            await d.store.pace()
+            if d.store.pace_due:  # (asked first: a coroutine per element for nothing costs more)
+                await d.store.pace()
             if inst.state is State.READY:  # (a cancel may come while we yield)
                 host.transition(run, inst, State.SUBMITTING, evidence, tag=tag, submitted_at=now, not_before=None)
         track = d.new_track(record, run, {i.index: i for i in insts if i.state is State.SUBMITTING and i.tag == tag})
@@ -497,7 +498,8 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
     for n, inst in enumerate(track.members()):
         if n and n % YIELD_EVERY == 0:
             await anyio.sleep(0)
-        await d.store.pace()
+        if d.store.pace_due:
+            await d.store.pace()
         if inst.tag != track.tag:
             continue
         if inst.state is State.SUBMITTING:
