@@ -902,9 +902,9 @@ def report(results: list[dict[str, Any]]) -> None:
                 cells.append(f"{'n/a':>22}")
                 continue
             cell = fmt.format(r[key])
-            if r is not base and base[key] and base[key] == base[key]:
+            if r is not base and abs(base[key]) > 1e-9 and base[key] == base[key]:  # (a CPU figure of 0 is 1e-17)
                 cell += f" ({r[key] / base[key]:.2f}x)"
-            cells.append(f"{cell:>22}")
+            cells.append(f"{cell:>22}" if len(cell) < 22 else f" {cell}")
         print(f"  {label:28}" + "".join(cells) + (f"   {goal}" if goal else ""))
     for r in results:
         if r["seconds"] != r["seconds"]:
