@@ -385,7 +385,7 @@ class ChainWorld:
             name="hpc", cluster=SimpleNamespace(config=config, metered=Files(), timing=Timing(),
                                                 scheduler=SimpleNamespace(query=query, cancel=cancel),
                                                 count=lambda name: None),
-            store=SimpleNamespace(put_job=lambda record: None, pace=nothing, flush=nothing,
+            store=SimpleNamespace(put_job=lambda record: None, pace=nothing, pace_due=False, flush=nothing,
                                   put_kill=lambda kill: self.owed_rows.append(kill.job_key),
                                   drop_kill=lambda cluster, key: self.owed_rows.remove(key)),
             host=SimpleNamespace(transition=transition, update=update), tracks={}, unresolved={}, by_job={},
