@@ -127,7 +127,7 @@ def serve(socket: str, state_dir: str) -> None:
             self.next = 1
 
         async def probe(self) -> dict[str, Any]:
-            """At the daemon's start: the worker process a single task's simulated work runs in is started now,
+            """At the daemon's start: the worker process every job's simulated work runs in is started now,
             not inside a measured fan-out (an interpreter start and the bench's imports)."""
             await anyio.to_process.run_sync(_simulate, "", "", None, [], {})
             return {}
