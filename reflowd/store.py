@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -33,7 +34,7 @@ from reflow_client.jobfiles import write_bytes_atomic
 
 from . import world
 from .engine.model import Instance, JobRecord, OwedKill, Run, TaskRun
-from .engine.records import Table, dump_json
+from .engine.records import Table, dump_json, is_null
 
 if TYPE_CHECKING:
     from .cache_store import CacheStore
@@ -394,13 +395,18 @@ class _Batch:
         Instance changes of one set of columns are one ``UPDATE`` by key each, or one by a range of
         indices for consecutive elements given identical values (``group_updates``); transitions are
         grouped likewise (``group_transitions``)."""
-        whole: list[tuple[Any, ...]] = []
+        whole: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}  # by the columns that are NULL: an INSERT each
         changed: dict[int, list[tuple[Any, ...]]] = {}  # by the set of columns changed: one UPDATE each
         for mask, snapshot in self.instances.values():
             if mask == WHOLE_ROW:
-                whole.append(INSTANCES.encode(snapshot))
+                row = INSTANCES.encode(snapshot)
+                whole.setdefault(tuple(map(is_null, row)), []).append(row)
             else:
                 changed.setdefault(mask, []).append(snapshot)
+        inserts = []
+        for nulls, rows in whole.items():
+            sql, keep = INSTANCES.insert_present(nulls)
+            inserts.append(_Statement(sql, [tuple(compress(row, keep)) for row in rows]))
         updates = []
         for mask, snapshots in changed.items():
             sql, encode = INSTANCES.update(mask)
@@ -417,7 +423,7 @@ class _Batch:
         self.encoded = [
             _Statement(RUNS.insert, [RUNS.encode(v) for v in self.runs.values()]),
             _Statement(TASKS.insert, [TASKS.encode(v) for v in self.tasks.values()]),
-            _Statement(INSTANCES.insert, whole),
+            *inserts,
             *updates,
             _Statement(INSERT_TRANSITION, transitions),
             _Statement(JOBS.insert, [JOBS.encode(v) for v in self.jobs.values()]),

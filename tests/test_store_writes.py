@@ -81,6 +81,40 @@ async def test_a_new_instance_changed_before_its_first_commit_is_written_whole(t
 
 
 @pytest.mark.anyio
+async def test_a_whole_row_names_only_its_set_columns_and_one_written_again_clears_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    await store.open()
+    run = one_task_run(3)
+    a, b, c = run.tasks["a"].instances.values()
+    a.error, a.host = "boom", "node7"
+    store.put_run(run)
+    store.put_task(run.id, run.tasks["a"])
+    executed: list[str] = []
+    assert store._db is not None
+    await store._db.set_trace_callback(executed.append)
+    for inst in (a, b, c):
+        store.put_instance(inst)
+    await flush_store(store)
+    inserts = [sql.split(" ON CONFLICT")[0] for sql in executed if sql.startswith("INSERT INTO instances")]
+    assert len(inserts) == 3
+    assert sum("error" in sql and "host" in sql for sql in inserts) == 1, "only a's row names error and host"
+    assert not any("traceback" in sql for sql in inserts), "a NULL column is not bound"
+    a.error = a.host = None  # written whole again: the columns it no longer sets become NULL
+    b.host = "node8"
+    store.put_instance(a)
+    store.put_instance(b)
+    await store._db.set_trace_callback(None)
+    await flush_store(store)
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT idx, error, host FROM instances ORDER BY idx").fetchall() == [
+            (0, None, None), (1, None, "node8"), (2, None, None)]
+    again, _ = await reloaded_run(path)
+    assert instance_rows(again) == instance_rows(run)
+
+
+@pytest.mark.anyio
 async def test_a_failed_commit_keeps_a_whole_row_whole_when_changes_follow(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     store = Store(path)

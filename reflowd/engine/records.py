@@ -214,6 +214,10 @@ def _columns(cls: type) -> Iterator[tuple[_Named, Column]]:
             yield _Named(r.name), r.column  # type: ignore[misc]
 
 
+#: ``is_null(value)``: True for None, NotImplemented otherwise -- a C call per value, for ``Table.insert_present``.
+is_null = None.__eq__
+
+
 class Table:
     """A record class's table: schema, column list and row conversions, derived once."""
 
@@ -250,13 +254,33 @@ class Table:
         self.values = self._compile_values()
         self._masks: dict[tuple[str, ...], int] = {}
         self._updates: dict[int, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
-        self.insert = (f"INSERT OR REPLACE INTO {name} ({', '.join(self.names)}) "
-                       f"VALUES ({','.join('?' * len(self.names))})")
+        self._verb, self._conflict = f"INSERT OR REPLACE INTO {name}", ""
         if upsert and self.keys:  # update in place (REPLACE deletes and re-inserts): cheaper for a hot table
             changed = [n for n in self.names if n not in self.keys]
-            self.insert = (f"INSERT INTO {name} ({', '.join(self.names)}) VALUES ({','.join('?' * len(self.names))}) "
-                           f"ON CONFLICT({', '.join(self.keys)}) DO UPDATE SET "
-                           + ", ".join(f"{n}=excluded.{n}" for n in changed))
+            self._verb = f"INSERT INTO {name}"
+            self._conflict = (f" ON CONFLICT({', '.join(self.keys)}) DO UPDATE SET "
+                              + ", ".join(f"{n}=excluded.{n}" for n in changed))
+        self.insert = self._insert_of(self.names)
+        self._present: dict[tuple[Any, ...], tuple[str, tuple[bool, ...]]] = {}
+
+    def _insert_of(self, names: list[str]) -> str:
+        return f"{self._verb} ({', '.join(names)}) VALUES ({','.join('?' * len(names))}){self._conflict}"
+
+    def insert_present(self, nulls: tuple[Any, ...]) -> tuple[str, tuple[bool, ...]]:
+        """``insert`` naming only a row's columns that are not NULL, and which columns those are (for
+        ``itertools.compress``); *nulls* is ``tuple(map(is_null, row))``, rows alike in it share a statement.
+
+        A column left out takes its default, NULL, on insert and through ``excluded`` on conflict: the
+        same row as ``insert`` writes. Binding costs SQLite's writer as much per parameter as the insert
+        itself (measured: 25 columns 6.7 us a row, 6 columns 1.8 us), and a new instance's row is mostly
+        NULL (a fan-out's expansion inserts 10^5 of them at once)."""
+        hit = self._present.get(nulls)
+        if hit is None:
+            keep = tuple(flag is not True for flag in nulls)
+            hit = (self._insert_of([n for n, k in zip(self.names, keep) if k]), keep)
+            if len(self._present) < 256:  # (bounded: the patterns met are few, a state's columns)
+                self._present[nulls] = hit
+        return hit
 
     @property
     def delete(self) -> str:
