@@ -22,7 +22,6 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,7 +33,7 @@ from reflow_client.jobfiles import write_bytes_atomic
 
 from . import world
 from .engine.model import Instance, JobRecord, OwedKill, Run, TaskRun
-from .engine.records import Table, dump_json, is_null
+from .engine.records import Table, dump_json
 
 if TYPE_CHECKING:
     from .cache_store import CacheStore
@@ -395,18 +394,14 @@ class _Batch:
         Instance changes of one set of columns are one ``UPDATE`` by key each, or one by a range of
         indices for consecutive elements given identical values (``group_updates``); transitions are
         grouped likewise (``group_transitions``)."""
-        whole: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}  # by the columns that are NULL: an INSERT each
+        whole: list[tuple[Any, ...]] = []
         changed: dict[int, list[tuple[Any, ...]]] = {}  # by the set of columns changed: one UPDATE each
         for mask, snapshot in self.instances.values():
             if mask == WHOLE_ROW:
-                row = INSTANCES.encode(snapshot)
-                whole.setdefault(tuple(map(is_null, row)), []).append(row)
+                whole.append(INSTANCES.encode(snapshot))
             else:
                 changed.setdefault(mask, []).append(snapshot)
-        inserts = []
-        for nulls, rows in whole.items():
-            sql, keep = INSTANCES.insert_present(nulls)
-            inserts.append(_Statement(sql, [tuple(compress(row, keep)) for row in rows]))
+        inserts = [_Statement(sql, rows) for sql, rows in INSTANCES.inserts(whole)]  # (NULL columns not named)
         updates = []
         for mask, snapshots in changed.items():
             sql, encode = INSTANCES.update(mask)

@@ -377,3 +377,23 @@ def test_a_snapshot_keeps_the_job_key_maker_and_the_writer_makes_the_key() -> No
     assert made == [4]
     _, encode = INSTANCES.update(INSTANCES.mask(("state", "job_key")))
     assert "9_4" in encode(snapshot) and INSTANCES.row(inst)[INSTANCES.names.index("job_key")] == "other"
+
+
+_WIDTH = len(INSTANCES.names)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=2), st.text(max_size=2), st.integers(0, 3)).flatmap(  # (keys: never NULL)
+    lambda key: st.lists(st.one_of(st.none(), st.integers(0, 3), st.text(max_size=2)), min_size=_WIDTH - 3,
+                         max_size=_WIDTH - 3).map(lambda rest: (*key, *rest))), max_size=30))
+def test_whole_rows_are_written_by_the_columns_they_set_and_say_the_same(rows: list[tuple[Any, ...]]) -> None:
+    """``Table.inserts``: each row once, in a statement naming exactly its columns that are not None (the
+    others are NULL through their default), whether its pattern is the previous row's or a new one."""
+    written = []
+    for sql, values in INSTANCES.inserts(rows):
+        named = sql.split("(", 1)[1].split(")", 1)[0].split(", ")
+        for taken in values:
+            assert len(taken) == len(named) and None not in taken
+            given_ = dict(zip(named, taken))
+            written.append(tuple(given_.get(name) for name in INSTANCES.names))
+    assert sorted(written, key=repr) == sorted(rows, key=repr)
