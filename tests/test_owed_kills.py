@@ -181,6 +181,105 @@ def test_a_kill_owed_at_a_crash_is_sent_after_the_restart_once(long_squares: Non
         assert [cancels_of(lives.cluster, k) for k in seen["keys"]] == [1, 1, 1], "nothing sent again"
 
 
+@pytest.mark.parametrize("whole_run", [True, False], ids=["run cancelled", "task's elements cancelled"])
+def test_a_job_whose_instances_were_cancelled_during_its_sbatch_is_found_and_killed_after_a_crash(
+        long_squares: None, whole_run: bool) -> None:
+    """The sbatch went through, but the daemon dies before it hears the job id -- after a cancel ended every
+    instance the job was for. No instance is in flight to make the next daemon look the tag up (a cancelled
+    run is not even reloaded): the look-up was owed in the cancel's commit, and the next daemon finds the
+    job by its tag, kills it once, and owes nothing after."""
+    with scratch_dir() as tmp:
+        lives = Lives(Path(tmp) / "kills.sqlite")
+        seen: dict[str, Any] = {}
+
+        async def first(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> None:
+            scheduler = engine.drivers["sim"].cluster.scheduler
+            submit = scheduler.submit
+            hung = anyio.Event()
+
+            async def answer_lost(request: Any) -> str:  # sbatch runs; its answer never comes back
+                if request.task != "square":
+                    return await submit(request)
+                cluster.submit(request, loop.virtual)
+                hung.set()
+                await anyio.sleep_forever()
+                raise AssertionError("unreachable")
+
+            scheduler.submit = answer_lost  # type: ignore[method-assign]
+            run = await engine.submit_run(manifest(0), {"n": 3}, "/sim/run", "sim", {})
+            await hung.wait()
+            square = run.tasks["square"]
+            assert all(i.state is State.SUBMITTING for i in square.instances.values())
+            seen["tag"] = next(iter(square.instances.values())).tag
+            if whole_run:
+                await engine.cancel(run.id)
+            else:
+                for index in list(square.instances):
+                    await engine.cancel(run.id, "square", index)
+            assert all(i.state is State.CANCELLED for i in square.instances.values())
+            await engine.store.flush()
+            assert [k.job_key for k in await engine.store.owed_kills("sim")] == [f"tag:{seen['tag']}"]
+            await crash(loop)
+
+        _, crashed = lives.live(first)
+        assert crashed
+        elements = square_elements(lives.cluster)
+        assert len(elements) == 3 and not any(e.cancelled for e in elements), "the job runs on, unobserved"
+
+        async def second(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> Any:
+            driver = engine.drivers["sim"]
+            await wait_until(lambda: all(e.cancelled for e in square_elements(cluster)) and not driver.owed,
+                             what="the job found by its tag and killed")
+            await engine.store.flush()
+            return await engine.store.owed_kills("sim"), dict(driver.counters)
+
+        (left, counters), crashed = lives.live(second)
+        assert not crashed and left == []
+        assert counters.get("owed_kills_loaded") == 1
+        job_id = lives.cluster.by_tag[seen["tag"]][0]
+        assert cancels_of(lives.cluster, job_id) == 1
+        assert sum(1 for e in lives.cluster.trace if e[1] == "find" and seen["tag"] in e[2]) == 1
+
+        async def third(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> int:
+            await anyio.sleep(30.0)
+            return dict(engine.drivers["sim"].counters).get("owed_kills_loaded", 0)
+
+        loaded, _ = lives.live(third)
+        assert loaded == 0 and cancels_of(lives.cluster, job_id) == 1, "nothing owed or sent again"
+
+
+def test_a_cancel_during_an_sbatch_that_then_answers_kills_the_job_by_id_and_owes_no_look_up(long_squares: None) -> None:
+    async def body(engine: Engine, cluster: SimCluster) -> Any:
+        scheduler = engine.drivers["sim"].cluster.scheduler
+        submit = scheduler.submit
+        started, answer = anyio.Event(), anyio.Event()
+
+        async def slow(request: Any) -> str:
+            if request.task == "square":
+                started.set()
+                await answer.wait()
+            return await submit(request)
+
+        scheduler.submit = slow  # type: ignore[method-assign]
+        run = await engine.submit_run(manifest(0), {"n": 2}, "/sim/run", "sim", {})
+        await started.wait()
+        await engine.cancel(run.id)
+        await engine.store.flush()
+        owed_meanwhile = [k.job_key for k in await engine.store.owed_kills("sim")]
+        answer.set()
+        driver = engine.drivers["sim"]
+        await wait_until(lambda: square_elements(cluster) and all(e.cancelled for e in square_elements(cluster))
+                         and not driver.owed, what="the job killed by its id")
+        await engine.store.flush()
+        return owed_meanwhile, await engine.store.owed_kills("sim"), cluster
+
+    owed_meanwhile, left, cluster = simulate(body)
+    assert len(owed_meanwhile) == 1 and owed_meanwhile[0].startswith("tag:")
+    assert left == []
+    assert not any(e[1] == "find" for e in cluster.trace), "no look-up: the sbatch's answer named the job"
+    assert [cancels_of(cluster, e.key) for e in square_elements(cluster)] == [1, 1], "each element killed once"
+
+
 def test_a_cancel_without_a_crash_kills_once_and_owes_nothing_after(long_squares: None) -> None:
     async def body(engine: Engine, cluster: SimCluster) -> tuple[list[str], list[OwedKill]]:
         run_id = await _running_squares(engine, n=2)

@@ -60,6 +60,8 @@ LOOP_RESTART = 5.0
 #: A job row's state for a submission that failed inside the daemon before its job id was known: its tag is
 #: looked up, the job cancelled if found (``Driver.conclude_failed``).
 FAILED_JOB = "failed"
+#: An owed kill's key for a job known only by its tag (``Driver.owe_lookup``): looked up, then killed.
+BY_TAG = "tag:"
 
 
 class InjectedFault(RuntimeError):
@@ -145,6 +147,7 @@ class Driver:
         #: Job keys whose kill is owed durably (a row in the store's ``kills``, see :meth:`owe_kill`), until the
         #: scheduler takes it (:meth:`kills_taken`); loaded at start (:meth:`load_owed_kills`).
         self.owed: dict[str, None] = {}
+        self.lookups: dict[str, None] = {}  # tags of jobs to find and kill (owed by an earlier daemon: BY_TAG)
         self.staged: set[str] = set()  # run ids whose workflow file is on the cluster
         self.deadlines: list[tuple[float, str]] = []  # (when a running job passes its limit, tag)
         self.deadline_entries: set[tuple[float, str]] = set()  # (the same: one entry each, see add_deadline)
@@ -249,6 +252,9 @@ class Driver:
         queued = False
         for key in keys:
             queued = True
+            if key.startswith(BY_TAG):  # (only an earlier daemon's: see owe_lookup)
+                self.lookups[key[len(BY_TAG):]] = None
+                continue
             if self.packer.keep_job(key):
                 self._release_kill(key)  # (owed before it was known that the job runs others)
                 continue
@@ -256,6 +262,20 @@ class Driver:
             self.cancels[key] = None
         if queued:
             self.wake()
+
+    def owe_lookup(self, track: JobTrack) -> None:
+        """Every instance of *track* left flight while its sbatch was under way (a cancel) or its outcome
+        unknown: whatever job the sbatch made must be killed, and only its tag names it. This process
+        learns the job id when the sbatch answers (``adopt`` then owes the kill by id, ``lookup_settled``);
+        a daemon that dies first would leave the job running unobserved -- no instance is in flight to
+        make the next one look its tag up, and a cancelled run is not even reloaded. So the look-up is owed
+        durably, in the commit of the change that made it so; the next daemon finds the job by its tag
+        and kills it (``Observer.deliver_cancels``)."""
+        self.owe_kill(BY_TAG + track.tag)
+
+    def lookup_settled(self, tag: str) -> None:
+        """*tag*'s submission is settled: its job is known (and what it owes is owed by id), or none exists."""
+        self._release_kill(BY_TAG + tag)
 
     def _release_kill(self, key: str) -> None:
         if key in self.owed:
@@ -290,6 +310,8 @@ class Driver:
             return
         if track.live.get(inst.index) is inst:
             self.left_track(track, inst.index)
+            if not track.live and track.record.job_id is None and self.unresolved.get(tag) is track:
+                self.owe_lookup(track)
             if self.queue_limit.cap(world.now()) is not None and inst.job_key and track.record.job_id and not (
                     inst.observed is not None and inst.observed.phase is Phase.DONE) and not track.slot_busy(inst.index):
                 self.lingering.add(inst.job_key, track.record.job_id, world.now())  # counted until it ends there
@@ -673,6 +695,7 @@ class Driver:
             for job_id in ids:
                 self.cluster.scheduler.forget(job_id)
         self.drop_unresolved(track.tag)
+        self.lookup_settled(track.tag)  # (a cancel meanwhile owed it: the jobs are cancelled by now)
         error = track.error or (track.run.error if (track.run.error or "").startswith("internal error") else None) \
             or "internal error while submitting (before the daemon restarted)"
         for inst in list(track.live.values()):

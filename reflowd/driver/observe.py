@@ -519,7 +519,11 @@ class Observer:
             except (TransportError, OSError, TimeoutError) as exc:
                 d.packer.unwritten(taken)
                 log.warning("cannot write cancel markers; will retry", cluster=d.name, error=str(exc))
-        if not d.cancels or not d.health.allows(world.monotonic()):
+        if not (d.cancels or d.lookups) or not d.health.allows(world.monotonic()):
+            return
+        if d.lookups and not await self._find_owed(sorted(d.lookups)):
+            return
+        if not d.cancels:
             return
         batch = sorted(d.cancels)
         d.fault("before_kill")  # (test-only: a crash with kills owed and not sent)
@@ -532,6 +536,28 @@ class Observer:
             return
         d.scheduler_answered()
         d.kills_taken(batch)  # (owed ones: their rows go with the next commit)
+
+    async def _find_owed(self, tags: list[str]) -> bool:
+        """The jobs an earlier daemon owed kills of by tag (``Driver.owe_lookup``): found, their kills are
+        owed by id (in the same commit as the look-up's row goes) and sent with this round's cancels."""
+        d, cluster = self.d, self.cluster
+        cluster.count("find_tags")
+        try:
+            found = await cluster.scheduler.find_tags(tags)
+        except (TransportError, TimeoutError) as exc:
+            log.warning("cannot look up jobs owed a kill; will retry", cluster=d.name, tags=len(tags), error=str(exc))
+            d.scheduler_failed("find_tags", str(exc) or type(exc).__name__)
+            return False
+        d.scheduler_answered()
+        for tag in tags:
+            jobs = [j.job_id for j in found.get(tag, [])]
+            if jobs:
+                log.warning("killing a job submitted for instances that ended meanwhile", cluster=d.name, tag=tag,
+                            jobs=jobs)
+                d.cancel_jobs(jobs)
+            d.lookups.pop(tag, None)
+            d.lookup_settled(tag)
+        return True
 
     async def resolve_unresolved(self) -> None:
         """Decide submissions whose outcome is unknown by looking their tag up (those due: ``Driver.resolves_due``)."""
@@ -623,4 +649,5 @@ class Observer:
                                      reason="lost")
         track.record.state = "not_submitted" if not traces else "vanished"
         d.store.put_job(track.record)
+        d.lookup_settled(track.tag)
         log.info("submission resolved without a job", cluster=d.name, tag=track.tag, traces=traces)

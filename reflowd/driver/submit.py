@@ -510,6 +510,7 @@ async def adopt(d: Driver, track: JobTrack, job_id: str, evidence: dict[str, Any
             d.cancel_jobs([keys(inst.index)])
     if not track.live:
         d.emptied[track.tag] = None
+    d.lookup_settled(track.tag)  # (the kills its cancelled elements need are owed by id by now)
     d.query_due = True
     d.wake()
     d.early.upstream_submitted(track.run)  # a downstream task may now wait in the queue on this job
