@@ -107,6 +107,14 @@ def test_replay_chain_from_an_array_that_never_ran_is_blocked_not_empty() -> Non
     assert report.runs == 2
 
 
+def test_replay_a_look_up_owed_by_tag_at_a_crash_is_made_after_the_restart() -> None:
+    """Seed 893: every instance of a submission left flight while its sbatch was under way, then the daemon
+    died. The look-up owed by its tag (``Driver.owe_lookup``) was in the store at the crash; the next life
+    looked the tag up and no job carrying it was left queued or running (the harness's owed-kills check)."""
+    report = _seed_ok(893)
+    assert report.crashes and report.kills_owed_at_crash >= 1
+
+
 def test_chain_from_a_blocked_array_blocks_the_task() -> None:
     task = TaskManifest(name="b", is_array=True, config={}, dependencies=["a"],
                         inputs={"y": [InputSource("a", "chain")]})

@@ -398,8 +398,8 @@ class ChainWorld:
         d.packer = Packer(d)  # type: ignore[arg-type]
         # The driver's own bookkeeping of cancels and owed kills (the store's rows: ``owed_rows``).
         self.owed_rows: list[str] = []
-        d.owed, d.fault = {}, lambda point: None
-        for name in ("cancel_jobs", "owe_kill", "_release_kill", "kills_taken"):
+        d.owed, d.lookups, d.fault = {}, {}, lambda point: None
+        for name in ("cancel_jobs", "owe_kill", "_release_kill", "kills_taken", "owe_lookup", "lookup_settled"):
             setattr(d, name, functools.partial(getattr(Driver, name), d))
         owner = SimpleNamespace(d=d, upstream_submitted=lambda run: None, _find=nothing)
         d.early = SimpleNamespace(upstream_submitted=lambda run: None, _find=nothing,

@@ -16,7 +16,8 @@ Invariants are checked every simulated half second and at the end:
 * the per-task state counts match the instances;
 * after a crash, the store reloads to exactly what memory held at the last commit (owed kills too);
 * every kill owed at a crash (a row in the store's ``kills``) reaches the scheduler after the restart, its job
-  is not left queued or running, and the final store owes none;
+  is not left queued or running, and the final store owes none (a look-up owed by tag: the tag is looked up
+  after the restart, and no job carrying it is left queued or running);
 * every run terminates, and a run that succeeded has the right answer.
 """
 
@@ -40,6 +41,7 @@ from reflow_client.manifest import CliParamManifest, InputSource, Manifest, Task
 from reflowd import world
 from reflowd.budget import Budget, MeteredTransport
 from reflowd.clusters import ClusterRuntime
+from reflowd.driver.driver import BY_TAG
 from reflowd.engine.decide import Timing
 from reflowd.engine.engine import Engine, EngineSettings
 from reflowd.engine.model import Run
@@ -444,6 +446,15 @@ class Harness:
     def _check_owed_kills(self) -> None:
         """Every kill owed at a crash went out after the restart, and its job is not queued or running."""
         for key, since in self.owed_after_crash.items():
+            if key.startswith(BY_TAG):  # a look-up owed (``Driver.owe_lookup``): the tag looked up, its jobs ended
+                tag = key[len(BY_TAG):]
+                if not any(e[1] == "find" and tag in e[2] and e[0] >= since for e in self.cluster.trace):
+                    self.violation(f"the look-up of {tag}, owed at a crash, was never made after the restart")
+                alive = [e.key for job_id in self.cluster.by_tag.get(tag, []) for e in self.cluster.jobs[job_id].elements.values()
+                         if e.phase is not Phase.DONE]
+                if alive:
+                    self.violation(f"a look-up of {tag} was owed at a crash, but {alive[:3]} still queue or run")
+                continue
             if not any(e[1] == "cancel" and key in e[2] and e[0] >= since for e in self.cluster.trace):
                 self.violation(f"the kill of {key}, owed at a crash, never reached the scheduler after the restart")
             alive = [e.key for job in self.cluster.jobs.values() for e in job.elements.values()
