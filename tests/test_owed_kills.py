@@ -113,10 +113,15 @@ def test_a_kill_owed_at_a_crash_is_sent_after_the_restart_once(long_squares: Non
         seen: dict[str, Any] = {}
 
         async def first(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> None:
-            run_id = await _running_squares(engine)
-            run = engine.runs[run_id]
+            # Two array jobs (the cluster takes 8 elements a job), four elements running, six queued.
+            run = await engine.submit_run(manifest(0), {"n": 10}, "/sim/run", "sim", {})
+            run_id = run.id
+            await wait_until(lambda: run.tasks["square"].counts.get(State.RUNNING) == 4
+                             and run.tasks["square"].counts.get(State.QUEUED) == 6, what="square queued and running")
             seen["run_id"] = run_id
-            seen["keys"] = sorted(i.job_key for i in run.tasks["square"].instances.values())
+            # A whole task's cancel kills its jobs whole: one kill owed per job (Engine._cancel_jobs).
+            seen["keys"] = sorted({i.job_id for i in run.tasks["square"].instances.values()})
+            assert len(seen["keys"]) == 2
             scheduler = engine.drivers["sim"].cluster.scheduler
             attempts: list[list[str]] = []
 
@@ -153,7 +158,7 @@ def test_a_kill_owed_at_a_crash_is_sent_after_the_restart_once(long_squares: Non
         _, crashed = lives.live(first)
         assert crashed
         elements = square_elements(lives.cluster)
-        assert len(elements) == 3 and all(e.phase.value == "running" for e in elements), "nothing killed them yet"
+        assert len(elements) == 10 and not any(e.cancelled for e in elements), "nothing killed them yet"
         assert not any(cancels_of(lives.cluster, k) for k in seen["keys"])
 
         async def second(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> tuple[list[OwedKill], Any]:
@@ -166,11 +171,11 @@ def test_a_kill_owed_at_a_crash_is_sent_after_the_restart_once(long_squares: Non
         (left, counters, reloaded), crashed = lives.live(second)
         assert not crashed
         assert left == [], "the kills taken are no longer owed"
-        assert counters.get("owed_kills_loaded") == 3
+        assert counters.get("owed_kills_loaded") == 2
         if when.startswith("unreachable"):
             assert not reloaded, "a cancelled run is not reloaded: the kill went out all the same"
         assert all(e.outcome is not None and e.outcome.value == "cancelled" for e in square_elements(lives.cluster))
-        assert [cancels_of(lives.cluster, k) for k in seen["keys"]] == [1, 1, 1], "each kill taken exactly once"
+        assert [cancels_of(lives.cluster, k) for k in seen["keys"]] == [1, 1], "each kill taken exactly once"
 
         async def third(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> int:
             await anyio.sleep(30.0)
@@ -178,7 +183,7 @@ def test_a_kill_owed_at_a_crash_is_sent_after_the_restart_once(long_squares: Non
 
         loaded, _ = lives.live(third)
         assert loaded == 0
-        assert [cancels_of(lives.cluster, k) for k in seen["keys"]] == [1, 1, 1], "nothing sent again"
+        assert [cancels_of(lives.cluster, k) for k in seen["keys"]] == [1, 1], "nothing sent again"
 
 
 @pytest.mark.parametrize("whole_run", [True, False], ids=["run cancelled", "task's elements cancelled"])
@@ -283,7 +288,7 @@ def test_a_cancel_during_an_sbatch_that_then_answers_kills_the_job_by_id_and_owe
 def test_a_cancel_without_a_crash_kills_once_and_owes_nothing_after(long_squares: None) -> None:
     async def body(engine: Engine, cluster: SimCluster) -> tuple[list[str], list[OwedKill]]:
         run_id = await _running_squares(engine, n=2)
-        keys = sorted(i.job_key for i in engine.runs[run_id].tasks["square"].instances.values())
+        keys = sorted({i.job_id for i in engine.runs[run_id].tasks["square"].instances.values()})  # (one job)
         assert await engine.cancel(run_id) >= 2
         await wait_until(lambda: not engine.drivers["sim"].owed, what="the kills taken")
         await engine.store.flush()
@@ -297,8 +302,35 @@ def test_a_cancel_without_a_crash_kills_once_and_owes_nothing_after(long_squares
 
     keys, left = simulate(watched)
     assert left == []
-    assert [cancels_of(cluster_box["c"], k) for k in keys] == [1, 1]
+    assert [cancels_of(cluster_box["c"], k) for k in keys] == [1]
     assert all(e.cancelled for e in square_elements(cluster_box["c"]))
+
+
+def test_a_cancel_kills_each_job_whole_unless_it_is_bigger_than_one_step(long_squares: None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole run's cancel owes and sends one kill per job (``Engine._cancel_jobs``); a job with more elements
+    in flight than one loop step should cancel (here 4) goes element by element, as before."""
+    from reflowd.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "WHOLE_JOB_MAX", 4)
+
+    async def body(engine: Engine, cluster: SimCluster) -> Any:
+        run = await engine.submit_run(manifest(0), {"n": 10}, "/sim/run", "sim", {})
+        await wait_until(lambda: run.tasks["square"].counts.get(State.RUNNING) == 4
+                         and run.tasks["square"].counts.get(State.QUEUED) == 6, what="square queued and running")
+        assert await engine.cancel(run.id) >= 10
+        await wait_until(lambda: all(e.cancelled for e in square_elements(cluster)) and not engine.drivers["sim"].owed,
+                         what="the kills taken")
+        return cluster
+
+    cluster = simulate(body)
+    jobs = {j.job_id: j for j in cluster.jobs.values() if j.request.task == "square"}
+    (big,) = [j for j in jobs.values() if len(j.elements) == 8]
+    (small,) = [j for j in jobs.values() if len(j.elements) == 2]
+    assert cancels_of(cluster, small.job_id) == 1, "the small job killed whole, once"
+    assert not any(cancels_of(cluster, e.key) for e in small.elements.values())
+    assert cancels_of(cluster, big.job_id) == 0
+    assert [cancels_of(cluster, e.key) for e in big.elements.values()] == [1] * 8, "the big one element by element"
 
 
 def test_cancelling_one_element_owes_its_kill_in_the_same_commit(long_squares: None) -> None:
@@ -386,7 +418,7 @@ def _cancel_crashing_after(k: int) -> str:
         async def first(loop: VirtualLoop, engine: Engine, cluster: SimCluster) -> None:
             run_id = await _running_squares(engine, n=2)
             seen["run_id"] = run_id
-            seen["keys"] = sorted(i.job_key for i in engine.runs[run_id].tasks["square"].instances.values())
+            seen["keys"] = sorted({i.job_id for i in engine.runs[run_id].tasks["square"].instances.values()})
             loop.crash_at = loop.steps + k
             await engine.cancel(run_id)
             seen["answered"] = True

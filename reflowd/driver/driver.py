@@ -22,7 +22,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import anyio
@@ -262,6 +262,15 @@ class Driver:
             self.cancels[key] = None
         if queued:
             self.wake()
+
+    def jobs_in_flight(self, run_id: str, task: str, most: int) -> Iterator[tuple[str, list[Instance]]]:
+        """(job id, its instances in flight) for each followed job of *task* in run *run_id* with at most
+        *most* of them: what a cancel of the whole task kills job by job (``Engine._cancel_jobs``). Each
+        job's list is made as it is reached (the caller yields between jobs: 10^3 jobs of 10^3 elements
+        listed at once were a 39 ms step)."""
+        for track in [t for t in self.tracks.values() if t.run.id == run_id and t.record.task == task]:
+            if track.record.job_id and 0 < len(track.live) <= most:
+                yield track.record.job_id, list(track.live.values())
 
     def owe_lookup(self, track: JobTrack) -> None:
         """Every instance of *track* left flight while its sbatch was under way (a cancel) or its outcome
