@@ -18,7 +18,10 @@ own work. A thread pings the daemon every 20 ms throughout. Printed per size:
 * the slowest ``ping`` answered while the run went on, its 99th percentile and the share over 100 ms;
 * then, with N instances *held* queued (the scheduler never starts them):
   resident memory per held instance, and the daemon's CPU per minute while
-  nothing changes.
+  nothing changes;
+* then that held run cancelled: how long until the client hears it (every
+  instance CANCELLED and its kill owed, committed), until every kill was taken,
+  the ``scancel`` commands it took, and the slowest ping meanwhile.
 
 Ratios are against the smallest size measured in the same invocation
 (linear scaling means per-element figures stay flat), and against the goals
@@ -125,6 +128,7 @@ def serve(socket: str, state_dir: str) -> None:
             self.jobs: dict[str, tuple[SubmitRequest, bool]] = {}
             self.spans: dict[str, list[tuple[int, int]]] = {}
             self.next = 1
+            self.cancel_commands = 0
 
         async def probe(self) -> dict[str, Any]:
             """At the daemon's start: the worker process every job's simulated work runs in is started now,
@@ -186,7 +190,15 @@ def serve(socket: str, state_dir: str) -> None:
             return found
 
         async def cancel(self, job_keys: Collection[str]) -> None:
-            await self.transport.run(["scancel"])
+            """As Slurm's adapter: an array's elements folded into ranges, commands within one argument's size."""
+            from reflowd.schedulers.slurm_commands import render_scancel
+
+            for argv in render_scancel(sorted(job_keys)):
+                await self.transport.run(argv)
+                self.cancel_commands += 1
+
+        def stats(self) -> dict[str, Any]:
+            return {"cancel_commands": self.cancel_commands}
 
         def forget(self, job_id: str) -> None:
             self.jobs.pop(job_id, None)
@@ -725,6 +737,11 @@ class BenchDaemon:
         self.callbacks.with_suffix(".pause").touch()
         time.sleep(1.2)
 
+    def resume_steps(self) -> None:
+        """Measure loop steps again, from nothing (after ``pause_steps``)."""
+        self.callbacks.with_suffix(".pause").unlink(missing_ok=True)
+        self.reset_steps()
+
     def stop(self) -> None:
         import subprocess
 
@@ -797,6 +814,8 @@ def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
     elapsed = transitions = cpu_run = cpu_loop = peak = nan
     pings: list[dict[str, float]] = []
     worst_step: dict[str, Any] = {"cpu_s": 0.0, "where": ""}
+    cancel = {"cancel_s": nan, "kills_taken_s": nan, "cancel_commands": nan, "cancel_worst_ping_ms": nan,
+              "cancel_worst_step_ms": nan, "cancel_worst_step_where": ""}
     with tempfile.TemporaryDirectory(prefix="reflow-bench-") as tmp:  # (removed on Ctrl-C and SIGTERM too: main)
         capacity, capacity_cpu = store_capacity(min(n, 100_000), Path(tmp))  # 0. The store's writer alone (a rate: 10^5 will do).
         if fanout:  # 1. The whole fan-out, as fast as the daemon can.
@@ -828,30 +847,11 @@ def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
                             break
                         time.sleep(0.5)
                     time.sleep(1.0)
-                if idle_seconds <= 0:  # (--idle 0: memory and the fan-out only)
-                    raise _SkipIdle
-                # "Nothing changes" from here: wait until the polls have slowed to their longest interval
-                # (about 150 s of quiet polls with the bench's policy), at most SETTLE_MAX.
-                settle_deadline = time.monotonic() + SETTLE_MAX
-                while (interval := client.stats()["clusters"]["bench"]["poll_interval"]) < MAX_POLL:
-                    if time.monotonic() > settle_deadline:
-                        print(f"  (n={n:,}: idle CPU measured at a poll interval of {interval:.0f} s: the longest,"
-                              f" {MAX_POLL:.0f} s, not reached within {SETTLE_MAX:.0f} s)", flush=True)
-                        break
-                    time.sleep(2.0)
-                idle0, idle_threads = cpu_seconds(d.proc.pid), threads_cpu(d.proc.pid)
-                d.callbacks.with_suffix(".idle").touch()  # (only REFLOW_BENCH_IDLE_PROFILE looks at it)
-                time.sleep(idle_seconds)
-                idle1, idle_threads1 = cpu_seconds(d.proc.pid), threads_cpu(d.proc.pid)
-                names = d.callbacks.with_name("threads.json")
-                idle_cpu = (idle1 - idle0 - bench_own(idle_threads, idle_threads1, names)) / idle_seconds * 60
-                print(f"  (n={n:,}: CPU by thread while nothing changes, ms per minute: "
-                      f"{by_thread(idle_threads, idle_threads1, names, idle_seconds / 60)}; the bench's own not counted)",
-                      file=sys.stderr)
-                d.callbacks.with_suffix(".idle").unlink()
-                time.sleep(0.5)
-        except _SkipIdle:
-            idle_cpu = nan
+                try:
+                    idle_cpu = _idle_cpu(client, d, n, idle_seconds)
+                except _SkipIdle:
+                    idle_cpu = nan
+                cancel = _cancel_held(client, d, held_id)  # 3. Then the held run cancelled, as a user would.
         finally:
             pinger.stop.set()
             d.stop()
@@ -874,7 +874,67 @@ def measure(n: int, idle_seconds: float, fanout: bool = True) -> dict[str, Any]:
         "steps_over_20ms": worst_step.get("over_20ms", {}),
         "held_bytes_per_instance": held_bytes,
         "idle_cpu_s_per_min": idle_cpu,
+        **cancel,
     }
+
+
+def _idle_cpu(client: Client, d: BenchDaemon, n: int, idle_seconds: float) -> float:
+    """The daemon's CPU seconds per minute while N held instances wait and nothing changes."""
+    if idle_seconds <= 0:  # (--idle 0: memory and the fan-out only)
+        raise _SkipIdle
+    # "Nothing changes" from here: wait until the polls have slowed to their longest interval
+    # (about 150 s of quiet polls with the bench's policy), at most SETTLE_MAX.
+    settle_deadline = time.monotonic() + SETTLE_MAX
+    while (interval := client.stats()["clusters"]["bench"]["poll_interval"]) < MAX_POLL:
+        if time.monotonic() > settle_deadline:
+            print(f"  (n={n:,}: idle CPU measured at a poll interval of {interval:.0f} s: the longest,"
+                  f" {MAX_POLL:.0f} s, not reached within {SETTLE_MAX:.0f} s)", flush=True)
+            break
+        time.sleep(2.0)
+    idle0, idle_threads = cpu_seconds(d.proc.pid), threads_cpu(d.proc.pid)
+    d.callbacks.with_suffix(".idle").touch()  # (only REFLOW_BENCH_IDLE_PROFILE looks at it)
+    time.sleep(idle_seconds)
+    idle1, idle_threads1 = cpu_seconds(d.proc.pid), threads_cpu(d.proc.pid)
+    names = d.callbacks.with_name("threads.json")
+    idle_cpu = (idle1 - idle0 - bench_own(idle_threads, idle_threads1, names)) / idle_seconds * 60
+    print(f"  (n={n:,}: CPU by thread while nothing changes, ms per minute: "
+          f"{by_thread(idle_threads, idle_threads1, names, idle_seconds / 60)}; the bench's own not counted)",
+          file=sys.stderr)
+    d.callbacks.with_suffix(".idle").unlink()
+    time.sleep(0.5)
+    return idle_cpu
+
+
+def _cancel_commands(client: Client) -> int:
+    return int(client.stats()["clusters"]["bench"]["scheduler_stats"].get("cancel_commands", 0))
+
+
+def _cancel_held(client: Client, d: BenchDaemon, run_id: str) -> dict[str, float]:
+    """Cancel the held run: how long until the client hears it (every instance CANCELLED and its kill owed,
+    committed), then until every kill was taken (none owed), the scheduler's cancel commands, and the
+    pings meanwhile."""
+    d.resume_steps()
+    pinger = Pinger(d.socket)
+    pinger.start()
+    try:
+        before = _cancel_commands(client)
+        started = time.monotonic()
+        client.cancel(run_id)
+        heard = time.monotonic() - started
+        deadline = started + 3600
+        while client.stats()["clusters"]["bench"].get("owed_kills", 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        drained = time.monotonic() - started
+        commands = _cancel_commands(client) - before
+    finally:
+        pinger.stop.set()
+        pinger.join()
+    pings = pinger.reset()
+    time.sleep(1.0)  # (the daemon writes its longest step every half second)
+    step = d.worst_step()
+    return {"cancel_s": heard, "kills_taken_s": drained, "cancel_commands": commands,
+            "cancel_worst_ping_ms": pings["worst"] * 1000, "cancel_worst_step_ms": step["cpu_s"] * 1000,
+            "cancel_worst_step_where": step["where"]}
 
 
 def report(results: list[dict[str, Any]]) -> None:
@@ -894,6 +954,11 @@ def report(results: list[dict[str, Any]]) -> None:
         ("longest loop step (CPU)", "worst_step_ms", "{:,.0f} ms", "a ping's wait on an idle machine"),
         ("RSS per held instance", "held_bytes_per_instance", "{:,.0f} B", f"<= {GOAL_BYTES_PER_HELD:.0f} B"),
         ("CPU while nothing changes", "idle_cpu_s_per_min", "{:.3f} s/min", f"<= {GOAL_IDLE_CPU_PER_MIN} s/min"),
+        ("cancel of the held run", "cancel_s", "{:.2f} s", "(until the client hears it: all CANCELLED, kills owed)"),
+        ("  until every kill taken", "kills_taken_s", "{:.2f} s", None),
+        ("  scancel commands", "cancel_commands", "{:,.0f}", "(an array's elements folded into ranges)"),
+        ("  slowest ping meanwhile", "cancel_worst_ping_ms", "{:,.0f} ms", f"<= {GOAL_PING_S * 1000:.0f} ms"),
+        ("  longest loop step (CPU)", "cancel_worst_step_ms", "{:,.0f} ms", None),
     ]
     header = f"  {'':28}" + "".join(f"{'n=' + format(int(r['n']), ','):>22}" for r in results) + "   goal"
     print(header)
@@ -910,10 +975,11 @@ def report(results: list[dict[str, Any]]) -> None:
         print(f"  {label:28}" + "".join(cells) + (f"   {goal}" if goal else ""))
     for r in results:
         if r["seconds"] != r["seconds"]:
-            print(f"  n={int(r['n']):,} (held only): longest step in {r['worst_step_where'][:150]}")
+            print(f"  n={int(r['n']):,} (held only): longest step in {r['worst_step_where'][:150]}; during the cancel in "
+                  f"{r['cancel_worst_step_where'][:150]}")
             continue
         print(f"  n={int(r['n']):,}: {r['seconds']:.1f} s for the fan-out, {int(r['transitions']):,} transitions persisted;"
-              f" longest step in {r['worst_step_where'][:150]}")
+              f" longest step in {r['worst_step_where'][:150]}; during the cancel in {r['cancel_worst_step_where'][:150]}")
         if os.environ.get("REFLOW_BENCH_STEPS"):  # debugging aid: every kind of step over 20 ms
             for where, spent in r["steps_over_20ms"].items():
                 print(f"      {spent * 1000:6.0f} ms  {where[:150]}")
