@@ -207,12 +207,20 @@ def _expand_bkill(word: str) -> tuple[set[str], set[tuple[str, int]]]:
     return set(), named
 
 
-@given(targets=st.lists(st.tuples(st.sampled_from(["7", "4712", "999999"]),
-                                  st.none() | st.integers(min_value=0, max_value=300)), max_size=200),
-       limit=st.integers(min_value=60, max_value=600), word_limit=st.integers(min_value=20, max_value=120))
+def _targets(jobs: list[str]) -> st.SearchStrategy[list[tuple[str, int | None]]]:
+    """Whole jobs and runs of 1-30 positions (overlapping, adjacent or apart), shuffled."""
+    whole = st.sampled_from(jobs).map(lambda job: [(job, None)])
+    run = st.tuples(st.sampled_from(jobs), st.integers(min_value=0, max_value=300), st.integers(min_value=1, max_value=30))
+    runs = run.map(lambda t: [(t[0], p) for p in range(t[1], t[1] + t[2])])
+    return st.lists(whole | runs, max_size=40).map(lambda groups: [t for g in groups for t in g]).flatmap(st.permutations)
+
+
+@given(targets=_targets(["7", "4712", "999999"]), word_limit=st.integers(min_value=16, max_value=32),
+       extra=st.integers(min_value=0, max_value=100))
 @settings(max_examples=300, deadline=None)
-def test_bkill_words_name_exactly_the_requested_targets(targets: list[tuple[str, int | None]], limit: int,
-                                                       word_limit: int) -> None:
+def test_bkill_words_name_exactly_the_requested_targets(targets: list[tuple[str, int | None]], word_limit: int,
+                                                       extra: int) -> None:
+    limit = word_limit + extra  # a command takes at least one word; a word at least one span (7 characters here)
     commands = lc.render_bkill_commands(targets, limit=limit, word_limit=word_limit)
     whole_wanted = {job for job, position in targets if position is None}
     elements_wanted = {(job, p) for job, p in targets if p is not None and job not in whole_wanted}

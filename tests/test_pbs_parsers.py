@@ -269,9 +269,15 @@ def _expand_qdel(word: str) -> tuple[set[str], set[str]]:
     return set(), {f"{seq}[{i}]{rest}" for i in range(int(first), int(last or first) + 1)}
 
 
-@given(targets=st.lists(st.tuples(st.sampled_from(["1[].a", "22[].pbs.example.org", "333.b"]),
-                                  st.none() | st.integers(min_value=0, max_value=60)), max_size=120),
-       limit=st.integers(min_value=40, max_value=400))
+def _targets(jobs: list[str]) -> st.SearchStrategy[list[tuple[str, int | None]]]:
+    """Whole jobs and runs of 1-30 positions (overlapping, adjacent or apart), shuffled."""
+    whole = st.sampled_from(jobs).map(lambda job: [(job, None)])
+    run = st.tuples(st.sampled_from(jobs), st.integers(min_value=0, max_value=300), st.integers(min_value=1, max_value=30))
+    runs = run.map(lambda t: [(t[0], p) for p in range(t[1], t[1] + t[2])])
+    return st.lists(whole | runs, max_size=40).map(lambda groups: [t for g in groups for t in g]).flatmap(st.permutations)
+
+
+@given(targets=_targets(["1[].a", "22[].pbs.example.org", "333.b"]), limit=st.integers(min_value=30, max_value=200))
 @settings(max_examples=300, deadline=None)
 def test_qdel_words_name_exactly_the_requested_targets(targets: list[tuple[str, int | None]], limit: int) -> None:
     commands = pc.render_qdel_commands(targets, limit=limit)
