@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reflowd.schedulers import lsf_commands as lc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
@@ -162,3 +165,129 @@ def test_probe_outputs() -> None:
     assert lc.unit_for_limits(lc.parse_params(data("badmin_showconf_mbd.txt"))) == "MB"
     assert lc.unit_for_limits({}) == "KB"
     assert lc.supports_json("10.1.0.13") and not lc.supports_json("10.1.0.3") and not lc.supports_json("9.1.3")
+
+
+# ---------------------------------------------------------------------- bkill of many elements
+
+
+def test_bkill_folds_each_arrays_indices_into_one_index_list() -> None:
+    targets = [("4712", p) for p in [4, 0, 1, 2, 3, 6, 8, 9, 10, 11]]  # positions are 0-based, LSF indices 1-based
+    assert lc.bkill_words(targets) == ["4712[1-5,7,9-12]"]
+    assert lc.render_bkill_commands(targets) == [["bkill", "4712[1-5,7,9-12]"]]
+    assert lc.bkill_words([("4712", p) for p in range(10_000)]) == ["4712[1-10000]"]
+
+
+def test_bkill_keeps_arrays_apart_and_takes_whole_jobs_whole() -> None:
+    targets = [("300", None), ("301", 2), ("302", 0), ("302", None), ("301", 3), ("303", 4)]
+    # 302 whole takes its element with it; a lone element is the plain job_ID[index] of lc.element_id.
+    assert lc.bkill_words(targets) == ["300", "302", "301[3-4]", lc.element_id("303", 4)]
+    assert lc.render_bkill_commands([]) == []
+
+
+def test_bkill_of_a_long_index_list_is_cut_into_words_and_commands_within_the_limits() -> None:
+    targets = [("4712", p) for p in range(0, 4000, 2)]  # 2000 lone indices
+    words = lc.bkill_words(targets)
+    assert len(words) > 1 and all(len(w) <= lc.INDEX_WORD_CHARS and w.startswith("4712[") for w in words)
+    commands = lc.render_bkill_commands(targets, limit=1000)
+    assert len(commands) > 1 and all(len(" ".join(argv[1:])) <= 1000 for argv in commands)
+    assert [w for argv in commands for w in argv[1:]] == words
+    assert len(lc.render_bkill_commands(targets)) == 1
+
+
+def _expand_bkill(word: str) -> tuple[set[str], set[tuple[str, int]]]:
+    """(whole jobs, (job, 0-based position)) one bkill operand names."""
+    match = re.fullmatch(r"(\d+)\[([\d,\-]+)\]", word)
+    if match is None:
+        return {word}, set()
+    named: set[tuple[str, int]] = set()
+    for part in match.group(2).split(","):
+        first, _, last = part.partition("-")
+        assert not last or int(first) < int(last), f"a one-index range in {word}"
+        named |= {(match.group(1), i - 1) for i in range(int(first), int(last or first) + 1)}
+    return set(), named
+
+
+def _targets(jobs: list[str]) -> st.SearchStrategy[list[tuple[str, int | None]]]:
+    """Whole jobs and runs of 1-30 positions (overlapping, adjacent or apart), shuffled."""
+    whole = st.sampled_from(jobs).map(lambda job: [(job, None)])
+    run = st.tuples(st.sampled_from(jobs), st.integers(min_value=0, max_value=300), st.integers(min_value=1, max_value=30))
+    runs = run.map(lambda t: [(t[0], p) for p in range(t[1], t[1] + t[2])])
+    return st.lists(whole | runs, max_size=40).map(lambda groups: [t for g in groups for t in g]).flatmap(st.permutations)
+
+
+@given(targets=_targets(["7", "4712", "999999"]), word_limit=st.integers(min_value=16, max_value=32),
+       extra=st.integers(min_value=0, max_value=100))
+@settings(max_examples=300, deadline=None)
+def test_bkill_words_name_exactly_the_requested_targets(targets: list[tuple[str, int | None]], word_limit: int,
+                                                       extra: int) -> None:
+    limit = word_limit + extra  # a command takes at least one word; a word at least one span (7 characters here)
+    commands = lc.render_bkill_commands(targets, limit=limit, word_limit=word_limit)
+    whole_wanted = {job for job, position in targets if position is None}
+    elements_wanted = {(job, p) for job, p in targets if p is not None and job not in whole_wanted}
+    whole: set[str] = set()
+    elements: set[tuple[str, int]] = set()
+    spans: list[tuple[str, int, int]] = []
+    for argv in commands:
+        assert argv[0] == "bkill" and len(" ".join(argv[1:])) <= limit
+        for word in argv[1:]:
+            assert len(word) <= word_limit, word
+            named_whole, named = _expand_bkill(word)
+            assert not (named & elements) and not (named_whole & whole), f"{word} named twice"
+            whole |= named_whole
+            elements |= named
+            if "[" in word:
+                job, _, rest = word.partition("[")
+                for part in rest.rstrip("]").split(","):
+                    first, _, last = part.partition("-")
+                    spans.append((job, int(first), int(last or first)))
+    assert whole == whole_wanted and elements == elements_wanted
+    # Folded: no two spans of one array that one span could have said.
+    assert not any(j1 == j2 and last + 1 == first2 for j1, _f, last in spans for j2, first2, _l in spans)
+
+
+@pytest.mark.anyio
+async def test_emulated_bkill_of_an_index_list_cancels_those_elements_only(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter against the LSF emulator: elements 4, 5, 6 and 10 of a retried, non-contiguous array
+    (positions 1-3 and 5, LSF indices 2-4 and 6) go out as one ``<id>[2-4,6]`` and only they end."""
+    import anyio
+
+    from reflowd.schedulers.lsf import LSFScheduler
+    from reflowd.transports.local import LocalTransport
+
+    from .emulators.environments import EmulatedScheduler
+
+    emu = EmulatedScheduler("lsf", tmp_path / "wlm", slots=8)
+    for key, value in emu.env().items():
+        monkeypatch.setenv(key, value)
+    try:
+        scheduler = LSFScheduler(LocalTransport())
+        job_dir = tmp_path / "jobs" / "rf00000000000000f7"
+        job_dir.mkdir(parents=True)
+        (tmp_path / "logs").mkdir()
+        job_id = await scheduler.submit(SubmitRequest(
+            tag="rf00000000000000f7", run_id="r", task="t", job_dir=str(job_dir), log_dir=str(tmp_path / "logs"),
+            workdir=str(tmp_path), worker_argv=["/bin/sh", "-c", "sleep 30", "worker"], indices=[3, 4, 5, 6, 8, 10],
+            time="00:05:00", mem="100M"))
+        sent: list[list[str]] = []
+        run = scheduler._run
+
+        async def recording(argv, **kw):  # type: ignore[no-untyped-def]
+            sent.append(list(argv))
+            return await run(argv, **kw)
+
+        monkeypatch.setattr(scheduler, "_run", recording)
+        cancelled = [f"{job_id}_{i}" for i in (4, 5, 6, 10)]
+        await scheduler.cancel(cancelled)
+        assert sent == [["bkill", f"{job_id}[2-4,6]"]]
+        with anyio.fail_after(30):
+            while True:
+                got = await scheduler.query([job_id])
+                if all(k in got and got[k].phase is Phase.DONE for k in cancelled):
+                    break
+                await anyio.sleep(0.3)
+        assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
+        assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
+        await scheduler.cancel([job_id])
+    finally:
+        emu.close()

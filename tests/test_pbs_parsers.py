@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reflowd.schedulers import pbs_commands as pc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
@@ -222,3 +225,128 @@ def test_invalid_json_from_older_pbs_is_an_error_the_adapter_can_fall_back_from(
     """Values printed unescaped in -F json (a quote inside a variable) make invalid JSON; the adapter then uses text."""
     with pytest.raises(ValueError):
         pc.parse_qstat_json(data("qstat_f_json_invalid.json"))
+
+
+# ---------------------------------------------------------------------- qdel of many subjobs
+
+
+def test_qdel_folds_consecutive_subjobs_into_ranges() -> None:
+    targets = [("123[].srv", p) for p in [4, 0, 1, 2, 3, 7, 9, 10]]
+    assert pc.qdel_words(targets) == ["123[0-4].srv", "123[7].srv", "123[9-10].srv"]
+    assert pc.render_qdel_commands(targets) == [["qdel", "123[0-4].srv", "123[7].srv", "123[9-10].srv"]]
+    assert pc.qdel_words([("123[].srv", p) for p in range(10_000)]) == ["123[0-9999].srv"]
+    assert pc.qdel_words([("77", p) for p in (5, 6)]) == ["77[5-6]"]  # no server suffix
+
+
+def test_qdel_keeps_arrays_apart_and_takes_whole_jobs_whole() -> None:
+    targets = [("124.srv", None), ("123[].srv", 3), ("125[].srv", 2), ("125[].srv", None), ("123[].srv", 4),
+               ("126[].srv", 4)]
+    # 125 whole takes its subjob 2 with it; 123 and 126 are separate arrays; a lone subjob stays a subjob id.
+    assert pc.qdel_words(targets) == ["124.srv", "125[].srv", "123[3-4].srv", "126[4].srv"]
+    assert pc.render_qdel_commands([]) == []
+
+
+def test_qdel_of_many_runs_is_cut_into_commands_within_the_limit() -> None:
+    targets = [("123[].srv", p) for p in range(0, 4000, 2)]  # 2000 runs of one subjob each
+    words = pc.qdel_words(targets)
+    commands = pc.render_qdel_commands(targets, limit=500)
+    assert len(commands) > 1 and all(argv[0] == "qdel" for argv in commands)
+    assert all(len(" ".join(argv[1:])) <= 500 for argv in commands)
+    assert [w for argv in commands for w in argv[1:]] == words and len(words) == 2000
+    assert len(pc.render_qdel_commands(targets)) == 1  # 2000 short words fit one real command
+
+
+_QDEL_WORD = re.compile(r"(\d+)\[(\d+)(?:-(\d+))?\](.*)")
+
+
+def _expand_qdel(word: str) -> tuple[set[str], set[str]]:
+    """(whole jobs, subjob ids) one qdel operand names."""
+    match = _QDEL_WORD.fullmatch(word)
+    if match is None:
+        return {word}, set()
+    seq, first, last, rest = match.groups()
+    assert last is None or int(first) < int(last), f"a one-subjob range {word}"
+    return set(), {f"{seq}[{i}]{rest}" for i in range(int(first), int(last or first) + 1)}
+
+
+def _targets(jobs: list[str]) -> st.SearchStrategy[list[tuple[str, int | None]]]:
+    """Whole jobs and runs of 1-30 positions (overlapping, adjacent or apart), shuffled."""
+    whole = st.sampled_from(jobs).map(lambda job: [(job, None)])
+    run = st.tuples(st.sampled_from(jobs), st.integers(min_value=0, max_value=300), st.integers(min_value=1, max_value=30))
+    runs = run.map(lambda t: [(t[0], p) for p in range(t[1], t[1] + t[2])])
+    return st.lists(whole | runs, max_size=40).map(lambda groups: [t for g in groups for t in g]).flatmap(st.permutations)
+
+
+@given(targets=_targets(["1[].a", "22[].pbs.example.org", "333.b"]), limit=st.integers(min_value=30, max_value=200))
+@settings(max_examples=300, deadline=None)
+def test_qdel_words_name_exactly_the_requested_targets(targets: list[tuple[str, int | None]], limit: int) -> None:
+    commands = pc.render_qdel_commands(targets, limit=limit)
+    whole_wanted = {job for job, position in targets if position is None}
+    subjobs_wanted = {pc.subjob_id(job, p) for job, p in targets if p is not None and job not in whole_wanted}
+    whole: set[str] = set()
+    subjobs: set[str] = set()
+    runs: list[tuple[str, int, int]] = []
+    for argv in commands:
+        assert argv[0] == "qdel" and len(" ".join(argv[1:])) <= limit
+        for word in argv[1:]:
+            named_whole, named = _expand_qdel(word)
+            assert not (named & subjobs) and not (named_whole & whole), f"{word} named twice"
+            whole |= named_whole
+            subjobs |= named
+            if (match := _QDEL_WORD.fullmatch(word)) is not None:
+                runs.append((match.group(1), int(match.group(2)), int(match.group(3) or match.group(2))))
+    assert whole == whole_wanted and subjobs == subjobs_wanted
+    # Folded: no two words of one array that one range could have said.
+    assert not any(seq == s2 and last + 1 == first2 for seq, _f, last in runs for s2, first2, _l in runs)
+
+
+def _emulated_request(tmp_path: Path, tag: str, indices: list[int]) -> SubmitRequest:
+    job_dir = tmp_path / "jobs" / tag
+    job_dir.mkdir(parents=True)
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return SubmitRequest(tag=tag, run_id="r", task="t", job_dir=str(job_dir), log_dir=str(tmp_path / "logs"),
+                         workdir=str(tmp_path), worker_argv=["/bin/sh", "-c", "sleep 30", "worker"], indices=indices,
+                         time="00:05:00", mem="100M")
+
+
+@pytest.mark.anyio
+async def test_emulated_qdel_of_subjob_ranges_cancels_those_subjobs_only(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter against the PBS emulator: elements 4, 5, 6 and 10 of a retried, non-contiguous array
+    (positions 1-3 and 5) go out as ``<seq>[1-3].emuserver <seq>[5].emuserver`` and only they end."""
+    import anyio
+
+    from reflowd.schedulers.pbs import PBSScheduler
+    from reflowd.transports.local import LocalTransport
+
+    from .emulators.environments import EmulatedScheduler
+
+    emu = EmulatedScheduler("pbs", tmp_path / "wlm", slots=8)
+    for key, value in emu.env().items():
+        monkeypatch.setenv(key, value)
+    try:
+        scheduler = PBSScheduler(LocalTransport())
+        job_id = await scheduler.submit(_emulated_request(tmp_path, "rf00000000000000f6", [3, 4, 5, 6, 8, 10]))
+        sent: list[list[str]] = []
+        run = scheduler._run
+
+        async def recording(argv, **kw):  # type: ignore[no-untyped-def]
+            sent.append(list(argv))
+            return await run(argv, **kw)
+
+        monkeypatch.setattr(scheduler, "_run", recording)
+        cancelled = [f"{job_id}_{i}" for i in (4, 5, 6, 10)]
+        await scheduler.cancel(cancelled)
+        seq = job_id.split("[", 1)[0]
+        assert sent == [["qdel", f"{seq}[1-3].emuserver", f"{seq}[5].emuserver"]]
+        with anyio.fail_after(30):
+            while True:
+                got = await scheduler.query([job_id])
+                if all(k in got and got[k].phase is Phase.DONE for k in cancelled):
+                    break
+                await anyio.sleep(0.3)
+        assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
+        assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
+        await scheduler.cancel([job_id])
+    finally:
+        emu.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import enum
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,6 +338,44 @@ def command_chunks(words: Sequence[str], limit: int = COMMAND_CHARS) -> list[lis
     if chunk:
         chunks.append(chunk)
     return chunks
+
+
+def index_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``[(0, 2), (5, 5), (7, 8)]``: runs of consecutive indices, ascending.
+
+    The one range folder the adapters share (Slurm's ``--array`` and ``scancel``, PBS's ``qdel``, LSF's
+    ``bkill``): a cancel of 10^4 array elements is then a few words, not 10^4.
+    """
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def compress_indices(indices: Iterable[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8`` (Slurm's --array syntax, LSF's index_list)."""
+    runs = index_runs(indices)
+    if not runs:
+        raise ValueError("an array needs at least one index")
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def cancel_targets(targets: Iterable[tuple[str, int | None]]) -> tuple[list[str], dict[str, set[int]]]:
+    """(whole jobs, sorted; {array job: element positions}) from ``(job id, position or None)`` targets.
+
+    A job cancelled whole takes its elements with it, so its positions are dropped: one word, not two.
+    """
+    whole: set[str] = set()
+    elements: dict[str, set[int]] = {}
+    for job_id, position in targets:
+        if position is None:
+            whole.add(job_id)
+        else:
+            elements.setdefault(job_id, set()).add(position)
+    return sorted(whole), {job: found for job, found in sorted(elements.items()) if job not in whole}
 
 
 def log_path(log_dir: str, task: str, tag: str, array_task_id: int | str | None, stream: str) -> str:

@@ -17,7 +17,7 @@ import structlog
 
 from ..transports.base import CommandResult, Transport, TransportError
 from . import lsf_commands as lc
-from .base import Observation, SubmitRequest, TaggedJob, command_chunks
+from .base import Observation, SubmitRequest, TaggedJob
 from .batch import DenseArrayScheduler
 from .job_script import ArrayLayout, split_key
 
@@ -125,20 +125,19 @@ class LSFScheduler(DenseArrayScheduler):
         return lc.tagged_jobs(records, wanted)
 
     async def cancel(self, job_keys: Collection[str]) -> None:
-        targets: list[str] = []
+        targets: list[tuple[str, int | None]] = []
         for key in sorted(set(job_keys)):
             job_id, element = split_key(key)
             if element is None:
-                targets.append(job_id)
+                targets.append((job_id, None))
                 continue
             layout = self._layouts.get(job_id)
             position = layout.position_of(key) if layout else int(element)
             if position is not None:
-                targets.append(lc.element_id(job_id, position))
-        if not targets:
-            return
-        for chunk in command_chunks(targets):  # (within what one shell argument takes: SSH)
-            result = await self._run(lc.render_bkill(chunk))
+                targets.append((job_id, position))
+        # One job_ID[index_list] word per array, within what one shell argument takes (SSH).
+        for argv in lc.render_bkill_commands(targets):
+            result = await self._run(argv)
             if not result.ok:
                 log.info("bkill reported", code=result.returncode,
                          message=(result.stderr or result.stdout).strip()[:300])

@@ -24,7 +24,21 @@ from typing import Any
 from reflow_client.resources import mem_in_unit, minutes_ceil, parse_time
 
 from . import option_map
-from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, size_bytes, size_text
+from .base import (
+    COMMAND_CHARS,
+    Observation,
+    Outcome,
+    Phase,
+    Presence,
+    SubmitError,
+    SubmitRequest,
+    TaggedJob,
+    cancel_targets,
+    command_chunks,
+    compress_indices,
+    size_bytes,
+    size_text,
+)
 from .job_script import ArrayLayout, directive_word, render_script
 
 SYSTEM = option_map.system_label("IBM Spectrum LSF", "lsf")
@@ -382,6 +396,38 @@ def element_id(job_id: str, position: int) -> str:
 
 def render_bkill(targets: Sequence[str]) -> list[str]:
     return ["bkill", *targets]
+
+
+#: Characters of one ``"job_ID[index_list]"`` word. LSF documents no limit for bkill's; it caps the index
+#: list of ``bsub -J`` at 255 characters, and openlava (LSF's older code) copies each job ID argument into a
+#: fixed buffer, so a longer list is cut into several words of the same job.
+INDEX_WORD_CHARS = 255
+
+
+def bkill_words(targets: Iterable[tuple[str, int | None]], *, word_limit: int = INDEX_WORD_CHARS) -> list[str]:
+    """``bkill`` operands for ``(job id, 0-based position or None for the whole job)`` targets: whole jobs,
+    then one ``job_ID[index_list]`` per array with its LSF indices (position + 1) folded
+    (``4712[1-5,7,9-12]``).
+
+    IBM Spectrum LSF 10.1 Command Reference, bkill: operands ``job_ID ... | "job_ID[index]" ...``; the
+    index list is the ``start[-end[:step]]``, comma-separated form of ``bsub -J`` (Administering LSF, "Job
+    arrays"), which bjobs and bresume name ``"job_ID[index_list]"``: the commands share one job ID parser
+    (getJobIdIndexList in openlava's lsbatch/cmd/cmd.jobid.c).
+    """
+    whole, elements = cancel_targets(targets)
+    words = list(whole)
+    for job_id, positions in elements.items():
+        spans = compress_indices(p + 1 for p in positions).split(",")
+        room = max(word_limit - len(job_id) - 2, 1)  # the brackets
+        words.extend(f"{job_id}[{','.join(piece)}]" for piece in command_chunks(spans, room))
+    return words
+
+
+def render_bkill_commands(targets: Iterable[tuple[str, int | None]], *, limit: int = COMMAND_CHARS,
+                          word_limit: int = INDEX_WORD_CHARS) -> list[list[str]]:
+    """The ``bkill`` commands for *targets* (folded by :func:`bkill_words`), each within *limit* characters
+    of operands (what one SSH argument takes)."""
+    return [render_bkill(chunk) for chunk in command_chunks(bkill_words(targets, word_limit=word_limit), limit)]
 
 
 # ---------------------------------------------------------------------- probe

@@ -21,7 +21,7 @@ from reflow_client.jobfiles import SCRIPT_FILE
 
 from ..transports.base import Transport, TransportError
 from . import pbs_commands as pc
-from .base import Observation, SubmitError, SubmitRequest, TaggedJob, command_chunks
+from .base import Observation, SubmitError, SubmitRequest, TaggedJob
 from .batch import DenseArrayScheduler
 from .job_script import split_key
 
@@ -148,24 +148,23 @@ class PBSScheduler(DenseArrayScheduler):
     # ------------------------------------------------------------------ cancel
 
     async def cancel(self, job_keys: Collection[str]) -> None:
-        targets: list[str] = []
+        targets: list[tuple[str, int | None]] = []
         for key in sorted(set(job_keys)):
             job_id, element = split_key(key)
             layout = self._layouts.get(job_id)
             if element is None:
-                targets.append(job_id)
+                targets.append((job_id, None))
                 continue
             if layout is None:  # not tracked by this daemon: assume the array is dense from 0
-                targets.append(pc.subjob_id(job_id, int(element)))
+                targets.append((job_id, int(element)))
                 continue
             position = layout.position_of(key)
             if position is None:
                 continue
-            targets.append(job_id if len(layout.indices or ()) < 2 else pc.subjob_id(job_id, position))
-        if not targets:
-            return
-        for chunk in command_chunks(sorted(set(targets))):  # (within what one shell argument takes: SSH)
-            result = await self._run(pc.render_qdel(chunk))
+            targets.append((job_id, None) if len(layout.indices or ()) < 2 else (job_id, position))
+        # Subjobs folded into ranges, within what one shell argument takes (SSH).
+        for argv in pc.render_qdel_commands(targets):
+            result = await self._run(argv)
             if not result.ok:
                 # A finished or unknown job makes qdel complain; that is not a failure to cancel.
                 log.info("qdel reported", code=result.returncode, message=result.stderr.strip()[:300])

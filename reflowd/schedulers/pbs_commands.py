@@ -29,7 +29,21 @@ from typing import Any
 from reflow_client.resources import format_hms, format_pbs_size, format_time, parse_time
 
 from . import option_map
-from .base import Observation, Outcome, Phase, Presence, SubmitError, SubmitRequest, TaggedJob, size_bytes, size_text
+from .base import (
+    COMMAND_CHARS,
+    Observation,
+    Outcome,
+    Phase,
+    Presence,
+    SubmitError,
+    SubmitRequest,
+    TaggedJob,
+    cancel_targets,
+    command_chunks,
+    index_runs,
+    size_bytes,
+    size_text,
+)
 from .job_script import ArrayLayout, directive_word, render_script
 
 # ---------------------------------------------------------------------- options
@@ -391,6 +405,36 @@ def parse_qselect(stdout: str) -> list[str]:
 def render_qdel(job_ids: Sequence[str]) -> list[str]:
     """``qdel`` (never ``-x``, which would purge finished jobs from history)."""
     return ["qdel", *job_ids]
+
+
+def subjob_range(array_id: str, first: int, last: int) -> str:
+    """``123[].srv``, 4, 9 -> ``123[4-9].srv``; a lone index stays a subjob id (``123[4].srv``)."""
+    if first == last:
+        return subjob_id(array_id, first)
+    seq, _idx, rest = parse_job_id(array_id)
+    return f"{seq}[{first}-{last}]{rest}"
+
+
+def qdel_words(targets: Iterable[tuple[str, int | None]]) -> list[str]:
+    """``qdel`` operands for ``(job id, subjob index or None for the whole job)`` targets: whole jobs, then
+    each array's subjobs folded into ranges (``123[0-4].srv 123[7].srv``).
+
+    qdel(1B), OPERANDS (PBS Professional Reference Guide; openpbs doc/man1/qdel.1B): "Ranges of subjobs
+    have the form <sequence number>[<first>-<last>][.<server name>]" -- one range per operand, no comma
+    lists. The server takes a range subjob by subjob, skipping unknown indices and exiting subjobs
+    (OpenPBS src/server/req_delete.c, req_deletejob), so one finished element does not spare the rest.
+    """
+    whole, elements = cancel_targets(targets)
+    words = list(whole)
+    for job_id, positions in elements.items():
+        words.extend(subjob_range(job_id, first, last) for first, last in index_runs(positions))
+    return words
+
+
+def render_qdel_commands(targets: Iterable[tuple[str, int | None]], *, limit: int = COMMAND_CHARS) -> list[list[str]]:
+    """The ``qdel`` commands for *targets* (folded by :func:`qdel_words`), each within *limit* characters of
+    operands (what one SSH argument takes)."""
+    return [render_qdel(chunk) for chunk in command_chunks(qdel_words(targets), limit)]
 
 
 # ---------------------------------------------------------------------- probe

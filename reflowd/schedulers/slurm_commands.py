@@ -29,6 +29,7 @@ from .base import (
     SubmitRequest,
     TaggedJob,
     command_chunks,
+    compress_indices,
     log_path,
     size_bytes,
     size_text,
@@ -135,23 +136,6 @@ def render_options(options: Mapping[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- submission
-
-
-def compress_indices(indices: Iterable[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8`` (Slurm's --array syntax)."""
-    ordered = sorted(set(indices))
-    if not ordered:
-        raise ValueError("an array needs at least one index")
-    parts = []
-    start = prev = ordered[0]
-    for i in ordered[1:] + [None]:  # type: ignore[list-item]
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(parts)
 
 
 def array_spec(request: SubmitRequest) -> str:

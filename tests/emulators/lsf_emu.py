@@ -7,8 +7,9 @@ override them), ``-J "name[1-n]%k"`` arrays with ``LSB_JOBINDEX`` (1-based),
 ``-n``, ``-R``, ``-M``, ``-W [hour:]minute``, ``-q`` (known queues:
 ``$WLM_EMU_QUEUES``, default ``normal,short``), ``-P``, ``-o``/``-e`` with
 ``%J``/``%I``; ``bjobs -a -o "<fields>" [-json | -noheader ... delimiter='c']``
-with ``Job <id> is not found`` for unknown ids; finished jobs leave ``bjobs``
-after ``$WLM_EMU_CLEAN_PERIOD`` seconds (default 3600) and stay in ``bhist -l``.
+with ``Job <id> is not found`` for unknown ids; ``bkill`` of jobs, elements and
+``"job_ID[index_list]"``; finished jobs leave ``bjobs`` after
+``$WLM_EMU_CLEAN_PERIOD`` seconds (default 3600) and stay in ``bhist -l``.
 ``$WLM_EMU_LSF_UNIT`` is the site's LSF_UNIT_FOR_LIMITS (default MB).
 """
 
@@ -351,6 +352,21 @@ def bhist(args: list[str]) -> int:
     return 0
 
 
+def _expand_index_list(text: str) -> list[str]:
+    """``"123[1-3,7]"`` -> ``123[1] 123[2] 123[3] 123[7]``: bkill's ``"job_ID[index_list]"``, the index list
+    of ``bsub -J`` (``start[-end[:step]]``, comma-separated); bkill then reports element by element. Any
+    other word is left as it is."""
+    match = re.fullmatch(r"(\d+)\[([\d,:\-]+)\]", text)
+    if not match or not re.fullmatch(r"\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*", match.group(2)):
+        return [text]
+    out: list[str] = []
+    for part in match.group(2).split(","):
+        span, _, step = part.partition(":")
+        start, _, end = span.partition("-")
+        out.extend(f"{match.group(1)}[{i}]" for i in range(int(start), int(end or start) + 1, int(step or 1)))
+    return out
+
+
 def bkill(args: list[str]) -> int:
     root = core.state_dir()
     try:
@@ -358,7 +374,7 @@ def bkill(args: list[str]) -> int:
     except core.Down:
         return down("bkill")
     code = 0
-    for text in [a for a in args if not a.startswith("-")]:
+    for text in [t for a in args if not a.startswith("-") for t in _expand_index_list(a)]:
         meta, k = _lookup(root, text)
         if meta is None:
             print(f"Job <{text}>: No matching job found")

@@ -7,7 +7,7 @@ with ``PBS_ARRAY_INDEX`` and ``^array_index^`` in ``-o``, ``-q`` (known
 queues: ``$WLM_EMU_QUEUES``, default ``workq,short``), ``-j oe``; ``qstat -f``
 in text or ``-F json``, ``-x`` (job history, on unless ``WLM_EMU_HISTORY=0``),
 ``-t`` (subjobs), ``-Bf``, ``--version``; ``qselect -N [-x]``; ``qdel`` of
-jobs, arrays and subjobs. Environment knobs: ``WLM_EMU_MAX_ARRAY`` (10000),
+jobs, arrays, subjobs and ranges of subjobs (``123[2-5].server``). Environment knobs: ``WLM_EMU_MAX_ARRAY`` (10000),
 ``WLM_EMU_PBS_VERSION``.
 """
 
@@ -416,6 +416,25 @@ def qselect(args: list[str]) -> int:
     return 0
 
 
+#: A range of subjobs, qdel(1B) OPERANDS: ``<sequence number>[<first>-<last>][.<server name>]``.
+_RANGE = re.compile(r"(\d+)\[(\d+)-(\d+)\](.*)")
+
+
+def _qdel_range(root: Path, job_id: str, span: re.Match[str]) -> int:
+    """As the server takes a range (OpenPBS req_deletejob): subjob by subjob, skipping indices the array
+    lacks and finished subjobs; unknown only when the array is, or the range starts past its last index."""
+    seq, first, last, rest = span.groups()
+    meta, _index = _lookup(root, f"{seq}[]{rest}")
+    if meta is None or int(first) > int(last) or int(first) >= core.count(meta):
+        sys.stderr.write(f"qdel: Unknown Job Id {job_id}\n")
+        return 153
+    els = core.elements(root, meta)
+    for k in range(int(first), min(int(last), core.count(meta) - 1) + 1):
+        if els[k]["state"] != "done":
+            core.request_cancel(root, meta["seq"], k)
+    return 0
+
+
 def qdel(args: list[str]) -> int:
     root = core.state_dir()
     try:
@@ -424,6 +443,9 @@ def qdel(args: list[str]) -> int:
         return down("qdel")
     code = 0
     for job_id in [a for a in args if not a.startswith("-")]:
+        if (span := _RANGE.fullmatch(job_id)) is not None:
+            code = _qdel_range(root, job_id, span) or code
+            continue
         meta, index = _lookup(root, job_id)
         if meta is None:
             sys.stderr.write(f"qdel: Unknown Job Id {job_id}\n")
