@@ -350,3 +350,17 @@ async def test_emulated_qdel_of_subjob_ranges_cancels_those_subjobs_only(tmp_pat
         await scheduler.cancel([job_id])
     finally:
         emu.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.integers(0, 60), min_size=1, max_size=20), st.integers(0, 70), st.integers(0, 5))
+def test_an_array_layout_finds_each_element_position_and_nothing_else(indices: set[int], probe: int, offset: int) -> None:
+    from reflowd.schedulers.job_script import ArrayLayout
+
+    ordered = tuple(sorted(i + offset for i in indices))
+    layout = ArrayLayout("55[].srv", ordered, offset)
+    for position, index in enumerate(ordered):
+        assert layout.position_of(f"55[].srv_{index - offset}") == position
+    expected = ordered.index(probe + offset) if probe + offset in ordered else None
+    assert layout.position_of(f"55[].srv_{probe}") == expected
+    assert layout.position_of("55[].srv") is None and layout.position_of("56[].srv_0") is None

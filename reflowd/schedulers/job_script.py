@@ -15,6 +15,8 @@ stored.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import re
 import shlex
 from collections import OrderedDict
@@ -67,10 +69,8 @@ class ArrayLayout:
         if not key.startswith(prefix) or not key[len(prefix):].lstrip("-").isdigit():
             return None
         element = int(key[len(prefix):]) + self.offset
-        try:
-            return self.indices.index(element)
-        except ValueError:
-            return None
+        position = bisect_left(self.indices, element)  # (sorted: a cancel of 10^4 keys was 10^4 scans)
+        return position if position < len(self.indices) and self.indices[position] == element else None
 
 
 def split_key(key: str) -> tuple[str, str | None]:
