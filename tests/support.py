@@ -16,6 +16,7 @@ from reflow_client.client import Client, DaemonNotRunning
 
 if TYPE_CHECKING:
     from reflowd.engine.model import Run
+    from reflowd.schedulers.base import Observation, Scheduler
     from reflowd.store import Store
 
 T = TypeVar("T")
@@ -219,3 +220,19 @@ def json_values(max_leaves: int = 12, *, width: int = 4, text: int = 8) -> Any:
         lambda inner: st.lists(inner, max_size=width) | st.dictionaries(st.text(max_size=width + 1), inner, max_size=width),
         max_leaves=max_leaves,
     )
+
+
+async def until_done(scheduler: Scheduler, job_id: str, keys: list[str], timeout: float = 60) -> dict[str, Observation]:
+    """Ask *scheduler* about *job_id* until every one of *keys* is done (an emulated or real scheduler's
+    answer, not a sleep standing for it); its last answer."""
+    import anyio
+
+    from reflowd.schedulers.base import Phase
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await scheduler.query([job_id])
+        if all(k in got and got[k].phase is Phase.DONE for k in keys):
+            return got
+        assert time.monotonic() < deadline, f"not done in {timeout} s: {got}"
+        await anyio.sleep(0.3)

@@ -13,6 +13,8 @@ from reflowd.schedulers import lsf_commands as lc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
 from reflowd.schedulers.job_script import ArrayLayout
 
+from .support import until_done
+
 DATA = Path(__file__).parent / "data" / "lsf"
 
 
@@ -250,7 +252,6 @@ async def test_emulated_bkill_of_an_index_list_cancels_those_elements_only(tmp_p
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapter against the LSF emulator: elements 4, 5, 6 and 10 of a retried, non-contiguous array
     (positions 1-3 and 5, LSF indices 2-4 and 6) go out as one ``<id>[2-4,6]`` and only they end."""
-    import anyio
 
     from reflowd.schedulers.lsf import LSFScheduler
     from reflowd.transports.local import LocalTransport
@@ -280,12 +281,7 @@ async def test_emulated_bkill_of_an_index_list_cancels_those_elements_only(tmp_p
         cancelled = [f"{job_id}_{i}" for i in (4, 5, 6, 10)]
         await scheduler.cancel(cancelled)
         assert sent == [["bkill", f"{job_id}[2-4,6]"]]
-        with anyio.fail_after(30):
-            while True:
-                got = await scheduler.query([job_id])
-                if all(k in got and got[k].phase is Phase.DONE for k in cancelled):
-                    break
-                await anyio.sleep(0.3)
+        got = await until_done(scheduler, job_id, cancelled, timeout=30)
         assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
         assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
         await scheduler.cancel([job_id])

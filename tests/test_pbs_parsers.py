@@ -13,6 +13,8 @@ from reflowd.schedulers import pbs_commands as pc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
 from reflowd.schedulers.job_script import ArrayLayout
 
+from .support import until_done
+
 DATA = Path(__file__).parent / "data" / "pbs"
 
 
@@ -314,7 +316,6 @@ async def test_emulated_qdel_of_subjob_ranges_cancels_those_subjobs_only(tmp_pat
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapter against the PBS emulator: elements 4, 5, 6 and 10 of a retried, non-contiguous array
     (positions 1-3 and 5) go out as ``<seq>[1-3].emuserver <seq>[5].emuserver`` and only they end."""
-    import anyio
 
     from reflowd.schedulers.pbs import PBSScheduler
     from reflowd.transports.local import LocalTransport
@@ -339,12 +340,7 @@ async def test_emulated_qdel_of_subjob_ranges_cancels_those_subjobs_only(tmp_pat
         await scheduler.cancel(cancelled)
         seq = job_id.split("[", 1)[0]
         assert sent == [["qdel", f"{seq}[1-3].emuserver", f"{seq}[5].emuserver"]]
-        with anyio.fail_after(30):
-            while True:
-                got = await scheduler.query([job_id])
-                if all(k in got and got[k].phase is Phase.DONE for k in cancelled):
-                    break
-                await anyio.sleep(0.3)
+        got = await until_done(scheduler, job_id, cancelled, timeout=30)
         assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
         assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
         await scheduler.cancel([job_id])

@@ -21,6 +21,7 @@ from reflowd.transports.base import TransportError
 from reflowd.transports.local import LocalTransport
 
 from .emulators.environments import SCHEDULERS, EmulatedScheduler
+from .support import until_done
 
 pytestmark = pytest.mark.anyio
 
@@ -46,16 +47,6 @@ def make_request(tmp_path: Path, tag: str, indices: list[int] | None, **kw) -> S
     return SubmitRequest(tag=tag, run_id="r", task="t", job_dir=str(job_dir), log_dir=str(tmp_path / "logs"),
                          workdir=str(tmp_path), worker_argv=argv, indices=indices, time="00:05:00", mem="100M",
                          **kw)
-
-
-async def until_done(scheduler: Scheduler, job_id: str, keys: list[str], timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await scheduler.query([job_id])
-        if all(k in got and got[k].phase is Phase.DONE for k in keys):
-            return got
-        assert time.monotonic() < deadline, f"not done in {timeout} s: {got}"
-        await anyio.sleep(0.3)
 
 
 async def test_non_contiguous_array_elements_map_back_to_their_indices(emulated: EmulatedScheduler,
