@@ -13,7 +13,6 @@ from reflowd.schedulers import lsf_commands as lc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
 from reflowd.schedulers.job_script import ArrayLayout
 
-from .support import until_done
 
 DATA = Path(__file__).parent / "data" / "lsf"
 
@@ -245,45 +244,3 @@ def test_bkill_words_name_exactly_the_requested_targets(targets: list[tuple[str,
     assert whole == whole_wanted and elements == elements_wanted
     # Folded: no two spans of one array that one span could have said.
     assert not any(j1 == j2 and last + 1 == first2 for j1, _f, last in spans for j2, first2, _l in spans)
-
-
-@pytest.mark.anyio
-async def test_emulated_bkill_of_an_index_list_cancels_those_elements_only(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The adapter against the LSF emulator: elements 4, 5, 6 and 10 of a retried, non-contiguous array
-    (positions 1-3 and 5, LSF indices 2-4 and 6) go out as one ``<id>[2-4,6]`` and only they end."""
-
-    from reflowd.schedulers.lsf import LSFScheduler
-    from reflowd.transports.local import LocalTransport
-
-    from .emulators.environments import EmulatedScheduler
-
-    emu = EmulatedScheduler("lsf", tmp_path / "wlm", slots=8)
-    for key, value in emu.env().items():
-        monkeypatch.setenv(key, value)
-    try:
-        scheduler = LSFScheduler(LocalTransport())
-        job_dir = tmp_path / "jobs" / "rf00000000000000f7"
-        job_dir.mkdir(parents=True)
-        (tmp_path / "logs").mkdir()
-        job_id = await scheduler.submit(SubmitRequest(
-            tag="rf00000000000000f7", run_id="r", task="t", job_dir=str(job_dir), log_dir=str(tmp_path / "logs"),
-            workdir=str(tmp_path), worker_argv=["/bin/sh", "-c", "sleep 30", "worker"], indices=[3, 4, 5, 6, 8, 10],
-            time="00:05:00", mem="100M"))
-        sent: list[list[str]] = []
-        run = scheduler._run
-
-        async def recording(argv, **kw):  # type: ignore[no-untyped-def]
-            sent.append(list(argv))
-            return await run(argv, **kw)
-
-        monkeypatch.setattr(scheduler, "_run", recording)
-        cancelled = [f"{job_id}_{i}" for i in (4, 5, 6, 10)]
-        await scheduler.cancel(cancelled)
-        assert sent == [["bkill", f"{job_id}[2-4,6]"]]
-        got = await until_done(scheduler, job_id, cancelled, timeout=30)
-        assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
-        assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
-        await scheduler.cancel([job_id])
-    finally:
-        emu.close()

@@ -13,7 +13,6 @@ from reflowd.schedulers import pbs_commands as pc
 from reflowd.schedulers.base import OptionError, Outcome, Phase, Presence, SubmitError, SubmitRequest
 from reflowd.schedulers.job_script import ArrayLayout
 
-from .support import until_done
 
 DATA = Path(__file__).parent / "data" / "pbs"
 
@@ -300,52 +299,6 @@ def test_qdel_words_name_exactly_the_requested_targets(targets: list[tuple[str, 
     assert whole == whole_wanted and subjobs == subjobs_wanted
     # Folded: no two words of one array that one range could have said.
     assert not any(seq == s2 and last + 1 == first2 for seq, _f, last in runs for s2, first2, _l in runs)
-
-
-def _emulated_request(tmp_path: Path, tag: str, indices: list[int]) -> SubmitRequest:
-    job_dir = tmp_path / "jobs" / tag
-    job_dir.mkdir(parents=True)
-    (tmp_path / "logs").mkdir(exist_ok=True)
-    return SubmitRequest(tag=tag, run_id="r", task="t", job_dir=str(job_dir), log_dir=str(tmp_path / "logs"),
-                         workdir=str(tmp_path), worker_argv=["/bin/sh", "-c", "sleep 30", "worker"], indices=indices,
-                         time="00:05:00", mem="100M")
-
-
-@pytest.mark.anyio
-async def test_emulated_qdel_of_subjob_ranges_cancels_those_subjobs_only(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The adapter against the PBS emulator: elements 4, 5, 6 and 10 of a retried, non-contiguous array
-    (positions 1-3 and 5) go out as ``<seq>[1-3].emuserver <seq>[5].emuserver`` and only they end."""
-
-    from reflowd.schedulers.pbs import PBSScheduler
-    from reflowd.transports.local import LocalTransport
-
-    from .emulators.environments import EmulatedScheduler
-
-    emu = EmulatedScheduler("pbs", tmp_path / "wlm", slots=8)
-    for key, value in emu.env().items():
-        monkeypatch.setenv(key, value)
-    try:
-        scheduler = PBSScheduler(LocalTransport())
-        job_id = await scheduler.submit(_emulated_request(tmp_path, "rf00000000000000f6", [3, 4, 5, 6, 8, 10]))
-        sent: list[list[str]] = []
-        run = scheduler._run
-
-        async def recording(argv, **kw):  # type: ignore[no-untyped-def]
-            sent.append(list(argv))
-            return await run(argv, **kw)
-
-        monkeypatch.setattr(scheduler, "_run", recording)
-        cancelled = [f"{job_id}_{i}" for i in (4, 5, 6, 10)]
-        await scheduler.cancel(cancelled)
-        seq = job_id.split("[", 1)[0]
-        assert sent == [["qdel", f"{seq}[1-3].emuserver", f"{seq}[5].emuserver"]]
-        got = await until_done(scheduler, job_id, cancelled, timeout=30)
-        assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
-        assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
-        await scheduler.cancel([job_id])
-    finally:
-        emu.close()
 
 
 @settings(max_examples=100, deadline=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -174,3 +175,38 @@ def pc_render_for(scheduler: PBSScheduler, job_id: str) -> list[str]:
     from reflowd.schedulers import pbs_commands
 
     return pbs_commands.render_qstat([job_id], json_output=scheduler.json_output, history=scheduler.history)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("kind", "words"), [
+    ("pbs", lambda job_id: ["qdel", f"{job_id.split('[', 1)[0]}[1-3].emuserver", f"{job_id.split('[', 1)[0]}[5].emuserver"]),
+    ("lsf", lambda job_id: ["bkill", f"{job_id}[2-4,6]"]),
+])
+async def test_a_cancel_of_array_elements_goes_out_folded_and_ends_only_those(kind: str, words: Any, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elements 4, 5, 6 and 10 of a non-contiguous array (positions 1-3 and 5) go out as one PBS subjob range
+    and a lone subjob, or one LSF index list (positions + 1), and only they end, cancelled."""
+    emu = EmulatedScheduler(kind, tmp_path / "wlm", slots=8)
+    for key, value in emu.env().items():
+        monkeypatch.setenv(key, value)
+    try:
+        scheduler = ADAPTERS[kind](LocalTransport())
+        request = make_request(tmp_path, "rf00000000000000f6", [3, 4, 5, 6, 8, 10])
+        job_id = await scheduler.submit(SubmitRequest(**{**request.__dict__, "worker_argv": ["/bin/sh", "-c", "sleep 30", "worker"]}))
+        sent: list[list[str]] = []
+        run = scheduler._run
+
+        async def recording(argv: Any, **kw: Any) -> Any:
+            sent.append(list(argv))
+            return await run(argv, **kw)
+
+        monkeypatch.setattr(scheduler, "_run", recording)
+        cancelled = [f"{job_id}_{i}" for i in (4, 5, 6, 10)]
+        await scheduler.cancel(cancelled)
+        assert sent == [words(job_id)]
+        got = await until_done(scheduler, job_id, cancelled, timeout=30)
+        assert all(got[k].outcome is Outcome.CANCELLED for k in cancelled), got
+        assert got[f"{job_id}_3"].phase is not Phase.DONE and got[f"{job_id}_8"].phase is not Phase.DONE, got
+        await scheduler.cancel([job_id])
+    finally:
+        emu.close()
