@@ -15,10 +15,9 @@ stored.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
 import re
 import shlex
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
